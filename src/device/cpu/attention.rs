@@ -1,0 +1,176 @@
+//! Multi-head scaled dot-product attention, the reference of kernels/attention.cu.
+//!
+//! Layout: q [B, Lq, H*D], k and v [B, Lk, H*D] (the rows that the Q/K/V linear layers produce, no
+//! transpose), output [B, Lq, H*D]. The forward saves only the log-sum-exp per (b, h, row); the
+//! backward recomputes the probabilities, exactly as the fused GPU kernel does, so no [L, L] matrix
+//! is ever kept. Visibility of (row i, key j) comes from [`AttnMask`], a pure function, so the
+//! RetroMAE position-specific mask can be generated, never stored.
+
+/// Which keys a query row may see.
+#[derive(Clone, Copy, Debug)]
+pub enum AttnMask<'a> {
+    /// Key padding: key j of example b is visible iff `mask[b * lk + j] != 0` (HF attention_mask).
+    KeyPadding(&'a [u8]),
+}
+
+impl AttnMask<'_> {
+    /// Whether row `i` of example `b` may attend to key `j`.
+    #[inline]
+    pub fn visible(&self, b: usize, _i: usize, j: usize, lk: usize) -> bool {
+        match self {
+            AttnMask::KeyPadding(m) => m[b * lk + j] != 0,
+        }
+    }
+}
+
+/// Sizes of one attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnDims {
+    pub batch: usize,
+    pub q_len: usize,
+    pub k_len: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnDims {
+    fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// Forward. `lse` gets [B, H, Lq]. A row that sees no key at all gets the uniform average over all
+/// keys, which is what PyTorch gives when every score carries finfo(dtype).min (such rows are pad
+/// rows; their values are never used downstream).
+pub fn attention_fwd(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: AttnMask<'_>,
+    d: AttnDims,
+    scale: f32,
+    out: &mut [f32],
+    lse: &mut [f32],
+) {
+    let w = d.width();
+    let mut p = vec![0.0f64; d.k_len];
+    for b in 0..d.batch {
+        for h in 0..d.heads {
+            for i in 0..d.q_len {
+                let qi = &q[(b * d.q_len + i) * w + h * d.head_dim..][..d.head_dim];
+                let mut max = f64::NEG_INFINITY;
+                for (j, pj) in p.iter_mut().enumerate() {
+                    if mask.visible(b, i, j, d.k_len) {
+                        let kj = &k[(b * d.k_len + j) * w + h * d.head_dim..][..d.head_dim];
+                        let s: f64 = qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum();
+                        *pj = s * scale as f64;
+                        max = max.max(*pj);
+                    } else {
+                        *pj = f64::NEG_INFINITY;
+                    }
+                }
+                let row_lse;
+                if max == f64::NEG_INFINITY {
+                    p.iter_mut().for_each(|x| *x = 1.0 / d.k_len as f64);
+                    row_lse = f64::INFINITY; // marks a fully masked row for the backward
+                } else {
+                    let mut sum = 0.0;
+                    for pj in p.iter_mut() {
+                        *pj = (*pj - max).exp();
+                        sum += *pj;
+                    }
+                    p.iter_mut().for_each(|x| *x /= sum);
+                    row_lse = max + sum.ln();
+                }
+                lse[(b * d.heads + h) * d.q_len + i] = row_lse as f32;
+                let oi = &mut out[(b * d.q_len + i) * w + h * d.head_dim..][..d.head_dim];
+                for (c, o) in oi.iter_mut().enumerate() {
+                    let mut acc = 0.0f64;
+                    for (j, &pj) in p.iter().enumerate() {
+                        if pj != 0.0 {
+                            acc += pj * v[(b * d.k_len + j) * w + h * d.head_dim + c] as f64;
+                        }
+                    }
+                    *o = acc as f32;
+                }
+            }
+        }
+    }
+}
+
+/// Backward: dq, dk, dv are assigned (fully overwritten).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_bwd(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    dout: &[f32],
+    mask: AttnMask<'_>,
+    d: AttnDims,
+    scale: f32,
+    dq: &mut [f32],
+    dk: &mut [f32],
+    dv: &mut [f32],
+) {
+    let w = d.width();
+    dq.iter_mut().for_each(|x| *x = 0.0);
+    let mut dk64 = vec![0.0f64; dk.len()];
+    let mut dv64 = vec![0.0f64; dv.len()];
+    let mut p = vec![0.0f64; d.k_len];
+    for b in 0..d.batch {
+        for h in 0..d.heads {
+            for i in 0..d.q_len {
+                let row = (b * d.q_len + i) * w + h * d.head_dim;
+                let qi = &q[row..][..d.head_dim];
+                let doi = &dout[row..][..d.head_dim];
+                let oi = &out[row..][..d.head_dim];
+                let l = lse[(b * d.heads + h) * d.q_len + i] as f64;
+                let masked_row = l == f64::INFINITY;
+                for (j, pj) in p.iter_mut().enumerate() {
+                    *pj = if masked_row {
+                        1.0 / d.k_len as f64
+                    } else if mask.visible(b, i, j, d.k_len) {
+                        let kj = &k[(b * d.k_len + j) * w + h * d.head_dim..][..d.head_dim];
+                        let s: f64 = qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum();
+                        (s * scale as f64 - l).exp()
+                    } else {
+                        0.0
+                    };
+                }
+                // D_i = dO_i · O_i  (= Σ_j p_ij dP_ij)
+                let di: f64 = doi.iter().zip(oi).map(|(&a, &c)| a as f64 * c as f64).sum();
+                for (j, &pj) in p.iter().enumerate() {
+                    if pj == 0.0 {
+                        continue;
+                    }
+                    let kv = (b * d.k_len + j) * w + h * d.head_dim;
+                    // dV_j += p_ij dO_i
+                    for c in 0..d.head_dim {
+                        dv64[kv + c] += pj * doi[c] as f64;
+                    }
+                    if masked_row {
+                        continue; // the scores of a fully masked row are constants
+                    }
+                    let dp: f64 = doi
+                        .iter()
+                        .zip(&v[kv..kv + d.head_dim])
+                        .map(|(&a, &c)| a as f64 * c as f64)
+                        .sum();
+                    let ds = pj * (dp - di) * scale as f64;
+                    for c in 0..d.head_dim {
+                        dq[row + c] += (ds * k[kv + c] as f64) as f32;
+                        dk64[kv + c] += ds * qi[c] as f64;
+                    }
+                }
+            }
+        }
+    }
+    for (o, a) in dk.iter_mut().zip(dk64) {
+        *o = a as f32;
+    }
+    for (o, a) in dv.iter_mut().zip(dv64) {
+        *o = a as f32;
+    }
+}

@@ -1,0 +1,60 @@
+//! Devices: where tensors live and kernels run. `Cpu` is the reference and the default.
+
+pub mod cpu;
+
+use crate::error::{Error, Result};
+use std::str::FromStr;
+
+/// A compute device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub enum Device {
+    /// The reference CPU engine (plain Rust, f32 with f64 accumulation where it matters).
+    #[default]
+    Cpu,
+    /// A CUDA GPU by ordinal (needs the `cuda` feature and an NVIDIA driver).
+    Cuda(usize),
+}
+
+impl Device {
+    /// Check that this build can run on the device, with a clear error otherwise.
+    pub fn ensure_available(self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(_) => {
+                if cfg!(feature = "cuda") {
+                    Err(Error::Unsupported {
+                        op: "the CUDA engine (kernels land with the CUDA backend issue)".into(),
+                        device: self.to_string(),
+                    })
+                } else {
+                    Err(Error::FeatureMissing("cuda"))
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(i) => write!(f, "cuda:{i}"),
+        }
+    }
+}
+
+impl FromStr for Device {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Device> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(i)) => Ok(Device::Cuda(i)),
+                _ => Err(Error::invalid(format!(
+                    "unknown device '{s}' (expected cpu, cuda or cuda:N)"
+                ))),
+            },
+        }
+    }
+}

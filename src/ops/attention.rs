@@ -1,0 +1,99 @@
+//! Fused multi-head attention (scores, mask, softmax, weighted sum) as one node.
+
+use super::tensor;
+use crate::autograd::{Tape, Var};
+use crate::device::cpu::attention::{self as k, AttnDims, AttnMask};
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+/// The visibility rule of an attention call, owned so the backward can regenerate it.
+#[derive(Clone, Debug)]
+pub enum AttentionMask {
+    /// HF attention_mask [B, Lk]: 1 = real key, 0 = padding.
+    KeyPadding(Arc<[u8]>),
+}
+
+impl AttentionMask {
+    fn as_kernel(&self) -> AttnMask<'_> {
+        match self {
+            AttentionMask::KeyPadding(m) => AttnMask::KeyPadding(m),
+        }
+    }
+
+    fn check(&self, batch: usize, k_len: usize) -> Result<()> {
+        match self {
+            AttentionMask::KeyPadding(m) if m.len() != batch * k_len => {
+                Err(Error::shape("attention key mask", &[batch, k_len], &[m.len()]))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// q [B, Lq, H*D], k, v [B, Lk, H*D] -> [B, Lq, H*D], softmax(q kᵀ · scale + mask) v per head.
+pub fn attention(
+    tape: &mut Tape,
+    q: &Var,
+    k: &Var,
+    v: &Var,
+    mask: &AttentionMask,
+    heads: usize,
+    scale: f32,
+) -> Result<Var> {
+    let (batch, q_len, width) = q.value().shape().dims3("attention q")?;
+    let (kb, k_len, kw) = k.value().shape().dims3("attention k")?;
+    if (kb, kw) != (batch, width) {
+        return Err(Error::shape("attention k", &[batch, k_len, width], k.dims()));
+    }
+    v.value().expect_dims("attention v", k.dims())?;
+    if heads == 0 || width % heads != 0 {
+        return Err(Error::invalid(format!("attention: width {width} not divisible by {heads} heads")));
+    }
+    mask.check(batch, k_len)?;
+    let d = AttnDims {
+        batch,
+        q_len,
+        k_len,
+        heads,
+        head_dim: width / heads,
+    };
+    let mut out = vec![0.0; batch * q_len * width];
+    let mut lse = vec![0.0; batch * heads * q_len];
+    k::attention_fwd(
+        q.value().f32s()?,
+        k.value().f32s()?,
+        v.value().f32s()?,
+        mask.as_kernel(),
+        d,
+        scale,
+        &mut out,
+        &mut lse,
+    );
+    let out_t = tensor(out, q.dims())?;
+    let (qt, kt, vt, ot) = (q.value().clone(), k.value().clone(), v.value().clone(), out_t.clone());
+    let mask = mask.clone();
+    Ok(tape.record("attention", &[q, k, v], out_t, move |dout| {
+        let mut dq = vec![0.0; qt.numel()];
+        let mut dk = vec![0.0; kt.numel()];
+        let mut dv = vec![0.0; vt.numel()];
+        k::attention_bwd(
+            qt.f32s()?,
+            kt.f32s()?,
+            vt.f32s()?,
+            ot.f32s()?,
+            &lse,
+            dout.f32s()?,
+            mask.as_kernel(),
+            d,
+            scale,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        );
+        Ok(vec![
+            Some(tensor(dq, qt.dims())?),
+            Some(tensor(dk, kt.dims())?),
+            Some(tensor(dv, vt.dims())?),
+        ])
+    }))
+}

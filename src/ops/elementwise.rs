@@ -1,0 +1,70 @@
+//! Element-wise ops: add (residual), GELU, ReLU, dropout.
+
+use super::tensor;
+use crate::autograd::{Tape, Var};
+use crate::device::cpu::elementwise as k;
+use crate::error::{Error, Result};
+
+/// a + b (same shape).
+pub fn add(tape: &mut Tape, a: &Var, b: &Var) -> Result<Var> {
+    if a.dims() != b.dims() {
+        return Err(Error::shape("add", a.dims(), b.dims()));
+    }
+    let y: Vec<f32> = a
+        .value()
+        .f32s()?
+        .iter()
+        .zip(b.value().f32s()?)
+        .map(|(x, y)| x + y)
+        .collect();
+    let out = tensor(y, a.dims())?;
+    Ok(tape.record("add", &[a, b], out, |dy| {
+        Ok(vec![Some(dy.clone()), Some(dy.clone())])
+    }))
+}
+
+/// Exact-erf GELU.
+pub fn gelu(tape: &mut Tape, x: &Var) -> Result<Var> {
+    let xt = x.value().clone();
+    let mut y = vec![0.0; xt.numel()];
+    k::gelu_fwd(xt.f32s()?, &mut y);
+    let out = tensor(y, xt.dims())?;
+    Ok(tape.record("gelu", &[x], out, move |dy| {
+        let mut dx = vec![0.0; xt.numel()];
+        k::gelu_bwd(xt.f32s()?, dy.f32s()?, &mut dx);
+        Ok(vec![Some(tensor(dx, xt.dims())?)])
+    }))
+}
+
+/// ReLU.
+pub fn relu(tape: &mut Tape, x: &Var) -> Result<Var> {
+    let xt = x.value().clone();
+    let mut y = vec![0.0; xt.numel()];
+    k::relu_fwd(xt.f32s()?, &mut y);
+    let out = tensor(y, xt.dims())?;
+    Ok(tape.record("relu", &[x], out, move |dy| {
+        let mut dx = vec![0.0; xt.numel()];
+        k::relu_bwd(xt.f32s()?, dy.f32s()?, &mut dx);
+        Ok(vec![Some(tensor(dx, xt.dims())?)])
+    }))
+}
+
+/// Inverted dropout with probability `p`; the keep mask is a hash of (seed, stream, index), so
+/// the backward regenerates it. `p == 0` is the identity.
+pub fn dropout(tape: &mut Tape, x: &Var, p: f32, seed: u64, stream: u64) -> Result<Var> {
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(format!("dropout probability {p} not in [0, 1)")));
+    }
+    let dims = x.dims().to_vec();
+    let mut y = vec![0.0; x.value().numel()];
+    k::dropout_fwd(x.value().f32s()?, &mut y, p, seed, stream);
+    let out = tensor(y, &dims)?;
+    Ok(tape.record("dropout", &[x], out, move |dy| {
+        let mut dx = vec![0.0; dy.numel()];
+        k::dropout_bwd(dy.f32s()?, &mut dx, p, seed, stream);
+        Ok(vec![Some(tensor(dx, &dims)?)])
+    }))
+}

@@ -1,0 +1,31 @@
+//! Ops: shape checks, tape recording, forward and backward wiring, one file per op family
+//! (mirroring `device/cpu/` and `kernels/`). Every op takes and returns [`Var`]s and records a
+//! backward when the tape asks for it.
+
+mod attention;
+mod elementwise;
+mod embedding;
+mod layernorm;
+mod linear;
+mod loss;
+mod maxsim;
+mod normalize;
+mod rows;
+
+pub use attention::{attention, AttentionMask};
+pub use elementwise::{add, dropout, gelu, relu};
+pub use embedding::embedding;
+pub use layernorm::layernorm;
+pub use linear::linear;
+pub use loss::{cross_entropy, soft_cross_entropy};
+pub use maxsim::maxsim;
+pub use normalize::l2_normalize;
+pub use rows::{dot_sum, masked_mean, mul_rows, reshape, select_rows};
+
+use crate::error::Result;
+use crate::tensor::Tensor;
+
+/// An f32 tensor with the given dims from a freshly computed buffer.
+pub(crate) fn tensor(data: Vec<f32>, dims: &[usize]) -> Result<Tensor> {
+    Tensor::from_vec(data, dims)
+}
