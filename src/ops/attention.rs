@@ -2,6 +2,7 @@
 
 use super::tensor;
 use crate::autograd::{Tape, Var};
+pub use crate::device::cpu::attention::AttnDropout;
 use crate::device::cpu::attention::{self as k, AttnDims, AttnMask};
 use crate::error::{Error, Result};
 use std::sync::Arc;
@@ -22,9 +23,11 @@ impl AttentionMask {
 
     fn check(&self, batch: usize, k_len: usize) -> Result<()> {
         match self {
-            AttentionMask::KeyPadding(m) if m.len() != batch * k_len => {
-                Err(Error::shape("attention key mask", &[batch, k_len], &[m.len()]))
-            }
+            AttentionMask::KeyPadding(m) if m.len() != batch * k_len => Err(Error::shape(
+                "attention key mask",
+                &[batch, k_len],
+                &[m.len()],
+            )),
             _ => Ok(()),
         }
     }
@@ -39,15 +42,22 @@ pub fn attention(
     mask: &AttentionMask,
     heads: usize,
     scale: f32,
+    dropout: Option<AttnDropout>,
 ) -> Result<Var> {
     let (batch, q_len, width) = q.value().shape().dims3("attention q")?;
     let (kb, k_len, kw) = k.value().shape().dims3("attention k")?;
     if (kb, kw) != (batch, width) {
-        return Err(Error::shape("attention k", &[batch, k_len, width], k.dims()));
+        return Err(Error::shape(
+            "attention k",
+            &[batch, k_len, width],
+            k.dims(),
+        ));
     }
     v.value().expect_dims("attention v", k.dims())?;
     if heads == 0 || width % heads != 0 {
-        return Err(Error::invalid(format!("attention: width {width} not divisible by {heads} heads")));
+        return Err(Error::invalid(format!(
+            "attention: width {width} not divisible by {heads} heads"
+        )));
     }
     mask.check(batch, k_len)?;
     let d = AttnDims {
@@ -66,11 +76,17 @@ pub fn attention(
         mask.as_kernel(),
         d,
         scale,
+        dropout,
         &mut out,
         &mut lse,
     );
     let out_t = tensor(out, q.dims())?;
-    let (qt, kt, vt, ot) = (q.value().clone(), k.value().clone(), v.value().clone(), out_t.clone());
+    let (qt, kt, vt, ot) = (
+        q.value().clone(),
+        k.value().clone(),
+        v.value().clone(),
+        out_t.clone(),
+    );
     let mask = mask.clone();
     Ok(tape.record("attention", &[q, k, v], out_t, move |dout| {
         let mut dq = vec![0.0; qt.numel()];
@@ -86,6 +102,7 @@ pub fn attention(
             mask.as_kernel(),
             d,
             scale,
+            dropout,
             &mut dq,
             &mut dk,
             &mut dv,

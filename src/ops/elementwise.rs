@@ -56,7 +56,9 @@ pub fn dropout(tape: &mut Tape, x: &Var, p: f32, seed: u64, stream: u64) -> Resu
         return Ok(x.clone());
     }
     if !(0.0..1.0).contains(&p) {
-        return Err(Error::invalid(format!("dropout probability {p} not in [0, 1)")));
+        return Err(Error::invalid(format!(
+            "dropout probability {p} not in [0, 1)"
+        )));
     }
     let dims = x.dims().to_vec();
     let mut y = vec![0.0; x.value().numel()];

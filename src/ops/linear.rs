@@ -10,7 +10,11 @@ pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var>
     let (dout, din) = w.value().shape().dims2("linear weight")?;
     let (n, xin) = x.value().shape().rows_cols();
     if xin != din || x.dims().is_empty() {
-        return Err(Error::shape("linear input (last dim = weight in-features)", &[din], x.dims()));
+        return Err(Error::shape(
+            "linear input (last dim = weight in-features)",
+            &[din],
+            x.dims(),
+        ));
     }
     if let Some(b) = b {
         b.value().expect_dims("linear bias", &[dout])?;
@@ -22,7 +26,15 @@ pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var>
         Some(b) => Some(b.value().f32s()?),
         None => None,
     };
-    gemm::linear_fwd(x.value().f32s()?, w.value().f32s()?, bias, &mut y, n, din, dout);
+    gemm::linear_fwd(
+        x.value().f32s()?,
+        w.value().f32s()?,
+        bias,
+        &mut y,
+        n,
+        din,
+        dout,
+    );
     let out = tensor(y, &out_dims)?;
     let (xt, wt) = (x.value().clone(), w.value().clone());
     let (need_dx, need_dw) = (x.is_tracked(), w.is_tracked());

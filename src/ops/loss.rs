@@ -11,10 +11,19 @@ use crate::tensor::Tensor;
 pub fn cross_entropy(tape: &mut Tape, logits: &Var, targets: &[i64]) -> Result<Var> {
     let (n, c) = logits.value().shape().rows_cols();
     if targets.len() != n {
-        return Err(Error::shape("cross_entropy targets", &[n], &[targets.len()]));
+        return Err(Error::shape(
+            "cross_entropy targets",
+            &[n],
+            &[targets.len()],
+        ));
     }
-    if let Some(&t) = targets.iter().find(|&&t| t != k::IGNORE_INDEX && (t < 0 || t as usize >= c)) {
-        return Err(Error::invalid(format!("cross_entropy: target {t} outside 0..{c}")));
+    if let Some(&t) = targets
+        .iter()
+        .find(|&&t| t != k::IGNORE_INDEX && (t < 0 || t as usize >= c))
+    {
+        return Err(Error::invalid(format!(
+            "cross_entropy: target {t} outside 0..{c}"
+        )));
     }
     let mut lse = vec![0.0; n];
     let (loss, count) = k::cross_entropy_fwd(logits.value().f32s()?, targets, c, &mut lse);
@@ -35,7 +44,11 @@ pub fn cross_entropy(tape: &mut Tape, logits: &Var, targets: &[i64]) -> Result<V
 pub fn soft_cross_entropy(tape: &mut Tape, logits: &Var, targets: &Tensor) -> Result<Var> {
     let (n, c) = logits.value().shape().rows_cols();
     if targets.numel() != n * c {
-        return Err(Error::shape("soft_cross_entropy targets", logits.dims(), targets.dims()));
+        return Err(Error::shape(
+            "soft_cross_entropy targets",
+            logits.dims(),
+            targets.dims(),
+        ));
     }
     let mut lse = vec![0.0; n];
     let loss = k::soft_cross_entropy_fwd(logits.value().f32s()?, targets.f32s()?, c, &mut lse);
@@ -44,9 +57,11 @@ pub fn soft_cross_entropy(tape: &mut Tape, logits: &Var, targets: &Tensor) -> Re
     }
     let out = tensor(vec![loss], &[1])?;
     let (lt, tt) = (logits.value().clone(), targets.clone());
-    Ok(tape.record("soft_cross_entropy", &[logits], out, move |dy| {
-        let mut dl = vec![0.0; n * c];
-        k::soft_cross_entropy_bwd(lt.f32s()?, tt.f32s()?, c, &lse, dy.f32s()?[0], &mut dl);
-        Ok(vec![Some(tensor(dl, lt.dims())?)])
-    }))
+    Ok(
+        tape.record("soft_cross_entropy", &[logits], out, move |dy| {
+            let mut dl = vec![0.0; n * c];
+            k::soft_cross_entropy_bwd(lt.f32s()?, tt.f32s()?, c, &lse, dy.f32s()?[0], &mut dl);
+            Ok(vec![Some(tensor(dl, lt.dims())?)])
+        }),
+    )
 }

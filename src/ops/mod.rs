@@ -12,7 +12,7 @@ mod maxsim;
 mod normalize;
 mod rows;
 
-pub use attention::{attention, AttentionMask};
+pub use attention::{attention, AttentionMask, AttnDropout};
 pub use elementwise::{add, dropout, gelu, relu};
 pub use embedding::embedding;
 pub use layernorm::layernorm;

@@ -11,7 +11,9 @@ use std::sync::Arc;
 pub fn reshape(tape: &mut Tape, x: &Var, dims: &[usize]) -> Result<Var> {
     let out = x.value().reshape(dims)?;
     let back = x.dims().to_vec();
-    Ok(tape.record("reshape", &[x], out, move |dy| Ok(vec![Some(dy.reshape(&back)?)])))
+    Ok(tape.record("reshape", &[x], out, move |dy| {
+        Ok(vec![Some(dy.reshape(&back)?)])
+    }))
 }
 
 /// x viewed as rows [R, C] (all leading dims flattened) -> the rows listed, [len, C].
@@ -31,7 +33,10 @@ pub fn select_rows(tape: &mut Tape, x: &Var, rows: &[usize]) -> Result<Var> {
     Ok(tape.record("select_rows", &[x], out, move |dy| {
         let mut dx = vec![0.0; r * c];
         for (k, &i) in rows.iter().enumerate() {
-            for (d, &g) in dx[i * c..(i + 1) * c].iter_mut().zip(&dy.f32s()?[k * c..(k + 1) * c]) {
+            for (d, &g) in dx[i * c..(i + 1) * c]
+                .iter_mut()
+                .zip(&dy.f32s()?[k * c..(k + 1) * c])
+            {
                 *d += g;
             }
         }
@@ -50,7 +55,12 @@ pub fn mul_rows(tape: &mut Tape, x: &Var, f: Arc<[f32]>) -> Result<Var> {
     let out = tensor(y, x.dims())?;
     let dims = x.dims().to_vec();
     Ok(tape.record("mul_rows", &[x], out, move |dy| {
-        let dx: Vec<f32> = dy.f32s()?.iter().enumerate().map(|(i, &g)| g * f[i / c]).collect();
+        let dx: Vec<f32> = dy
+            .f32s()?
+            .iter()
+            .enumerate()
+            .map(|(i, &g)| g * f[i / c])
+            .collect();
         Ok(vec![Some(tensor(dx, &dims)?)])
     }))
 }
@@ -66,7 +76,10 @@ pub fn masked_mean(tape: &mut Tape, x: &Var, mask: &[u8]) -> Result<Var> {
     let mut y = vec![0.0f32; b * c];
     let mut inv = vec![0.0f32; b];
     for bi in 0..b {
-        let count = mask[bi * l..(bi + 1) * l].iter().filter(|&&m| m != 0).count();
+        let count = mask[bi * l..(bi + 1) * l]
+            .iter()
+            .filter(|&&m| m != 0)
+            .count();
         inv[bi] = (1.0 / (count as f64).max(1e-9)) as f32;
         let mut acc = vec![0.0f64; c];
         for li in 0..l {

@@ -6,6 +6,8 @@
 //! is ever kept. Visibility of (row i, key j) comes from [`AttnMask`], a pure function, so the
 //! RetroMAE position-specific mask can be generated, never stored.
 
+use super::elementwise::hash_unit;
+
 /// Which keys a query row may see.
 #[derive(Clone, Copy, Debug)]
 pub enum AttnMask<'a> {
@@ -33,6 +35,40 @@ pub struct AttnDims {
     pub head_dim: usize,
 }
 
+/// Dropout on the attention probabilities: p_ij is kept when
+/// `hash_unit(seed, stream, ((b * H + h) * Lq + i) * Lk + j) >= p` and scaled by 1/(1-p).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnDropout {
+    pub p: f32,
+    pub seed: u64,
+    pub stream: u64,
+}
+
+impl AttnDropout {
+    /// The factor applied to p_ij: 0 (dropped) or 1/(1-p).
+    #[inline]
+    fn factor(
+        drop: Option<AttnDropout>,
+        d: &AttnDims,
+        b: usize,
+        h: usize,
+        i: usize,
+        j: usize,
+    ) -> f64 {
+        match drop {
+            None => 1.0,
+            Some(a) => {
+                let idx = (((b * d.heads + h) * d.q_len + i) * d.k_len + j) as u64;
+                if hash_unit(a.seed, a.stream, idx) >= a.p {
+                    1.0 / (1.0 - a.p as f64)
+                } else {
+                    0.0
+                }
+            }
+        }
+    }
+}
+
 impl AttnDims {
     fn width(&self) -> usize {
         self.heads * self.head_dim
@@ -49,6 +85,7 @@ pub fn attention_fwd(
     mask: AttnMask<'_>,
     d: AttnDims,
     scale: f32,
+    drop: Option<AttnDropout>,
     out: &mut [f32],
     lse: &mut [f32],
 ) {
@@ -83,6 +120,11 @@ pub fn attention_fwd(
                     row_lse = max + sum.ln();
                 }
                 lse[(b * d.heads + h) * d.q_len + i] = row_lse as f32;
+                if drop.is_some() {
+                    for (j, pj) in p.iter_mut().enumerate() {
+                        *pj *= AttnDropout::factor(drop, &d, b, h, i, j);
+                    }
+                }
                 let oi = &mut out[(b * d.q_len + i) * w + h * d.head_dim..][..d.head_dim];
                 for (c, o) in oi.iter_mut().enumerate() {
                     let mut acc = 0.0f64;
@@ -99,7 +141,6 @@ pub fn attention_fwd(
 }
 
 /// Backward: dq, dk, dv are assigned (fully overwritten).
-#[allow(clippy::too_many_arguments)]
 pub fn attention_bwd(
     q: &[f32],
     k: &[f32],
@@ -110,6 +151,7 @@ pub fn attention_bwd(
     mask: AttnMask<'_>,
     d: AttnDims,
     scale: f32,
+    drop: Option<AttnDropout>,
     dq: &mut [f32],
     dk: &mut [f32],
     dv: &mut [f32],
@@ -139,6 +181,8 @@ pub fn attention_bwd(
                         0.0
                     };
                 }
+                // With dropout factors m_ij, O_i = Σ_j m_ij p_ij V_j, so dV_j += m_ij p_ij dO_i and
+                // dS_ij = p_ij (m_ij dO_i·V_j − D_i) with D_i = dO_i · O_i as without dropout.
                 // D_i = dO_i · O_i  (= Σ_j p_ij dP_ij)
                 let di: f64 = doi.iter().zip(oi).map(|(&a, &c)| a as f64 * c as f64).sum();
                 for (j, &pj) in p.iter().enumerate() {
@@ -146,9 +190,10 @@ pub fn attention_bwd(
                         continue;
                     }
                     let kv = (b * d.k_len + j) * w + h * d.head_dim;
-                    // dV_j += p_ij dO_i
+                    let m = AttnDropout::factor(drop, &d, b, h, i, j);
+                    // dV_j += m_ij p_ij dO_i
                     for c in 0..d.head_dim {
-                        dv64[kv + c] += pj * doi[c] as f64;
+                        dv64[kv + c] += m * pj * doi[c] as f64;
                     }
                     if masked_row {
                         continue; // the scores of a fully masked row are constants
@@ -158,7 +203,7 @@ pub fn attention_bwd(
                         .zip(&v[kv..kv + d.head_dim])
                         .map(|(&a, &c)| a as f64 * c as f64)
                         .sum();
-                    let ds = pj * (dp - di) * scale as f64;
+                    let ds = pj * (m * dp - di) * scale as f64;
                     for c in 0..d.head_dim {
                         dq[row + c] += (ds * k[kv + c] as f64) as f32;
                         dk64[kv + c] += ds * qi[c] as f64;

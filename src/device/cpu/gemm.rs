@@ -10,7 +10,6 @@ pub enum Trans {
 
 /// C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C, all row-major and contiguous.
 /// `op(A)` is A ([m,k]) or Aᵀ (A stored as [k,m]); likewise for B.
-#[allow(clippy::too_many_arguments)]
 pub fn sgemm(
     ta: Trans,
     tb: Trans,
@@ -65,7 +64,6 @@ pub fn sgemm(
 }
 
 /// The readable reference of [`sgemm`], with f64 accumulation.
-#[allow(clippy::too_many_arguments)]
 pub fn sgemm_reference(
     ta: Trans,
     tb: Trans,
@@ -98,7 +96,15 @@ pub fn sgemm_reference(
 }
 
 /// Linear layer forward: y[n,out] = x[n,in] · W[out,in]ᵀ + b[out] (PyTorch's weight layout).
-pub fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], n: usize, din: usize, dout: usize) {
+pub fn linear_fwd(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    y: &mut [f32],
+    n: usize,
+    din: usize,
+    dout: usize,
+) {
     match b {
         Some(b) => {
             for row in y.chunks_exact_mut(dout) {
@@ -111,7 +117,6 @@ pub fn linear_fwd(x: &[f32], w: &[f32], b: Option<&[f32]>, y: &mut [f32], n: usi
 }
 
 /// Linear layer backward: dx = dy · W (assigned), dW += dyᵀ · x, db += Σ_rows dy.
-#[allow(clippy::too_many_arguments)]
 pub fn linear_bwd(
     dy: &[f32],
     x: &[f32],

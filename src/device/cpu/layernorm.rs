@@ -24,7 +24,6 @@ pub fn layernorm_fwd(
 }
 
 /// LayerNorm backward: dx assigned; dgamma, dbeta accumulated.
-#[allow(clippy::too_many_arguments)]
 pub fn layernorm_bwd(
     x: &[f32],
     gamma: &[f32],

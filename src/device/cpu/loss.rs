@@ -12,7 +12,12 @@ fn row_lse(row: &[f32]) -> f64 {
 
 /// Mean over non-ignored rows of -log softmax(logits[r])[target[r]]. Returns (loss, count) and
 /// fills `lse` [rows]. With no counted row the loss is 0.
-pub fn cross_entropy_fwd(logits: &[f32], targets: &[i64], classes: usize, lse: &mut [f32]) -> (f32, usize) {
+pub fn cross_entropy_fwd(
+    logits: &[f32],
+    targets: &[i64],
+    classes: usize,
+    lse: &mut [f32],
+) -> (f32, usize) {
     let mut total = 0.0f64;
     let mut count = 0;
     for (r, row) in logits.chunks_exact(classes).enumerate() {
@@ -25,7 +30,11 @@ pub fn cross_entropy_fwd(logits: &[f32], targets: &[i64], classes: usize, lse: &
         total += l - row[t as usize] as f64;
         count += 1;
     }
-    let loss = if count == 0 { 0.0 } else { total / count as f64 };
+    let loss = if count == 0 {
+        0.0
+    } else {
+        total / count as f64
+    };
     (loss as f32, count)
 }
 
@@ -39,8 +48,16 @@ pub fn cross_entropy_bwd(
     g: f32,
     dlogits: &mut [f32],
 ) {
-    let scale = if count == 0 { 0.0 } else { g as f64 / count as f64 };
-    for (r, (row, drow)) in logits.chunks_exact(classes).zip(dlogits.chunks_exact_mut(classes)).enumerate() {
+    let scale = if count == 0 {
+        0.0
+    } else {
+        g as f64 / count as f64
+    };
+    for (r, (row, drow)) in logits
+        .chunks_exact(classes)
+        .zip(dlogits.chunks_exact_mut(classes))
+        .enumerate()
+    {
         let t = targets[r];
         if t == IGNORE_INDEX {
             drow.iter_mut().for_each(|x| *x = 0.0);
@@ -55,10 +72,19 @@ pub fn cross_entropy_bwd(
 }
 
 /// Mean over rows of -Σ_c target[r,c] · log softmax(logits[r])[c] (targets are probabilities).
-pub fn soft_cross_entropy_fwd(logits: &[f32], targets: &[f32], classes: usize, lse: &mut [f32]) -> f32 {
+pub fn soft_cross_entropy_fwd(
+    logits: &[f32],
+    targets: &[f32],
+    classes: usize,
+    lse: &mut [f32],
+) -> f32 {
     let rows = logits.len() / classes.max(1);
     let mut total = 0.0f64;
-    for (r, (row, trow)) in logits.chunks_exact(classes).zip(targets.chunks_exact(classes)).enumerate() {
+    for (r, (row, trow)) in logits
+        .chunks_exact(classes)
+        .zip(targets.chunks_exact(classes))
+        .enumerate()
+    {
         let l = row_lse(row);
         lse[r] = l as f32;
         for (&v, &t) in row.iter().zip(trow) {
@@ -84,7 +110,11 @@ pub fn soft_cross_entropy_bwd(
     dlogits: &mut [f32],
 ) {
     let rows = logits.len() / classes.max(1);
-    let scale = if rows == 0 { 0.0 } else { g as f64 / rows as f64 };
+    let scale = if rows == 0 {
+        0.0
+    } else {
+        g as f64 / rows as f64
+    };
     for (r, ((row, trow), drow)) in logits
         .chunks_exact(classes)
         .zip(targets.chunks_exact(classes))

@@ -28,7 +28,10 @@ pub fn maxsim_fwd(
     argmax: &mut [u32],
 ) {
     for b in 0..d.queries {
-        let count = qmask[b * d.q_len..(b + 1) * d.q_len].iter().filter(|&&m| m != 0).count();
+        let count = qmask[b * d.q_len..(b + 1) * d.q_len]
+            .iter()
+            .filter(|&&m| m != 0)
+            .count();
         for n in 0..d.passages {
             let mut total = 0.0f64;
             for i in 0..d.q_len {
@@ -64,7 +67,6 @@ pub fn maxsim_fwd(
 }
 
 /// Backward: dq and dp are accumulated (`+=`), so callers zero them first or sum sub-batches.
-#[allow(clippy::too_many_arguments)]
 pub fn maxsim_bwd(
     q: &[f32],
     qmask: &[u8],
@@ -76,7 +78,10 @@ pub fn maxsim_bwd(
     dp: &mut [f32],
 ) {
     for b in 0..d.queries {
-        let count = qmask[b * d.q_len..(b + 1) * d.q_len].iter().filter(|&&m| m != 0).count();
+        let count = qmask[b * d.q_len..(b + 1) * d.q_len]
+            .iter()
+            .filter(|&&m| m != 0)
+            .count();
         if count == 0 {
             continue;
         }
@@ -87,7 +92,10 @@ pub fn maxsim_bwd(
                 if j == NO_ARGMAX {
                     continue;
                 }
-                let (qo, po) = ((b * d.q_len + i) * d.dim, (n * d.p_len + j as usize) * d.dim);
+                let (qo, po) = (
+                    (b * d.q_len + i) * d.dim,
+                    (n * d.p_len + j as usize) * d.dim,
+                );
                 for c in 0..d.dim {
                     dq[qo + c] += g * p[po + c];
                     dp[po + c] += g * q[qo + c];

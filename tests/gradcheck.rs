@@ -1,0 +1,179 @@
+//! Every op's backward against central finite differences (f32 forward, f64 accumulation of the
+//! probe loss). Thresholds are norm-wise relative errors; a wrong backward gives O(1).
+
+mod common;
+
+use common::{grad_check, Rng};
+use retrom3::ops::{self, AttentionMask};
+use std::sync::Arc;
+
+const TOL: f64 = 2e-2;
+
+#[test]
+fn linear_backward() {
+    let mut rng = Rng::new(1);
+    let ins = [
+        rng.tensor(&[2, 3, 5], 1.0),
+        rng.tensor(&[4, 5], 0.5),
+        rng.tensor(&[4], 0.5),
+    ];
+    let e = grad_check("linear", &ins, 1e-2, |t, v| {
+        ops::linear(t, &v[0], &v[1], Some(&v[2]))
+    });
+    assert!(e < TOL, "linear rel err {e}");
+    let e = grad_check("linear_nobias", &ins[..2], 1e-2, |t, v| {
+        ops::linear(t, &v[0], &v[1], None)
+    });
+    assert!(e < TOL, "linear (no bias) rel err {e}");
+}
+
+#[test]
+fn add_gelu_relu_backward() {
+    let mut rng = Rng::new(2);
+    let ins = [rng.tensor(&[3, 7], 1.5), rng.tensor(&[3, 7], 1.0)];
+    let e = grad_check("add", &ins, 1e-2, |t, v| ops::add(t, &v[0], &v[1]));
+    assert!(e < TOL, "add {e}");
+    let e = grad_check("gelu", &ins[..1], 1e-3, |t, v| ops::gelu(t, &v[0]));
+    assert!(e < TOL, "gelu {e}");
+    let e = grad_check("relu", &ins[..1], 1e-3, |t, v| ops::relu(t, &v[0]));
+    assert!(e < TOL, "relu {e}");
+}
+
+#[test]
+fn dropout_backward_uses_the_same_mask() {
+    let mut rng = Rng::new(3);
+    let ins = [rng.tensor(&[4, 9], 1.0)];
+    let e = grad_check("dropout", &ins, 1e-2, |t, v| {
+        ops::dropout(t, &v[0], 0.3, 77, 5)
+    });
+    assert!(e < TOL, "dropout {e}");
+}
+
+#[test]
+fn layernorm_backward() {
+    let mut rng = Rng::new(4);
+    let ins = [
+        rng.tensor(&[5, 8], 2.0),
+        rng.tensor(&[8], 1.0),
+        rng.tensor(&[8], 1.0),
+    ];
+    let e = grad_check("layernorm", &ins, 1e-2, |t, v| {
+        ops::layernorm(t, &v[0], &v[1], &v[2], 1e-5)
+    });
+    assert!(e < TOL, "layernorm {e}");
+}
+
+#[test]
+fn attention_backward_with_padding() {
+    let mut rng = Rng::new(5);
+    let (b, l, h, d) = (2, 5, 2, 3);
+    let ins = [
+        rng.tensor(&[b, l, h * d], 1.0),
+        rng.tensor(&[b, l, h * d], 1.0),
+        rng.tensor(&[b, l, h * d], 1.0),
+    ];
+    // Second example has two padded keys.
+    let mask = AttentionMask::KeyPadding(Arc::from(vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0]));
+    let e = grad_check("attention", &ins, 1e-2, |t, v| {
+        ops::attention(
+            t,
+            &v[0],
+            &v[1],
+            &v[2],
+            &mask,
+            h,
+            1.0 / (d as f32).sqrt(),
+            None,
+        )
+    });
+    assert!(e < TOL, "attention {e}");
+    let drop = Some(ops::AttnDropout {
+        p: 0.25,
+        seed: 9,
+        stream: 4,
+    });
+    let e = grad_check("attention_dropout", &ins, 1e-2, |t, v| {
+        ops::attention(
+            t,
+            &v[0],
+            &v[1],
+            &v[2],
+            &mask,
+            h,
+            1.0 / (d as f32).sqrt(),
+            drop,
+        )
+    });
+    assert!(e < TOL, "attention with dropout {e}");
+}
+
+#[test]
+fn embedding_normalize_select_mean_backward() {
+    let mut rng = Rng::new(6);
+    let table = [rng.tensor(&[6, 4], 1.0)];
+    let e = grad_check("embedding", &table, 1e-2, |t, v| {
+        ops::embedding(t, &v[0], &[1, 3, 1, 5], "ids")
+    });
+    assert!(e < TOL, "embedding {e}");
+    let x = [rng.tensor(&[3, 6], 1.0)];
+    let e = grad_check("l2_normalize", &x, 1e-3, |t, v| {
+        ops::l2_normalize(t, &v[0], 1e-12)
+    });
+    assert!(e < TOL, "l2_normalize {e}");
+    let e = grad_check("select_rows", &x, 1e-2, |t, v| {
+        ops::select_rows(t, &v[0], &[2, 0, 2])
+    });
+    assert!(e < TOL, "select_rows {e}");
+    let x3 = [rng.tensor(&[2, 3, 4], 1.0)];
+    let e = grad_check("masked_mean", &x3, 1e-2, |t, v| {
+        ops::masked_mean(t, &v[0], &[1, 1, 0, 1, 0, 0])
+    });
+    assert!(e < TOL, "masked_mean {e}");
+    let f: Arc<[f32]> = Arc::from(vec![1.0, 0.0, 2.5, -1.0, 0.5, 3.0]);
+    let e = grad_check("mul_rows", &x3, 1e-2, |t, v| {
+        ops::mul_rows(t, &v[0], f.clone())
+    });
+    assert!(e < TOL, "mul_rows {e}");
+}
+
+#[test]
+fn losses_backward() {
+    let mut rng = Rng::new(7);
+    let logits = [rng.tensor(&[4, 6], 2.0)];
+    let e = grad_check("cross_entropy", &logits, 1e-2, |t, v| {
+        ops::cross_entropy(t, &v[0], &[2, -100, 0, 5])
+    });
+    assert!(e < TOL, "cross_entropy {e}");
+    let mut p: Vec<f32> = (0..24).map(|_| rng.uniform()).collect();
+    for row in p.chunks_mut(6) {
+        let s: f32 = row.iter().sum();
+        row.iter_mut().for_each(|x| *x /= s);
+    }
+    let targets = retrom3::Tensor::from_vec(p, &[4, 6]).unwrap();
+    let e = grad_check("soft_cross_entropy", &logits, 1e-2, |t, v| {
+        ops::soft_cross_entropy(t, &v[0], &targets)
+    });
+    assert!(e < TOL, "soft_cross_entropy {e}");
+}
+
+#[test]
+fn maxsim_backward() {
+    let mut rng = Rng::new(8);
+    let ins = [rng.tensor(&[2, 3, 4], 1.0), rng.tensor(&[3, 5, 4], 1.0)];
+    let qmask: Arc<[u8]> = Arc::from(vec![1, 1, 0, 1, 1, 1]);
+    let pmask: Arc<[u8]> = Arc::from(vec![1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 0]);
+    let e = grad_check("maxsim", &ins, 1e-3, |t, v| {
+        ops::maxsim(t, &v[0], qmask.clone(), &v[1], pmask.clone())
+    });
+    assert!(e < TOL, "maxsim {e}");
+}
+
+#[test]
+fn no_grad_tape_records_nothing() {
+    let mut rng = Rng::new(9);
+    let mut tape = retrom3::autograd::Tape::no_grad();
+    let x = tape.leaf(rng.tensor(&[2, 3], 1.0));
+    let y = ops::gelu(&mut tape, &x).unwrap();
+    assert!(!y.is_tracked());
+    assert!(tape.is_empty());
+}
