@@ -1,0 +1,8 @@
+//! Data: the tokenizer (HF `tokenizer.json` with our own truncation) and the JSONL / plain-text
+//! readers of training and inference inputs.
+
+pub mod jsonl;
+pub mod tokenizer;
+
+pub use jsonl::{read_jsonl, read_pairs, read_texts, QueryPassage};
+pub use tokenizer::TextTokenizer;

@@ -1,0 +1,351 @@
+//! [`TextTokenizer`]: a Hugging Face `tokenizer.json` (XLM-R SentencePiece, BERT WordPiece, ...)
+//! with our own per-call truncation.
+//!
+//! The padding and truncation stored in the file are disabled on load (a sentence-transformers
+//! tokenizer.json may carry e.g. a fixed 128 padding, SPEC §11.8). Each call then truncates exactly
+//! like transformers' `tokenizer(text, truncation=True, max_length=m)`: `max_length` counts the
+//! special tokens of the post-processor (`<s> … </s>`, `[CLS] … [SEP]`), the first
+//! `max_length - 2` content tokens are kept, pairs use "longest_first". Added tokens written
+//! literally in the text (`"<mask>"`, `"<s>"`) are matched as in the HF fast tokenizer.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use tokenizers::models::ModelWrapper;
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{
+    truncate_encodings, Encoding, PostProcessor, Tokenizer, TruncationDirection, TruncationParams,
+    TruncationStrategy,
+};
+
+use crate::error::{Error, Result};
+
+/// The SentencePiece word-start marker.
+const METASPACE: char = '\u{2581}';
+
+/// How token positions are grouped into words (for whole-word masking, SPEC §10.1).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum WordScheme {
+    /// SentencePiece: a token starting with this marker starts a word.
+    WordStart(char),
+    /// WordPiece-style: a token starting with this prefix ("##") continues the previous word.
+    Continuation(String),
+    /// Anything else: the pre-tokenizer's split index (the crate's `word_ids`).
+    PreTokenizer,
+}
+
+/// A loaded `tokenizer.json` with truncation applied per call and padding left to the batcher.
+pub struct TextTokenizer {
+    tokenizer: Tokenizer,
+    path: PathBuf,
+    /// Ids of the added tokens (`<s>`, `<mask>`, ...): each is a word of its own.
+    added_ids: HashSet<u32>,
+    words: WordScheme,
+    cls: Option<u32>,
+    eos: Option<u32>,
+    pad: Option<u32>,
+    unk: Option<u32>,
+    mask: Option<u32>,
+}
+
+impl fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("path", &self.path)
+            .field("vocab_size", &self.vocab_size())
+            .field("words", &self.words)
+            .field("cls", &self.cls)
+            .field("eos", &self.eos)
+            .field("pad", &self.pad)
+            .field("unk", &self.unk)
+            .field("mask", &self.mask)
+            .finish()
+    }
+}
+
+fn metaspace_of(pre: Option<&PreTokenizerWrapper>) -> Option<char> {
+    match pre? {
+        PreTokenizerWrapper::Metaspace(m) => Some(m.get_replacement()),
+        PreTokenizerWrapper::Sequence(seq) => {
+            seq.as_ref().iter().find_map(|p| metaspace_of(Some(p)))
+        }
+        _ => None,
+    }
+}
+
+impl TextTokenizer {
+    /// Loads `dir/tokenizer.json`.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        Self::from_file(dir.as_ref().join("tokenizer.json"))
+    }
+
+    /// Loads a `tokenizer.json` file and disables its built-in padding and truncation.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        if let Err(e) = std::fs::metadata(&path) {
+            return Err(Error::io(&path, e));
+        }
+        let mut tokenizer = Tokenizer::from_file(&path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        tokenizer
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        tokenizer.with_padding(None);
+
+        let added_ids = tokenizer
+            .get_added_vocabulary()
+            .get_added_tokens_decoder()
+            .keys()
+            .copied()
+            .collect();
+        let metaspace = metaspace_of(tokenizer.get_pre_tokenizer());
+        let words = match tokenizer.get_model() {
+            ModelWrapper::WordPiece(wp) => {
+                WordScheme::Continuation(wp.continuing_subword_prefix.clone())
+            }
+            ModelWrapper::Unigram(_) => WordScheme::WordStart(metaspace.unwrap_or(METASPACE)),
+            ModelWrapper::BPE(bpe) => match (&bpe.continuing_subword_prefix, metaspace) {
+                (Some(prefix), _) if !prefix.is_empty() => WordScheme::Continuation(prefix.clone()),
+                (_, Some(c)) => WordScheme::WordStart(c),
+                _ => WordScheme::PreTokenizer,
+            },
+            ModelWrapper::WordLevel(_) => WordScheme::PreTokenizer,
+        };
+
+        // RoBERTa / SentencePiece names first when the file has them, BERT names otherwise.
+        let roberta_style =
+            tokenizer.token_to_id("<s>").is_some() && tokenizer.token_to_id("</s>").is_some();
+        let lookup = |sp: &str, bert: &str| {
+            let (first, second) = if roberta_style {
+                (sp, bert)
+            } else {
+                (bert, sp)
+            };
+            tokenizer
+                .token_to_id(first)
+                .or_else(|| tokenizer.token_to_id(second))
+        };
+        let cls = lookup("<s>", "[CLS]");
+        let eos = lookup("</s>", "[SEP]");
+        let pad = lookup("<pad>", "[PAD]");
+        let unk = lookup("<unk>", "[UNK]");
+        let mask = lookup("<mask>", "[MASK]");
+
+        Ok(TextTokenizer {
+            tokenizer,
+            path,
+            added_ids,
+            words,
+            cls,
+            eos,
+            pad,
+            unk,
+            mask,
+        })
+    }
+
+    fn tok_err(&self, e: impl fmt::Display) -> Error {
+        Error::Tokenizer(format!("{}: {e}", self.path.display()))
+    }
+
+    /// Number of special tokens the post-processor adds around one text (or a pair).
+    fn n_added(&self, pair: bool) -> usize {
+        self.tokenizer
+            .get_post_processor()
+            .map_or(0, |p| p.added_tokens(pair))
+    }
+
+    /// Truncates the content encodings (no specials yet) to fit `max_length` once the
+    /// post-processor's specials are added, then adds them. Same arithmetic as the crate's own
+    /// `post_process` with truncation set, which is what transformers calls.
+    fn finish(&self, a: Encoding, b: Option<Encoding>, max_length: usize) -> Result<Encoding> {
+        let n_added = self.n_added(b.is_some());
+        let min = n_added.max(2);
+        if max_length < min {
+            return Err(Error::invalid(format!(
+                "max_length {max_length} is too small: it counts the special tokens and must be at least {min}"
+            )));
+        }
+        let params = TruncationParams {
+            direction: TruncationDirection::Right,
+            max_length: max_length - n_added,
+            strategy: TruncationStrategy::LongestFirst,
+            stride: 0,
+        };
+        let (mut a, mut b) = truncate_encodings(a, b, &params).map_err(|e| self.tok_err(e))?;
+        // The cut-off tail is kept as "overflowing" encodings; we never use it.
+        drop(a.take_overflowing());
+        if let Some(b) = b.as_mut() {
+            drop(b.take_overflowing());
+        }
+        self.tokenizer
+            .post_process(a, b, true)
+            .map_err(|e| self.tok_err(e))
+    }
+
+    /// Ids of one text with the post-processor's specials (`<s> … </s>` / `[CLS] … [SEP]`),
+    /// truncated to `max_length` tokens specials included (the first `max_length - 2` content
+    /// tokens are kept). `max_length < 2` is an [`Error::Invalid`]. An empty text gives only the
+    /// specials.
+    pub fn encode(&self, text: &str, max_length: usize) -> Result<Vec<u32>> {
+        let content = self
+            .tokenizer
+            .encode_fast(text, false)
+            .map_err(|e| self.tok_err(e))?;
+        Ok(self.finish(content, None, max_length)?.get_ids().to_vec())
+    }
+
+    /// [`TextTokenizer::encode`] of every text, in order (tokenized on the crate's thread pool).
+    pub fn encode_batch(&self, texts: &[&str], max_length: usize) -> Result<Vec<Vec<u32>>> {
+        let min = self.n_added(false).max(2);
+        if max_length < min {
+            // Checked up front so that an empty batch and a full one fail alike.
+            return Err(Error::invalid(format!(
+                "max_length {max_length} is too small: it counts the special tokens and must be at least {min}"
+            )));
+        }
+        let contents = self
+            .tokenizer
+            .encode_batch_fast(texts.to_vec(), false)
+            .map_err(|e| self.tok_err(e))?;
+        contents
+            .into_iter()
+            .map(|c| Ok(self.finish(c, None, max_length)?.get_ids().to_vec()))
+            .collect()
+    }
+
+    /// Ids of a text pair (`<s> A </s></s> B </s>` / `[CLS] A [SEP] B [SEP]`), truncated to
+    /// `max_length` tokens specials included with HF's "longest_first" strategy (tokens are removed
+    /// from the longer side; when both are too long each keeps half of the room, the first
+    /// text the smaller half). `max_length` below the number of specials is an [`Error::Invalid`].
+    pub fn encode_pair(&self, a: &str, b: &str, max_length: usize) -> Result<Vec<u32>> {
+        let ea = self
+            .tokenizer
+            .encode_fast(a, false)
+            .map_err(|e| self.tok_err(e))?;
+        let eb = self
+            .tokenizer
+            .encode_fast(b, false)
+            .map_err(|e| self.tok_err(e))?;
+        Ok(self.finish(ea, Some(eb), max_length)?.get_ids().to_vec())
+    }
+
+    /// [`TextTokenizer::encode`] plus the word index of every token (`None` for the specials the
+    /// post-processor adds), numbered 0, 1, 2, … in order.
+    ///
+    /// Words: for SentencePiece a token starting with "▁" starts a word; for WordPiece a token
+    /// starting with "##" continues the previous one; an added token written in the text (`<mask>`)
+    /// is a word of its own; other models use the pre-tokenizer's splits.
+    pub fn encode_with_words(
+        &self,
+        text: &str,
+        max_length: usize,
+    ) -> Result<(Vec<u32>, Vec<Option<u32>>)> {
+        let content = self
+            .tokenizer
+            .encode(text, false)
+            .map_err(|e| self.tok_err(e))?;
+        let enc = self.finish(content, None, max_length)?;
+        let words = self.word_indices(&enc);
+        Ok((enc.get_ids().to_vec(), words))
+    }
+
+    fn word_indices(&self, enc: &Encoding) -> Vec<Option<u32>> {
+        let ids = enc.get_ids();
+        let tokens = enc.get_tokens();
+        let special = enc.get_special_tokens_mask();
+        let crate_words = enc.get_word_ids();
+        let mut out = Vec::with_capacity(ids.len());
+        let mut next = 0u32;
+        // (crate word id, was an added token) of the previous content token, None after a special.
+        let mut prev: Option<(Option<u32>, bool)> = None;
+        for (i, id) in ids.iter().enumerate() {
+            if special.get(i).copied().unwrap_or(0) == 1 {
+                out.push(None);
+                prev = None;
+                continue;
+            }
+            let added = self.added_ids.contains(id);
+            let token = tokens.get(i).map(String::as_str).unwrap_or("");
+            let crate_word = crate_words.get(i).copied().flatten();
+            let starts = match prev {
+                None => true,
+                Some((_, prev_added)) if prev_added || added => true,
+                Some((prev_word, _)) => match &self.words {
+                    WordScheme::WordStart(c) => token.starts_with(*c),
+                    WordScheme::Continuation(prefix) => !token.starts_with(prefix.as_str()),
+                    WordScheme::PreTokenizer => crate_word.is_none() || crate_word != prev_word,
+                },
+            };
+            if starts {
+                next += 1;
+            }
+            out.push(Some(next - 1));
+            prev = Some((crate_word, added));
+        }
+        out
+    }
+
+    /// The sentence-start / classification token (`<s>` or `[CLS]`).
+    pub fn cls_id(&self) -> Option<u32> {
+        self.cls
+    }
+
+    /// The padding token (`<pad>` or `[PAD]`).
+    pub fn pad_id(&self) -> Option<u32> {
+        self.pad
+    }
+
+    /// The end / separator token (`</s>` or `[SEP]`).
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// The unknown token (`<unk>` or `[UNK]`).
+    pub fn unk_id(&self) -> Option<u32> {
+        self.unk
+    }
+
+    /// The mask token (`<mask>` or `[MASK]`).
+    pub fn mask_id(&self) -> Option<u32> {
+        self.mask
+    }
+
+    /// The ids the sparse head drops (SPEC §3.1): cls, eos, pad and unk, those that exist, sorted,
+    /// without duplicates.
+    pub fn special_ids(&self) -> Vec<u32> {
+        let mut ids: Vec<u32> = [self.cls, self.eos, self.pad, self.unk]
+            .into_iter()
+            .flatten()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+
+    /// Vocabulary size including added tokens (Python's `len(tokenizer)`; 250002 for bge-m3).
+    pub fn vocab_size(&self) -> usize {
+        self.tokenizer.get_vocab_size(true)
+    }
+
+    /// The token string of `id` (`None` when out of range).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.tokenizer.id_to_token(id)
+    }
+
+    /// The id of a token string, added tokens included.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.tokenizer.token_to_id(token)
+    }
+
+    /// The file this tokenizer was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The underlying `tokenizers` tokenizer (padding and truncation disabled).
+    pub fn inner(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+}

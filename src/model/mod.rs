@@ -1,0 +1,9 @@
+//! Models: configuration, the BERT / XLM-RoBERTa encoder, the M3 heads.
+
+pub mod config;
+pub mod encoder;
+// pub mod m3; (enabled once io::model_dir lands)
+pub mod params;
+
+pub use encoder::{DropoutCfg, Encoder, EncoderInput};
+pub use params::{ParamSet, ParamSpec};
