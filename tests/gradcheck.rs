@@ -112,9 +112,17 @@ fn embedding_normalize_select_mean_backward() {
     let mut rng = Rng::new(6);
     let table = [rng.tensor(&[6, 4], 1.0)];
     let e = grad_check("embedding", &table, 1e-2, |t, v| {
-        ops::embedding(t, &v[0], &[1, 3, 1, 5], "ids")
+        ops::embedding(t, &v[0], &[1, 3, 1, 5], None, "ids")
     });
     assert!(e < TOL, "embedding {e}");
+    // padding_idx: row 3 gets no gradient although id 3 is used.
+    let mut tape = retrom3::autograd::Tape::new();
+    let t = tape.leaf(table[0].clone());
+    let y = ops::embedding(&mut tape, &t, &[1, 3, 1, 5], Some(3), "ids").unwrap();
+    let g = tape.backward_with(&y, retrom3::Tensor::from_vec(vec![1.0; 16], &[4, 4]).unwrap()).unwrap();
+    let g = g.get(&t).unwrap().f32s().unwrap().to_vec();
+    assert_eq!(&g[12..16], &[0.0; 4]);
+    assert_eq!(&g[4..8], &[2.0; 4]);
     let x = [rng.tensor(&[3, 6], 1.0)];
     let e = grad_check("l2_normalize", &x, 1e-3, |t, v| {
         ops::l2_normalize(t, &v[0], 1e-12)

@@ -244,10 +244,14 @@ impl Encoder {
     ) -> Result<Var> {
         let n = input.ids.len();
         let h = self.config.hidden_size;
-        let word = ops::embedding(tape, &p[0], &input.ids, "token ids")?;
+        // HF builds the word table with padding_idx = pad_token_id (both kinds) and RoBERTa's
+        // position table with padding_idx too: those rows never receive a gradient.
+        let pad = Some(self.config.pad_token_id);
+        let pos_pad = (self.config.kind == ModelKind::XlmRoberta).then_some(self.config.pad_token_id);
+        let word = ops::embedding(tape, &p[0], &input.ids, pad, "token ids")?;
         let pos_ids = self.position_ids(input);
-        let pos = ops::embedding(tape, &p[1], &pos_ids, "position ids")?;
-        let typ = ops::embedding(tape, &p[2], &vec![0u32; n], "token type ids")?;
+        let pos = ops::embedding(tape, &p[1], &pos_ids, pos_pad, "position ids")?;
+        let typ = ops::embedding(tape, &p[2], &vec![0u32; n], None, "token type ids")?;
         let x = ops::add(tape, &word, &pos)?;
         let x = ops::add(tape, &x, &typ)?;
         let x = ops::layernorm(tape, &x, &p[3], &p[4], self.config.layer_norm_eps)?;
