@@ -10,7 +10,7 @@ pub mod autograd;
 pub mod data;
 pub mod device;
 pub mod error;
-// pub mod infer;
+pub mod infer;
 pub mod io;
 pub mod model;
 pub mod ops;
@@ -18,7 +18,7 @@ pub mod tensor;
 
 pub use device::Device;
 pub use error::{Error, Result};
-// pub use infer::{EncodeOptions, EncodeOutput, PairScores, ScoreOptions};
-// pub use model::m3::M3Model;
+pub use infer::{EncodeOptions, EncodeOutput, PairScores, ScoreOptions};
 pub use model::config::{EncoderConfig, Pooling};
+pub use model::m3::M3Model;
 pub use tensor::{DType, Shape, Storage, Tensor};

@@ -119,7 +119,12 @@ fn embedding_normalize_select_mean_backward() {
     let mut tape = retrom3::autograd::Tape::new();
     let t = tape.leaf(table[0].clone());
     let y = ops::embedding(&mut tape, &t, &[1, 3, 1, 5], Some(3), "ids").unwrap();
-    let g = tape.backward_with(&y, retrom3::Tensor::from_vec(vec![1.0; 16], &[4, 4]).unwrap()).unwrap();
+    let g = tape
+        .backward_with(
+            &y,
+            retrom3::Tensor::from_vec(vec![1.0; 16], &[4, 4]).unwrap(),
+        )
+        .unwrap();
     let g = g.get(&t).unwrap().f32s().unwrap().to_vec();
     assert_eq!(&g[12..16], &[0.0; 4]);
     assert_eq!(&g[4..8], &[2.0; 4]);

@@ -159,7 +159,11 @@ impl Tape {
     /// Backpropagate from a scalar `loss` (seed 1).
     pub fn backward(self, loss: &Var) -> Result<Grads> {
         if loss.value.numel() != 1 {
-            return Err(Error::shape("backward seed (scalar loss)", &[1], loss.dims()));
+            return Err(Error::shape(
+                "backward seed (scalar loss)",
+                &[1],
+                loss.dims(),
+            ));
         }
         let seed = Tensor::from_vec(vec![1.0], loss.dims())?;
         self.backward_with(loss, seed)
@@ -223,7 +227,11 @@ impl Grads {
             }
             Some(prev) => {
                 if prev.dims() != g.dims() {
-                    return Err(Error::shape(format!("gradient from {from}"), prev.dims(), g.dims()));
+                    return Err(Error::shape(
+                        format!("gradient from {from}"),
+                        prev.dims(),
+                        g.dims(),
+                    ));
                 }
                 let mut acc = prev.into_f32_vec()?;
                 for (a, b) in acc.iter_mut().zip(g.f32s()?) {

@@ -247,7 +247,8 @@ impl Encoder {
         // HF builds the word table with padding_idx = pad_token_id (both kinds) and RoBERTa's
         // position table with padding_idx too: those rows never receive a gradient.
         let pad = Some(self.config.pad_token_id);
-        let pos_pad = (self.config.kind == ModelKind::XlmRoberta).then_some(self.config.pad_token_id);
+        let pos_pad =
+            (self.config.kind == ModelKind::XlmRoberta).then_some(self.config.pad_token_id);
         let word = ops::embedding(tape, &p[0], &input.ids, pad, "token ids")?;
         let pos_ids = self.position_ids(input);
         let pos = ops::embedding(tape, &p[1], &pos_ids, pos_pad, "position ids")?;

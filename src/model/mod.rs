@@ -2,7 +2,7 @@
 
 pub mod config;
 pub mod encoder;
-// pub mod m3; (enabled once io::model_dir lands)
+pub mod m3;
 pub mod params;
 
 pub use encoder::{DropoutCfg, Encoder, EncoderInput};

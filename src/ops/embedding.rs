@@ -8,7 +8,13 @@ use crate::error::{Error, Result};
 /// table [rows, dim], ids [n] -> [n, dim]. An id >= rows is an error naming it. Row
 /// `padding_idx` receives no gradient (PyTorch's `nn.Embedding(padding_idx=..)`), even when that id
 /// occurs in the input.
-pub fn embedding(tape: &mut Tape, table: &Var, ids: &[u32], padding_idx: Option<u32>, what: &str) -> Result<Var> {
+pub fn embedding(
+    tape: &mut Tape,
+    table: &Var,
+    ids: &[u32],
+    padding_idx: Option<u32>,
+    what: &str,
+) -> Result<Var> {
     let (rows, dim) = table.value().shape().dims2("embedding table")?;
     if let Some(&bad) = ids.iter().find(|&&i| i as usize >= rows) {
         return Err(Error::invalid(format!(

@@ -77,7 +77,8 @@ impl AttnDims {
 
 /// Forward. `lse` gets [B, H, Lq]. A row that sees no key at all gets the uniform average over all
 /// keys, which is what PyTorch gives when every score carries finfo(dtype).min (such rows are pad
-/// rows; their values are never used downstream).
+/// rows; their values are never used downstream). The (example, head) pairs are spread over the
+/// machine's cores; each pair is computed exactly as the serial loop would.
 pub fn attention_fwd(
     q: &[f32],
     k: &[f32],
@@ -89,55 +90,114 @@ pub fn attention_fwd(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    let pairs = d.batch * d.heads;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(pairs)
+        .max(1);
+    let run = |range: std::ops::Range<usize>| -> Vec<(usize, Vec<f32>, Vec<f32>)> {
+        range
+            .map(|bh| {
+                let (o, l) = attend_head(q, k, v, mask, d, scale, drop, bh / d.heads, bh % d.heads);
+                (bh, o, l)
+            })
+            .collect()
+    };
+    let per = pairs.div_ceil(threads);
+    let results: Vec<(usize, Vec<f32>, Vec<f32>)> =
+        if threads == 1 || d.q_len * d.k_len * pairs < 1 << 14 {
+            run(0..pairs)
+        } else {
+            std::thread::scope(|s| {
+                let handles: Vec<_> = (0..threads)
+                    .map(|t| {
+                        let r = t * per..((t + 1) * per).min(pairs);
+                        s.spawn(move || run(r))
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .flat_map(|h| h.join().expect("attention worker"))
+                    .collect()
+            })
+        };
     let w = d.width();
+    for (bh, o, l) in results {
+        let (b, h) = (bh / d.heads, bh % d.heads);
+        for i in 0..d.q_len {
+            out[(b * d.q_len + i) * w + h * d.head_dim..][..d.head_dim]
+                .copy_from_slice(&o[i * d.head_dim..(i + 1) * d.head_dim]);
+        }
+        lse[bh * d.q_len..(bh + 1) * d.q_len].copy_from_slice(&l);
+    }
+}
+
+/// One (example, head) of the forward: output rows [Lq, D] and lse [Lq].
+fn attend_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: AttnMask<'_>,
+    d: AttnDims,
+    scale: f32,
+    drop: Option<AttnDropout>,
+    b: usize,
+    h: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let w = d.width();
+    let mut out = vec![0.0f32; d.q_len * d.head_dim];
+    let mut lse = vec![0.0f32; d.q_len];
     let mut p = vec![0.0f64; d.k_len];
-    for b in 0..d.batch {
-        for h in 0..d.heads {
-            for i in 0..d.q_len {
-                let qi = &q[(b * d.q_len + i) * w + h * d.head_dim..][..d.head_dim];
-                let mut max = f64::NEG_INFINITY;
-                for (j, pj) in p.iter_mut().enumerate() {
-                    if mask.visible(b, i, j, d.k_len) {
-                        let kj = &k[(b * d.k_len + j) * w + h * d.head_dim..][..d.head_dim];
-                        let s: f64 = qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum();
-                        *pj = s * scale as f64;
-                        max = max.max(*pj);
-                    } else {
-                        *pj = f64::NEG_INFINITY;
-                    }
-                }
-                let row_lse;
-                if max == f64::NEG_INFINITY {
-                    p.iter_mut().for_each(|x| *x = 1.0 / d.k_len as f64);
-                    row_lse = f64::INFINITY; // marks a fully masked row for the backward
-                } else {
-                    let mut sum = 0.0;
-                    for pj in p.iter_mut() {
-                        *pj = (*pj - max).exp();
-                        sum += *pj;
-                    }
-                    p.iter_mut().for_each(|x| *x /= sum);
-                    row_lse = max + sum.ln();
-                }
-                lse[(b * d.heads + h) * d.q_len + i] = row_lse as f32;
-                if drop.is_some() {
-                    for (j, pj) in p.iter_mut().enumerate() {
-                        *pj *= AttnDropout::factor(drop, &d, b, h, i, j);
-                    }
-                }
-                let oi = &mut out[(b * d.q_len + i) * w + h * d.head_dim..][..d.head_dim];
-                for (c, o) in oi.iter_mut().enumerate() {
-                    let mut acc = 0.0f64;
-                    for (j, &pj) in p.iter().enumerate() {
-                        if pj != 0.0 {
-                            acc += pj * v[(b * d.k_len + j) * w + h * d.head_dim + c] as f64;
-                        }
-                    }
-                    *o = acc as f32;
+    let mut acc = vec![0.0f64; d.head_dim];
+    for i in 0..d.q_len {
+        let qi = &q[(b * d.q_len + i) * w + h * d.head_dim..][..d.head_dim];
+        let mut max = f64::NEG_INFINITY;
+        for (j, pj) in p.iter_mut().enumerate() {
+            if mask.visible(b, i, j, d.k_len) {
+                let kj = &k[(b * d.k_len + j) * w + h * d.head_dim..][..d.head_dim];
+                let s: f64 = qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum();
+                *pj = s * scale as f64;
+                max = max.max(*pj);
+            } else {
+                *pj = f64::NEG_INFINITY;
+            }
+        }
+        let row_lse;
+        if max == f64::NEG_INFINITY {
+            p.iter_mut().for_each(|x| *x = 1.0 / d.k_len as f64);
+            row_lse = f64::INFINITY; // marks a fully masked row for the backward
+        } else {
+            let mut sum = 0.0;
+            for pj in p.iter_mut() {
+                *pj = (*pj - max).exp();
+                sum += *pj;
+            }
+            p.iter_mut().for_each(|x| *x /= sum);
+            row_lse = max + sum.ln();
+        }
+        lse[i] = row_lse as f32;
+        if drop.is_some() {
+            for (j, pj) in p.iter_mut().enumerate() {
+                *pj *= AttnDropout::factor(drop, &d, b, h, i, j);
+            }
+        }
+        acc.iter_mut().for_each(|a| *a = 0.0);
+        for (j, &pj) in p.iter().enumerate() {
+            if pj != 0.0 {
+                let vj = &v[(b * d.k_len + j) * w + h * d.head_dim..][..d.head_dim];
+                for (a, &x) in acc.iter_mut().zip(vj) {
+                    *a += pj * x as f64;
                 }
             }
         }
+        for (o, &a) in out[i * d.head_dim..(i + 1) * d.head_dim]
+            .iter_mut()
+            .zip(&acc)
+        {
+            *o = a as f32;
+        }
     }
+    (out, lse)
 }
 
 /// Backward: dq, dk, dv are assigned (fully overwritten).

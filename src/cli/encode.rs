@@ -1,0 +1,161 @@
+//! `retrom3 encode` and `retrom3 score`.
+
+use super::output::{progress, AtomicWriter};
+use clap::Args;
+use retrom3::data::jsonl::{read_pairs, read_texts};
+use retrom3::{Device, EncodeOptions, Error, M3Model, Pooling, Result, ScoreOptions};
+use serde_json::{json, Map, Value};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct EncodeArgs {
+    /// Model directory (Hugging Face / FlagEmbedding layout).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSONL with one {"text": ...} per line, or a plain text file with one text per line.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output JSONL, one object per input line, in input order.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Emit the dense vector (the default when no output is chosen).
+    #[arg(long)]
+    pub dense: bool,
+    /// Emit the lexical weights {"<token id>": weight}.
+    #[arg(long)]
+    pub sparse: bool,
+    /// Emit the ColBERT vectors.
+    #[arg(long)]
+    pub colbert: bool,
+    /// Max tokens per text, specials included (default: the model dir's, else 512).
+    #[arg(long)]
+    pub max_length: Option<usize>,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Dense pooling (default: the model dir's, else cls).
+    #[arg(long)]
+    pub pooling: Option<Pooling>,
+    /// Do not L2-normalise dense vectors.
+    #[arg(long)]
+    pub no_normalize: bool,
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+}
+
+#[derive(Args, Debug)]
+pub struct ScoreArgs {
+    /// Model directory with the M3 heads (colbert_linear.pt, sparse_linear.pt).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// JSONL with one {"query": ..., "passage": ...} per line.
+    #[arg(long)]
+    pub pairs: PathBuf,
+    /// Output JSONL with dense, sparse, colbert, sparse+dense, colbert+sparse+dense per pair.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Fusion weights w_dense,w_sparse,w_colbert.
+    #[arg(long, default_value = "1,1,1")]
+    pub weights: String,
+    #[arg(long, default_value_t = 512)]
+    pub max_query_length: usize,
+    #[arg(long, default_value_t = 512)]
+    pub max_passage_length: usize,
+    /// Texts per forward pass.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+}
+
+pub fn encode(a: EncodeArgs) -> Result<()> {
+    let texts = read_texts(&a.input)?;
+    if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+        return Err(Error::Input {
+            path: a.input.clone(),
+            line: i + 1,
+            msg: "empty text (nothing to encode)".into(),
+        });
+    }
+    let model = M3Model::load(&a.model, a.device)?;
+    let dense = a.dense || !(a.sparse || a.colbert);
+    let opts = EncodeOptions {
+        dense,
+        sparse: a.sparse,
+        colbert: a.colbert,
+        max_length: a.max_length,
+        batch_size: a.batch_size,
+        pooling: a.pooling,
+        normalize: a.no_normalize.then_some(false),
+    };
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let pb = progress(refs.len(), "encode");
+    let out = model.encode_with_progress(&refs, &opts, &mut |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    let mut w = AtomicWriter::create(&a.output)?;
+    for i in 0..texts.len() {
+        let mut obj = Map::new();
+        if let Some(d) = &out.dense {
+            obj.insert("dense".into(), json!(d[i]));
+        }
+        if let Some(s) = &out.sparse {
+            let m: Map<String, Value> = s[i]
+                .iter()
+                .map(|(id, w)| (id.to_string(), json!(w)))
+                .collect();
+            obj.insert("sparse".into(), Value::Object(m));
+        }
+        if let Some(c) = &out.colbert {
+            obj.insert("colbert".into(), json!(c[i]));
+        }
+        w.write_line(&Value::Object(obj).to_string())?;
+    }
+    w.commit()
+}
+
+fn parse_weights(s: &str) -> Result<[f32; 3]> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| {
+            Error::invalid(format!(
+                "--weights {s:?}: expected three numbers like 0.4,0.2,0.4"
+            ))
+        })?;
+    <[f32; 3]>::try_from(v)
+        .map_err(|_| Error::invalid(format!("--weights {s:?}: expected exactly three numbers")))
+}
+
+pub fn score(a: ScoreArgs) -> Result<()> {
+    let weights = parse_weights(&a.weights)?;
+    let pairs = read_pairs(&a.pairs)?;
+    let model = M3Model::load(&a.model, a.device)?;
+    let refs: Vec<(&str, &str)> = pairs
+        .iter()
+        .map(|p| (p.query.as_str(), p.passage.as_str()))
+        .collect();
+    let opts = ScoreOptions {
+        max_query_length: a.max_query_length,
+        max_passage_length: a.max_passage_length,
+        weights,
+        batch_size: a.batch_size,
+    };
+    let pb = progress(2 * refs.len(), "score");
+    let scores = model.compute_score_with_progress(&refs, &opts, &mut |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    let mut w = AtomicWriter::create(&a.output)?;
+    for s in scores {
+        let obj = json!({
+            "dense": s.dense,
+            "sparse": s.sparse,
+            "colbert": s.colbert,
+            "sparse+dense": s.sparse_dense,
+            "colbert+sparse+dense": s.colbert_sparse_dense,
+        });
+        w.write_line(&obj.to_string())?;
+    }
+    w.commit()
+}

@@ -1,0 +1,36 @@
+//! Subcommand definitions (clap) and dispatch.
+
+mod bench;
+mod encode;
+mod output;
+
+use clap::{Parser, Subcommand};
+use retrom3::Result;
+
+/// retrom3: train and serve BGE-M3-style retrieval models.
+#[derive(Parser, Debug)]
+#[command(name = "retrom3", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Encode texts into dense / sparse / ColBERT outputs (JSONL in, JSONL out).
+    Encode(encode::EncodeArgs),
+    /// Score (query, passage) pairs with all three heads and their fusions.
+    Score(encode::ScoreArgs),
+    /// Benchmarks (throughput printed as JSON lines).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+/// Run a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Encode(a) => encode::encode(a),
+        Command::Score(a) => encode::score(a),
+        Command::Bench(c) => bench::run(c),
+    }
+}

@@ -1,0 +1,7 @@
+//! Inference: encoding with length-sorted batches, and pair scores.
+
+mod encode;
+mod score;
+
+pub use encode::{ColbertVecs, EncodeOptions, EncodeOutput, LexicalWeights};
+pub use score::{colbert_score, dense_score, lexical_score, PairScores, ScoreOptions};

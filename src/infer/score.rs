@@ -1,0 +1,161 @@
+//! Pair scores (FlagEmbedding's `compute_score`, SPEC §3.3): dense, lexical, ColBERT and the two
+//! weighted fusions.
+
+use super::encode::{ColbertVecs, EncodeOptions, LexicalWeights};
+use crate::error::{Error, Result};
+use crate::model::m3::M3Model;
+
+/// Options of [`M3Model::compute_score`].
+#[derive(Clone, Debug)]
+pub struct ScoreOptions {
+    pub max_query_length: usize,
+    pub max_passage_length: usize,
+    /// [w_dense, w_sparse, w_colbert] of the fused scores.
+    pub weights: [f32; 3],
+    pub batch_size: usize,
+}
+
+impl Default for ScoreOptions {
+    fn default() -> Self {
+        ScoreOptions {
+            max_query_length: 512,
+            max_passage_length: 512,
+            weights: [1.0, 1.0, 1.0],
+            batch_size: 32,
+        }
+    }
+}
+
+/// The five scores of one (query, passage) pair.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PairScores {
+    pub dense: f32,
+    pub sparse: f32,
+    pub colbert: f32,
+    /// (w_sparse·sparse + w_dense·dense) / (w_dense + w_sparse)
+    pub sparse_dense: f32,
+    /// (w_colbert·colbert + w_sparse·sparse + w_dense·dense) / (w_dense + w_sparse + w_colbert)
+    pub colbert_sparse_dense: f32,
+}
+
+/// Dot product (cosine for normalised vectors), f64 accumulation.
+pub fn dense_score(q: &[f32], p: &[f32]) -> f32 {
+    q.iter()
+        .zip(p)
+        .map(|(&a, &b)| a as f64 * b as f64)
+        .sum::<f64>() as f32
+}
+
+/// Σ over shared token ids of w_q · w_p (both sorted by id).
+pub fn lexical_score(q: &LexicalWeights, p: &LexicalWeights) -> f32 {
+    let (mut i, mut j, mut acc) = (0, 0, 0.0f64);
+    while i < q.len() && j < p.len() {
+        match q[i].0.cmp(&p[j].0) {
+            std::cmp::Ordering::Less => i += 1,
+            std::cmp::Ordering::Greater => j += 1,
+            std::cmp::Ordering::Equal => {
+                acc += q[i].1 as f64 * p[j].1 as f64;
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    acc as f32
+}
+
+/// ColBERT late interaction: (1/n_q) Σ_i max_j ⟨q_i, p_j⟩ over the real vectors (no padding
+/// enters the max; FlagEmbedding's batched compute_score lets padded zero rows in, SPEC §3.3).
+pub fn colbert_score(q: &ColbertVecs, p: &ColbertVecs) -> f32 {
+    if q.is_empty() || p.is_empty() {
+        return 0.0;
+    }
+    let total: f64 = q
+        .iter()
+        .map(|qi| {
+            p.iter()
+                .map(|pj| dense_score(qi, pj) as f64)
+                .fold(f64::NEG_INFINITY, f64::max)
+        })
+        .sum();
+    (total / q.len() as f64) as f32
+}
+
+impl PairScores {
+    /// Combine the three base scores with weights [dense, sparse, colbert].
+    pub fn fuse(dense: f32, sparse: f32, colbert: f32, w: [f32; 3]) -> PairScores {
+        PairScores {
+            dense,
+            sparse,
+            colbert,
+            sparse_dense: (w[1] * sparse + w[0] * dense) / (w[0] + w[1]),
+            colbert_sparse_dense: (w[2] * colbert + w[1] * sparse + w[0] * dense)
+                / (w[0] + w[1] + w[2]),
+        }
+    }
+}
+
+impl M3Model {
+    /// The five scores of each (query, passage) pair, in order.
+    pub fn compute_score(
+        &self,
+        pairs: &[(&str, &str)],
+        opts: &ScoreOptions,
+    ) -> Result<Vec<PairScores>> {
+        self.compute_score_with_progress(pairs, opts, &mut |_| {})
+    }
+
+    /// [`M3Model::compute_score`] with a progress callback (texts encoded so far).
+    pub fn compute_score_with_progress(
+        &self,
+        pairs: &[(&str, &str)],
+        opts: &ScoreOptions,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<PairScores>> {
+        let w = opts.weights;
+        if w.iter().any(|x| !x.is_finite() || *x < 0.0)
+            || w[0] + w[1] <= 0.0
+            || w[0] + w[1] + w[2] <= 0.0
+        {
+            return Err(Error::invalid(format!(
+                "weights {w:?}: need three finite non-negative numbers with positive sums"
+            )));
+        }
+        self.require_heads("compute_score")?;
+        let base = EncodeOptions {
+            batch_size: opts.batch_size,
+            ..EncodeOptions::all()
+        };
+        let queries: Vec<&str> = pairs.iter().map(|p| p.0).collect();
+        let passages: Vec<&str> = pairs.iter().map(|p| p.1).collect();
+        let qo = EncodeOptions {
+            max_length: Some(opts.max_query_length),
+            ..base.clone()
+        };
+        let po = EncodeOptions {
+            max_length: Some(opts.max_passage_length),
+            ..base
+        };
+        let q = self.encode_with_progress(&queries, &qo, progress)?;
+        let p = self.encode_with_progress(&passages, &po, progress)?;
+        let (qd, qs, qc) = (
+            q.dense.unwrap_or_default(),
+            q.sparse.unwrap_or_default(),
+            q.colbert.unwrap_or_default(),
+        );
+        let (pd, ps, pc) = (
+            p.dense.unwrap_or_default(),
+            p.sparse.unwrap_or_default(),
+            p.colbert.unwrap_or_default(),
+        );
+        Ok((0..pairs.len())
+            .map(|i| {
+                PairScores::fuse(
+                    dense_score(&qd[i], &pd[i]),
+                    lexical_score(&qs[i], &ps[i]),
+                    colbert_score(&qc[i], &pc[i]),
+                    w,
+                )
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,365 @@
+//! The CLI contract: `retrom3 encode` / `retrom3 score` outputs, and one-line errors with a
+//! non-zero exit code on bad input.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_retrom3"))
+}
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("retrom3-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run retrom3")
+}
+
+fn read_jsonl(p: &Path) -> Vec<Value> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn expect_error(out: &Output, needles: &[&str]) {
+    assert!(!out.status.success(), "expected failure, got success");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "error must be one line: {err}"
+    );
+    assert!(err.starts_with("retrom3: error: "), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "error {err:?} should mention {n:?}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn encode_jsonl_all_heads_matches_the_library() {
+    let d = tmpdir("enc");
+    let input = d.join("in.jsonl");
+    std::fs::write(
+        &input,
+        "{\"text\": \"The quick brown fox\"}\n{\"text\": \"北京是中国的首都\"}\n",
+    )
+    .unwrap();
+    let output = d.join("out.jsonl");
+    let model = fixture("tiny-xlmr");
+    let out = run(&[
+        "encode",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--dense",
+        "--sparse",
+        "--colbert",
+        "--max-length",
+        "16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = read_jsonl(&output);
+    assert_eq!(rows.len(), 2);
+    let lib = retrom3::M3Model::load(&model, retrom3::Device::Cpu).unwrap();
+    let want = lib
+        .encode(
+            &["The quick brown fox", "北京是中国的首都"],
+            &retrom3::EncodeOptions {
+                max_length: Some(16),
+                ..retrom3::EncodeOptions::all()
+            },
+        )
+        .unwrap();
+    for (i, row) in rows.iter().enumerate() {
+        let obj = row.as_object().unwrap();
+        assert_eq!(obj.len(), 3);
+        let dense: Vec<f32> = serde_json::from_value(row["dense"].clone()).unwrap();
+        assert_eq!(dense, want.dense.as_ref().unwrap()[i]);
+        let sparse = row["sparse"].as_object().unwrap();
+        let ws = &want.sparse.as_ref().unwrap()[i];
+        assert_eq!(sparse.len(), ws.len());
+        for (id, w) in ws {
+            assert_eq!(sparse[&id.to_string()].as_f64().unwrap() as f32, *w);
+        }
+        let colbert: Vec<Vec<f32>> = serde_json::from_value(row["colbert"].clone()).unwrap();
+        assert_eq!(&colbert, &want.colbert.as_ref().unwrap()[i]);
+    }
+}
+
+#[test]
+fn encode_plain_text_defaults_to_dense_only() {
+    let d = tmpdir("plain");
+    let input = d.join("in.txt");
+    std::fs::write(&input, "first line\nsecond line\n").unwrap();
+    let output = d.join("out.jsonl");
+    let out = run(&[
+        "encode",
+        "--model",
+        fixture("tiny-bert").to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = read_jsonl(&output);
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        let o = r.as_object().unwrap();
+        assert_eq!(o.keys().collect::<Vec<_>>(), vec!["dense"]);
+        let v: Vec<f32> = serde_json::from_value(r["dense"].clone()).unwrap();
+        let n: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!(
+            (n - 1.0).abs() < 1e-5,
+            "normalised by the Normalize module: {n}"
+        );
+    }
+}
+
+#[test]
+fn score_writes_five_keys_per_pair() {
+    let d = tmpdir("score");
+    let pairs = d.join("pairs.jsonl");
+    std::fs::write(
+        &pairs,
+        "{\"query\": \"What is BGE M3?\", \"passage\": \"BGE M3 is an embedding model\"}\n{\"query\": \"BM25\", \"passage\": \"a bag-of-words retrieval function\"}\n",
+    )
+    .unwrap();
+    let output = d.join("scores.jsonl");
+    let model = fixture("tiny-xlmr");
+    let out = run(&[
+        "score",
+        "--model",
+        model.to_str().unwrap(),
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+        "--weights",
+        "0.4,0.2,0.4",
+        "--max-query-length",
+        "12",
+        "--max-passage-length",
+        "20",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = read_jsonl(&output);
+    assert_eq!(rows.len(), 2);
+    for r in &rows {
+        for k in [
+            "dense",
+            "sparse",
+            "colbert",
+            "sparse+dense",
+            "colbert+sparse+dense",
+        ] {
+            assert!(r[k].is_number(), "{k} missing in {r}");
+        }
+        let (dn, sp, co) = (
+            r["dense"].as_f64().unwrap(),
+            r["sparse"].as_f64().unwrap(),
+            r["colbert"].as_f64().unwrap(),
+        );
+        let fused = (0.4 * co + 0.2 * sp + 0.4 * dn) / 1.0;
+        assert!((r["colbert+sparse+dense"].as_f64().unwrap() - fused).abs() < 1e-5);
+        let sd = (0.2 * sp + 0.4 * dn) / 0.6;
+        assert!((r["sparse+dense"].as_f64().unwrap() - sd).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn bad_inputs_give_one_line_errors() {
+    let d = tmpdir("bad");
+    let model = fixture("tiny-xlmr");
+    let m = model.to_str().unwrap();
+    let out_path = d.join("out.jsonl");
+    let o = out_path.to_str().unwrap();
+
+    let broken = d.join("broken.jsonl");
+    std::fs::write(&broken, "{\"text\": \"ok\"}\n{\"text\": oops}\n").unwrap();
+    expect_error(
+        &run(&[
+            "encode",
+            "--model",
+            m,
+            "--input",
+            broken.to_str().unwrap(),
+            "--output",
+            o,
+        ]),
+        &["broken.jsonl:2"],
+    );
+
+    let empty = d.join("empty.jsonl");
+    std::fs::write(&empty, "{\"text\": \"ok\"}\n{\"text\": \"\"}\n").unwrap();
+    expect_error(
+        &run(&[
+            "encode",
+            "--model",
+            m,
+            "--input",
+            empty.to_str().unwrap(),
+            "--output",
+            o,
+        ]),
+        &["empty.jsonl:2", "empty text"],
+    );
+
+    let bad_utf8 = d.join("bytes.txt");
+    std::fs::write(&bad_utf8, b"fine\nnot \xff utf8\n").unwrap();
+    expect_error(
+        &run(&[
+            "encode",
+            "--model",
+            m,
+            "--input",
+            bad_utf8.to_str().unwrap(),
+            "--output",
+            o,
+        ]),
+        &["bytes.txt:2", "UTF-8"],
+    );
+
+    let good = d.join("good.jsonl");
+    std::fs::write(&good, "{\"text\": \"ok\"}\n").unwrap();
+    let g = good.to_str().unwrap();
+    expect_error(
+        &run(&[
+            "encode",
+            "--model",
+            m,
+            "--input",
+            g,
+            "--output",
+            o,
+            "--max-length",
+            "1",
+        ]),
+        &["max_length"],
+    );
+    expect_error(
+        &run(&[
+            "encode",
+            "--model",
+            m,
+            "--input",
+            g,
+            "--output",
+            o,
+            "--max-length",
+            "100000",
+        ]),
+        &["max_length"],
+    );
+    expect_error(
+        &run(&[
+            "encode",
+            "--model",
+            "/nonexistent/model",
+            "--input",
+            g,
+            "--output",
+            o,
+        ]),
+        &["/nonexistent/model"],
+    );
+    expect_error(
+        &run(&[
+            "encode",
+            "--model",
+            fixture("tiny-bert").to_str().unwrap(),
+            "--input",
+            g,
+            "--output",
+            o,
+            "--sparse",
+        ]),
+        &["sparse_linear.pt"],
+    );
+
+    // A truncated checkpoint in an otherwise valid model dir.
+    let broken_model = d.join("model");
+    std::fs::create_dir_all(&broken_model).unwrap();
+    for f in std::fs::read_dir(&model).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, broken_model.join(f.file_name().unwrap())).unwrap();
+    }
+    let st = broken_model.join("model.safetensors");
+    let bytes = std::fs::read(&st).unwrap();
+    std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
+    expect_error(
+        &run(&[
+            "encode",
+            "--model",
+            broken_model.to_str().unwrap(),
+            "--input",
+            g,
+            "--output",
+            o,
+        ]),
+        &["model.safetensors"],
+    );
+    assert!(
+        !out_path.exists(),
+        "no output file may appear after an error"
+    );
+
+    let pairs = d.join("pairs.jsonl");
+    std::fs::write(&pairs, "{\"query\": \"q\"}\n").unwrap();
+    expect_error(
+        &run(&[
+            "score",
+            "--model",
+            m,
+            "--pairs",
+            pairs.to_str().unwrap(),
+            "--output",
+            o,
+        ]),
+        &["pairs.jsonl:1", "passage"],
+    );
+    std::fs::write(&pairs, "{\"query\": \"q\", \"passage\": \"p\"}\n").unwrap();
+    expect_error(
+        &run(&[
+            "score",
+            "--model",
+            m,
+            "--pairs",
+            pairs.to_str().unwrap(),
+            "--output",
+            o,
+            "--weights",
+            "1,2",
+        ]),
+        &["--weights"],
+    );
+}
