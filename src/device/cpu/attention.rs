@@ -1,12 +1,15 @@
-//! Multi-head scaled dot-product attention, the reference of kernels/attention.cu.
+//! Multi-head scaled dot-product attention on the CPU, the reference of kernels/attention.cu.
 //!
-//! Layout: q [B, Lq, H*D], k and v [B, Lk, H*D] (the rows that the Q/K/V linear layers produce, no
-//! transpose), output [B, Lq, H*D]. The forward saves only the log-sum-exp per (b, h, row); the
-//! backward recomputes the probabilities, exactly as the fused GPU kernel does, so no [L, L] matrix
-//! is ever kept. Visibility of (row i, key j) comes from [`AttnMask`], a pure function, so the
-//! RetroMAE position-specific mask can be generated, never stored.
+//! Layout: q [B, Lq, H*D], k and v [B, Lk, H*D] (the rows the Q/K/V linear layers produce, no
+//! transpose), output [B, Lq, H*D]. Per (example, head): S = scale · Q Kᵀ and O = P V are GEMMs on
+//! strided views; the masked softmax runs over one [Lq, Lk] block at a time. The forward keeps only
+//! the log-sum-exp per (b, h, row); the backward recomputes P from it, exactly as the fused GPU
+//! kernel does, so no [L, L] matrix outlives one head. Visibility of (row i, key j) comes from
+//! [`AttnMask`], a pure function, so masks can be generated, never stored. `attention_ref.rs` is the
+//! scalar oracle this file is tested against.
 
 use super::elementwise::hash_unit;
+use super::gemm::sgemm_strided;
 
 /// Which keys a query row may see.
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +38,13 @@ pub struct AttnDims {
     pub head_dim: usize,
 }
 
+impl AttnDims {
+    /// Row width H * D.
+    pub fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
 /// Dropout on the attention probabilities: p_ij is kept when
 /// `hash_unit(seed, stream, ((b * H + h) * Lq + i) * Lk + j) >= p` and scaled by 1/(1-p).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -45,9 +55,9 @@ pub struct AttnDropout {
 }
 
 impl AttnDropout {
-    /// The factor applied to p_ij: 0 (dropped) or 1/(1-p).
+    /// The factor applied to p_ij: 0 (dropped) or 1/(1-p); 1 without dropout.
     #[inline]
-    fn factor(
+    pub fn factor_of(
         drop: Option<AttnDropout>,
         d: &AttnDims,
         b: usize,
@@ -69,16 +79,71 @@ impl AttnDropout {
     }
 }
 
-impl AttnDims {
-    fn width(&self) -> usize {
-        self.heads * self.head_dim
+/// Offset of head `h` of row `r` (a token row of example-major layout) in a [.., H*D] buffer.
+#[inline]
+fn head_at(d: &AttnDims, row: usize, h: usize) -> usize {
+    row * d.width() + h * d.head_dim
+}
+
+/// P = masked softmax(S) in place for one (b, h) block [Lq, Lk]; returns lse per row (+inf marks a
+/// row with no visible key, which gets the uniform distribution: PyTorch's result when every score
+/// carries finfo.min).
+fn softmax_block(s: &mut [f32], mask: AttnMask<'_>, d: &AttnDims, b: usize, lse: &mut [f32]) {
+    for (i, row) in s.chunks_exact_mut(d.k_len).enumerate() {
+        let mut max = f32::NEG_INFINITY;
+        for (j, x) in row.iter_mut().enumerate() {
+            if mask.visible(b, i, j, d.k_len) {
+                max = max.max(*x);
+            } else {
+                *x = f32::NEG_INFINITY;
+            }
+        }
+        if max == f32::NEG_INFINITY {
+            row.fill(1.0 / d.k_len as f32);
+            lse[i] = f32::INFINITY;
+            continue;
+        }
+        let mut sum = 0.0f64;
+        for x in row.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x as f64;
+        }
+        let inv = (1.0 / sum) as f32;
+        row.iter_mut().for_each(|x| *x *= inv);
+        lse[i] = max + sum.ln() as f32;
     }
 }
 
-/// Forward. `lse` gets [B, H, Lq]. A row that sees no key at all gets the uniform average over all
-/// keys, which is what PyTorch gives when every score carries finfo(dtype).min (such rows are pad
-/// rows; their values are never used downstream). The (example, head) pairs are spread over the
-/// machine's cores; each pair is computed exactly as the serial loop would.
+/// S = scale · Q_h K_hᵀ for one (b, h): [Lq, Lk].
+fn scores(q: &[f32], k: &[f32], d: &AttnDims, b: usize, h: usize, scale: f32, s: &mut [f32]) {
+    let w = d.width();
+    sgemm_strided(
+        d.q_len,
+        d.head_dim,
+        d.k_len,
+        scale,
+        &q[head_at(d, b * d.q_len, h)..],
+        [w, 1],
+        &k[head_at(d, b * d.k_len, h)..],
+        [1, w],
+        0.0,
+        s,
+        [d.k_len, 1],
+    );
+}
+
+fn apply_dropout(p: &mut [f32], drop: Option<AttnDropout>, d: &AttnDims, b: usize, h: usize) {
+    if drop.is_none() {
+        return;
+    }
+    for (i, row) in p.chunks_exact_mut(d.k_len).enumerate() {
+        for (j, x) in row.iter_mut().enumerate() {
+            *x *= AttnDropout::factor_of(drop, d, b, h, i, j) as f32;
+        }
+    }
+}
+
+/// Forward: out [B, Lq, H*D] and lse [B, H, Lq].
 pub fn attention_fwd(
     q: &[f32],
     k: &[f32],
@@ -90,114 +155,35 @@ pub fn attention_fwd(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
-    let pairs = d.batch * d.heads;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(pairs)
-        .max(1);
-    let run = |range: std::ops::Range<usize>| -> Vec<(usize, Vec<f32>, Vec<f32>)> {
-        range
-            .map(|bh| {
-                let (o, l) = attend_head(q, k, v, mask, d, scale, drop, bh / d.heads, bh % d.heads);
-                (bh, o, l)
-            })
-            .collect()
-    };
-    let per = pairs.div_ceil(threads);
-    let results: Vec<(usize, Vec<f32>, Vec<f32>)> =
-        if threads == 1 || d.q_len * d.k_len * pairs < 1 << 14 {
-            run(0..pairs)
-        } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = (0..threads)
-                    .map(|t| {
-                        let r = t * per..((t + 1) * per).min(pairs);
-                        s.spawn(move || run(r))
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .flat_map(|h| h.join().expect("attention worker"))
-                    .collect()
-            })
-        };
     let w = d.width();
-    for (bh, o, l) in results {
-        let (b, h) = (bh / d.heads, bh % d.heads);
-        for i in 0..d.q_len {
-            out[(b * d.q_len + i) * w + h * d.head_dim..][..d.head_dim]
-                .copy_from_slice(&o[i * d.head_dim..(i + 1) * d.head_dim]);
-        }
-        lse[bh * d.q_len..(bh + 1) * d.q_len].copy_from_slice(&l);
-    }
-}
-
-/// One (example, head) of the forward: output rows [Lq, D] and lse [Lq].
-fn attend_head(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    mask: AttnMask<'_>,
-    d: AttnDims,
-    scale: f32,
-    drop: Option<AttnDropout>,
-    b: usize,
-    h: usize,
-) -> (Vec<f32>, Vec<f32>) {
-    let w = d.width();
-    let mut out = vec![0.0f32; d.q_len * d.head_dim];
-    let mut lse = vec![0.0f32; d.q_len];
-    let mut p = vec![0.0f64; d.k_len];
-    let mut acc = vec![0.0f64; d.head_dim];
-    for i in 0..d.q_len {
-        let qi = &q[(b * d.q_len + i) * w + h * d.head_dim..][..d.head_dim];
-        let mut max = f64::NEG_INFINITY;
-        for (j, pj) in p.iter_mut().enumerate() {
-            if mask.visible(b, i, j, d.k_len) {
-                let kj = &k[(b * d.k_len + j) * w + h * d.head_dim..][..d.head_dim];
-                let s: f64 = qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum();
-                *pj = s * scale as f64;
-                max = max.max(*pj);
-            } else {
-                *pj = f64::NEG_INFINITY;
-            }
-        }
-        let row_lse;
-        if max == f64::NEG_INFINITY {
-            p.iter_mut().for_each(|x| *x = 1.0 / d.k_len as f64);
-            row_lse = f64::INFINITY; // marks a fully masked row for the backward
-        } else {
-            let mut sum = 0.0;
-            for pj in p.iter_mut() {
-                *pj = (*pj - max).exp();
-                sum += *pj;
-            }
-            p.iter_mut().for_each(|x| *x /= sum);
-            row_lse = max + sum.ln();
-        }
-        lse[i] = row_lse as f32;
-        if drop.is_some() {
-            for (j, pj) in p.iter_mut().enumerate() {
-                *pj *= AttnDropout::factor(drop, &d, b, h, i, j);
-            }
-        }
-        acc.iter_mut().for_each(|a| *a = 0.0);
-        for (j, &pj) in p.iter().enumerate() {
-            if pj != 0.0 {
-                let vj = &v[(b * d.k_len + j) * w + h * d.head_dim..][..d.head_dim];
-                for (a, &x) in acc.iter_mut().zip(vj) {
-                    *a += pj * x as f64;
-                }
-            }
-        }
-        for (o, &a) in out[i * d.head_dim..(i + 1) * d.head_dim]
-            .iter_mut()
-            .zip(&acc)
-        {
-            *o = a as f32;
+    let mut s = vec![0.0f32; d.q_len * d.k_len];
+    for b in 0..d.batch {
+        for h in 0..d.heads {
+            scores(q, k, &d, b, h, scale, &mut s);
+            let bh = b * d.heads + h;
+            softmax_block(
+                &mut s,
+                mask,
+                &d,
+                b,
+                &mut lse[bh * d.q_len..(bh + 1) * d.q_len],
+            );
+            apply_dropout(&mut s, drop, &d, b, h);
+            sgemm_strided(
+                d.q_len,
+                d.k_len,
+                d.head_dim,
+                1.0,
+                &s,
+                [d.k_len, 1],
+                &v[head_at(&d, b * d.k_len, h)..],
+                [w, 1],
+                0.0,
+                &mut out[head_at(&d, b * d.q_len, h)..],
+                [w, 1],
+            );
         }
     }
-    (out, lse)
 }
 
 /// Backward: dq, dk, dv are assigned (fully overwritten).
@@ -217,65 +203,166 @@ pub fn attention_bwd(
     dv: &mut [f32],
 ) {
     let w = d.width();
-    dq.iter_mut().for_each(|x| *x = 0.0);
-    let mut dk64 = vec![0.0f64; dk.len()];
-    let mut dv64 = vec![0.0f64; dv.len()];
-    let mut p = vec![0.0f64; d.k_len];
+    let (lq, lk, hd) = (d.q_len, d.k_len, d.head_dim);
+    let mut p = vec![0.0f32; lq * lk];
+    let mut dp = vec![0.0f32; lq * lk];
     for b in 0..d.batch {
         for h in 0..d.heads {
-            for i in 0..d.q_len {
-                let row = (b * d.q_len + i) * w + h * d.head_dim;
-                let qi = &q[row..][..d.head_dim];
-                let doi = &dout[row..][..d.head_dim];
-                let oi = &out[row..][..d.head_dim];
-                let l = lse[(b * d.heads + h) * d.q_len + i] as f64;
-                let masked_row = l == f64::INFINITY;
-                for (j, pj) in p.iter_mut().enumerate() {
-                    *pj = if masked_row {
-                        1.0 / d.k_len as f64
-                    } else if mask.visible(b, i, j, d.k_len) {
-                        let kj = &k[(b * d.k_len + j) * w + h * d.head_dim..][..d.head_dim];
-                        let s: f64 = qi.iter().zip(kj).map(|(&a, &c)| a as f64 * c as f64).sum();
-                        (s * scale as f64 - l).exp()
+            let bh = b * d.heads + h;
+            let row_lse = &lse[bh * lq..(bh + 1) * lq];
+            // Recompute P from the saved lse.
+            scores(q, k, &d, b, h, scale, &mut p);
+            for (i, row) in p.chunks_exact_mut(lk).enumerate() {
+                let l = row_lse[i];
+                for (j, x) in row.iter_mut().enumerate() {
+                    *x = if l == f32::INFINITY {
+                        1.0 / lk as f32
+                    } else if mask.visible(b, i, j, lk) {
+                        (*x - l).exp()
                     } else {
                         0.0
                     };
                 }
-                // With dropout factors m_ij, O_i = Σ_j m_ij p_ij V_j, so dV_j += m_ij p_ij dO_i and
-                // dS_ij = p_ij (m_ij dO_i·V_j − D_i) with D_i = dO_i · O_i as without dropout.
-                // D_i = dO_i · O_i  (= Σ_j p_ij dP_ij)
-                let di: f64 = doi.iter().zip(oi).map(|(&a, &c)| a as f64 * c as f64).sum();
-                for (j, &pj) in p.iter().enumerate() {
-                    if pj == 0.0 {
-                        continue;
-                    }
-                    let kv = (b * d.k_len + j) * w + h * d.head_dim;
-                    let m = AttnDropout::factor(drop, &d, b, h, i, j);
-                    // dV_j += m_ij p_ij dO_i
-                    for c in 0..d.head_dim {
-                        dv64[kv + c] += m * pj * doi[c] as f64;
-                    }
-                    if masked_row {
-                        continue; // the scores of a fully masked row are constants
-                    }
-                    let dp: f64 = doi
-                        .iter()
-                        .zip(&v[kv..kv + d.head_dim])
-                        .map(|(&a, &c)| a as f64 * c as f64)
-                        .sum();
-                    let ds = pj * (m * dp - di) * scale as f64;
-                    for c in 0..d.head_dim {
-                        dq[row + c] += (ds * k[kv + c] as f64) as f32;
-                        dk64[kv + c] += ds * qi[c] as f64;
-                    }
+            }
+            // dP = dO V_hᵀ  (before dropout: dP_ij here is dO_i · V_j).
+            let (qo, ko) = (head_at(&d, b * lq, h), head_at(&d, b * lk, h));
+            sgemm_strided(
+                lq,
+                hd,
+                lk,
+                1.0,
+                &dout[qo..],
+                [w, 1],
+                &v[ko..],
+                [1, w],
+                0.0,
+                &mut dp,
+                [lk, 1],
+            );
+            // With dropout factors m: O = (P ⊙ m) V, so dV = (P ⊙ m)ᵀ dO and
+            // dS = P ⊙ (m ⊙ dP − D) · scale with D_i = dO_i · O_i.
+            for i in 0..lq {
+                let di: f64 = dout[qo + i * w..qo + i * w + hd]
+                    .iter()
+                    .zip(&out[qo + i * w..qo + i * w + hd])
+                    .map(|(&a, &c)| a as f64 * c as f64)
+                    .sum();
+                let masked_row = row_lse[i] == f32::INFINITY;
+                for j in 0..lk {
+                    let m = AttnDropout::factor_of(drop, &d, b, h, i, j) as f32;
+                    let pij = p[i * lk + j];
+                    dp[i * lk + j] = if masked_row {
+                        0.0 // the scores of a fully masked row are constants
+                    } else {
+                        pij * (m * dp[i * lk + j] - di as f32) * scale
+                    };
+                    p[i * lk + j] = pij * m;
                 }
             }
+            // dV_h = (P ⊙ m)ᵀ dO_h ; dQ_h = dS K_h ; dK_h = dSᵀ Q_h (each (b, h) view is disjoint).
+            sgemm_strided(
+                lk,
+                lq,
+                hd,
+                1.0,
+                &p,
+                [1, lk],
+                &dout[qo..],
+                [w, 1],
+                0.0,
+                &mut dv[ko..],
+                [w, 1],
+            );
+            sgemm_strided(
+                lq,
+                lk,
+                hd,
+                1.0,
+                &dp,
+                [lk, 1],
+                &k[ko..],
+                [w, 1],
+                0.0,
+                &mut dq[qo..],
+                [w, 1],
+            );
+            sgemm_strided(
+                lk,
+                lq,
+                hd,
+                1.0,
+                &dp,
+                [1, lk],
+                &q[qo..],
+                [w, 1],
+                0.0,
+                &mut dk[ko..],
+                [w, 1],
+            );
         }
     }
-    for (o, a) in dk.iter_mut().zip(dk64) {
-        *o = a as f32;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::attention_ref::{attention_bwd_ref, attention_fwd_ref};
+    use super::*;
+
+    fn data(n: usize, seed: u64) -> Vec<f32> {
+        (0..n)
+            .map(|i| hash_unit(seed, 0, i as u64) * 2.0 - 1.0)
+            .collect()
     }
-    for (o, a) in dv.iter_mut().zip(dv64) {
-        *o = a as f32;
+
+    #[test]
+    fn gemm_attention_matches_the_scalar_oracle() {
+        for (drop, lq, lk) in [
+            (None, 5, 5),
+            (
+                Some(AttnDropout {
+                    p: 0.2,
+                    seed: 3,
+                    stream: 1,
+                }),
+                4,
+                6,
+            ),
+        ] {
+            let d = AttnDims {
+                batch: 2,
+                q_len: lq,
+                k_len: lk,
+                heads: 3,
+                head_dim: 4,
+            };
+            let w = d.width();
+            let (q, k, v) = (
+                data(2 * lq * w, 1),
+                data(2 * lk * w, 2),
+                data(2 * lk * w, 3),
+            );
+            // Example 1 has its last keys padded; example 0 row visibility is full.
+            let mut m = vec![1u8; 2 * lk];
+            m[2 * lk - 1] = 0;
+            m[2 * lk - 2] = 0;
+            let mask = AttnMask::KeyPadding(&m);
+            let (mut o1, mut o2) = (vec![0.0; 2 * lq * w], vec![0.0; 2 * lq * w]);
+            let (mut l1, mut l2) = (vec![0.0; 2 * 3 * lq], vec![0.0; 2 * 3 * lq]);
+            attention_fwd(&q, &k, &v, mask, d, 0.5, drop, &mut o1, &mut l1);
+            attention_fwd_ref(&q, &k, &v, mask, d, 0.5, drop, &mut o2, &mut l2);
+            for (a, b) in o1.iter().zip(&o2).chain(l1.iter().zip(&l2)) {
+                assert!((a - b).abs() < 1e-5, "forward {a} vs {b}");
+            }
+            let dout = data(2 * lq * w, 4);
+            let mut g1 = [vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]];
+            let mut g2 = g1.clone();
+            let [a1, b1, c1] = &mut g1;
+            attention_bwd(&q, &k, &v, &o1, &l1, &dout, mask, d, 0.5, drop, a1, b1, c1);
+            let [a2, b2, c2] = &mut g2;
+            attention_bwd_ref(&q, &k, &v, &o2, &l2, &dout, mask, d, 0.5, drop, a2, b2, c2);
+            for (x, y) in g1.iter().flatten().zip(g2.iter().flatten()) {
+                assert!((x - y).abs() < 1e-5, "backward {x} vs {y}");
+            }
+        }
     }
 }

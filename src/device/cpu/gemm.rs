@@ -63,6 +63,60 @@ pub fn sgemm(
     }
 }
 
+/// C = alpha · A B + beta · C on strided views: `[row stride, col stride]` in elements for each
+/// operand (A is m×k, B is k×n, C is m×n). Used for per-head blocks inside [B, L, H*D] buffers.
+/// Panics if a view reaches past its slice (a bug in the caller, not a user error).
+pub fn sgemm_strided(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: &[f32],
+    sa: [usize; 2],
+    b: &[f32],
+    sb: [usize; 2],
+    beta: f32,
+    c: &mut [f32],
+    sc: [usize; 2],
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |r: usize, cc: usize, s: [usize; 2]| (r.max(1) - 1) * s[0] + (cc.max(1) - 1) * s[1];
+    assert!(
+        k == 0 || last(m, k, sa) < a.len(),
+        "sgemm_strided: A view out of bounds"
+    );
+    assert!(
+        k == 0 || last(k, n, sb) < b.len(),
+        "sgemm_strided: B view out of bounds"
+    );
+    assert!(
+        last(m, n, sc) < c.len(),
+        "sgemm_strided: C view out of bounds"
+    );
+    // SAFETY: the asserts above keep every addressed element inside its slice; C is a distinct
+    // mutable borrow, so it does not alias A or B.
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            sa[0] as isize,
+            sa[1] as isize,
+            b.as_ptr(),
+            sb[0] as isize,
+            sb[1] as isize,
+            beta,
+            c.as_mut_ptr(),
+            sc[0] as isize,
+            sc[1] as isize,
+        );
+    }
+}
+
 /// The readable reference of [`sgemm`], with f64 accumulation.
 pub fn sgemm_reference(
     ta: Trans,

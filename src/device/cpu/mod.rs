@@ -3,6 +3,7 @@
 //! crate. Parameter gradients accumulate (`+=`), activation gradients are assigned (`=`).
 
 pub mod attention;
+pub mod attention_ref;
 pub mod elementwise;
 pub mod embedding;
 pub mod gemm;
