@@ -363,3 +363,44 @@ fn bad_inputs_give_one_line_errors() {
         &["--weights"],
     );
 }
+
+#[test]
+fn convert_bin_layout_to_safetensors_keeps_outputs() {
+    let d = tmpdir("convert");
+    let out_dir = d.join("converted");
+    let src = fixture("tiny-bge-m3-layout");
+    let out = run(&[
+        "convert",
+        "--model",
+        src.to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for f in [
+        "model.safetensors",
+        "config.json",
+        "colbert_linear.pt",
+        "sparse_linear.pt",
+        "tokenizer.json",
+    ] {
+        assert!(out_dir.join(f).is_file(), "{f} missing");
+    }
+    let texts = ["The quick brown fox", "Москва — столица России", ""];
+    let opts = retrom3::EncodeOptions::all();
+    let a = retrom3::M3Model::load(&src, retrom3::Device::Cpu)
+        .unwrap()
+        .encode(&texts, &opts)
+        .unwrap();
+    let b = retrom3::M3Model::load(&out_dir, retrom3::Device::Cpu)
+        .unwrap()
+        .encode(&texts, &opts)
+        .unwrap();
+    assert_eq!(a.dense, b.dense);
+    assert_eq!(a.sparse, b.sparse);
+    assert_eq!(a.colbert, b.colbert);
+}

@@ -1,6 +1,7 @@
 //! Subcommand definitions (clap) and dispatch.
 
 mod bench;
+mod convert;
 mod encode;
 mod output;
 
@@ -21,6 +22,8 @@ pub enum Command {
     Encode(encode::EncodeArgs),
     /// Score (query, passage) pairs with all three heads and their fusions.
     Score(encode::ScoreArgs),
+    /// Rewrite a model directory as model.safetensors + config.json + .pt heads + tokenizer files.
+    Convert(convert::ConvertArgs),
     /// Benchmarks (throughput printed as JSON lines).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -31,6 +34,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Encode(a) => encode::encode(a),
         Command::Score(a) => encode::score(a),
+        Command::Convert(a) => convert::convert(a),
         Command::Bench(c) => bench::run(c),
     }
 }

@@ -10,6 +10,8 @@ use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::model_dir::{self, M3Heads};
 use crate::ops;
+use crate::tensor::Tensor;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 /// The normalisation eps of the dense and ColBERT heads (PyTorch F.normalize default).
@@ -38,6 +40,9 @@ pub struct M3Model {
     pub dir: PathBuf,
     /// Token ids the sparse head drops (cls, eos, pad, unk).
     pub special_ids: Vec<u32>,
+    /// Checkpoint tensors the encoder does not use but a faithful copy keeps (`pooler.*`), written
+    /// back by [`M3Model::save`] so transformers finds the pooler it expects.
+    pub extra_tensors: BTreeMap<String, Tensor>,
 }
 
 impl M3Model {
@@ -66,6 +71,11 @@ impl M3Model {
         let config = EncoderConfig::from_file(dir.join("config.json"))?;
         let (map, path) = model_dir::read_backbone(dir)?;
         let encoder = Encoder::from_tensors(config, &map, &path)?;
+        let extra_tensors = map
+            .iter()
+            .filter(|(k, _)| k.starts_with("pooler."))
+            .map(|(k, v)| (k.clone(), v.to_f32()))
+            .collect();
         let heads = model_dir::read_heads(dir, encoder.config.hidden_size)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         if tokenizer.vocab_size() > encoder.config.vocab_size {
@@ -94,6 +104,7 @@ impl M3Model {
             device,
             dir: dir.to_path_buf(),
             special_ids,
+            extra_tensors,
         })
     }
 
@@ -112,7 +123,13 @@ impl M3Model {
     pub fn save(&self, out: impl AsRef<Path>) -> Result<()> {
         let out = out.as_ref();
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-        model_dir::write_backbone(out, &self.encoder.params.to_map())?;
+        let mut tensors = self.encoder.params.to_map();
+        tensors.extend(
+            self.extra_tensors
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        model_dir::write_backbone(out, &tensors)?;
         let cfg = serde_json::to_string_pretty(&self.encoder.config.to_hf_json())
             .map_err(|e| Error::invalid(format!("config serialisation: {e}")))?;
         crate::io::write_atomic(&out.join("config.json"), |w| {
