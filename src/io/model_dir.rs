@@ -126,7 +126,10 @@ pub fn read_heads(dir: &Path, hidden: usize) -> Result<Option<M3Heads>> {
     let what = |p: &Path, k: &str| format!("{} {k}", p.display());
     let d = match colbert_weight.dims() {
         &[d, h] if h == hidden => d,
-        got => return Err(Error::shape(what(&colbert, "weight"), &[0, hidden], got)),
+        got => {
+            let w = format!("{} ([d, hidden], any d; 0 shown)", what(&colbert, "weight"));
+            return Err(Error::shape(w, &[0, hidden], got));
+        }
     };
     colbert_bias.expect_dims(&what(&colbert, "bias"), &[d])?;
     sparse_weight.expect_dims(&what(&sparse, "weight"), &[1, hidden])?;
@@ -153,8 +156,10 @@ fn read_linear(path: &Path) -> Result<(Tensor, Tensor)> {
     Ok((take("weight")?, take("bias")?))
 }
 
-/// Write the heads to `colbert_linear.pt` and `sparse_linear.pt` in f32 (each `{weight, bias}`).
+/// Write the heads to `colbert_linear.pt` and `sparse_linear.pt` in f32 (each `{weight, bias}`),
+/// creating `dir` if needed.
 pub fn write_heads(dir: &Path, heads: &M3Heads) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let linear = |w: &Tensor, b: &Tensor| {
         BTreeMap::from([
             ("weight".to_string(), w.to_f32()),
@@ -171,8 +176,10 @@ pub fn write_heads(dir: &Path, heads: &M3Heads) -> Result<()> {
     )
 }
 
-/// Write the backbone to `dir/model.safetensors` (metadata `{"format": "pt"}`).
+/// Write the backbone to `dir/model.safetensors` (metadata `{"format": "pt"}`), creating `dir` if
+/// needed.
 pub fn write_backbone(dir: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     write_safetensors(&dir.join(BACKBONE_FILES[0]), tensors, None)
 }
 

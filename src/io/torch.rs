@@ -294,3 +294,63 @@ pub fn write_torch(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()
         Ok(())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::pickle::StorageRef;
+
+    fn view(offset: u64, size: &[u64], stride: &[u64]) -> TensorRef {
+        TensorRef {
+            storage: StorageRef {
+                storage_type: "torch.FloatStorage".into(),
+                key: "0".into(),
+                location: "cpu".into(),
+                numel: 6,
+            },
+            offset,
+            size: size.to_vec(),
+            stride: stride.to_vec(),
+        }
+    }
+
+    fn data() -> Vec<u8> {
+        (0..6).flat_map(|i| (i as f32).to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn views_are_bounds_checked() {
+        let d = data();
+        let ok = |v: TensorRef| materialize(&v, &d).map(|t| t.f32s().unwrap().to_vec());
+        assert_eq!(
+            ok(view(0, &[2, 3], &[3, 1])).unwrap(),
+            [0., 1., 2., 3., 4., 5.]
+        );
+        assert_eq!(
+            ok(view(0, &[3, 2], &[1, 3])).unwrap(),
+            [0., 3., 1., 4., 2., 5.]
+        );
+        // A size-1 dimension may carry any stride, even one that would overflow if applied.
+        assert_eq!(ok(view(5, &[1, 1], &[u64::MAX, u64::MAX])).unwrap(), [5.]);
+        assert_eq!(
+            ok(view(2, &[2, 1, 2], &[2, u64::MAX, 1])).unwrap(),
+            [2., 3., 4., 5.]
+        );
+        // Zero elements: no bounds to check, offset irrelevant.
+        assert!(ok(view(99, &[0, 4], &[4, 1])).unwrap().is_empty());
+        // Past the end, by offset, by stride, and by overflow.
+        assert!(ok(view(1, &[2, 3], &[3, 1])).is_err());
+        assert!(ok(view(0, &[2, 3], &[4, 1])).is_err());
+        assert!(ok(view(0, &[2, 2], &[u64::MAX, 1])).is_err());
+        assert!(ok(view(u64::MAX, &[1], &[1])).is_err());
+        assert!(ok(view(0, &[u64::MAX, u64::MAX], &[0, 0])).is_err());
+        // A large expanded view of a tiny storage is refused instead of allocated.
+        assert!(ok(view(0, &[1 << 20, 1 << 20], &[0, 0]))
+            .unwrap_err()
+            .contains("expanded"));
+        // The storage record must hold what the storage declares.
+        let mut v = view(0, &[2], &[1]);
+        v.storage.numel = 7;
+        assert!(ok(v).unwrap_err().contains("declares"));
+    }
+}
