@@ -7,6 +7,7 @@
 #![allow(clippy::too_many_arguments)]
 
 pub mod autograd;
+pub mod capi;
 pub mod data;
 pub mod device;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod io;
 pub mod model;
 pub mod ops;
 pub mod tensor;
+pub mod train;
 
 pub use device::Device;
 pub use error::{Error, Result};

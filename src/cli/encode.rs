@@ -1,6 +1,6 @@
 //! `retrom3 encode` and `retrom3 score`.
 
-use super::output::{progress, AtomicWriter};
+use super::output::{progress, write_jsonl};
 use clap::Args;
 use retrom3::data::jsonl::{read_pairs, read_texts};
 use retrom3::{Device, EncodeOptions, Error, M3Model, Pooling, Result, ScoreOptions};
@@ -94,8 +94,7 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
     let pb = progress(refs.len(), "encode");
     let out = model.encode_with_progress(&refs, &opts, &mut |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
-    let mut w = AtomicWriter::create(&a.output)?;
-    for i in 0..texts.len() {
+    let rows = (0..texts.len()).map(|i| {
         let mut obj = Map::new();
         if let Some(d) = &out.dense {
             obj.insert("dense".into(), json!(d[i]));
@@ -110,9 +109,9 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
         if let Some(c) = &out.colbert {
             obj.insert("colbert".into(), json!(c[i]));
         }
-        w.write_line(&Value::Object(obj).to_string())?;
-    }
-    w.commit()
+        Value::Object(obj)
+    });
+    write_jsonl(&a.output, rows)
 }
 
 fn parse_weights(s: &str) -> Result<[f32; 3]> {
@@ -146,16 +145,14 @@ pub fn score(a: ScoreArgs) -> Result<()> {
     let pb = progress(2 * refs.len(), "score");
     let scores = model.compute_score_with_progress(&refs, &opts, &mut |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
-    let mut w = AtomicWriter::create(&a.output)?;
-    for s in scores {
-        let obj = json!({
+    let rows = scores.into_iter().map(|s| {
+        json!({
             "dense": s.dense,
             "sparse": s.sparse,
             "colbert": s.colbert,
             "sparse+dense": s.sparse_dense,
             "colbert+sparse+dense": s.colbert_sparse_dense,
-        });
-        w.write_line(&obj.to_string())?;
-    }
-    w.commit()
+        })
+    });
+    write_jsonl(&a.output, rows)
 }

@@ -2,58 +2,20 @@
 //! progress bar.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use retrom3::{Error, Result};
-use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::{Path, PathBuf};
+use retrom3::Result;
+use serde_json::Value;
+use std::io::Write;
+use std::path::Path;
 
-/// A file that appears at its path only when `commit` succeeds.
-pub struct AtomicWriter {
-    tmp: PathBuf,
-    path: PathBuf,
-    out: Option<BufWriter<File>>,
-}
-
-impl AtomicWriter {
-    pub fn create(path: &Path) -> Result<AtomicWriter> {
-        let name = path.file_name().ok_or_else(|| {
-            Error::invalid(format!("output path {} has no file name", path.display()))
-        })?;
-        let mut tmp_name = std::ffi::OsString::from(".");
-        tmp_name.push(name);
-        tmp_name.push(format!(".tmp{}", std::process::id()));
-        let tmp = path.with_file_name(tmp_name);
-        let f = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-        Ok(AtomicWriter {
-            tmp,
-            path: path.to_path_buf(),
-            out: Some(BufWriter::new(f)),
-        })
-    }
-
-    pub fn write_line(&mut self, line: &str) -> Result<()> {
-        let out = self.out.as_mut().expect("writer open until commit");
-        out.write_all(line.as_bytes())
-            .and_then(|_| out.write_all(b"\n"))
-            .map_err(|e| Error::io(&self.tmp, e))
-    }
-
-    pub fn commit(mut self) -> Result<()> {
-        let out = self.out.take().expect("writer open until commit");
-        let f = out
-            .into_inner()
-            .map_err(|e| Error::io(&self.tmp, e.into_error()))?;
-        f.sync_all().map_err(|e| Error::io(&self.tmp, e))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| Error::io(&self.path, e))
-    }
-}
-
-impl Drop for AtomicWriter {
-    fn drop(&mut self) {
-        if self.out.is_some() {
-            let _ = std::fs::remove_file(&self.tmp);
+/// Write JSONL rows to `path` atomically (temp file + rename: no partial output on error).
+pub fn write_jsonl(path: &Path, rows: impl Iterator<Item = Value>) -> Result<()> {
+    retrom3::io::write_atomic(path, |w| {
+        for row in rows {
+            serde_json::to_writer(&mut *w, &row)?;
+            w.write_all(b"\n")?;
         }
-    }
+        Ok(())
+    })
 }
 
 /// A progress bar on stderr, hidden for short inputs or when stderr is not a terminal.

@@ -84,7 +84,7 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Write `path` atomically: `write` fills a temporary file in the same directory, which is then
 /// flushed, `fsync`ed and renamed over `path`; the directory is `fsync`ed too (best effort).
 /// On any error the temporary file is removed and `path` is left untouched.
-pub(crate) fn write_atomic(
+pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<()> {

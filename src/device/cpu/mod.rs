@@ -2,6 +2,7 @@
 //! side (llm.c's `train_gpt2.c` role). Written to be obviously right; only the GEMM uses a tuned
 //! crate. Parameter gradients accumulate (`+=`), activation gradients are assigned (`=`).
 
+pub mod adamw;
 pub mod attention;
 pub mod attention_ref;
 pub mod elementwise;

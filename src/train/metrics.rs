@@ -1,0 +1,168 @@
+//! Training metrics: one JSON object per line (appended and flushed every step, so a crash keeps
+//! what was logged), and an SVG plot of chosen series against the step, rewritten beside it.
+
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// An append-only metrics file.
+pub struct MetricsLog {
+    path: PathBuf,
+    file: File,
+    rows: Vec<Value>,
+}
+
+impl MetricsLog {
+    /// Open (append) `path`; rows already there (a resumed run) are kept for the plot.
+    pub fn open(path: &Path) -> Result<MetricsLog> {
+        let rows = match std::fs::read_to_string(path) {
+            Ok(s) => s
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(MetricsLog {
+            path: path.to_path_buf(),
+            file,
+            rows,
+        })
+    }
+
+    /// Append one row.
+    pub fn log(&mut self, row: Value) -> Result<()> {
+        writeln!(self.file, "{row}").map_err(|e| Error::io(&self.path, e))?;
+        self.file.flush().map_err(|e| Error::io(&self.path, e))?;
+        self.rows.push(row);
+        Ok(())
+    }
+
+    /// Rows logged so far (including those of a resumed run).
+    pub fn rows(&self) -> &[Value] {
+        &self.rows
+    }
+
+    /// Write an SVG line plot of `keys` against "step" to `svg` (atomically).
+    pub fn write_svg(&self, svg: &Path, title: &str, keys: &[&str]) -> Result<()> {
+        let doc = plot_svg(&self.rows, title, keys);
+        crate::io::write_atomic(svg, |w| w.write_all(doc.as_bytes()))
+    }
+}
+
+/// A self-contained SVG (no scripts, no external fonts) with one polyline per key.
+pub fn plot_svg(rows: &[Value], title: &str, keys: &[&str]) -> String {
+    const W: f64 = 720.0;
+    const H: f64 = 400.0;
+    const PAD: f64 = 50.0;
+    const COLORS: [&str; 6] = [
+        "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b",
+    ];
+    let series: Vec<Vec<(f64, f64)>> = keys
+        .iter()
+        .map(|k| {
+            rows.iter()
+                .filter_map(|r| Some((r.get("step")?.as_f64()?, r.get(*k)?.as_f64()?)))
+                .filter(|(_, y)| y.is_finite())
+                .collect()
+        })
+        .collect();
+    let all = series.iter().flatten();
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 == x0 {
+        x1 = x0 + 1.0;
+    }
+    if y1 == y0 {
+        y1 = y0 + 1.0;
+    }
+    let sx = |x: f64| PAD + (x - x0) / (x1 - x0) * (W - 2.0 * PAD);
+    let sy = |y: f64| H - PAD - (y - y0) / (y1 - y0) * (H - 2.0 * PAD);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
+        W / 2.0,
+        escape(title)
+    );
+    let _ = writeln!(
+        s,
+        r#"<path d="M{PAD},{PAD} V{} H{}" stroke="black" fill="none"/>"#,
+        H - PAD,
+        W - PAD
+    );
+    for (v, y) in [
+        (y0, sy(y0)),
+        (y1, sy(y1)),
+        ((y0 + y1) / 2.0, sy((y0 + y1) / 2.0)),
+    ] {
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{v:.4}</text>"#,
+            PAD - 4.0,
+            y + 4.0
+        );
+    }
+    for (v, x) in [(x0, sx(x0)), (x1, sx(x1))] {
+        let _ = writeln!(
+            s,
+            r#"<text x="{x}" y="{}" text-anchor="middle">{v}</text>"#,
+            H - PAD + 16.0
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">step</text>"#,
+        W / 2.0,
+        H - 10.0
+    );
+    for (i, (k, pts)) in keys.iter().zip(&series).enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let d: Vec<String> = pts
+            .iter()
+            .map(|&(x, y)| format!("{:.1},{:.1}", sx(x), sy(y)))
+            .collect();
+        if !d.is_empty() {
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" stroke="{color}" fill="none" stroke-width="1.5"/>"#,
+                d.join(" ")
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" fill="{color}">{}</text>"#,
+            W - PAD - 150.0,
+            PAD + 16.0 * i as f64,
+            escape(k)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
