@@ -12,8 +12,8 @@ pub fn linear_warmup_decay(step: u64, total: u64, warmup: u64) -> f32 {
 }
 
 /// Warm-up steps for a ratio of the total (HF: ceil(ratio · total)).
-pub fn warmup_steps(total: u64, ratio: f32) -> u64 {
-    (ratio as f64 * total as f64).ceil() as u64
+pub fn warmup_steps(total: u64, ratio: f64) -> u64 {
+    (ratio * total as f64).ceil() as u64
 }
 
 #[cfg(test)]
