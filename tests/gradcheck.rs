@@ -108,6 +108,27 @@ fn attention_backward_with_padding() {
 }
 
 #[test]
+fn two_stream_attention_backward() {
+    let mut rng = Rng::new(15);
+    let (b, l, h, d) = (2, 6, 2, 3);
+    let ins = [
+        rng.tensor(&[b, l, h * d], 1.0),
+        rng.tensor(&[b, l, h * d], 1.0),
+        rng.tensor(&[b, l, h * d], 1.0),
+    ];
+    let mask = AttentionMask::TwoStream {
+        key_mask: Arc::from(vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0]),
+        words: Arc::from(vec![0, 1, 1, 2, 3, 4, 0, 1, 2, 2, 3, 3]),
+        p: 0.5,
+        seed: 3,
+    };
+    let e = grad_check("attention_two_stream", &ins, 1e-2, |t, v| {
+        ops::attention(t, &v[0], &v[1], &v[2], &mask, h, 0.5, None)
+    });
+    assert!(e < TOL, "two-stream attention {e}");
+}
+
+#[test]
 fn embedding_normalize_select_mean_backward() {
     let mut rng = Rng::new(6);
     let table = [rng.tensor(&[6, 4], 1.0)];
@@ -142,6 +163,11 @@ fn embedding_normalize_select_mean_backward() {
         ops::masked_mean(t, &v[0], &[1, 1, 0, 1, 0, 0])
     });
     assert!(e < TOL, "masked_mean {e}");
+    let xv = [rng.tensor(&[3, 6], 1.0), rng.tensor(&[2, 6], 1.0)];
+    let e = grad_check("replace_rows", &xv, 1e-2, |t, v| {
+        ops::replace_rows(t, &v[0], &[2, 0], &v[1])
+    });
+    assert!(e < TOL, "replace_rows {e}");
     let f: Arc<[f32]> = Arc::from(vec![1.0, 0.0, 2.5, -1.0, 0.5, 3.0]);
     let e = grad_check("mul_rows", &x3, 1e-2, |t, v| {
         ops::mul_rows(t, &v[0], f.clone())

@@ -4,6 +4,7 @@ mod bench;
 mod convert;
 mod encode;
 mod output;
+mod pretrain;
 
 use clap::{Parser, Subcommand};
 use retrom3::Result;
@@ -24,6 +25,8 @@ pub enum Command {
     Score(encode::ScoreArgs),
     /// Rewrite a model directory as model.safetensors + config.json + .pt heads + tokenizer files.
     Convert(convert::ConvertArgs),
+    /// RetroMAE pre-training (enhanced two-stream decoder).
+    Pretrain(pretrain::PretrainArgs),
     /// Benchmarks (throughput printed as JSON lines).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -35,6 +38,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Encode(a) => encode::encode(a),
         Command::Score(a) => encode::score(a),
         Command::Convert(a) => convert::convert(a),
+        Command::Pretrain(a) => pretrain::run(a),
         Command::Bench(c) => bench::run(c),
     }
 }

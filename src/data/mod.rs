@@ -2,6 +2,8 @@
 //! readers of training and inference inputs.
 
 pub mod jsonl;
+pub mod masking;
+pub mod rng;
 pub mod tokenizer;
 
 pub use jsonl::{read_jsonl, read_pairs, read_texts, QueryPassage};

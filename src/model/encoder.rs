@@ -52,17 +52,6 @@ pub struct DropoutCfg {
     pub seed: u64,
 }
 
-struct LayerIdx {
-    q_w: usize,
-    k_w: usize,
-    v_w: usize,
-    o_w: usize,
-    ln1: usize,
-    i_w: usize,
-    out_w: usize,
-    ln2: usize,
-}
-
 /// The encoder: config + parameters.
 #[derive(Clone, Debug)]
 pub struct Encoder {
@@ -70,52 +59,139 @@ pub struct Encoder {
     pub params: ParamSet,
 }
 
-/// Parameter specs of an encoder, in HF state-dict order.
+/// Number of tensors of one transformer layer, in the order of [`layer_param_specs`].
+pub const LAYER_TENSORS: usize = 16;
+/// Number of embedding tensors before the first layer.
+pub const EMBEDDING_TENSORS: usize = 5;
+
+/// Specs of one BERT layer under `prefix` (e.g. "encoder.layer.3." or "c_head."), in the order
+/// [`bert_layer`] reads them: Q, K, V, attention output dense + LayerNorm, intermediate, output
+/// dense + LayerNorm (weight then bias each).
+pub fn layer_param_specs(prefix: &str, c: &EncoderConfig) -> Vec<ParamSpec> {
+    let (h, f) = (c.hidden_size, c.intermediate_size);
+    let mut v = Vec::with_capacity(LAYER_TENSORS);
+    let mut push = |name: &str, dims: Vec<usize>| {
+        v.push(ParamSpec {
+            name: format!("{prefix}{name}"),
+            dims,
+        })
+    };
+    for m in ["query", "key", "value"] {
+        push(&format!("attention.self.{m}.weight"), vec![h, h]);
+        push(&format!("attention.self.{m}.bias"), vec![h]);
+    }
+    push("attention.output.dense.weight", vec![h, h]);
+    push("attention.output.dense.bias", vec![h]);
+    push("attention.output.LayerNorm.weight", vec![h]);
+    push("attention.output.LayerNorm.bias", vec![h]);
+    push("intermediate.dense.weight", vec![f, h]);
+    push("intermediate.dense.bias", vec![f]);
+    push("output.dense.weight", vec![h, f]);
+    push("output.dense.bias", vec![h]);
+    push("output.LayerNorm.weight", vec![h]);
+    push("output.LayerNorm.bias", vec![h]);
+    v
+}
+
+/// Parameter specs of an encoder, in HF state-dict order: the 5 embedding tensors, then
+/// [`LAYER_TENSORS`] per layer.
 pub fn encoder_param_specs(c: &EncoderConfig) -> Vec<ParamSpec> {
     let h = c.hidden_size;
-    let mut v = Vec::new();
-    let mut push = |name: String, dims: Vec<usize>| v.push(ParamSpec { name, dims });
-    push(
-        "embeddings.word_embeddings.weight".into(),
-        vec![c.vocab_size, h],
-    );
-    push(
-        "embeddings.position_embeddings.weight".into(),
-        vec![c.max_position_embeddings, h],
-    );
-    push(
-        "embeddings.token_type_embeddings.weight".into(),
-        vec![c.type_vocab_size, h],
-    );
-    push("embeddings.LayerNorm.weight".into(), vec![h]);
-    push("embeddings.LayerNorm.bias".into(), vec![h]);
+    let mut v = vec![
+        ParamSpec {
+            name: "embeddings.word_embeddings.weight".into(),
+            dims: vec![c.vocab_size, h],
+        },
+        ParamSpec {
+            name: "embeddings.position_embeddings.weight".into(),
+            dims: vec![c.max_position_embeddings, h],
+        },
+        ParamSpec {
+            name: "embeddings.token_type_embeddings.weight".into(),
+            dims: vec![c.type_vocab_size, h],
+        },
+        ParamSpec {
+            name: "embeddings.LayerNorm.weight".into(),
+            dims: vec![h],
+        },
+        ParamSpec {
+            name: "embeddings.LayerNorm.bias".into(),
+            dims: vec![h],
+        },
+    ];
     for i in 0..c.num_hidden_layers {
-        let p = format!("encoder.layer.{i}.");
-        for m in ["query", "key", "value"] {
-            push(format!("{p}attention.self.{m}.weight"), vec![h, h]);
-            push(format!("{p}attention.self.{m}.bias"), vec![h]);
-        }
-        push(format!("{p}attention.output.dense.weight"), vec![h, h]);
-        push(format!("{p}attention.output.dense.bias"), vec![h]);
-        push(format!("{p}attention.output.LayerNorm.weight"), vec![h]);
-        push(format!("{p}attention.output.LayerNorm.bias"), vec![h]);
-        push(
-            format!("{p}intermediate.dense.weight"),
-            vec![c.intermediate_size, h],
-        );
-        push(
-            format!("{p}intermediate.dense.bias"),
-            vec![c.intermediate_size],
-        );
-        push(
-            format!("{p}output.dense.weight"),
-            vec![h, c.intermediate_size],
-        );
-        push(format!("{p}output.dense.bias"), vec![h]);
-        push(format!("{p}output.LayerNorm.weight"), vec![h]);
-        push(format!("{p}output.LayerNorm.bias"), vec![h]);
+        v.extend(layer_param_specs(&format!("encoder.layer.{i}."), c));
     }
     v
+}
+
+/// Where a layer's dropout draws its randomness: hidden dropout after the attention output and
+/// after the FFN, attention-probability dropout, each on its own stream.
+#[derive(Clone, Copy, Debug)]
+pub struct LayerDropout {
+    pub hidden: f32,
+    pub attention: f32,
+    pub seed: u64,
+    /// First of the three streams this layer uses.
+    pub stream: u64,
+}
+
+/// One post-LN BERT layer with separate query and key/value inputs (the encoder passes the same
+/// tensor twice; the RetroMAE decoder passes its query stream and content stream):
+/// a = LN(q_in + Dropout(Attn(q_in Wq, kv_in Wk, kv_in Wv) Wo)); y = LN(a + Dropout(FFN(a))).
+/// `p` holds the layer's [`LAYER_TENSORS`] tensors in [`layer_param_specs`] order.
+pub fn bert_layer(
+    tape: &mut Tape,
+    c: &EncoderConfig,
+    p: &[Var],
+    q_in: &Var,
+    kv_in: &Var,
+    mask: &AttentionMask,
+    drop: Option<LayerDropout>,
+) -> Result<Var> {
+    if p.len() != LAYER_TENSORS {
+        return Err(Error::invalid(format!(
+            "a layer has {LAYER_TENSORS} tensors, got {}",
+            p.len()
+        )));
+    }
+    let q = ops::linear(tape, q_in, &p[0], Some(&p[1]))?;
+    let k = ops::linear(tape, kv_in, &p[2], Some(&p[3]))?;
+    let v = ops::linear(tape, kv_in, &p[4], Some(&p[5]))?;
+    let attn_drop = drop.and_then(|d| {
+        (d.attention > 0.0).then_some(AttnDropout {
+            p: d.attention,
+            seed: d.seed,
+            stream: d.stream,
+        })
+    });
+    let scale = 1.0 / (c.head_dim() as f32).sqrt();
+    let a = ops::attention(
+        tape,
+        &q,
+        &k,
+        &v,
+        mask,
+        c.num_attention_heads,
+        scale,
+        attn_drop,
+    )?;
+    let a = ops::linear(tape, &a, &p[6], Some(&p[7]))?;
+    let a = match drop {
+        Some(d) => ops::dropout(tape, &a, d.hidden, d.seed, d.stream + 1)?,
+        None => a,
+    };
+    let r = ops::add(tape, q_in, &a)?;
+    let x1 = ops::layernorm(tape, &r, &p[8], &p[9], c.layer_norm_eps)?;
+    let hmid = ops::linear(tape, &x1, &p[10], Some(&p[11]))?;
+    let hmid = ops::gelu(tape, &hmid)?;
+    let o = ops::linear(tape, &hmid, &p[12], Some(&p[13]))?;
+    let o = match drop {
+        Some(d) => ops::dropout(tape, &o, d.hidden, d.seed, d.stream + 2)?,
+        None => o,
+    };
+    let r2 = ops::add(tape, &x1, &o)?;
+    ops::layernorm(tape, &r2, &p[14], &p[15], c.layer_norm_eps)
 }
 
 impl Encoder {
@@ -186,25 +262,6 @@ impl Encoder {
         pos
     }
 
-    fn layer_idx(&self, i: usize) -> Result<LayerIdx> {
-        let p = format!("encoder.layer.{i}.");
-        let f = |n: &str| {
-            self.params
-                .index(&format!("{p}{n}"))
-                .ok_or_else(|| Error::invalid(format!("encoder parameter {p}{n} missing")))
-        };
-        Ok(LayerIdx {
-            q_w: f("attention.self.query.weight")?,
-            k_w: f("attention.self.key.weight")?,
-            v_w: f("attention.self.value.weight")?,
-            o_w: f("attention.output.dense.weight")?,
-            ln1: f("attention.output.LayerNorm.weight")?,
-            i_w: f("intermediate.dense.weight")?,
-            out_w: f("output.dense.weight")?,
-            ln2: f("output.LayerNorm.weight")?,
-        })
-    }
-
     /// Check ids and length against the config.
     pub fn check_input(&self, input: &EncoderInput) -> Result<()> {
         if input.ids.len() != input.batch * input.len || input.mask.len() != input.ids.len() {
@@ -263,7 +320,7 @@ impl Encoder {
         }
     }
 
-    /// One post-LN transformer layer.
+    /// Layer `i` (same tensor as query and key/value input).
     pub fn layer(
         &self,
         tape: &mut Tape,
@@ -273,46 +330,17 @@ impl Encoder {
         mask: &AttentionMask,
         drop: Option<DropoutCfg>,
     ) -> Result<Var> {
-        let c = &self.config;
-        let ix = self.layer_idx(i)?;
-        let q = ops::linear(tape, x, &p[ix.q_w], Some(&p[ix.q_w + 1]))?;
-        let k = ops::linear(tape, x, &p[ix.k_w], Some(&p[ix.k_w + 1]))?;
-        let v = ops::linear(tape, x, &p[ix.v_w], Some(&p[ix.v_w + 1]))?;
-        let stream = 1 + 4 * i as u64;
-        let attn_drop = drop.and_then(|d| {
-            (d.attention > 0.0).then_some(AttnDropout {
-                p: d.attention,
-                seed: d.seed,
-                stream,
-            })
+        let at = EMBEDDING_TENSORS + i * LAYER_TENSORS;
+        let lp = p
+            .get(at..at + LAYER_TENSORS)
+            .ok_or_else(|| Error::invalid(format!("encoder layer {i} parameters missing")))?;
+        let d = drop.map(|d| LayerDropout {
+            hidden: d.hidden,
+            attention: d.attention,
+            seed: d.seed,
+            stream: 1 + 4 * i as u64,
         });
-        let scale = 1.0 / (c.head_dim() as f32).sqrt();
-        let a = ops::attention(
-            tape,
-            &q,
-            &k,
-            &v,
-            mask,
-            c.num_attention_heads,
-            scale,
-            attn_drop,
-        )?;
-        let a = ops::linear(tape, &a, &p[ix.o_w], Some(&p[ix.o_w + 1]))?;
-        let a = match drop {
-            Some(d) => ops::dropout(tape, &a, d.hidden, d.seed, stream + 1)?,
-            None => a,
-        };
-        let r = ops::add(tape, x, &a)?;
-        let x1 = ops::layernorm(tape, &r, &p[ix.ln1], &p[ix.ln1 + 1], c.layer_norm_eps)?;
-        let hmid = ops::linear(tape, &x1, &p[ix.i_w], Some(&p[ix.i_w + 1]))?;
-        let hmid = ops::gelu(tape, &hmid)?;
-        let o = ops::linear(tape, &hmid, &p[ix.out_w], Some(&p[ix.out_w + 1]))?;
-        let o = match drop {
-            Some(d) => ops::dropout(tape, &o, d.hidden, d.seed, stream + 2)?,
-            None => o,
-        };
-        let r2 = ops::add(tape, &x1, &o)?;
-        ops::layernorm(tape, &r2, &p[ix.ln2], &p[ix.ln2 + 1], c.layer_norm_eps)
+        bert_layer(tape, &self.config, lp, x, x, mask, d)
     }
 
     /// Full forward: last_hidden_state [B, L, hidden]. `p` are this encoder's parameters bound to

@@ -2,8 +2,10 @@
 
 pub mod config;
 pub mod encoder;
+pub mod lm_head;
 pub mod m3;
 pub mod params;
+pub mod retromae;
 
 pub use encoder::{DropoutCfg, Encoder, EncoderInput};
 pub use params::{ParamSet, ParamSpec};

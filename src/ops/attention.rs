@@ -3,7 +3,7 @@
 use super::tensor;
 use crate::autograd::{Tape, Var};
 pub use crate::device::cpu::attention::AttnDropout;
-use crate::device::cpu::attention::{self as k, AttnDims, AttnMask};
+use crate::device::cpu::attention::{self as k, AttnDims, AttnMask, TwoStreamMask};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
@@ -12,22 +12,64 @@ use std::sync::Arc;
 pub enum AttentionMask {
     /// HF attention_mask [B, Lk]: 1 = real key, 0 = padding.
     KeyPadding(Arc<[u8]>),
+    /// The RetroMAE decoder mask generated from (seed, example, row, word): key padding [B, Lk],
+    /// word index per key [B, Lk], hide probability, seed (see `two_stream_visible`).
+    TwoStream {
+        key_mask: Arc<[u8]>,
+        words: Arc<[u32]>,
+        p: f32,
+        seed: u64,
+    },
+    /// An explicit visibility matrix [B, Lq, Lk] (CPU only; reference_compat).
+    Dense(Arc<[u8]>),
 }
 
 impl AttentionMask {
-    fn as_kernel(&self) -> AttnMask<'_> {
+    fn as_kernel(&self, q_len: usize) -> AttnMask<'_> {
         match self {
             AttentionMask::KeyPadding(m) => AttnMask::KeyPadding(m),
+            AttentionMask::TwoStream {
+                key_mask,
+                words,
+                p,
+                seed,
+            } => AttnMask::TwoStream(TwoStreamMask {
+                key_mask,
+                words,
+                p: *p,
+                seed: *seed,
+            }),
+            AttentionMask::Dense(v) => AttnMask::Dense { vis: v, q_len },
         }
     }
 
-    fn check(&self, batch: usize, k_len: usize) -> Result<()> {
+    fn check(&self, batch: usize, q_len: usize, k_len: usize) -> Result<()> {
+        let bad = |what: &str, want: &[usize], got: usize| Err(Error::shape(what, want, &[got]));
         match self {
-            AttentionMask::KeyPadding(m) if m.len() != batch * k_len => Err(Error::shape(
-                "attention key mask",
-                &[batch, k_len],
-                &[m.len()],
-            )),
+            AttentionMask::KeyPadding(m) if m.len() != batch * k_len => {
+                bad("attention key mask", &[batch, k_len], m.len())
+            }
+            AttentionMask::TwoStream {
+                key_mask, words, p, ..
+            } => {
+                if key_mask.len() != batch * k_len {
+                    return bad("two-stream key mask", &[batch, k_len], key_mask.len());
+                }
+                if words.len() != batch * k_len {
+                    return bad("two-stream word ids", &[batch, k_len], words.len());
+                }
+                if !(0.0..1.0).contains(p) {
+                    return Err(Error::invalid(format!(
+                        "two-stream mask probability {p} not in [0, 1)"
+                    )));
+                }
+                Ok(())
+            }
+            AttentionMask::Dense(v) if v.len() != batch * q_len * k_len => bad(
+                "attention visibility matrix",
+                &[batch, q_len, k_len],
+                v.len(),
+            ),
             _ => Ok(()),
         }
     }
@@ -59,7 +101,7 @@ pub fn attention(
             "attention: width {width} not divisible by {heads} heads"
         )));
     }
-    mask.check(batch, k_len)?;
+    mask.check(batch, q_len, k_len)?;
     let d = AttnDims {
         batch,
         q_len,
@@ -73,7 +115,7 @@ pub fn attention(
         q.value().f32s()?,
         k.value().f32s()?,
         v.value().f32s()?,
-        mask.as_kernel(),
+        mask.as_kernel(q_len),
         d,
         scale,
         dropout,
@@ -99,7 +141,7 @@ pub fn attention(
             ot.f32s()?,
             &lse,
             dout.f32s()?,
-            mask.as_kernel(),
+            mask.as_kernel(q_len),
             d,
             scale,
             dropout,

@@ -20,7 +20,7 @@ pub use linear::linear;
 pub use loss::{cross_entropy, soft_cross_entropy};
 pub use maxsim::maxsim;
 pub use normalize::l2_normalize;
-pub use rows::{dot_sum, masked_mean, mul_rows, reshape, select_rows};
+pub use rows::{dot_sum, masked_mean, mul_rows, replace_rows, reshape, select_rows};
 
 use crate::error::Result;
 use crate::tensor::Tensor;

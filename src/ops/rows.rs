@@ -131,3 +131,37 @@ pub fn dot_sum(tape: &mut Tape, x: &Var, r: &Tensor) -> Result<Var> {
         Ok(vec![Some(tensor(dx, &dims)?)])
     }))
 }
+
+/// x viewed as rows [R, C] with the listed rows replaced by `values` [len, C] (the RetroMAE
+/// content stream puts the sentence embedding into slot 0). Gradient: dx = dy with those rows
+/// zeroed; dvalues = dy at those rows.
+pub fn replace_rows(tape: &mut Tape, x: &Var, rows: &[usize], values: &Var) -> Result<Var> {
+    let (r, c) = x.value().shape().rows_cols();
+    let (vr, vc) = values.value().shape().rows_cols();
+    if vr != rows.len() || vc != c {
+        return Err(Error::shape(
+            "replace_rows values",
+            &[rows.len(), c],
+            values.dims(),
+        ));
+    }
+    if let Some(&bad) = rows.iter().find(|&&i| i >= r) {
+        return Err(Error::invalid(format!("replace_rows: row {bad} of {r}")));
+    }
+    let mut y = x.value().f32s()?.to_vec();
+    let vs = values.value().f32s()?;
+    for (k, &i) in rows.iter().enumerate() {
+        y[i * c..(i + 1) * c].copy_from_slice(&vs[k * c..(k + 1) * c]);
+    }
+    let out = tensor(y, x.dims())?;
+    let (rows, dims, vdims) = (rows.to_vec(), x.dims().to_vec(), values.dims().to_vec());
+    Ok(tape.record("replace_rows", &[x, values], out, move |dy| {
+        let mut dx = dy.f32s()?.to_vec();
+        let mut dv = vec![0.0; rows.len() * c];
+        for (k, &i) in rows.iter().enumerate() {
+            dv[k * c..(k + 1) * c].copy_from_slice(&dx[i * c..(i + 1) * c]);
+            dx[i * c..(i + 1) * c].fill(0.0);
+        }
+        Ok(vec![Some(tensor(dx, &dims)?), Some(tensor(dv, &vdims)?)])
+    }))
+}

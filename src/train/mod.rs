@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod metrics;
 pub mod optim;
+pub mod retromae;
 pub mod schedule;
 
 pub use checkpoint::{atomic_dir, TrainState};

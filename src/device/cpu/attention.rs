@@ -16,14 +16,52 @@ use super::gemm::sgemm_strided;
 pub enum AttnMask<'a> {
     /// Key padding: key j of example b is visible iff `mask[b * lk + j] != 0` (HF attention_mask).
     KeyPadding(&'a [u8]),
+    /// The RetroMAE decoder's position-specific mask (SPEC §10.3), a pure function of
+    /// (seed, example, row, word of the key): see [`two_stream_visible`].
+    TwoStream(TwoStreamMask<'a>),
+    /// An explicit [B, Lq, Lk] visibility matrix (1 = visible). Only the CPU path takes it, for
+    /// `reference_compat` parity with the reference RetroMAE collator.
+    Dense { vis: &'a [u8], q_len: usize },
+}
+
+/// Parameters of the RetroMAE decoder mask.
+#[derive(Clone, Copy, Debug)]
+pub struct TwoStreamMask<'a> {
+    /// [B, Lk] key padding (1 = real token).
+    pub key_mask: &'a [u8],
+    /// [B, Lk] whole-word index of each key (tokens of one word share it).
+    pub words: &'a [u32],
+    /// Probability that a word is hidden from a row.
+    pub p: f32,
+    pub seed: u64,
+}
+
+/// visible(b, i, j) of the decoder mask: never the row itself, never padding; the sentence
+/// embedding slot 0 always (for rows i != 0); otherwise the word of key j is hidden from row i when
+/// `hash_unit(seed, b << 32 | i, word(j)) < p`. Each row thus draws its own whole-word mask.
+#[inline]
+pub fn two_stream_visible(m: &TwoStreamMask<'_>, b: usize, i: usize, j: usize, lk: usize) -> bool {
+    if j == i || m.key_mask[b * lk + j] == 0 {
+        return false;
+    }
+    if j == 0 {
+        return true;
+    }
+    hash_unit(
+        m.seed,
+        ((b as u64) << 32) | i as u64,
+        m.words[b * lk + j] as u64,
+    ) >= m.p
 }
 
 impl AttnMask<'_> {
     /// Whether row `i` of example `b` may attend to key `j`.
     #[inline]
-    pub fn visible(&self, b: usize, _i: usize, j: usize, lk: usize) -> bool {
+    pub fn visible(&self, b: usize, i: usize, j: usize, lk: usize) -> bool {
         match self {
             AttnMask::KeyPadding(m) => m[b * lk + j] != 0,
+            AttnMask::TwoStream(t) => two_stream_visible(t, b, i, j, lk),
+            AttnMask::Dense { vis, q_len } => vis[(b * q_len + i) * lk + j] != 0,
         }
     }
 }
@@ -312,6 +350,58 @@ mod tests {
         (0..n)
             .map(|i| hash_unit(seed, 0, i as u64) * 2.0 - 1.0)
             .collect()
+    }
+
+    #[test]
+    fn two_stream_mask_rules() {
+        let key_mask = [1, 1, 1, 1, 1, 1, 0, 0];
+        let words = [0, 1, 1, 2, 3, 4, 5, 5];
+        let m = TwoStreamMask {
+            key_mask: &key_mask,
+            words: &words,
+            p: 0.5,
+            seed: 9,
+        };
+        for i in 0..8 {
+            assert!(
+                !two_stream_visible(&m, 0, i, i, 8),
+                "a row never sees itself"
+            );
+            assert!(
+                !two_stream_visible(&m, 0, i, 6, 8) && !two_stream_visible(&m, 0, i, 7, 8),
+                "padding"
+            );
+            if i != 0 {
+                assert!(
+                    two_stream_visible(&m, 0, i, 0, 8),
+                    "slot 0 visible to row {i}"
+                );
+            }
+            // Tokens of one word share their fate (unless one of them is the row itself).
+            if i != 1 && i != 2 {
+                assert_eq!(
+                    two_stream_visible(&m, 0, i, 1, 8),
+                    two_stream_visible(&m, 0, i, 2, 8)
+                );
+            }
+        }
+        // The hidden fraction matches p over many rows.
+        let n = 4000;
+        let km = vec![1u8; n];
+        let w: Vec<u32> = (0..n as u32).collect();
+        let big = TwoStreamMask {
+            key_mask: &km,
+            words: &w,
+            p: 0.3,
+            seed: 1,
+        };
+        let hidden = (1..n)
+            .filter(|&j| {
+                !two_stream_visible(&big, 0, n - 1 - (j % 7), j, n) && j != n - 1 - (j % 7)
+            })
+            .count();
+        let frac = hidden as f64 / (n - 1) as f64;
+        assert!((frac - 0.3).abs() < 0.03, "hidden fraction {frac}");
     }
 
     #[test]

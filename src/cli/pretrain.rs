@@ -1,0 +1,205 @@
+//! `retrom3 pretrain`: RetroMAE pre-training (SPEC §6) from a model directory or a fresh config.
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use retrom3::data::masking::{MaskingConfig, MaskingVocab};
+use retrom3::data::TextTokenizer;
+use retrom3::device::cpu::adamw::AdamWHyper;
+use retrom3::model::encoder::Encoder;
+use retrom3::model::retromae::RetroMae;
+use retrom3::train::optim::AdamW;
+use retrom3::train::retromae::{load_optimizer, pretrain, PretrainConfig};
+use retrom3::train::TrainState;
+use retrom3::{Device, EncoderConfig, Error, Result};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct PretrainArgs {
+    /// Start from this model directory (encoder weights; LM head/decoder if present).
+    #[arg(long, conflicts_with = "config")]
+    pub model: Option<PathBuf>,
+    /// Start from fresh weights with this config.json.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Directory with tokenizer.json.
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// Corpus: a .r3tok file from `retrom3 tokenize`, or JSONL {"text": ...} / plain text lines.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output directory: metrics.jsonl/.svg, checkpoint-<step>/, and the final model files.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Tokens per text, specials included.
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f32,
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f32,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Encoder mask ratio.
+    #[arg(long, default_value_t = 0.3)]
+    pub enc_mask: f32,
+    /// Decoder mask ratio.
+    #[arg(long, default_value_t = 0.5)]
+    pub dec_mask: f32,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    /// Continue from a checkpoint directory written by this command.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Reproduce the reference code's masking (token level, 512 cap, materialised decoder masks).
+    #[arg(long)]
+    pub reference_compat: bool,
+    /// Max gradient norm (0 disables clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+}
+
+fn load_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Vec<Vec<u32>>> {
+    let texts = retrom3::data::read_texts(&a.data)?;
+    let refs: Vec<&str> = texts
+        .iter()
+        .filter(|t| !t.trim().is_empty())
+        .map(String::as_str)
+        .collect();
+    let ids = tok.encode_batch(&refs, a.max_len)?;
+    Ok(ids
+        .into_iter()
+        .map(|s| s[1..s.len().saturating_sub(1)].to_vec())
+        .filter(|d: &Vec<u32>| !d.is_empty())
+        .collect())
+}
+
+pub fn run(a: PretrainArgs) -> Result<()> {
+    a.device.ensure_available()?;
+    for (name, p) in [("--enc-mask", a.enc_mask), ("--dec-mask", a.dec_mask)] {
+        if !(p > 0.0 && p < 1.0) {
+            return Err(Error::invalid(format!("{name} {p}: must be in (0, 1)")));
+        }
+    }
+    let tok = TextTokenizer::from_dir(&a.tokenizer)?;
+    let vocab = MaskingVocab::from_tokenizer(&tok)?;
+    let (mut model, resume) = match (&a.resume, &a.model, &a.config) {
+        (Some(dir), _, _) => {
+            let cfg = EncoderConfig::from_file(dir.join("config.json"))?;
+            let (map, path) = retrom3::io::read_backbone(dir)?;
+            let enc = Encoder::from_tensors(cfg, &map, &path)?;
+            let model = RetroMae::new(enc, &RetroMae::read_heads(dir)?, a.dec_mask, a.seed)?;
+            let state = TrainState::load(dir)?;
+            let mut opt = AdamW::new(model.params.specs(), hyper(&a), clip(&a));
+            load_optimizer(dir, &model, &mut opt, state.step)?;
+            (model, Some((state, opt)))
+        }
+        (None, Some(dir), _) => {
+            let cfg = EncoderConfig::from_file(dir.join("config.json"))?;
+            let (map, path) = retrom3::io::read_backbone(dir)?;
+            let enc = Encoder::from_tensors(cfg, &map, &path)?;
+            (RetroMae::new(enc, &map, a.dec_mask, a.seed)?, None)
+        }
+        (None, None, Some(cfg)) => {
+            let cfg = EncoderConfig::from_file(cfg)?;
+            let enc = Encoder::init_random(cfg, a.seed)?;
+            (
+                RetroMae::new(enc, &Default::default(), a.dec_mask, a.seed)?,
+                None,
+            )
+        }
+        (None, None, None) => {
+            return Err(Error::invalid(
+                "give --model DIR, --config config.json or --resume DIR",
+            ))
+        }
+    };
+    if vocab.vocab_size > model.config.vocab_size {
+        return Err(Error::Config {
+            field: "vocab_size".into(),
+            msg: format!(
+                "tokenizer has {} tokens, the model's embedding table {}",
+                vocab.vocab_size, model.config.vocab_size
+            ),
+        });
+    }
+    if a.max_len > model.config.max_tokens() {
+        return Err(Error::invalid(format!(
+            "--max-len {} exceeds the model's {} positions",
+            a.max_len,
+            model.config.max_tokens()
+        )));
+    }
+    let docs = load_docs(&a, &tok)?;
+    let cfg = PretrainConfig {
+        steps: a.steps,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        max_len: a.max_len,
+        lr: a.lr,
+        warmup_ratio: a.warmup_ratio,
+        weight_decay: a.weight_decay,
+        grad_accum: a.grad_accum,
+        masking: MaskingConfig {
+            p_enc: a.enc_mask,
+            p_dec: a.dec_mask,
+            reference_compat: a.reference_compat,
+        },
+        seed: resume.as_ref().map_or(a.seed, |(s, _)| s.seed),
+        save_every: a.save_every,
+        max_grad_norm: clip(&a),
+        dropout: true,
+    };
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("pretrain [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+            .expect("valid template"),
+    );
+    let report = pretrain(
+        &mut model,
+        &docs,
+        &vocab,
+        &cfg,
+        &a.tokenizer,
+        &a.output,
+        resume,
+        &mut |step, total, le, ld, tps| {
+            pb.set_length(total);
+            pb.set_position(step);
+            pb.set_message(format!("enc {le:.4} dec {ld:.4} {tps:.0} tok/s"));
+        },
+    )?;
+    pb.finish_and_clear();
+    if let Some(&(step, le, ld)) = report.losses.last() {
+        eprintln!(
+            "step {step}: enc loss {le:.4}, dec loss {ld:.4}; model written to {}",
+            a.output.display()
+        );
+    }
+    Ok(())
+}
+
+fn hyper(a: &PretrainArgs) -> AdamWHyper {
+    AdamWHyper {
+        lr: a.lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: a.weight_decay,
+    }
+}
+
+fn clip(a: &PretrainArgs) -> Option<f32> {
+    (a.max_grad_norm > 0.0).then_some(a.max_grad_norm)
+}

@@ -1,0 +1,275 @@
+//! The RetroMAE pre-training loop: data plan, masking, forward/backward with gradient
+//! accumulation, AdamW with warm-up/decay and clipping, metrics, atomic checkpoints and a
+//! bit-identical resume. Every random draw derives from (seed, micro-batch index), so the state to
+//! resume is just the parameters, the optimizer moments and the step.
+
+use super::checkpoint::{atomic_dir, TrainState};
+use super::metrics::MetricsLog;
+use super::optim::AdamW;
+use super::schedule::{linear_warmup_decay, warmup_steps};
+use crate::autograd::Tape;
+use crate::data::masking::{make_batch, MaskingConfig, MaskingVocab};
+use crate::data::rng::Rng;
+use crate::device::cpu::adamw::AdamWHyper;
+use crate::device::cpu::elementwise::hash_u32;
+use crate::error::{Error, Result};
+use crate::model::encoder::DropoutCfg;
+use crate::model::retromae::RetroMae;
+use crate::tensor::Tensor;
+use std::path::Path;
+use std::time::Instant;
+
+/// Documents of content token ids (no specials).
+pub trait DocSource {
+    /// Number of documents.
+    fn len(&self) -> usize;
+    /// True when there is no document.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Document `i`.
+    fn doc(&self, i: usize) -> &[u32];
+}
+
+impl DocSource for Vec<Vec<u32>> {
+    fn len(&self) -> usize {
+        <[Vec<u32>]>::len(self)
+    }
+    fn doc(&self, i: usize) -> &[u32] {
+        &self[i]
+    }
+}
+
+/// Settings of a pre-training run.
+#[derive(Clone, Debug)]
+pub struct PretrainConfig {
+    /// Optimizer steps (takes precedence over `epochs`).
+    pub steps: Option<u64>,
+    pub epochs: Option<u64>,
+    pub batch_size: usize,
+    pub max_len: usize,
+    pub lr: f32,
+    pub warmup_ratio: f64,
+    pub weight_decay: f32,
+    pub grad_accum: usize,
+    pub masking: MaskingConfig,
+    pub seed: u64,
+    /// Write `output/checkpoint-<step>` every N steps.
+    pub save_every: Option<u64>,
+    pub max_grad_norm: Option<f32>,
+    /// Use the config's dropout (true for real training; tests may switch it off).
+    pub dropout: bool,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug)]
+pub struct PretrainReport {
+    pub steps: u64,
+    /// (step, enc loss, dec loss) per step of this invocation.
+    pub losses: Vec<(u64, f32, f32)>,
+}
+
+/// A run's files, each written atomically: the encoder as a model directory (model.safetensors,
+/// config.json, tokenizer files), the LM head + decoder (retromae_heads.safetensors), the optimizer
+/// moments and the trainer state — everything `--resume` needs.
+fn write_run_files(
+    dir: &Path,
+    model: &RetroMae,
+    opt: &AdamW,
+    state: &TrainState,
+    tokenizer_dir: &Path,
+) -> Result<()> {
+    let enc = model.encoder()?;
+    crate::io::write_backbone(dir, &enc.params.to_map())?;
+    let cfg = serde_json::to_string_pretty(&model.config.to_hf_json())
+        .map_err(|e| Error::invalid(e.to_string()))?;
+    crate::io::write_atomic(&dir.join("config.json"), |w| {
+        std::io::Write::write_all(w, cfg.as_bytes())
+    })?;
+    crate::io::write_safetensors(
+        &dir.join("retromae_heads.safetensors"),
+        &model.head_tensors(),
+        None,
+    )?;
+    crate::io::write_safetensors(
+        &dir.join("optimizer.safetensors"),
+        &opt.state_tensors(model.params.specs())?,
+        None,
+    )?;
+    crate::io::copy_tokenizer_files(tokenizer_dir, dir)?;
+    state.save(dir)
+}
+
+/// Restore the optimizer of a checkpoint written by this trainer.
+pub fn load_optimizer(dir: &Path, model: &RetroMae, opt: &mut AdamW, step: u64) -> Result<()> {
+    let map = crate::io::read_safetensors(&dir.join("optimizer.safetensors"))?;
+    opt.load_state(model.params.specs(), &map, step)
+}
+
+/// Run (or continue) pre-training. `resume` is the state of the checkpoint the model and optimizer
+/// were restored from. Writes metrics.jsonl + metrics.svg, `checkpoint-<step>/` directories
+/// (atomically) and, at the end, the final model files into `out` itself (a model directory that
+/// `retrom3 encode` and transformers load).
+pub fn pretrain(
+    model: &mut RetroMae,
+    docs: &dyn DocSource,
+    vocab: &MaskingVocab,
+    cfg: &PretrainConfig,
+    tokenizer_dir: &Path,
+    out: &Path,
+    resume: Option<(TrainState, AdamW)>,
+    progress: &mut dyn FnMut(u64, u64, f32, f32, f64),
+) -> Result<PretrainReport> {
+    if docs.is_empty() {
+        return Err(Error::invalid("the corpus has no document"));
+    }
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 {
+        return Err(Error::invalid(
+            "batch size and grad accumulation must be >= 1",
+        ));
+    }
+    let per_epoch = (docs.len() / cfg.batch_size) as u64;
+    if per_epoch == 0 {
+        return Err(Error::invalid(format!(
+            "{} documents are fewer than one batch of {}",
+            docs.len(),
+            cfg.batch_size
+        )));
+    }
+    let total = match (cfg.steps, cfg.epochs) {
+        (Some(s), _) => s,
+        (None, Some(e)) => e * per_epoch / cfg.grad_accum as u64,
+        (None, None) => per_epoch / cfg.grad_accum as u64,
+    }
+    .max(1);
+    let warmup = warmup_steps(total, cfg.warmup_ratio);
+    let (mut state, mut opt) = match resume {
+        Some((s, o)) => (s, o),
+        None => (
+            TrainState {
+                step: 0,
+                total_steps: total,
+                batches_seen: 0,
+                seed: cfg.seed,
+                args: serde_json::Value::Null,
+            },
+            AdamW::new(
+                model.params.specs(),
+                AdamWHyper {
+                    lr: cfg.lr,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                    weight_decay: cfg.weight_decay,
+                },
+                cfg.max_grad_norm,
+            ),
+        ),
+    };
+    state.total_steps = total;
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"))?;
+    let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
+    let mut report = PretrainReport {
+        steps: total,
+        losses: Vec::new(),
+    };
+    let c = model.config.clone();
+    while state.step < total {
+        let t0 = Instant::now();
+        let mut grads: Vec<Option<Vec<f32>>> = vec![None; model.params.values().len()];
+        let (mut le, mut ld, mut tokens) = (0.0f64, 0.0f64, 0usize);
+        for _ in 0..cfg.grad_accum {
+            let k = state.batches_seen;
+            let epoch = k / per_epoch;
+            if order.0 != epoch {
+                let mut o: Vec<usize> = (0..docs.len()).collect();
+                Rng::new(cfg.seed, 0x100 + epoch).shuffle(&mut o);
+                order = (epoch, o);
+            }
+            let start = ((k % per_epoch) as usize) * cfg.batch_size;
+            let batch_docs: Vec<&[u32]> = order.1[start..start + cfg.batch_size]
+                .iter()
+                .map(|&i| docs.doc(i))
+                .collect();
+            let mut rng = Rng::new(cfg.seed, (1 << 40) + k);
+            let batch = make_batch(&batch_docs, vocab, &cfg.masking, cfg.max_len, &mut rng)?;
+            tokens += batch.dec.mask.iter().filter(|&&m| m != 0).count();
+            let drop = cfg.dropout.then(|| DropoutCfg {
+                hidden: c.hidden_dropout_prob,
+                attention: c.attention_probs_dropout_prob,
+                seed: ((hash_u32(cfg.seed, 7, k) as u64) << 32) | hash_u32(cfg.seed, 8, k) as u64,
+            });
+            let mut tape = Tape::new();
+            let p = model.params.bind(&mut tape);
+            let loss = model.loss(&mut tape, &p, &batch, drop)?;
+            if !(loss.enc.is_finite() && loss.dec.is_finite()) {
+                return Err(Error::NonFinite(format!(
+                    "RetroMAE loss at step {} (enc {}, dec {})",
+                    state.step + 1,
+                    loss.enc,
+                    loss.dec
+                )));
+            }
+            le += loss.enc as f64 / cfg.grad_accum as f64;
+            ld += loss.dec as f64 / cfg.grad_accum as f64;
+            let g = tape.backward_with(
+                &loss.total,
+                Tensor::from_vec(vec![1.0 / cfg.grad_accum as f32], &[1])?,
+            )?;
+            for (slot, v) in grads.iter_mut().zip(&p) {
+                if let Some(t) = g.get(v) {
+                    let t = t.f32s()?;
+                    match slot {
+                        Some(acc) => acc.iter_mut().zip(t).for_each(|(a, b)| *a += b),
+                        None => *slot = Some(t.to_vec()),
+                    }
+                }
+            }
+            state.batches_seen += 1;
+        }
+        let grads: Vec<Option<Tensor>> = grads
+            .into_iter()
+            .zip(model.params.specs())
+            .map(|(g, s)| g.map(|g| Tensor::from_vec(g, &s.dims)).transpose())
+            .collect::<Result<_>>()?;
+        let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);
+        let norm = opt.update(&mut model.params, &grads, lr)?;
+        state.step += 1;
+        let secs = t0.elapsed().as_secs_f64();
+        let tps = tokens as f64 / secs.max(1e-9);
+        metrics.log(serde_json::json!({
+            "step": state.step,
+            "lr": lr,
+            "enc_loss": le,
+            "dec_loss": ld,
+            "loss": le + ld,
+            "grad_norm": norm,
+            "tokens": tokens,
+            "tokens_per_s": tps,
+        }))?;
+        report.losses.push((state.step, le as f32, ld as f32));
+        progress(state.step, total, le as f32, ld as f32, tps);
+        if cfg
+            .save_every
+            .is_some_and(|n| n > 0 && state.step % n == 0 && state.step < total)
+        {
+            let dir = out.join(format!("checkpoint-{}", state.step));
+            atomic_dir(&dir, |tmp| {
+                write_run_files(tmp, model, &opt, &state, tokenizer_dir)
+            })?;
+            metrics.write_svg(
+                &out.join("metrics.svg"),
+                "RetroMAE pre-training",
+                &["enc_loss", "dec_loss"],
+            )?;
+        }
+    }
+    write_run_files(out, model, &opt, &state, tokenizer_dir)?;
+    metrics.write_svg(
+        &out.join("metrics.svg"),
+        "RetroMAE pre-training",
+        &["enc_loss", "dec_loss"],
+    )?;
+    Ok(report)
+}
