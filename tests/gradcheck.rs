@@ -216,3 +216,48 @@ fn no_grad_tape_records_nothing() {
     assert!(!y.is_tracked());
     assert!(tape.is_empty());
 }
+
+#[test]
+fn m3_loss_ops_backward() {
+    let mut rng = Rng::new(21);
+    let s = [rng.tensor(&[3, 12], 2.0)];
+    let mut t: Vec<f32> = (0..12).map(|_| rng.uniform() + 0.1).collect();
+    for row in t.chunks_mut(4) {
+        let z: f32 = row.iter().sum();
+        row.iter_mut().for_each(|x| *x /= z);
+    }
+    let teacher = retrom3::Tensor::from_vec(t, &[3, 4]).unwrap();
+    let e = grad_check("m3_kd_loss", &s, 1e-2, |tp, v| {
+        ops::m3_kd_loss(tp, &v[0], &teacher, 4)
+    });
+    assert!(e < TOL, "m3_kd_loss {e}");
+    let e = grad_check("group_columns", &s, 1e-2, |tp, v| {
+        ops::group_columns(tp, &v[0], 4)
+    });
+    assert!(e < TOL, "group_columns {e}");
+    let e = grad_check("scale", &s, 1e-2, |tp, v| ops::scale(tp, &v[0], -2.5));
+    assert!(e < TOL, "scale {e}");
+}
+
+#[test]
+fn lexical_scores_backward_goes_to_argmax_positions() {
+    let mut rng = Rng::new(22);
+    // Positive weights (after ReLU in the model), distinct so the argmax is stable under h.
+    let wq: Vec<f32> = (0..10)
+        .map(|i| 0.5 + i as f32 * 0.37 + rng.uniform() * 0.1)
+        .collect();
+    let wp: Vec<f32> = (0..15)
+        .map(|i| 0.4 + i as f32 * 0.29 + rng.uniform() * 0.1)
+        .collect();
+    let ins = [
+        retrom3::Tensor::from_vec(wq, &[2, 5]).unwrap(),
+        retrom3::Tensor::from_vec(wp, &[3, 5]).unwrap(),
+    ];
+    let q_ids: Arc<[u32]> = Arc::from(vec![0, 7, 9, 7, 2, 0, 8, 9, 2, 1]);
+    let p_ids: Arc<[u32]> = Arc::from(vec![0, 9, 7, 2, 1, 0, 8, 8, 9, 2, 0, 5, 2, 1, 1]);
+    let drop: Arc<[u32]> = Arc::from(vec![0, 1, 2, 3]);
+    let e = grad_check("lexical_scores", &ins, 1e-3, |t, v| {
+        ops::lexical_scores(t, &v[0], q_ids.clone(), &v[1], p_ids.clone(), drop.clone())
+    });
+    assert!(e < TOL, "lexical_scores {e}");
+}

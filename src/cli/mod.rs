@@ -3,6 +3,7 @@
 mod bench;
 mod convert;
 mod encode;
+mod finetune;
 mod output;
 mod pretrain;
 
@@ -27,6 +28,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// RetroMAE pre-training (enhanced two-stream decoder).
     Pretrain(pretrain::PretrainArgs),
+    /// M3 unified fine-tuning (dense + sparse + ColBERT, self-knowledge distillation).
+    Finetune(finetune::FinetuneArgs),
     /// Benchmarks (throughput printed as JSON lines).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -39,6 +42,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => encode::score(a),
         Command::Convert(a) => convert::convert(a),
         Command::Pretrain(a) => pretrain::run(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::Bench(c) => bench::run(c),
     }
 }

@@ -2,6 +2,7 @@
 //! readers of training and inference inputs.
 
 pub mod jsonl;
+pub mod m3_data;
 pub mod masking;
 pub mod rng;
 pub mod tokenizer;

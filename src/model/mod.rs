@@ -4,6 +4,7 @@ pub mod config;
 pub mod encoder;
 pub mod lm_head;
 pub mod m3;
+pub mod m3_train;
 pub mod params;
 pub mod retromae;
 

@@ -70,3 +70,14 @@ pub fn dropout(tape: &mut Tape, x: &Var, p: f32, seed: u64, stream: u64) -> Resu
         Ok(vec![Some(tensor(dx, &dims)?)])
     }))
 }
+
+/// c · x.
+pub fn scale(tape: &mut Tape, x: &Var, c: f32) -> Result<Var> {
+    let y: Vec<f32> = x.value().f32s()?.iter().map(|v| v * c).collect();
+    let out = tensor(y, x.dims())?;
+    let dims = x.dims().to_vec();
+    Ok(tape.record("scale", &[x], out, move |dy| {
+        let dx: Vec<f32> = dy.f32s()?.iter().map(|v| v * c).collect();
+        Ok(vec![Some(tensor(dx, &dims)?)])
+    }))
+}

@@ -65,3 +65,95 @@ pub fn soft_cross_entropy(tape: &mut Tape, logits: &Var, targets: &Tensor) -> Re
         }),
     )
 }
+
+/// FlagEmbedding's `m3_kd_loss` (SPEC §4.5): Σ_g mean_b T[b,g] · CE(S_b with columns
+/// b·G .. b·G+g−1 removed, target b·G+g). `s` is [B, N] (N ≥ B·G, in-batch candidates) and
+/// `teacher` [B, G] probabilities (a constant).
+pub fn m3_kd_loss(tape: &mut Tape, s: &Var, teacher: &Tensor, group: usize) -> Result<Var> {
+    let (b, n) = s.value().shape().dims2("m3_kd_loss scores")?;
+    if group == 0 || n < b * group || teacher.numel() != b * group {
+        return Err(Error::shape(
+            "m3_kd_loss teacher [B, G]",
+            &[b, group],
+            teacher.dims(),
+        ));
+    }
+    let (sv, tv) = (s.value().f32s()?, teacher.f32s()?);
+    // Per (b, g): the masked log-sum-exp.
+    let mut lse = vec![0.0f64; b * group];
+    let mut total = 0.0f64;
+    for bi in 0..b {
+        let row = &sv[bi * n..(bi + 1) * n];
+        for g in 0..group {
+            let hidden = bi * group..bi * group + g;
+            let max = row
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| !hidden.contains(j))
+                .fold(f32::NEG_INFINITY, |a, (_, &x)| a.max(x)) as f64;
+            let sum: f64 = row
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| !hidden.contains(j))
+                .map(|(_, &x)| (x as f64 - max).exp())
+                .sum();
+            let l = max + sum.ln();
+            lse[bi * group + g] = l;
+            total += tv[bi * group + g] as f64 * (l - row[bi * group + g] as f64);
+        }
+    }
+    let loss = (total / b as f64) as f32;
+    if !loss.is_finite() {
+        return Err(Error::NonFinite("m3_kd_loss".into()));
+    }
+    let out = tensor(vec![loss], &[1])?;
+    let (st, tt) = (s.value().clone(), teacher.clone());
+    Ok(tape.record("m3_kd_loss", &[s], out, move |dy| {
+        let g0 = dy.f32s()?[0] as f64;
+        let (sv, tv) = (st.f32s()?, tt.f32s()?);
+        let mut ds = vec![0.0f32; b * n];
+        for bi in 0..b {
+            for g in 0..group {
+                let w = g0 * tv[bi * group + g] as f64 / b as f64;
+                if w == 0.0 {
+                    continue;
+                }
+                let l = lse[bi * group + g];
+                for j in 0..n {
+                    if j >= bi * group && j < bi * group + g {
+                        continue;
+                    }
+                    let p = (sv[bi * n + j] as f64 - l).exp();
+                    let onehot = if j == bi * group + g { 1.0 } else { 0.0 };
+                    ds[bi * n + j] += (w * (p - onehot)) as f32;
+                }
+            }
+        }
+        Ok(vec![Some(tensor(ds, st.dims())?)])
+    }))
+}
+
+/// Each row's own group of columns: [B, N] -> [B, G] with out[b, g] = s[b, b·G + g] (the
+/// no-in-batch / KL view of an in-batch score matrix).
+pub fn group_columns(tape: &mut Tape, s: &Var, group: usize) -> Result<Var> {
+    let (b, n) = s.value().shape().dims2("group_columns scores")?;
+    if n < b * group {
+        return Err(Error::shape("group_columns", &[b, b * group], s.dims()));
+    }
+    let sv = s.value().f32s()?;
+    let y: Vec<f32> = (0..b)
+        .flat_map(|bi| (0..group).map(move |g| (bi, g)))
+        .map(|(bi, g)| sv[bi * n + bi * group + g])
+        .collect();
+    let out = tensor(y, &[b, group])?;
+    Ok(tape.record("group_columns", &[s], out, move |dy| {
+        let dy = dy.f32s()?;
+        let mut ds = vec![0.0; b * n];
+        for bi in 0..b {
+            for g in 0..group {
+                ds[bi * n + bi * group + g] = dy[bi * group + g];
+            }
+        }
+        Ok(vec![Some(tensor(ds, &[b, n])?)])
+    }))
+}

@@ -11,16 +11,18 @@ mod loss;
 mod maxsim;
 mod normalize;
 mod rows;
+mod sparse;
 
 pub use attention::{attention, AttentionMask, AttnDropout};
-pub use elementwise::{add, dropout, gelu, relu};
+pub use elementwise::{add, dropout, gelu, relu, scale};
 pub use embedding::embedding;
 pub use layernorm::layernorm;
 pub use linear::linear;
-pub use loss::{cross_entropy, soft_cross_entropy};
+pub use loss::{cross_entropy, group_columns, m3_kd_loss, soft_cross_entropy};
 pub use maxsim::maxsim;
 pub use normalize::l2_normalize;
 pub use rows::{dot_sum, masked_mean, mul_rows, replace_rows, reshape, select_rows};
+pub use sparse::lexical_scores;
 
 use crate::error::Result;
 use crate::tensor::Tensor;

@@ -7,6 +7,7 @@ use super::checkpoint::{atomic_dir, TrainState};
 use super::metrics::MetricsLog;
 use super::optim::AdamW;
 use super::schedule::{linear_warmup_decay, warmup_steps};
+use super::GradAccumulator;
 use crate::autograd::Tape;
 use crate::data::masking::{make_batch, MaskingConfig, MaskingVocab};
 use crate::data::rng::Rng;
@@ -177,7 +178,7 @@ pub fn pretrain(
     let c = model.config.clone();
     while state.step < total {
         let t0 = Instant::now();
-        let mut grads: Vec<Option<Vec<f32>>> = vec![None; model.params.values().len()];
+        let mut grads = GradAccumulator::new(model.params.values().len());
         let (mut le, mut ld, mut tokens) = (0.0f64, 0.0f64, 0usize);
         for _ in 0..cfg.grad_accum {
             let k = state.batches_seen;
@@ -217,22 +218,10 @@ pub fn pretrain(
                 &loss.total,
                 Tensor::from_vec(vec![1.0 / cfg.grad_accum as f32], &[1])?,
             )?;
-            for (slot, v) in grads.iter_mut().zip(&p) {
-                if let Some(t) = g.get(v) {
-                    let t = t.f32s()?;
-                    match slot {
-                        Some(acc) => acc.iter_mut().zip(t).for_each(|(a, b)| *a += b),
-                        None => *slot = Some(t.to_vec()),
-                    }
-                }
-            }
+            grads.add(&g, &p)?;
             state.batches_seen += 1;
         }
-        let grads: Vec<Option<Tensor>> = grads
-            .into_iter()
-            .zip(model.params.specs())
-            .map(|(g, s)| g.map(|g| Tensor::from_vec(g, &s.dims)).transpose())
-            .collect::<Result<_>>()?;
+        let grads = grads.into_tensors(model.params.specs(), |_| false)?;
         let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);
         let norm = opt.update(&mut model.params, &grads, lr)?;
         state.step += 1;

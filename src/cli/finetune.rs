@@ -1,0 +1,231 @@
+//! `retrom3 finetune`: M3 unified fine-tuning with self-knowledge distillation (SPEC §4).
+
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use retrom3::data::m3_data::{read_train_file, TrainExample};
+use retrom3::data::TextTokenizer;
+use retrom3::device::cpu::adamw::AdamWHyper;
+use retrom3::model::encoder::Encoder;
+use retrom3::model::m3_train::{fresh_heads, KdLoss, M3LossConfig, M3Student};
+use retrom3::train::m3::{finetune, load_optimizer, FinetuneConfig};
+use retrom3::train::{AdamW, TrainState};
+use retrom3::{Device, EncoderConfig, Error, Result};
+use std::path::{Path, PathBuf};
+
+#[derive(Args, Debug)]
+pub struct FinetuneArgs {
+    /// Model directory (heads loaded when both .pt files exist, else freshly initialised).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Training JSONL files, or directories of .json/.jsonl files.
+    #[arg(long, num_args = 1.., required = true)]
+    pub train: Vec<PathBuf>,
+    /// Output directory: the fine-tuned model (loads in FlagEmbedding), metrics, checkpoints.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// Passages per query: 1 positive + G-1 negatives.
+    #[arg(long, default_value_t = 8)]
+    pub group_size: usize,
+    /// Queries per batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 512)]
+    pub query_max_len: usize,
+    #[arg(long, default_value_t = 512)]
+    pub passage_max_len: usize,
+    #[arg(long, default_value_t = 0.02)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1e-5)]
+    pub lr: f32,
+    #[arg(long, conflicts_with = "epochs")]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub epochs: Option<u64>,
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f32,
+    /// Unified fine-tuning (dense + sparse + ColBERT); `--unified false` trains dense only.
+    #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub unified: bool,
+    /// Self-knowledge distillation from the ensemble score.
+    #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub self_distill: bool,
+    #[arg(long, default_value_t = 0)]
+    pub self_distill_start_step: u64,
+    /// Loss with teacher scores (pos_scores/neg_scores): m3_kd_loss or kl_div.
+    #[arg(long, default_value = "m3_kd_loss")]
+    pub kd_loss: String,
+    /// Sub-batch size for gradient checkpointing (not implemented yet: only 0 is accepted).
+    #[arg(long, default_value_t = 0)]
+    pub sub_batch: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long)]
+    pub save_every: Option<u64>,
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Train only the heads.
+    #[arg(long)]
+    pub fix_encoder: bool,
+    #[arg(long)]
+    pub fix_position_embedding: bool,
+    /// Max gradient norm (0 disables clipping).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f32,
+}
+
+fn read_all(paths: &[PathBuf]) -> Result<Vec<TrainExample>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|e| Error::io(p, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "jsonl" || x == "json"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                return Err(Error::io(
+                    p,
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no .json/.jsonl file in the directory",
+                    ),
+                ));
+            }
+            for f in files {
+                out.extend(read_train_file(&f)?);
+            }
+        } else {
+            out.extend(read_train_file(p)?);
+        }
+    }
+    Ok(out)
+}
+
+fn load_student(dir: &Path, seed: u64) -> Result<M3Student> {
+    let cfg = EncoderConfig::from_file(dir.join("config.json"))?;
+    let (map, path) = retrom3::io::read_backbone(dir)?;
+    let enc = Encoder::from_tensors(cfg, &map, &path)?;
+    let heads = match retrom3::io::read_heads(dir, enc.config.hidden_size)? {
+        Some(h) => h,
+        None => fresh_heads(enc.config.hidden_size, seed)?,
+    };
+    M3Student::new(enc, &heads)
+}
+
+pub fn run(a: FinetuneArgs) -> Result<()> {
+    a.device.ensure_available()?;
+    if a.sub_batch != 0 {
+        return Err(Error::invalid(
+            "--sub-batch (gradient checkpointing) is not implemented yet",
+        ));
+    }
+    if !(a.temperature > 0.0) {
+        return Err(Error::invalid(format!(
+            "--temperature {}: must be > 0",
+            a.temperature
+        )));
+    }
+    let kd = match a.kd_loss.as_str() {
+        "m3_kd_loss" => KdLoss::M3KdLoss,
+        "kl_div" => KdLoss::KlDiv,
+        o => {
+            return Err(Error::invalid(format!(
+                "--kd-loss {o:?}: expected m3_kd_loss or kl_div"
+            )))
+        }
+    };
+    let examples = read_all(&a.train)?;
+    let tok = TextTokenizer::from_dir(a.resume.as_ref().unwrap_or(&a.model))?;
+    let (mut model, resume) = match &a.resume {
+        Some(dir) => {
+            let model = load_student(dir, a.seed)?;
+            let state = TrainState::load(dir)?;
+            let mut opt = AdamW::new(model.params.specs(), hyper(&a), clip(&a));
+            load_optimizer(dir, &model, &mut opt, state.step)?;
+            (model, Some((state, opt)))
+        }
+        None => (load_student(&a.model, a.seed)?, None),
+    };
+    let max = model.encoder_config.max_tokens();
+    for (flag, v) in [
+        ("--query-max-len", a.query_max_len),
+        ("--passage-max-len", a.passage_max_len),
+    ] {
+        if !(2..=max).contains(&v) {
+            return Err(Error::invalid(format!("{flag} {v}: must be in 2..={max}")));
+        }
+    }
+    let cfg = FinetuneConfig {
+        steps: a.steps,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        group_size: a.group_size,
+        query_max_len: a.query_max_len,
+        passage_max_len: a.passage_max_len,
+        loss: M3LossConfig {
+            temperature: a.temperature,
+            unified: a.unified,
+            self_distill: a.self_distill && a.unified,
+            kd,
+        },
+        self_distill_start_step: a.self_distill_start_step,
+        lr: a.lr,
+        warmup_ratio: a.warmup_ratio,
+        weight_decay: a.weight_decay,
+        max_grad_norm: clip(&a),
+        seed: resume.as_ref().map_or(a.seed, |(s, _)| s.seed),
+        save_every: a.save_every,
+        fix_encoder: a.fix_encoder,
+        fix_position_embedding: a.fix_position_embedding,
+        dropout: true,
+    };
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("finetune [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+            .expect("valid template"),
+    );
+    let tok_dir = a.resume.clone().unwrap_or(a.model.clone());
+    let report = finetune(
+        &mut model,
+        &examples,
+        &tok,
+        &cfg,
+        &tok_dir,
+        &a.output,
+        resume,
+        &mut |s, t, l| {
+            pb.set_length(t);
+            pb.set_position(s);
+            pb.set_message(format!("loss {l:.4}"));
+        },
+    )?;
+    pb.finish_and_clear();
+    if let Some(r) = report.last() {
+        eprintln!(
+            "step {}: loss {:.4}; model written to {}",
+            r.0,
+            r.1,
+            a.output.display()
+        );
+    }
+    Ok(())
+}
+
+fn hyper(a: &FinetuneArgs) -> AdamWHyper {
+    AdamWHyper {
+        lr: a.lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: a.weight_decay,
+    }
+}
+
+fn clip(a: &FinetuneArgs) -> Option<f32> {
+    (a.max_grad_norm > 0.0).then_some(a.max_grad_norm)
+}
