@@ -404,3 +404,28 @@ fn convert_bin_layout_to_safetensors_keeps_outputs() {
     assert_eq!(a.sparse, b.sparse);
     assert_eq!(a.colbert, b.colbert);
 }
+
+#[test]
+fn malformed_tokenizer_is_a_one_line_error() {
+    let d = tmpdir("badtok");
+    let model = d.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(fixture("tiny-xlmr")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
+    }
+    let tok = std::fs::read(model.join("tokenizer.json")).unwrap();
+    std::fs::write(model.join("tokenizer.json"), &tok[..tok.len() - 300]).unwrap();
+    let input = d.join("in.txt");
+    std::fs::write(&input, "hello\n").unwrap();
+    let out = run(&[
+        "encode",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        d.join("o.jsonl").to_str().unwrap(),
+    ]);
+    expect_error(&out, &["tokenizer.json"]);
+}

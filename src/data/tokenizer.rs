@@ -86,8 +86,27 @@ impl TextTokenizer {
         if let Err(e) = std::fs::metadata(&path) {
             return Err(Error::io(&path, e));
         }
-        let mut tokenizer = Tokenizer::from_file(&path)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+        // Check the JSON syntax first: the tokenizers crate panics (instead of returning an error)
+        // on some malformed files, e.g. a truncated decoder section.
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+            return Err(Error::Tokenizer(format!(
+                "{}: invalid JSON: {e}",
+                path.display()
+            )));
+        }
+        // Structurally valid JSON with wrong field types can still reach a panic inside the crate:
+        // contain it and report it as a load error naming the file.
+        let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes));
+        let mut tokenizer = match parsed {
+            Ok(r) => r.map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?,
+            Err(_) => {
+                return Err(Error::Tokenizer(format!(
+                    "{}: malformed tokenizer definition (the tokenizers crate rejected it)",
+                    path.display()
+                )))
+            }
+        };
         tokenizer
             .with_truncation(None)
             .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
@@ -149,6 +168,15 @@ impl TextTokenizer {
         Error::Tokenizer(format!("{}: {e}", self.path.display()))
     }
 
+    /// Run `f`, turning a panic inside the tokenizers crate (it panics instead of erroring on
+    /// some inconsistent definitions, e.g. a post-processor naming a missing special token) into
+    /// an error naming the file.
+    fn guard<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|_| {
+            Err(self.tok_err("the tokenizer definition is inconsistent (the tokenizers crate panicked while encoding)"))
+        })
+    }
+
     /// Number of special tokens the post-processor adds around one text (or a pair).
     fn n_added(&self, pair: bool) -> usize {
         self.tokenizer
@@ -189,11 +217,13 @@ impl TextTokenizer {
     /// tokens are kept). `max_length < 2` is an [`Error::Invalid`]. An empty text gives only the
     /// specials.
     pub fn encode(&self, text: &str, max_length: usize) -> Result<Vec<u32>> {
-        let content = self
-            .tokenizer
-            .encode_fast(text, false)
-            .map_err(|e| self.tok_err(e))?;
-        Ok(self.finish(content, None, max_length)?.get_ids().to_vec())
+        self.guard(|| {
+            let content = self
+                .tokenizer
+                .encode_fast(text, false)
+                .map_err(|e| self.tok_err(e))?;
+            Ok(self.finish(content, None, max_length)?.get_ids().to_vec())
+        })
     }
 
     /// [`TextTokenizer::encode`] of every text, in order (tokenized on the crate's thread pool).
@@ -205,14 +235,16 @@ impl TextTokenizer {
                 "max_length {max_length} is too small: it counts the special tokens and must be at least {min}"
             )));
         }
-        let contents = self
-            .tokenizer
-            .encode_batch_fast(texts.to_vec(), false)
-            .map_err(|e| self.tok_err(e))?;
-        contents
-            .into_iter()
-            .map(|c| Ok(self.finish(c, None, max_length)?.get_ids().to_vec()))
-            .collect()
+        self.guard(|| {
+            let contents = self
+                .tokenizer
+                .encode_batch_fast(texts.to_vec(), false)
+                .map_err(|e| self.tok_err(e))?;
+            contents
+                .into_iter()
+                .map(|c| Ok(self.finish(c, None, max_length)?.get_ids().to_vec()))
+                .collect()
+        })
     }
 
     /// Ids of a text pair (`<s> A </s></s> B </s>` / `[CLS] A [SEP] B [SEP]`), truncated to
@@ -220,15 +252,17 @@ impl TextTokenizer {
     /// from the longer side; when both are too long each keeps half of the room, the first
     /// text the smaller half). `max_length` below the number of specials is an [`Error::Invalid`].
     pub fn encode_pair(&self, a: &str, b: &str, max_length: usize) -> Result<Vec<u32>> {
-        let ea = self
-            .tokenizer
-            .encode_fast(a, false)
-            .map_err(|e| self.tok_err(e))?;
-        let eb = self
-            .tokenizer
-            .encode_fast(b, false)
-            .map_err(|e| self.tok_err(e))?;
-        Ok(self.finish(ea, Some(eb), max_length)?.get_ids().to_vec())
+        self.guard(|| {
+            let ea = self
+                .tokenizer
+                .encode_fast(a, false)
+                .map_err(|e| self.tok_err(e))?;
+            let eb = self
+                .tokenizer
+                .encode_fast(b, false)
+                .map_err(|e| self.tok_err(e))?;
+            Ok(self.finish(ea, Some(eb), max_length)?.get_ids().to_vec())
+        })
     }
 
     /// [`TextTokenizer::encode`] plus the word index of every token (`None` for the specials the
@@ -242,13 +276,15 @@ impl TextTokenizer {
         text: &str,
         max_length: usize,
     ) -> Result<(Vec<u32>, Vec<Option<u32>>)> {
-        let content = self
-            .tokenizer
-            .encode(text, false)
-            .map_err(|e| self.tok_err(e))?;
-        let enc = self.finish(content, None, max_length)?;
-        let words = self.word_indices(&enc);
-        Ok((enc.get_ids().to_vec(), words))
+        self.guard(|| {
+            let content = self
+                .tokenizer
+                .encode(text, false)
+                .map_err(|e| self.tok_err(e))?;
+            let enc = self.finish(content, None, max_length)?;
+            let words = self.word_indices(&enc);
+            Ok((enc.get_ids().to_vec(), words))
+        })
     }
 
     fn word_indices(&self, enc: &Encoding) -> Vec<Option<u32>> {
