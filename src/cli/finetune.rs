@@ -124,7 +124,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             "--sub-batch (gradient checkpointing) is not implemented yet",
         ));
     }
-    if !(a.temperature > 0.0) {
+    if a.temperature.is_nan() || a.temperature <= 0.0 {
         return Err(Error::invalid(format!(
             "--temperature {}: must be > 0",
             a.temperature

@@ -157,7 +157,7 @@ fn whole_word_mask(
         }
     }
     rng.shuffle(&mut groups);
-    let n = ((l as f64 * p as f64).round() as usize).max(1).min(cap);
+    let n = ((l as f64 * p as f64).round() as usize).clamp(1, cap);
     let mut masked = vec![false; l];
     let mut count = 0;
     for g in groups {
