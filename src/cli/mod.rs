@@ -6,6 +6,7 @@ mod encode;
 mod finetune;
 mod output;
 mod pretrain;
+mod tokenize;
 
 use clap::{Parser, Subcommand};
 use retrom3::Result;
@@ -28,6 +29,8 @@ pub enum Command {
     Convert(convert::ConvertArgs),
     /// RetroMAE pre-training (enhanced two-stream decoder).
     Pretrain(pretrain::PretrainArgs),
+    /// Pre-tokenize a text corpus into a memory-mapped .r3tok file.
+    Tokenize(tokenize::TokenizeArgs),
     /// M3 unified fine-tuning (dense + sparse + ColBERT, self-knowledge distillation).
     Finetune(finetune::FinetuneArgs),
     /// Benchmarks (throughput printed as JSON lines).
@@ -42,6 +45,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Score(a) => encode::score(a),
         Command::Convert(a) => convert::convert(a),
         Command::Pretrain(a) => pretrain::run(a),
+        Command::Tokenize(a) => tokenize::tokenize(a),
         Command::Finetune(a) => finetune::run(a),
         Command::Bench(c) => bench::run(c),
     }

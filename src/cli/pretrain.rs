@@ -2,13 +2,14 @@
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use retrom3::data::corpus::{tokenizer_fingerprint, TokenCorpus};
 use retrom3::data::masking::{MaskingConfig, MaskingVocab};
 use retrom3::data::TextTokenizer;
 use retrom3::device::cpu::adamw::AdamWHyper;
 use retrom3::model::encoder::Encoder;
 use retrom3::model::retromae::RetroMae;
 use retrom3::train::optim::AdamW;
-use retrom3::train::retromae::{load_optimizer, pretrain, PretrainConfig};
+use retrom3::train::retromae::{load_optimizer, pretrain, DocSource, PretrainConfig};
 use retrom3::train::TrainState;
 use retrom3::{Device, EncoderConfig, Error, Result};
 use std::path::PathBuf;
@@ -70,7 +71,29 @@ pub struct PretrainArgs {
     pub max_grad_norm: f32,
 }
 
-fn load_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Vec<Vec<u32>>> {
+/// The corpus: a memory-mapped .r3tok file (checked against this tokenizer), or a text file
+/// tokenized in memory (fine for small corpora).
+fn load_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Box<dyn DocSource>> {
+    if a.data.extension().is_some_and(|e| e == "r3tok") {
+        let corpus = TokenCorpus::open(&a.data)?;
+        let fp = tokenizer_fingerprint(tok)?;
+        if corpus.fingerprint() != fp {
+            return Err(Error::format(
+                &a.data,
+                format!(
+                    "tokenized with another tokenizer (fingerprint {:016x}, {} has {fp:016x}): re-run `retrom3 tokenize`",
+                    corpus.fingerprint(),
+                    a.tokenizer.display()
+                ),
+            ));
+        }
+        corpus.verify_tokens()?;
+        return Ok(Box::new(corpus));
+    }
+    Ok(Box::new(load_text_docs(a, tok)?))
+}
+
+fn load_text_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Vec<Vec<u32>>> {
     let texts = retrom3::data::read_texts(&a.data)?;
     let refs: Vec<&str> = texts
         .iter()
@@ -168,7 +191,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     );
     let report = pretrain(
         &mut model,
-        &docs,
+        docs.as_ref(),
         &vocab,
         &cfg,
         &a.tokenizer,

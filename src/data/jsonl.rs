@@ -29,7 +29,7 @@ pub struct QueryPassage {
     pub passage: String,
 }
 
-fn input_err(path: &Path, line: usize, msg: impl Into<String>) -> Error {
+pub(crate) fn input_err(path: &Path, line: usize, msg: impl Into<String>) -> Error {
     Error::Input {
         path: path.to_path_buf(),
         line,
@@ -63,11 +63,11 @@ fn each_line(path: &Path, mut f: impl FnMut(usize, &[u8]) -> Result<()>) -> Resu
     }
 }
 
-fn is_blank(bytes: &[u8]) -> bool {
+pub(crate) fn is_blank(bytes: &[u8]) -> bool {
     bytes.iter().all(u8::is_ascii_whitespace)
 }
 
-fn utf8<'a>(path: &Path, line: usize, bytes: &'a [u8]) -> Result<&'a str> {
+pub(crate) fn utf8<'a>(path: &Path, line: usize, bytes: &'a [u8]) -> Result<&'a str> {
     std::str::from_utf8(bytes).map_err(|e| {
         input_err(
             path,
@@ -113,8 +113,8 @@ impl TrailingBlanks {
     }
 }
 
-/// The `"text"` string of one JSONL line.
-fn text_field(path: &Path, line: usize, s: &str) -> Result<String> {
+/// The `"text"` string of one JSONL line (shared with the streaming corpus reader).
+pub(crate) fn text_field(path: &Path, line: usize, s: &str) -> Result<String> {
     let value: Value = serde_json::from_str(s)
         .map_err(|e| input_err(path, line, format!("invalid JSON, {}", json_msg(&e))))?;
     let Value::Object(mut obj) = value else {

@@ -1,6 +1,7 @@
 //! Data: the tokenizer (HF `tokenizer.json` with our own truncation) and the JSONL / plain-text
 //! readers of training and inference inputs.
 
+pub mod corpus;
 pub mod jsonl;
 pub mod m3_data;
 pub mod masking;

@@ -262,3 +262,12 @@ pub fn pretrain(
     )?;
     Ok(report)
 }
+
+impl DocSource for crate::data::corpus::TokenCorpus {
+    fn len(&self) -> usize {
+        crate::data::corpus::TokenCorpus::len(self)
+    }
+    fn doc(&self, i: usize) -> &[u32] {
+        crate::data::corpus::TokenCorpus::doc(self, i)
+    }
+}

@@ -1,0 +1,52 @@
+//! Pre-tokenized pre-training corpora: the `.r3tok` file (`retrom3 tokenize` writes it, the
+//! RetroMAE trainer memory-maps it).
+//!
+//! * [`mod@format`]: the on-disk layout and [`TokenCorpus`], the validated read-only view;
+//! * `lines`: the streaming reader of the text input (JSONL `{"text": ...}` or plain lines);
+//! * `sink`: the `.r3tok` file being built (tokens, side file of offsets, final header);
+//! * [`writer`]: [`tokenize_corpus`], which streams a text file of any size through the tokenizer
+//!   into a `.r3tok` file in constant memory, resumably.
+//!
+//! A document holds content tokens only: the trainer adds `<s>`/`</s>` (or `[CLS]`/`[SEP]`), so a
+//! file made for `max_len` holds at most `max_len - 2` tokens per document. The byte layout is
+//! documented in `docs/formats.md`.
+
+pub mod format;
+mod lines;
+mod sink;
+pub mod writer;
+
+pub use format::TokenCorpus;
+pub use writer::{tokenize_corpus, TokenizeOptions, TokenizeStats};
+
+use crate::data::tokenizer::TextTokenizer;
+use crate::error::{Error, Result};
+
+/// The tokenizer fingerprint stored in a `.r3tok` header: the 64-bit FNV-1a hash of the bytes of
+/// the tokenizer's `tokenizer.json`. A trainer compares it with the file's
+/// [`TokenCorpus::fingerprint`] to refuse a corpus made with another tokenizer.
+pub fn tokenizer_fingerprint(tok: &TextTokenizer) -> Result<u64> {
+    let bytes = std::fs::read(tok.path()).map_err(|e| Error::io(tok.path(), e))?;
+    Ok(fnv1a64(&bytes))
+}
+
+/// FNV-1a, 64-bit (offset basis 0xcbf29ce484222325, prime 0x100000001b3).
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// Start value of the word checksums ([`mix`]).
+pub(crate) const MIX_SEED: u64 = 0x243F_6A88_85A3_08D3;
+
+/// One step of the word checksum used for the header, the tokens and the offsets:
+/// `h' = rotl((h ^ w) * 0x9E3779B97F4A7C15, 29)`. Each step is a bijection of `h` for a fixed `w`
+/// (odd multiplier, rotation), so changing any single word always changes the final value.
+#[inline]
+pub(crate) fn mix(h: u64, w: u64) -> u64 {
+    (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
+}
