@@ -1,9 +1,17 @@
-//! Build script. Without the `cuda` feature it does nothing. With it, every `kernels/*.cu` is
-//! compiled by nvcc into a fatbin (SASS for each architecture in CUDA_COMPUTE_CAP, default 80,90,
-//! plus compute_90 PTX), with `-Xptxas=-v,-warn-spills,-Werror` so a register spill fails the
-//! build. The fatbins are embedded via a generated `kernels.rs`; the ptxas resource report is
-//! written to `$OUT_DIR/ptxas-report.txt` and summarised as cargo warnings. nvidia-smi is never
-//! called: the target architectures come from the environment only.
+//! Build script. Without the `cuda` or `emu` features it does nothing.
+//!
+//! `cuda`: every `kernels/*.cu` is compiled by nvcc into a fatbin (SASS for each architecture in
+//! CUDA_COMPUTE_CAP, default 80,90, plus compute_90 PTX), with `-Xptxas=-v,-warn-spills,-Werror`
+//! so a register spill fails the build. The fatbins are embedded via a generated `kernels.rs`; the
+//! ptxas resource report is written to `$OUT_DIR/ptxas-report.txt` and summarised as cargo
+//! warnings. nvidia-smi is never called: the target architectures come from the environment only.
+//!
+//! `emu`: the same `kernels/*.cu` are compiled as host C++ (g++ -std=c++20 -x c++ -DR3_EMU, with
+//! the CUDA headers of the pinned nvcc wheels) together with the emulator's scheduler
+//! (kernels/emu/runtime.cpp) into a static library; `emu_kernels.rs` lists every exported kernel
+//! by name with its `r3emu_<name>` entry point (see kernels/emu/emu.cuh and docs/emulation.md).
+//! Mutants (a kernel file rebuilt with a deliberate bug, under renamed symbols) are added for the
+//! test that shows the emulated selftest catches broken kernels.
 
 use std::env;
 use std::fmt::Write as _;
@@ -16,13 +24,127 @@ fn main() {
     for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
-    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
-        return;
-    }
     let out_dir = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let manifest =
         PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
-    let nvcc = find_nvcc(&manifest).unwrap_or_else(|| {
+    if env::var_os("CARGO_FEATURE_EMU").is_some() {
+        build_emu(&manifest, &out_dir);
+    }
+    if env::var_os("CARGO_FEATURE_CUDA").is_some() {
+        build_cuda(&manifest, &out_dir);
+    }
+}
+
+/// Deliberately broken kernel builds for the emulator's mutation test: (kernel file stem, tag,
+/// macro). Every kernel `k` of the file is exported again as `mutant_<tag>_k`.
+const MUTANTS: &[(&str, &str, &str)] = &[("loss", "nosync", "R3_MUTANT_NO_SYNC")];
+
+fn kernel_sources(manifest: &Path) -> Vec<PathBuf> {
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(manifest.join("kernels"))
+        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
+    sources.sort();
+    sources
+}
+
+/// The kernel names a .cu file exports (its `R3_EMU_EXPORT(name)` lines).
+fn exported_kernels(src: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(src)
+        .unwrap_or_else(|e| fail(&format!("read {}: {e}", src.display())));
+    text.lines()
+        .filter_map(|l| l.trim().strip_prefix("R3_EMU_EXPORT("))
+        .filter_map(|l| l.strip_suffix(')'))
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
+fn find_cuda_include(manifest: &Path) -> Option<PathBuf> {
+    let from_nvcc = env::var_os("NVCC")
+        .map(PathBuf::from)
+        .and_then(|p| p.parent()?.parent().map(|d| d.join("include")));
+    let candidates = [
+        from_nvcc,
+        env::var_os("CUDA_HOME").map(|p| PathBuf::from(p).join("include")),
+        env::var_os("CUDA_PATH").map(|p| PathBuf::from(p).join("include")),
+        Some(manifest.join(".cuda/nvidia/cu13/include")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|d| d.join("cuda_bf16.h").is_file())
+}
+
+fn build_emu(manifest: &Path, out_dir: &Path) {
+    let include = find_cuda_include(manifest).unwrap_or_else(|| {
+        fail(
+            "the `emu` feature needs the CUDA headers (cuda_bf16.h) of the pinned nvcc wheels, and \
+             none were found (looked next to $NVCC, in $CUDA_HOME/include, $CUDA_PATH/include and \
+             ./.cuda/nvidia/cu13/include). Install them with `bash tools/install-nvcc.sh` (pip \
+             wheels into ./.cuda, no GPU needed).",
+        )
+    });
+    let kernels = manifest.join("kernels");
+    let sources = kernel_sources(manifest);
+    let base = |b: &mut cc::Build| {
+        b.cpp(true)
+            .std("c++20")
+            .opt_level(2)
+            .debug(false)
+            .define("R3_EMU", None)
+            .include(&kernels)
+            .include(&include)
+            .flag("-x")
+            .flag("c++")
+            .flag("-fno-strict-aliasing")
+            .flag("-Wno-attributes")
+            .flag("-Wno-unused-parameter")
+            .flag("-Wno-unknown-pragmas");
+    };
+    let mut registry = String::from(
+        "// Generated by build.rs (feature `emu`): every emulated kernel by name.\n\
+         unsafe extern \"C\" {\n",
+    );
+    let mut table = String::from(
+        "/// (kernel name, emulated entry point), as `cuModuleGetFunction` would find them.\n\
+         pub static EMU_KERNELS: &[(&str, EmuEntry)] = &[\n",
+    );
+    let mut add = |name: &str| {
+        let _ = writeln!(
+            registry,
+            "    fn r3emu_{name}(cfg: *const EmuLaunch, args: *mut *mut c_void) -> i32;"
+        );
+        let _ = writeln!(table, "    (\"{name}\", r3emu_{name}),");
+    };
+    let mut build = cc::Build::new();
+    base(&mut build);
+    build.file(kernels.join("emu/runtime.cpp"));
+    for src in &sources {
+        build.file(src);
+        exported_kernels(src).iter().for_each(|n| add(n));
+    }
+    build.compile("r3emu");
+    for (stem, tag, define) in MUTANTS {
+        let src = kernels.join(format!("{stem}.cu"));
+        let mut m = cc::Build::new();
+        base(&mut m);
+        m.define(define, None)
+            .define("r3", Some(format!("r3_mutant_{tag}").as_str()));
+        for n in exported_kernels(&src) {
+            let renamed = format!("mutant_{tag}_{n}");
+            m.define(&n, Some(renamed.as_str()));
+            add(&renamed);
+        }
+        m.file(&src).compile(&format!("r3emu_mutant_{tag}_{stem}"));
+    }
+    registry.push_str("}\n");
+    table.push_str("];\n");
+    std::fs::write(out_dir.join("emu_kernels.rs"), registry + &table)
+        .expect("write emu_kernels.rs");
+}
+
+fn build_cuda(manifest: &Path, out_dir: &Path) {
+    let nvcc = find_nvcc(manifest).unwrap_or_else(|| {
         fail(
             "the `cuda` feature needs nvcc, and none was found (looked at $NVCC, $CUDA_HOME/bin, \
              $CUDA_PATH/bin, ./.cuda/nvidia/cu13/bin and PATH). Install the pinned toolkit with \
@@ -30,11 +152,7 @@ fn main() {
         )
     });
     let caps = compute_caps();
-    let mut sources: Vec<PathBuf> = std::fs::read_dir(manifest.join("kernels"))
-        .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect())
-        .unwrap_or_default();
-    sources.retain(|p| p.extension().is_some_and(|e| e == "cu"));
-    sources.sort();
+    let sources = kernel_sources(manifest);
 
     let mut report = String::new();
     let mut registry = String::from("/// Embedded fatbins, one per kernels/*.cu: (file stem, bytes).\npub const KERNEL_MODULES: &[(&str, &[u8])] = &[\n");

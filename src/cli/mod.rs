@@ -6,6 +6,7 @@ mod encode;
 mod finetune;
 mod output;
 mod pretrain;
+mod selftest;
 mod tokenize;
 
 use clap::{Parser, Subcommand};
@@ -33,6 +34,8 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// M3 unified fine-tuning (dense + sparse + ColBERT, self-knowledge distillation).
     Finetune(finetune::FinetuneArgs),
+    /// Every kernel against the CPU reference on random inputs (cuda or emu).
+    Selftest(selftest::SelftestArgs),
     /// Benchmarks (throughput printed as JSON lines).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -47,6 +50,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Tokenize(a) => tokenize::tokenize(a),
         Command::Finetune(a) => finetune::run(a),
+        Command::Selftest(a) => selftest::run(a),
         Command::Bench(c) => bench::run(c),
     }
 }

@@ -262,7 +262,9 @@ fn reference_decoder_visibility(seqs: &[Vec<u32>], lpad: usize, p: f32, rng: &mu
     for (bi, s) in seqs.iter().enumerate() {
         let n = s.len();
         let k = n.min(128);
-        let count = ((n as f64 * p as f64).round() as usize).clamp(1, 512).min(n);
+        let count = ((n as f64 * p as f64).round() as usize)
+            .clamp(1, 512)
+            .min(n);
         let masks: Vec<Vec<bool>> = (0..k)
             .map(|_| {
                 let mut pos: Vec<usize> = (0..n).collect();

@@ -1,6 +1,10 @@
 //! Devices: where tensors live and kernels run. `Cpu` is the reference and the default.
 
 pub mod cpu;
+#[cfg(feature = "emu")]
+pub mod emu;
+pub mod kernels;
+pub mod launch;
 
 use crate::error::{Error, Result};
 use std::str::FromStr;
@@ -13,6 +17,9 @@ pub enum Device {
     Cpu,
     /// A CUDA GPU by ordinal (needs the `cuda` feature and an NVIDIA driver).
     Cuda(usize),
+    /// The CUDA kernels compiled as host C++ and run on CPU threads (needs the `emu` feature):
+    /// checks kernel logic without a GPU, not speed (docs/emulation.md).
+    Emu,
 }
 
 impl Device {
@@ -20,6 +27,13 @@ impl Device {
     pub fn ensure_available(self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
+            Device::Emu => {
+                if cfg!(feature = "emu") {
+                    Ok(())
+                } else {
+                    Err(Error::FeatureMissing("emu"))
+                }
+            }
             Device::Cuda(_) => {
                 if cfg!(feature = "cuda") {
                     Err(Error::Unsupported {
@@ -39,6 +53,7 @@ impl std::fmt::Display for Device {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(i) => write!(f, "cuda:{i}"),
+            Device::Emu => f.write_str("emu"),
         }
     }
 }
@@ -49,10 +64,11 @@ impl FromStr for Device {
         match s {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
+            "emu" => Ok(Device::Emu),
             _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
                 Some(Ok(i)) => Ok(Device::Cuda(i)),
                 _ => Err(Error::invalid(format!(
-                    "unknown device '{s}' (expected cpu, cuda or cuda:N)"
+                    "unknown device '{s}' (expected cpu, cuda, cuda:N or emu)"
                 ))),
             },
         }

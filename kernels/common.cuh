@@ -1,0 +1,139 @@
+// Shared device helpers for every kernels/*.cu: bf16/f32 storage conversion (all arithmetic is
+// f32), warp and block reductions over __shfl_xor_sync, 16-byte vector loads, dynamic shared
+// memory, and (later) thin wrappers over tensor-core / async-copy instructions.
+//
+// Compiled two ways: by nvcc for the GPU, and as host C++ with -DR3_EMU (kernels/emu/emu.cuh) for
+// the CPU emulator. Code here must only use what emu.cuh provides.
+#pragma once
+
+#ifdef R3_EMU
+#include "emu/emu.cuh"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+#define R3_EMU_EXPORT(name)
+#endif
+
+namespace r3 {
+
+typedef __nv_bfloat16 bf16;
+
+// ---- storage <-> f32 --------------------------------------------------------------------------
+__device__ __forceinline__ float to_f32(float x) { return x; }
+__device__ __forceinline__ float to_f32(bf16 x) { return __bfloat162float(x); }
+template <class T>
+__device__ __forceinline__ T from_f32(float x);
+template <>
+__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ bf16 from_f32<bf16>(float x) { return __float2bfloat16_rn(x); }
+
+template <class T>
+__device__ __forceinline__ float load(const T* p, long long i) { return to_f32(p[i]); }
+template <class T>
+__device__ __forceinline__ void store(T* p, long long i, float v) { p[i] = from_f32<T>(v); }
+
+// ---- 16-byte vectors ------------------------------------------------------------------------------
+// One 128-bit load moves 4 f32 or 8 bf16: a quarter / eighth of the instructions of scalar loads,
+// which is what keeps memory-bound kernels near peak bandwidth. Use only when the pointer and the
+// element offset are 16-byte aligned (is_aligned16).
+template <class T>
+struct alignas(16) Vec16 {
+    static constexpr int N = 16 / sizeof(T);
+    T v[N];
+};
+template <class T>
+__device__ __forceinline__ bool is_aligned16(const T* p) {
+    return (reinterpret_cast<unsigned long long>(p) & 15ull) == 0;
+}
+template <class T>
+__device__ __forceinline__ Vec16<T> load16(const T* p) {
+    return *reinterpret_cast<const Vec16<T>*>(p);
+}
+template <class T>
+__device__ __forceinline__ void store16(T* p, const Vec16<T>& v) {
+    *reinterpret_cast<Vec16<T>*>(p) = v;
+}
+
+// ---- reductions -----------------------------------------------------------------------------------
+constexpr unsigned kFullMask = 0xffffffffu;
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(kFullMask, v, o));
+    return v;
+}
+
+// Online-softmax state (running max m, sum s of exp(x - m)): merging two states rescales the sum
+// with the smaller max, so max and sum need one pass over the data instead of two.
+struct MaxSum {
+    float m, s;
+};
+__device__ __forceinline__ MaxSum maxsum_merge(MaxSum a, MaxSum b) {
+    float m = fmaxf(a.m, b.m);
+    if (m == -INFINITY) return MaxSum{m, 0.f};
+    return MaxSum{m, a.s * __expf(a.m - m) + b.s * __expf(b.m - m)};
+}
+__device__ __forceinline__ MaxSum warp_maxsum(MaxSum v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        MaxSum w{__shfl_xor_sync(kFullMask, v.m, o), __shfl_xor_sync(kFullMask, v.s, o)};
+        v = maxsum_merge(v, w);
+    }
+    return v;
+}
+
+// Block-wide reductions for 1-D blocks whose size is a multiple of 32 (<= 1024). Every thread gets
+// the result. The leading __syncthreads protects the scratch array from a previous call.
+// R3_MUTANT_NO_SYNC (emulator mutation test only) removes the barrier between the warps' writes
+// and their reads: the emulated selftest must then fail.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float scratch[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+#ifndef R3_MUTANT_NO_SYNC
+    __syncthreads();
+#endif
+    return warp_sum(lane < nwarps ? scratch[lane] : 0.f);
+}
+__device__ __forceinline__ MaxSum block_maxsum(MaxSum v) {
+    __shared__ float sm[32], ss[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_maxsum(v);
+    __syncthreads();
+    if (lane == 0) {
+        sm[warp] = v.m;
+        ss[warp] = v.s;
+    }
+#ifndef R3_MUTANT_NO_SYNC
+    __syncthreads();
+#endif
+    MaxSum w = lane < nwarps ? MaxSum{sm[lane], ss[lane]} : MaxSum{-INFINITY, 0.f};
+    return warp_maxsum(w);
+}
+
+// ---- tensor cores / async copies (for the attention and GEMM-like kernels) ------------------------
+// Planned: inline wrappers `mma_m16n8k16_bf16(...)`, `ldmatrix_x4(...)`, `cp_async16(...)`,
+// `cp_async_wait<N>()`, each an `asm volatile` PTX instruction under nvcc and, under R3_EMU, a
+// portable implementation that follows the PTX ISA fragment layouts lane by lane (through the
+// warp exchange), so the fast kernels' tiling and indexing are exercised by the emulator too.
+
+}  // namespace r3
+
+// Dynamic shared memory (the launch's shared_bytes): `R3_DYN_SMEM(float, buf);` declares
+// `float* buf`. Under emulation the launcher provides the buffer, filled with 0xFF bytes.
+#ifdef R3_EMU
+#define R3_DYN_SMEM(T, name) T* name = reinterpret_cast<T*>(r3emu::dyn_smem())
+#else
+#define R3_DYN_SMEM(T, name)                                      \
+    extern __shared__ __align__(16) unsigned char r3_dyn_smem_[]; \
+    T* name = reinterpret_cast<T*>(r3_dyn_smem_)
+#endif

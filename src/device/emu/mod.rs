@@ -1,0 +1,153 @@
+//! `Device::Emu`: the real kernels/*.cu compiled as host C++ (feature `emu`, see build.rs and
+//! docs/emulation.md) and run on CPU threads. Kernels are found by name, as on CUDA, in the table
+//! build.rs generates from the files' `R3_EMU_EXPORT` lines; "device memory" is host memory.
+
+pub mod host;
+
+use crate::device::launch::{DevBuf, DevPtr, KernelArgs, KernelDevice, LaunchConfig, Launcher};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use std::ffi::{c_void, CStr};
+
+/// The launch record of kernels/emu/emu.cuh (`struct r3emu_launch`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct EmuLaunch {
+    grid: [u32; 3],
+    block: [u32; 3],
+    shared_bytes: u32,
+    workers: u32,
+}
+
+/// An emulated kernel entry point: `r3emu_<kernel>(cfg, args)`, 0 on success.
+pub type EmuEntry = unsafe extern "C" fn(cfg: *const EmuLaunch, args: *mut *mut c_void) -> i32;
+
+mod generated {
+    use super::{EmuEntry, EmuLaunch};
+    use std::ffi::c_void;
+    include!(concat!(env!("OUT_DIR"), "/emu_kernels.rs"));
+}
+pub use generated::EMU_KERNELS;
+
+unsafe extern "C" {
+    /// The message of the last failed launch on the calling thread (a NUL-terminated string owned
+    /// by the emulator, valid until the next launch on this thread).
+    fn r3emu_last_error() -> *const std::ffi::c_char;
+}
+
+/// Every kernel name the emulator provides (mutants included, named `mutant_<tag>_<kernel>`).
+pub fn kernel_names() -> impl Iterator<Item = &'static str> {
+    EMU_KERNELS.iter().map(|(n, _)| *n)
+}
+
+fn entry(name: &str) -> Option<EmuEntry> {
+    EMU_KERNELS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, e)| *e)
+}
+
+/// The emulated device. `workers` OS threads share a launch's blocks (threads of a block are
+/// fibers on one of them); `substitutes` reroute a kernel name to another (the mutation test).
+#[derive(Clone, Debug)]
+pub struct EmuDevice {
+    workers: u32,
+    substitutes: Vec<(String, String)>,
+}
+
+impl Default for EmuDevice {
+    fn default() -> EmuDevice {
+        EmuDevice::new()
+    }
+}
+
+impl EmuDevice {
+    /// Workers from `R3EMU_WORKERS`, else the machine's parallelism (at most 8).
+    pub fn new() -> EmuDevice {
+        let workers = std::env::var("R3EMU_WORKERS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, |n| n.get().min(8) as u32)
+            });
+        EmuDevice {
+            workers: workers.max(1),
+            substitutes: Vec::new(),
+        }
+    }
+
+    /// Run blocks on `n` OS threads (1: deterministic order of atomics).
+    pub fn with_workers(mut self, n: u32) -> EmuDevice {
+        self.workers = n.max(1);
+        self
+    }
+
+    /// Launch kernel `to` whenever `from` is asked for (e.g. a mutant in place of the real one).
+    pub fn substitute(mut self, from: &str, to: &str) -> EmuDevice {
+        self.substitutes.push((from.to_string(), to.to_string()));
+        self
+    }
+}
+
+impl Launcher for EmuDevice {
+    fn device(&self) -> Device {
+        Device::Emu
+    }
+
+    unsafe fn launch(&self, kernel: &str, cfg: &LaunchConfig, args: &mut KernelArgs) -> Result<()> {
+        let kernel = self
+            .substitutes
+            .iter()
+            .find(|(from, _)| from == kernel)
+            .map_or(kernel, |(_, to)| to.as_str());
+        let f = entry(kernel).ok_or_else(|| Error::Unsupported {
+            op: format!("kernel {kernel} (not in kernels/*.cu)"),
+            device: "emu".into(),
+        })?;
+        let launch = EmuLaunch {
+            grid: cfg.grid,
+            block: cfg.block,
+            shared_bytes: cfg.shared_bytes,
+            workers: self.workers,
+        };
+        // SAFETY: `f` is an r3emu_ entry generated for this kernel; `args` holds one pointer per
+        // kernel parameter (the wrappers in device::kernels push them in the .cu order), and the
+        // caller guarantees the pointer arguments address live host memory of the stated sizes.
+        let rc = unsafe { f(&launch, args.params()) };
+        if rc == 0 {
+            return Ok(());
+        }
+        // SAFETY: r3emu_last_error returns a NUL-terminated string owned by the emulator.
+        let msg = unsafe { CStr::from_ptr(r3emu_last_error()) }
+            .to_string_lossy()
+            .into_owned();
+        Err(Error::invalid(format!(
+            "emulated launch of {kernel} failed: {msg}"
+        )))
+    }
+}
+
+impl KernelDevice for EmuDevice {
+    fn upload(&self, bytes: &[u8]) -> Result<DevBuf> {
+        // u128 storage: 16-byte alignment, as cudaMalloc's 256 bytes is for the vector loads.
+        let mut store = vec![0u128; bytes.len().div_ceil(16).max(1)];
+        bytemuck::cast_slice_mut::<u128, u8>(&mut store)[..bytes.len()].copy_from_slice(bytes);
+        let ptr = DevPtr(store.as_mut_ptr() as u64);
+        Ok(DevBuf::new(ptr, bytes.len(), Box::new(store)))
+    }
+
+    fn download(&self, buf: &DevBuf, out: &mut [u8]) -> Result<()> {
+        if out.len() > buf.bytes {
+            return Err(Error::invalid(format!(
+                "download of {} bytes from a {}-byte buffer",
+                out.len(),
+                buf.bytes
+            )));
+        }
+        // SAFETY: `buf` was made by `upload`: ptr addresses `buf.bytes` live bytes kept alive by
+        // the buffer's owner box; launches are synchronous, so no kernel writes it concurrently.
+        let src = unsafe { std::slice::from_raw_parts(buf.ptr.0 as *const u8, out.len()) };
+        out.copy_from_slice(src);
+        Ok(())
+    }
+}

@@ -1,0 +1,441 @@
+//! Launch wrappers for kernels/*.cu, one per kernel family, independent of the device: each picks
+//! the launch shape the .cu file documents and builds the argument list in the kernel's parameter
+//! order. The emulator runs them on host memory today; the CUDA runtime will pass the same
+//! `KernelArgs` to cuLaunchKernel.
+//!
+//! Every function is `unsafe`: the caller guarantees that each pointer addresses device memory of
+//! the size stated in the doc comment (elements of the kernel's dtype unless marked f32/u32/i64/u8).
+
+use crate::device::launch::{DevPtr, KDType, KernelArgs, LaunchConfig, Launcher};
+use crate::error::{Error, Result};
+
+/// Grid cap for grid-stride kernels (about 8 blocks per SM on a 132-SM H100).
+pub const MAX_BLOCKS: u32 = 1024;
+
+fn int(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(format!("{what} = {v} exceeds the kernels' i32")))
+}
+
+fn blocks(work: usize, per_block: usize, cap: u32) -> u32 {
+    (work.div_ceil(per_block).max(1) as u64).min(cap as u64) as u32
+}
+
+fn name(op: &str, dt: KDType) -> String {
+    format!("{op}_{}", dt.suffix())
+}
+
+/// LayerNorm forward. x, y [rows, dim]; gamma, beta [dim]; mean, rstd [rows] f32.
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn layernorm_fwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    x: DevPtr,
+    gamma: DevPtr,
+    beta: DevPtr,
+    y: DevPtr,
+    mean: DevPtr,
+    rstd: DevPtr,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig::linear(blocks(rows, 8, u32::MAX), 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(x).arg(gamma).arg(beta).arg(y).arg(mean).arg(rstd);
+    a.arg(int(rows, "rows")?).arg(int(dim, "dim")?).arg(eps);
+    l.launch(&name("layernorm_fwd", dt), &cfg, &mut a)
+}
+
+/// LayerNorm backward. x, dy, dx [rows, dim]; gamma [dim]; mean, rstd [rows] f32;
+/// dgamma, dbeta [dim] f32 (accumulated).
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn layernorm_bwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    x: DevPtr,
+    gamma: DevPtr,
+    mean: DevPtr,
+    rstd: DevPtr,
+    dy: DevPtr,
+    dx: DevPtr,
+    dgamma: DevPtr,
+    dbeta: DevPtr,
+    rows: usize,
+    dim: usize,
+) -> Result<()> {
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let smem = int(2 * dim * 4, "layernorm shared bytes")? as u32;
+    let cfg = LaunchConfig::linear(blocks(rows, 8, MAX_BLOCKS), 256, smem);
+    let mut a = KernelArgs::new();
+    a.arg(x)
+        .arg(gamma)
+        .arg(mean)
+        .arg(rstd)
+        .arg(dy)
+        .arg(dx)
+        .arg(dgamma)
+        .arg(dbeta);
+    a.arg(int(rows, "rows")?).arg(int(dim, "dim")?);
+    l.launch(&name("layernorm_bwd", dt), &cfg, &mut a)
+}
+
+/// GELU (exact erf) forward over n elements.
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn gelu_fwd(l: &dyn Launcher, dt: KDType, x: DevPtr, y: DevPtr, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig::linear(blocks(n, 256, MAX_BLOCKS), 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(x).arg(y).arg(n as i64);
+    l.launch(&name("gelu_fwd", dt), &cfg, &mut a)
+}
+
+/// GELU backward: dx = dy * gelu'(x), n elements.
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn gelu_bwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    x: DevPtr,
+    dy: DevPtr,
+    dx: DevPtr,
+    n: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig::linear(blocks(n, 256, MAX_BLOCKS), 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(x).arg(dy).arg(dx).arg(n as i64);
+    l.launch(&name("gelu_bwd", dt), &cfg, &mut a)
+}
+
+/// y = gelu(x + bias): x, y [rows, dim]; bias [dim].
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn bias_gelu_fwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    x: DevPtr,
+    bias: DevPtr,
+    y: DevPtr,
+    rows: usize,
+    dim: usize,
+) -> Result<()> {
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    int(rows * dim, "rows * dim")?;
+    let cfg = LaunchConfig::linear(blocks(rows * dim, 256, MAX_BLOCKS), 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(x)
+        .arg(bias)
+        .arg(y)
+        .arg(int(rows, "rows")?)
+        .arg(int(dim, "dim")?);
+    l.launch(&name("bias_gelu_fwd", dt), &cfg, &mut a)
+}
+
+/// Backward of [`bias_gelu_fwd`]: dx [rows, dim] assigned, dbias [dim] f32 accumulated.
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn bias_gelu_bwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    x: DevPtr,
+    bias: DevPtr,
+    dy: DevPtr,
+    dx: DevPtr,
+    dbias: DevPtr,
+    rows: usize,
+    dim: usize,
+) -> Result<()> {
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let smem = int(dim * 4, "bias_gelu shared bytes")? as u32;
+    let cfg = LaunchConfig::linear(blocks(rows, 8, MAX_BLOCKS), 256, smem);
+    let mut a = KernelArgs::new();
+    a.arg(x).arg(bias).arg(dy).arg(dx).arg(dbias);
+    a.arg(int(rows, "rows")?).arg(int(dim, "dim")?);
+    l.launch(&name("bias_gelu_bwd", dt), &cfg, &mut a)
+}
+
+/// Embedding gather: table [vocab, dim], ids [n] u32, out [n, dim] (ids >= vocab give zeros).
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn gather_fwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    table: DevPtr,
+    ids: DevPtr,
+    out: DevPtr,
+    n: usize,
+    dim: usize,
+    vocab: usize,
+) -> Result<()> {
+    if n == 0 || dim == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig::linear(blocks(n, 4, u32::MAX), 128, 0);
+    let mut a = KernelArgs::new();
+    a.arg(table).arg(ids).arg(out);
+    a.arg(int(n, "n")?)
+        .arg(int(dim, "dim")?)
+        .arg(int(vocab, "vocab")?);
+    l.launch(&name("gather_fwd", dt), &cfg, &mut a)
+}
+
+/// Embedding scatter-add: dtable[ids[i]] += dout[i] (f32 dtable [vocab, dim]); rows whose id is
+/// `padding_idx` are skipped.
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn gather_bwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    dout: DevPtr,
+    ids: DevPtr,
+    dtable: DevPtr,
+    n: usize,
+    dim: usize,
+    vocab: usize,
+    padding_idx: Option<u32>,
+) -> Result<()> {
+    if n == 0 || dim == 0 {
+        return Ok(());
+    }
+    let pad = match padding_idx {
+        Some(p) => int(p as usize, "padding_idx")?,
+        None => -1,
+    };
+    let cfg = LaunchConfig::linear(blocks(n, 4, u32::MAX), 128, 0);
+    let mut a = KernelArgs::new();
+    a.arg(dout).arg(ids).arg(dtable);
+    a.arg(int(n, "n")?)
+        .arg(int(dim, "dim")?)
+        .arg(int(vocab, "vocab")?)
+        .arg(pad);
+    l.launch(&name("gather_bwd", dt), &cfg, &mut a)
+}
+
+/// Row L2 normalisation forward: x, y [rows, dim].
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn l2_normalize_fwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    x: DevPtr,
+    y: DevPtr,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig::linear(blocks(rows, 8, u32::MAX), 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(x)
+        .arg(y)
+        .arg(int(rows, "rows")?)
+        .arg(int(dim, "dim")?)
+        .arg(eps);
+    l.launch(&name("l2_normalize_fwd", dt), &cfg, &mut a)
+}
+
+/// Row L2 normalisation backward: x, dy, dx [rows, dim].
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn l2_normalize_bwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    x: DevPtr,
+    dy: DevPtr,
+    dx: DevPtr,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) -> Result<()> {
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig::linear(blocks(rows, 8, u32::MAX), 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(x)
+        .arg(dy)
+        .arg(dx)
+        .arg(int(rows, "rows")?)
+        .arg(int(dim, "dim")?)
+        .arg(eps);
+    l.launch(&name("l2_normalize_bwd", dt), &cfg, &mut a)
+}
+
+/// Cross-entropy forward: logits [rows, classes], targets [rows] i64 (-100 ignored); writes
+/// lse [rows] f32, row_loss [rows] f32 and stats [2] f32 = (mean loss, counted rows).
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn cross_entropy_fwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    logits: DevPtr,
+    targets: DevPtr,
+    lse: DevPtr,
+    row_loss: DevPtr,
+    stats: DevPtr,
+    rows: usize,
+    classes: usize,
+) -> Result<()> {
+    let (r, c) = (int(rows, "rows")?, int(classes, "classes")?);
+    if rows > 0 && classes > 0 {
+        let cfg = LaunchConfig::linear(blocks(rows, 1, u32::MAX), 256, 0);
+        let mut a = KernelArgs::new();
+        a.arg(logits)
+            .arg(targets)
+            .arg(lse)
+            .arg(row_loss)
+            .arg(r)
+            .arg(c);
+        l.launch(&name("cross_entropy_fwd", dt), &cfg, &mut a)?;
+    }
+    let mut a = KernelArgs::new();
+    a.arg(row_loss).arg(targets).arg(r).arg(stats);
+    l.launch(
+        "cross_entropy_reduce",
+        &LaunchConfig::linear(1, 256, 0),
+        &mut a,
+    )
+}
+
+/// Cross-entropy backward: dlogits [rows, classes] = g / count * (softmax - onehot) on counted
+/// rows, 0 elsewhere, reading lse [rows] f32 and stats [2] f32 from the forward. dlogits may be
+/// the logits buffer itself.
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn cross_entropy_bwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    logits: DevPtr,
+    targets: DevPtr,
+    lse: DevPtr,
+    stats: DevPtr,
+    g: f32,
+    dlogits: DevPtr,
+    rows: usize,
+    classes: usize,
+) -> Result<()> {
+    if rows == 0 || classes == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig::linear(blocks(rows, 1, u32::MAX), 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(logits)
+        .arg(targets)
+        .arg(lse)
+        .arg(stats)
+        .arg(g)
+        .arg(dlogits);
+    a.arg(int(rows, "rows")?).arg(int(classes, "classes")?);
+    l.launch(&name("cross_entropy_bwd", dt), &cfg, &mut a)
+}
+
+/// AdamW hyper-parameters of one fused step (bias corrections from `step`, counted from 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: u64,
+    /// Clip the global gradient norm to this (0: no clipping).
+    pub max_norm: f32,
+}
+
+/// Fused AdamW over param, grad, m, v [n] f32; decay_mask [n] u8 or NULL (decay all); sumsq [1]
+/// f32 from [`grad_sumsq`] or NULL (no clipping).
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn adamw(
+    l: &dyn Launcher,
+    param: DevPtr,
+    grad: DevPtr,
+    m: DevPtr,
+    v: DevPtr,
+    decay_mask: DevPtr,
+    sumsq: DevPtr,
+    n: usize,
+    h: &AdamWStep,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let t = i32::try_from(h.step.max(1)).unwrap_or(i32::MAX);
+    let bc1 = (1.0 - (h.beta1 as f64).powi(t)) as f32;
+    let bc2 = (1.0 - (h.beta2 as f64).powi(t)) as f32;
+    let cfg = LaunchConfig::linear(blocks(n, 256, MAX_BLOCKS), 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(param)
+        .arg(grad)
+        .arg(m)
+        .arg(v)
+        .arg(decay_mask)
+        .arg(n as i64);
+    a.arg(h.lr)
+        .arg(h.beta1)
+        .arg(h.beta2)
+        .arg(h.eps)
+        .arg(h.weight_decay);
+    a.arg(bc1).arg(bc2).arg(sumsq).arg(h.max_norm);
+    l.launch("adamw_f32", &cfg, &mut a)
+}
+
+/// Number of f32 partials [`grad_sumsq`] needs as scratch for n elements.
+pub fn grad_sumsq_partials(n: usize) -> usize {
+    blocks(n, 256, MAX_BLOCKS) as usize
+}
+
+/// sumsq[0] = Σ g² over g [n] f32, via partials [grad_sumsq_partials(n)] f32 (deterministic).
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn grad_sumsq(
+    l: &dyn Launcher,
+    g: DevPtr,
+    partials: DevPtr,
+    sumsq: DevPtr,
+    n: usize,
+) -> Result<()> {
+    let nb = grad_sumsq_partials(n);
+    let mut a = KernelArgs::new();
+    a.arg(g).arg(n as i64).arg(partials);
+    l.launch(
+        "grad_sumsq_partial_f32",
+        &LaunchConfig::linear(nb as u32, 256, 0),
+        &mut a,
+    )?;
+    let mut a = KernelArgs::new();
+    a.arg(partials).arg(nb as i32).arg(sumsq);
+    l.launch("sum_final_f32", &LaunchConfig::linear(1, 256, 0), &mut a)
+}

@@ -1,0 +1,75 @@
+//! The emulated device (feature `emu`): every kernel of kernels/*.cu, compiled as host C++, must
+//! agree with the CPU reference on the quick selftest shapes; and the harness must catch broken
+//! kernels (a mutant built from kernels/loss.cu with the block reductions' __syncthreads removed,
+//! and launches the GPU would refuse are errors).
+#![cfg(feature = "emu")]
+
+use retrom3::device::emu::{self, EmuDevice};
+use retrom3::device::launch::{KernelArgs, LaunchConfig, Launcher};
+use retrom3::selftest;
+
+#[test]
+fn quick_selftest_passes_on_the_emulator() {
+    let report = selftest::run(retrom3::Device::Emu, true).unwrap();
+    println!("{report}");
+    assert!(report.rows.len() > 100, "{} rows", report.rows.len());
+    assert!(report.all_passed(), "{report}");
+}
+
+#[test]
+fn every_kernel_has_a_selftest_row() {
+    let report = selftest::run_with_seed(retrom3::Device::Emu, true, 7).unwrap();
+    for name in emu::kernel_names().filter(|n| !n.starts_with("mutant_")) {
+        // Reductions that only serve another kernel are checked through it.
+        let covered_by = match name {
+            "cross_entropy_reduce" => "cross_entropy_fwd_f32",
+            "sum_final_f32" => "grad_sumsq_partial_f32",
+            n => n,
+        };
+        assert!(
+            report.rows.iter().any(|r| r.kernel == covered_by),
+            "kernel {name} has no selftest row"
+        );
+    }
+}
+
+#[test]
+fn missing_syncthreads_is_caught() {
+    // The mutant's block reductions read the per-warp partials before every warp has written
+    // them. One worker thread: the catch must not depend on OS scheduling.
+    let dev = EmuDevice::new().with_workers(1).substitute(
+        "cross_entropy_fwd_f32",
+        "mutant_nosync_cross_entropy_fwd_f32",
+    );
+    let report = selftest::run_on(&dev, true, 11).unwrap();
+    let bad: Vec<_> = report.failures();
+    println!("{report}");
+    assert!(!bad.is_empty(), "the mutant passed the selftest");
+    assert!(
+        bad.iter().all(|r| r.kernel == "cross_entropy_fwd_f32"),
+        "only the mutated kernel may fail"
+    );
+}
+
+#[test]
+fn bad_launches_are_errors() {
+    let dev = EmuDevice::new().with_workers(1);
+    let mut args = KernelArgs::new();
+    args.arg(0u64)
+        .arg(0u64)
+        .arg(0u64)
+        .arg(0i32)
+        .arg(4i32)
+        .arg(1i32);
+    let cfg = LaunchConfig {
+        grid: [1, 1, 1],
+        block: [2048, 1, 1],
+        shared_bytes: 0,
+    };
+    // SAFETY: the launch is rejected for its shape before any pointer is touched.
+    let err = unsafe { dev.launch("gather_fwd_f32", &cfg, &mut args) }.unwrap_err();
+    assert!(err.to_string().contains("invalid launch shape"), "{err}");
+    // SAFETY: no kernel of that name exists; nothing runs.
+    let err = unsafe { dev.launch("no_such_kernel", &cfg, &mut args) }.unwrap_err();
+    assert!(err.to_string().contains("no_such_kernel"), "{err}");
+}
