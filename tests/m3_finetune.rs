@@ -6,7 +6,7 @@ use retrom3::data::TextTokenizer;
 use retrom3::device::cpu::adamw::AdamWHyper;
 use retrom3::model::encoder::Encoder;
 use retrom3::model::m3_train::{KdLoss, M3LossConfig, M3Student};
-use retrom3::train::m3::{finetune, load_optimizer, FinetuneConfig};
+use retrom3::train::m3::{finetune, FinetuneConfig};
 use retrom3::train::{AdamW, TrainState};
 use retrom3::{Device, EncodeOptions, EncoderConfig, Error, M3Model};
 use std::path::{Path, PathBuf};
@@ -137,7 +137,7 @@ fn resume_is_bit_identical() {
         weight_decay: cfg.weight_decay,
     };
     let mut opt = AdamW::new(b.params.specs(), hyper, cfg.max_grad_norm);
-    load_optimizer(&ckpt, &b, &mut opt, state.step).unwrap();
+    opt.load_dir(&ckpt, b.params.specs(), state.step).unwrap();
     finetune(
         &mut b,
         &ex,

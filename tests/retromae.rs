@@ -9,7 +9,7 @@ use retrom3::data::masking::{make_batch, MaskingConfig, MaskingVocab};
 use retrom3::data::rng::Rng;
 use retrom3::model::encoder::Encoder;
 use retrom3::model::retromae::RetroMae;
-use retrom3::train::retromae::{load_optimizer, pretrain, PretrainConfig};
+use retrom3::train::retromae::{pretrain, PretrainConfig};
 use retrom3::train::{AdamW, TrainState};
 use retrom3::{EncoderConfig, Tensor};
 use std::path::{Path, PathBuf};
@@ -236,7 +236,7 @@ fn resume_is_bit_identical() {
         },
         Some(1.0),
     );
-    load_optimizer(&ckpt, &b, &mut opt, state.step).unwrap();
+    opt.load_dir(&ckpt, b.params.specs(), state.step).unwrap();
     let b_out = tmp("b");
     pretrain(
         &mut b,

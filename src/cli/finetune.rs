@@ -4,11 +4,11 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use retrom3::data::m3_data::{read_train_file, TrainExample};
 use retrom3::data::TextTokenizer;
-use retrom3::device::cpu::adamw::AdamWHyper;
 use retrom3::model::encoder::Encoder;
 use retrom3::model::m3_train::{fresh_heads, KdLoss, M3LossConfig, M3Student};
-use retrom3::train::m3::{finetune, load_optimizer, FinetuneConfig};
-use retrom3::train::{AdamW, TrainState};
+use retrom3::train::m3::{finetune, FinetuneConfig};
+use retrom3::train::optim::adamw_hyper;
+use retrom3::train::{clip_option as clip, AdamW, TrainState};
 use retrom3::{Device, EncoderConfig, Error, Result};
 use std::path::{Path, PathBuf};
 
@@ -145,8 +145,12 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         Some(dir) => {
             let model = load_student(dir, a.seed)?;
             let state = TrainState::load(dir)?;
-            let mut opt = AdamW::new(model.params.specs(), hyper(&a), clip(&a));
-            load_optimizer(dir, &model, &mut opt, state.step)?;
+            let mut opt = AdamW::new(
+                model.params.specs(),
+                adamw_hyper(a.lr, a.weight_decay),
+                clip(a.max_grad_norm),
+            );
+            opt.load_dir(dir, model.params.specs(), state.step)?;
             (model, Some((state, opt)))
         }
         None => (load_student(&a.model, a.seed)?, None),
@@ -177,7 +181,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         lr: a.lr,
         warmup_ratio: a.warmup_ratio,
         weight_decay: a.weight_decay,
-        max_grad_norm: clip(&a),
+        max_grad_norm: clip(a.max_grad_norm),
         seed: resume.as_ref().map_or(a.seed, |(s, _)| s.seed),
         save_every: a.save_every,
         fix_encoder: a.fix_encoder,
@@ -214,18 +218,4 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn hyper(a: &FinetuneArgs) -> AdamWHyper {
-    AdamWHyper {
-        lr: a.lr,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: a.weight_decay,
-    }
-}
-
-fn clip(a: &FinetuneArgs) -> Option<f32> {
-    (a.max_grad_norm > 0.0).then_some(a.max_grad_norm)
 }

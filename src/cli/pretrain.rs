@@ -5,12 +5,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use retrom3::data::corpus::{tokenizer_fingerprint, TokenCorpus};
 use retrom3::data::masking::{MaskingConfig, MaskingVocab};
 use retrom3::data::TextTokenizer;
-use retrom3::device::cpu::adamw::AdamWHyper;
 use retrom3::model::encoder::Encoder;
 use retrom3::model::retromae::RetroMae;
-use retrom3::train::optim::AdamW;
-use retrom3::train::retromae::{load_optimizer, pretrain, DocSource, PretrainConfig};
-use retrom3::train::TrainState;
+use retrom3::train::optim::{adamw_hyper, AdamW};
+use retrom3::train::retromae::{pretrain, DocSource, PretrainConfig};
+use retrom3::train::{clip_option as clip, TrainState};
 use retrom3::{Device, EncoderConfig, Error, Result};
 use std::path::PathBuf;
 
@@ -124,8 +123,12 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             let enc = Encoder::from_tensors(cfg, &map, &path)?;
             let model = RetroMae::new(enc, &RetroMae::read_heads(dir)?, a.dec_mask, a.seed)?;
             let state = TrainState::load(dir)?;
-            let mut opt = AdamW::new(model.params.specs(), hyper(&a), clip(&a));
-            load_optimizer(dir, &model, &mut opt, state.step)?;
+            let mut opt = AdamW::new(
+                model.params.specs(),
+                adamw_hyper(a.lr, a.weight_decay),
+                clip(a.max_grad_norm),
+            );
+            opt.load_dir(dir, model.params.specs(), state.step)?;
             (model, Some((state, opt)))
         }
         (None, Some(dir), _) => {
@@ -181,7 +184,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         },
         seed: resume.as_ref().map_or(a.seed, |(s, _)| s.seed),
         save_every: a.save_every,
-        max_grad_norm: clip(&a),
+        max_grad_norm: clip(a.max_grad_norm),
         dropout: true,
     };
     let pb = ProgressBar::new(0);
@@ -211,18 +214,4 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn hyper(a: &PretrainArgs) -> AdamWHyper {
-    AdamWHyper {
-        lr: a.lr,
-        beta1: 0.9,
-        beta2: 0.999,
-        eps: 1e-8,
-        weight_decay: a.weight_decay,
-    }
-}
-
-fn clip(a: &PretrainArgs) -> Option<f32> {
-    (a.max_grad_norm > 0.0).then_some(a.max_grad_norm)
 }

@@ -5,14 +5,14 @@
 
 use super::checkpoint::{atomic_dir, TrainState};
 use super::metrics::MetricsLog;
-use super::optim::AdamW;
+use super::optim::{adamw_hyper, AdamW};
 use super::schedule::{linear_warmup_decay, warmup_steps};
+use super::start_or_resume;
 use super::GradAccumulator;
 use crate::autograd::Tape;
 use crate::data::m3_data::{sample_group, TrainExample};
 use crate::data::rng::Rng;
 use crate::data::tokenizer::TextTokenizer;
-use crate::device::cpu::adamw::AdamWHyper;
 use crate::device::cpu::elementwise::hash_u32;
 use crate::error::{Error, Result};
 use crate::model::encoder::{DropoutCfg, EncoderInput};
@@ -142,30 +142,14 @@ pub fn finetune(
         .unwrap_or(cfg.epochs.unwrap_or(1) * per_epoch)
         .max(1);
     let warmup = warmup_steps(total, cfg.warmup_ratio);
-    let (mut state, mut opt) = match resume {
-        Some(r) => r,
-        None => (
-            TrainState {
-                step: 0,
-                total_steps: total,
-                batches_seen: 0,
-                seed: cfg.seed,
-                args: serde_json::Value::Null,
-            },
-            AdamW::new(
-                model.params.specs(),
-                AdamWHyper {
-                    lr: cfg.lr,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: cfg.weight_decay,
-                },
-                cfg.max_grad_norm,
-            ),
-        ),
-    };
-    state.total_steps = total;
+    let (mut state, mut opt) = start_or_resume(
+        resume,
+        model.params.specs(),
+        adamw_hyper(cfg.lr, cfg.weight_decay),
+        cfg.max_grad_norm,
+        cfg.seed,
+        total,
+    );
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"))?;
     let pad = model.encoder_config.pad_token_id;
@@ -264,10 +248,4 @@ pub fn finetune(
         &["loss", "dense", "sparse", "colbert"],
     )?;
     Ok(report)
-}
-
-/// Restore the optimizer of a checkpoint written by this trainer.
-pub fn load_optimizer(dir: &Path, model: &M3Student, opt: &mut AdamW, step: u64) -> Result<()> {
-    let map = crate::io::read_safetensors(&dir.join("optimizer.safetensors"))?;
-    opt.load_state(model.params.specs(), &map, step)
 }

@@ -19,6 +19,37 @@ use crate::error::Result;
 use crate::model::params::ParamSpec;
 use crate::tensor::Tensor;
 
+/// A `--max-grad-norm` value as the optimizer's option: 0 (or less) disables clipping.
+pub fn clip_option(max_grad_norm: f32) -> Option<f32> {
+    (max_grad_norm > 0.0).then_some(max_grad_norm)
+}
+
+/// The state and optimizer of a run: the resumed ones, or fresh ones (step 0, AdamW with torch's
+/// defaults); `total` steps either way.
+pub fn start_or_resume(
+    resume: Option<(TrainState, AdamW)>,
+    specs: &[ParamSpec],
+    hyper: crate::device::cpu::adamw::AdamWHyper,
+    max_grad_norm: Option<f32>,
+    seed: u64,
+    total: u64,
+) -> (TrainState, AdamW) {
+    let (mut state, opt) = resume.unwrap_or_else(|| {
+        (
+            TrainState {
+                step: 0,
+                total_steps: total,
+                batches_seen: 0,
+                seed,
+                args: serde_json::Value::Null,
+            },
+            AdamW::new(specs, hyper, max_grad_norm),
+        )
+    });
+    state.total_steps = total;
+    (state, opt)
+}
+
 /// Per-parameter gradient sums over micro-batches (None: no gradient reached it yet).
 pub struct GradAccumulator(Vec<Option<Vec<f32>>>);
 

@@ -21,6 +21,17 @@ pub struct AdamW {
     decay: Vec<bool>,
 }
 
+/// torch.optim.AdamW's defaults (β1 0.9, β2 0.999, eps 1e-8) with this lr and weight decay.
+pub fn adamw_hyper(lr: f32, weight_decay: f32) -> AdamWHyper {
+    AdamWHyper {
+        lr,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay,
+    }
+}
+
 /// HF Trainer: no decay for "bias" and LayerNorm weights.
 pub fn no_decay(name: &str) -> bool {
     name.ends_with("bias") || name.contains("LayerNorm") || name.contains("layer_norm")
@@ -117,6 +128,17 @@ impl AdamW {
             );
         }
         Ok(map)
+    }
+
+    /// Restore the moments from a checkpoint directory's optimizer.safetensors.
+    pub fn load_dir(
+        &mut self,
+        dir: &std::path::Path,
+        specs: &[ParamSpec],
+        step: u64,
+    ) -> Result<()> {
+        let map = crate::io::read_safetensors(&dir.join("optimizer.safetensors"))?;
+        self.load_state(specs, &map, step)
     }
 
     /// Restore the moments saved by [`AdamW::state_tensors`] (and the step count).

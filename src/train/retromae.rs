@@ -5,13 +5,13 @@
 
 use super::checkpoint::{atomic_dir, TrainState};
 use super::metrics::MetricsLog;
-use super::optim::AdamW;
+use super::optim::{adamw_hyper, AdamW};
 use super::schedule::{linear_warmup_decay, warmup_steps};
+use super::start_or_resume;
 use super::GradAccumulator;
 use crate::autograd::Tape;
 use crate::data::masking::{make_batch, MaskingConfig, MaskingVocab};
 use crate::data::rng::Rng;
-use crate::device::cpu::adamw::AdamWHyper;
 use crate::device::cpu::elementwise::hash_u32;
 use crate::error::{Error, Result};
 use crate::model::encoder::DropoutCfg;
@@ -101,12 +101,6 @@ fn write_run_files(
     state.save(dir)
 }
 
-/// Restore the optimizer of a checkpoint written by this trainer.
-pub fn load_optimizer(dir: &Path, model: &RetroMae, opt: &mut AdamW, step: u64) -> Result<()> {
-    let map = crate::io::read_safetensors(&dir.join("optimizer.safetensors"))?;
-    opt.load_state(model.params.specs(), &map, step)
-}
-
 /// Run (or continue) pre-training. `resume` is the state of the checkpoint the model and optimizer
 /// were restored from. Writes metrics.jsonl + metrics.svg, `checkpoint-<step>/` directories
 /// (atomically) and, at the end, the final model files into `out` itself (a model directory that
@@ -144,30 +138,14 @@ pub fn pretrain(
     }
     .max(1);
     let warmup = warmup_steps(total, cfg.warmup_ratio);
-    let (mut state, mut opt) = match resume {
-        Some((s, o)) => (s, o),
-        None => (
-            TrainState {
-                step: 0,
-                total_steps: total,
-                batches_seen: 0,
-                seed: cfg.seed,
-                args: serde_json::Value::Null,
-            },
-            AdamW::new(
-                model.params.specs(),
-                AdamWHyper {
-                    lr: cfg.lr,
-                    beta1: 0.9,
-                    beta2: 0.999,
-                    eps: 1e-8,
-                    weight_decay: cfg.weight_decay,
-                },
-                cfg.max_grad_norm,
-            ),
-        ),
-    };
-    state.total_steps = total;
+    let (mut state, mut opt) = start_or_resume(
+        resume,
+        model.params.specs(),
+        adamw_hyper(cfg.lr, cfg.weight_decay),
+        cfg.max_grad_norm,
+        cfg.seed,
+        total,
+    );
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"))?;
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
