@@ -3,9 +3,12 @@
 mod bench;
 mod convert;
 mod encode;
+mod eval;
 mod finetune;
+mod index;
 mod output;
 mod pretrain;
+mod search;
 mod selftest;
 mod tokenize;
 
@@ -39,6 +42,12 @@ pub enum Command {
     /// Benchmarks (throughput printed as JSON lines).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Encode a corpus (BEIR corpus.jsonl) into a retrieval index: dense, sparse, ColBERT, BM25.
+    Index(index::IndexArgs),
+    /// Search an index: dense, sparse, hybrid (dense+sparse), colbert re-rank, all, bm25.
+    Search(search::SearchArgs),
+    /// Evaluate retrieval modes on a BEIR directory (nDCG@10, Recall@100, MRR@10, MAP).
+    Eval(eval::EvalArgs),
 }
 
 /// Run a parsed command line.
@@ -52,5 +61,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Finetune(a) => finetune::run(a),
         Command::Selftest(a) => selftest::run(a),
         Command::Bench(c) => bench::run(c),
+        Command::Index(a) => index::run(a),
+        Command::Search(a) => search::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }

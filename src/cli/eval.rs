@@ -1,0 +1,168 @@
+//! `retrom3 eval`: index a BEIR corpus in memory, run every requested mode over the split's
+//! queries, and report nDCG@10, Recall@100, MRR@10 and MAP (trec_eval semantics).
+
+use super::output::progress;
+use super::search::{parse_weights, trec_line};
+use clap::Args;
+use retrom3::retrieval::hybrid::encode_queries_for;
+use retrom3::retrieval::metrics::{evaluate, Run, Summary};
+use retrom3::retrieval::{beir, Index, IndexParts, Mode, SearchOptions};
+use retrom3::{Device, Error, M3Model, Result};
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// Model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// BEIR directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The qrels split.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Comma-separated modes: dense, sparse, colbert, dense+sparse, all, bm25.
+    #[arg(long, default_value = "bm25,dense,sparse,colbert,dense+sparse,all")]
+    pub modes: String,
+    /// JSON results file.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Retrieved documents per query (the depth of MAP and Recall).
+    #[arg(long, default_value_t = 100)]
+    pub depth: usize,
+    /// Candidates from each of dense and sparse for the fused / re-rank modes (K).
+    #[arg(long, default_value_t = 100)]
+    pub candidates: usize,
+    /// Fusion weights w_dense,w_sparse[,w_colbert].
+    #[arg(long, default_value = "1,0.3,1")]
+    pub weights: String,
+    /// Also write one TREC run file per mode into this directory.
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+}
+
+fn parse_modes(s: &str) -> Result<Vec<Mode>> {
+    let mut v: Vec<Mode> = Vec::new();
+    for m in s.split(',').filter(|x| !x.trim().is_empty()) {
+        let m: Mode = m.parse()?;
+        if !v.contains(&m) {
+            v.push(m);
+        }
+    }
+    if v.is_empty() {
+        return Err(Error::invalid("--modes: no mode given"));
+    }
+    Ok(v)
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let modes = parse_modes(&a.modes)?;
+    let weights = parse_weights(&a.weights)?;
+    if a.depth == 0 {
+        return Err(Error::invalid("--depth must be >= 1"));
+    }
+    let data = beir::load(&a.data, &a.split)?;
+    let model = M3Model::load(&a.model, a.device)?;
+    let mut parts = IndexParts::default();
+    for m in &modes {
+        let p = m.parts();
+        parts.dense |= p.dense;
+        parts.sparse |= p.sparse;
+        parts.colbert |= p.colbert;
+        parts.bm25 |= p.bm25;
+    }
+    let pb = progress(data.corpus.len(), "index");
+    let index = Index::build(&model, &data.corpus, parts, &mut |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    let texts: Vec<&str> = data.queries.iter().map(|q| q.text.as_str()).collect();
+    let reps = encode_queries_for(&model, &texts, &modes)?;
+    let opts = SearchOptions {
+        k: a.depth,
+        candidates: a.candidates,
+        weights,
+    };
+    if let Some(d) = &a.run_dir {
+        std::fs::create_dir_all(d).map_err(|e| Error::io(d, e))?;
+    }
+    let mut results: Vec<(Mode, Summary)> = Vec::new();
+    for &mode in &modes {
+        let hits = index.search(&reps, mode, &opts)?;
+        let mut run = Run::new();
+        for (q, hs) in data.queries.iter().zip(&hits) {
+            run.insert(
+                q.id.clone(),
+                hs.iter()
+                    .map(|h| (index.doc_id(h.doc).to_string(), h.score as f64))
+                    .collect(),
+            );
+        }
+        if let Some(d) = &a.run_dir {
+            let path = d.join(format!("{}.trec", mode.name().replace('+', "_")));
+            retrom3::io::write_atomic(&path, |w| {
+                for (q, hs) in data.queries.iter().zip(&hits) {
+                    for (r, h) in hs.iter().enumerate() {
+                        trec_line(w, &q.id, index.doc_id(h.doc), r + 1, h.score, mode)?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        let (_, summary) = evaluate(&data.qrels, &run);
+        results.push((mode, summary));
+    }
+    println!(
+        "{:<14} {:>8} {:>10} {:>8} {:>8}",
+        "mode", "nDCG@10", "Recall@100", "MRR@10", "MAP"
+    );
+    for (m, s) in &results {
+        println!(
+            "{:<14} {:>8.4} {:>10.4} {:>8.4} {:>8.4}",
+            m.name(),
+            s.mean.ndcg_10,
+            s.mean.recall_100,
+            s.mean.mrr_10,
+            s.mean.map
+        );
+    }
+    let s0 = &results[0].1;
+    println!(
+        "{} queries evaluated on split {:?} over {} documents; {} skipped (no relevant judgment)",
+        s0.queries,
+        a.split,
+        index.n_docs(),
+        s0.skipped_no_relevant
+    );
+    if let Some(out) = &a.output {
+        let mut by_mode = serde_json::Map::new();
+        for (m, s) in &results {
+            by_mode.insert(
+                m.name().into(),
+                serde_json::to_value(s).map_err(|e| Error::invalid(e.to_string()))?,
+            );
+        }
+        let doc = json!({
+            "data": a.data.display().to_string(),
+            "split": a.split,
+            "model": index.fingerprint.model,
+            "fingerprint": format!("{:016x}", index.fingerprint.hash),
+            "corpus_docs": index.n_docs(),
+            "queries": s0.queries,
+            "skipped_no_relevant": s0.skipped_no_relevant,
+            "settings": {
+                "depth": a.depth,
+                "candidates": a.candidates,
+                "weights": weights,
+                "bm25": {"k1": index.bm25_params.k1, "b": index.bm25_params.b},
+            },
+            "modes": modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            "results": by_mode,
+        });
+        let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::invalid(e.to_string()))?;
+        retrom3::io::write_atomic(out, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,71 @@
+//! `retrom3 index`: encode a corpus and write a retrieval index directory.
+
+use super::output::progress;
+use clap::Args;
+use retrom3::retrieval::{beir, Index, IndexParts};
+use retrom3::{Device, M3Model, Result};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct IndexArgs {
+    /// Model directory (with the M3 heads for --sparse / --colbert).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// corpus.jsonl in BEIR form {"_id", "title", "text"} (or {"text"}: the line number is the id).
+    #[arg(long)]
+    pub corpus: PathBuf,
+    /// Output index directory (index.r3i is written inside).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Store dense vectors (with none of --dense/--sparse/--colbert: all three).
+    #[arg(long)]
+    pub dense: bool,
+    /// Store the learned sparse inverted index.
+    #[arg(long)]
+    pub sparse: bool,
+    /// Store ColBERT vectors (f16) for re-ranking.
+    #[arg(long)]
+    pub colbert: bool,
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+}
+
+pub fn run(a: IndexArgs) -> Result<()> {
+    let corpus = beir::read_corpus(&a.corpus)?;
+    let none = !(a.dense || a.sparse || a.colbert);
+    let parts = IndexParts {
+        dense: a.dense || none,
+        sparse: a.sparse || none,
+        colbert: a.colbert || none,
+        // BM25 needs only the tokenizer: always stored, as the baseline.
+        bm25: true,
+    };
+    let model = M3Model::load(&a.model, a.device)?;
+    let pb = progress(corpus.len(), "index");
+    let index = Index::build(&model, &corpus, parts, &mut |n| pb.inc(n as u64))?;
+    pb.finish_and_clear();
+    index.save(&a.output)?;
+    let mut what = Vec::new();
+    if let Some(d) = &index.dense {
+        what.push(format!("dense {}-d", d.dim()));
+    }
+    if let Some(s) = &index.sparse {
+        what.push(format!("sparse {} postings", s.n_postings()));
+    }
+    if let Some(c) = &index.colbert {
+        what.push(format!("colbert {}-d f16", c.dim()));
+    }
+    if let Some(b) = &index.bm25 {
+        what.push(format!("bm25 {} postings", b.n_postings()));
+    }
+    println!(
+        "indexed {} documents ({}) into {}",
+        index.n_docs(),
+        what.join(", "),
+        a.output
+            .join(retrom3::retrieval::index::INDEX_FILE)
+            .display()
+    );
+    Ok(())
+}

@@ -1,0 +1,155 @@
+//! `retrom3 search`: query an index (one query on the command line, or a queries file to a TREC
+//! run file).
+
+use clap::Args;
+use retrom3::retrieval::hybrid::encode_queries;
+use retrom3::retrieval::{beir, Hit, Index, Mode, ModelFingerprint, SearchOptions};
+use retrom3::{Device, Error, M3Model, Result};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct SearchArgs {
+    /// Model directory (must be the one the index was built with).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Index directory written by `retrom3 index`.
+    #[arg(long)]
+    pub index: PathBuf,
+    /// One query text.
+    #[arg(long, conflicts_with = "queries")]
+    pub query: Option<String>,
+    /// queries.jsonl ({"_id", "text"}); results go to --run (TREC format) or stdout.
+    #[arg(long)]
+    pub queries: Option<PathBuf>,
+    /// TREC run file to write (`qid Q0 docid rank score retrom3-<mode>`).
+    #[arg(long, requires = "queries")]
+    pub run: Option<PathBuf>,
+    /// dense | sparse | hybrid (= dense+sparse) | colbert | all | bm25 (default: all when the
+    /// index has every part, else hybrid, dense or sparse).
+    #[arg(long)]
+    pub mode: Option<Mode>,
+    /// Hits per query.
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Fusion weights w_dense,w_sparse[,w_colbert].
+    #[arg(long, default_value = "1,0.3,1")]
+    pub weights: String,
+    /// Candidates from each of dense and sparse for hybrid / all / colbert (K).
+    #[arg(long, default_value_t = 100)]
+    pub candidates: usize,
+    /// cpu or cuda[:N].
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+}
+
+/// Parse "w_d,w_s" or "w_d,w_s,w_c" (w_c defaults to 1).
+pub fn parse_weights(s: &str) -> Result<[f32; 3]> {
+    let v: Vec<f32> = s
+        .split(',')
+        .map(|x| x.trim().parse::<f32>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::invalid(format!("--weights {s:?}: expected numbers like 1,0.3,1")))?;
+    let w = match v.as_slice() {
+        [d, s] => [*d, *s, 1.0],
+        [d, s, c] => [*d, *s, *c],
+        _ => {
+            return Err(Error::invalid(format!(
+                "--weights {s:?}: expected 2 or 3 numbers"
+            )))
+        }
+    };
+    if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
+        return Err(Error::invalid(format!(
+            "--weights {s:?}: need non-negative numbers"
+        )));
+    }
+    Ok(w)
+}
+
+/// One TREC run line.
+pub fn trec_line(
+    out: &mut impl Write,
+    qid: &str,
+    doc: &str,
+    rank: usize,
+    score: f32,
+    mode: Mode,
+) -> std::io::Result<()> {
+    writeln!(out, "{qid} Q0 {doc} {rank} {score} retrom3-{}", mode.name())
+}
+
+pub fn run(a: SearchArgs) -> Result<()> {
+    let weights = parse_weights(&a.weights)?;
+    if a.query.is_none() && a.queries.is_none() {
+        return Err(Error::invalid(
+            "give --query TEXT or --queries queries.jsonl",
+        ));
+    }
+    let queries: Vec<beir::Doc> = match (&a.query, &a.queries) {
+        (Some(q), _) => vec![beir::Doc {
+            id: "query".into(),
+            text: q.clone(),
+        }],
+        (None, Some(p)) => beir::read_queries(p)?,
+        (None, None) => unreachable!("checked above"),
+    };
+    let model = M3Model::load(&a.model, a.device)?;
+    let fp = ModelFingerprint::of_model(&model)?;
+    let index = Index::load(&a.index, Some(&fp))?;
+    let mode = a.mode.unwrap_or({
+        let p = index.parts;
+        if p.dense && p.sparse && p.colbert {
+            Mode::All
+        } else if p.dense && p.sparse {
+            Mode::DenseSparse
+        } else if p.dense {
+            Mode::Dense
+        } else {
+            Mode::Sparse
+        }
+    });
+    index.require(mode.parts(), &format!("mode {mode}"))?;
+    let opts = SearchOptions {
+        k: a.k,
+        candidates: a.candidates,
+        weights,
+    };
+    let texts: Vec<&str> = queries.iter().map(|q| q.text.as_str()).collect();
+    let reps = encode_queries(&model, &texts, mode)?;
+    let hits: Vec<Vec<Hit>> = index.search(&reps, mode, &opts)?;
+    if a.query.is_some() {
+        let stdout = std::io::stdout();
+        let mut out = stdout.lock();
+        let write = |out: &mut std::io::StdoutLock<'_>| -> std::io::Result<()> {
+            writeln!(out, "rank\tdoc_id\tscore ({mode})")?;
+            for (r, h) in hits[0].iter().enumerate() {
+                writeln!(out, "{}\t{}\t{:.6}", r + 1, index.doc_id(h.doc), h.score)?;
+            }
+            Ok(())
+        };
+        return write(&mut out).map_err(|e| Error::io("<stdout>", e));
+    }
+    let write_run = |out: &mut dyn Write| -> std::io::Result<()> {
+        let mut out = out;
+        for (q, hs) in queries.iter().zip(&hits) {
+            for (r, h) in hs.iter().enumerate() {
+                trec_line(&mut out, &q.id, index.doc_id(h.doc), r + 1, h.score, mode)?;
+            }
+        }
+        Ok(())
+    };
+    match &a.run {
+        Some(path) => {
+            retrom3::io::write_atomic(path, |w| write_run(w))?;
+            eprintln!(
+                "wrote {} queries × top-{} ({mode}) to {}",
+                queries.len(),
+                a.k,
+                path.display()
+            );
+            Ok(())
+        }
+        None => write_run(&mut std::io::stdout().lock()).map_err(|e| Error::io("<stdout>", e)),
+    }
+}

@@ -1,0 +1,229 @@
+//! The BEIR data layout: `corpus.jsonl` (`{"_id", "title", "text"}`), `queries.jsonl`
+//! (`{"_id", "text"}`) and `qrels/<split>.tsv` (header `query-id corpus-id score`).
+//!
+//! As BEIR does, a document's text is `title + " " + text` when the title is non-empty. Corpus
+//! lines with only `{"text"}` are accepted too; their id is the 1-based line number. Ids may be
+//! JSON strings or numbers (some BEIR sets use numbers).
+
+use crate::data::jsonl::read_jsonl;
+use crate::error::{Error, Result};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+/// One corpus document.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Doc {
+    pub id: String,
+    pub text: String,
+}
+
+/// Graded judgments: query id → (doc id → relevance).
+pub type Qrels = BTreeMap<String, BTreeMap<String, i32>>;
+
+fn input(path: &Path, line: usize, msg: impl Into<String>) -> Error {
+    Error::Input {
+        path: path.to_path_buf(),
+        line,
+        msg: msg.into(),
+    }
+}
+
+fn id_field(
+    path: &Path,
+    line: usize,
+    obj: &serde_json::Map<String, Value>,
+) -> Result<Option<String>> {
+    match obj.get("_id") {
+        None => Ok(None),
+        Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(_) => Err(input(
+            path,
+            line,
+            "field \"_id\": expected a non-empty string or a number",
+        )),
+    }
+}
+
+fn str_field(
+    path: &Path,
+    line: usize,
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+) -> Result<Option<String>> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(input(
+            path,
+            line,
+            format!("field \"{key}\": expected a string"),
+        )),
+    }
+}
+
+fn objects(path: &Path) -> Result<Vec<serde_json::Map<String, Value>>> {
+    let rows: Vec<Value> = read_jsonl(path)?;
+    rows.into_iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::Object(o) => Ok(o),
+            _ => Err(input(path, i + 1, "expected a JSON object")),
+        })
+        .collect()
+}
+
+fn check_unique<'a>(path: &Path, ids: impl Iterator<Item = &'a str>) -> Result<()> {
+    let mut seen = HashSet::new();
+    for (i, id) in ids.enumerate() {
+        if !seen.insert(id) {
+            return Err(input(path, i + 1, format!("duplicate id {id:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// Read a corpus. An empty corpus is an error (there is nothing to index).
+pub fn read_corpus(path: &Path) -> Result<Vec<Doc>> {
+    let rows = objects(path)?;
+    if rows.is_empty() {
+        return Err(Error::format(path, "empty corpus: no documents to index"));
+    }
+    let docs = rows
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let line = i + 1;
+            let id = id_field(path, line, o)?.unwrap_or_else(|| line.to_string());
+            let text = str_field(path, line, o, "text")?
+                .ok_or_else(|| input(path, line, "field \"text\": missing"))?;
+            let title = str_field(path, line, o, "title")?.unwrap_or_default();
+            let text = if title.is_empty() {
+                text
+            } else {
+                format!("{title} {text}")
+            };
+            Ok(Doc { id, text })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    check_unique(path, docs.iter().map(|d| d.id.as_str()))?;
+    Ok(docs)
+}
+
+/// Read queries (`{"_id", "text"}`; without `_id` the line number is the id).
+pub fn read_queries(path: &Path) -> Result<Vec<Doc>> {
+    let rows = objects(path)?;
+    let qs = rows
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let line = i + 1;
+            let id = id_field(path, line, o)?.unwrap_or_else(|| line.to_string());
+            let text = str_field(path, line, o, "text")?
+                .ok_or_else(|| input(path, line, "field \"text\": missing"))?;
+            Ok(Doc { id, text })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    check_unique(path, qs.iter().map(|d| d.id.as_str()))?;
+    Ok(qs)
+}
+
+/// Read a qrels TSV (`query-id<TAB>corpus-id<TAB>score`; a first line starting with `query-id`
+/// is the header). Also accepts the 4-column TREC form `qid 0 docid rel` (whitespace separated).
+pub fn read_qrels(path: &Path) -> Result<Qrels> {
+    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => Error::format(path, "qrels file not found"),
+        _ => Error::io(path, e),
+    })?;
+    let mut q = Qrels::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() || (i == 0 && line.starts_with("query-id")) {
+            continue;
+        }
+        let f: Vec<&str> = if line.contains('\t') {
+            line.split('\t').map(str::trim).collect()
+        } else {
+            line.split_whitespace().collect()
+        };
+        let (qid, did, rel) = match f.len() {
+            3 => (f[0], f[1], f[2]),
+            4 => (f[0], f[2], f[3]),
+            n => {
+                return Err(input(
+                    path,
+                    i + 1,
+                    format!("expected 3 columns (query-id corpus-id score), got {n}"),
+                ))
+            }
+        };
+        let rel: i32 = rel
+            .parse::<i32>()
+            .or_else(|_| rel.parse::<f64>().map(|x| x as i32))
+            .map_err(|_| input(path, i + 1, format!("score {rel:?} is not a number")))?;
+        q.entry(qid.to_string())
+            .or_default()
+            .insert(did.to_string(), rel);
+    }
+    if q.is_empty() {
+        return Err(Error::format(path, "no judgments"));
+    }
+    Ok(q)
+}
+
+/// A BEIR directory with one split loaded.
+#[derive(Clone, Debug)]
+pub struct BeirData {
+    pub corpus: Vec<Doc>,
+    /// The queries that have judgments in the split (BEIR drops the others), in file order.
+    pub queries: Vec<Doc>,
+    pub qrels: Qrels,
+}
+
+/// Load `dir/corpus.jsonl`, `dir/queries.jsonl` and `dir/qrels/<split>.tsv`.
+pub fn load(dir: &Path, split: &str) -> Result<BeirData> {
+    let qrels_path: PathBuf = dir.join("qrels").join(format!("{split}.tsv"));
+    if !qrels_path.is_file() {
+        let have: Vec<String> = std::fs::read_dir(dir.join("qrels"))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .filter_map(|e| {
+                        e.file_name()
+                            .to_str()?
+                            .strip_suffix(".tsv")
+                            .map(String::from)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        return Err(Error::format(
+            &qrels_path,
+            format!(
+                "missing qrels for split {split:?} (available: {})",
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            ),
+        ));
+    }
+    let qrels = read_qrels(&qrels_path)?;
+    let corpus = read_corpus(&dir.join("corpus.jsonl"))?;
+    let queries: Vec<Doc> = read_queries(&dir.join("queries.jsonl"))?
+        .into_iter()
+        .filter(|q| qrels.contains_key(&q.id))
+        .collect();
+    if queries.is_empty() {
+        return Err(Error::format(
+            &qrels_path,
+            "no query of queries.jsonl has judgments in this split",
+        ));
+    }
+    Ok(BeirData {
+        corpus,
+        queries,
+        qrels,
+    })
+}

@@ -1,0 +1,82 @@
+//! The model fingerprint stored in every index: an index is only valid for the model whose
+//! vectors it holds.
+//!
+//! fingerprint = xxh64 over: config.json bytes, the tokenizer file bytes, the backbone weights
+//! file's name and size, its first and last 1 MiB, and the bytes of the two head files when
+//! present. The sampled weight bytes make a fine-tuned checkpoint (same config, tokenizer and file
+//! size as its base) fingerprint differently without hashing gigabytes on every load.
+
+use super::index_format::xxh64;
+use crate::error::{Error, Result};
+use crate::io::model_dir::{BACKBONE_FILES, COLBERT_FILE, SPARSE_FILE};
+use crate::model::m3::M3Model;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+const SAMPLE: u64 = 1 << 20;
+
+/// A model identity: the hash and a human-readable name (the model directory).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelFingerprint {
+    pub hash: u64,
+    pub model: String,
+}
+
+impl std::fmt::Display for ModelFingerprint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (fingerprint {:016x})", self.model, self.hash)
+    }
+}
+
+fn read_all(path: &Path) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::io(path, e))
+}
+
+impl ModelFingerprint {
+    /// Fingerprint of a loaded model (its directory and tokenizer file).
+    pub fn of_model(model: &M3Model) -> Result<ModelFingerprint> {
+        Self::of_files(&model.dir, model.tokenizer.path())
+    }
+
+    /// Fingerprint of a model directory given its tokenizer file.
+    pub fn of_files(dir: &Path, tokenizer: &Path) -> Result<ModelFingerprint> {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut part = |tag: &str, bytes: &[u8]| {
+            buf.extend_from_slice(tag.as_bytes());
+            buf.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+            buf.extend_from_slice(&xxh64(bytes, 0).to_le_bytes());
+        };
+        part("config", &read_all(&dir.join("config.json"))?);
+        part("tokenizer", &read_all(tokenizer)?);
+        let weights = BACKBONE_FILES
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.is_file())
+            .ok_or_else(|| Error::format(dir, "no backbone weights to fingerprint"))?;
+        let mut f = std::fs::File::open(&weights).map_err(|e| Error::io(&weights, e))?;
+        let size = f.metadata().map_err(|e| Error::io(&weights, e))?.len();
+        let io = |e| Error::io(&weights, e);
+        let mut head = Vec::new();
+        (&mut f).take(SAMPLE).read_to_end(&mut head).map_err(io)?;
+        f.seek(SeekFrom::Start(size.saturating_sub(SAMPLE)))
+            .map_err(io)?;
+        let mut tail = Vec::new();
+        f.read_to_end(&mut tail).map_err(io)?;
+        let name = weights
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        part(&format!("weights:{name}:{size}:head"), &head);
+        part("weights:tail", &tail);
+        for h in [COLBERT_FILE, SPARSE_FILE] {
+            let p = dir.join(h);
+            if p.is_file() {
+                part(h, &read_all(&p)?);
+            }
+        }
+        Ok(ModelFingerprint {
+            hash: xxh64(&buf, 0),
+            model: dir.display().to_string(),
+        })
+    }
+}

@@ -1,0 +1,206 @@
+//! The search modes over an [`Index`] (SPEC 3.4): dense, sparse and BM25 retrieve directly;
+//! "colbert" re-ranks the dense top-K by MaxSim; "dense+sparse" and "all" take the union of the
+//! dense and sparse top-K and re-score every candidate by `w_d·dense + w_s·sparse (+ w_c·colbert)`
+//! (default weights 1, 0.3, 1: the M3 training ensemble's). The sparse score of a candidate is
+//! the index's quantised score (module `sparse`).
+
+use super::index::{bm25_tokens, Index};
+use super::sparse::bm25_query;
+use super::{Hit, Mode};
+use crate::error::{Error, Result};
+use crate::infer::EncodeOptions;
+use crate::model::m3::M3Model;
+
+/// Search settings.
+#[derive(Clone, Debug)]
+pub struct SearchOptions {
+    /// Hits returned per query.
+    pub k: usize,
+    /// Candidates taken from each of dense and sparse for the fused / re-rank modes (K).
+    pub candidates: usize,
+    /// [w_dense, w_sparse, w_colbert].
+    pub weights: [f32; 3],
+}
+
+impl Default for SearchOptions {
+    fn default() -> Self {
+        SearchOptions {
+            k: 10,
+            candidates: 100,
+            weights: [1.0, 0.3, 1.0],
+        }
+    }
+}
+
+/// One encoded query (the representations the mode needs).
+#[derive(Clone, Debug, Default)]
+pub struct QueryRep {
+    pub dense: Option<Vec<f32>>,
+    pub sparse: Option<Vec<(u32, f32)>>,
+    pub colbert: Option<Vec<Vec<f32>>>,
+    pub bm25: Option<Vec<(u32, f32)>>,
+}
+
+/// Encode queries for `mode` (one forward pass for all the neural representations).
+pub fn encode_queries(model: &M3Model, texts: &[&str], mode: Mode) -> Result<Vec<QueryRep>> {
+    encode_queries_for(model, texts, &[mode])
+}
+
+/// Encode queries once for several modes.
+pub fn encode_queries_for(
+    model: &M3Model,
+    texts: &[&str],
+    modes: &[Mode],
+) -> Result<Vec<QueryRep>> {
+    let mut need = super::IndexParts::default();
+    for m in modes {
+        let p = m.parts();
+        need.dense |= p.dense;
+        need.sparse |= p.sparse;
+        need.colbert |= p.colbert;
+        need.bm25 |= p.bm25;
+    }
+    let mut reps = vec![QueryRep::default(); texts.len()];
+    if need.dense || need.sparse || need.colbert {
+        let out = model.encode(
+            texts,
+            &EncodeOptions {
+                dense: need.dense,
+                sparse: need.sparse,
+                colbert: need.colbert,
+                ..EncodeOptions::default()
+            },
+        )?;
+        for (i, r) in reps.iter_mut().enumerate() {
+            r.dense = out.dense.as_ref().map(|d| d[i].clone());
+            r.sparse = out.sparse.as_ref().map(|d| d[i].clone());
+            r.colbert = out.colbert.as_ref().map(|d| d[i].clone());
+        }
+    }
+    if need.bm25 {
+        for (r, t) in reps.iter_mut().zip(texts) {
+            r.bm25 = Some(bm25_query(&bm25_tokens(model, t)?));
+        }
+    }
+    Ok(reps)
+}
+
+fn missing(what: &str) -> Error {
+    Error::invalid(format!(
+        "query has no {what} representation (encode it for this mode)"
+    ))
+}
+
+fn sort_hits(hits: &mut [Hit]) {
+    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.doc.cmp(&b.doc)));
+}
+
+impl Index {
+    /// Top-k hits per query in `mode`, best first (score desc, then document number asc).
+    pub fn search(
+        &self,
+        queries: &[QueryRep],
+        mode: Mode,
+        opts: &SearchOptions,
+    ) -> Result<Vec<Vec<Hit>>> {
+        self.require(mode.parts(), &format!("mode {mode}"))?;
+        let w = opts.weights;
+        if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
+            return Err(Error::invalid(format!(
+                "weights {w:?}: need finite non-negative numbers"
+            )));
+        }
+        let kc = opts.candidates.max(opts.k);
+        let dense_top = |k: usize| -> Result<Vec<Vec<Hit>>> {
+            let qs = queries
+                .iter()
+                .map(|q| q.dense.clone().ok_or_else(|| missing("dense")))
+                .collect::<Result<Vec<_>>>()?;
+            self.dense
+                .as_ref()
+                .expect("checked by require")
+                .search(&qs, k)
+        };
+        let sparse_top = |q: &QueryRep, k: usize| -> Result<Vec<Hit>> {
+            let s = q.sparse.as_ref().ok_or_else(|| missing("sparse"))?;
+            Ok(self
+                .sparse
+                .as_ref()
+                .expect("checked by require")
+                .search(s, k))
+        };
+        match mode {
+            Mode::Dense => dense_top(opts.k),
+            Mode::Sparse => queries.iter().map(|q| sparse_top(q, opts.k)).collect(),
+            Mode::Bm25 => queries
+                .iter()
+                .map(|q| {
+                    let b = q.bm25.as_ref().ok_or_else(|| missing("bm25"))?;
+                    Ok(self
+                        .bm25
+                        .as_ref()
+                        .expect("checked by require")
+                        .search(b, opts.k))
+                })
+                .collect(),
+            Mode::Colbert => {
+                let cands = dense_top(kc)?;
+                let store = self.colbert.as_ref().expect("checked by require");
+                queries
+                    .iter()
+                    .zip(cands)
+                    .map(|(q, c)| {
+                        let qc = q.colbert.as_ref().ok_or_else(|| missing("colbert"))?;
+                        let docs: Vec<u32> = c.iter().map(|h| h.doc).collect();
+                        let s = store.maxsim(qc, &docs)?;
+                        let mut hits: Vec<Hit> = docs
+                            .iter()
+                            .zip(s)
+                            .map(|(&doc, score)| Hit { doc, score })
+                            .collect();
+                        sort_hits(&mut hits);
+                        hits.truncate(opts.k);
+                        Ok(hits)
+                    })
+                    .collect()
+            }
+            Mode::DenseSparse | Mode::All => {
+                let dense = self.dense.as_ref().expect("checked by require");
+                let sparse = self.sparse.as_ref().expect("checked by require");
+                let dtops = dense_top(kc)?;
+                queries
+                    .iter()
+                    .zip(dtops)
+                    .map(|(q, dt)| {
+                        let st = sparse_top(q, kc)?;
+                        let mut docs: Vec<u32> = dt.iter().chain(&st).map(|h| h.doc).collect();
+                        docs.sort_unstable();
+                        docs.dedup();
+                        let qd = q.dense.as_ref().ok_or_else(|| missing("dense"))?;
+                        let qs = q.sparse.as_ref().ok_or_else(|| missing("sparse"))?;
+                        let ds = dense.score_docs(qd, &docs);
+                        let ss = sparse.score_docs(qs, &docs);
+                        let cs = if mode == Mode::All {
+                            let qc = q.colbert.as_ref().ok_or_else(|| missing("colbert"))?;
+                            self.colbert
+                                .as_ref()
+                                .expect("checked by require")
+                                .maxsim(qc, &docs)?
+                        } else {
+                            vec![0.0; docs.len()]
+                        };
+                        let mut hits: Vec<Hit> = (0..docs.len())
+                            .map(|i| Hit {
+                                doc: docs[i],
+                                score: w[0] * ds[i] + w[1] * ss[i] + w[2] * cs[i],
+                            })
+                            .collect();
+                        sort_hits(&mut hits);
+                        hits.truncate(opts.k);
+                        Ok(hits)
+                    })
+                    .collect()
+            }
+        }
+    }
+}
