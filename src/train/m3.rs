@@ -186,7 +186,8 @@ pub fn finetune(
             seed: ((hash_u32(cfg.seed, 17, k) as u64) << 32) | hash_u32(cfg.seed, 18, k) as u64,
         });
         let lcfg = M3LossConfig {
-            self_distill: cfg.loss.self_distill && state.step >= cfg.self_distill_start_step,
+            // FlagEmbedding: active when its forward counter (0-based) exceeds the start step.
+            self_distill: cfg.loss.self_distill && state.step > cfg.self_distill_start_step,
             ..cfg.loss
         };
         let mut tape = Tape::new();
