@@ -26,3 +26,8 @@ pub use infer::{EncodeOptions, EncodeOutput, PairScores, ScoreOptions};
 pub use model::config::{EncoderConfig, Pooling};
 pub use model::m3::M3Model;
 pub use tensor::{DType, Shape, Storage, Tensor};
+
+/// The README's Rust example, compiled by `cargo test` so it keeps working as written.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
