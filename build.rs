@@ -37,7 +37,10 @@ fn main() {
 
 /// Deliberately broken kernel builds for the emulator's mutation test: (kernel file stem, tag,
 /// macro). Every kernel `k` of the file is exported again as `mutant_<tag>_k`.
-const MUTANTS: &[(&str, &str, &str)] = &[("loss", "nosync", "R3_MUTANT_NO_SYNC")];
+const MUTANTS: &[(&str, &str, &str)] = &[
+    ("loss", "nosync", "R3_MUTANT_NO_SYNC"),
+    ("attention", "tilebound", "R3_MUTANT_TILE_BOUND"),
+];
 
 fn kernel_sources(manifest: &Path) -> Vec<PathBuf> {
     let mut sources: Vec<PathBuf> = std::fs::read_dir(manifest.join("kernels"))
@@ -156,6 +159,9 @@ fn build_cuda(manifest: &Path, out_dir: &Path) {
 
     let mut report = String::new();
     let mut registry = String::from("/// Embedded fatbins, one per kernels/*.cu: (file stem, bytes).\npub const KERNEL_MODULES: &[(&str, &[u8])] = &[\n");
+    // Every kernel each module exports (its R3_EMU_EXPORT lines): the CUDA runtime resolves them
+    // all when it starts, so a kernel missing from a fatbin fails at start-up, naming it.
+    let mut functions = String::from("/// The kernels each module exports: (file stem, kernel names).\npub const KERNEL_FUNCTIONS: &[(&str, &[&str])] = &[\n");
     for src in &sources {
         let stem = src
             .file_stem()
@@ -197,9 +203,26 @@ fn build_cuda(manifest: &Path, out_dir: &Path) {
             "    (\"{stem}\", include_bytes!(\"{}\")),",
             out.display()
         );
+        let _ = writeln!(functions, "    (\"{stem}\", &{:?}),", exported_kernels(src));
     }
     registry.push_str("];\n");
+    functions.push_str("];\n");
+    registry.push_str(&functions);
     let _ = writeln!(registry, "/// The architectures the fatbins carry SASS for.\npub const KERNEL_ARCHS: &[u32] = &{caps:?};");
+    let ptx_arch = caps.iter().max().copied().unwrap_or(90);
+    let _ = writeln!(registry, "/// The architecture of the PTX the fatbins carry (JIT-compiled on newer GPUs).\npub const KERNEL_PTX_ARCH: u32 = {ptx_arch};");
+    let nvcc_version = Command::new(&nvcc)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .find(|l| l.contains("release"))
+                .map(|l| l.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let _ = writeln!(registry, "/// `nvcc --version` of the compiler that built the fatbins.\npub const KERNEL_NVCC: &str = {nvcc_version:?};");
     std::fs::write(out_dir.join("kernels.rs"), registry).expect("write kernels.rs");
     let report_path = out_dir.join("ptxas-report.txt");
     std::fs::write(&report_path, &report).expect("write ptxas report");

@@ -55,6 +55,14 @@ pub enum Error {
     /// The CUDA driver library could not be loaded.
     #[error("no CUDA driver: libcuda.so could not be loaded (is an NVIDIA driver installed?)")]
     NoCudaDriver,
+    /// A CUDA driver is present but the requested GPU cannot be used by this build (no device,
+    /// no such ordinal, a driver older than the kernels need, a compute capability the fatbins
+    /// do not cover, a kernel missing from them).
+    #[error("CUDA device unavailable: {0}")]
+    CudaUnavailable(String),
+    /// A CUDA driver or library call failed (out of memory, launch failure, a kernel fault).
+    #[error("CUDA {op} failed: {msg}")]
+    Cuda { op: String, msg: String },
     /// The crate was built without the requested backend.
     #[error("retrom3 was built without the `{0}` feature")]
     FeatureMissing(&'static str),

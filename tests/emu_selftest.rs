@@ -1,7 +1,8 @@
 //! The emulated device (feature `emu`): every kernel of kernels/*.cu, compiled as host C++, must
 //! agree with the CPU reference on the quick selftest shapes; and the harness must catch broken
 //! kernels (a mutant built from kernels/loss.cu with the block reductions' __syncthreads removed,
-//! and launches the GPU would refuse are errors).
+//! one of kernels/attention.cu that skips the last partial key tile, and launches the GPU would
+//! refuse are errors).
 #![cfg(feature = "emu")]
 
 use retrom3::device::emu::{self, EmuDevice};
@@ -48,6 +49,24 @@ fn missing_syncthreads_is_caught() {
     assert!(
         bad.iter().all(|r| r.kernel == "cross_entropy_fwd_f32"),
         "only the mutated kernel may fail"
+    );
+}
+
+#[test]
+fn dropped_last_key_tile_is_caught() {
+    // The mutant computes the number of 32-wide key tiles as Lk / 32 (an off-by-one in the tile
+    // bound): the keys of the last partial tile are never seen, which every odd length exposes.
+    let dev = EmuDevice::new().substitute(
+        "attention_fwd_d64_f32",
+        "mutant_tilebound_attention_fwd_d64_f32",
+    );
+    let report = selftest::run_on(&dev, true, 13).unwrap();
+    let bad: Vec<_> = report.failures();
+    assert!(!bad.is_empty(), "the mutant passed the selftest");
+    assert!(
+        bad.iter().all(|r| r.kernel == "attention_fwd_d64_f32"),
+        "only the mutated kernel may fail: {:?}",
+        bad.iter().map(|r| &r.kernel).collect::<Vec<_>>()
     );
 }
 

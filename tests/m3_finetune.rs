@@ -6,7 +6,7 @@ use retrom3::data::TextTokenizer;
 use retrom3::device::cpu::adamw::AdamWHyper;
 use retrom3::model::encoder::Encoder;
 use retrom3::model::m3_train::{KdLoss, M3LossConfig, M3Student};
-use retrom3::train::m3::{finetune, FinetuneConfig};
+use retrom3::train::m3::{finetune, FinetuneConfig, M3TrainData};
 use retrom3::train::{AdamW, TrainState};
 use retrom3::{Device, EncodeOptions, EncoderConfig, Error, M3Model};
 use std::path::{Path, PathBuf};
@@ -38,6 +38,7 @@ fn config(steps: u64, kd: KdLoss) -> FinetuneConfig {
         steps: Some(steps),
         epochs: None,
         batch_size: 3,
+        sub_batch: 0,
         group_size: 4,
         query_max_len: 16,
         passage_max_len: 24,
@@ -84,7 +85,7 @@ fn finetuning_lowers_the_loss_and_writes_a_loadable_model() {
         let out = tmp("learn");
         let r = finetune(
             &mut m,
-            examples,
+            &M3TrainData::single(examples.clone(), 3),
             &tok,
             &config(36, kd),
             &dir,
@@ -113,11 +114,12 @@ fn resume_is_bit_identical() {
     let tok = TextTokenizer::from_dir(&dir).unwrap();
     let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
     let cfg = config(8, KdLoss::M3KdLoss);
+    let data = M3TrainData::single(ex, 3);
     let (a_out, b_out) = (tmp("a"), tmp("b"));
     let mut a = student(&dir);
     finetune(
         &mut a,
-        &ex,
+        &data,
         &tok,
         &cfg,
         &dir,
@@ -140,7 +142,7 @@ fn resume_is_bit_identical() {
     opt.load_dir(&ckpt, b.params.specs(), state.step).unwrap();
     finetune(
         &mut b,
-        &ex,
+        &data,
         &tok,
         &cfg,
         &dir,
@@ -186,4 +188,101 @@ fn malformed_training_rows_name_the_line() {
             other => panic!("case {i}: expected an input error, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn sub_batched_training_follows_the_full_batch_run() {
+    let dir = fixture("tiny-xlmr");
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    let data = M3TrainData::single(ex, 3);
+    let mut runs = Vec::new();
+    for sub in [0, 2, 5] {
+        let mut cfg = config(5, KdLoss::M3KdLoss);
+        cfg.sub_batch = sub;
+        cfg.save_every = None;
+        let mut m = student(&dir);
+        let r = finetune(
+            &mut m,
+            &data,
+            &tok,
+            &cfg,
+            &dir,
+            &tmp(&format!("sub{sub}")),
+            None,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        runs.push(r.iter().map(|x| x.1).collect::<Vec<f32>>());
+    }
+    eprintln!("losses per step, sub-batch 0 / 2 / 5: {runs:?}");
+    for r in &runs[1..] {
+        for (a, b) in r.iter().zip(&runs[0]) {
+            assert!((a - b).abs() <= 1e-4 * b.abs(), "{r:?} vs {:?}", runs[0]);
+        }
+    }
+}
+
+#[test]
+fn cli_with_length_buckets_no_in_batch_files_and_sub_batches() {
+    let d = tmp("cli");
+    std::fs::create_dir_all(&d).unwrap();
+    let src = std::fs::read_to_string(fixture("m3-train/train.jsonl")).unwrap();
+    let lines: Vec<&str> = src.lines().collect();
+    std::fs::write(d.join("a.jsonl"), lines[..10].join("\n")).unwrap();
+    std::fs::write(d.join("b_no_in_batch_neg.jsonl"), lines[10..].join("\n")).unwrap();
+    let out = d.join("out");
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .arg("finetune")
+        .arg("--model")
+        .arg(fixture("tiny-xlmr"))
+        .arg("--train")
+        .arg(d.join("a.jsonl"))
+        .arg(d.join("b_no_in_batch_neg.jsonl"))
+        .arg("--output")
+        .arg(&out)
+        .args([
+            "--group-size",
+            "3",
+            "--query-max-len",
+            "16",
+            "--passage-max-len",
+            "24",
+        ])
+        .args([
+            "--length-buckets",
+            "12",
+            "--bucket-batch-sizes",
+            "3,2",
+            "--sub-batch",
+            "2",
+        ])
+        .args(["--steps", "6", "--lr", "1e-4"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let m = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(m.lines().count(), 6);
+    assert!(M3Model::load(&out, Device::Cpu).is_ok());
+    // Bad bucket settings are refused.
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .arg("finetune")
+        .arg("--model")
+        .arg(fixture("tiny-xlmr"))
+        .arg("--train")
+        .arg(d.join("a.jsonl"))
+        .arg("--output")
+        .arg(d.join("out2"))
+        .args([
+            "--length-buckets",
+            "12",
+            "--bucket-batch-sizes",
+            "3",
+            "--steps",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!st.status.success());
+    assert!(String::from_utf8_lossy(&st.stderr).contains("bucket-batch-sizes"));
 }

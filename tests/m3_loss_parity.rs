@@ -65,6 +65,7 @@ fn check(file: &str, kd: Option<KdLoss>, temperature: f32) {
         passages: input(&b["p_input_ids"], &b["p_attention_mask"]),
         group,
         teacher,
+        no_in_batch: false,
     };
     let lcfg = M3LossConfig {
         temperature,

@@ -2,11 +2,11 @@
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use retrom3::data::m3_data::{read_train_file, TrainExample};
+use retrom3::data::m3_data::{read_train_paths, BucketSpec};
 use retrom3::data::TextTokenizer;
 use retrom3::model::encoder::Encoder;
 use retrom3::model::m3_train::{fresh_heads, KdLoss, M3LossConfig, M3Student};
-use retrom3::train::m3::{finetune, FinetuneConfig};
+use retrom3::train::m3::{finetune, FinetuneConfig, M3TrainData};
 use retrom3::train::optim::adamw_hyper;
 use retrom3::train::{clip_option as clip, AdamW, TrainState};
 use retrom3::{Device, EncoderConfig, Error, Result};
@@ -17,7 +17,9 @@ pub struct FinetuneArgs {
     /// Model directory (heads loaded when both .pt files exist, else freshly initialised).
     #[arg(long)]
     pub model: PathBuf,
-    /// Training JSONL files, or directories of .json/.jsonl files.
+    /// Training JSONL files, or directories of .json/.jsonl files. Each file is its own dataset
+    /// (a batch never mixes files); a file whose stem ends with `no_in_batch_neg`, or the files of
+    /// a directory whose name ends with it, train without in-batch negatives (local [B, G] scores).
     #[arg(long, num_args = 1.., required = true)]
     pub train: Vec<PathBuf>,
     /// Output directory: the fine-tuned model (loads in FlagEmbedding), metrics, checkpoints.
@@ -28,9 +30,18 @@ pub struct FinetuneArgs {
     /// Passages per query: 1 positive + G-1 negatives.
     #[arg(long, default_value_t = 8)]
     pub group_size: usize,
-    /// Queries per batch.
+    /// Queries per batch (per length bucket unless --bucket-batch-sizes is given).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Length-bucket boundaries in tokens, e.g. 500,1000,2000,3000,4000,5000,6000,7000 (SPEC
+    /// §5.1): an example goes to the bucket of its longest text (query, positives, negatives;
+    /// tokenized with specials, untruncated) and batches never mix buckets. Default: no buckets.
+    #[arg(long, value_delimiter = ',')]
+    pub length_buckets: Vec<usize>,
+    /// Queries per batch for each bucket (one value per bucket, i.e. boundaries + 1), e.g. the
+    /// research code's 80 GB / G = 8 sizes 48,32,20,18,14,14,12,10,8. Default: --batch-size for all.
+    #[arg(long, value_delimiter = ',')]
+    pub bucket_batch_sizes: Vec<usize>,
     #[arg(long, default_value_t = 512)]
     pub query_max_len: usize,
     #[arg(long, default_value_t = 512)]
@@ -58,7 +69,8 @@ pub struct FinetuneArgs {
     /// Loss with teacher scores (pos_scores/neg_scores): m3_kd_loss or kl_div.
     #[arg(long, default_value = "m3_kd_loss")]
     pub kd_loss: String,
-    /// Sub-batch size for gradient checkpointing (not implemented yet: only 0 is accepted).
+    /// Encode each batch in sub-batches of N texts with the exact two-pass (GradCache-style)
+    /// scheme: activations of one sub-batch at a time, same gradients. 0 = off.
     #[arg(long, default_value_t = 0)]
     pub sub_batch: usize,
     #[arg(long, default_value_t = 42)]
@@ -77,35 +89,6 @@ pub struct FinetuneArgs {
     pub max_grad_norm: f32,
 }
 
-fn read_all(paths: &[PathBuf]) -> Result<Vec<TrainExample>> {
-    let mut out = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
-                .map_err(|e| Error::io(p, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|x| x == "jsonl" || x == "json"))
-                .collect();
-            files.sort();
-            if files.is_empty() {
-                return Err(Error::io(
-                    p,
-                    std::io::Error::new(
-                        std::io::ErrorKind::NotFound,
-                        "no .json/.jsonl file in the directory",
-                    ),
-                ));
-            }
-            for f in files {
-                out.extend(read_train_file(&f)?);
-            }
-        } else {
-            out.extend(read_train_file(p)?);
-        }
-    }
-    Ok(out)
-}
-
 fn load_student(dir: &Path, seed: u64) -> Result<M3Student> {
     let cfg = EncoderConfig::from_file(dir.join("config.json"))?;
     let (map, path) = retrom3::io::read_backbone(dir)?;
@@ -119,11 +102,6 @@ fn load_student(dir: &Path, seed: u64) -> Result<M3Student> {
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
     a.device.ensure_available()?;
-    if a.sub_batch != 0 {
-        return Err(Error::invalid(
-            "--sub-batch (gradient checkpointing) is not implemented yet",
-        ));
-    }
     if a.temperature.is_nan() || a.temperature <= 0.0 {
         return Err(Error::invalid(format!(
             "--temperature {}: must be > 0",
@@ -139,8 +117,13 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             )))
         }
     };
-    let examples = read_all(&a.train)?;
     let tok = TextTokenizer::from_dir(a.resume.as_ref().unwrap_or(&a.model))?;
+    let spec = BucketSpec::new(
+        a.length_buckets.clone(),
+        (!a.bucket_batch_sizes.is_empty()).then(|| a.bucket_batch_sizes.clone()),
+        a.batch_size,
+    )?;
+    let data = M3TrainData::new(read_train_paths(&a.train)?, &spec, &tok)?;
     let (mut model, resume) = match &a.resume {
         Some(dir) => {
             let model = load_student(dir, a.seed)?;
@@ -168,6 +151,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         steps: a.steps,
         epochs: a.epochs,
         batch_size: a.batch_size,
+        sub_batch: a.sub_batch,
         group_size: a.group_size,
         query_max_len: a.query_max_len,
         passage_max_len: a.passage_max_len,
@@ -196,7 +180,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let tok_dir = a.resume.clone().unwrap_or(a.model.clone());
     let report = finetune(
         &mut model,
-        &examples,
+        &data,
         &tok,
         &cfg,
         &tok_dir,

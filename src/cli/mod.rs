@@ -6,6 +6,7 @@ mod encode;
 mod eval;
 mod finetune;
 mod index;
+mod mine;
 mod output;
 mod pretrain;
 mod search;
@@ -17,7 +18,7 @@ use retrom3::Result;
 
 /// retrom3: train and serve BGE-M3-style retrieval models.
 #[derive(Parser, Debug)]
-#[command(name = "retrom3", version, about)]
+#[command(name = "retrom3", version, long_version = long_version(), about)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -37,6 +38,8 @@ pub enum Command {
     Tokenize(tokenize::TokenizeArgs),
     /// M3 unified fine-tuning (dense + sparse + ColBERT, self-knowledge distillation).
     Finetune(finetune::FinetuneArgs),
+    /// Hard-negative mining with the dense head (replaces each row's "neg").
+    Mine(mine::MineArgs),
     /// Every kernel against the CPU reference on random inputs (cuda or emu).
     Selftest(selftest::SelftestArgs),
     /// Benchmarks (throughput printed as JSON lines).
@@ -50,6 +53,18 @@ pub enum Command {
     Eval(eval::EvalArgs),
 }
 
+/// `retrom3 --version`: the crate version and the CUDA kernel build (`-V` prints the first line).
+fn long_version() -> &'static str {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        format!(
+            "{}\n{}",
+            env!("CARGO_PKG_VERSION"),
+            retrom3::device::kernel_build()
+        )
+    })
+}
+
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
@@ -59,6 +74,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pretrain(a) => pretrain::run(a),
         Command::Tokenize(a) => tokenize::tokenize(a),
         Command::Finetune(a) => finetune::run(a),
+        Command::Mine(a) => mine::run(a),
         Command::Selftest(a) => selftest::run(a),
         Command::Bench(c) => bench::run(c),
         Command::Index(a) => index::run(a),

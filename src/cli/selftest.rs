@@ -18,19 +18,50 @@ pub struct SelftestArgs {
     pub seed: Option<u64>,
 }
 
+/// The device cannot run here (no driver, no GPU, not in this build): one line, exit 2.
+fn is_unavailable(e: &Error) -> bool {
+    matches!(
+        e,
+        Error::NoCudaDriver
+            | Error::CudaUnavailable(_)
+            | Error::FeatureMissing(_)
+            | Error::Unsupported { .. }
+    )
+}
+
+fn unavailable(e: Error) -> ! {
+    eprintln!("retrom3: error: {e}");
+    std::process::exit(if is_unavailable(&e) { 2 } else { 1 });
+}
+
+#[cfg(feature = "cuda")]
+fn describe_cuda(ordinal: usize) -> Result<String> {
+    Ok(retrom3::device::cuda::CudaDevice::new(ordinal)?.describe())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn describe_cuda(_ordinal: usize) -> Result<String> {
+    Err(Error::FeatureMissing("cuda"))
+}
+
 pub fn run(a: SelftestArgs) -> Result<()> {
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64)
     });
+    if let Device::Cuda(ordinal) = a.device {
+        // What was loaded, from where, before any kernel runs (so it is in the log even when a
+        // kernel faults): device, driver and libcuda, libcublas, kernel build.
+        match describe_cuda(ordinal) {
+            Ok(text) => println!("{text}"),
+            Err(e) => unavailable(e),
+        }
+    }
     eprintln!("selftest on {} (seed {seed})", a.device);
     let report = match retrom3::selftest::run_with_seed(a.device, a.quick, seed) {
         Ok(r) => r,
-        Err(e @ (Error::NoCudaDriver | Error::FeatureMissing(_) | Error::Unsupported { .. })) => {
-            eprintln!("retrom3: error: {e}");
-            std::process::exit(2);
-        }
+        Err(e) if is_unavailable(&e) => unavailable(e),
         Err(e) => return Err(e),
     };
     println!("{report}");

@@ -6,6 +6,7 @@
 //! Every function is `unsafe`: the caller guarantees that each pointer addresses device memory of
 //! the size stated in the doc comment (elements of the kernel's dtype unless marked f32/u32/i64/u8).
 
+use crate::device::cpu::attention::{AttnDims, AttnDropout};
 use crate::device::launch::{DevPtr, KDType, KernelArgs, LaunchConfig, Launcher};
 use crate::error::{Error, Result};
 
@@ -438,4 +439,167 @@ pub unsafe fn grad_sumsq(
     let mut a = KernelArgs::new();
     a.arg(partials).arg(nb as i32).arg(sumsq);
     l.launch("sum_final_f32", &LaunchConfig::linear(1, 256, 0), &mut a)
+}
+
+/// The mask of a fused attention launch, on device addresses (kernels/attention.cu; the CPU twin
+/// is `cpu::attention::AttnMask`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum AttnKernelMask {
+    /// Key padding: key_mask [B, Lk] u8 (1 = real token), or NULL when nothing is padded.
+    KeyPadding { key_mask: DevPtr },
+    /// The RetroMAE decoder's position-specific mask (SPEC §10.3), generated in the kernel:
+    /// key_mask [B, Lk] u8, words [B, Lk] u32 (whole-word index of each key).
+    TwoStream {
+        key_mask: DevPtr,
+        words: DevPtr,
+        p: f32,
+        seed: u64,
+    },
+}
+
+/// Query rows (forward, dq) or keys (dkdv) one attention block owns: 4 warps x rows per warp
+/// (`rows_per_warp<D>()` in kernels/attention.cu).
+fn attn_rows_per_block(head_dim: usize) -> usize {
+    4 * if head_dim >= 128 { 2 } else { 4 }
+}
+
+/// Checks the dims and returns the grid for `rows` rows and the arguments: the tensors `ptrs`
+/// first, then the sizes, mask and dropout parameters every attention kernel takes.
+fn attn_launch(
+    ptrs: &[DevPtr],
+    rows: usize,
+    d: &AttnDims,
+    scale: f32,
+    mask: AttnKernelMask,
+    drop: Option<AttnDropout>,
+) -> Result<(LaunchConfig, KernelArgs)> {
+    if !matches!(d.head_dim, 32 | 64 | 128) {
+        return Err(Error::Unsupported {
+            op: format!(
+                "fused attention with head_dim {} (kernels: 32, 64, 128)",
+                d.head_dim
+            ),
+            device: "cuda/emu".into(),
+        });
+    }
+    if d.heads > 65_535 || d.batch > 65_535 {
+        return Err(Error::invalid(format!(
+            "attention grid: heads {} and batch {} must be <= 65535",
+            d.heads, d.batch
+        )));
+    }
+    int(
+        d.batch * d.q_len.max(d.k_len) * d.width(),
+        "attention tensor size",
+    )?;
+    let (mode, key_mask, words, p, seed) = match mask {
+        AttnKernelMask::KeyPadding { key_mask } => (0i32, key_mask, DevPtr::NULL, 0f32, 0u64),
+        AttnKernelMask::TwoStream {
+            key_mask,
+            words,
+            p,
+            seed,
+        } => (1, key_mask, words, p, seed),
+    };
+    let drop = drop.unwrap_or(AttnDropout {
+        p: 0.0,
+        seed: 0,
+        stream: 0,
+    });
+    let cfg = LaunchConfig {
+        grid: [
+            blocks(rows, attn_rows_per_block(d.head_dim), u32::MAX),
+            d.heads as u32,
+            d.batch as u32,
+        ],
+        block: [128, 1, 1],
+        shared_bytes: 0,
+    };
+    let mut a = KernelArgs::new();
+    for &p in ptrs {
+        a.arg(p);
+    }
+    a.arg(int(d.heads, "heads")?)
+        .arg(int(d.q_len, "q_len")?)
+        .arg(int(d.k_len, "k_len")?)
+        .arg(scale)
+        .arg(mode)
+        .arg(key_mask)
+        .arg(words)
+        .arg(p)
+        .arg(seed)
+        .arg(drop.p)
+        .arg(drop.seed)
+        .arg(drop.stream);
+    Ok((cfg, a))
+}
+
+/// Fused attention forward (`cpu::attention::attention_fwd`): q [B, Lq, H*D], k, v [B, Lk, H*D],
+/// out [B, Lq, H*D]; lse [B, H, Lq] f32. Head dims 32, 64, 128.
+///
+/// # Safety
+/// See the module documentation; the mask pointers address [B, Lk] u8 / u32 (or NULL key_mask).
+pub unsafe fn attention_fwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    q: DevPtr,
+    k: DevPtr,
+    v: DevPtr,
+    out: DevPtr,
+    lse: DevPtr,
+    mask: AttnKernelMask,
+    d: &AttnDims,
+    scale: f32,
+    drop: Option<AttnDropout>,
+) -> Result<()> {
+    if d.batch == 0 || d.q_len == 0 || d.heads == 0 {
+        return Ok(());
+    }
+    if d.k_len == 0 {
+        return Err(Error::invalid("attention over zero keys"));
+    }
+    let (cfg, mut a) = attn_launch(&[q, k, v, out, lse], d.q_len, d, scale, mask, drop)?;
+    let op = format!("attention_fwd_d{}", d.head_dim);
+    l.launch(&name(&op, dt), &cfg, &mut a)
+}
+
+/// Fused attention backward (`cpu::attention::attention_bwd`): from q, k, v, the forward's out
+/// and lse, and dout, assigns dq [B, Lq, H*D] and dk, dv [B, Lk, H*D]. Two deterministic launches
+/// (dq row-major, dk/dv key-major; no atomics), no scratch memory.
+///
+/// # Safety
+/// See the module documentation and [`attention_fwd`].
+pub unsafe fn attention_bwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    q: DevPtr,
+    k: DevPtr,
+    v: DevPtr,
+    out: DevPtr,
+    lse: DevPtr,
+    dout: DevPtr,
+    dq: DevPtr,
+    dk: DevPtr,
+    dv: DevPtr,
+    mask: AttnKernelMask,
+    d: &AttnDims,
+    scale: f32,
+    drop: Option<AttnDropout>,
+) -> Result<()> {
+    if d.batch == 0 || d.heads == 0 || (d.q_len == 0 && d.k_len == 0) {
+        return Ok(());
+    }
+    if d.q_len > 0 {
+        let ptrs = [q, k, v, out, lse, dout, dq];
+        let (cfg, mut a) = attn_launch(&ptrs, d.q_len, d, scale, mask, drop)?;
+        let op = format!("attention_bwd_dq_d{}", d.head_dim);
+        l.launch(&name(&op, dt), &cfg, &mut a)?;
+    }
+    if d.k_len > 0 {
+        let ptrs = [q, k, v, out, lse, dout, dk, dv];
+        let (cfg, mut a) = attn_launch(&ptrs, d.k_len, d, scale, mask, drop)?;
+        let op = format!("attention_bwd_dkdv_d{}", d.head_dim);
+        l.launch(&name(&op, dt), &cfg, &mut a)?;
+    }
+    Ok(())
 }

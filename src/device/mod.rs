@@ -1,6 +1,8 @@
 //! Devices: where tensors live and kernels run. `Cpu` is the reference and the default.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 #[cfg(feature = "emu")]
 pub mod emu;
 pub mod kernels;
@@ -8,6 +10,15 @@ pub mod launch;
 
 use crate::error::{Error, Result};
 use std::str::FromStr;
+
+/// The CUDA kernel build, for `retrom3 --version`: modules, kernels, architectures (SASS and
+/// PTX) and the nvcc that compiled them, or that this build has none.
+pub fn kernel_build() -> String {
+    #[cfg(feature = "cuda")]
+    return cuda::kernel_build();
+    #[cfg(not(feature = "cuda"))]
+    return "kernels: none (built without the `cuda` feature)".to_string();
+}
 
 /// A compute device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]

@@ -6,10 +6,12 @@ use super::encoder::{encoder_param_specs, DropoutCfg, Encoder, EncoderInput};
 use super::m3::NORM_EPS;
 use super::params::{ParamSet, ParamSpec};
 use crate::autograd::{Tape, Var};
+use crate::device::cpu::elementwise::hash_u32;
 use crate::error::{Error, Result};
 use crate::io::model_dir::M3Heads;
 use crate::ops;
 use crate::tensor::Tensor;
+use std::ops::Range;
 use std::sync::Arc;
 
 /// Names of the head tensors appended after the encoder's.
@@ -55,6 +57,8 @@ pub struct M3Batch {
     pub group: usize,
     /// [B, G] teacher probabilities (softmax of the teacher scores), if any.
     pub teacher: Option<Tensor>,
+    /// No in-batch negatives: every score matrix is the local [B, G] block (decision §10.4).
+    pub no_in_batch: bool,
 }
 
 /// Loss values of one batch, plus the total on the tape.
@@ -67,7 +71,8 @@ pub struct M3Loss {
     pub self_distill: f32,
 }
 
-/// The three score matrices (already divided by the temperature).
+/// The three score matrices (already divided by the temperature): [B, B·G], or [B, G] in
+/// no-in-batch mode.
 pub struct M3Scores {
     pub dense: Var,
     pub sparse: Option<Var>,
@@ -124,7 +129,114 @@ impl M3Student {
         }
     }
 
-    /// Score matrices [B, B·G] for a batch.
+    /// Encode rows `rows` of `x` and apply the heads, padded back to `x.len` (SPEC §4.4).
+    ///
+    /// With dropout, every text is encoded on its own (unpadded) with the seed
+    /// [`text_seed`]`(drop.seed, side, row)`, so its dropout masks depend only on the text and its
+    /// row in the batch, never on which other texts share its sub-batch: a sub-batched encode is
+    /// then exactly the full-batch encode. Without dropout, the rows are encoded as one batch
+    /// padded to their longest text (padding never changes the outputs of real tokens).
+    #[allow(clippy::too_many_arguments)]
+    pub fn encode_heads(
+        &self,
+        tape: &mut Tape,
+        p: &[Var],
+        x: &EncoderInput,
+        rows: Range<usize>,
+        side: u64,
+        unified: bool,
+        drop: Option<DropoutCfg>,
+    ) -> Result<HeadOutputs> {
+        if rows.end > x.batch || rows.is_empty() {
+            return Err(Error::invalid(format!(
+                "encode_heads: rows {rows:?} of a batch of {}",
+                x.batch
+            )));
+        }
+        let n = self.n_encoder();
+        let enc = self.encoder()?;
+        let (pe, ph) = (&p[..n], &p[n..]);
+        let mut pieces = Vec::new();
+        match drop {
+            Some(d) => {
+                for i in rows {
+                    let xi = sub_input(x, i..i + 1);
+                    let di = DropoutCfg {
+                        seed: text_seed(d.seed, side, i),
+                        ..d
+                    };
+                    let h = enc.forward(tape, pe, &xi, Some(di))?;
+                    pieces.push(apply_heads(tape, ph, &xi, &h, unified)?);
+                }
+            }
+            None => {
+                let xi = sub_input(x, rows);
+                let h = enc.forward(tape, pe, &xi, None)?;
+                pieces.push(apply_heads(tape, ph, &xi, &h, unified)?);
+            }
+        }
+        assemble(tape, &pieces, x.len)
+    }
+
+    /// Score matrices from the head outputs of all B queries and B·G passages: [B, B·G] in
+    /// in-batch mode, the local [B, G] blocks in no-in-batch mode (decision §10.4). All divided by
+    /// the temperature.
+    pub fn scores_from_heads(
+        &self,
+        tape: &mut Tape,
+        q: &HeadOutputs,
+        p: &HeadOutputs,
+        batch: &M3Batch,
+        cfg: &M3LossConfig,
+        drop_ids: &[u32],
+    ) -> Result<M3Scores> {
+        let inv_t = 1.0 / cfg.temperature;
+        let local = |tape: &mut Tape, s: Var| -> Result<Var> {
+            if batch.no_in_batch {
+                ops::group_columns(tape, &s, batch.group)
+            } else {
+                Ok(s)
+            }
+        };
+        let sd = ops::linear(tape, &q.dense, &p.dense, None)?;
+        let sd = ops::scale(tape, &sd, inv_t)?;
+        let dense = local(tape, sd)?;
+        let (Some(wq), Some(wp), Some(cq), Some(cp)) =
+            (&q.sparse, &p.sparse, &q.colbert, &p.colbert)
+        else {
+            return Ok(M3Scores {
+                dense,
+                sparse: None,
+                colbert: None,
+            });
+        };
+        let ss = ops::lexical_scores(
+            tape,
+            wq,
+            Arc::from(batch.queries.ids.as_slice()),
+            wp,
+            Arc::from(batch.passages.ids.as_slice()),
+            Arc::from(drop_ids),
+        )?;
+        let ss = ops::scale(tape, &ss, inv_t)?;
+        let sparse = local(tape, ss)?;
+        let sc = ops::maxsim(
+            tape,
+            cq,
+            colbert_mask(&batch.queries),
+            cp,
+            colbert_mask(&batch.passages),
+        )?;
+        let sc = ops::scale(tape, &sc, inv_t)?;
+        let colbert = local(tape, sc)?;
+        Ok(M3Scores {
+            dense,
+            sparse: Some(sparse),
+            colbert: Some(colbert),
+        })
+    }
+
+    /// Score matrices for a batch, encoded on `tape` in one piece.
     pub fn scores(
         &self,
         tape: &mut Tape,
@@ -134,78 +246,14 @@ impl M3Student {
         drop: Option<DropoutCfg>,
         drop_ids: &[u32],
     ) -> Result<M3Scores> {
-        let n = self.n_encoder();
-        let enc = self.encoder()?;
-        let (pe, ph) = (&p[..n], &p[n..]);
-        let hq = enc.forward(tape, pe, &batch.queries, drop)?;
-        let pdrop = drop.map(|d| DropoutCfg {
-            seed: d.seed ^ 0x9A55_A6E5,
-            ..d
-        });
-        let hp = enc.forward(tape, pe, &batch.passages, pdrop)?;
-        let inv_t = 1.0 / cfg.temperature;
-        // Dense: normalised CLS vectors, S = q pᵀ / τ.
-        let cls = |x: &EncoderInput| -> Vec<usize> { (0..x.batch).map(|i| i * x.len).collect() };
-        let qd = ops::select_rows(tape, &hq, &cls(&batch.queries))?;
-        let qd = ops::l2_normalize(tape, &qd, NORM_EPS)?;
-        let pd = ops::select_rows(tape, &hp, &cls(&batch.passages))?;
-        let pd = ops::l2_normalize(tape, &pd, NORM_EPS)?;
-        let sd = ops::linear(tape, &qd, &pd, None)?;
-        let dense = ops::scale(tape, &sd, inv_t)?;
-        if !cfg.unified {
-            return Ok(M3Scores {
-                dense,
-                sparse: None,
-                colbert: None,
-            });
-        }
-        // Sparse: ReLU term weights, max per token id, lexical match.
-        let weights = |tape: &mut Tape, h: &Var, x: &EncoderInput| -> Result<Var> {
-            let w = ops::linear(tape, h, &ph[2], Some(&ph[3]))?;
-            let w = ops::relu(tape, &w)?;
-            ops::reshape(tape, &w, &[x.batch, x.len])
-        };
-        let wq = weights(tape, &hq, &batch.queries)?;
-        let wp = weights(tape, &hp, &batch.passages)?;
-        let drop_ids: Arc<[u32]> = Arc::from(drop_ids);
-        let ss = ops::lexical_scores(
-            tape,
-            &wq,
-            Arc::from(batch.queries.ids.as_slice()),
-            &wp,
-            Arc::from(batch.passages.ids.as_slice()),
-            drop_ids,
-        )?;
-        let sparse = ops::scale(tape, &ss, inv_t)?;
-        // ColBERT: vectors of tokens 1.. (pads zeroed), normalised, MaxSim over real tokens.
-        let vecs = |tape: &mut Tape, h: &Var, x: &EncoderInput| -> Result<(Var, Arc<[u8]>)> {
-            let rows: Vec<usize> = (0..x.batch)
-                .flat_map(|b| (1..x.len).map(move |l| b * x.len + l))
-                .collect();
-            let m: Vec<u8> = rows.iter().map(|&r| x.mask[r]).collect();
-            let v = ops::select_rows(tape, h, &rows)?;
-            let v = ops::linear(tape, &v, &ph[0], Some(&ph[1]))?;
-            let f: Arc<[f32]> = m.iter().map(|&x| x as f32).collect::<Vec<_>>().into();
-            let v = ops::mul_rows(tape, &v, f)?;
-            let v = ops::l2_normalize(tape, &v, NORM_EPS)?;
-            let d = v.dims()[1];
-            Ok((
-                ops::reshape(tape, &v, &[x.batch, x.len.saturating_sub(1), d])?,
-                Arc::from(m),
-            ))
-        };
-        let (cq, qm) = vecs(tape, &hq, &batch.queries)?;
-        let (cp, pm) = vecs(tape, &hp, &batch.passages)?;
-        let sc = ops::maxsim(tape, &cq, qm, &cp, pm)?;
-        let colbert = ops::scale(tape, &sc, inv_t)?;
-        Ok(M3Scores {
-            dense,
-            sparse: Some(sparse),
-            colbert: Some(colbert),
-        })
+        check_batch(batch)?;
+        let (q, pp) = (&batch.queries, &batch.passages);
+        let hq = self.encode_heads(tape, p, q, 0..q.batch, QUERY_SIDE, cfg.unified, drop)?;
+        let hp = self.encode_heads(tape, p, pp, 0..pp.batch, PASSAGE_SIDE, cfg.unified, drop)?;
+        self.scores_from_heads(tape, &hq, &hp, batch, cfg, drop_ids)
     }
 
-    /// The full loss of a batch (SPEC §4.6 / decision §10.4).
+    /// The full loss of a batch on one tape (SPEC §4.6 / decision §10.4).
     pub fn loss(
         &self,
         tape: &mut Tape,
@@ -215,87 +263,496 @@ impl M3Student {
         drop: Option<DropoutCfg>,
         drop_ids: &[u32],
     ) -> Result<M3Loss> {
-        let b = batch.queries.batch;
-        if batch.passages.batch != b * batch.group {
-            return Err(Error::shape(
-                "passages (B·G)",
-                &[b * batch.group],
-                &[batch.passages.batch],
-            ));
-        }
         let s = self.scores(tape, p, batch, cfg, drop, drop_ids)?;
-        let targets: Vec<i64> = (0..b).map(|i| (i * batch.group) as i64).collect();
-        let head_loss = |tape: &mut Tape, s: &Var| -> Result<Var> {
-            match (&batch.teacher, cfg.kd) {
-                (None, _) => ops::cross_entropy(tape, s, &targets),
-                (Some(t), KdLoss::M3KdLoss) => ops::m3_kd_loss(tape, s, t, batch.group),
-                (Some(t), KdLoss::KlDiv) => {
-                    let local = ops::group_columns(tape, s, batch.group)?;
-                    let kl = ops::soft_cross_entropy(tape, &local, t)?;
-                    let ce = ops::cross_entropy(tape, s, &targets)?;
-                    ops::add(tape, &kl, &ce)
-                }
+        loss_from_scores(tape, &s, batch, cfg)
+    }
+
+    /// Loss values and parameter gradients of a batch by the exact two-pass sub-batch scheme
+    /// (GradCache-style; SPEC §5.3 / issue 5 item 5):
+    ///
+    /// 1. encode queries and passages in sub-batches of `sub` texts without a tape, keeping only
+    ///    the head outputs (dense vectors, per-token sparse weights, ColBERT vectors);
+    /// 2. compute the full-batch loss on a small tape whose leaves are those head outputs and
+    ///    backpropagate to get their gradients;
+    /// 3. re-encode each sub-batch on a fresh tape (same per-text dropout seeds) and backpropagate
+    ///    Σ ⟨head output, cached gradient⟩ into the parameters, accumulating.
+    ///
+    /// Peak activation memory is one sub-batch's tape plus the head outputs of the batch; the
+    /// gradients equal [`M3Student::loss`]'s up to float summation order. Returns the gradient of
+    /// every parameter (`None` where none reached it), in `params` order.
+    pub fn sub_batch_grads(
+        &self,
+        batch: &M3Batch,
+        cfg: &M3LossConfig,
+        dropout: Option<DropoutCfg>,
+        drop_ids: &[u32],
+        sub: usize,
+    ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
+        check_batch(batch)?;
+        let sub = sub.max(1);
+        let sides = [
+            (&batch.queries, QUERY_SIDE),
+            (&batch.passages, PASSAGE_SIDE),
+        ];
+        // Pass 1: no tape, head outputs only.
+        let mut ng = Tape::no_grad();
+        let p0 = self.params.bind(&mut ng);
+        let mut cached = Vec::new();
+        for (x, side) in sides {
+            let mut parts = Vec::new();
+            for r in chunks(x.batch, sub) {
+                parts.push(self.encode_heads(&mut ng, &p0, x, r, side, cfg.unified, dropout)?);
             }
-        };
-        let ld = head_loss(tape, &s.dense)?;
-        let val = |v: &Var| v.value().f32s().map(|x| x[0]);
-        let (Some(ss), Some(sc)) = (&s.sparse, &s.colbert) else {
-            let dense = val(&ld)?;
-            return Ok(M3Loss {
-                total: ld,
-                dense,
-                sparse: 0.0,
-                colbert: 0.0,
-                ensemble: 0.0,
-                self_distill: 0.0,
-            });
-        };
-        let ls = head_loss(tape, ss)?;
-        let lc = head_loss(tape, sc)?;
-        let s03 = ops::scale(tape, ss, 0.3)?;
-        let se = ops::add(tape, &s.dense, &s03)?;
-        let se = ops::add(tape, &se, sc)?;
-        let le = head_loss(tape, &se)?;
-        let ls01 = ops::scale(tape, &ls, 0.1)?;
-        let sum = ops::add(tape, &ld, &le)?;
-        let sum = ops::add(tape, &sum, &ls01)?;
-        let sum = ops::add(tape, &sum, &lc)?;
-        let mut total = ops::scale(tape, &sum, 0.25)?;
-        let mut lsd = 0.0;
-        if cfg.self_distill {
-            // Teacher = softmax of the (detached) ensemble scores over all in-batch candidates.
-            let (rows, cols) = se.value().shape().dims2("ensemble scores")?;
-            let sev = se.value().f32s()?;
-            let mut t = vec![0.0f32; rows * cols];
-            for r in 0..rows {
-                let row = &sev[r * cols..(r + 1) * cols];
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
-                let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
-                for c in 0..cols {
-                    t[r * cols + c] = ((row[c] as f64 - max).exp() / z) as f32;
-                }
-            }
-            let teacher = Tensor::from_vec(t, &[rows, cols])?;
-            let a = ops::soft_cross_entropy(tape, &s.dense, &teacher)?;
-            let bsd = ops::soft_cross_entropy(tape, ss, &teacher)?;
-            let bsd = ops::scale(tape, &bsd, 0.1)?;
-            let c = ops::soft_cross_entropy(tape, sc, &teacher)?;
-            let x = ops::add(tape, &a, &bsd)?;
-            let x = ops::add(tape, &x, &c)?;
-            let x = ops::scale(tape, &x, 1.0 / 3.0)?;
-            lsd = val(&x)?;
-            let t2 = ops::add(tape, &total, &x)?;
-            total = ops::scale(tape, &t2, 0.5)?;
+            cached.push(concat_heads(&parts)?);
         }
-        Ok(M3Loss {
-            dense: val(&ld)?,
-            sparse: val(&ls)?,
-            colbert: val(&lc)?,
-            ensemble: val(&le)?,
-            self_distill: lsd,
-            total,
+        drop_vars(p0);
+        // The loss on a tape whose leaves are the head outputs.
+        let mut lt = Tape::new();
+        let mut leaf = |h: &HeadTensors| HeadOutputs {
+            dense: lt.leaf(h.dense.clone()),
+            sparse: h.sparse.clone().map(|t| lt.leaf(t)),
+            colbert: h.colbert.clone().map(|t| lt.leaf(t)),
+        };
+        let (hq, hp) = (leaf(&cached[0]), leaf(&cached[1]));
+        drop(cached);
+        let s = self.scores_from_heads(&mut lt, &hq, &hp, batch, cfg, drop_ids)?;
+        let loss = loss_from_scores(&mut lt, &s, batch, cfg)?;
+        drop(s);
+        let values = loss.values()?;
+        let mut g = lt.backward(&loss.total)?;
+        let mut take = |h: &HeadOutputs| HeadGrads {
+            dense: g.take(&h.dense),
+            sparse: h.sparse.as_ref().and_then(|v| g.take(v)),
+            colbert: h.colbert.as_ref().and_then(|v| g.take(v)),
+        };
+        let grads = [take(&hq), take(&hp)];
+        drop((hq, hp));
+        // Pass 2: re-encode each sub-batch on a fresh tape and push the cached gradients in.
+        let mut acc: Vec<Option<Vec<f32>>> = vec![None; self.params.values().len()];
+        for ((x, side), gr) in sides.into_iter().zip(&grads) {
+            for r in chunks(x.batch, sub) {
+                let mut tape = Tape::new();
+                let p = self.params.bind(&mut tape);
+                let h =
+                    self.encode_heads(&mut tape, &p, x, r.clone(), side, cfg.unified, dropout)?;
+                let mut surrogate: Option<Var> = None;
+                for (out, g) in [
+                    (Some(&h.dense), &gr.dense),
+                    (h.sparse.as_ref(), &gr.sparse),
+                    (h.colbert.as_ref(), &gr.colbert),
+                ] {
+                    let (Some(out), Some(g)) = (out, g) else {
+                        continue;
+                    };
+                    let d = ops::dot_sum(&mut tape, out, &row_slice(g, x.batch, r.clone())?)?;
+                    surrogate = Some(match surrogate {
+                        None => d,
+                        Some(s) => ops::add(&mut tape, &s, &d)?,
+                    });
+                }
+                let Some(surrogate) = surrogate else {
+                    continue;
+                };
+                drop(h);
+                let pg = tape.backward(&surrogate)?;
+                for (slot, v) in acc.iter_mut().zip(&p) {
+                    if let Some(t) = pg.get(v) {
+                        let t = t.f32s()?;
+                        match slot {
+                            Some(a) => a.iter_mut().zip(t).for_each(|(a, b)| *a += b),
+                            None => *slot = Some(t.to_vec()),
+                        }
+                    }
+                }
+            }
+        }
+        let out = acc
+            .into_iter()
+            .zip(self.params.specs())
+            .map(|(g, s)| g.map(|g| Tensor::from_vec(g, &s.dims)).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        Ok((values, out))
+    }
+}
+
+/// Dropout-seed stream of the queries of a batch (see [`text_seed`]).
+pub const QUERY_SIDE: u64 = 0x5155_4552;
+/// Dropout-seed stream of the passages of a batch.
+pub const PASSAGE_SIDE: u64 = 0x9A55_A6E5;
+
+/// The dropout seed of text `row` on `side` of a batch whose forward seed is `seed`.
+pub fn text_seed(seed: u64, side: u64, row: usize) -> u64 {
+    let r = row as u64;
+    ((hash_u32(seed, side, 2 * r) as u64) << 32) | hash_u32(seed, side, 2 * r + 1) as u64
+}
+
+/// The head outputs of some texts (on a tape, or constants).
+#[derive(Clone, Debug)]
+pub struct HeadOutputs {
+    /// [n, H] normalised CLS vectors.
+    pub dense: Var,
+    /// [n, T] ReLU term weights (zero past each text's end); unified only.
+    pub sparse: Option<Var>,
+    /// [n, T−1, D] normalised ColBERT vectors of tokens 1.. (zero on padding); unified only.
+    pub colbert: Option<Var>,
+}
+
+/// Loss values of one batch (no tape).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct M3LossValues {
+    pub total: f32,
+    pub dense: f32,
+    pub sparse: f32,
+    pub colbert: f32,
+    pub ensemble: f32,
+    pub self_distill: f32,
+}
+
+impl M3Loss {
+    /// The values without the tape.
+    pub fn values(&self) -> Result<M3LossValues> {
+        Ok(M3LossValues {
+            total: self.total.value().f32s()?[0],
+            dense: self.dense,
+            sparse: self.sparse,
+            colbert: self.colbert,
+            ensemble: self.ensemble,
+            self_distill: self.self_distill,
         })
     }
+}
+
+struct HeadTensors {
+    dense: Tensor,
+    sparse: Option<Tensor>,
+    colbert: Option<Tensor>,
+}
+
+struct HeadGrads {
+    dense: Option<Tensor>,
+    sparse: Option<Tensor>,
+    colbert: Option<Tensor>,
+}
+
+fn drop_vars(_: Vec<Var>) {}
+
+fn check_batch(batch: &M3Batch) -> Result<()> {
+    let b = batch.queries.batch;
+    if batch.passages.batch != b * batch.group {
+        return Err(Error::shape(
+            "passages (B·G)",
+            &[b * batch.group],
+            &[batch.passages.batch],
+        ));
+    }
+    Ok(())
+}
+
+/// `0..n` in consecutive ranges of `k`.
+fn chunks(n: usize, k: usize) -> Vec<Range<usize>> {
+    (0..n).step_by(k).map(|s| s..(s + k).min(n)).collect()
+}
+
+/// Real (unpadded) length of row `i` (right padding).
+fn real_len(x: &EncoderInput, i: usize) -> usize {
+    x.mask[i * x.len..(i + 1) * x.len]
+        .iter()
+        .rposition(|&m| m != 0)
+        .map_or(1, |p| p + 1)
+}
+
+/// Rows `rows` of `x`, padded to their own longest text.
+fn sub_input(x: &EncoderInput, rows: Range<usize>) -> EncoderInput {
+    let len = rows.clone().map(|i| real_len(x, i)).max().unwrap_or(1);
+    let mut ids = Vec::with_capacity(rows.len() * len);
+    let mut mask = Vec::with_capacity(rows.len() * len);
+    for i in rows.clone() {
+        ids.extend_from_slice(&x.ids[i * x.len..i * x.len + len]);
+        mask.extend_from_slice(&x.mask[i * x.len..i * x.len + len]);
+    }
+    EncoderInput {
+        ids,
+        mask,
+        batch: rows.len(),
+        len,
+    }
+}
+
+/// Mask of the ColBERT tokens (1..) of every text.
+fn colbert_mask(x: &EncoderInput) -> Arc<[u8]> {
+    (0..x.batch)
+        .flat_map(|b| (1..x.len).map(move |l| x.mask[b * x.len + l]))
+        .collect::<Vec<_>>()
+        .into()
+}
+
+/// The three heads on the last hidden state `h` [n, L, H] of `x` (padded to `x.len`).
+fn apply_heads(
+    tape: &mut Tape,
+    ph: &[Var],
+    x: &EncoderInput,
+    h: &Var,
+    unified: bool,
+) -> Result<HeadOutputs> {
+    let cls: Vec<usize> = (0..x.batch).map(|i| i * x.len).collect();
+    let d = ops::select_rows(tape, h, &cls)?;
+    let dense = ops::l2_normalize(tape, &d, NORM_EPS)?;
+    if !unified {
+        return Ok(HeadOutputs {
+            dense,
+            sparse: None,
+            colbert: None,
+        });
+    }
+    // Sparse: ReLU term weights per token (max per id is taken by the lexical score).
+    let w = ops::linear(tape, h, &ph[2], Some(&ph[3]))?;
+    let w = ops::relu(tape, &w)?;
+    let sparse = ops::reshape(tape, &w, &[x.batch, x.len])?;
+    // ColBERT: vectors of tokens 1.. (pads zeroed), normalised.
+    let rows: Vec<usize> = (0..x.batch)
+        .flat_map(|b| (1..x.len).map(move |l| b * x.len + l))
+        .collect();
+    let f: Arc<[f32]> = rows
+        .iter()
+        .map(|&r| x.mask[r] as f32)
+        .collect::<Vec<_>>()
+        .into();
+    let v = ops::select_rows(tape, h, &rows)?;
+    let v = ops::linear(tape, &v, &ph[0], Some(&ph[1]))?;
+    let v = ops::mul_rows(tape, &v, f)?;
+    let v = ops::l2_normalize(tape, &v, NORM_EPS)?;
+    let dim = v.dims()[1];
+    let colbert = ops::reshape(tape, &v, &[x.batch, x.len.saturating_sub(1), dim])?;
+    Ok(HeadOutputs {
+        dense,
+        sparse: Some(sparse),
+        colbert: Some(colbert),
+    })
+}
+
+/// Pieces [n_i, l_i, c] → [Σ n_i, t, c], zero past each piece's l_i (one tape node).
+fn pad_concat(tape: &mut Tape, pieces: &[Var], t: usize) -> Result<Var> {
+    let shapes = pieces
+        .iter()
+        .map(|v| v.value().shape().dims3("pad_concat piece"))
+        .collect::<Result<Vec<_>>>()?;
+    let c = shapes.first().map_or(0, |s| s.2);
+    if let Some(bad) = shapes.iter().find(|s| s.2 != c || s.1 > t) {
+        return Err(Error::shape(
+            "pad_concat piece",
+            &[bad.0, t, c],
+            &[bad.0, bad.1, bad.2],
+        ));
+    }
+    if pieces.len() == 1 && shapes[0].1 == t {
+        return Ok(pieces[0].clone());
+    }
+    let total: usize = shapes.iter().map(|s| s.0).sum();
+    let mut y = vec![0.0f32; total * t * c];
+    let mut row = 0;
+    for (v, &(n, l, _)) in pieces.iter().zip(&shapes) {
+        let xs = v.value().f32s()?;
+        for r in 0..n {
+            let at = (row + r) * t * c;
+            y[at..at + l * c].copy_from_slice(&xs[r * l * c..(r + 1) * l * c]);
+        }
+        row += n;
+    }
+    let out = Tensor::from_vec(y, &[total, t, c])?;
+    let inputs: Vec<&Var> = pieces.iter().collect();
+    Ok(tape.record("pad_concat", &inputs, out, move |dy| {
+        let dy = dy.f32s()?;
+        let mut row = 0;
+        shapes
+            .iter()
+            .map(|&(n, l, c)| {
+                let mut dx = vec![0.0f32; n * l * c];
+                for r in 0..n {
+                    let at = (row + r) * t * c;
+                    dx[r * l * c..(r + 1) * l * c].copy_from_slice(&dy[at..at + l * c]);
+                }
+                row += n;
+                Tensor::from_vec(dx, &[n, l, c]).map(Some)
+            })
+            .collect()
+    }))
+}
+
+/// Head outputs of several pieces, padded to length `t` and stacked.
+fn assemble(tape: &mut Tape, pieces: &[HeadOutputs], t: usize) -> Result<HeadOutputs> {
+    let view = |tape: &mut Tape, v: &Var, d: [usize; 3]| ops::reshape(tape, v, &d);
+    let mut dense = Vec::new();
+    let mut sparse = Vec::new();
+    let mut colbert = Vec::new();
+    for h in pieces {
+        let (n, hd) = h.dense.value().shape().dims2("dense head")?;
+        dense.push(view(tape, &h.dense, [n, 1, hd])?);
+        if let (Some(s), Some(c)) = (&h.sparse, &h.colbert) {
+            let (n, l) = s.value().shape().dims2("sparse head")?;
+            sparse.push(view(tape, s, [n, l, 1])?);
+            colbert.push(c.clone());
+        }
+    }
+    let d = pad_concat(tape, &dense, 1)?;
+    let (n, _, hd) = d.value().shape().dims3("dense head")?;
+    let dense = ops::reshape(tape, &d, &[n, hd])?;
+    if sparse.is_empty() {
+        return Ok(HeadOutputs {
+            dense,
+            sparse: None,
+            colbert: None,
+        });
+    }
+    let s = pad_concat(tape, &sparse, t)?;
+    let sparse = ops::reshape(tape, &s, &[n, t])?;
+    let colbert = pad_concat(tape, &colbert, t.saturating_sub(1))?;
+    Ok(HeadOutputs {
+        dense,
+        sparse: Some(sparse),
+        colbert: Some(colbert),
+    })
+}
+
+/// Stack the (constant) head outputs of consecutive sub-batches along rows.
+fn concat_heads(parts: &[HeadOutputs]) -> Result<HeadTensors> {
+    let cat = |get: &dyn Fn(&HeadOutputs) -> Option<&Var>| -> Result<Option<Tensor>> {
+        let vs: Vec<&Var> = parts.iter().filter_map(get).collect();
+        if vs.is_empty() {
+            return Ok(None);
+        }
+        let mut dims = vs[0].dims().to_vec();
+        dims[0] = vs.iter().map(|v| v.dims()[0]).sum();
+        let mut data = Vec::with_capacity(dims.iter().product());
+        for v in &vs {
+            data.extend_from_slice(v.value().f32s()?);
+        }
+        Tensor::from_vec(data, &dims).map(Some)
+    };
+    Ok(HeadTensors {
+        dense: cat(&|h| Some(&h.dense))?.expect("dense head"),
+        sparse: cat(&|h| h.sparse.as_ref())?,
+        colbert: cat(&|h| h.colbert.as_ref())?,
+    })
+}
+
+/// Rows `rows` of a tensor whose leading dim is `n`.
+fn row_slice(t: &Tensor, n: usize, rows: Range<usize>) -> Result<Tensor> {
+    let per = t.numel() / n.max(1);
+    let mut dims = t.dims().to_vec();
+    dims[0] = rows.len();
+    Tensor::from_vec(t.f32s()?[rows.start * per..rows.end * per].to_vec(), &dims)
+}
+
+/// The loss of a batch from its score matrices (SPEC §4.5-4.6 / decision §10.4). In-batch mode:
+/// [B, B·G] matrices, target b·G. No-in-batch mode: the local [B, G] blocks, target 0, teacher
+/// KD and self-distillation over the G columns.
+pub fn loss_from_scores(
+    tape: &mut Tape,
+    s: &M3Scores,
+    batch: &M3Batch,
+    cfg: &M3LossConfig,
+) -> Result<M3Loss> {
+    let b = batch.queries.batch;
+    let g = batch.group;
+    let targets: Vec<i64> = if batch.no_in_batch {
+        vec![0; b]
+    } else {
+        (0..b).map(|i| (i * g) as i64).collect()
+    };
+    let head_loss = |tape: &mut Tape, s: &Var| -> Result<Var> {
+        match (&batch.teacher, cfg.kd) {
+            (None, _) => ops::cross_entropy(tape, s, &targets),
+            (Some(t), KdLoss::M3KdLoss) if batch.no_in_batch => {
+                // Row by row: each row is its own [1, G] "batch" of candidates.
+                let tv = t.f32s()?;
+                let mut sum: Option<Var> = None;
+                for r in 0..b {
+                    let row = ops::select_rows(tape, s, &[r])?;
+                    let tr = Tensor::from_vec(tv[r * g..(r + 1) * g].to_vec(), &[1, g])?;
+                    let l = ops::m3_kd_loss(tape, &row, &tr, g)?;
+                    sum = Some(match sum {
+                        None => l,
+                        Some(a) => ops::add(tape, &a, &l)?,
+                    });
+                }
+                ops::scale(tape, &sum.expect("B >= 1"), 1.0 / b as f32)
+            }
+            (Some(t), KdLoss::M3KdLoss) => ops::m3_kd_loss(tape, s, t, g),
+            (Some(t), KdLoss::KlDiv) => {
+                let local = if batch.no_in_batch {
+                    s.clone()
+                } else {
+                    ops::group_columns(tape, s, g)?
+                };
+                let kl = ops::soft_cross_entropy(tape, &local, t)?;
+                let ce = ops::cross_entropy(tape, s, &targets)?;
+                ops::add(tape, &kl, &ce)
+            }
+        }
+    };
+    let ld = head_loss(tape, &s.dense)?;
+    let val = |v: &Var| v.value().f32s().map(|x| x[0]);
+    let (Some(ss), Some(sc)) = (&s.sparse, &s.colbert) else {
+        let dense = val(&ld)?;
+        return Ok(M3Loss {
+            total: ld,
+            dense,
+            sparse: 0.0,
+            colbert: 0.0,
+            ensemble: 0.0,
+            self_distill: 0.0,
+        });
+    };
+    let ls = head_loss(tape, ss)?;
+    let lc = head_loss(tape, sc)?;
+    let s03 = ops::scale(tape, ss, 0.3)?;
+    let se = ops::add(tape, &s.dense, &s03)?;
+    let se = ops::add(tape, &se, sc)?;
+    let le = head_loss(tape, &se)?;
+    let ls01 = ops::scale(tape, &ls, 0.1)?;
+    let sum = ops::add(tape, &ld, &le)?;
+    let sum = ops::add(tape, &sum, &ls01)?;
+    let sum = ops::add(tape, &sum, &lc)?;
+    let mut total = ops::scale(tape, &sum, 0.25)?;
+    let mut lsd = 0.0;
+    if cfg.self_distill {
+        // Teacher = softmax of the (detached) ensemble scores over the row's candidates.
+        let teacher = softmax_rows(se.value())?;
+        let a = ops::soft_cross_entropy(tape, &s.dense, &teacher)?;
+        let bsd = ops::soft_cross_entropy(tape, ss, &teacher)?;
+        let bsd = ops::scale(tape, &bsd, 0.1)?;
+        let c = ops::soft_cross_entropy(tape, sc, &teacher)?;
+        let x = ops::add(tape, &a, &bsd)?;
+        let x = ops::add(tape, &x, &c)?;
+        let x = ops::scale(tape, &x, 1.0 / 3.0)?;
+        lsd = val(&x)?;
+        let t2 = ops::add(tape, &total, &x)?;
+        total = ops::scale(tape, &t2, 0.5)?;
+    }
+    Ok(M3Loss {
+        dense: val(&ld)?,
+        sparse: val(&ls)?,
+        colbert: val(&lc)?,
+        ensemble: val(&le)?,
+        self_distill: lsd,
+        total,
+    })
+}
+
+/// Row-wise softmax of a [rows, cols] matrix (f64 accumulation).
+pub fn softmax_rows(s: &Tensor) -> Result<Tensor> {
+    let (rows, cols) = s.shape().dims2("softmax rows")?;
+    let sv = s.f32s()?;
+    let mut t = vec![0.0f32; rows * cols];
+    for r in 0..rows {
+        let row = &sv[r * cols..(r + 1) * cols];
+        let max = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+        let z: f64 = row.iter().map(|&x| (x as f64 - max).exp()).sum();
+        for c in 0..cols {
+            t[r * cols + c] = ((row[c] as f64 - max).exp() / z) as f32;
+        }
+    }
+    Tensor::from_vec(t, &[rows, cols])
 }
 
 /// Fresh heads as PyTorch's nn.Linear initialises them (kaiming-uniform with a = √5, i.e.

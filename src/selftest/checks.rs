@@ -9,7 +9,7 @@ use crate::error::Result;
 use half::bf16;
 
 /// A storage dtype the kernels come in.
-trait Store: bytemuck::Pod + Default {
+pub(super) trait Store: bytemuck::Pod + Default {
     const DT: KDType;
     const TOL: Tol;
     fn from_f32(v: f32) -> Self;
@@ -37,61 +37,79 @@ impl Store for bf16 {
 }
 
 /// splitmix64 with a Box-Muller normal: reproducible from the report's seed.
-struct Rng(u64);
+pub(super) struct Rng(u64);
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn uniform(&mut self) -> f32 {
+    pub(super) fn uniform(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
-    fn normal(&mut self) -> f32 {
+    pub(super) fn normal(&mut self) -> f32 {
         let u1 = (self.uniform() as f64).max(1e-12);
         let u2 = self.uniform() as f64;
         ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
     }
-    fn below(&mut self, n: usize) -> usize {
+    pub(super) fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
-struct Ctx<'a> {
-    dev: &'a dyn KernelDevice,
-    rng: Rng,
+pub(super) struct Ctx<'a> {
+    pub(super) dev: &'a dyn KernelDevice,
+    pub(super) rng: Rng,
     rows: Vec<SelftestRow>,
 }
 
 impl Ctx<'_> {
     /// n values `shift + scale * N(0,1)` in storage T, and the same values as f32 (already
     /// rounded to T, so the reference sees exactly what the kernel sees).
-    fn randn<T: Store>(&mut self, n: usize, scale: f32, shift: f32) -> (Vec<T>, Vec<f32>) {
+    pub(super) fn randn<T: Store>(
+        &mut self,
+        n: usize,
+        scale: f32,
+        shift: f32,
+    ) -> (Vec<T>, Vec<f32>) {
         let s: Vec<T> = (0..n)
             .map(|_| T::from_f32(shift + scale * self.rng.normal()))
             .collect();
         let f = s.iter().map(|&v| v.to_f32()).collect();
         (s, f)
     }
-    fn up<T: bytemuck::Pod>(&self, v: &[T]) -> Result<DevBuf> {
+    pub(super) fn up<T: bytemuck::Pod>(&self, v: &[T]) -> Result<DevBuf> {
         upload(self.dev, v)
     }
-    fn zeros<T: bytemuck::Pod + Default>(&self, n: usize) -> Result<DevBuf> {
+    pub(super) fn zeros<T: bytemuck::Pod + Default>(&self, n: usize) -> Result<DevBuf> {
         upload(self.dev, &vec![T::default(); n])
     }
-    fn down<T: Store>(&self, b: &DevBuf, n: usize) -> Result<Vec<f32>> {
+    pub(super) fn down<T: Store>(&self, b: &DevBuf, n: usize) -> Result<Vec<f32>> {
         Ok(download::<T>(self.dev, b, n)?
             .into_iter()
             .map(Store::to_f32)
             .collect())
     }
-    fn cmp(&mut self, k: &str, shape: &str, out: &str, got: &[f32], want: &[f32], tol: Tol) {
+    pub(super) fn cmp(
+        &mut self,
+        k: &str,
+        shape: &str,
+        out: &str,
+        got: &[f32],
+        want: &[f32],
+        tol: Tol,
+    ) {
         self.rows.push(compare(k, shape, out, got, want, tol));
     }
     /// Run one check; a launch error becomes a failing row instead of ending the selftest.
-    fn check(&mut self, kernel: &str, shape: &str, f: impl FnOnce(&mut Self) -> Result<()>) {
+    pub(super) fn check(
+        &mut self,
+        kernel: &str,
+        shape: &str,
+        f: impl FnOnce(&mut Self) -> Result<()>,
+    ) {
         if let Err(e) = f(self) {
             let mut row = compare(kernel, shape, "-", &[], &[], TOL_F32);
             row.error = Some(e.to_string());
@@ -142,6 +160,7 @@ pub(super) fn all(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<
         cross_entropy::<bf16>(&mut c, r, k, false);
     }
     cross_entropy::<f32>(&mut c, 3, 17, true);
+    super::attention::all(&mut c, quick);
     Ok(c.rows)
 }
 

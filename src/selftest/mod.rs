@@ -8,11 +8,12 @@
 //! `|got - ref| <= max(atol * max|ref|, floor) + rtol * |ref|`; non-finite reference values are
 //! skipped.
 
+mod attention;
 mod checks;
 
 use crate::device::launch::KernelDevice;
 use crate::device::Device;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -237,14 +238,18 @@ pub fn run_with_seed(device: Device, quick: bool, seed: u64) -> Result<SelftestR
             ),
         }),
         Device::Emu => run_emu(quick, seed),
-        Device::Cuda(_) => {
-            device.ensure_available()?;
-            Err(Error::Unsupported {
-                op: "selftest (the CUDA runtime lands with the CUDA backend issue)".into(),
-                device: device.to_string(),
-            })
-        }
+        Device::Cuda(ordinal) => run_cuda(ordinal, quick, seed),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(ordinal: usize, quick: bool, seed: u64) -> Result<SelftestReport> {
+    crate::device::cuda::selftest::run(ordinal, quick, seed)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(_ordinal: usize, _quick: bool, _seed: u64) -> Result<SelftestReport> {
+    Err(crate::error::Error::FeatureMissing("cuda"))
 }
 
 #[cfg(feature = "emu")]
@@ -254,7 +259,7 @@ fn run_emu(quick: bool, seed: u64) -> Result<SelftestReport> {
 
 #[cfg(not(feature = "emu"))]
 fn run_emu(_quick: bool, _seed: u64) -> Result<SelftestReport> {
-    Err(Error::FeatureMissing("emu"))
+    Err(crate::error::Error::FeatureMissing("emu"))
 }
 
 /// Run every check on a device that can launch kernels and copy memory.

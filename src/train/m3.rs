@@ -10,7 +10,10 @@ use super::schedule::{linear_warmup_decay, warmup_steps};
 use super::start_or_resume;
 use super::GradAccumulator;
 use crate::autograd::Tape;
-use crate::data::m3_data::{sample_group, TrainExample};
+use crate::data::m3_data::{
+    batches_per_epoch, epoch_plan, example_max_len, plan_units, sample_group, BucketSpec, PlanUnit,
+    PlannedBatch, TrainDataset, TrainExample,
+};
 use crate::data::rng::Rng;
 use crate::data::tokenizer::TextTokenizer;
 use crate::device::cpu::elementwise::hash_u32;
@@ -26,8 +29,11 @@ use std::time::Instant;
 pub struct FinetuneConfig {
     pub steps: Option<u64>,
     pub epochs: Option<u64>,
-    /// Queries per batch.
+    /// Queries per batch (used by [`M3TrainData::single`]; the plan carries the per-bucket sizes).
     pub batch_size: usize,
+    /// Encode in sub-batches of this many texts with the exact two-pass scheme
+    /// ([`M3Student::sub_batch_grads`]); 0 = one tape for the whole batch.
+    pub sub_batch: usize,
     pub group_size: usize,
     pub query_max_len: usize,
     pub passage_max_len: usize,
@@ -44,6 +50,50 @@ pub struct FinetuneConfig {
     /// Keep the position embeddings frozen.
     pub fix_position_embedding: bool,
     pub dropout: bool,
+}
+
+/// The training data: datasets (one per file) split into length-bucket units (SPEC §5.1-5.2).
+#[derive(Clone, Debug)]
+pub struct M3TrainData {
+    pub datasets: Vec<TrainDataset>,
+    pub units: Vec<PlanUnit>,
+}
+
+impl M3TrainData {
+    /// Bucket every dataset by the longest tokenized text of each example (specials included,
+    /// untruncated); with no boundaries nothing is tokenized and each dataset is one unit.
+    pub fn new(
+        datasets: Vec<TrainDataset>,
+        spec: &BucketSpec,
+        tok: &TextTokenizer,
+    ) -> Result<M3TrainData> {
+        let mut lengths = Vec::new();
+        if !spec.boundaries.is_empty() {
+            for d in &datasets {
+                let mut len_of =
+                    |t: &str| -> Result<usize> { Ok(tok.encode(t, usize::MAX / 2)?.len()) };
+                lengths.push(
+                    d.examples
+                        .iter()
+                        .map(|e| example_max_len(e, &mut len_of))
+                        .collect::<Result<Vec<_>>>()?,
+                );
+            }
+        }
+        let units = plan_units(&datasets, &lengths, spec);
+        Ok(M3TrainData { datasets, units })
+    }
+
+    /// One in-batch dataset, one bucket of `batch_size`.
+    pub fn single(examples: Vec<TrainExample>, batch_size: usize) -> M3TrainData {
+        let datasets = vec![TrainDataset {
+            source: "train".into(),
+            examples,
+            no_in_batch: false,
+        }];
+        let units = plan_units(&datasets, &[], &BucketSpec::single(batch_size));
+        M3TrainData { datasets, units }
+    }
 }
 
 /// One row of the report per step: (step, total, dense, sparse, colbert, ensemble, self-distill).
@@ -109,6 +159,7 @@ pub fn make_m3_batch(
         passages: EncoderInput::pad(&p, pad),
         group: cfg.group_size,
         teacher,
+        no_in_batch: false,
     })
 }
 
@@ -116,7 +167,7 @@ pub fn make_m3_batch(
 #[allow(clippy::type_complexity)]
 pub fn finetune(
     model: &mut M3Student,
-    examples: &[TrainExample],
+    data: &M3TrainData,
     tok: &TextTokenizer,
     cfg: &FinetuneConfig,
     tokenizer_dir: &Path,
@@ -124,17 +175,16 @@ pub fn finetune(
     resume: Option<(TrainState, AdamW)>,
     progress: &mut dyn FnMut(u64, u64, f32),
 ) -> Result<Vec<StepLosses>> {
-    if cfg.batch_size == 0 || cfg.group_size < 2 {
+    if cfg.group_size < 2 || data.units.iter().any(|u| u.batch_size == 0) {
         return Err(Error::invalid(
             "batch size must be >= 1 and group size >= 2",
         ));
     }
-    let per_epoch = (examples.len() / cfg.batch_size) as u64;
+    let per_epoch = batches_per_epoch(&data.units, 1) as u64;
     if per_epoch == 0 {
+        let n: usize = data.datasets.iter().map(|d| d.examples.len()).sum();
         return Err(Error::invalid(format!(
-            "{} training examples are fewer than one batch of {}",
-            examples.len(),
-            cfg.batch_size
+            "{n} training examples give no full batch (each dataset and length bucket is batched on its own)"
         )));
     }
     let total = cfg
@@ -161,25 +211,22 @@ pub fn finetune(
                 && model.params.specs()[i].name == "embeddings.position_embeddings.weight")
     };
     let frozen: Vec<bool> = (0..model.params.values().len()).map(frozen).collect();
-    let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
+    let mut plan: (u64, Vec<PlannedBatch>) = (u64::MAX, Vec::new());
     let mut report = Vec::new();
     let c = model.encoder_config.clone();
     while state.step < total {
         let t0 = Instant::now();
         let k = state.batches_seen;
         let epoch = k / per_epoch;
-        if order.0 != epoch {
-            let mut o: Vec<usize> = (0..examples.len()).collect();
-            Rng::new(cfg.seed, 0x200 + epoch).shuffle(&mut o);
-            order = (epoch, o);
+        if plan.0 != epoch {
+            plan = (epoch, epoch_plan(&data.units, cfg.seed, epoch, 1));
         }
-        let start = ((k % per_epoch) as usize) * cfg.batch_size;
-        let exs: Vec<&TrainExample> = order.1[start..start + cfg.batch_size]
-            .iter()
-            .map(|&i| &examples[i])
-            .collect();
+        let pb = &plan.1[(k % per_epoch) as usize];
+        let ds = &data.datasets[pb.dataset];
+        let exs: Vec<&TrainExample> = pb.rank_slice(0).iter().map(|&i| &ds.examples[i]).collect();
         let mut rng = Rng::new(cfg.seed, (1 << 41) + k);
-        let batch = make_m3_batch(&exs, tok, cfg, pad, &mut rng)?;
+        let mut batch = make_m3_batch(&exs, tok, cfg, pad, &mut rng)?;
+        batch.no_in_batch = pb.no_in_batch;
         let drop = cfg.dropout.then(|| DropoutCfg {
             hidden: c.hidden_dropout_prob,
             attention: c.attention_probs_dropout_prob,
@@ -190,10 +237,24 @@ pub fn finetune(
             self_distill: cfg.loss.self_distill && state.step > cfg.self_distill_start_step,
             ..cfg.loss
         };
-        let mut tape = Tape::new();
-        let p = model.params.bind(&mut tape);
-        let loss = model.loss(&mut tape, &p, &batch, &lcfg, drop, &drop_ids)?;
-        let lv = loss.total.value().f32s()?[0];
+        let (loss, grads) = if cfg.sub_batch > 0 {
+            model.sub_batch_grads(&batch, &lcfg, drop, &drop_ids, cfg.sub_batch)?
+        } else {
+            let mut tape = Tape::new();
+            let p = model.params.bind(&mut tape);
+            let loss = model.loss(&mut tape, &p, &batch, &lcfg, drop, &drop_ids)?;
+            let values = loss.values()?;
+            let g = tape.backward(&loss.total)?;
+            let mut acc = GradAccumulator::new(p.len());
+            acc.add(&g, &p)?;
+            (values, acc.into_tensors(model.params.specs(), |_| false)?)
+        };
+        let grads: Vec<Option<Tensor>> = grads
+            .into_iter()
+            .enumerate()
+            .map(|(i, g)| if frozen[i] { None } else { g })
+            .collect();
+        let lv = loss.total;
         if !lv.is_finite() {
             return Err(Error::NonFinite(format!(
                 "M3 loss at step {}",
@@ -209,10 +270,6 @@ pub fn finetune(
             loss.ensemble,
             loss.self_distill,
         );
-        let g = tape.backward(&loss.total)?;
-        let mut acc = GradAccumulator::new(p.len());
-        acc.add(&g, &p)?;
-        let grads = acc.into_tensors(model.params.specs(), |i| frozen[i])?;
         let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);
         let norm = opt.update(&mut model.params, &grads, lr)?;
         state.step += 1;
@@ -249,4 +306,151 @@ pub fn finetune(
         &["loss", "dense", "sparse", "colbert"],
     )?;
     Ok(report)
+}
+
+/// Settings of hard-negative mining (SPEC §4.8, FlagEmbedding's hn_mine.py).
+#[derive(Clone, Debug)]
+pub struct MineConfig {
+    /// Ranks [start, end) of the dense retrieval list to sample from (hn_mine's "10-210").
+    pub range: (usize, usize),
+    /// Negatives to keep per query (hn_mine's 15).
+    pub negatives: usize,
+    pub seed: u64,
+    /// Max tokens per text, specials included (queries and passages).
+    pub max_length: usize,
+    /// Texts per encoder forward.
+    pub batch_size: usize,
+}
+
+/// What mining did, for the report.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct MineStats {
+    pub queries: usize,
+    pub corpus: usize,
+    /// Negatives taken from the retrieval range.
+    pub mined: usize,
+    /// Negatives topped up with random corpus texts (the range had too few).
+    pub random: usize,
+}
+
+/// The candidate pool of hn_mine.py when no pool file is given: every pos and neg text of the
+/// rows, de-duplicated in first-seen order.
+pub fn pool_from_rows(rows: &[serde_json::Value]) -> Vec<String> {
+    let mut seen = std::collections::HashSet::new();
+    let mut pool = Vec::new();
+    for r in rows {
+        for field in ["pos", "neg"] {
+            for t in r[field].as_array().into_iter().flatten() {
+                if let Some(t) = t.as_str() {
+                    if seen.insert(t.to_string()) {
+                        pool.push(t.to_string());
+                    }
+                }
+            }
+        }
+    }
+    pool
+}
+
+/// Hard-negative mining (SPEC §4.8): embed `pool` and the queries with the dense head, exact
+/// inner-product top-`range.1`, keep the hits at ranks [range.0, range.1) that are neither a
+/// positive nor the query text, sample `negatives` of them at random, and top up with random pool
+/// texts (not positives, not the query, not already taken) when fewer were found. Each row's "neg"
+/// is REPLACED; its "neg_scores" (no longer aligned) is removed; every other field is kept.
+/// Rows need "query" (string) and "pos" (list of strings); errors name the 1-based row.
+pub fn mine_hard_negatives(
+    model: &crate::M3Model,
+    rows: &mut [serde_json::Value],
+    pool: &[String],
+    cfg: &MineConfig,
+) -> Result<MineStats> {
+    use crate::retrieval::dense::DenseIndex;
+    let (start, end) = cfg.range;
+    if start >= end {
+        return Err(Error::invalid(format!(
+            "range {start}-{end}: the start must be below the end"
+        )));
+    }
+    if pool.is_empty() {
+        return Err(Error::invalid("the candidate pool is empty"));
+    }
+    let mut queries = Vec::with_capacity(rows.len());
+    let mut positives = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        let q = r["query"].as_str().ok_or_else(|| {
+            Error::invalid(format!(
+                "row {}: field query: missing or not a string",
+                i + 1
+            ))
+        })?;
+        let pos: Vec<String> = r["pos"]
+            .as_array()
+            .and_then(|a| a.iter().map(|t| t.as_str().map(String::from)).collect())
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "row {}: field pos: missing or not a list of strings",
+                    i + 1
+                ))
+            })?;
+        queries.push(q.to_string());
+        positives.push(pos);
+    }
+    let opts = crate::EncodeOptions {
+        max_length: Some(cfg.max_length),
+        batch_size: cfg.batch_size.max(1),
+        ..Default::default()
+    };
+    let texts: Vec<&str> = pool.iter().map(String::as_str).collect();
+    let docs = model
+        .encode(&texts, &opts)?
+        .dense
+        .ok_or_else(|| Error::invalid("the model gave no dense output"))?;
+    let index = DenseIndex::build(&docs)?;
+    let qtexts: Vec<&str> = queries.iter().map(String::as_str).collect();
+    let qvecs = model
+        .encode(&qtexts, &opts)?
+        .dense
+        .ok_or_else(|| Error::invalid("the model gave no dense output"))?;
+    let hits = index.search(&qvecs, end.min(pool.len()))?;
+    let mut stats = MineStats {
+        queries: rows.len(),
+        corpus: pool.len(),
+        ..Default::default()
+    };
+    for (i, r) in rows.iter_mut().enumerate() {
+        let mut rng = Rng::new(cfg.seed, 0x4E00_0000 + i as u64);
+        let banned = |t: &str| t == queries[i] || positives[i].iter().any(|p| p == t);
+        let mut cand: Vec<usize> = hits[i]
+            .iter()
+            .skip(start)
+            .map(|h| h.doc as usize)
+            .filter(|&d| !banned(&pool[d]))
+            .collect();
+        rng.shuffle(&mut cand);
+        cand.truncate(cfg.negatives);
+        stats.mined += cand.len();
+        let mut taken: std::collections::HashSet<usize> = cand.iter().copied().collect();
+        let mut eligible: Vec<usize> = (0..pool.len())
+            .filter(|d| !taken.contains(d) && !banned(&pool[*d]))
+            .collect();
+        rng.shuffle(&mut eligible);
+        for d in eligible {
+            if cand.len() >= cfg.negatives {
+                break;
+            }
+            if taken.insert(d) {
+                cand.push(d);
+                stats.random += 1;
+            }
+        }
+        let obj = r
+            .as_object_mut()
+            .ok_or_else(|| Error::invalid(format!("row {}: not a JSON object", i + 1)))?;
+        obj.insert(
+            "neg".into(),
+            serde_json::Value::from(cand.iter().map(|&d| pool[d].clone()).collect::<Vec<_>>()),
+        );
+        obj.remove("neg_scores");
+    }
+    Ok(stats)
 }

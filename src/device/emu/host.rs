@@ -4,7 +4,8 @@
 //! device-agnostic launchers of `device::kernels` are called with the slices' addresses.
 
 use super::EmuDevice;
-use crate::device::kernels::{self, AdamWStep};
+use crate::device::cpu::attention::{AttnDims, AttnDropout, AttnMask};
+use crate::device::kernels::{self, AdamWStep, AttnKernelMask};
 use crate::device::launch::{DevPtr, KDType};
 use crate::error::{Error, Result};
 use half::bf16;
@@ -302,4 +303,117 @@ pub fn adamw(
     };
     // SAFETY: param/grad/m/v [n], mask [n] or null, sq [1] or null.
     unsafe { kernels::adamw(dev, pm(param), p(grad), pm(m), pm(v), mask, sq_ptr, n, h) }
+}
+
+/// The device form of a CPU attention mask over host slices (checked against the dims).
+fn attn_mask(mask: AttnMask<'_>, d: &AttnDims) -> Result<AttnKernelMask> {
+    let n = d.batch * d.k_len;
+    match mask {
+        AttnMask::KeyPadding(m) => {
+            check("attention key_mask", m.len(), n)?;
+            Ok(AttnKernelMask::KeyPadding { key_mask: p(m) })
+        }
+        AttnMask::TwoStream(t) => {
+            check("attention key_mask", t.key_mask.len(), n)?;
+            check("attention words", t.words.len(), n)?;
+            Ok(AttnKernelMask::TwoStream {
+                key_mask: p(t.key_mask),
+                words: p(t.words),
+                p: t.p,
+                seed: t.seed,
+            })
+        }
+        AttnMask::Dense { .. } => Err(Error::Unsupported {
+            op: "attention with a dense [B, Lq, Lk] mask (CPU reference_compat only)".into(),
+            device: "emu".into(),
+        }),
+    }
+}
+
+fn attn_check_qkv<T>(d: &AttnDims, q: &[T], k: &[T], v: &[T]) -> Result<()> {
+    check("attention q", q.len(), d.batch * d.q_len * d.width())?;
+    check("attention k", k.len(), d.batch * d.k_len * d.width())?;
+    check("attention v", v.len(), d.batch * d.k_len * d.width())
+}
+
+/// Fused attention forward (see `cpu::attention::attention_fwd`): out and lse assigned.
+pub fn attention_fwd<T: Elem>(
+    dev: &EmuDevice,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    mask: AttnMask<'_>,
+    d: AttnDims,
+    scale: f32,
+    drop: Option<AttnDropout>,
+    out: &mut [T],
+    lse: &mut [f32],
+) -> Result<()> {
+    attn_check_qkv(&d, q, k, v)?;
+    check("attention out", out.len(), q.len())?;
+    check("attention lse", lse.len(), d.batch * d.heads * d.q_len)?;
+    let m = attn_mask(mask, &d)?;
+    // SAFETY: q/out [B, Lq, H*D], k/v [B, Lk, H*D], lse [B, H, Lq], mask arrays [B, Lk]: checked.
+    unsafe {
+        kernels::attention_fwd(
+            dev,
+            T::DT,
+            p(q),
+            p(k),
+            p(v),
+            pm(out),
+            pm(lse),
+            m,
+            &d,
+            scale,
+            drop,
+        )
+    }
+}
+
+/// Fused attention backward (see `cpu::attention::attention_bwd`): dq, dk, dv assigned.
+pub fn attention_bwd<T: Elem>(
+    dev: &EmuDevice,
+    q: &[T],
+    k: &[T],
+    v: &[T],
+    out: &[T],
+    lse: &[f32],
+    dout: &[T],
+    mask: AttnMask<'_>,
+    d: AttnDims,
+    scale: f32,
+    drop: Option<AttnDropout>,
+    dq: &mut [T],
+    dk: &mut [T],
+    dv: &mut [T],
+) -> Result<()> {
+    attn_check_qkv(&d, q, k, v)?;
+    check("attention out", out.len(), q.len())?;
+    check("attention dout", dout.len(), q.len())?;
+    check("attention dq", dq.len(), q.len())?;
+    check("attention dk", dk.len(), k.len())?;
+    check("attention dv", dv.len(), v.len())?;
+    check("attention lse", lse.len(), d.batch * d.heads * d.q_len)?;
+    let m = attn_mask(mask, &d)?;
+    // SAFETY: every tensor's length was checked against the dims; mask arrays are [B, Lk].
+    unsafe {
+        kernels::attention_bwd(
+            dev,
+            T::DT,
+            p(q),
+            p(k),
+            p(v),
+            p(out),
+            p(lse),
+            p(dout),
+            pm(dq),
+            pm(dk),
+            pm(dv),
+            m,
+            &d,
+            scale,
+            drop,
+        )
+    }
 }

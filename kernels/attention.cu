@@ -1,0 +1,471 @@
+// Fused multi-head attention, forward and backward, flash-style: keys are visited in tiles with an
+// online softmax in f32, so no [Lq, Lk] score matrix ever exists in memory; the forward saves only
+// the log-sum-exp per row and the backward recomputes P from it (reference:
+// src/device/cpu/attention.rs attention_fwd / attention_bwd).
+//
+// Layout: q [B, Lq, H*D], k and v [B, Lk, H*D], out / dout / dq [B, Lq, H*D], dk / dv [B, Lk, H*D]
+// in T (f32 or bf16; all arithmetic f32); lse [B, H, Lq] f32 (natural log; +inf marks a row that
+// sees no key, which gets the uniform average over all Lk keys, PyTorch's finfo.min result).
+// Masks, computed in-kernel (never an [L, L] array): mode 0 = key padding (key_mask [B, Lk] u8,
+// 1 = real, NULL = no padding); mode 1 = the RetroMAE two-stream decoder mask (SPEC §10.3,
+// cpu::attention::two_stream_visible): a row never sees itself nor padding, slot 0 is visible to
+// rows != 0, otherwise key j is hidden from row i when hash_unit(seed, b << 32 | i, words[b, j]) <
+// p (words [B, Lk] u32, whole-word index). Attention-probability dropout (drop_p > 0): p_ij is kept
+// when hash_unit(drop_seed, drop_stream, ((b H + h) Lq + i) Lk + j) >= drop_p, scaled 1/(1-p).
+// The hash is cpu::elementwise::hash_u32 bit for bit, so CPU and GPU see identical masks.
+//
+// Launch (kWarps = 4 warps = 128 threads, R = rows_per_warp<D>() = 4, or 2 for D = 128):
+//   attention_fwd_d{D}_{T}:       grid (ceil(Lq / 4R), H, B); each warp owns R query rows.
+//   attention_bwd_dq_d{D}_{T}:    grid (ceil(Lq / 4R), H, B); same shape, writes dq.
+//   attention_bwd_dkdv_d{D}_{T}:  grid (ceil(Lk / 4R), H, B); each warp owns R keys, writes dk, dv.
+// No dynamic shared memory (static, at most ~44 KB at D = 128). __launch_bounds__(128, 2): with
+// the thread count alone, ptxas 13.0 capped some variants at 64 registers and spilled.
+//
+// Why it is fast (CUDA cores, correctness-first version; tensor cores come next): every K/V (or
+// Q/dO) tile is read from global memory once per block and reused by all its rows from shared
+// memory; in the score loops each lane owns one key (or query row) of a 32-wide tile and reads
+// its row as 16-byte vectors from a (D + 4)-float padded shared row (conflict-free: 8 lanes per
+// phase hit 8 distinct 4-bank groups) while the R rows of the warp are broadcast reads, so R
+// FMAs x 4 are issued per 1 + R vector loads; the P·V / dS·K products have each lane own D/32
+// output columns with accumulators in registers. The backward is deterministic: dK/dV are
+// reduced over query tiles inside one block per key tile (no float atomics), and dQ by a second
+// row-major pass that recomputes S and dP rather than storing them.
+#include "common.cuh"
+
+namespace r3 {
+
+constexpr int kAttnWarps = 4;
+constexpr int kAttnTile = 32;  // keys (forward, dq) or query rows (dkdv) per shared tile
+// A score below every genuine one: masked keys get it, so a row with no visible key ends with
+// max == kMasked and exp2(s - max) == 1 for all its keys (the uniform average), while one visible
+// key drives exp2(kMasked - max) to 0. Keys past Lk get -inf and never count.
+constexpr float kMasked = -1e30f;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D>
+__host__ __device__ constexpr int rows_per_warp() {
+    return D >= 128 ? 2 : 4;
+}
+
+// Number of key (or query) tiles covering n. R3_MUTANT_TILE_BOUND (emulator mutation test only)
+// drops the last partial tile: the emulated selftest must catch it.
+__device__ __forceinline__ int attn_tiles(int n) {
+#ifdef R3_MUTANT_TILE_BOUND
+    return n / kAttnTile;
+#else
+    return (n + kAttnTile - 1) / kAttnTile;
+#endif
+}
+
+// cpu::elementwise::hash_u32 / hash_unit, bit for bit (splitmix64 finaliser of a weighted sum).
+__device__ __forceinline__ unsigned hash_u32(unsigned long long seed, unsigned long long a,
+                                             unsigned long long b) {
+    unsigned long long z = seed + a * 0x9E3779B97F4A7C15ull + b * 0xD1B54A32D192ED03ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (unsigned)(z >> 32);
+}
+__device__ __forceinline__ float hash_unit(unsigned long long seed, unsigned long long a,
+                                           unsigned long long b) {
+    return (float)(hash_u32(seed, a, b) >> 8) * (1.0f / 16777216.0f);
+}
+
+// Everything the mask and dropout need, passed by value to the device functions.
+struct AttnMaskArgs {
+    const unsigned char* key_mask;  // [B, Lk] or NULL
+    const unsigned* words;          // [B, Lk] (mode 1)
+    int mode;                       // 0 key padding, 1 two-stream
+    float p;                        // mode 1: word hidden with this probability
+    unsigned long long seed;
+    float drop_p;  // 0: no dropout
+    unsigned long long drop_seed, drop_stream;
+};
+
+// cpu::attention::AttnMask::visible for modes 0 and 1 (i, j < Lq, Lk are the caller's job).
+__device__ __forceinline__ bool attn_visible(const AttnMaskArgs& a, int b, int i, int j, int lk) {
+    const long long bj = (long long)b * lk + j;
+    if (a.mode == 1 && j == i) return false;
+    if (a.key_mask != nullptr && a.key_mask[bj] == 0) return false;
+    if (a.mode == 0 || j == 0) return true;
+    return hash_unit(a.seed, ((unsigned long long)b << 32) | (unsigned)i, a.words[bj]) >= a.p;
+}
+
+// cpu::attention::AttnDropout::factor_of: 0 or 1/(1-p); 1 without dropout.
+__device__ __forceinline__ float attn_drop(const AttnMaskArgs& a, int bh, int i, int j, int lq,
+                                           int lk) {
+    if (a.drop_p <= 0.f) return 1.f;
+    const unsigned long long idx =
+        ((unsigned long long)bh * lq + (unsigned)i) * (unsigned long long)lk + (unsigned)j;
+    return hash_unit(a.drop_seed, a.drop_stream, idx) >= a.drop_p ? 1.f / (1.f - a.drop_p) : 0.f;
+}
+
+__device__ __forceinline__ float dot4(float4 a, float4 b) {
+    return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+}
+__device__ __forceinline__ float4 lds4(const float* p) {
+    return *reinterpret_cast<const float4*>(p);
+}
+
+// Copy `rows` token rows (from row0, clipped at n) of head h of a [B, n, H*D] tensor into a shared
+// [rows][ld] f32 tile, times `mul`; rows past n become 0. All threads of the block take part.
+template <class T, int D>
+__device__ __forceinline__ void attn_load_tile(float* dst, int ld, const T* __restrict__ src,
+                                               int b, int h, int heads, int n, int row0,
+                                               int rows, float mul) {
+    const long long w = (long long)heads * D;
+    for (int e = threadIdx.x; e < rows * D; e += blockDim.x) {
+        const int r = e / D, d = e % D, t = row0 + r;
+        dst[r * ld + d] = t < n ? load(src, ((long long)b * n + t) * w + (long long)h * D + d) * mul
+                                : 0.f;
+    }
+}
+
+// ---- forward ------------------------------------------------------------------------------------
+template <class T, int D>
+__device__ __forceinline__ void attention_fwd_impl(const T* __restrict__ q,
+                                                   const T* __restrict__ k,
+                                                   const T* __restrict__ v, T* __restrict__ out,
+                                                   float* __restrict__ lse, int heads, int lq,
+                                                   int lk, float scale, const AttnMaskArgs ma) {
+    constexpr int R = rows_per_warp<D>(), BQ = kAttnWarps * R, LD = D + 4, C = D / 32;
+    alignas(16) __shared__ float sq[BQ * D];
+    alignas(16) __shared__ float sk[kAttnTile * LD];
+    alignas(16) __shared__ float sv[kAttnTile * D];
+    __shared__ float sp[kAttnWarps][R][kAttnTile];
+    const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = blockIdx.x * BQ, wrow = row0 + warp * R;
+    // Scores in the log2 domain: exp2f is one MUFU instruction.
+    attn_load_tile<T, D>(sq, D, q, b, h, heads, lq, row0, BQ, scale * kLog2e);
+    float m[R], l[R], acc[R][C];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        m[r] = -INFINITY;
+        l[r] = 0.f;
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[r][c] = 0.f;
+    }
+    const int tiles = attn_tiles(lk);
+    for (int t = 0; t < tiles; ++t) {
+        const int j0 = t * kAttnTile, j = j0 + lane;
+        __syncthreads();  // the previous tile's readers are done
+        attn_load_tile<T, D>(sk, LD, k, b, h, heads, lk, j0, kAttnTile, 1.f);
+        attn_load_tile<T, D>(sv, D, v, b, h, heads, lk, j0, kAttnTile, 1.f);
+        __syncthreads();
+        float s[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) s[r] = 0.f;
+#pragma unroll 4
+        for (int d = 0; d < D; d += 4) {
+            const float4 kd = lds4(&sk[lane * LD + d]);
+#pragma unroll
+            for (int r = 0; r < R; ++r) s[r] += dot4(lds4(&sq[(warp * R + r) * D + d]), kd);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int i = wrow + r;
+            if (j >= lk) s[r] = -INFINITY;
+            else if (!attn_visible(ma, b, i, j, lk)) s[r] = kMasked;
+            const float mt = warp_max(s[r]);  // >= kMasked: lane 0's key j0 < lk
+            const float mn = fmaxf(m[r], mt);
+            const float corr = exp2f(m[r] - mn);
+            float pj = exp2f(s[r] - mn);
+            l[r] = l[r] * corr + warp_sum(pj);
+            m[r] = mn;
+            if (j < lk) pj *= attn_drop(ma, bh, i, j, lq, lk);
+            sp[warp][r][lane] = pj;
+#pragma unroll
+            for (int c = 0; c < C; ++c) acc[r][c] *= corr;
+        }
+        __syncwarp();
+#pragma unroll 4
+        for (int jj = 0; jj < kAttnTile; ++jj) {
+            float vd[C];
+#pragma unroll
+            for (int c = 0; c < C; ++c) vd[c] = sv[jj * D + lane + 32 * c];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float pr = sp[warp][r][jj];
+#pragma unroll
+                for (int c = 0; c < C; ++c) acc[r][c] += pr * vd[c];
+            }
+        }
+    }
+    const long long w = (long long)heads * D;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int i = wrow + r;
+        if (i >= lq) break;
+        const float inv = 1.f / l[r];
+        T* o = out + ((long long)b * lq + i) * w + (long long)h * D;
+#pragma unroll
+        for (int c = 0; c < C; ++c) store(o, lane + 32 * c, acc[r][c] * inv);
+        if (lane == 0)
+            lse[(long long)bh * lq + i] = m[r] <= kMasked ? INFINITY : (m[r] + log2f(l[r])) * kLn2;
+    }
+}
+
+// ---- backward, dQ: row-major like the forward ---------------------------------------------------
+// dS_ij = P_ij (m_ij dP_ij - D_i) scale with dP_ij = dO_i·V_j and D_i = dO_i·O_i; dQ_i = Σ_j dS_ij K_j.
+template <class T, int D>
+__device__ __forceinline__ void attention_bwd_dq_impl(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ o, const float* __restrict__ lse, const T* __restrict__ dout,
+    T* __restrict__ dq, int heads, int lq, int lk, float scale, const AttnMaskArgs ma) {
+    constexpr int R = rows_per_warp<D>(), BQ = kAttnWarps * R, LD = D + 4, C = D / 32;
+    alignas(16) __shared__ float sq[BQ * D];
+    alignas(16) __shared__ float sdo[BQ * D];
+    alignas(16) __shared__ float sk[kAttnTile * LD];
+    alignas(16) __shared__ float sv[kAttnTile * LD];
+    __shared__ float sds[kAttnWarps][R][kAttnTile];
+    const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int row0 = blockIdx.x * BQ, wrow = row0 + warp * R;
+    const long long w = (long long)heads * D;
+    attn_load_tile<T, D>(sq, D, q, b, h, heads, lq, row0, BQ, scale * kLog2e);
+    attn_load_tile<T, D>(sdo, D, dout, b, h, heads, lq, row0, BQ, 1.f);
+    __syncthreads();
+    float lse2[R], di[R], acc[R][C];
+    bool full[R];  // the row saw no key: P = 1/Lk everywhere, dS = 0
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int i = wrow + r;
+        const float ls = i < lq ? lse[(long long)bh * lq + i] : 0.f;
+        full[r] = ls == INFINITY;
+        lse2[r] = ls * kLog2e;
+        float part = 0.f;
+        if (i < lq) {
+            const T* orow = o + ((long long)b * lq + i) * w + (long long)h * D;
+            for (int d = lane; d < D; d += 32) part += sdo[(warp * R + r) * D + d] * load(orow, d);
+        }
+        di[r] = warp_sum(part);
+#pragma unroll
+        for (int c = 0; c < C; ++c) acc[r][c] = 0.f;
+    }
+    const int tiles = attn_tiles(lk);
+    for (int t = 0; t < tiles; ++t) {
+        const int j0 = t * kAttnTile, j = j0 + lane;
+        __syncthreads();
+        attn_load_tile<T, D>(sk, LD, k, b, h, heads, lk, j0, kAttnTile, 1.f);
+        attn_load_tile<T, D>(sv, LD, v, b, h, heads, lk, j0, kAttnTile, 1.f);
+        __syncthreads();
+        float s[R], dp[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) s[r] = dp[r] = 0.f;
+#pragma unroll 2
+        for (int d = 0; d < D; d += 4) {
+            const float4 kd = lds4(&sk[lane * LD + d]), vd = lds4(&sv[lane * LD + d]);
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                s[r] += dot4(lds4(&sq[(warp * R + r) * D + d]), kd);
+                dp[r] += dot4(lds4(&sdo[(warp * R + r) * D + d]), vd);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int i = wrow + r;
+            float ds = 0.f;
+            if (j < lk && !full[r] && attn_visible(ma, b, i, j, lk)) {
+                const float p = exp2f(s[r] - lse2[r]);
+                ds = p * (attn_drop(ma, bh, i, j, lq, lk) * dp[r] - di[r]) * scale;
+            }
+            sds[warp][r][lane] = ds;
+        }
+        __syncwarp();
+#pragma unroll 4
+        for (int jj = 0; jj < kAttnTile; ++jj) {
+            float kd[C];
+#pragma unroll
+            for (int c = 0; c < C; ++c) kd[c] = sk[jj * LD + lane + 32 * c];
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float g = sds[warp][r][jj];
+#pragma unroll
+                for (int c = 0; c < C; ++c) acc[r][c] += g * kd[c];
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int i = wrow + r;
+        if (i >= lq) break;
+        T* g = dq + ((long long)b * lq + i) * w + (long long)h * D;
+#pragma unroll
+        for (int c = 0; c < C; ++c) store(g, lane + 32 * c, acc[r][c]);
+    }
+}
+
+// ---- backward, dK and dV: key-major, one block per key tile, query tiles reduced in registers ----
+// dV_j = Σ_i P_ij m_ij dO_i ; dK_j = Σ_i dS_ij Q_i.
+template <class T, int D>
+__device__ __forceinline__ void attention_bwd_dkdv_impl(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+    const T* __restrict__ o, const float* __restrict__ lse, const T* __restrict__ dout,
+    T* __restrict__ dk, T* __restrict__ dv, int heads, int lq, int lk, float scale,
+    const AttnMaskArgs ma) {
+    constexpr int R = rows_per_warp<D>(), BK = kAttnWarps * R, LD = D + 4, C = D / 32;
+    constexpr int RowsPerWarp = kAttnTile / kAttnWarps;
+    alignas(16) __shared__ float sk[BK * D];
+    alignas(16) __shared__ float sv[BK * D];
+    alignas(16) __shared__ float sq[kAttnTile * LD];
+    alignas(16) __shared__ float sdo[kAttnTile * LD];
+    __shared__ float slse2[kAttnTile], sdi[kAttnTile];
+    __shared__ float spm[kAttnWarps][R][kAttnTile], sds[kAttnWarps][R][kAttnTile];
+    const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int key0 = blockIdx.x * BK, wkey = key0 + warp * R;
+    const long long w = (long long)heads * D;
+    const float inv_lk = 1.f / lk, qmul = scale * kLog2e;
+    attn_load_tile<T, D>(sk, D, k, b, h, heads, lk, key0, BK, 1.f);
+    attn_load_tile<T, D>(sv, D, v, b, h, heads, lk, key0, BK, 1.f);
+    float gk[R][C], gv[R][C];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int c = 0; c < C; ++c) gk[r][c] = gv[r][c] = 0.f;
+    const int tiles = attn_tiles(lq);
+    for (int t = 0; t < tiles; ++t) {
+        const int i0 = t * kAttnTile, i = i0 + lane;
+        __syncthreads();
+        attn_load_tile<T, D>(sq, LD, q, b, h, heads, lq, i0, kAttnTile, 1.f);
+        attn_load_tile<T, D>(sdo, LD, dout, b, h, heads, lq, i0, kAttnTile, 1.f);
+        __syncthreads();
+        // D_i = dO_i·O_i and lse of this tile's rows: warp w takes rows w, w + 4, ...
+        for (int rr = 0; rr < RowsPerWarp; ++rr) {
+            const int row = warp + kAttnWarps * rr, ii = i0 + row;
+            float part = 0.f;
+            if (ii < lq) {
+                const T* orow = o + ((long long)b * lq + ii) * w + (long long)h * D;
+                for (int d = lane; d < D; d += 32) part += sdo[row * LD + d] * load(orow, d);
+            }
+            part = warp_sum(part);
+            if (lane == 0) {
+                sdi[row] = part;
+                slse2[row] = ii < lq ? lse[(long long)bh * lq + ii] * kLog2e : 0.f;
+            }
+        }
+        __syncthreads();
+        float s[R], dp[R];
+#pragma unroll
+        for (int r = 0; r < R; ++r) s[r] = dp[r] = 0.f;
+#pragma unroll 2
+        for (int d = 0; d < D; d += 4) {
+            const float4 qd = lds4(&sq[lane * LD + d]), gd = lds4(&sdo[lane * LD + d]);
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                s[r] += dot4(lds4(&sk[(warp * R + r) * D + d]), qd);
+                dp[r] += dot4(lds4(&sv[(warp * R + r) * D + d]), gd);
+            }
+        }
+        const float l2 = slse2[lane], dii = sdi[lane];
+        const bool full = l2 == INFINITY;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            const int j = wkey + r;
+            float pm = 0.f, ds = 0.f;
+            if (i < lq && j < lk) {
+                const float mdrop = attn_drop(ma, bh, i, j, lq, lk);
+                if (full) {
+                    pm = inv_lk * mdrop;
+                } else if (attn_visible(ma, b, i, j, lk)) {
+                    const float p = exp2f(s[r] * qmul - l2);
+                    pm = p * mdrop;
+                    ds = p * (mdrop * dp[r] - dii) * scale;
+                }
+            }
+            spm[warp][r][lane] = pm;
+            sds[warp][r][lane] = ds;
+        }
+        __syncwarp();
+#pragma unroll 4
+        for (int ii = 0; ii < kAttnTile; ++ii) {
+            float qd[C], gd[C];
+#pragma unroll
+            for (int c = 0; c < C; ++c) {
+                qd[c] = sq[ii * LD + lane + 32 * c];
+                gd[c] = sdo[ii * LD + lane + 32 * c];
+            }
+#pragma unroll
+            for (int r = 0; r < R; ++r) {
+                const float a = spm[warp][r][ii], g = sds[warp][r][ii];
+#pragma unroll
+                for (int c = 0; c < C; ++c) {
+                    gv[r][c] += a * gd[c];
+                    gk[r][c] += g * qd[c];
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        const int j = wkey + r;
+        if (j >= lk) break;
+        const long long off = ((long long)b * lk + j) * w + (long long)h * D;
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+            store(dk + off, lane + 32 * c, gk[r][c]);
+            store(dv + off, lane + 32 * c, gv[r][c]);
+        }
+    }
+}
+
+}  // namespace r3
+
+using r3::bf16;
+
+// Parameters shared by every entry point after the tensors: heads, lq, lk, scale, mask mode,
+// key_mask, words, mask_p, mask_seed, drop_p, drop_seed, drop_stream.
+#define R3_ATTN_MASK_PARAMS                                                                    \
+    int heads, int lq, int lk, float scale, int mode, const unsigned char *key_mask,           \
+        const unsigned *words, float mask_p, unsigned long long mask_seed, float drop_p,       \
+        unsigned long long drop_seed, unsigned long long drop_stream
+#define R3_ATTN_MASK_ARGS                                                                      \
+    heads, lq, lk, scale,                                                                      \
+        r3::AttnMaskArgs {                                                                     \
+        key_mask, words, mode, mask_p, mask_seed, drop_p, drop_seed, drop_stream               \
+    }
+
+#define R3_ATTN_KERNELS(DIM, T, SFX)                                                             \
+    extern "C" __global__ void __launch_bounds__(128, 2)                                          \
+        attention_fwd_d##DIM##_##SFX(const T* q, const T* k, const T* v, T* out, float* lse,   \
+                                     R3_ATTN_MASK_PARAMS) {                                    \
+        r3::attention_fwd_impl<T, DIM>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);                  \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128, 2) attention_bwd_dq_d##DIM##_##SFX(         \
+        const T* q, const T* k, const T* v, const T* o, const float* lse, const T* dout,       \
+        T* dq, R3_ATTN_MASK_PARAMS) {                                                          \
+        r3::attention_bwd_dq_impl<T, DIM>(q, k, v, o, lse, dout, dq, R3_ATTN_MASK_ARGS);       \
+    }                                                                                          \
+    extern "C" __global__ void __launch_bounds__(128, 2) attention_bwd_dkdv_d##DIM##_##SFX(       \
+        const T* q, const T* k, const T* v, const T* o, const float* lse, const T* dout,       \
+        T* dk, T* dv, R3_ATTN_MASK_PARAMS) {                                                   \
+        r3::attention_bwd_dkdv_impl<T, DIM>(q, k, v, o, lse, dout, dk, dv, R3_ATTN_MASK_ARGS); \
+    }
+
+R3_ATTN_KERNELS(32, float, f32)
+R3_ATTN_KERNELS(64, float, f32)
+R3_ATTN_KERNELS(128, float, f32)
+R3_ATTN_KERNELS(32, bf16, bf16)
+R3_ATTN_KERNELS(64, bf16, bf16)
+R3_ATTN_KERNELS(128, bf16, bf16)
+
+R3_EMU_EXPORT(attention_fwd_d32_f32)
+R3_EMU_EXPORT(attention_fwd_d64_f32)
+R3_EMU_EXPORT(attention_fwd_d128_f32)
+R3_EMU_EXPORT(attention_fwd_d32_bf16)
+R3_EMU_EXPORT(attention_fwd_d64_bf16)
+R3_EMU_EXPORT(attention_fwd_d128_bf16)
+R3_EMU_EXPORT(attention_bwd_dq_d32_f32)
+R3_EMU_EXPORT(attention_bwd_dq_d64_f32)
+R3_EMU_EXPORT(attention_bwd_dq_d128_f32)
+R3_EMU_EXPORT(attention_bwd_dq_d32_bf16)
+R3_EMU_EXPORT(attention_bwd_dq_d64_bf16)
+R3_EMU_EXPORT(attention_bwd_dq_d128_bf16)
+R3_EMU_EXPORT(attention_bwd_dkdv_d32_f32)
+R3_EMU_EXPORT(attention_bwd_dkdv_d64_f32)
+R3_EMU_EXPORT(attention_bwd_dkdv_d128_f32)
+R3_EMU_EXPORT(attention_bwd_dkdv_d32_bf16)
+R3_EMU_EXPORT(attention_bwd_dkdv_d64_bf16)
+R3_EMU_EXPORT(attention_bwd_dkdv_d128_bf16)

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# GPU check for a machine with an NVIDIA driver, no Rust and no network (docs/gpu-log.md).
+#
+# Build here:   cargo build --release --features cuda      (ships as target/release/retrom3)
+# Run there:    OUT=/some/dir bash tools/gpu-check.sh [path/to/retrom3]
+#
+# Steps (each with its own time limit; the whole run stays under 8 minutes):
+#   env        nvidia-smi, the binary's libraries, where libcublas comes from
+#   version    retrom3 --version (the kernel build: archs, nvcc)
+#   selftest   retrom3 selftest --device cuda (full): every kernel + cuBLAS vs the CPU reference
+#   memcheck   compute-sanitizer --tool memcheck on the quick selftest (if compute-sanitizer exists)
+#   racecheck  compute-sanitizer --tool racecheck on the quick selftest (idem)
+#   encode     retrom3 bench encode --device cuda on the tiny fixture (skipped: no CUDA encode path)
+#   torch      tools/torch_baseline.py: PyTorch SDPA at D=64, S=512..4096, B*S=16k tokens
+# Logs go to $OUT/<step>.log, the table to $OUT/summary.md (also printed). Exit status 0 when no
+# step failed; otherwise 1 and a line naming the failed steps. A skipped step says why.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BIN=${1:-$ROOT/target/release/retrom3}
+OUT=${OUT:-$ROOT/gpu-check-out}
+SEED=${SEED:-$(date +%s)}
+BUDGET=${BUDGET:-470}   # seconds for all steps together
+mkdir -p "$OUT" || { echo "gpu-check: cannot create $OUT" >&2; exit 1; }
+SUMMARY=$OUT/summary.md
+T_START=$(date +%s)
+FAILED=()
+ROWS=()
+
+note() { echo "gpu-check: $*"; }
+row() { ROWS+=("| $1 | $2 | $3 | $4 |"); }
+
+# run_step NAME LIMIT_S CMD...: runs CMD with a time limit (capped by what is left of BUDGET),
+# output to $OUT/NAME.log; sets STEP_RC and records a row (detail from $DETAIL if set).
+run_step() {
+  local name=$1 limit=$2; shift 2
+  local left=$(( BUDGET - ($(date +%s) - T_START) ))
+  (( limit > left )) && limit=$left
+  STEP_SKIPPED=0 STEP_SECS=0
+  if (( limit < 10 )); then
+    row "$name" "SKIP" 0 "out of time budget (${BUDGET}s)"; STEP_SKIPPED=1; STEP_RC=0; return
+  fi
+  note "[$name] $* (limit ${limit}s)"
+  local t0=$(date +%s)
+  { echo "\$ $*"; echo; } >"$OUT/$name.log"
+  timeout -k 5 "$limit" "$@" >>"$OUT/$name.log" 2>&1
+  STEP_RC=$?
+  STEP_SECS=$(( $(date +%s) - t0 ))
+}
+
+finish_step() { # NAME DETAIL: record ok/FAIL/TIMEOUT from STEP_RC
+  local name=$1 detail=$2 status
+  (( STEP_SKIPPED )) && return
+  case $STEP_RC in
+    0) status=ok ;;
+    124|137) status=TIMEOUT; FAILED+=("$name") ;;
+    *) status="FAIL (exit $STEP_RC)"; FAILED+=("$name") ;;
+  esac
+  row "$name" "$status" "$STEP_SECS" "$detail"
+  note "[$name] $status in ${STEP_SECS}s: $detail"
+}
+
+last_match() { grep -E "$1" "$2" 2>/dev/null | tail -1 | cut -c1-140; }
+
+# ---- env: the GPU, the driver, the binary and libcublas ------------------------------------
+{
+  echo "date: $(date -u +%FT%TZ)  host: $(hostname)  seed: $SEED"
+  uname -a
+  nvidia-smi || echo "nvidia-smi FAILED"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem,power.limit --format=csv
+} >"$OUT/env.log" 2>&1
+if ! command -v nvidia-smi >/dev/null || ! nvidia-smi -L >/dev/null 2>&1; then
+  row env "FAIL" 0 "nvidia-smi missing or sees no GPU"; FAILED+=(env)
+else
+  row env ok 0 "$(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | head -1)"
+fi
+if [ ! -x "$BIN" ]; then
+  echo "gpu-check: no retrom3 binary at $BIN (build it with cargo build --release --features cuda and carry it)" >&2
+  exit 1
+fi
+# libcublas.so.13: the system's, else the CUDA toolkit's lib64, else PyTorch's pip wheel.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcublas\.so\.13'; then
+  for d in /usr/local/cuda/lib64 /usr/local/cuda-13*/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+           $(python3 -c 'import nvidia.cublas as m, os; print(os.path.join(list(m.__path__)[0], "lib"))' 2>/dev/null); do
+    if ls "$d"/libcublas.so.13* >/dev/null 2>&1; then
+      export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"; break
+    fi
+  done
+fi
+{ echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"; echo "ldd $BIN:"; ldd "$BIN"; } >>"$OUT/env.log" 2>&1
+
+# ---- version -----------------------------------------------------------------------------
+run_step version 15 "$BIN" --version
+finish_step version "$(last_match '^kernels' "$OUT/version.log")"
+
+# ---- selftest (full) -----------------------------------------------------------------------
+run_step selftest 170 "$BIN" selftest --device cuda --seed "$SEED"
+finish_step selftest "$(last_match 'rows passed|rows FAILED|error' "$OUT/selftest.log")"
+
+# ---- compute-sanitizer on the quick selftest ----------------------------------------------------
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer /usr/local/cuda-*/bin/compute-sanitizer 2>/dev/null | head -1)
+for tool in memcheck racecheck; do
+  if [ -z "$SANITIZER" ]; then
+    row "$tool" SKIP 0 "compute-sanitizer not found"; continue
+  fi
+  run_step "$tool" 100 "$SANITIZER" --tool "$tool" --error-exitcode 97 --print-limit 20 \
+    "$BIN" selftest --device cuda --quick --seed "$SEED"
+  finish_step "$tool" "$(last_match 'ERROR SUMMARY|RACECHECK SUMMARY|rows passed|rows FAILED' "$OUT/$tool.log")"
+done
+
+# ---- encode benchmark on the tiny fixture ---------------------------------------------------------
+run_step encode 40 "$BIN" bench encode --device cuda --model "$ROOT/tests/fixtures/tiny-xlmr" \
+  --texts 64 --max-length 128 --repeat 3
+if (( STEP_SKIPPED )); then
+  :
+elif (( STEP_RC != 0 )) && grep -qE 'not supported on device|without the `cuda` feature' "$OUT/encode.log"; then
+  row encode SKIP "$STEP_SECS" "no CUDA encode path in this build ($(last_match 'error' "$OUT/encode.log" | cut -c1-80))"
+else
+  finish_step encode "$(last_match 'tokens_per_s' "$OUT/encode.log")"
+fi
+
+# ---- PyTorch SDPA baseline --------------------------------------------------------------------------
+if python3 -c 'import torch' >/dev/null 2>&1; then
+  run_step torch 110 python3 "$ROOT/tools/torch_baseline.py" --json "$OUT/torch_sdpa.jsonl"
+  finish_step torch "$(grep -E '^(flash|cudnn)' "$OUT/torch.log" | awk '$3==512||$3==4096{printf "%s S=%s fwd %s f+b %s TF/s; ", $1, $3, $5, $7}')"
+else
+  row torch SKIP 0 "python3 cannot import torch"
+fi
+
+# ---- summary ------------------------------------------------------------------------------------
+TOTAL=$(( $(date +%s) - T_START ))
+{
+  echo "# gpu-check $(date -u +%FT%TZ) on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1) (seed $SEED, ${TOTAL}s)"
+  echo
+  echo "| step | status | s | detail |"
+  echo "|---|---|---|---|"
+  printf '%s\n' "${ROWS[@]}"
+  echo
+  if [ -f "$OUT/torch.log" ]; then echo '```'; grep -vE '^\$|^$' "$OUT/torch.log"; echo '```'; fi
+} >"$SUMMARY"
+cat "$SUMMARY"
+if (( ${#FAILED[@]} > 0 )); then
+  echo "gpu-check: FAILED steps: ${FAILED[*]} (logs in $OUT)" >&2
+  exit 1
+fi
+echo "gpu-check: all steps passed or were skipped with a reason (logs in $OUT)"
