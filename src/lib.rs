@@ -15,6 +15,7 @@ pub mod infer;
 pub mod io;
 pub mod model;
 pub mod ops;
+pub mod quickstart;
 pub mod retrieval;
 pub mod selftest;
 pub mod tensor;

@@ -128,6 +128,7 @@ impl R3EncodeOptions {
             batch_size: nonzero_or(self.batch_size, DEFAULT_BATCH_SIZE),
             pooling,
             normalize,
+            ..EncodeOptions::default()
         })
     }
 }

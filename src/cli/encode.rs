@@ -39,6 +39,13 @@ pub struct EncodeArgs {
     /// Do not L2-normalise dense vectors.
     #[arg(long)]
     pub no_normalize: bool,
+    /// MCLS for long texts: a <s> every --mcls-chunk content tokens, dense = mean of their
+    /// hidden states (SPEC 3.5; replaces --pooling).
+    #[arg(long)]
+    pub mcls: bool,
+    /// Content tokens per MCLS chunk.
+    #[arg(long, default_value_t = 256, requires = "mcls")]
+    pub mcls_chunk: usize,
     /// cpu or cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub device: Device,
@@ -89,6 +96,8 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
         batch_size: a.batch_size,
         pooling: a.pooling,
         normalize: a.no_normalize.then_some(false),
+        mcls: a.mcls,
+        mcls_chunk: a.mcls_chunk,
     };
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let pb = progress(refs.len(), "encode");

@@ -9,6 +9,7 @@ mod index;
 mod mine;
 mod output;
 mod pretrain;
+mod quickstart;
 mod search;
 mod selftest;
 mod tokenize;
@@ -51,6 +52,8 @@ pub enum Command {
     Search(search::SearchArgs),
     /// Evaluate retrieval modes on a BEIR directory (nDCG@10, Recall@100, MRR@10, MAP).
     Eval(eval::EvalArgs),
+    /// Train and evaluate a small model on the bundled demo set, end to end (CPU, no download).
+    Quickstart(quickstart::QuickstartArgs),
 }
 
 /// `retrom3 --version`: the crate version and the CUDA kernel build (`-V` prints the first line).
@@ -80,5 +83,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Index(a) => index::run(a),
         Command::Search(a) => search::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Quickstart(a) => quickstart::run(a),
     }
 }

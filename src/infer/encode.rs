@@ -26,6 +26,17 @@ pub struct EncodeOptions {
     pub pooling: Option<Pooling>,
     /// Normalise dense vectors (None: the model's default).
     pub normalize: Option<bool>,
+    /// MCLS for long inputs (SPEC §3.5, decision 10.7, our reading of the paper): a `<s>` is
+    /// inserted before every `mcls_chunk` content tokens after the first chunk, and the dense
+    /// vector is the mean of the last hidden states at every `<s>` (the first included), then
+    /// normalised as usual (the `pooling` option does not apply). The inserted tokens take
+    /// positions and count toward `max_length` (content is truncated to fit). Sparse and ColBERT
+    /// outputs are computed on the same sequence, without the inserted `<s>`: lexical weights
+    /// drop special ids anyway, and the ColBERT vectors of the inserted positions are removed, so
+    /// a text has one vector per content token + `</s>` as without MCLS.
+    pub mcls: bool,
+    /// Content tokens per MCLS chunk (256 in the paper; smaller values are for tests).
+    pub mcls_chunk: usize,
 }
 
 impl Default for EncodeOptions {
@@ -38,6 +49,8 @@ impl Default for EncodeOptions {
             batch_size: 32,
             pooling: None,
             normalize: None,
+            mcls: false,
+            mcls_chunk: 256,
         }
     }
 }
@@ -61,7 +74,95 @@ pub struct EncodeOutput {
     pub colbert: Option<Vec<ColbertVecs>>,
 }
 
+/// Insert MCLS tokens into one tokenized text (`<s> c… </s>`): `cls` before content tokens
+/// `chunk`, `2·chunk`, …; content is dropped from the end so that the result has at most
+/// `max_length` tokens. A text of at most `chunk` content tokens is unchanged.
+pub fn insert_mcls(seq: &[u32], cls: u32, chunk: usize, max_length: usize) -> Vec<u32> {
+    if seq.len() < 2 || chunk == 0 {
+        return seq.to_vec();
+    }
+    let (first, content, last) = (seq[0], &seq[1..seq.len() - 1], seq[seq.len() - 1]);
+    let mut out = Vec::with_capacity(seq.len() + content.len() / chunk + 1);
+    out.push(first);
+    for (i, &t) in content.iter().enumerate() {
+        let need = if i > 0 && i % chunk == 0 { 2 } else { 1 };
+        if out.len() + need + 1 > max_length {
+            break;
+        }
+        if need == 2 {
+            out.push(cls);
+        }
+        out.push(t);
+    }
+    out.push(last);
+    out
+}
+
+fn check_chunk(chunk: usize) -> Result<()> {
+    if chunk == 0 {
+        return Err(Error::invalid("MCLS chunk size must be >= 1"));
+    }
+    Ok(())
+}
+
 impl M3Model {
+    /// Encoder forward with MCLS: dense = (normalised) mean of the hidden states at every `cls`
+    /// position; sparse as usual (special ids are dropped); ColBERT without the inserted `cls`.
+    fn forward_mcls(
+        &self,
+        input: &EncoderInput,
+        req: HeadRequest,
+        cls: u32,
+    ) -> Result<crate::model::m3::HeadOutputs> {
+        let mut tape = crate::autograd::Tape::no_grad();
+        let p = self.encoder.params.bind(&mut tape);
+        let hs = self.encoder.forward(&mut tape, &p, input, None)?;
+        let heads_req = HeadRequest {
+            dense: false,
+            ..req
+        };
+        let mut out = if req.sparse || req.colbert {
+            self.heads_on_hidden(&mut tape, &hs, input, heads_req)?
+        } else {
+            crate::model::m3::HeadOutputs::default()
+        };
+        let (b, l) = (input.batch, input.len);
+        let h = self.encoder.config.hidden_size;
+        let ids = |bi: usize| &input.ids[bi * l..(bi + 1) * l];
+        let real = |bi: usize, li: usize| input.mask[bi * l + li] != 0;
+        if req.colbert {
+            // Vector j of a text is position j + 1: drop the inserted CLS positions.
+            for (bi, vecs) in out.colbert.iter_mut().enumerate() {
+                let keep: Vec<bool> = (1..=vecs.len()).map(|li| ids(bi)[li] != cls).collect();
+                let mut k = keep.iter();
+                vecs.retain(|_| *k.next().unwrap_or(&true));
+            }
+        }
+        if req.dense {
+            let v = hs.value().f32s()?;
+            out.dense = (0..b)
+                .map(|bi| {
+                    let mut acc = vec![0f64; h];
+                    let mut n = 0usize;
+                    for li in (0..l).filter(|&li| real(bi, li) && ids(bi)[li] == cls) {
+                        let row = &v[(bi * l + li) * h..(bi * l + li + 1) * h];
+                        acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x as f64);
+                        n += 1;
+                    }
+                    let mut d: Vec<f32> =
+                        acc.iter().map(|&a| (a / n.max(1) as f64) as f32).collect();
+                    if req.normalize {
+                        let norm = d.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
+                        let norm = norm.max(1e-12) as f32;
+                        d.iter_mut().for_each(|x| *x /= norm);
+                    }
+                    d
+                })
+                .collect();
+        }
+        Ok(out)
+    }
+
     /// Encode texts (see [`EncodeOptions`]). Empty texts are allowed (they become `<s></s>`, as
     /// in FlagEmbedding); texts longer than the max length are truncated.
     pub fn encode(&self, texts: &[&str], opts: &EncodeOptions) -> Result<EncodeOutput> {
@@ -76,7 +177,15 @@ impl M3Model {
         progress: &mut dyn FnMut(usize),
     ) -> Result<EncodeOutput> {
         let max_length = self.resolve_max_length(opts.max_length)?;
-        let seqs = self.tokenizer.encode_batch(texts, max_length)?;
+        let mut seqs = self.tokenizer.encode_batch(texts, max_length)?;
+        if opts.mcls {
+            let cls = self.mcls_id()?;
+            check_chunk(opts.mcls_chunk)?;
+            seqs = seqs
+                .iter()
+                .map(|s| insert_mcls(s, cls, opts.mcls_chunk, max_length))
+                .collect();
+        }
         self.encode_ids(seqs, opts, progress)
     }
 
@@ -97,7 +206,17 @@ impl M3Model {
         Ok(m)
     }
 
-    /// Encode already tokenized texts (ids with specials).
+    /// The id of `<s>` / `[CLS]`: the first token of every tokenized text.
+    fn mcls_id(&self) -> Result<u32> {
+        let ids = self.tokenizer.encode("", 2)?;
+        ids.first()
+            .copied()
+            .filter(|t| self.special_ids.contains(t))
+            .ok_or_else(|| Error::invalid("MCLS: the tokenizer adds no leading CLS token"))
+    }
+
+    /// Encode already tokenized texts (ids with specials; with `opts.mcls`, the `<s>` already
+    /// inserted, e.g. by [`insert_mcls`]).
     pub fn encode_ids(
         &self,
         seqs: Vec<Vec<u32>>,
@@ -110,6 +229,12 @@ impl M3Model {
         if opts.sparse || opts.colbert {
             self.require_heads("sparse/colbert output")?;
         }
+        let mcls = if opts.mcls {
+            check_chunk(opts.mcls_chunk)?;
+            Some(self.mcls_id()?)
+        } else {
+            None
+        };
         let req = HeadRequest {
             dense: opts.dense,
             sparse: opts.sparse,
@@ -128,7 +253,10 @@ impl M3Model {
         for chunk in order.chunks(opts.batch_size) {
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].clone()).collect();
             let input = EncoderInput::pad(&batch, pad);
-            let out = self.forward_heads(&input, req)?;
+            let out = match mcls {
+                None => self.forward_heads(&input, req)?,
+                Some(cls) => self.forward_mcls(&input, req, cls)?,
+            };
             for (k, &i) in chunk.iter().enumerate() {
                 if opts.dense {
                     dense[i] = out.dense[k].clone();

@@ -1,0 +1,52 @@
+//! `retrom3 quickstart`: tokenizer, RetroMAE pre-training, M3 fine-tuning and evaluation of a
+//! small model on the bundled demo set (data/demo), with a report (library: `retrom3::quickstart`).
+
+use clap::Args;
+use retrom3::quickstart::{default_data_dir, run as run_quickstart, table, QuickstartSize};
+use retrom3::{Device, Result};
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct QuickstartArgs {
+    /// Output directory: results.json, summary.md, loss curves (SVG), the models.
+    #[arg(long, default_value = "quickstart-out")]
+    pub output: PathBuf,
+    /// cpu, or cuda[:N] (larger settings).
+    #[arg(long, default_value = "cpu")]
+    pub device: Device,
+    /// The CI size: a tiny model and a few steps (also RETROM3_QUICKSTART_SMALL=1).
+    #[arg(long)]
+    pub small: bool,
+    /// The BEIR directory with pretrain.txt and train.jsonl (default: data/demo).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+}
+
+pub fn run(a: QuickstartArgs) -> Result<()> {
+    let small = a.small || std::env::var("RETROM3_QUICKSTART_SMALL").is_ok_and(|v| v == "1");
+    let size = if small {
+        QuickstartSize::Small
+    } else if matches!(a.device, Device::Cpu) {
+        QuickstartSize::Full
+    } else {
+        QuickstartSize::Large
+    };
+    let data = a.data.unwrap_or_else(default_data_dir);
+    eprintln!(
+        "quickstart ({size:?}) on {}: data {}, output {}",
+        a.device,
+        data.display(),
+        a.output.display()
+    );
+    let report = run_quickstart(size, a.device, &data, &a.output, &mut |l| {
+        eprintln!("  {l}")
+    })?;
+    println!("{}", table(&report));
+    println!(
+        "{} test queries; {:.0} s; report in {}/summary.md",
+        report.bm25.queries,
+        report.seconds,
+        report.output.display()
+    );
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! The quickstart end to end on the bundled demo set (data/demo).
+//!
+//! At CI size (`QuickstartSize::Small`: 1 layer, hidden 32, 10 + 60 steps, 100 test queries over
+//! 300 documents) the test checks the report files and that fine-tuning improves the dense+sparse
+//! hybrid over the untrained (random-init) model on the test split. The full-size run (the
+//! README's command) is the #[ignore]d test below.
+
+use retrom3::quickstart::{default_data_dir, run, QuickstartSize};
+use retrom3::retrieval::Mode;
+use retrom3::Device;
+
+fn check(size: QuickstartSize, name: &str) -> retrom3::quickstart::QuickstartReport {
+    let out =
+        std::env::temp_dir().join(format!("retrom3-quickstart-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let r = run(size, Device::Cpu, &default_data_dir(), &out, &mut |l| {
+        eprintln!("{l}")
+    })
+    .unwrap();
+    for f in [
+        "results.json",
+        "summary.md",
+        "pretrain_metrics.svg",
+        "finetune_metrics.svg",
+        "tokenizer/tokenizer.json",
+        "finetune/model.safetensors",
+    ] {
+        assert!(out.join(f).is_file(), "missing {f}");
+    }
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    for m in ["dense", "sparse", "colbert", "dense+sparse", "all"] {
+        for which in ["untrained", "finetuned"] {
+            let v = results["results"][which][m]["ndcg@10"].as_f64();
+            assert!(
+                v.is_some_and(|x| (0.0..=1.0).contains(&x)),
+                "{which} {m}: {v:?}"
+            );
+        }
+    }
+    assert!(results["results"]["bm25"]["ndcg@10"].as_f64().unwrap() > 0.0);
+    eprintln!("{}", retrom3::quickstart::table(&r));
+    let (ft, un) = (
+        r.ndcg(true, Mode::DenseSparse).unwrap(),
+        r.ndcg(false, Mode::DenseSparse).unwrap(),
+    );
+    assert!(ft > un, "fine-tuned hybrid nDCG@10 {ft} <= untrained {un}");
+    let _ = std::fs::remove_dir_all(&out);
+    r
+}
+
+#[test]
+fn quickstart_small_trains_and_reports() {
+    check(QuickstartSize::Small, "small");
+}
+
+/// The README's run (minutes in release: `cargo test --release --test quickstart -- --ignored`).
+#[test]
+#[ignore]
+fn quickstart_full_size() {
+    check(QuickstartSize::Full, "full");
+}
+
+/// The trained tokenizer has XLM-R's special-token layout. (Training is not bit-reproducible:
+/// the tokenizers crate's Unigram trainer iterates randomly seeded hash maps.)
+#[test]
+fn trained_tokenizer_has_xlmr_layout() {
+    let texts: Vec<String> = std::fs::read_to_string(default_data_dir().join("pretrain.txt"))
+        .unwrap()
+        .lines()
+        .take(200)
+        .map(String::from)
+        .collect();
+    let dir = std::env::temp_dir().join(format!("retrom3-qs-tok-{}", std::process::id()));
+    retrom3::quickstart::train_tokenizer(&texts, 2000, &dir).unwrap();
+    let tok = retrom3::data::TextTokenizer::from_dir(&dir).unwrap();
+    assert_eq!(tok.vocab_size(), 2000);
+    let ids = tok.encode("Redirect directive", 16).unwrap();
+    assert_eq!(
+        (ids[0], *ids.last().unwrap()),
+        (0, 2),
+        "<s> ... </s>: {ids:?}"
+    );
+    assert!(ids[1..ids.len() - 1].iter().all(|&t| t > 3 && t < 1999));
+    let mask = tok.encode("<mask>", 8).unwrap();
+    assert_eq!(mask, vec![0, 1999, 2]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
