@@ -4,6 +4,8 @@
 //! Every check prints its worst error, so `cargo test --test parity -- --nocapture` is the parity
 //! report recorded in docs/parity.md.
 
+mod common;
+
 use retrom3::autograd::Tape;
 use retrom3::io::safetensors::read_safetensors;
 use retrom3::model::encoder::EncoderInput;
@@ -395,33 +397,17 @@ fn gradients_of_every_parameter_match_pytorch() {
         let got = grads
             .get(var)
             .unwrap_or_else(|| panic!("no gradient reached {name}"));
-        let (gw, ww) = (got.f32s().unwrap(), want.f32s().unwrap());
         assert_eq!(got.dims(), want.dims(), "{name}");
-        let diff = gw
-            .iter()
-            .zip(ww)
-            .map(|(&a, &b)| ((a - b) as f64).powi(2))
-            .sum::<f64>()
-            .sqrt();
-        let norm = ww.iter().map(|&b| (b as f64).powi(2)).sum::<f64>().sqrt();
-        let rel = diff / norm.max(1e-3);
-        let max_abs = gw
-            .iter()
-            .zip(ww)
-            .map(|(&a, &b)| (a - b).abs())
-            .fold(0.0, f32::max);
-        // Key biases cannot change the softmax: their true gradient is 0 and both sides hold only
-        // f32 rounding noise (~1e-6), so they pass on the absolute bound alone.
-        let zero_grad = norm < 1e-5 && max_abs <= 5e-6;
-        assert!(
-            (rel <= 1e-4 && max_abs <= 1e-3) || zero_grad,
-            "grad.{name}: norm-wise rel err {rel:.2e}, max abs {max_abs:.2e}"
-        );
-        if zero_grad {
-            continue;
-        }
-        if rel > worst.0 {
-            worst = (rel, name);
+        if let Some(rel) = common::check_grad(
+            &format!("grad.{name}"),
+            got.f32s().unwrap(),
+            want.f32s().unwrap(),
+            1e-4,
+            1e-3,
+        ) {
+            if rel > worst.0 {
+                worst = (rel, name);
+            }
         }
     }
     eprintln!(
