@@ -43,7 +43,7 @@ pub struct Hit {
 pub enum Mode {
     /// Exact inner product over the dense vectors.
     Dense,
-    /// Learned lexical weights, inverted index with exact MaxScore top-k.
+    /// Learned lexical weights, inverted index with exact block-max top-k (term-at-a-time when pruning cannot pay).
     Sparse,
     /// ColBERT MaxSim re-rank of the dense top-K candidates.
     Colbert,

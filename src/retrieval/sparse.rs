@@ -1,4 +1,4 @@
-//! Inverted index over token ids with quantised impacts, and exact top-k by MaxScore.
+//! Inverted index over token ids with quantised impacts, and exact top-k by block-max pruning.
 //!
 //! Every posting stores a document number (u32) and a 16-bit impact: `round(w / scale)` with one
 //! `scale = max_weight / 65535` per index (at least 1, so no posting vanishes). Queries are
@@ -8,23 +8,49 @@
 //! float score reported is `int · scale · query_scale`; against the float lexical score
 //! (SPEC 3.3) the error is at most `max_doc_weight / 131070 · Σ w_q` plus the query rounding.
 //!
-//! MaxScore (Turtle & Flood 1995, document-at-a-time): query terms are sorted by their score upper
-//! bound `q_t · max_impact_t`; the longest prefix whose bounds sum to at most the current k-th
-//! score θ is "non-essential" — a document found only there cannot enter the top-k — so only the
-//! essential lists drive the traversal and the others are probed (galloping) for candidates, in
-//! decreasing bound order, until the remaining bounds cannot lift the document above θ. Documents
-//! are visited in increasing number, so a later document enters only with a score strictly above
-//! θ, which keeps ties resolved by document number exactly as brute force does.
+//! [`ImpactIndex::search`] is a document-range block-max search (in the spirit of Mallia et al.,
+//! "Faster Learned Sparse Retrieval with Block-Max Pruning", SIGIR 2024): the documents are cut
+//! into blocks of [`BLOCK_DOCS`] consecutive numbers and every posting list knows its largest
+//! impact in each block (stored densely for long lists, computed from the postings at query time
+//! for short ones). A query first sums `q_t · blockmax_t(b)` into an upper bound per block, scores
+//! the most promising blocks exactly to get a threshold θ (the k-th best score so far), then walks
+//! the remaining blocks in document order and scores only those whose bound can still beat the
+//! current k-th entry (`(bound, first doc) > (θ, k-th doc)`, so ties by document number are exact).
+//! Long lists have a skip entry every [`SKIP_DOCS`] documents, so a block's postings are found
+//! without searching the list from the previous cursor. Scoring a block is random access, so
+//! when the blocks that survive the first threshold would cost more than streaming every query
+//! posting (a fixed cost model), the query is scored term-at-a-time into a per-document integer
+//! accumulator instead and the top-k taken in one pass; both paths are exact. The block maxima and skips are derived
+//! data: rebuilt from the postings by [`ImpactIndex::build`] and [`ImpactIndex::from_container`]
+//! (the file format does not store them).
+//!
+//! [`ImpactIndex::search_maxscore`] keeps the earlier document-at-a-time MaxScore (Turtle & Flood
+//! 1995) as a second exact reference; it is slower on BGE-M3-shaped corpora (docs/perf.md).
 
 use super::index_format::{Buf, Container, SectionData};
 use super::Hit;
 use crate::error::Result;
+use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
 /// Query weights are quantised to this many levels (20 bits).
 const QUERY_LEVELS: f64 = ((1u32 << 20) - 1) as f64;
 /// Document impacts are u16.
 const DOC_LEVELS: f64 = u16::MAX as f64;
+/// log2 of the documents per block of the block-max bounds.
+const BLOCK_SHIFT: u32 = 3;
+/// Documents per block of the block-max bounds.
+pub const BLOCK_DOCS: usize = 1 << BLOCK_SHIFT;
+/// log2 of the documents per skip entry of a long list.
+const SKIP_SHIFT: u32 = 6;
+/// Documents per skip entry of a long list.
+pub const SKIP_DOCS: usize = 1 << SKIP_SHIFT;
+/// A list gets a stored block-max row and skips when `len · LONG_LIST_DIV >= n_blocks` (so the
+/// row costs at most `2 · LONG_LIST_DIV` bytes per posting; the postings cost 6).
+const LONG_LIST_DIV: usize = 4;
+/// Postings streamed term-at-a-time that cost about as much as scoring one block of one long
+/// list by random access (the switch between the two exact strategies of a query).
+const BLOCK_COST: usize = 128;
 
 /// BM25 parameters (Pyserini's defaults).
 #[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -51,6 +77,120 @@ pub struct ImpactIndex {
     impacts: Buf<u16>,
     /// `[vocab]` the largest impact of each list (0 for an empty list).
     max_impact: Buf<u16>,
+    /// Block maxima and skips of the long lists (derived from the postings, not stored).
+    blocks: BlockMax,
+}
+
+/// Per-block maxima and skip entries of the long posting lists.
+#[derive(Clone)]
+struct BlockMax {
+    /// Number of blocks of [`BLOCK_DOCS`] documents.
+    n_blocks: usize,
+    /// Number of skip groups of [`SKIP_DOCS`] documents.
+    n_groups: usize,
+    /// `[vocab]` the row of a long list in `max`/`skip`, `u32::MAX` for a short one.
+    row: Vec<u32>,
+    /// `[rows × n_blocks]` the largest impact of the list in each block (0 where absent).
+    max: Vec<u16>,
+    /// `[rows × (n_groups + 1)]` position in the list of the first posting with document
+    /// `>= g · SKIP_DOCS`.
+    skip: Vec<u32>,
+}
+
+impl std::fmt::Debug for BlockMax {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "BlockMax[{} blocks, {} long lists]",
+            self.n_blocks,
+            self.max.len() / self.n_blocks.max(1)
+        )
+    }
+}
+
+impl BlockMax {
+    fn new(n_docs: usize, offsets: &[u64], docs: &[u32], impacts: &[u16]) -> BlockMax {
+        let n_blocks = n_docs.div_ceil(BLOCK_DOCS);
+        let n_groups = n_docs.div_ceil(SKIP_DOCS);
+        let vocab = offsets.len().saturating_sub(1);
+        let mut row = vec![u32::MAX; vocab];
+        let mut max = Vec::new();
+        let mut skip = Vec::new();
+        let mut rows = 0u32;
+        for t in 0..vocab {
+            let (a, b) = (offsets[t] as usize, offsets[t + 1] as usize);
+            if b == a || (b - a) * LONG_LIST_DIV < n_blocks {
+                continue;
+            }
+            row[t] = rows;
+            rows += 1;
+            let (ds, is) = (&docs[a..b], &impacts[a..b]);
+            let m0 = max.len();
+            max.resize(m0 + n_blocks, 0u16);
+            let m = &mut max[m0..];
+            for (&d, &i) in ds.iter().zip(is) {
+                let x = &mut m[(d >> BLOCK_SHIFT) as usize];
+                *x = (*x).max(i);
+            }
+            let mut p = 0usize;
+            for g in 0..=n_groups {
+                let first = (g << SKIP_SHIFT) as u64;
+                while p < ds.len() && (ds[p] as u64) < first {
+                    p += 1;
+                }
+                skip.push(p as u32);
+            }
+        }
+        BlockMax {
+            n_blocks,
+            n_groups,
+            row,
+            max,
+            skip,
+        }
+    }
+}
+
+/// The current top-k, keyed by (score, Reverse(document)): its smallest key is the k-th entry.
+struct TopK {
+    k: usize,
+    heap: BinaryHeap<Reverse<(u64, Reverse<u32>)>>,
+}
+
+impl TopK {
+    fn new(k: usize) -> TopK {
+        TopK {
+            k,
+            heap: BinaryHeap::with_capacity(k + 1),
+        }
+    }
+
+    /// Whether a document whose key is at most `(score, Reverse(doc))` could still enter.
+    #[inline]
+    fn open(&self, score: u64, doc: u32) -> bool {
+        self.heap.len() < self.k
+            || self
+                .heap
+                .peek()
+                .is_some_and(|r| (score, Reverse(doc)) > r.0)
+    }
+
+    #[inline]
+    fn push(&mut self, score: u64, doc: u32) {
+        if self.open(score, doc) {
+            self.heap.push(Reverse((score, Reverse(doc))));
+            if self.heap.len() > self.k {
+                self.heap.pop();
+            }
+        }
+    }
+
+    /// (score, doc), score descending then document ascending.
+    fn into_sorted(self) -> Vec<(u64, u32)> {
+        let mut v: Vec<(u64, u32)> = self.heap.into_iter().map(|r| (r.0 .0, r.0 .1 .0)).collect();
+        v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        v
+    }
 }
 
 /// A quantised query term.
@@ -108,6 +248,7 @@ impl ImpactIndex {
                 }
             }
         }
+        let blocks = BlockMax::new(docs.len(), &counts, &pdocs, &imps);
         Ok(ImpactIndex {
             n_docs: docs.len() as u32,
             scale,
@@ -115,6 +256,7 @@ impl ImpactIndex {
             docs: pdocs.into(),
             impacts: imps.into(),
             max_impact: max_impact.into(),
+            blocks,
         })
     }
 
@@ -182,9 +324,158 @@ impl ImpactIndex {
         (s as f64 * self.scale as f64 * qscale) as f32
     }
 
-    /// The exact top-k documents by the quantised score (MaxScore). Documents with no query
-    /// term score 0 and are never returned, so fewer than k hits may come back.
+    /// The exact top-k documents by the quantised score (block-max search, see the module
+    /// docs). Documents with no query term score 0 and are never returned, so fewer than k hits
+    /// may come back.
     pub fn search(&self, query: &[(u32, f32)], k: usize) -> Vec<Hit> {
+        let (terms, qscale) = self.quantise(query);
+        if k == 0 || terms.is_empty() || self.n_docs == 0 {
+            return Vec::new();
+        }
+        self.search_blocks(&terms, k, true)
+            .into_iter()
+            .map(|(s, d)| Hit {
+                doc: d,
+                score: self.to_score(s, qscale),
+            })
+            .collect()
+    }
+
+    /// [`ImpactIndex::search`] without the term-at-a-time switch (always block by block), so
+    /// tests exercise both exact paths.
+    #[doc(hidden)]
+    pub fn search_block_max_only(&self, query: &[(u32, f32)], k: usize) -> Vec<Hit> {
+        let (terms, qscale) = self.quantise(query);
+        if k == 0 || terms.is_empty() || self.n_docs == 0 {
+            return Vec::new();
+        }
+        self.search_blocks(&terms, k, false)
+            .into_iter()
+            .map(|(s, d)| Hit {
+                doc: d,
+                score: self.to_score(s, qscale),
+            })
+            .collect()
+    }
+
+    fn search_blocks(&self, terms: &[QTerm], k: usize, allow_taat: bool) -> Vec<(u64, u32)> {
+        let bm = &self.blocks;
+        let nb = bm.n_blocks;
+        // Upper bound of every block: Σ_t q_t · (largest impact of t in the block).
+        let mut ub = vec![0u64; nb];
+        for t in terms {
+            let r = bm.row[t.term as usize];
+            if r != u32::MAX {
+                let row = &bm.max[r as usize * nb..(r as usize + 1) * nb];
+                for (u, &m) in ub.iter_mut().zip(row) {
+                    *u += t.weight * m as u64;
+                }
+            } else {
+                let (ds, is) = self.list(t.term);
+                let (mut cur, mut m) = (u32::MAX, 0u16);
+                for (&d, &i) in ds.iter().zip(is) {
+                    let b = d >> BLOCK_SHIFT;
+                    if b != cur {
+                        if cur != u32::MAX {
+                            ub[cur as usize] += t.weight * m as u64;
+                        }
+                        cur = b;
+                        m = 0;
+                    }
+                    m = m.max(i);
+                }
+                if cur != u32::MAX {
+                    ub[cur as usize] += t.weight * m as u64;
+                }
+            }
+        }
+        let lists: Vec<(&[u32], &[u16])> = terms.iter().map(|t| self.list(t.term)).collect();
+        let mut top = TopK::new(k);
+        let mut eval = BlockEval {
+            index: self,
+            terms,
+            lists: &lists,
+            pos: vec![0; terms.len()],
+            ordered: true,
+            acc: [0; BLOCK_DOCS],
+        };
+        // Phase 1: score the blocks with the largest bounds (in document order) for a threshold.
+        let p = (4 * k + 64).min(nb);
+        let mut best: Vec<(u64, u32)> = ub
+            .iter()
+            .enumerate()
+            .filter(|x| *x.1 > 0)
+            .map(|(b, &u)| (u, b as u32))
+            .collect();
+        if best.len() > p {
+            best.select_nth_unstable_by(p - 1, |a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+            best.truncate(p);
+        }
+        best.sort_unstable_by_key(|x| x.1);
+        for &(_, b) in &best {
+            eval.block(b as usize, &mut top);
+            ub[b as usize] = 0;
+        }
+        // Phase 2: the other blocks whose bound can beat the k-th entry, in decreasing bound
+        // (then increasing block) order, until one cannot: every later block's key is no larger.
+        let mut rest: Vec<(u64, u32)> = ub
+            .iter()
+            .enumerate()
+            .filter(|&(b, &u)| u > 0 && top.open(u, (b << BLOCK_SHIFT) as u32))
+            .map(|(b, &u)| (u, b as u32))
+            .collect();
+        // Cost model (measured on the 1M-document bench, docs/perf.md): scoring a block costs
+        // about as much as streaming BLOCK_COST postings per long list it touches (random access
+        // against a sequential scan). When the surviving blocks would cost more than scoring
+        // every posting, score term-at-a-time instead; both are exact.
+        let long = terms
+            .iter()
+            .filter(|t| bm.row[t.term as usize] != u32::MAX)
+            .count()
+            .max(1);
+        let postings: usize = lists.iter().map(|l| l.0.len()).sum();
+        if allow_taat && rest.len().saturating_mul(long).saturating_mul(BLOCK_COST) > postings {
+            return self.search_taat(terms, k);
+        }
+        rest.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        eval.ordered = false;
+        for &(u, b) in &rest {
+            if !top.open(u, b << BLOCK_SHIFT) {
+                break;
+            }
+            eval.block(b as usize, &mut top);
+        }
+        top.into_sorted()
+    }
+
+    /// Exact top-k term-at-a-time: every query posting into a score per document, then one
+    /// pass in document order (a later document enters only with a score strictly above the
+    /// k-th, which keeps ties by document number).
+    fn search_taat(&self, terms: &[QTerm], k: usize) -> Vec<(u64, u32)> {
+        let mut acc = vec![0u64; self.n_docs()];
+        for t in terms {
+            let (ds, is) = self.list(t.term);
+            let w = t.weight;
+            for (&d, &i) in ds.iter().zip(is) {
+                acc[d as usize] += w * i as u64;
+            }
+        }
+        let mut top = TopK::new(k);
+        let mut theta = 0u64;
+        for (d, &s) in acc.iter().enumerate() {
+            if s > theta {
+                top.push(s, d as u32);
+                if top.heap.len() == k {
+                    theta = top.heap.peek().map_or(0, |r| r.0 .0);
+                }
+            }
+        }
+        top.into_sorted()
+    }
+
+    /// The exact top-k by document-at-a-time MaxScore (the earlier algorithm, kept as a second
+    /// exact reference and for the side-by-side bench; [`ImpactIndex::search`] is faster).
+    pub fn search_maxscore(&self, query: &[(u32, f32)], k: usize) -> Vec<Hit> {
         let (mut terms, qscale) = self.quantise(query);
         if k == 0 || terms.is_empty() {
             return Vec::new();
@@ -199,8 +490,7 @@ impl ImpactIndex {
         let lists: Vec<(&[u32], &[u16])> = terms.iter().map(|t| self.list(t.term)).collect();
         let mut pos = vec![0usize; n];
         // Min-heap of the current top-k by (score, Reverse(doc)) — its top is the worst entry.
-        let mut heap: BinaryHeap<std::cmp::Reverse<(u64, std::cmp::Reverse<u32>)>> =
-            BinaryHeap::with_capacity(k + 1);
+        let mut heap: BinaryHeap<Reverse<(u64, Reverse<u32>)>> = BinaryHeap::with_capacity(k + 1);
         let mut theta = 0u64; // meaningful only when the heap is full
         let mut first_essential = 0usize;
         loop {
@@ -240,7 +530,7 @@ impl ImpactIndex {
             if !alive || (full && score <= theta) {
                 continue;
             }
-            heap.push(std::cmp::Reverse((score, std::cmp::Reverse(d))));
+            heap.push(Reverse((score, Reverse(d))));
             if heap.len() > k {
                 heap.pop();
             }
@@ -261,10 +551,10 @@ impl ImpactIndex {
             .collect()
     }
 
-    /// Brute force: the quantised score of every document (term-at-a-time). The oracle for
-    /// [`ImpactIndex::search`] in tests.
-    pub fn score_all(&self, query: &[(u32, f32)]) -> Vec<f32> {
-        let (terms, qscale) = self.quantise(query);
+    /// The exact quantised integer score `Σ_t q_t · impact_{t,d}` of every document (the
+    /// ranking key of [`ImpactIndex::search`]; an integer oracle for tests).
+    pub fn score_all_quantised(&self, query: &[(u32, f32)]) -> Vec<u64> {
+        let (terms, _) = self.quantise(query);
         let mut acc = vec![0u64; self.n_docs()];
         for t in &terms {
             let (ds, is) = self.list(t.term);
@@ -272,7 +562,17 @@ impl ImpactIndex {
                 acc[d as usize] += t.weight * i as u64;
             }
         }
-        acc.into_iter().map(|s| self.to_score(s, qscale)).collect()
+        acc
+    }
+
+    /// Brute force: the quantised score of every document (term-at-a-time). The oracle for
+    /// [`ImpactIndex::search`] in tests.
+    pub fn score_all(&self, query: &[(u32, f32)]) -> Vec<f32> {
+        let (_, qscale) = self.quantise(query);
+        self.score_all_quantised(query)
+            .into_iter()
+            .map(|s| self.to_score(s, qscale))
+            .collect()
     }
 
     /// The quantised scores of the given documents (binary search in each query list).
@@ -339,6 +639,7 @@ impl ImpactIndex {
                 ));
             }
         }
+        let blocks = BlockMax::new(n_docs, &offsets, &docs, &impacts);
         Ok(ImpactIndex {
             n_docs: n_docs as u32,
             scale,
@@ -346,12 +647,61 @@ impl ImpactIndex {
             docs,
             impacts,
             max_impact,
+            blocks,
         })
     }
 
     /// The dequantisation scale (stored in the index metadata).
     pub fn scale(&self) -> f32 {
         self.scale
+    }
+}
+
+/// Exact scoring of one block of documents, with a cursor per query list.
+struct BlockEval<'a> {
+    index: &'a ImpactIndex,
+    terms: &'a [QTerm],
+    lists: &'a [(&'a [u32], &'a [u16])],
+    /// Cursors of the short lists, used while blocks come in increasing order.
+    pos: Vec<usize>,
+    /// Whether blocks come in increasing order (else short lists are binary searched).
+    ordered: bool,
+    acc: [u64; BLOCK_DOCS],
+}
+
+impl BlockEval<'_> {
+    fn block(&mut self, b: usize, top: &mut TopK) {
+        let bm = &self.index.blocks;
+        let start = (b << BLOCK_SHIFT) as u32;
+        let end = start.saturating_add(BLOCK_DOCS as u32);
+        for ((t, &(ds, is)), pos) in self.terms.iter().zip(self.lists).zip(self.pos.iter_mut()) {
+            let r = bm.row[t.term as usize];
+            let mut p = if r != u32::MAX {
+                let r = r as usize;
+                if bm.max[r * bm.n_blocks + b] == 0 {
+                    continue;
+                }
+                let g = (start >> SKIP_SHIFT) as usize;
+                let sk = &bm.skip[r * (bm.n_groups + 1)..(r + 1) * (bm.n_groups + 1)];
+                let (lo, hi) = (sk[g] as usize, sk[g + 1] as usize);
+                lo + ds[lo..hi].partition_point(|&x| x < start)
+            } else if self.ordered {
+                gallop(ds, *pos, start)
+            } else {
+                ds.partition_point(|&x| x < start)
+            };
+            while p < ds.len() && ds[p] < end {
+                self.acc[(ds[p] - start) as usize] += t.weight * is[p] as u64;
+                p += 1;
+            }
+            *pos = p;
+        }
+        for (j, a) in self.acc.iter_mut().enumerate() {
+            if *a > 0 {
+                top.push(*a, start + j as u32);
+                *a = 0;
+            }
+        }
     }
 }
 
