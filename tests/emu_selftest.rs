@@ -1,8 +1,8 @@
 //! The emulated device (feature `emu`): every kernel of kernels/*.cu, compiled as host C++, must
 //! agree with the CPU reference on the quick selftest shapes; and the harness must catch broken
 //! kernels (a mutant built from kernels/loss.cu with the block reductions' __syncthreads removed,
-//! one of kernels/attention.cu that skips the last partial key tile, and launches the GPU would
-//! refuse are errors).
+//! one of kernels/attention.cu that skips the last partial key tile, one of kernels/maxsim.cu that
+//! skips the last partial passage tile, and launches the GPU would refuse are errors).
 #![cfg(feature = "emu")]
 
 use retrom3::device::emu::{self, EmuDevice};
@@ -65,6 +65,21 @@ fn dropped_last_key_tile_is_caught() {
     assert!(!bad.is_empty(), "the mutant passed the selftest");
     assert!(
         bad.iter().all(|r| r.kernel == "attention_fwd_d64_f32"),
+        "only the mutated kernel may fail: {:?}",
+        bad.iter().map(|r| &r.kernel).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn dropped_last_passage_tile_is_caught() {
+    // The MaxSim mutant stops at the last full 128-token passage tile: every passage shorter than
+    // 128 tokens (or with a partial last tile) loses tokens, so its scores and argmax change.
+    let dev = EmuDevice::new().substitute("maxsim_fwd_f32", "mutant_mstiles_maxsim_fwd_f32");
+    let report = selftest::run_on(&dev, true, 17).unwrap();
+    let bad: Vec<_> = report.failures();
+    assert!(!bad.is_empty(), "the mutant passed the selftest");
+    assert!(
+        bad.iter().all(|r| r.kernel == "maxsim_fwd_f32"),
         "only the mutated kernel may fail: {:?}",
         bad.iter().map(|r| &r.kernel).collect::<Vec<_>>()
     );

@@ -6,6 +6,7 @@ pub mod cuda;
 #[cfg(feature = "emu")]
 pub mod emu;
 pub mod kernels;
+pub mod kernels_m3;
 pub mod launch;
 
 use crate::error::{Error, Result};

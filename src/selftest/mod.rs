@@ -10,6 +10,7 @@
 
 mod attention;
 mod checks;
+mod m3;
 
 use crate::device::launch::KernelDevice;
 use crate::device::Device;
@@ -265,7 +266,8 @@ fn run_emu(_quick: bool, _seed: u64) -> Result<SelftestReport> {
 /// Run every check on a device that can launch kernels and copy memory.
 pub fn run_on(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<SelftestReport> {
     let start = Instant::now();
-    let rows = checks::all(dev, quick, seed)?;
+    let mut rows = checks::all(dev, quick, seed)?;
+    rows.extend(m3::all(dev, quick, seed)?);
     Ok(SelftestReport {
         device: dev.device(),
         seed,

@@ -73,6 +73,49 @@ fn merge_join(q: &[LexEntry], p: &[LexEntry], mut f: impl FnMut(&LexEntry, &LexE
     }
 }
 
+/// Term weights of the sparse head (SPEC §3.1): w[r] = ReLU(h[r] · ws + b) for the rows of
+/// h [rows, hidden], the dot product in f64 (the reference of kernels/sparse.cu sparse_fwd).
+pub fn term_weights_fwd(h: &[f32], ws: &[f32], b: f32, w: &mut [f32]) {
+    let hidden = ws.len();
+    for (r, out) in w.iter_mut().enumerate() {
+        let row = &h[r * hidden..(r + 1) * hidden];
+        let s: f64 = row.iter().zip(ws).map(|(&a, &c)| a as f64 * c as f64).sum();
+        *out = ((s + b as f64) as f32).max(0.0);
+    }
+}
+
+/// Backward of [`term_weights_fwd`] given the forward's weights `w` (the ReLU gate is w > 0):
+/// dh [rows, hidden] assigned, dws [hidden] and db accumulated (`+=`, summed in f64).
+pub fn term_weights_bwd(
+    h: &[f32],
+    ws: &[f32],
+    w: &[f32],
+    dw: &[f32],
+    dh: &mut [f32],
+    dws: &mut [f32],
+    db: &mut f32,
+) {
+    let hidden = ws.len();
+    let mut acc = vec![0.0f64; hidden];
+    let mut bsum = 0.0f64;
+    for (r, (&wr, &g)) in w.iter().zip(dw).enumerate() {
+        let g = if wr > 0.0 { g } else { 0.0 };
+        let (row, drow) = (
+            &h[r * hidden..(r + 1) * hidden],
+            &mut dh[r * hidden..(r + 1) * hidden],
+        );
+        for ((d, &c), (a, &x)) in drow.iter_mut().zip(ws).zip(acc.iter_mut().zip(row)) {
+            *d = g * c;
+            *a += g as f64 * x as f64;
+        }
+        bsum += g as f64;
+    }
+    for (d, a) in dws.iter_mut().zip(acc) {
+        *d = (*d as f64 + a) as f32;
+    }
+    *db = (*db as f64 + bsum) as f32;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
