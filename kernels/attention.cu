@@ -58,20 +58,6 @@ __device__ __forceinline__ int attn_tiles(int n) {
 #endif
 }
 
-// cpu::elementwise::hash_u32 / hash_unit, bit for bit (splitmix64 finaliser of a weighted sum).
-__device__ __forceinline__ unsigned hash_u32(unsigned long long seed, unsigned long long a,
-                                             unsigned long long b) {
-    unsigned long long z = seed + a * 0x9E3779B97F4A7C15ull + b * 0xD1B54A32D192ED03ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (unsigned)(z >> 32);
-}
-__device__ __forceinline__ float hash_unit(unsigned long long seed, unsigned long long a,
-                                           unsigned long long b) {
-    return (float)(hash_u32(seed, a, b) >> 8) * (1.0f / 16777216.0f);
-}
-
 // Everything the mask and dropout need, passed by value to the device functions.
 struct AttnMaskArgs {
     const unsigned char* key_mask;  // [B, Lk] or NULL

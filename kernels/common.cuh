@@ -120,6 +120,23 @@ __device__ __forceinline__ MaxSum block_maxsum(MaxSum v) {
     return warp_maxsum(w);
 }
 
+// ---- counter-based randomness --------------------------------------------------------------------
+// cpu::elementwise::hash_u32 / hash_unit, bit for bit: dropout and the RetroMAE decoder mask draw
+// from (seed, stream, index) with no state, so CPU and GPU see identical masks.
+// (splitmix64 finaliser of a weighted sum).
+__device__ __forceinline__ unsigned hash_u32(unsigned long long seed, unsigned long long a,
+                                             unsigned long long b) {
+    unsigned long long z = seed + a * 0x9E3779B97F4A7C15ull + b * 0xD1B54A32D192ED03ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (unsigned)(z >> 32);
+}
+__device__ __forceinline__ float hash_unit(unsigned long long seed, unsigned long long a,
+                                           unsigned long long b) {
+    return (float)(hash_u32(seed, a, b) >> 8) * (1.0f / 16777216.0f);
+}
+
 // ---- tensor cores / async copies (for the attention and GEMM-like kernels) ------------------------
 // Planned: inline wrappers `mma_m16n8k16_bf16(...)`, `ldmatrix_x4(...)`, `cp_async16(...)`,
 // `cp_async_wait<N>()`, each an `asm volatile` PTX instruction under nvcc and, under R3_EMU, a

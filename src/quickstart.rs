@@ -397,7 +397,7 @@ pub fn run_with_settings(
     out: &Path,
     log: &mut dyn FnMut(&str),
 ) -> Result<QuickstartReport> {
-    device.ensure_available()?;
+    device.ensure_trainable()?;
     let t_all = Instant::now();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut timings = serde_json::Map::new();

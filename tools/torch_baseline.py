@@ -7,6 +7,11 @@ B*S = 16384 tokens. For each SDPA backend that runs (flash, cudnn, efficient), f
 forward+backward are timed with CUDA events (median of --iters after --warmup) and reported as
 TFLOP/s with FlashAttention's FLOP count: forward 4*B*H*S*S*D, backward 2.5x forward.
 
+With --encode (default on): Hugging Face XLMRobertaModel of bge-m3's size (24 layers, hidden 1024,
+16 heads, vocab 250002, random weights) in bf16 with SDPA attention, inference forward on
+--encode-batch texts of --encode-seq tokens, reported as tokens/s: the baseline of
+`retrom3 bench model --device cuda` (same sizes, same card, same call of tools/gpu-check.sh).
+
 Usage: python3 tools/torch_baseline.py [--json out.jsonl] [--seqs 512,1024,2048,4096]
 Prints a table; with --json also one JSON object per line. Exit 0 when at least one backend ran,
 1 otherwise (no GPU, no torch, every backend refused).
@@ -25,6 +30,9 @@ def main():
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--no-encode", action="store_true", help="skip the XLM-R encode baseline")
+    ap.add_argument("--encode-batch", type=int, default=32)
+    ap.add_argument("--encode-seq", type=int, default=512)
     args = ap.parse_args()
 
     try:
@@ -98,6 +106,31 @@ def main():
         else:
             print(f"{r['backend']:10} {r['batch']:>4} {r['seq']:>5}  {r['fwd_s']*1e3:8.3f} {r['fwd_tflops']:9.1f}"
                   f"  {r['fwd_bwd_s']*1e3:8.3f} {r['fwd_bwd_tflops']:9.1f}")
+    if not args.no_encode:
+        rec = {"engine": "torch", "op": "xlmr_encode", "layers": 24, "hidden": 1024, "heads": 16,
+               "vocab": 250002, "batch": args.encode_batch, "seq": args.encode_seq, "dtype": "bf16",
+               "attn_implementation": "sdpa"}
+        try:
+            from transformers import XLMRobertaConfig, XLMRobertaModel
+            cfg = XLMRobertaConfig(vocab_size=250002, hidden_size=1024, num_hidden_layers=24,
+                                   num_attention_heads=16, intermediate_size=4096,
+                                   max_position_embeddings=args.encode_seq + 2, type_vocab_size=1,
+                                   pad_token_id=1, attn_implementation="sdpa")
+            model = XLMRobertaModel(cfg, add_pooling_layer=False).to(dev, torch.bfloat16).eval()
+            ids = torch.randint(5, 250002, (args.encode_batch, args.encode_seq), device=dev)
+            mask = torch.ones_like(ids)
+            with torch.inference_mode():
+                t = timed(lambda: model(input_ids=ids, attention_mask=mask).last_hidden_state)
+            rec.update(seconds=t, tokens_per_s=args.encode_batch * args.encode_seq / t)
+            print(f"xlmr_encode bf16 sdpa b{args.encode_batch} s{args.encode_seq}: {t*1e3:.1f} ms, "
+                  f"{rec['tokens_per_s']:.0f} tokens/s")
+            del model
+            torch.cuda.empty_cache()
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            rec["error"] = str(e).splitlines()[0][:160]
+            print(f"xlmr_encode unavailable: {rec['error']}")
+        if out:
+            out.write(json.dumps(rec) + "\n")
     if out:
         out.close()
     return 0 if ran else 1

@@ -2,7 +2,9 @@
 //! one JSON line (what tools/compare_torch_encode.py reads to compare with PyTorch in one run).
 
 use clap::{Args, Subcommand};
-use retrom3::{Device, EncodeOptions, M3Model, Result};
+use retrom3::device::launch::KDType;
+use retrom3::engine::{self, bench};
+use retrom3::{Device, EncodeOptions, EncoderConfig, M3Model, Result};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -10,6 +12,54 @@ use std::time::Instant;
 pub enum BenchCommand {
     /// Encode throughput (dense + sparse + ColBERT) of a model directory.
     Encode(BenchEncodeArgs),
+    /// Kernel microbenchmarks on a device: attention (D = 64, S = 512..8192), GEMM, LayerNorm,
+    /// cross-entropy, AdamW, against the card's peak and the measured copy bandwidth.
+    Kernels(BenchKernelsArgs),
+    /// Encoder throughput (inference and training forward + backward) of a random model on a
+    /// device; defaults to bge-m3's size (24 layers, hidden 1024, 16 heads, vocab 250002) at S = 512.
+    Model(BenchModelArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchKernelsArgs {
+    /// cuda, cuda:N or emu (the emulator only with --quick: it checks the code path, not speed).
+    #[arg(long, default_value = "cuda")]
+    pub device: Device,
+    /// Tiny shapes (CI smoke run).
+    #[arg(long)]
+    pub quick: bool,
+    /// Timed launches per op.
+    #[arg(long, default_value_t = 10)]
+    pub iters: usize,
+    /// Also write one JSON object per op to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchModelArgs {
+    #[arg(long, default_value = "cuda")]
+    pub device: Device,
+    #[arg(long, default_value_t = 24)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 250_002)]
+    pub vocab: usize,
+    /// Tokens per text.
+    #[arg(long, default_value_t = 512)]
+    pub seq: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 3)]
+    pub iters: usize,
+    /// Storage type: bf16 (default) or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -68,7 +118,71 @@ pub fn synthetic_texts(n: usize, words: usize) -> Vec<String> {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Encode(a) => encode(a),
+        BenchCommand::Kernels(a) => kernels(a),
+        BenchCommand::Model(a) => model(a),
     }
+}
+
+fn report(rows: &[bench::BenchRow], json: Option<&PathBuf>) -> Result<()> {
+    println!(
+        "{:<58} {:>12} {:>10} {:>10} {:>8} {:>12}",
+        "op", "s/iter", "TFLOP/s", "GB/s", "of peak", "tokens/s"
+    );
+    let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
+    for r in rows {
+        println!(
+            "{:<58} {:>12.4e} {:>10} {:>10} {:>8} {:>12}",
+            r.name,
+            r.seconds_per_iter,
+            opt(r.tflops, 1),
+            opt(r.gbps, 0),
+            r.of_peak
+                .map_or("-".to_string(), |x| format!("{:.0}%", 100.0 * x)),
+            opt(r.tokens_per_s, 0)
+        );
+    }
+    if let Some(path) = json {
+        let text: String = rows.iter().map(|r| format!("{}\n", r.to_json())).collect();
+        retrom3::io::write_atomic(path, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+    }
+    Ok(())
+}
+
+fn kernels(a: BenchKernelsArgs) -> Result<()> {
+    let dev = engine::open(a.device)?;
+    let card = dev.name();
+    println!("device: {card}");
+    let cfg = bench::KernelBenchCfg {
+        quick: a.quick,
+        iters: a.iters,
+        card: Some(card),
+    };
+    let rows = bench::kernels(&*dev, &cfg)?;
+    report(&rows, a.json.as_ref())
+}
+
+fn model(a: BenchModelArgs) -> Result<()> {
+    let dt = match a.dtype.as_str() {
+        "bf16" => KDType::BF16,
+        "f32" => KDType::F32,
+        other => {
+            return Err(retrom3::Error::invalid(format!(
+                "--dtype {other}: expected bf16 or f32"
+            )))
+        }
+    };
+    let cfg = EncoderConfig::new_xlmr(
+        a.vocab,
+        a.hidden,
+        a.layers,
+        a.heads,
+        4 * a.hidden,
+        a.seq + 2,
+    )?;
+    let dev = engine::open(a.device)?;
+    println!("device: {}", dev.name());
+    let rows = bench::model(&*dev, cfg, a.batch, a.seq, a.iters, dt)?;
+    report(&rows, a.json.as_ref())
 }
 
 fn encode(a: BenchEncodeArgs) -> Result<()> {

@@ -101,7 +101,7 @@ fn load_student(dir: &Path, seed: u64) -> Result<M3Student> {
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
-    a.device.ensure_available()?;
+    a.device.ensure_trainable()?;
     if a.temperature.is_nan() || a.temperature <= 0.0 {
         return Err(Error::invalid(format!(
             "--temperature {}: must be > 0",

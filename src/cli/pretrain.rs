@@ -108,7 +108,7 @@ fn load_text_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Vec<Vec<u32>>
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
-    a.device.ensure_available()?;
+    a.device.ensure_trainable()?;
     for (name, p) in [("--enc-mask", a.enc_mask), ("--dec-mask", a.dec_mask)] {
         if !(p > 0.0 && p < 1.0) {
             return Err(Error::invalid(format!("{name} {p}: must be in (0, 1)")));

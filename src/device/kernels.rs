@@ -177,6 +177,136 @@ pub unsafe fn bias_gelu_bwd(
     l.launch(&name("bias_gelu_bwd", dt), &cfg, &mut a)
 }
 
+/// Dropout parameters of a fused kernel: keep element i when `hash_unit(seed, stream, i) >= p`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct HashDropout {
+    pub p: f32,
+    pub seed: u64,
+    pub stream: u64,
+}
+
+/// z = Dropout(a + bias) + res; y = LN(z) (kernels/encoder.cu). a, res, z, y [rows, dim]; bias,
+/// gamma, beta [dim]; mean, rstd [rows] f32. bias, res, z, mean and rstd may be NULL (z, mean,
+/// rstd are only needed by a backward).
+///
+/// # Safety
+/// See the module documentation.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn residual_layernorm_fwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    a: DevPtr,
+    bias: DevPtr,
+    res: DevPtr,
+    gamma: DevPtr,
+    beta: DevPtr,
+    z: DevPtr,
+    y: DevPtr,
+    mean: DevPtr,
+    rstd: DevPtr,
+    rows: usize,
+    dim: usize,
+    eps: f32,
+    drop: Option<HashDropout>,
+) -> Result<()> {
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    int(rows * dim, "rows * dim")?;
+    let d = drop.unwrap_or(HashDropout {
+        p: 0.0,
+        seed: 0,
+        stream: 0,
+    });
+    let cfg = LaunchConfig::linear(blocks(rows, 8, u32::MAX), 256, 0);
+    let mut args = KernelArgs::new();
+    args.arg(a).arg(bias).arg(res).arg(gamma).arg(beta);
+    args.arg(z).arg(y).arg(mean).arg(rstd);
+    args.arg(int(rows, "rows")?).arg(int(dim, "dim")?).arg(eps);
+    args.arg(d.p).arg(d.seed).arg(d.stream);
+    l.launch(&name("residual_layernorm_fwd", dt), &cfg, &mut args)
+}
+
+/// y = x * keep(i) / (1 - p) over n elements (y may be x).
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn dropout_fwd(
+    l: &dyn Launcher,
+    dt: KDType,
+    x: DevPtr,
+    y: DevPtr,
+    n: usize,
+    d: HashDropout,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig::linear(blocks(n, 256, MAX_BLOCKS), 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(x)
+        .arg(y)
+        .arg(n as i64)
+        .arg(d.p)
+        .arg(d.seed)
+        .arg(d.stream);
+    l.launch(&name("dropout_fwd", dt), &cfg, &mut a)
+}
+
+/// x [rows, dim] += bias [dim] per row, in place.
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn add_bias(
+    l: &dyn Launcher,
+    dt: KDType,
+    x: DevPtr,
+    bias: DevPtr,
+    rows: usize,
+    dim: usize,
+) -> Result<()> {
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    int(rows * dim, "rows * dim")?;
+    let cfg = LaunchConfig::linear(blocks(rows * dim, 256, MAX_BLOCKS), 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(x)
+        .arg(bias)
+        .arg(int(rows, "rows")?)
+        .arg(int(dim, "dim")?);
+    l.launch(&name("add_bias", dt), &cfg, &mut a)
+}
+
+/// db [dim] f32 += column sums of dy [rows, dim] (bias gradients).
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn colsum(
+    l: &dyn Launcher,
+    dt: KDType,
+    dy: DevPtr,
+    db: DevPtr,
+    rows: usize,
+    dim: usize,
+) -> Result<()> {
+    if rows == 0 || dim == 0 {
+        return Ok(());
+    }
+    int(rows * dim, "rows * dim")?;
+    let cfg = LaunchConfig {
+        grid: [dim.div_ceil(32) as u32, blocks(rows, 64, 64), 1],
+        block: [32, 8, 1],
+        shared_bytes: 0,
+    };
+    let mut a = KernelArgs::new();
+    a.arg(dy)
+        .arg(db)
+        .arg(int(rows, "rows")?)
+        .arg(int(dim, "dim")?);
+    l.launch(&name("colsum", dt), &cfg, &mut a)
+}
+
 /// Embedding gather: table [vocab, dim], ids [n] u32, out [n, dim] (ids >= vocab give zeros).
 ///
 /// # Safety

@@ -4,6 +4,7 @@
 //! will implement with cudarc. Building the arguments once serves both: the same `void**` goes to
 //! `cuLaunchKernel` or to an emulated `r3emu_<kernel>` entry point.
 
+use crate::device::cpu::gemm::Trans;
 use crate::device::Device;
 use crate::error::Result;
 use std::ffi::c_void;
@@ -144,12 +145,12 @@ pub trait Launcher {
 pub struct DevBuf {
     pub ptr: DevPtr,
     pub bytes: usize,
-    _keep: Box<dyn std::any::Any>,
+    _keep: Box<dyn std::any::Any + Send + Sync>,
 }
 
 impl DevBuf {
     /// Wrap an allocation owned by `keep`, found at `ptr`.
-    pub fn new(ptr: DevPtr, bytes: usize, keep: Box<dyn std::any::Any>) -> DevBuf {
+    pub fn new(ptr: DevPtr, bytes: usize, keep: Box<dyn std::any::Any + Send + Sync>) -> DevBuf {
         DevBuf {
             ptr,
             bytes,
@@ -158,12 +159,60 @@ impl DevBuf {
     }
 }
 
-/// A launcher with memory: what the selftest (and later the ops layer) needs from a device.
+/// One row-major matrix product `C[m,n] = alpha · op(A) · op(B) + beta · C` on the device
+/// (`cpu::gemm::sgemm`'s convention): A and B stored as `ab`, C as `c`, f32 accumulation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceGemm {
+    pub ta: Trans,
+    pub tb: Trans,
+    pub m: usize,
+    pub k: usize,
+    pub n: usize,
+    pub alpha: f32,
+    pub beta: f32,
+    /// Storage of A and B.
+    pub ab: KDType,
+    /// Storage of C (bf16 inputs may accumulate into an f32 C: parameter gradients).
+    pub c: KDType,
+}
+
+/// A launcher with memory and matrix products: what the selftest and the device engine need from
+/// a device. Every operation is queued in order on the device's one stream.
 pub trait KernelDevice: Launcher {
     /// Copy host bytes into a new device buffer (16-byte aligned).
     fn upload(&self, bytes: &[u8]) -> Result<DevBuf>;
     /// Copy a device buffer back (waits for the launches before it).
     fn download(&self, buf: &DevBuf, out: &mut [u8]) -> Result<()>;
+    /// A new zero-filled buffer.
+    fn alloc_zeroed(&self, bytes: usize) -> Result<DevBuf> {
+        self.upload(&vec![0u8; bytes])
+    }
+    /// A new buffer whose contents are unspecified (every byte is written before it is read).
+    fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        self.alloc_zeroed(bytes)
+    }
+    /// Set `bytes` bytes at `ptr` to zero.
+    ///
+    /// # Safety
+    /// `ptr` must address `bytes` bytes of live memory of this device.
+    unsafe fn memset_zero(&self, ptr: DevPtr, bytes: usize) -> Result<()>;
+    /// Copy `bytes` bytes from `src` to `dst` (non-overlapping) on the device.
+    ///
+    /// # Safety
+    /// Both pointers must address `bytes` bytes of live memory of this device.
+    unsafe fn copy_d2d(&self, src: DevPtr, dst: DevPtr, bytes: usize) -> Result<()>;
+    /// A matrix product (cuBLAS on CUDA; the CPU GEMM over host memory under emulation).
+    ///
+    /// # Safety
+    /// a, b, c must address m·k, k·n and m·n elements of their storage types; c must not
+    /// overlap a or b.
+    unsafe fn gemm(&self, g: &DeviceGemm, a: DevPtr, b: DevPtr, c: DevPtr) -> Result<()>;
+    /// Wait for everything queued so far (surfacing asynchronous kernel errors).
+    fn synchronize(&self) -> Result<()>;
+    /// A human name of the device (the GPU's product name on CUDA).
+    fn name(&self) -> String {
+        self.device().to_string()
+    }
 }
 
 /// Typed upload of a slice of plain values.

@@ -48,14 +48,27 @@ impl Device {
             }
             Device::Cuda(_) => {
                 if cfg!(feature = "cuda") {
-                    Err(Error::Unsupported {
-                        op: "the CUDA engine (kernels land with the CUDA backend issue)".into(),
-                        device: self.to_string(),
-                    })
+                    Ok(())
                 } else {
                     Err(Error::FeatureMissing("cuda"))
                 }
             }
+        }
+    }
+}
+
+impl Device {
+    /// Check that the trainers can run on this device. They run on the CPU engine today; the
+    /// device encoder (forward and backward, `engine::DeviceEncoder`) is not yet driven by them,
+    /// so asking for another device is an error rather than a silent CPU run.
+    pub fn ensure_trainable(self) -> Result<()> {
+        self.ensure_available()?;
+        match self {
+            Device::Cpu => Ok(()),
+            _ => Err(Error::Unsupported {
+                op: "training (the trainers run on the CPU engine; use --device cpu)".into(),
+                device: self.to_string(),
+            }),
         }
     }
 }

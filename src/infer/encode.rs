@@ -115,8 +115,22 @@ impl M3Model {
         cls: u32,
     ) -> Result<crate::model::m3::HeadOutputs> {
         let mut tape = crate::autograd::Tape::no_grad();
-        let p = self.encoder.params.bind(&mut tape);
-        let hs = self.encoder.forward(&mut tape, &p, input, None)?;
+        let hs = match &self.engine {
+            // The encoder on the device; the MCLS heads on the host from its last hidden state.
+            Some(engine) => {
+                let e = engine.lock().unwrap_or_else(|p| p.into_inner());
+                let h = self.encoder.config.hidden_size;
+                let v = e.hidden(input)?;
+                crate::autograd::Var::constant(crate::Tensor::from_vec(
+                    v,
+                    &[input.batch, input.len, h],
+                )?)
+            }
+            None => {
+                let p = self.encoder.params.bind(&mut tape);
+                self.encoder.forward(&mut tape, &p, input, None)?
+            }
+        };
         let heads_req = HeadRequest {
             dense: false,
             ..req

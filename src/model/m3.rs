@@ -6,6 +6,7 @@ use super::encoder::{Encoder, EncoderInput};
 use crate::autograd::{Tape, Var};
 use crate::data::tokenizer::TextTokenizer;
 use crate::device::cpu::sparse::{max_by_token_id, LexEntry};
+use crate::device::launch::KDType;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::model_dir::{self, M3Heads};
@@ -43,6 +44,9 @@ pub struct M3Model {
     /// Checkpoint tensors the encoder does not use but a faithful copy keeps (`pooler.*`), written
     /// back by [`M3Model::save`] so transformers finds the pooler it expects.
     pub extra_tensors: BTreeMap<String, Tensor>,
+    /// The model on a kernel device (CUDA or emulated) when `device` is not the CPU: encode runs
+    /// there. One lock: a device runs one batch at a time.
+    pub engine: Option<std::sync::Arc<std::sync::Mutex<crate::engine::M3Engine>>>,
 }
 
 impl M3Model {
@@ -94,7 +98,18 @@ impl M3Model {
             .unwrap_or(512)
             .min(encoder.config.max_tokens());
         let special_ids = tokenizer.special_ids();
+        let engine = match device {
+            Device::Cpu => None,
+            // bf16 storage on the GPU (f32 accumulation); f32 under emulation, which checks
+            // the kernels' logic against the CPU engine.
+            Device::Cuda(_) => Some(KDType::BF16),
+            Device::Emu => Some(KDType::F32),
+        }
+        .map(|dt| crate::engine::M3Engine::new(device, &encoder, heads.as_ref(), dt))
+        .transpose()?
+        .map(|e| std::sync::Arc::new(std::sync::Mutex::new(e)));
         Ok(M3Model {
+            engine,
             encoder,
             heads,
             tokenizer,
@@ -166,6 +181,10 @@ pub struct HeadRequest {
 impl M3Model {
     /// Encoder forward + the requested heads on one padded batch (no gradient).
     pub fn forward_heads(&self, input: &EncoderInput, req: HeadRequest) -> Result<HeadOutputs> {
+        if let Some(engine) = &self.engine {
+            let e = engine.lock().unwrap_or_else(|p| p.into_inner());
+            return e.heads(input, req, &self.special_ids);
+        }
         let mut tape = Tape::no_grad();
         let p = self.encoder.params.bind(&mut tape);
         let hs = self.encoder.forward(&mut tape, &p, input, None)?;
@@ -180,8 +199,31 @@ impl M3Model {
         input: &EncoderInput,
         req: HeadRequest,
     ) -> Result<HeadOutputs> {
+        let heads = match (req.sparse || req.colbert, &self.heads) {
+            (true, None) => Some(self.require_heads(if req.sparse {
+                "sparse output"
+            } else {
+                "colbert output"
+            })?),
+            (_, h) => h.as_ref(),
+        };
+        heads_on_hidden(tape, hs, input, req, heads, &self.special_ids)
+    }
+}
+
+/// The heads on a last hidden state [B, L, hidden] (the CPU reference of
+/// `engine::m3::encode_heads`): `heads` must be present for sparse / colbert outputs.
+pub fn heads_on_hidden(
+    tape: &mut Tape,
+    hs: &Var,
+    input: &EncoderInput,
+    req: HeadRequest,
+    heads: Option<&M3Heads>,
+    special_ids: &[u32],
+) -> Result<HeadOutputs> {
+    {
         let (b, l) = (input.batch, input.len);
-        let hidden = self.encoder.config.hidden_size;
+        let hidden = *hs.dims().last().unwrap_or(&0);
         let lens: Vec<usize> = input
             .mask
             .chunks(l.max(1))
@@ -209,11 +251,8 @@ impl M3Model {
                 .collect();
         }
         if req.sparse || req.colbert {
-            let heads = self.require_heads(if req.sparse {
-                "sparse output"
-            } else {
-                "colbert output"
-            })?;
+            let heads = heads
+                .ok_or_else(|| Error::invalid("sparse / colbert outputs need the model's heads"))?;
             if req.sparse {
                 let sw = Var::constant(heads.sparse_weight.clone());
                 let sb = Var::constant(heads.sparse_bias.clone());
@@ -222,11 +261,8 @@ impl M3Model {
                 let ws = w.value().f32s()?;
                 for bi in 0..b {
                     let ids = &input.ids[bi * l..(bi + 1) * l];
-                    out.sparse.push(max_by_token_id(
-                        &ws[bi * l..(bi + 1) * l],
-                        ids,
-                        &self.special_ids,
-                    ));
+                    out.sparse
+                        .push(max_by_token_id(&ws[bi * l..(bi + 1) * l], ids, special_ids));
                 }
             }
             if req.colbert {

@@ -39,6 +39,9 @@ impl Store for bf16 {
 /// splitmix64 with a Box-Muller normal: reproducible from the report's seed.
 pub(super) struct Rng(u64);
 impl Rng {
+    pub(super) fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
     pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;

@@ -10,6 +10,7 @@
 
 mod attention;
 mod checks;
+pub mod encoder;
 mod m3;
 
 use crate::device::launch::KernelDevice;
@@ -268,6 +269,8 @@ pub fn run_on(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Selftest
     let start = Instant::now();
     let mut rows = checks::all(dev, quick, seed)?;
     rows.extend(m3::all(dev, quick, seed)?);
+    rows.extend(encoder::kernel_rows(dev, quick, seed)?);
+    rows.extend(encoder::model_rows(dev, quick, seed)?);
     Ok(SelftestReport {
         device: dev.device(),
         seed,

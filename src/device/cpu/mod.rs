@@ -7,6 +7,7 @@ pub mod attention;
 pub mod attention_ref;
 pub mod elementwise;
 pub mod embedding;
+pub mod fused;
 pub mod gemm;
 pub mod layernorm;
 pub mod loss;

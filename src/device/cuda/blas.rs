@@ -20,7 +20,7 @@
 
 use super::driver_error;
 use crate::device::cpu::gemm::Trans;
-use crate::device::launch::DevPtr;
+use crate::device::launch::{DevPtr, DeviceGemm, KDType};
 use crate::error::{Error, Result};
 use cudarc::cublas::{result as cublas, sys as blas_sys, CudaBlas};
 use cudarc::driver::CudaStream;
@@ -217,6 +217,68 @@ impl Blas {
             )
         }
         .map_err(|e| blas_error(&format!("cublasGemmEx bf16 {m}x{k}x{n}"), e))
+    }
+}
+
+impl Blas {
+    /// Any [`DeviceGemm`]: f32 x f32 -> f32 (cublasSgemm), bf16 x bf16 -> bf16 or -> f32
+    /// (cublasGemmEx, f32 compute; the f32 output accumulates parameter gradients).
+    ///
+    /// # Safety
+    /// As [`Blas::gemm_f32`], with the storage types of `g`.
+    pub unsafe fn gemm(&self, g: &DeviceGemm, a: DevPtr, b: DevPtr, c: DevPtr) -> Result<()> {
+        let (ta, tb, m, k, n) = (g.ta, g.tb, g.m, g.k, g.n);
+        match (g.ab, g.c) {
+            // SAFETY: forwarded contract.
+            (KDType::F32, KDType::F32) => unsafe {
+                self.gemm_f32(ta, tb, m, k, n, g.alpha, a, b, g.beta, c)
+            },
+            // SAFETY: forwarded contract.
+            (KDType::BF16, KDType::BF16) => unsafe {
+                self.gemm_bf16(ta, tb, m, k, n, g.alpha, a, b, g.beta, c)
+            },
+            (KDType::BF16, KDType::F32) => {
+                if m == 0 || n == 0 {
+                    return Ok(());
+                }
+                let cm = col_major(ta, tb, m, k, n);
+                self.bind()?;
+                // SAFETY: as in gemm_bf16, with C stored f32 (CUDA_R_32F is a supported output
+                // type for bf16 inputs under CUBLAS_COMPUTE_32F).
+                unsafe {
+                    cublas::gemm_ex(
+                        *self.inner.handle(),
+                        op(cm.transa),
+                        op(cm.transb),
+                        dim(cm.m, "n")?,
+                        dim(cm.n, "m")?,
+                        dim(cm.k, "k")?,
+                        (&g.alpha as *const f32).cast::<c_void>(),
+                        b.0 as *const c_void,
+                        blas_sys::cudaDataType_t::CUDA_R_16BF,
+                        dim(cm.lda, "ld")?,
+                        a.0 as *const c_void,
+                        blas_sys::cudaDataType_t::CUDA_R_16BF,
+                        dim(cm.ldb, "ld")?,
+                        (&g.beta as *const f32).cast::<c_void>(),
+                        c.0 as *mut c_void,
+                        blas_sys::cudaDataType_t::CUDA_R_32F,
+                        dim(cm.ldc, "ld")?,
+                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                    )
+                }
+                .map_err(|e| blas_error(&format!("cublasGemmEx bf16->f32 {m}x{k}x{n}"), e))
+            }
+            (ab, cd) => Err(Error::Unsupported {
+                op: format!(
+                    "GEMM with {} inputs and {} output",
+                    ab.suffix(),
+                    cd.suffix()
+                ),
+                device: "cuda".into(),
+            }),
+        }
     }
 }
 

@@ -18,7 +18,9 @@ pub use alloc::{bucket, PoolStats};
 pub use blas::Blas;
 pub use registry::{arch_coverage, build_archs, ArchUse};
 
-use crate::device::launch::{DevBuf, KernelArgs, KernelDevice, LaunchConfig, Launcher};
+use crate::device::launch::{
+    DevBuf, DevPtr, DeviceGemm, KernelArgs, KernelDevice, LaunchConfig, Launcher,
+};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use alloc::CachingAllocator;
@@ -418,6 +420,49 @@ impl KernelDevice for CudaDevice {
         unsafe { result::memcpy_dtoh_async(out, buf.ptr.0, self.stream.cu_stream()) }
             .map_err(|e| driver_error(&format!("download of {} bytes", out.len()), e))?;
         self.stream.synchronize().map_err(|e| self.sync_error(e))
+    }
+
+    fn alloc_zeroed(&self, bytes: usize) -> Result<DevBuf> {
+        self.alloc_zeros(bytes)
+    }
+
+    fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        CudaDevice::alloc(self, bytes)
+    }
+
+    unsafe fn memset_zero(&self, ptr: DevPtr, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: the caller guarantees `ptr` addresses `bytes` bytes of this device's memory;
+        // queued on the stream every user of the buffer goes to.
+        unsafe { result::memset_d8_async(ptr.0, 0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver_error("cuMemsetD8Async", e))
+    }
+
+    unsafe fn copy_d2d(&self, src: DevPtr, dst: DevPtr, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: the caller guarantees both ranges are live device memory of this context.
+        unsafe { result::memcpy_dtod_async(dst.0, src.0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver_error(&format!("device copy of {bytes} bytes"), e))
+    }
+
+    unsafe fn gemm(&self, g: &DeviceGemm, a: DevPtr, b: DevPtr, c: DevPtr) -> Result<()> {
+        let blas = self.blas()?;
+        // SAFETY: the caller guarantees the operand sizes (DeviceGemm's contract).
+        unsafe { blas.gemm(g, a, b, c) }
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        CudaDevice::synchronize(self)
+    }
+
+    fn name(&self) -> String {
+        self.info().name.clone()
     }
 }
 

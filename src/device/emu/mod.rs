@@ -4,7 +4,10 @@
 
 pub mod host;
 
-use crate::device::launch::{DevBuf, DevPtr, KernelArgs, KernelDevice, LaunchConfig, Launcher};
+use crate::device::cpu::gemm::sgemm;
+use crate::device::launch::{
+    DevBuf, DevPtr, DeviceGemm, KDType, KernelArgs, KernelDevice, LaunchConfig, Launcher,
+};
 use crate::device::Device;
 use crate::error::{Error, Result};
 use std::ffi::{c_void, CStr};
@@ -149,5 +152,79 @@ impl KernelDevice for EmuDevice {
         let src = unsafe { std::slice::from_raw_parts(buf.ptr.0 as *const u8, out.len()) };
         out.copy_from_slice(src);
         Ok(())
+    }
+
+    fn alloc_zeroed(&self, bytes: usize) -> Result<DevBuf> {
+        let mut store = vec![0u128; bytes.div_ceil(16).max(1)];
+        let ptr = DevPtr(store.as_mut_ptr() as u64);
+        Ok(DevBuf::new(ptr, bytes, Box::new(store)))
+    }
+
+    unsafe fn memset_zero(&self, ptr: DevPtr, bytes: usize) -> Result<()> {
+        // SAFETY: the caller guarantees `ptr` addresses `bytes` live bytes (host memory here).
+        unsafe { std::ptr::write_bytes(ptr.0 as *mut u8, 0, bytes) };
+        Ok(())
+    }
+
+    unsafe fn copy_d2d(&self, src: DevPtr, dst: DevPtr, bytes: usize) -> Result<()> {
+        // SAFETY: the caller guarantees both ranges are live and do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(src.0 as *const u8, dst.0 as *mut u8, bytes) };
+        Ok(())
+    }
+
+    unsafe fn gemm(&self, g: &DeviceGemm, a: DevPtr, b: DevPtr, c: DevPtr) -> Result<()> {
+        // SAFETY: the caller guarantees the operand sizes in their storage types.
+        unsafe {
+            let a = read_f32(a, g.ab, g.m * g.k);
+            let b = read_f32(b, g.ab, g.k * g.n);
+            let mut cv = if g.beta == 0.0 {
+                vec![0.0; g.m * g.n]
+            } else {
+                read_f32(c, g.c, g.m * g.n)
+            };
+            sgemm(g.ta, g.tb, g.m, g.k, g.n, g.alpha, &a, &b, g.beta, &mut cv);
+            write_f32(c, g.c, &cv);
+        }
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// n elements at `p` as f32.
+///
+/// # Safety
+/// `p` must address n live elements of `dt`.
+unsafe fn read_f32(p: DevPtr, dt: KDType, n: usize) -> Vec<f32> {
+    // SAFETY: per the function contract.
+    unsafe {
+        match dt {
+            KDType::F32 => std::slice::from_raw_parts(p.0 as *const f32, n).to_vec(),
+            KDType::BF16 => std::slice::from_raw_parts(p.0 as *const half::bf16, n)
+                .iter()
+                .map(|v| v.to_f32())
+                .collect(),
+        }
+    }
+}
+
+/// Store `v` at `p` as `dt` (round to nearest for bf16).
+///
+/// # Safety
+/// `p` must address v.len() live elements of `dt`.
+unsafe fn write_f32(p: DevPtr, dt: KDType, v: &[f32]) {
+    // SAFETY: per the function contract.
+    unsafe {
+        match dt {
+            KDType::F32 => {
+                std::slice::from_raw_parts_mut(p.0 as *mut f32, v.len()).copy_from_slice(v)
+            }
+            KDType::BF16 => std::slice::from_raw_parts_mut(p.0 as *mut half::bf16, v.len())
+                .iter_mut()
+                .zip(v)
+                .for_each(|(o, &x)| *o = half::bf16::from_f32(x)),
+        }
     }
 }

@@ -1,0 +1,516 @@
+//! Device microbenchmarks for `retrom3 bench kernels` and `retrom3 bench model`: each op is
+//! launched `iters` times between two device synchronisations, so the clock stops only once the
+//! stream has drained; achieved TFLOP/s (compute-bound ops) or GB/s (memory-bound ops) are set
+//! against the card's peak: the bf16 dense tensor-core peak from a table of known cards, and the
+//! device-to-device copy bandwidth measured in the same run.
+
+use super::{DBuf, DeviceEncoder};
+use crate::device::cpu::attention::AttnDims;
+use crate::device::cpu::gemm::Trans;
+use crate::device::kernels::{self as k, AdamWStep, AttnKernelMask};
+use crate::device::launch::{DevPtr, DeviceGemm, KDType, KernelDevice};
+use crate::error::Result;
+use crate::model::config::EncoderConfig;
+use crate::model::encoder::{Encoder, EncoderInput};
+use crate::model::params::ParamSet;
+use crate::tensor::Tensor;
+use std::time::Instant;
+
+/// One measured op.
+#[derive(Clone, Debug)]
+pub struct BenchRow {
+    /// `{device}_{op}_{dtype}_{shape}`.
+    pub name: String,
+    pub seconds_per_iter: f64,
+    /// Achieved TFLOP/s (compute-bound ops).
+    pub tflops: Option<f64>,
+    /// Achieved GB/s (memory-bound ops).
+    pub gbps: Option<f64>,
+    /// Fraction of the peak it is compared with (tensor-core peak or measured copy bandwidth).
+    pub of_peak: Option<f64>,
+    /// Tokens per second (model runs).
+    pub tokens_per_s: Option<f64>,
+}
+
+impl BenchRow {
+    /// One JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "seconds_per_iter": self.seconds_per_iter,
+            "tflops": self.tflops,
+            "gbps": self.gbps,
+            "of_peak": self.of_peak,
+            "tokens_per_s": self.tokens_per_s,
+        })
+    }
+}
+
+/// Dense bf16 tensor-core peak (TFLOP/s, no sparsity) of the cards we know, by name.
+pub fn bf16_peak_tflops(device_name: &str) -> Option<f64> {
+    let n = device_name.to_ascii_uppercase();
+    let table: &[(&str, f64)] = &[
+        ("H200", 989.0),
+        ("H100 PCIE", 756.0),
+        ("H100", 989.0),
+        ("A100", 312.0),
+        ("L40S", 362.0),
+        ("A10", 125.0),
+    ];
+    table.iter().find(|(k, _)| n.contains(k)).map(|&(_, v)| v)
+}
+
+/// Time `iters` runs of `f` (after `warmup` untimed ones), seconds per run.
+pub fn time(
+    dev: &dyn KernelDevice,
+    warmup: usize,
+    iters: usize,
+    mut f: impl FnMut() -> Result<()>,
+) -> Result<f64> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..iters.max(1) {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() / iters.max(1) as f64)
+}
+
+/// Sizes of a kernel run: `quick` shrinks everything so the emulator finishes in seconds.
+pub struct KernelBenchCfg {
+    pub quick: bool,
+    pub iters: usize,
+    /// Card name for the peak table (None: no peak ratio for TFLOP/s).
+    pub card: Option<String>,
+}
+
+fn fill(dev: &dyn KernelDevice, n: usize, dt: KDType, seed: u64) -> Result<DBuf> {
+    let mut s = seed | 1;
+    let v: Vec<f32> = (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
+        })
+        .collect();
+    DBuf::from_f32(dev, &v, dt)
+}
+
+/// Every kernel family at its headline shape (H100-sized unless `quick`).
+pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<BenchRow>> {
+    let devname = match dev.device() {
+        crate::Device::Cuda(_) => "cuda",
+        crate::Device::Emu => "emu",
+        crate::Device::Cpu => "cpu",
+    };
+    let peak = cfg.card.as_deref().and_then(bf16_peak_tflops);
+    let it = cfg.iters;
+    let mut rows = Vec::new();
+    let bf = KDType::BF16;
+    // Copy bandwidth: the reference for memory-bound kernels.
+    let n_copy = if cfg.quick { 1 << 16 } else { 1 << 28 };
+    let (a, b) = (
+        DBuf::zeros(dev, n_copy, KDType::F32)?,
+        DBuf::zeros(dev, n_copy, KDType::F32)?,
+    );
+    // SAFETY: both buffers hold n_copy f32.
+    let s = time(dev, 1, it, || unsafe {
+        dev.copy_d2d(a.ptr(), b.ptr(), n_copy * 4)
+    })?;
+    let copy_gbps = 2.0 * (n_copy * 4) as f64 / s / 1e9;
+    rows.push(BenchRow {
+        name: format!("{devname}_copy_f32_{}MiB", (n_copy * 4) >> 20),
+        seconds_per_iter: s,
+        tflops: None,
+        gbps: Some(copy_gbps),
+        of_peak: None,
+        tokens_per_s: None,
+    });
+    drop((a, b));
+    let mem_row = |name: String, s: f64, bytes: f64| BenchRow {
+        name,
+        seconds_per_iter: s,
+        tflops: None,
+        gbps: Some(bytes / s / 1e9),
+        of_peak: Some(bytes / s / 1e9 / copy_gbps),
+        tokens_per_s: None,
+    };
+    let flop_row = |name: String, s: f64, flops: f64| BenchRow {
+        name,
+        seconds_per_iter: s,
+        tflops: Some(flops / s / 1e12),
+        gbps: None,
+        of_peak: peak.map(|p| flops / s / 1e12 / p),
+        tokens_per_s: None,
+    };
+    // Attention, D = 64, 16 heads, B·S = 16k tokens (the targets of the CUDA issue).
+    let (tokens, heads, d) = if cfg.quick {
+        (256, 2, 64)
+    } else {
+        (16384, 16, 64)
+    };
+    let seqs: &[usize] = if cfg.quick {
+        &[64, 128]
+    } else {
+        &[512, 1024, 2048, 4096, 8192]
+    };
+    for &sl in seqs {
+        let batch = tokens / sl;
+        let w = heads * d;
+        let n = batch * sl * w;
+        let (q, kk, v) = (
+            fill(dev, n, bf, 1)?,
+            fill(dev, n, bf, 2)?,
+            fill(dev, n, bf, 3)?,
+        );
+        let (o, dout) = (DBuf::zeros(dev, n, bf)?, fill(dev, n, bf, 4)?);
+        let (dq, dk, dv) = (
+            DBuf::zeros(dev, n, bf)?,
+            DBuf::zeros(dev, n, bf)?,
+            DBuf::zeros(dev, n, bf)?,
+        );
+        let lse = DBuf::zeros(dev, batch * heads * sl, KDType::F32)?;
+        let dims = AttnDims {
+            batch,
+            q_len: sl,
+            k_len: sl,
+            heads,
+            head_dim: d,
+        };
+        let mask = AttnKernelMask::KeyPadding {
+            key_mask: DevPtr::NULL,
+        };
+        let scale = 1.0 / (d as f32).sqrt();
+        let fwd = || {
+            // SAFETY: q, k, v, o hold B·S·H·D bf16, lse B·H·S f32.
+            unsafe {
+                k::attention_fwd(
+                    dev,
+                    bf,
+                    q.ptr(),
+                    kk.ptr(),
+                    v.ptr(),
+                    o.ptr(),
+                    lse.ptr(),
+                    mask,
+                    &dims,
+                    scale,
+                    None,
+                )
+            }
+        };
+        let flops = 4.0 * (batch * heads * sl * sl * d) as f64;
+        let s_f = time(dev, 1, it, fwd)?;
+        rows.push(flop_row(
+            format!("{devname}_attention_fwd_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
+            s_f,
+            flops,
+        ));
+        let s_b = time(dev, 1, it, || {
+            // SAFETY: as the forward, plus dout, dq, dk, dv of the same size.
+            unsafe {
+                k::attention_bwd(
+                    dev,
+                    bf,
+                    q.ptr(),
+                    kk.ptr(),
+                    v.ptr(),
+                    o.ptr(),
+                    lse.ptr(),
+                    dout.ptr(),
+                    dq.ptr(),
+                    dk.ptr(),
+                    dv.ptr(),
+                    mask,
+                    &dims,
+                    scale,
+                    None,
+                )
+            }
+        })?;
+        // FlashAttention's convention: the backward does 2.5x the forward's matmul FLOPs.
+        rows.push(flop_row(
+            format!("{devname}_attention_fwdbwd_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
+            s_f + s_b,
+            3.5 * flops,
+        ));
+    }
+    // GEMM: the FFN up-projection of a bge-m3 layer over 16k tokens.
+    let (m, kd, n) = if cfg.quick {
+        (256, 128, 512)
+    } else {
+        (16384, 1024, 4096)
+    };
+    let (ga, gb, gc) = (
+        fill(dev, m * kd, bf, 5)?,
+        fill(dev, n * kd, bf, 6)?,
+        DBuf::zeros(dev, m * n, bf)?,
+    );
+    let g = DeviceGemm {
+        ta: Trans::N,
+        tb: Trans::T,
+        m,
+        k: kd,
+        n,
+        alpha: 1.0,
+        beta: 0.0,
+        ab: bf,
+        c: bf,
+    };
+    // SAFETY: ga m·k, gb n·k, gc m·n bf16.
+    let s = time(dev, 1, it, || unsafe {
+        dev.gemm(&g, ga.ptr(), gb.ptr(), gc.ptr())
+    })?;
+    rows.push(flop_row(
+        format!("{devname}_gemm_bf16_{m}x{kd}x{n}"),
+        s,
+        2.0 * (m * n * kd) as f64,
+    ));
+    drop((ga, gb, gc));
+    // Residual LayerNorm forward and LayerNorm backward over 16k x 1024.
+    let (r, dim) = if cfg.quick {
+        (256, 1024)
+    } else {
+        (16384, 1024)
+    };
+    let (x, res, y) = (
+        fill(dev, r * dim, bf, 7)?,
+        fill(dev, r * dim, bf, 8)?,
+        DBuf::zeros(dev, r * dim, bf)?,
+    );
+    let (gam, bet) = (fill(dev, dim, bf, 9)?, fill(dev, dim, bf, 10)?);
+    let (mean, rstd) = (
+        DBuf::zeros(dev, r, KDType::F32)?,
+        DBuf::zeros(dev, r, KDType::F32)?,
+    );
+    // SAFETY: x, res, y r·dim; gamma, beta dim; mean, rstd r.
+    let s = time(dev, 1, it, || unsafe {
+        k::residual_layernorm_fwd(
+            dev,
+            bf,
+            x.ptr(),
+            DevPtr::NULL,
+            res.ptr(),
+            gam.ptr(),
+            bet.ptr(),
+            DevPtr::NULL,
+            y.ptr(),
+            mean.ptr(),
+            rstd.ptr(),
+            r,
+            dim,
+            1e-5,
+            None,
+        )
+    })?;
+    rows.push(mem_row(
+        format!("{devname}_residual_layernorm_fwd_bf16_{r}x{dim}"),
+        s,
+        (3 * r * dim * 2) as f64,
+    ));
+    let (dg, db) = (
+        DBuf::zeros(dev, dim, KDType::F32)?,
+        DBuf::zeros(dev, dim, KDType::F32)?,
+    );
+    // SAFETY: as above; dy = res, dx = y.
+    let s = time(dev, 1, it, || unsafe {
+        k::layernorm_bwd(
+            dev,
+            bf,
+            x.ptr(),
+            gam.ptr(),
+            mean.ptr(),
+            rstd.ptr(),
+            res.ptr(),
+            y.ptr(),
+            dg.ptr(),
+            db.ptr(),
+            r,
+            dim,
+        )
+    })?;
+    rows.push(mem_row(
+        format!("{devname}_layernorm_bwd_bf16_{r}x{dim}"),
+        s,
+        (3 * r * dim * 2) as f64,
+    ));
+    drop((x, res, y));
+    // Cross-entropy over the XLM-R vocabulary (the MLM head), forward + backward in place.
+    let (cr, classes) = if cfg.quick {
+        (64, 4096)
+    } else {
+        (4096, 250_002)
+    };
+    let logits = fill(dev, cr * classes, bf, 11)?;
+    let targets: Vec<i64> = (0..cr).map(|i| (i * 7919 % classes) as i64).collect();
+    let tbuf = super::upload_pod(dev, &targets)?;
+    let (lse, rl, st) = (
+        DBuf::zeros(dev, cr, KDType::F32)?,
+        DBuf::zeros(dev, cr, KDType::F32)?,
+        DBuf::zeros(dev, 2, KDType::F32)?,
+    );
+    let grad = DBuf::zeros(dev, cr * classes, bf)?;
+    // SAFETY: logits and grad cr·classes bf16, targets cr i64, lse / row loss cr f32, stats 2.
+    let s = time(dev, 1, it, || unsafe {
+        k::cross_entropy_fwd(
+            dev,
+            bf,
+            logits.ptr(),
+            tbuf.ptr,
+            lse.ptr(),
+            rl.ptr(),
+            st.ptr(),
+            cr,
+            classes,
+        )?;
+        k::cross_entropy_bwd(
+            dev,
+            bf,
+            logits.ptr(),
+            tbuf.ptr,
+            lse.ptr(),
+            st.ptr(),
+            1.0,
+            grad.ptr(),
+            cr,
+            classes,
+        )
+    })?;
+    rows.push(mem_row(
+        format!("{devname}_cross_entropy_fwdbwd_bf16_{cr}x{classes}"),
+        s,
+        (3 * cr * classes * 2) as f64,
+    ));
+    drop((logits, grad));
+    // Fused AdamW over one contiguous f32 buffer (bge-m3: 568M parameters; 128M here).
+    let np = if cfg.quick { 1 << 16 } else { 1 << 27 };
+    let (p, gr, m1, v1) = (
+        fill(dev, np, KDType::F32, 12)?,
+        fill(dev, np, KDType::F32, 13)?,
+        DBuf::zeros(dev, np, KDType::F32)?,
+        DBuf::zeros(dev, np, KDType::F32)?,
+    );
+    let h = AdamWStep {
+        lr: 1e-5,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 1,
+        max_norm: 0.0,
+    };
+    // SAFETY: param, grad, m, v hold np f32; no decay mask, no clipping.
+    let s = time(dev, 1, it, || unsafe {
+        k::adamw(
+            dev,
+            p.ptr(),
+            gr.ptr(),
+            m1.ptr(),
+            v1.ptr(),
+            DevPtr::NULL,
+            DevPtr::NULL,
+            np,
+            &h,
+        )
+    })?;
+    rows.push(mem_row(
+        format!("{devname}_adamw_f32_{}M", np >> 20),
+        s,
+        (7 * np * 4) as f64,
+    ));
+    Ok(rows)
+}
+
+/// A random encoder of `config` without the Box-Muller init (a fast xorshift fill: speed runs
+/// only need plausible magnitudes).
+pub fn fast_random_encoder(config: EncoderConfig, seed: u64) -> Result<Encoder> {
+    let specs = crate::model::encoder::encoder_param_specs(&config);
+    let mut s = seed | 1;
+    let values = specs
+        .iter()
+        .map(|sp| {
+            let n: usize = sp.dims.iter().product();
+            let v: Vec<f32> = if sp.name.ends_with("LayerNorm.weight") {
+                vec![1.0; n]
+            } else {
+                (0..n)
+                    .map(|_| {
+                        s ^= s << 13;
+                        s ^= s >> 7;
+                        s ^= s << 17;
+                        ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+                    })
+                    .collect()
+            };
+            Tensor::from_vec(v, &sp.dims)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Encoder {
+        config,
+        params: ParamSet::from_values(specs, values)?,
+    })
+}
+
+/// Encoder throughput on the device: tokens per second of the forward (inference) and of a
+/// training forward + backward, on `batch` random texts of `seq` tokens (no padding).
+pub fn model(
+    dev: &dyn KernelDevice,
+    config: EncoderConfig,
+    batch: usize,
+    seq: usize,
+    iters: usize,
+    dt: KDType,
+) -> Result<Vec<BenchRow>> {
+    let devname = match dev.device() {
+        crate::Device::Cuda(_) => "cuda",
+        crate::Device::Emu => "emu",
+        crate::Device::Cpu => "cpu",
+    };
+    let shape = format!(
+        "l{}_h{}_v{}_b{batch}_s{seq}",
+        config.num_hidden_layers, config.hidden_size, config.vocab_size
+    );
+    let vocab = config.vocab_size;
+    let enc = fast_random_encoder(config, 7)?;
+    let denc = DeviceEncoder::upload(dev, &enc, dt)?;
+    drop(enc);
+    let seqs: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            (0..seq)
+                .map(|i| (5 + (b * 131 + i * 17) % (vocab - 5)) as u32)
+                .collect()
+        })
+        .collect();
+    let input = EncoderInput::pad(&seqs, 1);
+    let tokens = (batch * seq) as f64;
+    let s = time(dev, 1, iters, || {
+        denc.forward(dev, &input, None, false).map(|_| ())
+    })?;
+    let mut rows = vec![BenchRow {
+        name: format!("{devname}_encode_{}_{shape}", dt.suffix()),
+        seconds_per_iter: s,
+        tflops: None,
+        gbps: None,
+        of_peak: None,
+        tokens_per_s: Some(tokens / s),
+    }];
+    let grads = denc.zero_grads(dev)?;
+    let dh = fill(dev, batch * seq * denc.config.hidden_size, dt, 3)?;
+    let s2 = time(dev, 1, iters, || {
+        let f = denc.forward(dev, &input, None, true)?;
+        denc.backward(dev, f, &dh, &grads)
+    })?;
+    rows.push(BenchRow {
+        name: format!("{devname}_train_fwdbwd_{}_{shape}", dt.suffix()),
+        seconds_per_iter: s2,
+        tflops: None,
+        gbps: None,
+        of_peak: None,
+        tokens_per_s: Some(tokens / s2),
+    });
+    Ok(rows)
+}

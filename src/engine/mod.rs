@@ -1,0 +1,150 @@
+//! The device engine: the encoder and the M3 heads run as our kernels plus GEMMs on a
+//! [`KernelDevice`] (a CUDA GPU, or the emulator that runs the same kernels on CPU threads), with
+//! every activation kept on the device; the host sends token ids and receives head outputs.
+//!
+//! Like llm.c's `train_gpt2.cu`, there is no tape here: [`DeviceEncoder::forward`] saves what the
+//! backward needs and [`DeviceEncoder::backward`] is written out by hand, layer by layer, in the
+//! reverse order. The CPU engine (tape + `device::cpu`) is the reference it is tested against.
+
+pub mod bench;
+pub mod encoder;
+pub mod m3;
+
+pub use encoder::{DeviceEncoder, EncoderForward};
+pub use m3::M3Engine;
+
+use crate::device::launch::{DevBuf, DevPtr, KDType, KernelDevice};
+use crate::device::Device;
+use crate::error::{Error, Result};
+
+/// A device the engine can run on (shared between threads behind a lock by its owners).
+pub type Gpu = dyn KernelDevice + Send + Sync;
+
+/// Open the kernel device behind `device`: a CUDA context (needs the `cuda` feature and a
+/// driver) or the emulator (needs the `emu` feature). The CPU has no kernel device: the CPU
+/// engine runs there.
+pub fn open(device: Device) -> Result<Box<Gpu>> {
+    match device {
+        Device::Cpu => Err(Error::invalid(
+            "the device engine needs a kernel device (cuda or emu); cpu runs the CPU engine",
+        )),
+        Device::Emu => open_emu(),
+        Device::Cuda(i) => open_cuda(i),
+    }
+}
+
+#[cfg(feature = "emu")]
+fn open_emu() -> Result<Box<Gpu>> {
+    Ok(Box::new(crate::device::emu::EmuDevice::new()))
+}
+
+#[cfg(not(feature = "emu"))]
+fn open_emu() -> Result<Box<Gpu>> {
+    Err(Error::FeatureMissing("emu"))
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> Result<Box<Gpu>> {
+    Ok(Box::new(crate::device::cuda::CudaDevice::new(ordinal)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(_ordinal: usize) -> Result<Box<Gpu>> {
+    Err(Error::FeatureMissing("cuda"))
+}
+
+/// A typed device buffer: `len` elements of `dt`.
+pub struct DBuf {
+    buf: DevBuf,
+    len: usize,
+    dt: KDType,
+}
+
+impl std::fmt::Debug for DBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DBuf({} x {})", self.len, self.dt.suffix())
+    }
+}
+
+impl DBuf {
+    /// Zero-filled.
+    pub fn zeros(dev: &dyn KernelDevice, len: usize, dt: KDType) -> Result<DBuf> {
+        Ok(DBuf {
+            buf: dev.alloc_zeroed(len * dt.size())?,
+            len,
+            dt,
+        })
+    }
+
+    /// Contents unspecified (the caller writes every element before reading it).
+    pub fn uninit(dev: &dyn KernelDevice, len: usize, dt: KDType) -> Result<DBuf> {
+        Ok(DBuf {
+            buf: dev.alloc(len * dt.size())?,
+            len,
+            dt,
+        })
+    }
+
+    /// Upload f32 values stored as `dt` (rounded to nearest for bf16).
+    pub fn from_f32(dev: &dyn KernelDevice, data: &[f32], dt: KDType) -> Result<DBuf> {
+        let buf = match dt {
+            KDType::F32 => dev.upload(bytemuck::cast_slice(data))?,
+            KDType::BF16 => {
+                let v: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                dev.upload(bytemuck::cast_slice(&v))?
+            }
+        };
+        Ok(DBuf {
+            buf,
+            len: data.len(),
+            dt,
+        })
+    }
+
+    /// The values as f32 (waits for the device).
+    pub fn to_f32(&self, dev: &dyn KernelDevice) -> Result<Vec<f32>> {
+        Ok(match self.dt {
+            KDType::F32 => crate::device::launch::download::<f32>(dev, &self.buf, self.len)?,
+            KDType::BF16 => crate::device::launch::download::<u16>(dev, &self.buf, self.len)?
+                .into_iter()
+                .map(|b| half::bf16::from_bits(b).to_f32())
+                .collect(),
+        })
+    }
+
+    /// The device address.
+    pub fn ptr(&self) -> DevPtr {
+        self.buf.ptr
+    }
+
+    /// The address of element `i`.
+    pub fn at(&self, i: usize) -> DevPtr {
+        DevPtr(self.buf.ptr.0 + (i * self.dt.size()) as u64)
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Storage type.
+    pub fn dtype(&self) -> KDType {
+        self.dt
+    }
+
+    /// Set every element to zero.
+    pub fn zero(&self, dev: &dyn KernelDevice) -> Result<()> {
+        // SAFETY: the buffer owns len * size bytes.
+        unsafe { dev.memset_zero(self.ptr(), self.len * self.dt.size()) }
+    }
+}
+
+/// Upload plain values (ids, masks) as an untyped buffer.
+pub fn upload_pod<T: bytemuck::Pod>(dev: &dyn KernelDevice, data: &[T]) -> Result<DevBuf> {
+    dev.upload(bytemuck::cast_slice(data))
+}
