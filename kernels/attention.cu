@@ -18,6 +18,8 @@
 //   attention_fwd_d{D}_{T}:       grid (ceil(Lq / 4R), H, B); each warp owns R query rows.
 //   attention_bwd_dq_d{D}_{T}:    grid (ceil(Lq / 4R), H, B); same shape, writes dq.
 //   attention_bwd_dkdv_d{D}_{T}:  grid (ceil(Lk / 4R), H, B); each warp owns R keys, writes dk, dv.
+//   attention_fwd_tc_d{D}_bf16:   grid (ceil(Lq / 64), H, B); tensor cores (mma.sync bf16), each
+//                                 warp owns 16 query rows (see "forward on tensor cores" below).
 // No dynamic shared memory (static, at most ~44 KB at D = 128). __launch_bounds__(128, 2): with
 // the thread count alone, ptxas 13.0 capped some variants at 64 registers and spilled.
 //
@@ -397,6 +399,155 @@ __device__ __forceinline__ void attention_bwd_dkdv_impl(
     }
 }
 
+// ---- forward on tensor cores (bf16) --------------------------------------------------------------
+// FlashAttention-2's forward on mma.sync.m16n8k16 (common.cuh): a block of 4 warps owns 64 query
+// rows, each warp 16; K and V tiles of 64 keys are staged in shared memory as bf16. Per tile a
+// warp computes S = Q Kᵀ (16 x 64, f32 accumulators: D/16 k-steps x 8 n-tiles), applies the mask
+// and the online softmax on its accumulator fragments (a row's 64 scores live in one quad of 4
+// lanes: two shuffles reduce them), turns P into bf16 A fragments in registers (the C layout of
+// two n-tiles is the A layout of one 16-wide k-step) and accumulates O += P V. Q stays in
+// registers as A fragments; the scale is applied to the f32 scores, not to bf16 Q. Masking,
+// dropout, the all-masked-row rule and lse are those of attention_fwd_impl (same helpers), so the
+// two kernels agree up to bf16 rounding of P.
+constexpr int kTcRows = 64;  // query rows per block (4 warps x 16)
+constexpr int kTcKeys = 64;  // keys per shared tile
+
+template <int D>
+__device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q,
+                                                      const bf16* __restrict__ k,
+                                                      const bf16* __restrict__ v,
+                                                      bf16* __restrict__ out,
+                                                      float* __restrict__ lse, int heads, int lq,
+                                                      int lk, float scale, const AttnMaskArgs ma) {
+    constexpr int KS = D / 16, NT = kTcKeys / 8, OT = D / 8, LDS = D + 8;
+    __shared__ unsigned short sk[kTcKeys * LDS];
+    __shared__ unsigned short sv[kTcKeys * LDS];
+    const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
+    const int r0 = blockIdx.x * kTcRows + warp * 16 + g, r1 = r0 + 8;
+    const long long w = (long long)heads * D;
+    const unsigned short* q16 = reinterpret_cast<const unsigned short*>(q);
+    const unsigned short* k16 = reinterpret_cast<const unsigned short*>(k);
+    const unsigned short* v16 = reinterpret_cast<const unsigned short*>(v);
+    auto ld2 = [](const unsigned short* p) {  // two bf16 at an even offset
+        return *reinterpret_cast<const unsigned*>(p);
+    };
+    unsigned qa[KS][4];
+    {
+        const unsigned short* q0 = q16 + ((long long)b * lq + r0) * w + (long long)h * D;
+        const unsigned short* q1 = q16 + ((long long)b * lq + r1) * w + (long long)h * D;
+#pragma unroll
+        for (int ks = 0; ks < KS; ++ks) {
+            const int c = ks * 16 + 2 * qd;
+            qa[ks][0] = r0 < lq ? ld2(q0 + c) : 0u;
+            qa[ks][1] = r1 < lq ? ld2(q1 + c) : 0u;
+            qa[ks][2] = r0 < lq ? ld2(q0 + c + 8) : 0u;
+            qa[ks][3] = r1 < lq ? ld2(q1 + c + 8) : 0u;
+        }
+    }
+    const float sl2 = scale * kLog2e;
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    float o[OT][4];
+#pragma unroll
+    for (int t = 0; t < OT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+    const int tiles = (lk + kTcKeys - 1) / kTcKeys;
+    for (int t = 0; t < tiles; ++t) {
+        const int j0 = t * kTcKeys;
+        __syncthreads();  // the previous tile's readers are done
+        for (int e = threadIdx.x; e < kTcKeys * D / 2; e += blockDim.x) {
+            const int r = e / (D / 2), c = 2 * (e % (D / 2)), j = j0 + r;
+            const long long off = ((long long)b * lk + j) * w + (long long)h * D + c;
+            const unsigned kv = j < lk ? ld2(k16 + off) : 0u, vv = j < lk ? ld2(v16 + off) : 0u;
+            *reinterpret_cast<unsigned*>(&sk[r * LDS + c]) = kv;
+            *reinterpret_cast<unsigned*>(&sv[r * LDS + c]) = vv;
+        }
+        __syncthreads();
+        float s[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+            const unsigned short* kr = &sk[(nt * 8 + g) * LDS + 2 * qd];
+#pragma unroll
+            for (int ks = 0; ks < KS; ++ks)
+                mma_bf16_16816(s[nt], qa[ks], ld2(kr + ks * 16), ld2(kr + ks * 16 + 8));
+        }
+        float mt[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int i = e < 2 ? r0 : r1, j = j0 + nt * 8 + 2 * qd + (e & 1);
+                float x = s[nt][e] * sl2;
+                if (j >= lk) x = -INFINITY;
+                else if (!attn_visible(ma, b, i, j, lk)) x = kMasked;
+                s[nt][e] = x;
+                mt[e >> 1] = fmaxf(mt[e >> 1], x);
+            }
+        float corr[2];
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            mt[rr] = fmaxf(mt[rr], __shfl_xor_sync(kFullMask, mt[rr], 1));
+            mt[rr] = fmaxf(mt[rr], __shfl_xor_sync(kFullMask, mt[rr], 2));
+            const float mn = fmaxf(m[rr], mt[rr]);  // >= kMasked: key j0 < lk is in every tile
+            corr[rr] = exp2f(m[rr] - mn);
+            m[rr] = mn;
+        }
+        float rs[2] = {0.f, 0.f};
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const float pj = exp2f(s[nt][e] - m[e >> 1]);
+                rs[e >> 1] += pj;
+                const int i = e < 2 ? r0 : r1, j = j0 + nt * 8 + 2 * qd + (e & 1);
+                s[nt][e] = (j < lk && i < lq) ? pj * attn_drop(ma, bh, i, j, lq, lk) : pj;
+            }
+#pragma unroll
+        for (int rr = 0; rr < 2; ++rr) {
+            rs[rr] += __shfl_xor_sync(kFullMask, rs[rr], 1);
+            rs[rr] += __shfl_xor_sync(kFullMask, rs[rr], 2);
+            l[rr] = l[rr] * corr[rr] + rs[rr];
+        }
+#pragma unroll
+        for (int ot = 0; ot < OT; ++ot) {
+            o[ot][0] *= corr[0];
+            o[ot][1] *= corr[0];
+            o[ot][2] *= corr[1];
+            o[ot][3] *= corr[1];
+        }
+#pragma unroll
+        for (int kk = 0; kk < kTcKeys / 16; ++kk) {
+            const unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
+                                    pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                    pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                    pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            const unsigned short* v0 = &sv[(kk * 16 + 2 * qd) * LDS + g];
+#pragma unroll
+            for (int ot = 0; ot < OT; ++ot) {
+                const unsigned short* vc = v0 + ot * 8;
+                const unsigned b0 = (unsigned)vc[0] | ((unsigned)vc[LDS] << 16);
+                const unsigned b1 = (unsigned)vc[8 * LDS] | ((unsigned)vc[9 * LDS] << 16);
+                mma_bf16_16816(o[ot], pa, b0, b1);
+            }
+        }
+    }
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int i = rr == 0 ? r0 : r1;
+        if (i >= lq) continue;
+        const float inv = 1.f / l[rr];
+        unsigned* orow = reinterpret_cast<unsigned*>(
+            reinterpret_cast<unsigned short*>(out) + ((long long)b * lq + i) * w +
+            (long long)h * D);
+#pragma unroll
+        for (int ot = 0; ot < OT; ++ot)
+            orow[(ot * 8 + 2 * qd) / 2] = pack_bf16(o[ot][2 * rr] * inv, o[ot][2 * rr + 1] * inv);
+        if (qd == 0)
+            lse[(long long)bh * lq + i] =
+                m[rr] <= kMasked ? INFINITY : (m[rr] + log2f(l[rr])) * kLn2;
+    }
+}
+
 }  // namespace r3
 
 using r3::bf16;
@@ -430,6 +581,16 @@ using r3::bf16;
         r3::attention_bwd_dkdv_impl<T, DIM>(q, k, v, o, lse, dout, dk, dv, R3_ATTN_MASK_ARGS); \
     }
 
+#define R3_ATTN_TC_KERNEL(DIM)                                                                   \
+    extern "C" __global__ void __launch_bounds__(128) attention_fwd_tc_d##DIM##_bf16(            \
+        const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,                     \
+        R3_ATTN_MASK_PARAMS) {                                                                   \
+        r3::attention_fwd_tc_impl<DIM>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);                    \
+    }
+R3_ATTN_TC_KERNEL(32)
+R3_ATTN_TC_KERNEL(64)
+R3_ATTN_TC_KERNEL(128)
+
 R3_ATTN_KERNELS(32, float, f32)
 R3_ATTN_KERNELS(64, float, f32)
 R3_ATTN_KERNELS(128, float, f32)
@@ -437,6 +598,9 @@ R3_ATTN_KERNELS(32, bf16, bf16)
 R3_ATTN_KERNELS(64, bf16, bf16)
 R3_ATTN_KERNELS(128, bf16, bf16)
 
+R3_EMU_EXPORT(attention_fwd_tc_d32_bf16)
+R3_EMU_EXPORT(attention_fwd_tc_d64_bf16)
+R3_EMU_EXPORT(attention_fwd_tc_d128_bf16)
 R3_EMU_EXPORT(attention_fwd_d32_f32)
 R3_EMU_EXPORT(attention_fwd_d64_f32)
 R3_EMU_EXPORT(attention_fwd_d128_f32)

@@ -137,11 +137,62 @@ __device__ __forceinline__ float hash_unit(unsigned long long seed, unsigned lon
     return (float)(hash_u32(seed, a, b) >> 8) * (1.0f / 16777216.0f);
 }
 
-// ---- tensor cores / async copies (for the attention and GEMM-like kernels) ------------------------
-// Planned: inline wrappers `mma_m16n8k16_bf16(...)`, `ldmatrix_x4(...)`, `cp_async16(...)`,
-// `cp_async_wait<N>()`, each an `asm volatile` PTX instruction under nvcc and, under R3_EMU, a
-// portable implementation that follows the PTX ISA fragment layouts lane by lane (through the
-// warp exchange), so the fast kernels' tiling and indexing are exercised by the emulator too.
+// ---- tensor cores ------------------------------------------------------------------------------
+// mma.sync.m16n8k16 with bf16 operands and f32 accumulators (sm_80+), in the PTX ISA's fragment
+// layouts. With g = lane / 4 and q = lane % 4 (a "quad" of 4 lanes shares a row):
+//   A (16x16, row-major): a[0] = A[g][2q..2q+1], a[1] = A[g+8][2q..2q+1],
+//                         a[2] = A[g][2q+8..2q+9], a[3] = A[g+8][2q+8..2q+9]
+//   B (16x8, "col"):      b0 = B[2q..2q+1][g], b1 = B[2q+8..2q+9][g]
+//   C/D (16x8, f32):      c[0], c[1] = C[g][2q], C[g][2q+1]; c[2], c[3] = C[g+8][2q], C[g+8][2q+1]
+// Each u32 register packs two bf16, the lower k (or column) index in the low half. Under R3_EMU the
+// product is computed lane by lane from exactly these registers, exchanged through warp shuffles,
+// so a kernel that puts an element in the wrong register fails the emulated selftest as it would
+// on the GPU. All 32 lanes of the warp must call it together (as with the instruction).
+__device__ __forceinline__ float bf16_lo(unsigned v) { return __uint_as_float(v << 16); }
+__device__ __forceinline__ float bf16_hi(unsigned v) { return __uint_as_float(v & 0xffff0000u); }
+
+// Two floats rounded to nearest-even bf16, packed (lo in the low half).
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+#ifdef R3_EMU
+    auto rne = [](float f) -> unsigned {
+        unsigned u = __float_as_uint(f);
+        if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;  // quiet NaN
+        u += 0x7fffu + ((u >> 16) & 1u);
+        return u >> 16;
+    };
+    return rne(lo) | (rne(hi) << 16);
+#else
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<unsigned*>(&v);
+#endif
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float c[4], const unsigned a[4], unsigned b0,
+                                               unsigned b1) {
+#ifdef R3_EMU
+    const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+    for (int kk = 0; kk < 8; ++kk) {  // k = 2 kk, 2 kk + 1
+        const int src = kk & 3;
+        const bool hi = kk >= 4;
+        const unsigned ar0 = __shfl_sync(kFullMask, hi ? a[2] : a[0], g * 4 + src);
+        const unsigned ar1 = __shfl_sync(kFullMask, hi ? a[3] : a[1], g * 4 + src);
+        const unsigned bc0 = __shfl_sync(kFullMask, hi ? b1 : b0, (2 * q) * 4 + src);
+        const unsigned bc1 = __shfl_sync(kFullMask, hi ? b1 : b0, (2 * q + 1) * 4 + src);
+        c[0] += bf16_lo(ar0) * bf16_lo(bc0) + bf16_hi(ar0) * bf16_hi(bc0);
+        c[1] += bf16_lo(ar0) * bf16_lo(bc1) + bf16_hi(ar0) * bf16_hi(bc1);
+        c[2] += bf16_lo(ar1) * bf16_lo(bc0) + bf16_hi(ar1) * bf16_hi(bc0);
+        c[3] += bf16_lo(ar1) * bf16_lo(bc1) + bf16_hi(ar1) * bf16_hi(bc1);
+    }
+#else
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#endif
+}
+// Planned with the first kernel that needs them: ldmatrix and cp.async wrappers, emulated the
+// same way.
 
 }  // namespace r3
 

@@ -664,13 +664,50 @@ fn attn_launch(
     Ok((cfg, a))
 }
 
+/// Which forward attention kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnImpl {
+    /// `attention_fwd_d{D}_{f32,bf16}`: f32 FMAs on CUDA cores (any storage).
+    CudaCores,
+    /// `attention_fwd_tc_d{D}_bf16`: mma.sync bf16 tensor cores, FlashAttention-2's forward
+    /// (bf16 storage only).
+    TensorCores,
+}
+
 /// Fused attention forward (`cpu::attention::attention_fwd`): q [B, Lq, H*D], k, v [B, Lk, H*D],
-/// out [B, Lq, H*D]; lse [B, H, Lq] f32. Head dims 32, 64, 128.
+/// out [B, Lq, H*D]; lse [B, H, Lq] f32. Head dims 32, 64, 128. bf16 runs on tensor cores.
 ///
 /// # Safety
 /// See the module documentation; the mask pointers address [B, Lk] u8 / u32 (or NULL key_mask).
 pub unsafe fn attention_fwd(
     l: &dyn Launcher,
+    dt: KDType,
+    q: DevPtr,
+    k: DevPtr,
+    v: DevPtr,
+    out: DevPtr,
+    lse: DevPtr,
+    mask: AttnKernelMask,
+    d: &AttnDims,
+    scale: f32,
+    drop: Option<AttnDropout>,
+) -> Result<()> {
+    let imp = match dt {
+        KDType::BF16 => AttnImpl::TensorCores,
+        KDType::F32 => AttnImpl::CudaCores,
+    };
+    // SAFETY: forwarded contract.
+    unsafe { attention_fwd_with(l, imp, dt, q, k, v, out, lse, mask, d, scale, drop) }
+}
+
+/// [`attention_fwd`] with the kernel chosen by the caller (selftest and benchmarks run both).
+///
+/// # Safety
+/// As [`attention_fwd`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attention_fwd_with(
+    l: &dyn Launcher,
+    imp: AttnImpl,
     dt: KDType,
     q: DevPtr,
     k: DevPtr,
@@ -688,9 +725,28 @@ pub unsafe fn attention_fwd(
     if d.k_len == 0 {
         return Err(Error::invalid("attention over zero keys"));
     }
-    let (cfg, mut a) = attn_launch(&[q, k, v, out, lse], d.q_len, d, scale, mask, drop)?;
-    let op = format!("attention_fwd_d{}", d.head_dim);
-    l.launch(&name(&op, dt), &cfg, &mut a)
+    let (mut cfg, mut a) = attn_launch(&[q, k, v, out, lse], d.q_len, d, scale, mask, drop)?;
+    match imp {
+        AttnImpl::CudaCores => {
+            let op = format!("attention_fwd_d{}", d.head_dim);
+            l.launch(&name(&op, dt), &cfg, &mut a)
+        }
+        AttnImpl::TensorCores => {
+            if dt != KDType::BF16 {
+                return Err(Error::Unsupported {
+                    op: "tensor-core attention with f32 storage (bf16 only)".into(),
+                    device: "cuda/emu".into(),
+                });
+            }
+            // 4 warps x 16 query rows per block (kernels/attention.cu, kTcRows).
+            cfg.grid[0] = blocks(d.q_len, 64, u32::MAX);
+            l.launch(
+                &format!("attention_fwd_tc_d{}_bf16", d.head_dim),
+                &cfg,
+                &mut a,
+            )
+        }
+    }
 }
 
 /// Fused attention backward (`cpu::attention::attention_bwd`): from q, k, v, the forward's out

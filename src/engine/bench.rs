@@ -185,11 +185,12 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
             key_mask: DevPtr::NULL,
         };
         let scale = 1.0 / (d as f32).sqrt();
-        let fwd = || {
+        let fwd_with = |imp: k::AttnImpl| {
             // SAFETY: q, k, v, o hold B·S·H·D bf16, lse B·H·S f32.
             unsafe {
-                k::attention_fwd(
+                k::attention_fwd_with(
                     dev,
+                    imp,
                     bf,
                     q.ptr(),
                     kk.ptr(),
@@ -204,9 +205,15 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
             }
         };
         let flops = 4.0 * (batch * heads * sl * sl * d) as f64;
-        let s_f = time(dev, 1, it, fwd)?;
+        let s_c = time(dev, 1, it, || fwd_with(k::AttnImpl::CudaCores))?;
         rows.push(flop_row(
             format!("{devname}_attention_fwd_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
+            s_c,
+            flops,
+        ));
+        let s_f = time(dev, 1, it, || fwd_with(k::AttnImpl::TensorCores))?;
+        rows.push(flop_row(
+            format!("{devname}_attention_fwd_tc_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
             s_f,
             flops,
         ));
@@ -232,9 +239,10 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
                 )
             }
         })?;
-        // FlashAttention's convention: the backward does 2.5x the forward's matmul FLOPs.
+        // FlashAttention's convention: the backward does 2.5x the forward's matmul FLOPs. The
+        // forward here is the tensor-core one, the backward still on CUDA cores.
         rows.push(flop_row(
-            format!("{devname}_attention_fwdbwd_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
+            format!("{devname}_attention_fwd_tc_bwd_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
             s_f + s_b,
             3.5 * flops,
         ));

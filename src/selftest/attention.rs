@@ -13,6 +13,7 @@ use crate::device::cpu::attention::{
     attention_bwd, attention_fwd, AttnDims, AttnDropout, AttnMask, TwoStreamMask,
 };
 use crate::device::kernels::{self, AttnKernelMask};
+use crate::device::launch::KDType;
 use half::bf16;
 
 /// Absolute floor of the dq / dk comparisons: dS = P (dP - D) is a difference of terms of size
@@ -183,41 +184,51 @@ fn attention<T: Store>(c: &mut Ctx, cs: &Case) {
             .map(|&x| f32::from(u8::from(x == f32::INFINITY)))
             .collect()
     };
-    c.check(&fwd, &shape, |c| {
-        let (bq, bk, bv) = (c.up(&q)?, c.up(&k)?, c.up(&v)?);
-        let (bm, bw) = (c.up(&key_mask)?, c.up(&words)?);
-        let (bo, bl) = (c.zeros::<T>(out.len())?, c.zeros::<f32>(lse.len())?);
-        let km = kernel_mask(cs, &bm, &bw, &ts);
-        // SAFETY: q/out [B, Lq, H*D], k/v [B, Lk, H*D], lse [B, H, Lq] f32, masks [B, Lk].
-        unsafe {
-            kernels::attention_fwd(
-                c.dev,
-                T::DT,
-                bq.ptr,
-                bk.ptr,
-                bv.ptr,
-                bo.ptr,
-                bl.ptr,
-                km,
-                &d,
-                scale,
-                drop,
-            )?
-        };
-        let got = c.down::<T>(&bo, out.len())?;
-        c.cmp(&fwd, &shape, "out", &got, &out, T::TOL);
-        let got = c.down::<f32>(&bl, lse.len())?;
-        c.cmp(&fwd, &shape, "lse", &got, &lse, TOL_F32);
-        c.cmp(
-            &fwd,
-            &shape,
-            "lse=inf",
-            &inf_rows(&got),
-            &inf_rows(&lse),
-            TOL_F32,
-        );
-        Ok(())
-    });
+    let mut fwd_kernels = vec![(fwd.clone(), kernels::AttnImpl::CudaCores)];
+    if T::DT == KDType::BF16 {
+        fwd_kernels.push((
+            format!("attention_fwd_tc_d{}_bf16", d.head_dim),
+            kernels::AttnImpl::TensorCores,
+        ));
+    }
+    for (fwd, imp) in fwd_kernels {
+        c.check(&fwd, &shape, |c| {
+            let (bq, bk, bv) = (c.up(&q)?, c.up(&k)?, c.up(&v)?);
+            let (bm, bw) = (c.up(&key_mask)?, c.up(&words)?);
+            let (bo, bl) = (c.zeros::<T>(out.len())?, c.zeros::<f32>(lse.len())?);
+            let km = kernel_mask(cs, &bm, &bw, &ts);
+            // SAFETY: q/out [B, Lq, H*D], k/v [B, Lk, H*D], lse [B, H, Lq] f32, masks [B, Lk].
+            unsafe {
+                kernels::attention_fwd_with(
+                    c.dev,
+                    imp,
+                    T::DT,
+                    bq.ptr,
+                    bk.ptr,
+                    bv.ptr,
+                    bo.ptr,
+                    bl.ptr,
+                    km,
+                    &d,
+                    scale,
+                    drop,
+                )?
+            };
+            let got = c.down::<T>(&bo, out.len())?;
+            c.cmp(&fwd, &shape, "out", &got, &out, T::TOL);
+            let got = c.down::<f32>(&bl, lse.len())?;
+            c.cmp(&fwd, &shape, "lse", &got, &lse, TOL_F32);
+            c.cmp(
+                &fwd,
+                &shape,
+                "lse=inf",
+                &inf_rows(&got),
+                &inf_rows(&lse),
+                TOL_F32,
+            );
+            Ok(())
+        });
+    }
     c.check(&bdq, &shape, |c| {
         let (bq, bk, bv) = (c.up(&q)?, c.up(&k)?, c.up(&v)?);
         let (bo, bl, bd) = (c.up(&out_s)?, c.up(&lse)?, c.up(&dout)?);
