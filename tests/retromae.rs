@@ -261,3 +261,191 @@ fn resume_is_bit_identical() {
         std::fs::read(b_out.join("model.safetensors")).unwrap()
     );
 }
+
+// ---- bad input (issue #4, item 9) ----
+
+fn err_of<T>(r: retrom3::Result<T>) -> String {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn run_pretrain(
+    model: &mut RetroMae,
+    docs: &Vec<Vec<u32>>,
+    cfg: &PretrainConfig,
+    out: &Path,
+) -> retrom3::Result<retrom3::train::retromae::PretrainReport> {
+    pretrain(
+        model,
+        docs,
+        &vocab(40),
+        cfg,
+        &tok_dir(),
+        out,
+        None,
+        &mut |_, _, _, _, _| {},
+    )
+}
+
+#[test]
+fn bad_corpora_are_clear_errors() {
+    let out = tmp("bad");
+    let cfg = config(2, None);
+    let mut m = tiny_model(4);
+    // Empty corpus.
+    let e = err_of(run_pretrain(&mut m, &Vec::new(), &cfg, &out));
+    assert!(e.contains("no document"), "{e}");
+    // Fewer documents than one batch.
+    let e = err_of(run_pretrain(&mut m, &corpus()[..3].to_vec(), &cfg, &out));
+    assert!(e.contains("fewer than one batch"), "{e}");
+    // Texts without content (`<s> </s>`, shorter than 3 tokens): nothing to mask or rebuild.
+    let e = err_of(run_pretrain(&mut m, &vec![Vec::new(); 16], &cfg, &out));
+    assert!(e.contains("no encoder-masked token"), "{e}");
+    // Ids outside the model's vocabulary (a corpus from a bigger tokenizer).
+    let mut docs = corpus();
+    docs[5][2] = 40;
+    let e = err_of(run_pretrain(&mut m, &docs, &config(4, None), &out));
+    assert!(e.contains("token id 40 >= vocab size 40"), "{e}");
+    // The shortest trainable text: one content token (3 with the specials) trains finitely.
+    let short: Vec<Vec<u32>> = (0..16).map(|i| vec![5 + i % 30]).collect();
+    let r = run_pretrain(&mut m, &short, &config(3, None), &out).unwrap();
+    assert!(r.losses.iter().all(|l| l.1.is_finite() && l.2.is_finite()));
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let out = tmp("nan");
+    let mut m = model_of(5, 32, 0.0);
+    // A divergent learning rate: the first update makes the weights huge, a later loss or
+    // gradient is not finite.
+    let cfg = PretrainConfig {
+        lr: 1e36,
+        warmup_ratio: 0.0,
+        max_grad_norm: None,
+        ..config(6, Some(1))
+    };
+    let e = err_of(run_pretrain(&mut m, &corpus(), &cfg, &out));
+    let rows = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let done = rows.lines().count() as u64;
+    assert!((1..6).contains(&done), "{done} steps logged");
+    eprintln!("stopped after {done} good steps: {e}");
+    // (The message does not always name the step: the cross-entropy op reports a non-finite loss
+    // itself, before the trainer's own check that would add "at step N".)
+    assert!(e.starts_with("non-finite value in "), "{e}");
+    // The last checkpoint is complete and loadable; nothing after it, no final model.
+    let ckpt = out.join(format!("checkpoint-{done}"));
+    assert_eq!(TrainState::load(&ckpt).unwrap().step, done);
+    let cfg = EncoderConfig::from_file(ckpt.join("config.json")).unwrap();
+    let (map, path) = retrom3::io::read_backbone(&ckpt).unwrap();
+    Encoder::from_tensors(cfg, &map, &path).unwrap();
+    for (name, t) in &map {
+        assert!(
+            t.to_f32().f32s().unwrap().iter().all(|x| x.is_finite()),
+            "{name} in checkpoint-{done} is not finite"
+        );
+    }
+    assert!(!out.join(format!("checkpoint-{}", done + 1)).exists());
+    assert!(!out.join("model.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
+fn cli_pretrain(config: &Path, data: &Path, out: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .args(["pretrain", "--config"])
+        .arg(config)
+        .arg("--tokenizer")
+        .arg(tok_dir())
+        .arg("--data")
+        .arg(data)
+        .arg("--output")
+        .arg(out)
+        .args(["--steps", "1", "--batch-size", "2", "--max-len", "16"])
+        .output()
+        .expect("run retrom3")
+}
+
+/// A failed run: exit code 1 (not a panic) and a one-line message holding every needle.
+fn expect_cli_error(o: &std::process::Output, needles: &[&str]) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+    assert!(err.starts_with("retrom3: error: "), "{err}");
+    for n in needles {
+        assert!(err.contains(n), "{n:?} not in {err}");
+    }
+}
+
+#[test]
+fn pretrain_cli_rejects_bad_input_in_one_line() {
+    let d = tmp("cli");
+    std::fs::create_dir_all(&d).unwrap();
+    let config = tok_dir().join("config.json");
+    let out = d.join("out");
+    // Empty corpus (only blank lines).
+    let blank = d.join("blank.txt");
+    std::fs::write(&blank, "\n  \n\n").unwrap();
+    expect_cli_error(&cli_pretrain(&config, &blank, &out), &["no document"]);
+    // A model whose embedding table is smaller than the tokenizer's vocabulary.
+    let text = d.join("t.txt");
+    std::fs::write(&text, "hello world\nsecond text here\nthird\n").unwrap();
+    let small = d.join("small.json");
+    let cfg = std::fs::read_to_string(&config).unwrap();
+    assert!(cfg.contains("\"vocab_size\": 1000"));
+    std::fs::write(
+        &small,
+        cfg.replace("\"vocab_size\": 1000", "\"vocab_size\": 500"),
+    )
+    .unwrap();
+    expect_cli_error(
+        &cli_pretrain(&small, &text, &out),
+        &[
+            "vocab_size",
+            "tokenizer has 1000 tokens",
+            "embedding table 500",
+        ],
+    );
+    // Token files: one from another tokenizer, a truncated one, a damaged one.
+    let tokenize = |tokenizer: &Path, name: &str| {
+        let p = d.join(name);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+            .args(["tokenize", "--tokenizer"])
+            .arg(tokenizer)
+            .arg("--input")
+            .arg(&text)
+            .arg("--output")
+            .arg(&p)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        p
+    };
+    let bert = tokenize(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bert"),
+        "bert.r3tok",
+    );
+    expect_cli_error(
+        &cli_pretrain(&config, &bert, &out),
+        &["bert.r3tok", "another tokenizer"],
+    );
+    let good = tokenize(&tok_dir(), "good.r3tok");
+    let bytes = std::fs::read(&good).unwrap();
+    let trunc = d.join("trunc.r3tok");
+    std::fs::write(&trunc, &bytes[..bytes.len() - 8]).unwrap();
+    expect_cli_error(&cli_pretrain(&config, &trunc, &out), &["trunc.r3tok"]);
+    let mut flipped = bytes.clone();
+    let at = flipped.len() - 1;
+    flipped[at] ^= 0xFF;
+    let bad = d.join("bad.r3tok");
+    std::fs::write(&bad, &flipped).unwrap();
+    expect_cli_error(&cli_pretrain(&config, &bad, &out), &["bad.r3tok"]);
+    // None of them wrote a model.
+    assert!(!out.join("model.safetensors").exists());
+    // The intact file trains.
+    let o = cli_pretrain(&config, &good, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").is_file());
+    let _ = std::fs::remove_dir_all(&d);
+}
