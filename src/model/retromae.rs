@@ -12,7 +12,7 @@ use super::lm_head::{lm_head_logits, lm_head_specs, LM_HEAD_TENSORS};
 use super::params::{ParamSet, ParamSpec};
 use crate::autograd::{Tape, Var};
 use crate::data::masking::{RetroMaeBatch, IGNORE};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::ops::{self, AttentionMask};
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -135,12 +135,22 @@ impl RetroMae {
         // Encoder MLM loss over the masked positions only (logits for those rows alone).
         let hs = encoder.forward(tape, pe, &batch.enc, drop)?;
         let (enc_rows, enc_t) = labelled_rows(&batch.enc_labels);
-        if enc_rows.is_empty() {
-            return Err(Error::invalid("RetroMAE batch has no encoder-masked token"));
+        if enc_rows.is_empty() && batch.dec_labels.iter().all(|&t| t == IGNORE) {
+            return Err(crate::error::Error::invalid(
+                "RetroMAE batch has nothing to predict: no encoder-masked token and no decoder \
+                 target (every text is shorter than 3 tokens)",
+            ));
         }
-        let x = ops::select_rows(tape, &hs, &enc_rows)?;
-        let logits = lm_head_logits(tape, c, ph, &pe[0], &x)?;
-        let l_enc = ops::cross_entropy(tape, &logits, &enc_t)?;
+        // Whole-word masking can leave a batch without any masked token (every text a single
+        // word longer than round(L·p), as HF's collator allows): the MLM term is then absent
+        // (0) for this batch rather than 0/0; the decoder still trains.
+        let l_enc = if enc_rows.is_empty() {
+            Var::constant(Tensor::from_vec(vec![0.0], &[1])?)
+        } else {
+            let x = ops::select_rows(tape, &hs, &enc_rows)?;
+            let logits = lm_head_logits(tape, c, ph, &pe[0], &x)?;
+            ops::cross_entropy(tape, &logits, &enc_t)?
+        };
 
         // Sentence embedding and the two streams.
         let cls_rows: Vec<usize> = (0..b).map(|i| i * l).collect();

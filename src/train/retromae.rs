@@ -181,7 +181,14 @@ pub fn pretrain(
             });
             let mut tape = Tape::new();
             let p = model.params.bind(&mut tape);
-            let loss = model.loss(&mut tape, &p, &batch, drop)?;
+            let loss = model
+                .loss(&mut tape, &p, &batch, drop)
+                .map_err(|e| match e {
+                    Error::NonFinite(m) => {
+                        Error::NonFinite(format!("{m} (RetroMAE step {})", state.step + 1))
+                    }
+                    e => e,
+                })?;
             if !(loss.enc.is_finite() && loss.dec.is_finite()) {
                 return Err(Error::NonFinite(format!(
                     "RetroMAE loss at step {} (enc {}, dec {})",
