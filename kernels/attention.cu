@@ -420,8 +420,10 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                                                       float* __restrict__ lse, int heads, int lq,
                                                       int lk, float scale, const AttnMaskArgs ma) {
     constexpr int KS = D / 16, NT = kTcKeys / 8, OT = D / 8, LDS = D + 8;
-    __shared__ unsigned short sk[kTcKeys * LDS];
-    __shared__ unsigned short sv[kTcKeys * LDS];
+    alignas(16) __shared__ unsigned short sk[kTcKeys * LDS];
+    alignas(16) __shared__ unsigned short sv[kTcKeys * LDS];
+    // Key-padding mode: per key of the tile 0 = visible, 1 = masked, 2 = past Lk.
+    __shared__ unsigned char skey[kTcKeys];
     const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
     const int r0 = blockIdx.x * kTcRows + warp * 16 + g, r1 = r0 + 8;
@@ -461,25 +463,41 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             *reinterpret_cast<unsigned*>(&sk[r * LDS + c]) = kv;
             *reinterpret_cast<unsigned*>(&sv[r * LDS + c]) = vv;
         }
+        for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
+            const int j = j0 + r;
+            skey[r] = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[(long long)b * lk + j]) ? 1 : 0;
+        }
         __syncthreads();
         float s[NT][4];
+        // ldmatrix row addresses: lane l serves row l % 8 of matrix l / 8.
+        const int mrow = lane & 7, mi = lane >> 3;
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
             s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-            const unsigned short* kr = &sk[(nt * 8 + g) * LDS + 2 * qd];
 #pragma unroll
-            for (int ks = 0; ks < KS; ++ks)
-                mma_bf16_16816(s[nt], qa[ks], ld2(kr + ks * 16), ld2(kr + ks * 16 + 8));
+            for (int ks = 0; ks < KS; ks += 2) {
+                // Matrices: (k-step ks, cols lo), (ks, hi), (ks + 1, lo), (ks + 1, hi).
+                unsigned kb[4];
+                ldmatrix_x4(kb, &sk[(nt * 8 + mrow) * LDS + (ks + (mi >> 1)) * 16 + (mi & 1) * 8]);
+                mma_bf16_16816(s[nt], qa[ks], kb[0], kb[1]);
+                mma_bf16_16816(s[nt], qa[ks + 1], kb[2], kb[3]);
+            }
         }
         float mt[2] = {-INFINITY, -INFINITY};
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int i = e < 2 ? r0 : r1, j = j0 + nt * 8 + 2 * qd + (e & 1);
+                const int c = nt * 8 + 2 * qd + (e & 1);
                 float x = s[nt][e] * sl2;
-                if (j >= lk) x = -INFINITY;
-                else if (!attn_visible(ma, b, i, j, lk)) x = kMasked;
+                if (ma.mode == 0) {
+                    const int st = skey[c];
+                    x = st == 0 ? x : st == 1 ? kMasked : -INFINITY;
+                } else {
+                    const int i = e < 2 ? r0 : r1, j = j0 + c;
+                    if (j >= lk) x = -INFINITY;
+                    else if (!attn_visible(ma, b, i, j, lk)) x = kMasked;
+                }
                 s[nt][e] = x;
                 mt[e >> 1] = fmaxf(mt[e >> 1], x);
             }
@@ -499,8 +517,12 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             for (int e = 0; e < 4; ++e) {
                 const float pj = exp2f(s[nt][e] - m[e >> 1]);
                 rs[e >> 1] += pj;
-                const int i = e < 2 ? r0 : r1, j = j0 + nt * 8 + 2 * qd + (e & 1);
-                s[nt][e] = (j < lk && i < lq) ? pj * attn_drop(ma, bh, i, j, lq, lk) : pj;
+                if (ma.drop_p > 0.f) {
+                    const int i = e < 2 ? r0 : r1, j = j0 + nt * 8 + 2 * qd + (e & 1);
+                    s[nt][e] = (j < lk && i < lq) ? pj * attn_drop(ma, bh, i, j, lq, lk) : pj;
+                } else {
+                    s[nt][e] = pj;
+                }
             }
 #pragma unroll
         for (int rr = 0; rr < 2; ++rr) {
@@ -521,13 +543,14 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                                     pack_bf16(s[2 * kk][2], s[2 * kk][3]),
                                     pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                     pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-            const unsigned short* v0 = &sv[(kk * 16 + 2 * qd) * LDS + g];
 #pragma unroll
-            for (int ot = 0; ot < OT; ++ot) {
-                const unsigned short* vc = v0 + ot * 8;
-                const unsigned b0 = (unsigned)vc[0] | ((unsigned)vc[LDS] << 16);
-                const unsigned b1 = (unsigned)vc[8 * LDS] | ((unsigned)vc[9 * LDS] << 16);
-                mma_bf16_16816(o[ot], pa, b0, b1);
+            for (int ot = 0; ot < OT; ot += 2) {
+                // Matrices: (keys lo, d-tile ot), (keys hi, ot), (keys lo, ot + 1), (keys hi, ot + 1).
+                unsigned vb[4];
+                ldmatrix_x4_trans(
+                    vb, &sv[(kk * 16 + (mi & 1) * 8 + mrow) * LDS + (ot + (mi >> 1)) * 8]);
+                mma_bf16_16816(o[ot], pa, vb[0], vb[1]);
+                mma_bf16_16816(o[ot + 1], pa, vb[2], vb[3]);
             }
         }
     }

@@ -191,8 +191,39 @@ __device__ __forceinline__ void mma_bf16_16816(float c[4], const unsigned a[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 #endif
 }
-// Planned with the first kernel that needs them: ldmatrix and cp.async wrappers, emulated the
-// same way.
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lanes 8i..8i+7 give the addresses of the 8
+// rows (8 contiguous b16, 16-byte aligned) of matrix i; lane l receives in r[i] the elements
+// (l/4, 2(l%4)) and (l/4, 2(l%4)+1) of matrix i, or with .trans (2(l%4), l/4) and (2(l%4)+1, l/4),
+// i.e. mma fragments of the matrix or of its transpose. Emulated from the same addresses.
+__device__ __forceinline__ void ldmatrix_x4(unsigned r[4], const unsigned short* row) {
+#ifdef R3_EMU
+    const int lane = threadIdx.x & 31;
+    for (int i = 0; i < 4; ++i) {
+        const unsigned short* p = __shfl_sync(kFullMask, row, i * 8 + (lane >> 2));
+        r[i] = (unsigned)p[2 * (lane & 3)] | ((unsigned)p[2 * (lane & 3) + 1] << 16);
+    }
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const unsigned short* row) {
+#ifdef R3_EMU
+    const int lane = threadIdx.x & 31;
+    for (int i = 0; i < 4; ++i) {
+        const unsigned short* p0 = __shfl_sync(kFullMask, row, i * 8 + 2 * (lane & 3));
+        const unsigned short* p1 = __shfl_sync(kFullMask, row, i * 8 + 2 * (lane & 3) + 1);
+        r[i] = (unsigned)p0[lane >> 2] | ((unsigned)p1[lane >> 2] << 16);
+    }
+#else
+    const unsigned a = (unsigned)__cvta_generic_to_shared(row);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+#endif
+}
 
 }  // namespace r3
 
