@@ -2,7 +2,7 @@
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use retrom3::data::m3_data::{read_train_paths, BucketSpec};
+use retrom3::data::m3_data::{read_train_paths_with, BucketSpec, MergeRule};
 use retrom3::data::TextTokenizer;
 use retrom3::model::encoder::Encoder;
 use retrom3::model::m3_train::{fresh_heads, KdLoss, M3LossConfig, M3Student};
@@ -42,6 +42,13 @@ pub struct FinetuneArgs {
     /// research code's 80 GB / G = 8 sizes 48,32,20,18,14,14,12,10,8. Default: --batch-size for all.
     #[arg(long, value_delimiter = ',')]
     pub bucket_batch_sizes: Vec<usize>,
+    /// Files of one --train directory with fewer examples than this are merged into one dataset
+    /// (batch size = the smallest of theirs; FlagEmbedding's small_threshold). 0 = never merge.
+    #[arg(long, default_value_t = 0)]
+    pub small_threshold: usize,
+    /// A merged dataset with fewer examples than this is dropped (FlagEmbedding's drop_threshold).
+    #[arg(long, default_value_t = 0)]
+    pub drop_threshold: usize,
     #[arg(long, default_value_t = 512)]
     pub query_max_len: usize,
     #[arg(long, default_value_t = 512)]
@@ -123,7 +130,21 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         (!a.bucket_batch_sizes.is_empty()).then(|| a.bucket_batch_sizes.clone()),
         a.batch_size,
     )?;
-    let data = M3TrainData::new(read_train_paths(&a.train)?, &spec, &tok)?;
+    let files = read_train_paths_with(
+        &a.train,
+        MergeRule {
+            small_threshold: a.small_threshold,
+            drop_threshold: a.drop_threshold,
+        },
+    )?;
+    for f in &files.dropped {
+        eprintln!(
+            "warning: {} dropped (merged small files below --drop-threshold {})",
+            f.display(),
+            a.drop_threshold
+        );
+    }
+    let data = M3TrainData::new(files.datasets, &spec, &tok)?;
     let (mut model, resume) = match &a.resume {
         Some(dir) => {
             let model = load_student(dir, a.seed)?;

@@ -1,14 +1,23 @@
-//! M3 fine-tuning data (SPEC §4.1-4.2): FlagEmbedding's training JSONL as is, validated with file
-//! and line in every error, and the per-query passage sampling (one positive, G−1 negatives with
-//! the repeat rule for short lists, sorted by teacher score when scores exist).
+//! M3 fine-tuning data (SPEC §4.1-4.2, §5.1-5.2): FlagEmbedding's training JSONL as is, validated
+//! with file and line in every error; the per-file settings of FlagEmbedding's same-dataset mode
+//! (first-row `batch_size`, `train_group_size`, `type`); the merging of small files of one
+//! directory; the per-query passage sampling (one positive, G−1 negatives with the repeat rule for
+//! short lists, sorted by teacher score when scores exist); length buckets and the epoch plan.
 
-use super::jsonl::read_jsonl;
+use super::jsonl::{input_err, read_jsonl};
 use super::rng::Rng;
 use crate::error::{Error, Result};
 use serde::Deserialize;
+use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
-/// One training line.
+/// One training line (FlagEmbedding's format, SPEC §4.1).
+///
+/// Required: `query` (non-empty string), `pos` and `neg` (non-empty lists of strings). Optional:
+/// `pos_scores` / `neg_scores` (numbers aligned with `pos` / `neg`; teacher scores, used only when
+/// both are present), `prompt`, `type`, `batch_size`, `train_group_size`. Other fields are
+/// ignored, as FlagEmbedding ignores extra columns. `null` counts as absent for every optional
+/// field.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct TrainExample {
     pub query: String,
@@ -19,59 +28,233 @@ pub struct TrainExample {
     pub pos_scores: Option<Vec<f32>>,
     #[serde(default)]
     pub neg_scores: Option<Vec<f32>>,
-    /// Per-sample query instruction (prepended with the format "{}{}").
+    /// Per-sample query instruction: the query becomes `prompt + query` (FlagEmbedding's
+    /// `query_instruction_format` default `"{}{}"`). In FlagEmbedding's same-dataset mode (which
+    /// is how retrom3 always batches) the row's prompt replaces `query_instruction_for_retrieval`;
+    /// retrom3 has no global instruction, so without a prompt the query is used as is (FlagEmbedding
+    /// would prefix the literal text "None", SPEC §4.3 pitfall, not replicated).
     #[serde(default)]
     pub prompt: Option<String>,
+    /// The `type` field. In the reference it exists only in the new code's same-dataset dataset
+    /// ([ABS] `AbsEmbedderSameDatasetTrainDataset`; the paper-era BGE-M3 code ignores it); it is
+    /// read from a batch's first row and must be the same for every row of a batch:
+    /// * `only_1neg`: group size 2 (one positive, one negative);
+    /// * `symmetric_class`: group size min(len(neg) + 1, G), len(neg) of the batch's first row;
+    /// * `symmetric_sts`, `symmetric_clustering`: the query instruction is also put before every
+    ///   passage;
+    /// * any value containing `symmetric`: the file's per-device batch is halved (unless the file
+    ///   sets `batch_size`);
+    /// * anything else: accepted, no effect.
+    ///
+    /// retrom3 does the same (see [`TrainDataset::batch_size`], [`TrainDataset::group_size`],
+    /// [`sample_group`]), with the "first row of the batch" taken from the global batch so that all
+    /// ranks agree, and requires the same `type` (or none) on every row of a file, since any two
+    /// rows of a file may share a batch.
     #[serde(default, rename = "type")]
     pub kind: Option<String>,
+    /// Per-file setting (first row): the per-device batch size of this file.
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    /// Per-file setting (first row): the group size of this file (ignored when `type` is set,
+    /// as in FlagEmbedding).
+    #[serde(default)]
+    pub train_group_size: Option<usize>,
 }
 
-/// Read and validate a training file: `pos` and `neg` non-empty, score lists aligned, no empty
-/// query, finite scores.
-pub fn read_train_file(path: &Path) -> Result<Vec<TrainExample>> {
-    let rows: Vec<TrainExample> = read_jsonl(path)?;
-    for (i, r) in rows.iter().enumerate() {
-        let bad = |msg: String| Error::Input {
-            path: path.to_path_buf(),
-            line: i + 1,
-            msg,
+impl TrainExample {
+    /// A row with the required fields only.
+    pub fn new(query: impl Into<String>, pos: Vec<String>, neg: Vec<String>) -> TrainExample {
+        TrainExample {
+            query: query.into(),
+            pos,
+            neg,
+            pos_scores: None,
+            neg_scores: None,
+            prompt: None,
+            kind: None,
+            batch_size: None,
+            train_group_size: None,
+        }
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Field-checked conversion of one parsed line; `Err(msg)` names the field.
+fn parse_row(obj: &Map<String, Value>) -> std::result::Result<TrainExample, String> {
+    let present = |k: &str| obj.get(k).filter(|v| !v.is_null());
+    let string = |k: &str| -> std::result::Result<Option<String>, String> {
+        match present(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(format!(
+                "field \"{k}\": expected a string, got {}",
+                json_kind(v)
+            )),
+        }
+    };
+    let texts = |k: &str, what: &str| -> std::result::Result<Vec<String>, String> {
+        let v = present(k)
+            .ok_or_else(|| format!("field \"{k}\": missing (a list of at least one {what})"))?;
+        let Value::Array(a) = v else {
+            return Err(format!(
+                "field \"{k}\": expected a list of strings, got {}",
+                json_kind(v)
+            ));
         };
-        if r.query.trim().is_empty() {
-            return Err(bad("field query: empty text".into()));
-        }
-        if r.pos.is_empty() {
-            return Err(bad("field pos: needs at least one positive".into()));
-        }
-        if r.neg.is_empty() {
-            return Err(bad(
-                "field neg: needs at least one negative (FlagEmbedding divides by len(neg))".into(),
+        if a.is_empty() {
+            let why = if k == "neg" {
+                " (FlagEmbedding divides by len(neg))"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "field \"{k}\": empty list, needs at least one {what}{why}"
             ));
         }
-        for (field, scores, n) in [
-            ("pos_scores", &r.pos_scores, r.pos.len()),
-            ("neg_scores", &r.neg_scores, r.neg.len()),
-        ] {
-            if let Some(s) = scores {
-                if s.len() != n {
-                    return Err(bad(format!(
-                        "field {field}: {} scores for {n} texts",
-                        s.len()
-                    )));
-                }
-                if s.iter().any(|x| !x.is_finite()) {
-                    return Err(bad(format!("field {field}: non-finite score")));
-                }
-            }
+        a.iter()
+            .enumerate()
+            .map(|(i, t)| match t {
+                Value::String(s) => Ok(s.clone()),
+                v => Err(format!(
+                    "field \"{k}\": element {} is {}, expected a string",
+                    i + 1,
+                    json_kind(v)
+                )),
+            })
+            .collect()
+    };
+    let scores = |k: &str, n: usize, of: &str| -> std::result::Result<Option<Vec<f32>>, String> {
+        let Some(v) = present(k) else { return Ok(None) };
+        let Value::Array(a) = v else {
+            return Err(format!(
+                "field \"{k}\": expected a list of numbers, got {}",
+                json_kind(v)
+            ));
+        };
+        let s = a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| match x.as_f64() {
+                Some(f) if (f as f32).is_finite() => Ok(f as f32),
+                Some(_) => Err(format!(
+                    "field \"{k}\": element {} is not a finite f32",
+                    i + 1
+                )),
+                None => Err(format!(
+                    "field \"{k}\": element {} is {}, expected a number",
+                    i + 1,
+                    json_kind(x)
+                )),
+            })
+            .collect::<std::result::Result<Vec<f32>, String>>()?;
+        if s.len() != n {
+            return Err(format!(
+                "field \"{k}\": {} scores for {n} texts in \"{of}\" (one score per text)",
+                s.len()
+            ));
         }
+        Ok(Some(s))
+    };
+    let count = |k: &str| -> std::result::Result<Option<usize>, String> {
+        match present(k) {
+            None => Ok(None),
+            Some(v) => match v.as_u64() {
+                Some(n) if n >= 1 => Ok(Some(n as usize)),
+                _ => Err(format!(
+                    "field \"{k}\": expected a positive integer, got {}",
+                    if v.is_number() {
+                        v.to_string()
+                    } else {
+                        json_kind(v).to_string()
+                    }
+                )),
+            },
+        }
+    };
+    let query = match present("query") {
+        None => return Err("field \"query\": missing (a string)".into()),
+        Some(_) => string("query")?.unwrap_or_default(),
+    };
+    if query.trim().is_empty() {
+        return Err("field \"query\": empty text".into());
     }
-    if rows.is_empty() {
-        return Err(Error::Input {
-            path: path.to_path_buf(),
-            line: 0,
-            msg: "no training example".into(),
-        });
+    let pos = texts("pos", "positive")?;
+    let neg = texts("neg", "negative")?;
+    Ok(TrainExample {
+        pos_scores: scores("pos_scores", pos.len(), "pos")?,
+        neg_scores: scores("neg_scores", neg.len(), "neg")?,
+        query,
+        pos,
+        neg,
+        prompt: string("prompt")?,
+        kind: string("type")?,
+        batch_size: count("batch_size")?,
+        train_group_size: count("train_group_size")?,
+    })
+}
+
+/// Read and validate a training file (SPEC §4.1). Every error names the file and the 1-based
+/// line: invalid JSON, a line that is not an object, a missing or mistyped field (`query`
+/// string; `pos`, `neg` lists of strings; `pos_scores`, `neg_scores` lists of numbers;
+/// `prompt`, `type` strings; `batch_size`, `train_group_size` positive integers), an empty
+/// query, an empty `pos` or `neg`, a score list whose length differs from its text list, a
+/// non-finite score, and a per-file setting (`type`, `batch_size`, `train_group_size`) that
+/// differs from the first row's. A file without any row is an error too.
+pub fn read_train_file(path: &Path) -> Result<Vec<TrainExample>> {
+    let rows: Vec<Value> = read_jsonl(path)?;
+    let mut out: Vec<TrainExample> = Vec::with_capacity(rows.len());
+    for (i, v) in rows.iter().enumerate() {
+        let line = i + 1;
+        let Value::Object(obj) = v else {
+            return Err(input_err(
+                path,
+                line,
+                format!("expected a JSON object, got {}", json_kind(v)),
+            ));
+        };
+        let r = parse_row(obj).map_err(|m| input_err(path, line, m))?;
+        if let Some(first) = out.first() {
+            let same = |field: &str, a: String, b: String| {
+                if a == b {
+                    Ok(())
+                } else {
+                    Err(input_err(
+                        path,
+                        line,
+                        format!(
+                            "field \"{field}\": {b} differs from the first row's {a}; it is a per-file \
+                             setting (FlagEmbedding reads it from the first row, and any two rows of a \
+                             file may share a batch)"
+                        ),
+                    ))
+                }
+            };
+            let show = |o: Option<String>| o.map_or("(absent)".to_string(), |s| format!("{s:?}"));
+            same("type", show(first.kind.clone()), show(r.kind.clone()))?;
+            let num = |o: Option<usize>| o.map_or("(absent)".to_string(), |n| n.to_string());
+            same("batch_size", num(first.batch_size), num(r.batch_size))?;
+            same(
+                "train_group_size",
+                num(first.train_group_size),
+                num(r.train_group_size),
+            )?;
+        }
+        out.push(r);
     }
-    Ok(rows)
+    if out.is_empty() {
+        return Err(input_err(path, 0, "no training example"));
+    }
+    Ok(out)
 }
 
 /// One sampled group: the query and its G passages (positive first).
@@ -83,9 +266,16 @@ pub struct SampledGroup {
     pub teacher: Option<Vec<f32>>,
 }
 
+/// The `type` values whose passages get the query instruction too ([ABS]).
+fn instructs_passages(kind: Option<&str>) -> bool {
+    matches!(kind, Some("symmetric_sts" | "symmetric_clustering"))
+}
+
 /// SPEC §4.2: a uniform positive; G−1 distinct negatives, or with repetition from the list
 /// repeated ceil((G−1)/n) times when there are fewer; negatives re-sorted by teacher score
-/// (descending) when scores exist (the research code's order, decision §10.5).
+/// (descending) when scores exist (the research code's order, decision §10.5). The row's
+/// `prompt` goes before the query, and for `type` `symmetric_sts` / `symmetric_clustering` before
+/// every passage as well ([ABS]).
 pub fn sample_group(ex: &TrainExample, group: usize, rng: &mut Rng) -> SampledGroup {
     let pi = rng.below(ex.pos.len());
     let want = group.saturating_sub(1);
@@ -108,12 +298,16 @@ pub fn sample_group(ex: &TrainExample, group: usize, rng: &mut Rng) -> SampledGr
     if let Some((_, ns)) = teacher_all {
         negs.sort_by(|&a, &b| ns[b].total_cmp(&ns[a]));
     }
-    let query = match &ex.prompt {
-        Some(p) => format!("{p}{}", ex.query),
-        None => ex.query.clone(),
+    let instruct = |t: &str| match &ex.prompt {
+        Some(p) => format!("{p}{t}"),
+        None => t.to_string(),
     };
+    let query = instruct(&ex.query);
     let mut passages = vec![ex.pos[pi].clone()];
     passages.extend(negs.iter().map(|&i| ex.neg[i].clone()));
+    if instructs_passages(ex.kind.as_deref()) {
+        passages = passages.iter().map(|p| instruct(p)).collect();
+    }
     let teacher = teacher_all.map(|(p, ns)| {
         std::iter::once(p)
             .chain(negs.iter().map(|&i| ns[i]))
@@ -129,13 +323,92 @@ pub fn sample_group(ex: &TrainExample, group: usize, rng: &mut Rng) -> SampledGr
 /// The suffix of a file stem or directory name that marks "no in-batch negatives" (SPEC §4.1).
 pub const NO_IN_BATCH_SUFFIX: &str = "no_in_batch_neg";
 
-/// One training file: its own dataset (batches never mix datasets, SPEC §5.2).
+/// The per-file settings of FlagEmbedding's same-dataset mode, read from a file's first row
+/// (SPEC §4.1; [`read_train_file`] checks that the other rows agree).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FileSettings {
+    /// `batch_size`: the file's per-device batch size, replacing the configured (bucket) size.
+    pub batch_size: Option<usize>,
+    /// `train_group_size`: the file's group size (ignored when `kind` is set, as in [ABS]).
+    pub train_group_size: Option<usize>,
+    /// `type` (see [`TrainExample::kind`]).
+    pub kind: Option<String>,
+}
+
+impl FileSettings {
+    /// The settings of a file whose first row is `first`.
+    pub fn of(first: Option<&TrainExample>) -> FileSettings {
+        first.map_or_else(FileSettings::default, |r| FileSettings {
+            batch_size: r.batch_size,
+            train_group_size: r.train_group_size,
+            kind: r.kind.clone(),
+        })
+    }
+
+    /// [ABS] `_get_file_batch_size`: the file's `batch_size` if given, else half the configured
+    /// size (at least 1) for a `symmetric*` type, else the configured size.
+    pub fn batch_size(&self, configured: usize) -> usize {
+        match (self.batch_size, &self.kind) {
+            (Some(b), _) => b,
+            (None, Some(k)) if k.contains("symmetric") => (configured / 2).max(1),
+            _ => configured,
+        }
+    }
+}
+
+/// One training dataset: a file, or the small files of one directory merged (SPEC §5.2). Batches
+/// never mix datasets.
 #[derive(Clone, Debug)]
 pub struct TrainDataset {
+    /// The file, or the directory of merged files.
     pub source: PathBuf,
     pub examples: Vec<TrainExample>,
     /// The file's stem, or the directory it was listed from, ends with `no_in_batch_neg`.
     pub no_in_batch: bool,
+    /// The file(s) read, each with its settings: one for a file, one per merged file otherwise
+    /// (merged files share `type` and `train_group_size`; their `batch_size` may differ).
+    pub files: Vec<(PathBuf, FileSettings)>,
+}
+
+impl TrainDataset {
+    /// A dataset of one file's rows (settings from the first row).
+    pub fn from_file(source: PathBuf, examples: Vec<TrainExample>, no_in_batch: bool) -> Self {
+        let settings = FileSettings::of(examples.first());
+        TrainDataset {
+            files: vec![(source.clone(), settings)],
+            source,
+            examples,
+            no_in_batch,
+        }
+    }
+
+    /// The per-device batch size given the configured (bucket) size: [`FileSettings::batch_size`]
+    /// of the file, or the smallest over merged files ([ABS], [RES-M3]: "batch size = min of
+    /// theirs").
+    pub fn batch_size(&self, configured: usize) -> usize {
+        self.files
+            .iter()
+            .map(|(_, s)| s.batch_size(configured))
+            .min()
+            .unwrap_or(configured)
+    }
+
+    /// [ABS] `_get_train_group_size` for a batch of this dataset (`batch`: the dataset indices
+    /// of the global batch; its first row decides `symmetric_class`): `type` `only_1neg` → 2,
+    /// `symmetric_class` → min(len(neg) + 1, G), any other `type` → G; without `type`, the file's
+    /// `train_group_size` or G.
+    pub fn group_size(&self, batch: &[usize], configured: usize) -> usize {
+        let s = self.files.first().map(|f| &f.1);
+        match s.and_then(|s| s.kind.as_deref()) {
+            Some("only_1neg") => 2,
+            Some("symmetric_class") => batch
+                .first()
+                .and_then(|&i| self.examples.get(i))
+                .map_or(configured, |e| (e.neg.len() + 1).min(configured)),
+            Some(_) => configured,
+            None => s.and_then(|s| s.train_group_size).unwrap_or(configured),
+        }
+    }
 }
 
 fn ends_no_in_batch(name: Option<&std::ffi::OsStr>) -> bool {
@@ -143,11 +416,49 @@ fn ends_no_in_batch(name: Option<&std::ffi::OsStr>) -> bool {
         .is_some_and(|n| n.ends_with(NO_IN_BATCH_SUFFIX))
 }
 
+/// Merging of small files (SPEC §5.2, FlagEmbedding's `small_threshold` / `drop_threshold`,
+/// both 0 by default = never merge, never drop).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MergeRule {
+    /// Files of one directory with fewer examples are concatenated into one dataset.
+    pub small_threshold: usize,
+    /// A merged dataset with fewer examples is dropped.
+    pub drop_threshold: usize,
+}
+
+/// What [`read_train_paths_with`] read.
+#[derive(Clone, Debug)]
+pub struct TrainFiles {
+    pub datasets: Vec<TrainDataset>,
+    /// Files of merged groups dropped by `drop_threshold`.
+    pub dropped: Vec<PathBuf>,
+}
+
+/// Read `--train` paths without merging: [`read_train_paths_with`] and the default [`MergeRule`].
+pub fn read_train_paths(paths: &[PathBuf]) -> Result<Vec<TrainDataset>> {
+    Ok(read_train_paths_with(paths, MergeRule::default())?.datasets)
+}
+
 /// Read `--train` paths: each file is a dataset; a directory contributes each of its .json/.jsonl
 /// files (sorted by name) as a dataset. A file whose stem ends with `no_in_batch_neg`, or any
 /// file of a directory whose name ends with it, is in no-in-batch mode.
-pub fn read_train_paths(paths: &[PathBuf]) -> Result<Vec<TrainDataset>> {
-    let mut out = Vec::new();
+///
+/// Merging (SPEC §5.2): the files of one directory with fewer than `rule.small_threshold`
+/// examples are concatenated into one dataset per (no-in-batch flag, `type`,
+/// `train_group_size`) — FlagEmbedding merges all of them into one and then fails at a batch that
+/// mixes types; retrom3 keeps such files apart instead — whose per-device batch size is the
+/// smallest of theirs; a merged dataset with fewer than `rule.drop_threshold` examples is dropped
+/// (listed in [`TrainFiles::dropped`]). A file named directly is never merged nor dropped
+/// (FlagEmbedding silently skips a directly named file below `small_threshold`; retrom3 trains on
+/// it as its own dataset).
+///
+/// A dataset in no-in-batch mode with a group size of 1 (`train_group_size: 1`) is an error: its
+/// loss would be identically 0.
+pub fn read_train_paths_with(paths: &[PathBuf], rule: MergeRule) -> Result<TrainFiles> {
+    let mut out = TrainFiles {
+        datasets: Vec::new(),
+        dropped: Vec::new(),
+    };
     for p in paths {
         if p.is_dir() {
             let mut files: Vec<PathBuf> = std::fs::read_dir(p)
@@ -166,24 +477,61 @@ pub fn read_train_paths(paths: &[PathBuf]) -> Result<Vec<TrainDataset>> {
                 ));
             }
             let dir_flag = ends_no_in_batch(p.file_name());
+            // Small files grouped by (no-in-batch, type, train_group_size), in name order.
+            type Key = (bool, Option<String>, Option<usize>);
+            let mut small: Vec<(Key, TrainDataset)> = Vec::new();
             for f in files {
-                out.push(TrainDataset {
-                    examples: read_train_file(&f)?,
-                    no_in_batch: dir_flag || ends_no_in_batch(f.file_stem()),
-                    source: f,
-                });
+                let flag = dir_flag || ends_no_in_batch(f.file_stem());
+                let ds = TrainDataset::from_file(f.clone(), read_train_file(&f)?, flag);
+                if ds.examples.len() >= rule.small_threshold {
+                    out.datasets.push(ds);
+                    continue;
+                }
+                let s = &ds.files[0].1;
+                let key = (flag, s.kind.clone(), s.train_group_size);
+                match small.iter_mut().find(|(k, _)| *k == key) {
+                    Some((_, m)) => {
+                        m.examples.extend(ds.examples);
+                        m.files.extend(ds.files);
+                    }
+                    None => small.push((
+                        key,
+                        TrainDataset {
+                            source: p.clone(),
+                            ..ds
+                        },
+                    )),
+                }
+            }
+            for (_, m) in small {
+                if m.examples.len() >= rule.drop_threshold {
+                    out.datasets.push(m);
+                } else {
+                    out.dropped.extend(m.files.into_iter().map(|(f, _)| f));
+                }
             }
         } else {
-            out.push(TrainDataset {
-                examples: read_train_file(p)?,
-                no_in_batch: ends_no_in_batch(p.file_stem()),
-                source: p.clone(),
+            out.datasets.push(TrainDataset::from_file(
+                p.clone(),
+                read_train_file(p)?,
+                ends_no_in_batch(p.file_stem()),
+            ));
+        }
+    }
+    for d in &out.datasets {
+        if d.no_in_batch && d.files[0].1.kind.is_none() && d.files[0].1.train_group_size == Some(1)
+        {
+            return Err(Error::Input {
+                path: d.files[0].0.clone(),
+                line: 1,
+                msg: "field \"train_group_size\": 1 in no-in-batch mode leaves one passage per \
+                      query (the loss would be identically 0)"
+                    .into(),
             });
         }
     }
     Ok(out)
 }
-
 /// Length buckets (SPEC §5.1) and their per-device batch sizes (SPEC §5.2).
 #[derive(Clone, Debug, PartialEq)]
 pub struct BucketSpec {
@@ -260,7 +608,9 @@ pub struct PlanUnit {
 }
 
 /// Split datasets into (dataset, bucket) units; `lengths[d][i]` is example i's longest text
-/// (ignored, may be empty, when the spec has one bucket). Empty units are dropped.
+/// (ignored, may be empty, when the spec has one bucket). Empty units are dropped. A unit's batch
+/// size is the bucket's, unless the dataset's files set their own ([`TrainDataset::batch_size`]:
+/// first-row `batch_size`, halved for `symmetric*` types).
 pub fn plan_units(
     datasets: &[TrainDataset],
     lengths: &[Vec<usize>],
@@ -283,7 +633,7 @@ pub fn plan_units(
                     dataset: d,
                     bucket,
                     examples,
-                    batch_size: spec.batch_sizes[bucket],
+                    batch_size: ds.batch_size(spec.batch_sizes[bucket]),
                     no_in_batch: ds.no_in_batch,
                 });
             }
@@ -353,13 +703,13 @@ mod tests {
 
     fn ex(n_neg: usize, scores: bool) -> TrainExample {
         TrainExample {
-            query: "q".into(),
-            pos: vec!["p0".into(), "p1".into()],
-            neg: (0..n_neg).map(|i| format!("n{i}")).collect(),
             pos_scores: scores.then(|| vec![0.9, 0.8]),
             neg_scores: scores.then(|| (0..n_neg).map(|i| i as f32 / 10.0).collect()),
-            prompt: None,
-            kind: None,
+            ..TrainExample::new(
+                "q",
+                vec!["p0".into(), "p1".into()],
+                (0..n_neg).map(|i| format!("n{i}")).collect(),
+            )
         }
     }
 
@@ -393,10 +743,12 @@ mod tests {
         );
         assert!(BucketSpec::new(vec![500, 500], None, 8).is_err());
         assert!(BucketSpec::new(vec![500], Some(vec![1]), 8).is_err());
-        let ds = |n: usize, nib: bool| TrainDataset {
-            source: PathBuf::from("x"),
-            examples: (0..n).map(|_| ex(3, false)).collect(),
-            no_in_batch: nib,
+        let ds = |n: usize, nib: bool| {
+            TrainDataset::from_file(
+                PathBuf::from("x"),
+                (0..n).map(|_| ex(3, false)).collect(),
+                nib,
+            )
         };
         let data = [ds(23, false), ds(9, true)];
         let lengths = vec![

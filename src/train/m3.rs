@@ -86,11 +86,7 @@ impl M3TrainData {
 
     /// One in-batch dataset, one bucket of `batch_size`.
     pub fn single(examples: Vec<TrainExample>, batch_size: usize) -> M3TrainData {
-        let datasets = vec![TrainDataset {
-            source: "train".into(),
-            examples,
-            no_in_batch: false,
-        }];
+        let datasets = vec![TrainDataset::from_file("train".into(), examples, false)];
         let units = plan_units(&datasets, &[], &BucketSpec::single(batch_size));
         M3TrainData { datasets, units }
     }
@@ -225,7 +221,12 @@ pub fn finetune(
         let ds = &data.datasets[pb.dataset];
         let exs: Vec<&TrainExample> = pb.rank_slice(0).iter().map(|&i| &ds.examples[i]).collect();
         let mut rng = Rng::new(cfg.seed, (1 << 41) + k);
-        let mut batch = make_m3_batch(&exs, tok, cfg, pad, &mut rng)?;
+        // Per-file group size (`type`, `train_group_size`; SPEC §4.1).
+        let bcfg = FinetuneConfig {
+            group_size: ds.group_size(&pb.examples, cfg.group_size),
+            ..cfg.clone()
+        };
+        let mut batch = make_m3_batch(&exs, tok, &bcfg, pad, &mut rng)?;
         batch.no_in_batch = pb.no_in_batch;
         let drop = cfg.dropout.then(|| DropoutCfg {
             hidden: c.hidden_dropout_prob,
