@@ -256,58 +256,6 @@ impl DeviceEncoder {
         }
     }
 
-    fn check_input(&self, input: &EncoderInput) -> Result<()> {
-        // The CPU encoder's checks (shape, max length, id range), on a zero-weight view.
-        if input.ids.len() != input.batch * input.len || input.mask.len() != input.ids.len() {
-            return Err(Error::shape(
-                "encoder input ids/mask",
-                &[input.batch, input.len],
-                &[input.ids.len(), input.mask.len()],
-            ));
-        }
-        if input.len > self.config.max_tokens() {
-            return Err(Error::invalid(format!(
-                "sequence of {} tokens exceeds the model's maximum of {}",
-                input.len,
-                self.config.max_tokens()
-            )));
-        }
-        if let Some(&bad) = input
-            .ids
-            .iter()
-            .find(|&&i| i as usize >= self.config.vocab_size)
-        {
-            return Err(Error::invalid(format!(
-                "token id {bad} >= vocab size {}",
-                self.config.vocab_size
-            )));
-        }
-        Ok(())
-    }
-
-    /// Position ids per the model kind (as `Encoder::position_ids`).
-    fn position_ids(&self, input: &EncoderInput) -> Vec<u32> {
-        let pad = self.config.pad_token_id;
-        let mut pos = Vec::with_capacity(input.ids.len());
-        for row in input.ids.chunks(input.len.max(1)) {
-            match self.config.kind {
-                ModelKind::XlmRoberta => {
-                    let mut count = 0;
-                    for &id in row {
-                        if id != pad {
-                            count += 1;
-                            pos.push(pad + count);
-                        } else {
-                            pos.push(pad);
-                        }
-                    }
-                }
-                ModelKind::Bert => pos.extend(0..row.len() as u32),
-            }
-        }
-        pos
-    }
-
     /// Forward. `train` keeps the activations for [`DeviceEncoder::backward`]; `drop` applies
     /// the same dropout masks as the CPU encoder with the same seed (streams: embeddings 0,
     /// layer i attention 1 + 4i, attention output 2 + 4i, FFN output 3 + 4i).
@@ -318,7 +266,7 @@ impl DeviceEncoder {
         drop: Option<DropoutCfg>,
         train: bool,
     ) -> Result<EncoderForward> {
-        self.check_input(input)?;
+        crate::model::encoder::check_input(&self.config, input)?;
         let d = self.dims(input);
         let dt = self.dt;
         let c = &self.config;
@@ -334,7 +282,10 @@ impl DeviceEncoder {
             });
         }
         let ids = upload_pod(dev, &input.ids)?;
-        let pos = upload_pod(dev, &self.position_ids(input))?;
+        let pos = upload_pod(
+            dev,
+            &crate::model::encoder::position_ids(&self.config, input),
+        )?;
         let key_mask = if input.mask.iter().all(|&m| m != 0) {
             None
         } else {

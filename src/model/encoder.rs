@@ -238,57 +238,14 @@ impl Encoder {
         })
     }
 
-    /// Position ids per the model kind: RoBERTa counts non-pad tokens from padding_idx + 1 and
-    /// gives pad tokens padding_idx (SPEC §1.2); BERT uses 0..len.
+    /// Position ids per the model kind ([`position_ids`]).
     pub fn position_ids(&self, input: &EncoderInput) -> Vec<u32> {
-        let pad = self.config.pad_token_id;
-        let mut pos = Vec::with_capacity(input.ids.len());
-        for row in input.ids.chunks(input.len.max(1)) {
-            match self.config.kind {
-                ModelKind::XlmRoberta => {
-                    let mut count = 0;
-                    for &id in row {
-                        if id != pad {
-                            count += 1;
-                            pos.push(pad + count);
-                        } else {
-                            pos.push(pad);
-                        }
-                    }
-                }
-                ModelKind::Bert => pos.extend(0..row.len() as u32),
-            }
-        }
-        pos
+        position_ids(&self.config, input)
     }
 
-    /// Check ids and length against the config.
+    /// Check ids and length against the config ([`check_input`]).
     pub fn check_input(&self, input: &EncoderInput) -> Result<()> {
-        if input.ids.len() != input.batch * input.len || input.mask.len() != input.ids.len() {
-            return Err(Error::shape(
-                "encoder input ids/mask",
-                &[input.batch, input.len],
-                &[input.ids.len(), input.mask.len()],
-            ));
-        }
-        if input.len > self.config.max_tokens() {
-            return Err(Error::invalid(format!(
-                "sequence of {} tokens exceeds the model's maximum of {}",
-                input.len,
-                self.config.max_tokens()
-            )));
-        }
-        if let Some(&bad) = input
-            .ids
-            .iter()
-            .find(|&&i| i as usize >= self.config.vocab_size)
-        {
-            return Err(Error::invalid(format!(
-                "token id {bad} >= vocab size {}",
-                self.config.vocab_size
-            )));
-        }
-        Ok(())
+        check_input(&self.config, input)
     }
 
     /// The embeddings block: LN(word[ids] + pos[pos_ids] + type[0]) with dropout.
@@ -367,6 +324,55 @@ impl Encoder {
         }
         Ok(x)
     }
+}
+
+/// Position ids per the model kind: RoBERTa counts non-pad tokens from padding_idx + 1 and
+/// gives pad tokens padding_idx (SPEC §1.2); BERT uses 0..len.
+pub fn position_ids(config: &EncoderConfig, input: &EncoderInput) -> Vec<u32> {
+    let pad = config.pad_token_id;
+    let mut pos = Vec::with_capacity(input.ids.len());
+    for row in input.ids.chunks(input.len.max(1)) {
+        match config.kind {
+            ModelKind::XlmRoberta => {
+                let mut count = 0;
+                for &id in row {
+                    if id != pad {
+                        count += 1;
+                        pos.push(pad + count);
+                    } else {
+                        pos.push(pad);
+                    }
+                }
+            }
+            ModelKind::Bert => pos.extend(0..row.len() as u32),
+        }
+    }
+    pos
+}
+
+/// Check ids and length against the config.
+pub fn check_input(config: &EncoderConfig, input: &EncoderInput) -> Result<()> {
+    if input.ids.len() != input.batch * input.len || input.mask.len() != input.ids.len() {
+        return Err(Error::shape(
+            "encoder input ids/mask",
+            &[input.batch, input.len],
+            &[input.ids.len(), input.mask.len()],
+        ));
+    }
+    if input.len > config.max_tokens() {
+        return Err(Error::invalid(format!(
+            "sequence of {} tokens exceeds the model's maximum of {}",
+            input.len,
+            config.max_tokens()
+        )));
+    }
+    if let Some(&bad) = input.ids.iter().find(|&&i| i as usize >= config.vocab_size) {
+        return Err(Error::invalid(format!(
+            "token id {bad} >= vocab size {}",
+            config.vocab_size
+        )));
+    }
+    Ok(())
 }
 
 /// Deterministic N(0, std) values (Box-Muller over a splitmix hash of (seed, stream, index)).
