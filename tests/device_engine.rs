@@ -53,7 +53,7 @@ fn device_encoder_full_selftest_shapes() {
 
 /// A model directory like the tiny BGE-M3 fixture but with head dim 32 (the fused attention's
 /// smallest), random weights and heads: written by `M3Model::save`, read back by `load`.
-fn hd32_model_dir() -> std::path::PathBuf {
+fn hd32_model_dir(tag: &str) -> std::path::PathBuf {
     let mut m = M3Model::load("tests/fixtures/tiny-bge-m3-layout", Device::Cpu).unwrap();
     let c = &m.encoder.config;
     let cfg =
@@ -73,14 +73,14 @@ fn hd32_model_dir() -> std::path::PathBuf {
         sparse_bias: Tensor::from_vec(vec![0.05], &[1]).unwrap(),
     });
     m.extra_tensors.clear();
-    let dir = std::env::temp_dir().join(format!("retrom3-engine-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("retrom3-engine-{tag}-{}", std::process::id()));
     m.save(&dir).unwrap();
     dir
 }
 
 #[test]
 fn m3_encode_on_the_emulated_device_matches_the_cpu() {
-    let dir = hd32_model_dir();
+    let dir = hd32_model_dir("encode");
     let cpu = M3Model::load(&dir, Device::Cpu).unwrap();
     let emu = M3Model::load(&dir, Device::Emu).unwrap();
     assert!(emu.engine.is_some() && cpu.engine.is_none());
@@ -118,5 +118,146 @@ fn m3_encode_on_the_emulated_device_matches_the_cpu() {
             assert!(close(p, q));
         }
     }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A random M3 student with head dim 32 and a batch of 2 queries x 3 passages.
+fn m3_student_and_batch() -> (
+    retrom3::model::m3_train::M3Student,
+    retrom3::model::m3_train::M3Batch,
+) {
+    use retrom3::model::encoder::EncoderInput;
+    use retrom3::model::m3_train::{fresh_heads, M3Batch, M3Student};
+    let cfg = EncoderConfig::new_xlmr(90, 64, 2, 2, 128, 40).unwrap();
+    let enc = Encoder::init_random(cfg, 21).unwrap();
+    let student = M3Student::new(enc, &fresh_heads(64, 5).unwrap()).unwrap();
+    let mut s = 12345u64;
+    let mut text = |n: usize| -> Vec<u32> {
+        let mut v = vec![0u32];
+        for _ in 0..n {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            v.push(4 + ((s >> 33) % 86) as u32);
+        }
+        v.push(2);
+        v
+    };
+    let queries: Vec<Vec<u32>> = vec![text(5), text(9)];
+    let passages: Vec<Vec<u32>> = [14, 7, 11, 3, 16, 9].iter().map(|&n| text(n)).collect();
+    let batch = M3Batch {
+        queries: EncoderInput::pad(&queries, 1),
+        passages: EncoderInput::pad(&passages, 1),
+        group: 3,
+        teacher: None,
+        no_in_batch: false,
+    };
+    (student, batch)
+}
+
+#[test]
+fn m3_device_gradients_match_the_cpu_trainer() {
+    use retrom3::autograd::Tape;
+    use retrom3::device::launch::KDType;
+    use retrom3::engine::DeviceEncoder;
+    use retrom3::model::m3_train::{KdLoss, M3LossConfig};
+    let (student, batch) = m3_student_and_batch();
+    let cfg = M3LossConfig {
+        temperature: 0.05,
+        unified: true,
+        self_distill: true,
+        kd: KdLoss::M3KdLoss,
+    };
+    let drop_ids = [0u32, 1, 2, 3];
+    // CPU reference: one tape for the whole batch.
+    let mut tape = Tape::new();
+    let p = student.params.bind(&mut tape);
+    let loss = student
+        .loss(&mut tape, &p, &batch, &cfg, None, &drop_ids)
+        .unwrap();
+    let want_total = loss.values().unwrap().total;
+    let g = tape.backward(&loss.total).unwrap();
+    // Device: the encoder on the emulator, heads and losses on the host.
+    let dev = EmuDevice::new();
+    let denc = DeviceEncoder::upload(&dev, &student.encoder().unwrap(), KDType::F32).unwrap();
+    let (vals, got) = student
+        .device_grads(&dev, &denc, &batch, &cfg, None, &drop_ids)
+        .unwrap();
+    assert!((vals.total - want_total).abs() <= 1e-5 * want_total.abs().max(1.0));
+    assert_eq!(got.len(), p.len());
+    for ((v, gd), spec) in p.iter().zip(&got).zip(student.params.specs()) {
+        let want = g.get(v).map(|t| t.f32s().unwrap().to_vec());
+        let got = gd.as_ref().map(|t| t.f32s().unwrap().to_vec());
+        let (want, got) = match (want, got) {
+            (Some(w), Some(g)) => (w, g),
+            (None, Some(g)) => (vec![0.0; g.len()], g),
+            (w, g) => panic!(
+                "{}: cpu {:?} device {:?}",
+                spec.name,
+                w.is_some(),
+                g.is_some()
+            ),
+        };
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        // Key biases get rounding noise only (their exact gradient is 0): compare on the
+        // key weights' scale, as the selftest does.
+        let floor = if spec.name.ends_with("key.bias") {
+            1e-6
+        } else {
+            0.0
+        };
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (a - b).abs() <= floor + 1e-4 * scale + 1e-3 * b.abs(),
+                "{}[{i}]: device {a} cpu {b} (scale {scale})",
+                spec.name
+            );
+        }
+    }
+}
+
+#[test]
+fn finetune_cli_runs_with_the_encoder_on_the_emulated_device() {
+    let dir = hd32_model_dir("finetune");
+    let work = std::env::temp_dir().join(format!("retrom3-engine-ft-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    let rows: String = (0..4)
+        .map(|i| {
+            format!(
+                "{{\"query\": \"what is module {i}\", \"pos\": [\"module {i} handles requests \
+                 and responses\"], \"neg\": [\"the weather is {i} degrees\", \"a cat sat\"]}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(work.join("train.jsonl"), rows).unwrap();
+    let out = work.join("out");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .args(["finetune", "--device", "emu", "--model"])
+        .arg(&dir)
+        .arg("--train")
+        .arg(work.join("train.jsonl"))
+        .arg("--output")
+        .arg(&out)
+        .args([
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--group-size",
+            "2",
+            "--query-max-len",
+            "16",
+            "--passage-max-len",
+            "24",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2, "{metrics}");
+    assert!(metrics.lines().all(|l| !l.contains("NaN")));
+    // The result is a model directory the CPU engine loads.
+    M3Model::load(&out, Device::Cpu).unwrap();
+    std::fs::remove_dir_all(&work).ok();
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -6,7 +6,7 @@ use retrom3::data::m3_data::{read_train_paths_with, BucketSpec, MergeRule};
 use retrom3::data::TextTokenizer;
 use retrom3::model::encoder::Encoder;
 use retrom3::model::m3_train::{fresh_heads, KdLoss, M3LossConfig, M3Student};
-use retrom3::train::m3::{finetune, FinetuneConfig, M3TrainData};
+use retrom3::train::m3::{finetune_on, FinetuneConfig, M3TrainData};
 use retrom3::train::optim::adamw_hyper;
 use retrom3::train::{clip_option as clip, AdamW, TrainState};
 use retrom3::{Device, EncoderConfig, Error, Result};
@@ -108,7 +108,7 @@ fn load_student(dir: &Path, seed: u64) -> Result<M3Student> {
 }
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
-    a.device.ensure_trainable()?;
+    a.device.ensure_available()?;
     if a.temperature.is_nan() || a.temperature <= 0.0 {
         return Err(Error::invalid(format!(
             "--temperature {}: must be > 0",
@@ -199,7 +199,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             .expect("valid template"),
     );
     let tok_dir = a.resume.clone().unwrap_or(a.model.clone());
-    let report = finetune(
+    let report = finetune_on(
+        a.device,
         &mut model,
         &data,
         &tok,

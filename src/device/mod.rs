@@ -58,15 +58,15 @@ impl Device {
 }
 
 impl Device {
-    /// Check that the trainers can run on this device. They run on the CPU engine today; the
-    /// device encoder (forward and backward, `engine::DeviceEncoder`) is not yet driven by them,
-    /// so asking for another device is an error rather than a silent CPU run.
+    /// Check that a CPU-only trainer (RetroMAE `pretrain`, `quickstart`) can run on this device:
+    /// they run on the CPU engine, so asking for another device is an error rather than a silent
+    /// CPU run. (M3 `finetune` drives the device encoder: `train::m3::finetune_on`.)
     pub fn ensure_trainable(self) -> Result<()> {
         self.ensure_available()?;
         match self {
             Device::Cpu => Ok(()),
             _ => Err(Error::Unsupported {
-                op: "training (the trainers run on the CPU engine; use --device cpu)".into(),
+                op: "this trainer (it runs on the CPU engine; use --device cpu)".into(),
                 device: self.to_string(),
             }),
         }

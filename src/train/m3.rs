@@ -17,6 +17,8 @@ use crate::data::m3_data::{
 use crate::data::rng::Rng;
 use crate::data::tokenizer::TextTokenizer;
 use crate::device::cpu::elementwise::hash_u32;
+use crate::device::launch::KDType;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::encoder::{DropoutCfg, EncoderInput};
 use crate::model::m3_train::{M3Batch, M3LossConfig, M3Student};
@@ -159,7 +161,8 @@ pub fn make_m3_batch(
     })
 }
 
-/// Run (or continue) fine-tuning; the final model directory is written into `out`.
+/// Run (or continue) fine-tuning on the CPU engine; the final model directory is written into
+/// `out`.
 #[allow(clippy::type_complexity)]
 pub fn finetune(
     model: &mut M3Student,
@@ -171,6 +174,57 @@ pub fn finetune(
     resume: Option<(TrainState, AdamW)>,
     progress: &mut dyn FnMut(u64, u64, f32),
 ) -> Result<Vec<StepLosses>> {
+    finetune_on(
+        Device::Cpu,
+        model,
+        data,
+        tok,
+        cfg,
+        tokenizer_dir,
+        out,
+        resume,
+        progress,
+    )
+}
+
+/// [`finetune`] with the encoder on `device`: on CUDA (bf16 storage, f32 accumulation: mixed
+/// precision with the f32 master weights on the host) or the emulator (f32), the encoder forward
+/// and backward run there ([`M3Student::device_grads`]); heads, losses and AdamW run on the host,
+/// and the updated encoder weights are uploaded after every step. Sub-batching is CPU-only.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+pub fn finetune_on(
+    device: Device,
+    model: &mut M3Student,
+    data: &M3TrainData,
+    tok: &TextTokenizer,
+    cfg: &FinetuneConfig,
+    tokenizer_dir: &Path,
+    out: &Path,
+    resume: Option<(TrainState, AdamW)>,
+    progress: &mut dyn FnMut(u64, u64, f32),
+) -> Result<Vec<StepLosses>> {
+    device.ensure_available()?;
+    let engine = match device {
+        Device::Cpu => None,
+        _ => {
+            if cfg.sub_batch > 0 {
+                return Err(Error::Unsupported {
+                    op: "--sub-batch with the encoder on a kernel device (the device path \
+                         encodes each batch whole)"
+                        .into(),
+                    device: device.to_string(),
+                });
+            }
+            let dt = match device {
+                Device::Cuda(_) => KDType::BF16,
+                _ => KDType::F32,
+            };
+            let dev = crate::engine::open(device)?;
+            let denc = crate::engine::DeviceEncoder::upload(&*dev, &model.encoder()?, dt)?;
+            Some((dev, denc))
+        }
+    };
+    let mut engine = engine;
     if cfg.group_size < 2 || data.units.iter().any(|u| u.batch_size == 0) {
         return Err(Error::invalid(
             "batch size must be >= 1 and group size >= 2",
@@ -238,7 +292,9 @@ pub fn finetune(
             self_distill: cfg.loss.self_distill && state.step > cfg.self_distill_start_step,
             ..cfg.loss
         };
-        let (loss, grads) = if cfg.sub_batch > 0 {
+        let (loss, grads) = if let Some((dev, denc)) = &engine {
+            model.device_grads(&**dev, denc, &batch, &lcfg, drop, &drop_ids)?
+        } else if cfg.sub_batch > 0 {
             model.sub_batch_grads(&batch, &lcfg, drop, &drop_ids, cfg.sub_batch)?
         } else {
             let mut tape = Tape::new();
@@ -273,6 +329,9 @@ pub fn finetune(
         );
         let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);
         let norm = opt.update(&mut model.params, &grads, lr)?;
+        if let Some((dev, denc)) = &mut engine {
+            denc.set_weights(&**dev, &model.params.values()[..n_enc])?;
+        }
         state.step += 1;
         state.batches_seen += 1;
         let tokens = batch
