@@ -24,8 +24,8 @@ use crate::retrieval::beir::{self, BeirData};
 use crate::retrieval::hybrid::encode_queries_for;
 use crate::retrieval::metrics::{evaluate, Run, Summary};
 use crate::retrieval::{Index, IndexParts, Mode, SearchOptions};
-use crate::train::m3::{finetune, FinetuneConfig, M3TrainData};
-use crate::train::retromae::{pretrain, PretrainConfig};
+use crate::train::m3::{finetune_on, FinetuneConfig, M3TrainData};
+use crate::train::retromae::{pretrain_on, PretrainConfig};
 use crate::{Device, EncoderConfig, M3Model};
 use serde_json::json;
 use std::path::{Path, PathBuf};
@@ -397,7 +397,7 @@ pub fn run_with_settings(
     out: &Path,
     log: &mut dyn FnMut(&str),
 ) -> Result<QuickstartReport> {
-    device.ensure_trainable()?;
+    device.ensure_available()?;
     let t_all = Instant::now();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut timings = serde_json::Map::new();
@@ -476,7 +476,8 @@ pub fn run_with_settings(
     };
     let pre_dir = out.join("pretrain");
     let _ = std::fs::remove_file(pre_dir.join("metrics.jsonl"));
-    let pre = pretrain(
+    let pre = pretrain_on(
+        device,
         &mut mae,
         &docs,
         &mvocab,
@@ -523,7 +524,8 @@ pub fn run_with_settings(
     let ft_dir = out.join("finetune");
     let _ = std::fs::remove_file(ft_dir.join("metrics.jsonl"));
     let train = M3TrainData::single(examples, s.finetune_batch);
-    let ft = finetune(
+    let ft = finetune_on(
+        device,
         &mut student,
         &train,
         &tok,

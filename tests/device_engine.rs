@@ -261,3 +261,38 @@ fn finetune_cli_runs_with_the_encoder_on_the_emulated_device() {
     std::fs::remove_dir_all(&work).ok();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The quickstart pipeline with the encoder on the emulated device: pre-training, fine-tuning,
+/// indexing and evaluation all drive the device engine (tiny sizes: emulation is slow).
+#[test]
+fn quickstart_runs_with_the_encoder_on_the_emulated_device() {
+    use retrom3::quickstart::{
+        default_data_dir, run_with_settings, QuickstartSettings, QuickstartSize,
+    };
+    let s = QuickstartSettings {
+        hidden: 64,
+        heads: 2,
+        intermediate: 128,
+        pretrain_steps: 3,
+        finetune_steps: 3,
+        pretrain_lines: 64,
+        train_examples: 32,
+        corpus_docs: 40,
+        test_queries: 10,
+        ..QuickstartSettings::of(QuickstartSize::Small)
+    };
+    let out = std::env::temp_dir().join(format!("retrom3-engine-qs-{}", std::process::id()));
+    let r = run_with_settings(
+        s,
+        QuickstartSize::Small,
+        Device::Emu,
+        &default_data_dir(),
+        &out,
+        &mut |_| {},
+    )
+    .unwrap();
+    assert!(r.output.join("results.json").is_file());
+    let report = std::fs::read_to_string(r.output.join("results.json")).unwrap();
+    assert!(report.contains("\"emu\""), "{report}");
+    std::fs::remove_dir_all(&out).ok();
+}

@@ -457,3 +457,47 @@ fn pretrain_cli_rejects_bad_input_in_one_line() {
     assert!(out.join("model.safetensors").is_file());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The encoder on the emulated device (feature `emu`): the same dropout masks, so a run equals
+/// the CPU run up to float summation order.
+#[cfg(feature = "emu")]
+#[test]
+fn pretraining_with_the_encoder_on_the_emulated_device_follows_the_cpu_run() {
+    use retrom3::train::retromae::pretrain_on;
+    let run = |device: retrom3::Device, tag: &str| {
+        let mut model = model_of(3, 64, 0.0);
+        let out = tmp(tag);
+        let r = pretrain_on(
+            device,
+            &mut model,
+            &corpus(),
+            &vocab(40),
+            &config(4, None),
+            &tok_dir(),
+            &out,
+            None,
+            &mut |_, _, _, _, _| {},
+        )
+        .unwrap();
+        let _ = std::fs::remove_dir_all(&out);
+        (r.losses, model.params.values().to_vec())
+    };
+    let (cpu, wc) = run(retrom3::Device::Cpu, "dev-cpu");
+    let (emu, we) = run(retrom3::Device::Emu, "dev-emu");
+    assert_eq!((cpu.len(), emu.len()), (4, 4));
+    for (a, b) in cpu.iter().zip(&emu) {
+        assert!(
+            (a.1 - b.1).abs() <= 1e-4 * a.1.abs(),
+            "enc {cpu:?} vs {emu:?}"
+        );
+        assert!(
+            (a.2 - b.2).abs() <= 1e-4 * a.2.abs(),
+            "dec {cpu:?} vs {emu:?}"
+        );
+    }
+    // The weights after 4 AdamW steps agree too (every parameter, encoder included).
+    for (x, y) in wc.iter().zip(&we) {
+        let d = x.max_abs_diff(y).unwrap();
+        assert!(d <= 1e-4, "weights differ by {d}");
+    }
+}

@@ -8,7 +8,7 @@ use retrom3::data::TextTokenizer;
 use retrom3::model::encoder::Encoder;
 use retrom3::model::retromae::RetroMae;
 use retrom3::train::optim::{adamw_hyper, AdamW};
-use retrom3::train::retromae::{pretrain, DocSource, PretrainConfig};
+use retrom3::train::retromae::{pretrain_on, DocSource, PretrainConfig};
 use retrom3::train::{clip_option as clip, TrainState};
 use retrom3::{Device, EncoderConfig, Error, Result};
 use std::path::PathBuf;
@@ -108,7 +108,7 @@ fn load_text_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Vec<Vec<u32>>
 }
 
 pub fn run(a: PretrainArgs) -> Result<()> {
-    a.device.ensure_trainable()?;
+    a.device.ensure_available()?;
     for (name, p) in [("--enc-mask", a.enc_mask), ("--dec-mask", a.dec_mask)] {
         if !(p > 0.0 && p < 1.0) {
             return Err(Error::invalid(format!("{name} {p}: must be in (0, 1)")));
@@ -192,7 +192,8 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         ProgressStyle::with_template("pretrain [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
             .expect("valid template"),
     );
-    let report = pretrain(
+    let report = pretrain_on(
+        a.device,
         &mut model,
         docs.as_ref(),
         &vocab,

@@ -57,22 +57,6 @@ impl Device {
     }
 }
 
-impl Device {
-    /// Check that a CPU-only trainer (RetroMAE `pretrain`, `quickstart`) can run on this device:
-    /// they run on the CPU engine, so asking for another device is an error rather than a silent
-    /// CPU run. (M3 `finetune` drives the device encoder: `train::m3::finetune_on`.)
-    pub fn ensure_trainable(self) -> Result<()> {
-        self.ensure_available()?;
-        match self {
-            Device::Cpu => Ok(()),
-            _ => Err(Error::Unsupported {
-                op: "this trainer (it runs on the CPU engine; use --device cpu)".into(),
-                device: self.to_string(),
-            }),
-        }
-    }
-}
-
 impl std::fmt::Display for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

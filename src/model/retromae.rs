@@ -116,6 +116,20 @@ impl RetroMae {
         batch: &RetroMaeBatch,
         drop: Option<DropoutCfg>,
     ) -> Result<RetroMaeLoss> {
+        self.loss_with_hidden(tape, p, batch, drop, None)
+    }
+
+    /// [`RetroMae::loss`] with the encoder's last hidden state [B, L, hidden] of `batch.enc`
+    /// given (computed elsewhere, e.g. on a kernel device, and put on `tape` as a leaf) instead of
+    /// computed on the tape; everything after the encoder is the same.
+    pub fn loss_with_hidden(
+        &self,
+        tape: &mut Tape,
+        p: &[Var],
+        batch: &RetroMaeBatch,
+        drop: Option<DropoutCfg>,
+        hidden: Option<Var>,
+    ) -> Result<RetroMaeLoss> {
         let c = &self.config;
         let n = self.n_encoder();
         let (pe, ph, pd) = (
@@ -133,7 +147,14 @@ impl RetroMae {
         let (b, l, h) = (batch.enc.batch, batch.enc.len, c.hidden_size);
 
         // Encoder MLM loss over the masked positions only (logits for those rows alone).
-        let hs = encoder.forward(tape, pe, &batch.enc, drop)?;
+        let hs = match hidden {
+            Some(hv) => {
+                hv.value()
+                    .expect_dims("RetroMAE encoder hidden state", &[b, l, h])?;
+                hv
+            }
+            None => encoder.forward(tape, pe, &batch.enc, drop)?,
+        };
         let (enc_rows, enc_t) = labelled_rows(&batch.enc_labels);
         if enc_rows.is_empty() && batch.dec_labels.iter().all(|&t| t == IGNORE) {
             return Err(crate::error::Error::invalid(

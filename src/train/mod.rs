@@ -73,6 +73,14 @@ impl GradAccumulator {
         Ok(())
     }
 
+    /// Add a gradient for parameter `i` computed elsewhere (e.g. downloaded from a device).
+    pub fn add_values(&mut self, i: usize, g: &[f32]) {
+        match &mut self.0[i] {
+            Some(acc) => acc.iter_mut().zip(g).for_each(|(a, b)| *a += b),
+            slot => *slot = Some(g.to_vec()),
+        }
+    }
+
     /// The sums as tensors; `frozen(i)` drops parameter i's gradient (it is not updated).
     pub fn into_tensors(
         self,

@@ -13,6 +13,8 @@ use crate::autograd::Tape;
 use crate::data::masking::{make_batch, MaskingConfig, MaskingVocab};
 use crate::data::rng::Rng;
 use crate::device::cpu::elementwise::hash_u32;
+use crate::device::launch::KDType;
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::encoder::DropoutCfg;
 use crate::model::retromae::RetroMae;
@@ -115,6 +117,50 @@ pub fn pretrain(
     resume: Option<(TrainState, AdamW)>,
     progress: &mut dyn FnMut(u64, u64, f32, f32, f64),
 ) -> Result<PretrainReport> {
+    pretrain_on(
+        Device::Cpu,
+        model,
+        docs,
+        vocab,
+        cfg,
+        tokenizer_dir,
+        out,
+        resume,
+        progress,
+    )
+}
+
+/// [`pretrain`] with the encoder on `device`: on CUDA (bf16 storage, f32 accumulation, f32 master
+/// weights on the host) or the emulator (f32) the encoder forward and backward run there with
+/// the same dropout masks as the CPU engine; the decoder, the LM head and AdamW run on the host,
+/// which uploads the new encoder weights after each step. Under emulation a step equals the CPU
+/// step up to float summation order.
+#[allow(clippy::too_many_arguments)]
+pub fn pretrain_on(
+    device: Device,
+    model: &mut RetroMae,
+    docs: &dyn DocSource,
+    vocab: &MaskingVocab,
+    cfg: &PretrainConfig,
+    tokenizer_dir: &Path,
+    out: &Path,
+    resume: Option<(TrainState, AdamW)>,
+    progress: &mut dyn FnMut(u64, u64, f32, f32, f64),
+) -> Result<PretrainReport> {
+    device.ensure_available()?;
+    let mut engine = match device {
+        Device::Cpu => None,
+        _ => {
+            let dt = match device {
+                Device::Cuda(_) => KDType::BF16,
+                _ => KDType::F32,
+            };
+            let dev = crate::engine::open(device)?;
+            let denc = crate::engine::DeviceEncoder::upload(&*dev, &model.encoder()?, dt)?;
+            Some((dev, denc))
+        }
+    };
+    let n_enc = crate::model::encoder::encoder_param_specs(&model.config).len();
     if docs.is_empty() {
         return Err(Error::invalid("the corpus has no document"));
     }
@@ -181,8 +227,21 @@ pub fn pretrain(
             });
             let mut tape = Tape::new();
             let p = model.params.bind(&mut tape);
+            // With a device, the encoder's hidden state comes from it as a leaf of the tape.
+            let dev_fwd = match &engine {
+                Some((dev, denc)) => {
+                    let f = denc.forward(&**dev, &batch.enc, drop, true)?;
+                    let h = Tensor::from_vec(
+                        f.hidden.to_f32(&**dev)?,
+                        &[batch.enc.batch, batch.enc.len, c.hidden_size],
+                    )?;
+                    Some((f, tape.leaf(h)))
+                }
+                None => None,
+            };
+            let hidden = dev_fwd.as_ref().map(|(_, leaf)| leaf.clone());
             let loss = model
-                .loss(&mut tape, &p, &batch, drop)
+                .loss_with_hidden(&mut tape, &p, &batch, drop, hidden)
                 .map_err(|e| match e {
                     Error::NonFinite(m) => {
                         Error::NonFinite(format!("{m} (RetroMAE step {})", state.step + 1))
@@ -199,16 +258,31 @@ pub fn pretrain(
             }
             le += loss.enc as f64 / cfg.grad_accum as f64;
             ld += loss.dec as f64 / cfg.grad_accum as f64;
-            let g = tape.backward_with(
+            let mut g = tape.backward_with(
                 &loss.total,
                 Tensor::from_vec(vec![1.0 / cfg.grad_accum as f32], &[1])?,
             )?;
             grads.add(&g, &p)?;
+            if let (Some((dev, denc)), Some((f, leaf))) = (&engine, dev_fwd) {
+                let dh = g
+                    .take(&leaf)
+                    .unwrap_or_else(|| Tensor::zeros(leaf.dims()))
+                    .to_f32();
+                let dhd = crate::engine::DBuf::from_f32(&**dev, dh.f32s()?, denc.dt)?;
+                let dg = denc.zero_grads(&**dev)?;
+                denc.backward(&**dev, f, &dhd, &dg)?;
+                for (i, b) in dg.iter().enumerate() {
+                    grads.add_values(i, &b.to_f32(&**dev)?);
+                }
+            }
             state.batches_seen += 1;
         }
         let grads = grads.into_tensors(model.params.specs(), |_| false)?;
         let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);
         let norm = opt.update(&mut model.params, &grads, lr)?;
+        if let Some((dev, denc)) = &mut engine {
+            denc.set_weights(&**dev, &model.params.values()[..n_enc])?;
+        }
         state.step += 1;
         let secs = t0.elapsed().as_secs_f64();
         let tps = tokens as f64 / secs.max(1e-9);
