@@ -252,7 +252,10 @@ pub fn evaluate_modes(model: &M3Model, data: &BeirData, modes: &[Mode]) -> Resul
         parts.colbert |= p.colbert;
         parts.bm25 |= p.bm25;
     }
-    let index = Index::build(model, &data.corpus, parts, &mut |_| {})?;
+    let mut index = Index::build(model, &data.corpus, parts, &mut |_| {})?;
+    if let Some(dev) = model.device_handle() {
+        index.attach_device(dev)?;
+    }
     let texts: Vec<&str> = data.queries.iter().map(|q| q.text.as_str()).collect();
     let reps = encode_queries_for(model, &texts, modes)?;
     let opts = SearchOptions {

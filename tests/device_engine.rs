@@ -296,3 +296,34 @@ fn quickstart_runs_with_the_encoder_on_the_emulated_device() {
     assert!(report.contains("\"emu\""), "{report}");
     std::fs::remove_dir_all(&out).ok();
 }
+
+#[test]
+fn device_dense_search_equals_the_cpu_index() {
+    use retrom3::engine::dense::DeviceDenseIndex;
+    use retrom3::retrieval::dense::DenseIndex;
+    let mut s = 99u64;
+    let mut val = || {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((s >> 40) % 7) as f32 * 0.25 - 0.75
+    };
+    // 1500 documents of 24 dims from a 7-value alphabet: many exact score ties.
+    let docs: Vec<Vec<f32>> = (0..1500)
+        .map(|_| (0..24).map(|_| val()).collect())
+        .collect();
+    let queries: Vec<Vec<f32>> = (0..9).map(|_| (0..24).map(|_| val()).collect()).collect();
+    let cpu = DenseIndex::build(&docs).unwrap();
+    let dev = EmuDevice::new();
+    let gpu = DeviceDenseIndex::upload(&dev, &cpu).unwrap();
+    for k in [1, 10, 100, 1500, 3000] {
+        let want = cpu.search(&queries, k).unwrap();
+        let got = gpu.search(&dev, &queries, k).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            let g: Vec<(u32, f32)> = g.iter().map(|h| (h.doc, h.score)).collect();
+            let w: Vec<(u32, f32)> = w.iter().map(|h| (h.doc, h.score)).collect();
+            assert_eq!(g, w, "k = {k}");
+        }
+    }
+}

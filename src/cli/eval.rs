@@ -76,7 +76,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         parts.bm25 |= p.bm25;
     }
     let pb = progress(data.corpus.len(), "index");
-    let index = Index::build(&model, &data.corpus, parts, &mut |n| pb.inc(n as u64))?;
+    let mut index = Index::build(&model, &data.corpus, parts, &mut |n| pb.inc(n as u64))?;
+    if let Some(dev) = model.device_handle() {
+        index.attach_device(dev)?;
+    }
     pb.finish_and_clear();
     let texts: Vec<&str> = data.queries.iter().map(|q| q.text.as_str()).collect();
     let reps = encode_queries_for(&model, &texts, &modes)?;

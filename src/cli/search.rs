@@ -96,7 +96,10 @@ pub fn run(a: SearchArgs) -> Result<()> {
     };
     let model = M3Model::load(&a.model, a.device)?;
     let fp = ModelFingerprint::of_model(&model)?;
-    let index = Index::load(&a.index, Some(&fp))?;
+    let mut index = Index::load(&a.index, Some(&fp))?;
+    if let Some(dev) = model.device_handle() {
+        index.attach_device(dev)?;
+    }
     let mode = a.mode.unwrap_or({
         let p = index.parts;
         if p.dense && p.sparse && p.colbert {

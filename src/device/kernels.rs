@@ -789,3 +789,40 @@ pub unsafe fn attention_bwd(
     }
     Ok(())
 }
+
+/// Largest k the top-k kernel takes (kernels/topk.cu, kTopkMax).
+pub const TOPK_MAX: usize = 2048;
+
+/// Per row of scores [rows, n] f32: the k largest (score desc, column asc) into out_scores
+/// [rows, k] f32 and out_idx [rows, k] i32 (kernels/topk.cu; twin `cpu::topk::topk_rows`).
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn topk_rows(
+    l: &dyn Launcher,
+    scores: DevPtr,
+    out_scores: DevPtr,
+    out_idx: DevPtr,
+    rows: usize,
+    n: usize,
+    k: usize,
+) -> Result<()> {
+    if rows == 0 || k == 0 {
+        return Ok(());
+    }
+    if k > n || k > TOPK_MAX {
+        return Err(Error::invalid(format!(
+            "top-k with k = {k} over {n} columns (k must be <= n and <= {TOPK_MAX})"
+        )));
+    }
+    int(rows * n, "rows * n")?;
+    let cfg = LaunchConfig::linear(int(rows, "rows")? as u32, 256, 0);
+    let mut a = KernelArgs::new();
+    a.arg(scores)
+        .arg(int(rows, "rows")?)
+        .arg(int(n, "n")?)
+        .arg(int(k, "k")?)
+        .arg(out_scores)
+        .arg(out_idx);
+    l.launch("topk_rows_f32", &cfg, &mut a)
+}

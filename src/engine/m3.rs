@@ -15,7 +15,7 @@ use crate::model::m3::{HeadOutputs, HeadRequest, NORM_EPS};
 
 /// An M3 model's weights on a device and the device itself.
 pub struct M3Engine {
-    dev: Box<Gpu>,
+    dev: std::sync::Arc<Gpu>,
     pub encoder: DeviceEncoder,
     heads: Option<DeviceHeads>,
 }
@@ -67,7 +67,7 @@ impl M3Engine {
         heads: Option<&M3Heads>,
         dt: KDType,
     ) -> Result<M3Engine> {
-        let dev = open(device)?;
+        let dev: std::sync::Arc<Gpu> = open(device)?.into();
         let enc = DeviceEncoder::upload(&*dev, encoder, dt)?;
         let heads = heads
             .map(|h| DeviceHeads::upload(&*dev, h, dt))
@@ -82,6 +82,11 @@ impl M3Engine {
     /// The device.
     pub fn device(&self) -> &Gpu {
         &*self.dev
+    }
+
+    /// A shared handle to the device (e.g. for [`crate::retrieval::Index::attach_device`]).
+    pub fn device_arc(&self) -> std::sync::Arc<Gpu> {
+        self.dev.clone()
     }
 
     /// The last hidden state [B, L, hidden] on the host (f32).

@@ -7,6 +7,7 @@
 //! reverse order. The CPU engine (tape + `device::cpu`) is the reference it is tested against.
 
 pub mod bench;
+pub mod dense;
 pub mod encoder;
 pub mod m3;
 

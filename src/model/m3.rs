@@ -179,6 +179,14 @@ pub struct HeadRequest {
 }
 
 impl M3Model {
+    /// The kernel device the model runs on, when it is not the CPU (shared, e.g. with an index
+    /// for device dense search).
+    pub fn device_handle(&self) -> Option<std::sync::Arc<crate::engine::Gpu>> {
+        self.engine
+            .as_ref()
+            .map(|e| e.lock().unwrap_or_else(|p| p.into_inner()).device_arc())
+    }
+
     /// Encoder forward + the requested heads on one padded batch (no gradient).
     pub fn forward_heads(&self, input: &EncoderInput, req: HeadRequest) -> Result<HeadOutputs> {
         if let Some(engine) = &self.engine {

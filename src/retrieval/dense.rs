@@ -49,6 +49,11 @@ impl DenseIndex {
         self.vecs.len().checked_div(self.dim).unwrap_or(0)
     }
 
+    /// All stored vectors, row-major [n_docs, dim].
+    pub fn vectors(&self) -> &[f32] {
+        &self.vecs
+    }
+
     /// The stored vector of a document.
     pub fn vector(&self, doc: u32) -> &[f32] {
         &self.vecs[doc as usize * self.dim..(doc as usize + 1) * self.dim]

@@ -116,10 +116,14 @@ impl Index {
                 .iter()
                 .map(|q| q.dense.clone().ok_or_else(|| missing("dense")))
                 .collect::<Result<Vec<_>>>()?;
-            self.dense
-                .as_ref()
-                .expect("checked by require")
-                .search(&qs, k)
+            match &self.device_dense {
+                Some(d) if k <= crate::device::kernels::TOPK_MAX => d.index.search(&*d.dev, &qs, k),
+                _ => self
+                    .dense
+                    .as_ref()
+                    .expect("checked by require")
+                    .search(&qs, k),
+            }
         };
         let sparse_top = |q: &QueryRep, k: usize| -> Result<Vec<Hit>> {
             let s = q.sparse.as_ref().ok_or_else(|| missing("sparse"))?;

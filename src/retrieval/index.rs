@@ -97,6 +97,25 @@ pub struct Index {
     pub bm25_params: Bm25Params,
     /// Passage max length (tokens, specials included) used when encoding.
     pub max_length: usize,
+    /// The dense vectors on a kernel device ([`Index::attach_device`]): dense top-k runs there.
+    pub device_dense: Option<DeviceDense>,
+}
+
+/// A device and the dense vectors uploaded to it.
+pub struct DeviceDense {
+    pub dev: std::sync::Arc<crate::engine::Gpu>,
+    pub index: crate::engine::dense::DeviceDenseIndex,
+}
+
+impl std::fmt::Debug for DeviceDense {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceDense({} docs on {})",
+            self.index.n_docs(),
+            self.dev.device()
+        )
+    }
 }
 
 /// Token ids of `text` for BM25: the whole text (no truncation), special tokens removed.
@@ -182,6 +201,7 @@ impl Index {
                 .transpose()?,
             bm25_params,
             max_length,
+            device_dense: None,
         })
     }
 
@@ -320,7 +340,19 @@ impl Index {
             bm25,
             bm25_params: meta.bm25,
             max_length: meta.max_length,
+            device_dense: None,
         })
+    }
+
+    /// Upload the dense vectors to `dev`: dense retrieval (and the dense candidates of the
+    /// re-rank and fused modes) then runs as a device GEMM + top-k kernel. Without a dense part
+    /// this does nothing.
+    pub fn attach_device(&mut self, dev: std::sync::Arc<crate::engine::Gpu>) -> Result<()> {
+        if let Some(d) = &self.dense {
+            let index = crate::engine::dense::DeviceDenseIndex::upload(&*dev, d)?;
+            self.device_dense = Some(DeviceDense { dev, index });
+        }
+        Ok(())
     }
 
     /// An error when the index lacks a part `need` asks for.

@@ -347,3 +347,51 @@ pub fn model_rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<
     }
     Ok(rows)
 }
+
+/// Rows for kernels/topk.cu against `cpu::topk`: heavy ties (8 distinct values), k = 1, k = n,
+/// k at the kernel's maximum.
+pub fn topk_rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<SelftestRow>> {
+    let mut rng = Rng::new(seed ^ 0x70_9C);
+    let mut cases: Vec<(usize, usize, usize)> = vec![(3, 1000, 10), (4, 33, 1), (2, 257, 257)];
+    if !quick {
+        cases.push((2, 5000, 2048));
+        cases.push((64, 4096, 100));
+    }
+    let mut rows = Vec::new();
+    for (r, n, kk) in cases {
+        let shape = format!("{r}x{n} k{kk}");
+        let s: Vec<f32> = (0..r * n)
+            .map(|_| (rng.below(8) as f32 - 3.5) * 0.25 + 0.001 * rng.below(3) as f32)
+            .collect();
+        let sb = DBuf::from_f32(dev, &s, KDType::F32)?;
+        let (os, oi) = (
+            DBuf::zeros(dev, r * kk, KDType::F32)?,
+            DBuf::zeros(dev, r * kk, KDType::F32)?,
+        );
+        // SAFETY: scores r·n f32, outputs r·k f32 / i32 (the i32 buffer is read back as bits).
+        unsafe { k::topk_rows(dev, sb.ptr(), os.ptr(), oi.ptr(), r, n, kk)? };
+        let want = crate::device::cpu::topk::topk_rows(&s, n, kk);
+        let ws: Vec<f32> = want.iter().flatten().map(|p| p.1).collect();
+        let wi: Vec<f32> = want.iter().flatten().map(|p| p.0 as f32).collect();
+        let gi: Vec<f32> = oi
+            .to_f32(dev)?
+            .into_iter()
+            .map(|x| x.to_bits() as i32 as f32)
+            .collect();
+        let exact = Tol {
+            atol: 0.0,
+            rtol: 0.0,
+            floor: 0.0,
+        };
+        rows.push(compare(
+            "topk_rows_f32",
+            &shape,
+            "scores",
+            &os.to_f32(dev)?,
+            &ws,
+            exact,
+        ));
+        rows.push(compare("topk_rows_f32", &shape, "columns", &gi, &wi, exact));
+    }
+    Ok(rows)
+}

@@ -271,6 +271,7 @@ pub fn run_on(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Selftest
     rows.extend(m3::all(dev, quick, seed)?);
     rows.extend(encoder::kernel_rows(dev, quick, seed)?);
     rows.extend(encoder::model_rows(dev, quick, seed)?);
+    rows.extend(encoder::topk_rows(dev, quick, seed)?);
     Ok(SelftestReport {
         device: dev.device(),
         seed,

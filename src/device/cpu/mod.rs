@@ -14,3 +14,4 @@ pub mod loss;
 pub mod maxsim;
 pub mod normalize;
 pub mod sparse;
+pub mod topk;
