@@ -63,6 +63,17 @@ pub enum Error {
     /// A CUDA driver or library call failed (out of memory, launch failure, a kernel fault).
     #[error("CUDA {op} failed: {msg}")]
     Cuda { op: String, msg: String },
+    /// A device allocation failed for lack of memory (after the caching allocator gave its free
+    /// blocks back): the request, the device and what to change.
+    #[error(
+        "out of memory on {device}: {requested} bytes requested ({detail}); reduce the batch \
+         size or sequence length, or use --sub-batch"
+    )]
+    OutOfMemory {
+        device: String,
+        requested: usize,
+        detail: String,
+    },
     /// The crate was built without the requested backend.
     #[error("retrom3 was built without the `{0}` feature")]
     FeatureMissing(&'static str),

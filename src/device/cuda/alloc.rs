@@ -8,7 +8,7 @@
 
 use super::driver_error;
 use crate::device::launch::{DevBuf, DevPtr};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use cudarc::driver::{result, sys, CudaContext, CudaStream};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -130,7 +130,20 @@ impl CachingAllocator {
                 self.release_cached()?;
                 // SAFETY: as above.
                 unsafe { result::malloc_sync(size) }.map_err(|e| {
-                    driver_error(&format!("cuMemAlloc of {size} bytes (cache released)"), e)
+                    if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                        let st = self.stats();
+                        Error::OutOfMemory {
+                            device: "cuda".into(),
+                            requested: size,
+                            detail: format!(
+                                "cuMemAlloc failed after releasing the cache; {} bytes live, \
+                                 peak {}",
+                                st.live_bytes, st.peak_bytes
+                            ),
+                        }
+                    } else {
+                        driver_error(&format!("cuMemAlloc of {size} bytes (cache released)"), e)
+                    }
                 })?
             }
             Err(e) => return Err(driver_error(&format!("cuMemAlloc of {size} bytes"), e)),

@@ -56,6 +56,24 @@ fn entry(name: &str) -> Option<EmuEntry> {
 pub struct EmuDevice {
     workers: u32,
     substitutes: Vec<(String, String)>,
+    /// Bytes that may be live at once (`R3EMU_MEMORY_LIMIT`; None: no limit), and the live count
+    /// shared by every buffer of this device: lets tests drive the out-of-memory paths.
+    limit: Option<usize>,
+    live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// An emulated allocation: its storage, and the live-byte count it gives back when dropped.
+struct EmuAlloc {
+    _store: Vec<u128>,
+    bytes: usize,
+    live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Drop for EmuAlloc {
+    fn drop(&mut self) {
+        self.live
+            .fetch_sub(self.bytes, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 impl Default for EmuDevice {
@@ -76,7 +94,41 @@ impl EmuDevice {
         EmuDevice {
             workers: workers.max(1),
             substitutes: Vec::new(),
+            limit: std::env::var("R3EMU_MEMORY_LIMIT")
+                .ok()
+                .and_then(|v| v.parse().ok()),
+            live: Default::default(),
         }
+    }
+
+    /// Refuse allocations that would take the live bytes over `bytes`.
+    pub fn with_memory_limit(mut self, bytes: usize) -> EmuDevice {
+        self.limit = Some(bytes);
+        self
+    }
+
+    /// A zero-filled allocation of `bytes`, counted against the limit.
+    fn take(&self, bytes: usize) -> Result<(DevPtr, EmuAlloc)> {
+        use std::sync::atomic::Ordering;
+        let now = self.live.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        if let Some(limit) = self.limit.filter(|&l| now > l) {
+            self.live.fetch_sub(bytes, Ordering::SeqCst);
+            return Err(Error::OutOfMemory {
+                device: "emu".into(),
+                requested: bytes,
+                detail: format!("{} bytes live of a {limit}-byte limit", now - bytes),
+            });
+        }
+        let mut store = vec![0u128; bytes.div_ceil(16).max(1)];
+        let ptr = DevPtr(store.as_mut_ptr() as u64);
+        Ok((
+            ptr,
+            EmuAlloc {
+                _store: store,
+                bytes,
+                live: self.live.clone(),
+            },
+        ))
     }
 
     /// Run blocks on `n` OS threads (1: deterministic order of atomics).
@@ -133,10 +185,12 @@ impl Launcher for EmuDevice {
 impl KernelDevice for EmuDevice {
     fn upload(&self, bytes: &[u8]) -> Result<DevBuf> {
         // u128 storage: 16-byte alignment, as cudaMalloc's 256 bytes is for the vector loads.
-        let mut store = vec![0u128; bytes.len().div_ceil(16).max(1)];
-        bytemuck::cast_slice_mut::<u128, u8>(&mut store)[..bytes.len()].copy_from_slice(bytes);
-        let ptr = DevPtr(store.as_mut_ptr() as u64);
-        Ok(DevBuf::new(ptr, bytes.len(), Box::new(store)))
+        let (ptr, alloc) = self.take(bytes.len())?;
+        // SAFETY: the allocation owns at least bytes.len() bytes at ptr.
+        unsafe {
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.0 as *mut u8, bytes.len());
+        }
+        Ok(DevBuf::new(ptr, bytes.len(), Box::new(alloc)))
     }
 
     fn download(&self, buf: &DevBuf, out: &mut [u8]) -> Result<()> {
@@ -155,9 +209,8 @@ impl KernelDevice for EmuDevice {
     }
 
     fn alloc_zeroed(&self, bytes: usize) -> Result<DevBuf> {
-        let mut store = vec![0u128; bytes.div_ceil(16).max(1)];
-        let ptr = DevPtr(store.as_mut_ptr() as u64);
-        Ok(DevBuf::new(ptr, bytes, Box::new(store)))
+        let (ptr, alloc) = self.take(bytes)?;
+        Ok(DevBuf::new(ptr, bytes, Box::new(alloc)))
     }
 
     unsafe fn memset_zero(&self, ptr: DevPtr, bytes: usize) -> Result<()> {

@@ -1,0 +1,64 @@
+//! Out of device memory is a clear error, never a panic or a leak: the emulated device with a
+//! memory limit (feature `emu`) drives the paths a CUDA allocation failure takes (the CUDA
+//! allocator reports the same `Error::OutOfMemory` after giving its cached blocks back).
+#![cfg(feature = "emu")]
+
+use retrom3::device::emu::EmuDevice;
+use retrom3::device::launch::{KDType, KernelDevice};
+use retrom3::engine::DeviceEncoder;
+use retrom3::model::encoder::{Encoder, EncoderInput};
+use retrom3::{EncoderConfig, Error};
+
+fn encoder() -> Encoder {
+    let cfg = EncoderConfig::new_xlmr(100, 64, 2, 2, 128, 40).unwrap();
+    Encoder::init_random(cfg, 1).unwrap()
+}
+
+fn weight_bytes(e: &Encoder) -> usize {
+    e.params.values().iter().map(|t| t.numel() * 4).sum()
+}
+
+#[test]
+fn weights_that_do_not_fit_are_an_out_of_memory_error() {
+    let e = encoder();
+    let dev = EmuDevice::new().with_memory_limit(weight_bytes(&e) / 2);
+    match DeviceEncoder::upload(&dev, &e, KDType::F32) {
+        Err(Error::OutOfMemory {
+            device, requested, ..
+        }) => {
+            assert_eq!(device, "emu");
+            assert!(requested > 0);
+        }
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+}
+
+#[test]
+fn activations_that_do_not_fit_fail_the_forward_and_free_what_it_took() {
+    let e = encoder();
+    let w = weight_bytes(&e);
+    // Room for the weights and a little more: a training forward over a long batch does not fit.
+    let dev = EmuDevice::new().with_memory_limit(w + 64 * 1024);
+    let denc = DeviceEncoder::upload(&dev, &e, KDType::F32).unwrap();
+    let seqs: Vec<Vec<u32>> = (0..16)
+        .map(|i| (0..38).map(|j| 3 + (i + j) % 90).collect())
+        .collect();
+    let input = EncoderInput::pad(&seqs, 1);
+    let err = denc
+        .forward(&dev, &input, None, true)
+        .err()
+        .expect("must not fit");
+    let msg = err.to_string();
+    assert!(matches!(err, Error::OutOfMemory { .. }), "{msg}");
+    assert!(
+        msg.contains("out of memory on emu") && msg.contains("--sub-batch"),
+        "{msg}"
+    );
+    // Everything the failed forward allocated was given back: a small batch still runs.
+    let small = EncoderInput::pad(&[vec![5, 6, 7]], 1);
+    let out = denc.forward(&dev, &small, None, false).unwrap();
+    assert_eq!(
+        out.hidden.to_f32(&dev as &dyn KernelDevice).unwrap().len(),
+        3 * 64
+    );
+}
