@@ -54,6 +54,29 @@ fn open_cuda(_ordinal: usize) -> Result<Box<Gpu>> {
     Err(Error::FeatureMissing("cuda"))
 }
 
+/// The storage type the trainers and `encode` use on `device`: bf16 on CUDA (f32 accumulation,
+/// mixed precision), f32 under emulation (which checks the kernels against the CPU engine).
+pub fn compute_dtype(device: Device) -> KDType {
+    match device {
+        Device::Cuda(_) => KDType::BF16,
+        _ => KDType::F32,
+    }
+}
+
+/// A trainer's encoder on `device`: None on the CPU, else the opened device and the encoder's
+/// weights uploaded in [`compute_dtype`].
+pub fn trainer_encoder(
+    device: Device,
+    encoder: &crate::model::encoder::Encoder,
+) -> Result<Option<(Box<Gpu>, DeviceEncoder)>> {
+    if device == Device::Cpu {
+        return Ok(None);
+    }
+    let dev = open(device)?;
+    let denc = DeviceEncoder::upload(&*dev, encoder, compute_dtype(device))?;
+    Ok(Some((dev, denc)))
+}
+
 /// A typed device buffer: `len` elements of `dt`.
 pub struct DBuf {
     buf: DevBuf,

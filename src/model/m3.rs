@@ -6,7 +6,6 @@ use super::encoder::{Encoder, EncoderInput};
 use crate::autograd::{Tape, Var};
 use crate::data::tokenizer::TextTokenizer;
 use crate::device::cpu::sparse::{max_by_token_id, LexEntry};
-use crate::device::launch::KDType;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::io::model_dir::{self, M3Heads};
@@ -98,16 +97,13 @@ impl M3Model {
             .unwrap_or(512)
             .min(encoder.config.max_tokens());
         let special_ids = tokenizer.special_ids();
-        let engine = match device {
-            Device::Cpu => None,
-            // bf16 storage on the GPU (f32 accumulation); f32 under emulation, which checks
-            // the kernels' logic against the CPU engine.
-            Device::Cuda(_) => Some(KDType::BF16),
-            Device::Emu => Some(KDType::F32),
-        }
-        .map(|dt| crate::engine::M3Engine::new(device, &encoder, heads.as_ref(), dt))
-        .transpose()?
-        .map(|e| std::sync::Arc::new(std::sync::Mutex::new(e)));
+        let engine = (device != Device::Cpu)
+            .then(|| {
+                let dt = crate::engine::compute_dtype(device);
+                crate::engine::M3Engine::new(device, &encoder, heads.as_ref(), dt)
+            })
+            .transpose()?
+            .map(|e| std::sync::Arc::new(std::sync::Mutex::new(e)));
         Ok(M3Model {
             engine,
             encoder,

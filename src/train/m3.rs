@@ -17,7 +17,6 @@ use crate::data::m3_data::{
 use crate::data::rng::Rng;
 use crate::data::tokenizer::TextTokenizer;
 use crate::device::cpu::elementwise::hash_u32;
-use crate::device::launch::KDType;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::encoder::{DropoutCfg, EncoderInput};
@@ -204,27 +203,15 @@ pub fn finetune_on(
     progress: &mut dyn FnMut(u64, u64, f32),
 ) -> Result<Vec<StepLosses>> {
     device.ensure_available()?;
-    let engine = match device {
-        Device::Cpu => None,
-        _ => {
-            if cfg.sub_batch > 0 {
-                return Err(Error::Unsupported {
-                    op: "--sub-batch with the encoder on a kernel device (the device path \
-                         encodes each batch whole)"
-                        .into(),
-                    device: device.to_string(),
-                });
-            }
-            let dt = match device {
-                Device::Cuda(_) => KDType::BF16,
-                _ => KDType::F32,
-            };
-            let dev = crate::engine::open(device)?;
-            let denc = crate::engine::DeviceEncoder::upload(&*dev, &model.encoder()?, dt)?;
-            Some((dev, denc))
-        }
-    };
-    let mut engine = engine;
+    if device != Device::Cpu && cfg.sub_batch > 0 {
+        return Err(Error::Unsupported {
+            op: "--sub-batch with the encoder on a kernel device (the device path encodes each \
+                 batch whole)"
+                .into(),
+            device: device.to_string(),
+        });
+    }
+    let mut engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
     if cfg.group_size < 2 || data.units.iter().any(|u| u.batch_size == 0) {
         return Err(Error::invalid(
             "batch size must be >= 1 and group size >= 2",

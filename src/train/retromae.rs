@@ -13,7 +13,6 @@ use crate::autograd::Tape;
 use crate::data::masking::{make_batch, MaskingConfig, MaskingVocab};
 use crate::data::rng::Rng;
 use crate::device::cpu::elementwise::hash_u32;
-use crate::device::launch::KDType;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::model::encoder::DropoutCfg;
@@ -148,18 +147,7 @@ pub fn pretrain_on(
     progress: &mut dyn FnMut(u64, u64, f32, f32, f64),
 ) -> Result<PretrainReport> {
     device.ensure_available()?;
-    let mut engine = match device {
-        Device::Cpu => None,
-        _ => {
-            let dt = match device {
-                Device::Cuda(_) => KDType::BF16,
-                _ => KDType::F32,
-            };
-            let dev = crate::engine::open(device)?;
-            let denc = crate::engine::DeviceEncoder::upload(&*dev, &model.encoder()?, dt)?;
-            Some((dev, denc))
-        }
-    };
+    let mut engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
     let n_enc = crate::model::encoder::encoder_param_specs(&model.config).len();
     if docs.is_empty() {
         return Err(Error::invalid("the corpus has no document"));
