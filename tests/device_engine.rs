@@ -181,7 +181,15 @@ fn m3_device_gradients_match_the_cpu_trainer() {
     let dev = EmuDevice::new();
     let denc = DeviceEncoder::upload(&dev, &student.encoder().unwrap(), KDType::F32).unwrap();
     let (vals, got) = student
-        .device_grads(&dev, &denc, &batch, &cfg, None, &drop_ids)
+        .device_grads(
+            &dev,
+            &denc,
+            &denc.zero_grads(&dev).unwrap(),
+            &batch,
+            &cfg,
+            None,
+            &drop_ids,
+        )
         .unwrap();
     assert!((vals.total - want_total).abs() <= 1e-5 * want_total.abs().max(1.0));
     assert_eq!(got.len(), p.len());

@@ -183,6 +183,11 @@ pub trait KernelDevice: Launcher {
     fn upload(&self, bytes: &[u8]) -> Result<DevBuf>;
     /// Copy a device buffer back (waits for the launches before it).
     fn download(&self, buf: &DevBuf, out: &mut [u8]) -> Result<()>;
+    /// Copy host bytes into existing device memory at `dst` (no allocation).
+    ///
+    /// # Safety
+    /// `dst` must address at least `bytes.len()` bytes of live memory of this device.
+    unsafe fn write(&self, dst: DevPtr, bytes: &[u8]) -> Result<()>;
     /// A new zero-filled buffer.
     fn alloc_zeroed(&self, bytes: usize) -> Result<DevBuf> {
         self.upload(&vec![0u8; bytes])

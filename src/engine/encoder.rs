@@ -16,6 +16,7 @@
 //! Storage is f32 or bf16 (`dt`); bf16 GEMMs accumulate in f32 (cuBLAS compute 32F).
 
 use super::{upload_pod, DBuf};
+use crate::autograd::{Grads, Tape, Var};
 use crate::device::cpu::attention::{AttnDims, AttnDropout};
 use crate::device::cpu::gemm::Trans;
 use crate::device::kernels::{self as k, AttnKernelMask, HashDropout};
@@ -225,10 +226,23 @@ impl DeviceEncoder {
                 values.len()
             )));
         }
-        self.weights = values
-            .iter()
-            .map(|t| DBuf::from_f32(dev, t.to_f32().f32s()?, self.dt))
-            .collect::<Result<_>>()?;
+        let same_shapes = self.weights.len() == values.len()
+            && self
+                .weights
+                .iter()
+                .zip(values)
+                .all(|(w, t)| w.len() == t.numel());
+        if same_shapes {
+            // Every optimizer step: copy into the existing buffers, no reallocation.
+            for (w, t) in self.weights.iter().zip(values) {
+                w.write_f32(dev, t.to_f32().f32s()?)?;
+            }
+        } else {
+            self.weights = values
+                .iter()
+                .map(|t| DBuf::from_f32(dev, t.to_f32().f32s()?, self.dt))
+                .collect::<Result<_>>()?;
+        }
         Ok(())
     }
 
@@ -238,6 +252,47 @@ impl DeviceEncoder {
             .iter()
             .map(|w| DBuf::zeros(dev, w.len(), KDType::F32))
             .collect()
+    }
+
+    /// Set every gradient buffer to zero (the start of an optimizer step: buffers are reused,
+    /// not reallocated).
+    pub fn clear_grads(dev: &dyn KernelDevice, grads: &[DBuf]) -> Result<()> {
+        grads.iter().try_for_each(|g| g.zero(dev))
+    }
+
+    /// A training forward whose last hidden state [B, L, hidden] is copied to the host and put on
+    /// `tape` as a leaf: the trainers compute their heads and losses on the host from it.
+    pub fn forward_leaf(
+        &self,
+        dev: &dyn KernelDevice,
+        tape: &mut Tape,
+        input: &EncoderInput,
+        drop: Option<DropoutCfg>,
+    ) -> Result<(EncoderForward, Var)> {
+        let f = self.forward(dev, input, drop, true)?;
+        let h = Tensor::from_vec(
+            f.hidden.to_f32(dev)?,
+            &[input.batch, input.len, self.config.hidden_size],
+        )?;
+        Ok((f, tape.leaf(h)))
+    }
+
+    /// The backward of [`DeviceEncoder::forward_leaf`]: uploads the gradient `g` holds for `leaf`
+    /// (zero when none reached it) and accumulates the weight gradients into `grads`.
+    pub fn backward_leaf(
+        &self,
+        dev: &dyn KernelDevice,
+        fwd: EncoderForward,
+        leaf: &Var,
+        g: &mut Grads,
+        grads: &[DBuf],
+    ) -> Result<()> {
+        let dh = g
+            .take(leaf)
+            .unwrap_or_else(|| Tensor::zeros(leaf.dims()))
+            .to_f32();
+        let dhd = DBuf::from_f32(dev, dh.f32s()?, self.dt)?;
+        self.backward(dev, fwd, &dhd, grads)
     }
 
     /// The weights (for tests and the heads).

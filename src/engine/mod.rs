@@ -125,6 +125,28 @@ impl DBuf {
         })
     }
 
+    /// Overwrite the buffer with f32 values stored as its type (same length; no allocation).
+    pub fn write_f32(&self, dev: &dyn KernelDevice, data: &[f32]) -> Result<()> {
+        if data.len() != self.len {
+            return Err(Error::shape(
+                "device buffer write",
+                &[self.len],
+                &[data.len()],
+            ));
+        }
+        // SAFETY: the buffer owns len elements of its type; the bytes written are exactly that.
+        unsafe {
+            match self.dt {
+                KDType::F32 => dev.write(self.ptr(), bytemuck::cast_slice(data)),
+                KDType::BF16 => {
+                    let v: Vec<half::bf16> =
+                        data.iter().map(|&x| half::bf16::from_f32(x)).collect();
+                    dev.write(self.ptr(), bytemuck::cast_slice(&v))
+                }
+            }
+        }
+    }
+
     /// The values as f32 (waits for the device).
     pub fn to_f32(&self, dev: &dyn KernelDevice) -> Result<Vec<f32>> {
         Ok(match self.dt {

@@ -274,11 +274,14 @@ impl M3Student {
     /// which accumulates the encoder's weight gradients. Returns the gradient of every parameter
     /// in `params` order. With dropout, each side draws its masks from one seed for the whole side
     /// (`text_seed(seed, side, 0)`), not per text as [`M3Student::encode_heads`] does, so only
-    /// dropout-free runs equal the CPU path.
+    /// dropout-free runs equal the CPU path. `dgrads` ([`crate::engine::DeviceEncoder::zero_grads`])
+    /// are the device gradient buffers, reused from step to step (cleared here).
+    #[allow(clippy::too_many_arguments)]
     pub fn device_grads(
         &self,
         dev: &dyn crate::device::launch::KernelDevice,
         denc: &crate::engine::DeviceEncoder,
+        dgrads: &[crate::engine::DBuf],
         batch: &M3Batch,
         cfg: &M3LossConfig,
         dropout: Option<DropoutCfg>,
@@ -286,12 +289,10 @@ impl M3Student {
     ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
         check_batch(batch)?;
         let n = self.n_encoder();
-        let h = self.encoder_config.hidden_size;
         let mut tape = Tape::new();
         let p = self.params.bind(&mut tape);
         let ph = &p[n..];
         let mut fwds = Vec::new();
-        let mut leaves = Vec::new();
         let mut outs = Vec::new();
         for (x, side) in [
             (&batch.queries, QUERY_SIDE),
@@ -301,26 +302,18 @@ impl M3Student {
                 seed: text_seed(d.seed, side, 0),
                 ..d
             });
-            let f = denc.forward(dev, x, d, true)?;
-            let hs = Tensor::from_vec(f.hidden.to_f32(dev)?, &[x.batch, x.len, h])?;
-            let leaf = tape.leaf(hs);
+            let (f, leaf) = denc.forward_leaf(dev, &mut tape, x, d)?;
             let piece = apply_heads(&mut tape, ph, x, &leaf, cfg.unified)?;
             outs.push(assemble(&mut tape, &[piece], x.len)?);
-            leaves.push(leaf);
-            fwds.push(f);
+            fwds.push((f, leaf));
         }
         let s = self.scores_from_heads(&mut tape, &outs[0], &outs[1], batch, cfg, drop_ids)?;
         let loss = loss_from_scores(&mut tape, &s, batch, cfg)?;
         let values = loss.values()?;
         let mut g = tape.backward(&loss.total)?;
-        let dgrads = denc.zero_grads(dev)?;
-        for (f, leaf) in fwds.into_iter().zip(&leaves) {
-            let dh = g
-                .take(leaf)
-                .unwrap_or_else(|| Tensor::zeros(leaf.dims()))
-                .to_f32();
-            let dhd = crate::engine::DBuf::from_f32(dev, dh.f32s()?, denc.dt)?;
-            denc.backward(dev, f, &dhd, &dgrads)?;
+        crate::engine::DeviceEncoder::clear_grads(dev, dgrads)?;
+        for (f, leaf) in fwds {
+            denc.backward_leaf(dev, f, &leaf, &mut g, dgrads)?;
         }
         let mut out = Vec::with_capacity(p.len());
         for (gb, spec) in dgrads.iter().zip(self.params.specs()) {

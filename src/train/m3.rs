@@ -212,6 +212,11 @@ pub fn finetune_on(
         });
     }
     let mut engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
+    // Device gradient buffers, allocated once and cleared every step.
+    let dgrads = match &engine {
+        Some((dev, denc)) => denc.zero_grads(&**dev)?,
+        None => Vec::new(),
+    };
     if cfg.group_size < 2 || data.units.iter().any(|u| u.batch_size == 0) {
         return Err(Error::invalid(
             "batch size must be >= 1 and group size >= 2",
@@ -280,7 +285,7 @@ pub fn finetune_on(
             ..cfg.loss
         };
         let (loss, grads) = if let Some((dev, denc)) = &engine {
-            model.device_grads(&**dev, denc, &batch, &lcfg, drop, &drop_ids)?
+            model.device_grads(&**dev, denc, &dgrads, &batch, &lcfg, drop, &drop_ids)?
         } else if cfg.sub_batch > 0 {
             model.sub_batch_grads(&batch, &lcfg, drop, &drop_ids, cfg.sub_batch)?
         } else {

@@ -148,6 +148,11 @@ pub fn pretrain_on(
 ) -> Result<PretrainReport> {
     device.ensure_available()?;
     let mut engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
+    // Device gradient buffers, allocated once, cleared at the start of every step.
+    let dgrads = match &engine {
+        Some((dev, denc)) => denc.zero_grads(&**dev)?,
+        None => Vec::new(),
+    };
     let n_enc = crate::model::encoder::encoder_param_specs(&model.config).len();
     if docs.is_empty() {
         return Err(Error::invalid("the corpus has no document"));
@@ -191,6 +196,9 @@ pub fn pretrain_on(
     while state.step < total {
         let t0 = Instant::now();
         let mut grads = GradAccumulator::new(model.params.values().len());
+        if let Some((dev, _)) = &engine {
+            crate::engine::DeviceEncoder::clear_grads(&**dev, &dgrads)?;
+        }
         let (mut le, mut ld, mut tokens) = (0.0f64, 0.0f64, 0usize);
         for _ in 0..cfg.grad_accum {
             let k = state.batches_seen;
@@ -217,14 +225,7 @@ pub fn pretrain_on(
             let p = model.params.bind(&mut tape);
             // With a device, the encoder's hidden state comes from it as a leaf of the tape.
             let dev_fwd = match &engine {
-                Some((dev, denc)) => {
-                    let f = denc.forward(&**dev, &batch.enc, drop, true)?;
-                    let h = Tensor::from_vec(
-                        f.hidden.to_f32(&**dev)?,
-                        &[batch.enc.batch, batch.enc.len, c.hidden_size],
-                    )?;
-                    Some((f, tape.leaf(h)))
-                }
+                Some((dev, denc)) => Some(denc.forward_leaf(&**dev, &mut tape, &batch.enc, drop)?),
                 None => None,
             };
             let hidden = dev_fwd.as_ref().map(|(_, leaf)| leaf.clone());
@@ -252,18 +253,15 @@ pub fn pretrain_on(
             )?;
             grads.add(&g, &p)?;
             if let (Some((dev, denc)), Some((f, leaf))) = (&engine, dev_fwd) {
-                let dh = g
-                    .take(&leaf)
-                    .unwrap_or_else(|| Tensor::zeros(leaf.dims()))
-                    .to_f32();
-                let dhd = crate::engine::DBuf::from_f32(&**dev, dh.f32s()?, denc.dt)?;
-                let dg = denc.zero_grads(&**dev)?;
-                denc.backward(&**dev, f, &dhd, &dg)?;
-                for (i, b) in dg.iter().enumerate() {
-                    grads.add_values(i, &b.to_f32(&**dev)?);
-                }
+                // Accumulates over the micro-batches; read back once per step below.
+                denc.backward_leaf(&**dev, f, &leaf, &mut g, &dgrads)?;
             }
             state.batches_seen += 1;
+        }
+        if let Some((dev, _)) = &engine {
+            for (i, b) in dgrads.iter().enumerate() {
+                grads.add_values(i, &b.to_f32(&**dev)?);
+            }
         }
         let grads = grads.into_tensors(model.params.specs(), |_| false)?;
         let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);

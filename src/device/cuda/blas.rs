@@ -186,6 +186,31 @@ impl Blas {
         beta: f32,
         c: DevPtr,
     ) -> Result<()> {
+        let bf16 = blas_sys::cudaDataType_t::CUDA_R_16BF;
+        // SAFETY: forwarded contract.
+        unsafe { self.gemm_ex_bf16(ta, tb, m, k, n, alpha, a, b, beta, c, bf16) }
+    }
+
+    /// cublasGemmEx with bf16 A and B, C of type `c_type`, f32 compute (row-major convention of
+    /// [`Blas::gemm_f32`]).
+    ///
+    /// # Safety
+    /// As [`Blas::gemm_f32`], with A, B bf16 and C of `c_type`.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_ex_bf16(
+        &self,
+        ta: Trans,
+        tb: Trans,
+        m: usize,
+        k: usize,
+        n: usize,
+        alpha: f32,
+        a: DevPtr,
+        b: DevPtr,
+        beta: f32,
+        c: DevPtr,
+        c_type: blas_sys::cudaDataType_t,
+    ) -> Result<()> {
         if m == 0 || n == 0 {
             return Ok(());
         }
@@ -210,13 +235,18 @@ impl Blas {
                 dim(g.ldb, "ld")?,
                 (&beta as *const f32).cast::<c_void>(),
                 c.0 as *mut c_void,
-                bf16,
+                c_type,
                 dim(g.ldc, "ld")?,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         }
-        .map_err(|e| blas_error(&format!("cublasGemmEx bf16 {m}x{k}x{n}"), e))
+        .map_err(|e| {
+            blas_error(
+                &format!("cublasGemmEx bf16 {m}x{k}x{n} ({c_type:?} out)"),
+                e,
+            )
+        })
     }
 }
 
@@ -237,39 +267,23 @@ impl Blas {
             (KDType::BF16, KDType::BF16) => unsafe {
                 self.gemm_bf16(ta, tb, m, k, n, g.alpha, a, b, g.beta, c)
             },
-            (KDType::BF16, KDType::F32) => {
-                if m == 0 || n == 0 {
-                    return Ok(());
-                }
-                let cm = col_major(ta, tb, m, k, n);
-                self.bind()?;
-                // SAFETY: as in gemm_bf16, with C stored f32 (CUDA_R_32F is a supported output
-                // type for bf16 inputs under CUBLAS_COMPUTE_32F).
-                unsafe {
-                    cublas::gemm_ex(
-                        *self.inner.handle(),
-                        op(cm.transa),
-                        op(cm.transb),
-                        dim(cm.m, "n")?,
-                        dim(cm.n, "m")?,
-                        dim(cm.k, "k")?,
-                        (&g.alpha as *const f32).cast::<c_void>(),
-                        b.0 as *const c_void,
-                        blas_sys::cudaDataType_t::CUDA_R_16BF,
-                        dim(cm.lda, "ld")?,
-                        a.0 as *const c_void,
-                        blas_sys::cudaDataType_t::CUDA_R_16BF,
-                        dim(cm.ldb, "ld")?,
-                        (&g.beta as *const f32).cast::<c_void>(),
-                        c.0 as *mut c_void,
-                        blas_sys::cudaDataType_t::CUDA_R_32F,
-                        dim(cm.ldc, "ld")?,
-                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )
-                }
-                .map_err(|e| blas_error(&format!("cublasGemmEx bf16->f32 {m}x{k}x{n}"), e))
-            }
+            // SAFETY: forwarded contract, C stored f32 (a supported output of bf16 inputs under
+            // CUBLAS_COMPUTE_32F).
+            (KDType::BF16, KDType::F32) => unsafe {
+                self.gemm_ex_bf16(
+                    ta,
+                    tb,
+                    m,
+                    k,
+                    n,
+                    g.alpha,
+                    a,
+                    b,
+                    g.beta,
+                    c,
+                    blas_sys::cudaDataType_t::CUDA_R_32F,
+                )
+            },
             (ab, cd) => Err(Error::Unsupported {
                 op: format!(
                     "GEMM with {} inputs and {} output",

@@ -430,6 +430,18 @@ impl KernelDevice for CudaDevice {
         CudaDevice::alloc(self, bytes)
     }
 
+    unsafe fn write(&self, dst: DevPtr, bytes: &[u8]) -> Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: the caller guarantees `dst` addresses bytes.len() bytes of this device's
+        // memory; the copy from pageable host memory is staged before the call returns (as in
+        // `upload`), queued after earlier work on the stream.
+        unsafe { result::memcpy_htod_async(dst.0, bytes, self.stream.cu_stream()) }
+            .map_err(|e| driver_error(&format!("write of {} bytes", bytes.len()), e))
+    }
+
     unsafe fn memset_zero(&self, ptr: DevPtr, bytes: usize) -> Result<()> {
         if bytes == 0 {
             return Ok(());

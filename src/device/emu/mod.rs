@@ -213,6 +213,12 @@ impl KernelDevice for EmuDevice {
         Ok(DevBuf::new(ptr, bytes, Box::new(alloc)))
     }
 
+    unsafe fn write(&self, dst: DevPtr, bytes: &[u8]) -> Result<()> {
+        // SAFETY: the caller guarantees `dst` addresses bytes.len() live bytes (host memory here).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst.0 as *mut u8, bytes.len()) };
+        Ok(())
+    }
+
     unsafe fn memset_zero(&self, ptr: DevPtr, bytes: usize) -> Result<()> {
         // SAFETY: the caller guarantees `ptr` addresses `bytes` live bytes (host memory here).
         unsafe { std::ptr::write_bytes(ptr.0 as *mut u8, 0, bytes) };
