@@ -83,6 +83,10 @@ pub enum Error {
     /// A non-finite value where a finite one is required (NaN loss, inf gradient).
     #[error("non-finite value in {0}")]
     NonFinite(String),
+    /// A data-parallel process group failed: a peer that stopped or disagrees, a bad launch
+    /// environment, an NCCL error.
+    #[error("distributed training: {0}")]
+    Dist(String),
     /// Invalid argument given by the caller (CLI flags, API options).
     #[error("invalid argument: {0}")]
     Invalid(String),

@@ -10,6 +10,7 @@ pub mod autograd;
 pub mod capi;
 pub mod data;
 pub mod device;
+pub mod dist;
 pub mod engine;
 pub mod error;
 pub mod infer;

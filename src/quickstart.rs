@@ -523,6 +523,7 @@ pub fn run_with_settings(
         fix_encoder: false,
         fix_position_embedding: false,
         dropout: true,
+        negatives_cross_device: true,
     };
     let ft_dir = out.join("finetune");
     let _ = std::fs::remove_file(ft_dir.join("metrics.jsonl"));

@@ -446,6 +446,7 @@ fn trainer_uses_per_file_settings() {
         fix_encoder: false,
         fix_position_embedding: false,
         dropout: false,
+        negatives_cross_device: true,
     };
     let report = finetune(
         &mut model,

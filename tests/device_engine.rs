@@ -151,6 +151,7 @@ fn m3_student_and_batch() -> (
         group: 3,
         teacher: None,
         no_in_batch: false,
+        cross_device: None,
     };
     (student, batch)
 }
@@ -189,6 +190,7 @@ fn m3_device_gradients_match_the_cpu_trainer() {
             &cfg,
             None,
             &drop_ids,
+            None,
         )
         .unwrap();
     assert!((vals.total - want_total).abs() <= 1e-5 * want_total.abs().max(1.0));

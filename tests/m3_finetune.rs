@@ -58,6 +58,7 @@ fn config(steps: u64, kd: KdLoss) -> FinetuneConfig {
         fix_encoder: false,
         fix_position_embedding: false,
         dropout: true,
+        negatives_cross_device: true,
     }
 }
 

@@ -227,6 +227,7 @@ fn finetuning_raises_held_out_ndcg_for_every_head_and_hybrid() {
         fix_encoder: false,
         fix_position_embedding: false,
         dropout: false,
+        negatives_cross_device: true,
     };
     let ft_dir = out.join("finetuned");
     let losses = finetune(

@@ -68,6 +68,7 @@ fn check(file: &str, kd: Option<KdLoss>, temperature: f32) {
         group,
         teacher,
         no_in_batch: false,
+        cross_device: None,
     };
     let lcfg = M3LossConfig {
         temperature,

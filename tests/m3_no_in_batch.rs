@@ -88,6 +88,7 @@ fn no_in_batch_loss_matches_a_hand_computation() {
             group: g,
             teacher: teacher.then(|| Tensor::from_vec(flat.clone(), &[b, g]).unwrap()),
             no_in_batch: false,
+            cross_device: None,
         };
         let cfg = M3LossConfig {
             temperature: 0.05,

@@ -68,6 +68,7 @@ fn batch(teacher: bool, no_in_batch: bool) -> (M3Batch, Vec<u32>) {
         fix_encoder: false,
         fix_position_embedding: false,
         dropout: true,
+        negatives_cross_device: true,
     };
     let exs: Vec<_> = [0, 4, 9].iter().map(|&i| &ex[i]).collect();
     let mut b = make_m3_batch(&exs, &tok, &cfg, 1, &mut Rng::new(5, 0)).unwrap();

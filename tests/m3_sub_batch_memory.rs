@@ -63,6 +63,7 @@ fn sub_batching_lowers_peak_memory() {
         group: 8,
         teacher: None,
         no_in_batch: false,
+        cross_device: None,
     };
     let lc = M3LossConfig {
         temperature: 0.02,

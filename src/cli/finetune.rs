@@ -4,9 +4,10 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use retrom3::data::m3_data::{read_train_paths_with, BucketSpec, MergeRule};
 use retrom3::data::TextTokenizer;
+use retrom3::dist::{DistEnv, Group};
 use retrom3::model::encoder::Encoder;
 use retrom3::model::m3_train::{fresh_heads, KdLoss, M3LossConfig, M3Student};
-use retrom3::train::m3::{finetune_on, FinetuneConfig, M3TrainData};
+use retrom3::train::m3::{finetune_dist, DistSetup, FinetuneConfig, M3TrainData};
 use retrom3::train::optim::adamw_hyper;
 use retrom3::train::{clip_option as clip, AdamW, TrainState};
 use retrom3::{Device, EncoderConfig, Error, Result};
@@ -68,6 +69,10 @@ pub struct FinetuneArgs {
     /// Unified fine-tuning (dense + sparse + ColBERT); `--unified false` trains dense only.
     #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", action = clap::ArgAction::Set)]
     pub unified: bool,
+    /// With several processes (WORLD_SIZE > 1): gather every rank's dense vectors so the dense
+    /// loss sees the whole global batch as negatives (FlagEmbedding's negatives_cross_device).
+    #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub negatives_cross_device: bool,
     /// Self-knowledge distillation from the ensemble score.
     #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", action = clap::ArgAction::Set)]
     pub self_distill: bool,
@@ -109,6 +114,9 @@ fn load_student(dir: &Path, seed: u64) -> Result<M3Student> {
 
 pub fn run(a: FinetuneArgs) -> Result<()> {
     a.device.ensure_available()?;
+    // Launched as one rank of several (torchrun-style variables): rank r trains on GPU
+    // LOCAL_RANK with `--device cuda`, and only rank 0 shows progress and writes files.
+    let env = DistEnv::from_env()?;
     if a.temperature.is_nan() || a.temperature <= 0.0 {
         return Err(Error::invalid(format!(
             "--temperature {}: must be > 0",
@@ -192,6 +200,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         fix_encoder: a.fix_encoder,
         fix_position_embedding: a.fix_position_embedding,
         dropout: true,
+        negatives_cross_device: a.negatives_cross_device,
     };
     let pb = ProgressBar::new(0);
     pb.set_style(
@@ -199,8 +208,21 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             .expect("valid template"),
     );
     let tok_dir = a.resume.clone().unwrap_or(a.model.clone());
-    let report = finetune_on(
-        a.device,
+    let device = match (&env, a.device) {
+        (Some(e), Device::Cuda(_)) => Device::Cuda(e.local_rank),
+        _ => a.device,
+    };
+    let main = env.as_ref().is_none_or(|e| e.rank == 0);
+    if !main {
+        pb.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let dist = match env {
+        Some(e) => DistSetup::Env(e),
+        None => DistSetup::Group(Group::single()),
+    };
+    let report = finetune_dist(
+        device,
+        dist,
         &mut model,
         &data,
         &tok,
@@ -215,7 +237,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
-    if let Some(r) = report.last() {
+    if let (true, Some(r)) = (main, report.last()) {
         eprintln!(
             "step {}: loss {:.4}; model written to {}",
             r.0,

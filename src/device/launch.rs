@@ -218,6 +218,11 @@ pub trait KernelDevice: Launcher {
     fn name(&self) -> String {
         self.device().to_string()
     }
+    /// The CUDA stream (`CUstream`) every operation of this device is queued on, for libraries
+    /// that enqueue work of their own (NCCL); None off CUDA.
+    fn cuda_stream(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Typed upload of a slice of plain values.

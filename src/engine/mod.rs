@@ -68,11 +68,11 @@ pub fn compute_dtype(device: Device) -> KDType {
 pub fn trainer_encoder(
     device: Device,
     encoder: &crate::model::encoder::Encoder,
-) -> Result<Option<(Box<Gpu>, DeviceEncoder)>> {
+) -> Result<Option<(std::sync::Arc<Gpu>, DeviceEncoder)>> {
     if device == Device::Cpu {
         return Ok(None);
     }
-    let dev = open(device)?;
+    let dev: std::sync::Arc<Gpu> = open(device)?.into();
     let denc = DeviceEncoder::upload(&*dev, encoder, compute_dtype(device))?;
     Ok(Some((dev, denc)))
 }

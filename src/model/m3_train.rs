@@ -59,6 +59,11 @@ pub struct M3Batch {
     pub teacher: Option<Tensor>,
     /// No in-batch negatives: every score matrix is the local [B, G] block (decision §10.4).
     pub no_in_batch: bool,
+    /// Cross-device negatives for the dense head (SPEC §4.5): this batch is one rank's share of
+    /// a data-parallel step over this group; the dense vectors (and teacher targets) of all ranks
+    /// are gathered and the dense loss is the global one over [W·B, W·B·G]. Ignored in
+    /// no-in-batch mode and for a group of one.
+    pub cross_device: Option<crate::dist::Group>,
 }
 
 /// Loss values of one batch, plus the total on the tape.
@@ -75,6 +80,10 @@ pub struct M3Loss {
 /// no-in-batch mode.
 pub struct M3Scores {
     pub dense: Var,
+    /// With cross-device negatives: the global dense scores [W·B, W·B·G] (local rows and columns
+    /// carry the gradient, the other ranks' are constants) and the gathered teacher targets.
+    /// `dense` stays the local block, used by the ensemble and self-distillation.
+    pub dense_cross: Option<(Var, Option<Tensor>)>,
     pub sparse: Option<Var>,
     pub colbert: Option<Var>,
 }
@@ -201,11 +210,18 @@ impl M3Student {
         let sd = ops::linear(tape, &q.dense, &p.dense, None)?;
         let sd = ops::scale(tape, &sd, inv_t)?;
         let dense = local(tape, sd)?;
+        let dense_cross = match &batch.cross_device {
+            Some(g) if g.world() > 1 && !batch.no_in_batch => {
+                Some(cross_device_scores(tape, g, q, p, batch, inv_t)?)
+            }
+            _ => None,
+        };
         let (Some(wq), Some(wp), Some(cq), Some(cp)) =
             (&q.sparse, &p.sparse, &q.colbert, &p.colbert)
         else {
             return Ok(M3Scores {
                 dense,
+                dense_cross,
                 sparse: None,
                 colbert: None,
             });
@@ -231,6 +247,7 @@ impl M3Student {
         let colbert = local(tape, sc)?;
         Ok(M3Scores {
             dense,
+            dense_cross,
             sparse: Some(sparse),
             colbert: Some(colbert),
         })
@@ -275,7 +292,9 @@ impl M3Student {
     /// in `params` order. With dropout, each side draws its masks from one seed for the whole side
     /// (`text_seed(seed, side, 0)`), not per text as [`M3Student::encode_heads`] does, so only
     /// dropout-free runs equal the CPU path. `dgrads` ([`crate::engine::DeviceEncoder::zero_grads`])
-    /// are the device gradient buffers, reused from step to step (cleared here).
+    /// are the device gradient buffers, reused from step to step (cleared here). With `sum_over`,
+    /// the encoder's gradients are summed over that group where they are (NCCL on CUDA) before
+    /// they are read back; the head gradients are returned as this rank's own.
     #[allow(clippy::too_many_arguments)]
     pub fn device_grads(
         &self,
@@ -286,6 +305,7 @@ impl M3Student {
         cfg: &M3LossConfig,
         dropout: Option<DropoutCfg>,
         drop_ids: &[u32],
+        sum_over: Option<&crate::dist::Group>,
     ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
         check_batch(batch)?;
         let n = self.n_encoder();
@@ -314,6 +334,9 @@ impl M3Student {
         crate::engine::DeviceEncoder::clear_grads(dev, dgrads)?;
         for (f, leaf) in fwds {
             denc.backward_leaf(dev, f, &leaf, &mut g, dgrads)?;
+        }
+        if let Some(group) = sum_over {
+            group.all_reduce_device(dev, dgrads)?;
         }
         let mut out = Vec::with_capacity(p.len());
         for (gb, spec) in dgrads.iter().zip(self.params.specs()) {
@@ -701,6 +724,36 @@ fn row_slice(t: &Tensor, n: usize, rows: Range<usize>) -> Result<Tensor> {
     Tensor::from_vec(t.f32s()?[rows.start * per..rows.end * per].to_vec(), &dims)
 }
 
+/// The global dense scores of a cross-device step (SPEC §4.5): every rank's query and passage
+/// vectors gathered in rank order; this rank's rows are replaced by its own vectors on the tape
+/// (so only they carry gradient, as in FlagEmbedding's `_dist_gather_tensor`), then
+/// S_x = Q_all · P_allᵀ / τ. Teacher targets are gathered alongside.
+fn cross_device_scores(
+    tape: &mut Tape,
+    g: &crate::dist::Group,
+    q: &HeadOutputs,
+    p: &HeadOutputs,
+    batch: &M3Batch,
+    inv_t: f32,
+) -> Result<(Var, Option<Tensor>)> {
+    let r = g.rank();
+    let global = |tape: &mut Tape, local: &Var| -> Result<Var> {
+        let n = local.dims()[0];
+        let all = Var::constant(g.all_gather_rows(local.value())?);
+        let rows: Vec<usize> = (r * n..(r + 1) * n).collect();
+        ops::replace_rows(tape, &all, &rows, local)
+    };
+    let qa = global(tape, &q.dense)?;
+    let pa = global(tape, &p.dense)?;
+    let sx = ops::linear(tape, &qa, &pa, None)?;
+    let sx = ops::scale(tape, &sx, inv_t)?;
+    let teacher = match &batch.teacher {
+        Some(t) => Some(g.all_gather_rows(t)?),
+        None => None,
+    };
+    Ok((sx, teacher))
+}
+
 /// The loss of a batch from its score matrices (SPEC §4.5-4.6 / decision §10.4). In-batch mode:
 /// [B, B·G] matrices, target b·G. No-in-batch mode: the local [B, G] blocks, target 0, teacher
 /// KD and self-distillation over the G columns.
@@ -717,38 +770,59 @@ pub fn loss_from_scores(
     } else {
         (0..b).map(|i| (i * g) as i64).collect()
     };
-    let head_loss = |tape: &mut Tape, s: &Var| -> Result<Var> {
-        match (&batch.teacher, cfg.kd) {
-            (None, _) => ops::cross_entropy(tape, s, &targets),
-            (Some(t), KdLoss::M3KdLoss) if batch.no_in_batch => {
-                // Row by row: each row is its own [1, G] "batch" of candidates.
-                let tv = t.f32s()?;
-                let mut sum: Option<Var> = None;
-                for r in 0..b {
-                    let row = ops::select_rows(tape, s, &[r])?;
-                    let tr = Tensor::from_vec(tv[r * g..(r + 1) * g].to_vec(), &[1, g])?;
-                    let l = ops::m3_kd_loss(tape, &row, &tr, g)?;
-                    sum = Some(match sum {
-                        None => l,
-                        Some(a) => ops::add(tape, &a, &l)?,
-                    });
+    let head_loss_with =
+        |tape: &mut Tape, s: &Var, teacher: &Option<Tensor>, targets: &[i64]| -> Result<Var> {
+            let b = targets.len();
+            match (teacher, cfg.kd) {
+                (None, _) => ops::cross_entropy(tape, s, targets),
+                (Some(t), KdLoss::M3KdLoss) if batch.no_in_batch => {
+                    // Row by row: each row is its own [1, G] "batch" of candidates.
+                    let tv = t.f32s()?;
+                    let mut sum: Option<Var> = None;
+                    for r in 0..b {
+                        let row = ops::select_rows(tape, s, &[r])?;
+                        let tr = Tensor::from_vec(tv[r * g..(r + 1) * g].to_vec(), &[1, g])?;
+                        let l = ops::m3_kd_loss(tape, &row, &tr, g)?;
+                        sum = Some(match sum {
+                            None => l,
+                            Some(a) => ops::add(tape, &a, &l)?,
+                        });
+                    }
+                    ops::scale(tape, &sum.expect("B >= 1"), 1.0 / b as f32)
                 }
-                ops::scale(tape, &sum.expect("B >= 1"), 1.0 / b as f32)
+                (Some(t), KdLoss::M3KdLoss) => ops::m3_kd_loss(tape, s, t, g),
+                (Some(t), KdLoss::KlDiv) => {
+                    let local = if batch.no_in_batch {
+                        s.clone()
+                    } else {
+                        ops::group_columns(tape, s, g)?
+                    };
+                    let kl = ops::soft_cross_entropy(tape, &local, t)?;
+                    let ce = ops::cross_entropy(tape, s, targets)?;
+                    ops::add(tape, &kl, &ce)
+                }
             }
-            (Some(t), KdLoss::M3KdLoss) => ops::m3_kd_loss(tape, s, t, g),
-            (Some(t), KdLoss::KlDiv) => {
-                let local = if batch.no_in_batch {
-                    s.clone()
-                } else {
-                    ops::group_columns(tape, s, g)?
-                };
-                let kl = ops::soft_cross_entropy(tape, &local, t)?;
-                let ce = ops::cross_entropy(tape, s, &targets)?;
-                ops::add(tape, &kl, &ce)
+        };
+    let head_loss = |tape: &mut Tape, s: &Var| head_loss_with(tape, s, &batch.teacher, &targets);
+    let ld = match &s.dense_cross {
+        // Global rows: target (global query index)·G.
+        Some((sx, teacher)) => {
+            let rows = sx.dims()[0];
+            let t: Vec<i64> = (0..rows).map(|i| (i * g) as i64).collect();
+            match (&batch.teacher, cfg.kd) {
+                // kl_div: the KD part on the local block's groups, the CE on the global rows.
+                (Some(tl), KdLoss::KlDiv) => {
+                    let local = ops::group_columns(tape, &s.dense, g)?;
+                    let kl = ops::soft_cross_entropy(tape, &local, tl)?;
+                    let ce = ops::cross_entropy(tape, sx, &t)?;
+                    ops::add(tape, &kl, &ce)?
+                }
+                // m3_kd_loss (and plain CE): gathered teacher targets over the global rows.
+                _ => head_loss_with(tape, sx, teacher, &t)?,
             }
         }
+        None => head_loss(tape, &s.dense)?,
     };
-    let ld = head_loss(tape, &s.dense)?;
     let val = |v: &Var| v.value().f32s().map(|x| x[0]);
     let (Some(ss), Some(sc)) = (&s.sparse, &s.colbert) else {
         let dense = val(&ld)?;

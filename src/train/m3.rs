@@ -18,9 +18,10 @@ use crate::data::rng::Rng;
 use crate::data::tokenizer::TextTokenizer;
 use crate::device::cpu::elementwise::hash_u32;
 use crate::device::Device;
+use crate::dist::{DistEnv, Group};
 use crate::error::{Error, Result};
 use crate::model::encoder::{DropoutCfg, EncoderInput};
-use crate::model::m3_train::{M3Batch, M3LossConfig, M3Student};
+use crate::model::m3_train::{M3Batch, M3LossConfig, M3LossValues, M3Student};
 use crate::tensor::Tensor;
 use std::path::Path;
 use std::time::Instant;
@@ -51,6 +52,9 @@ pub struct FinetuneConfig {
     /// Keep the position embeddings frozen.
     pub fix_position_embedding: bool,
     pub dropout: bool,
+    /// Gather the dense vectors of every rank for the dense loss (FlagEmbedding's
+    /// `negatives_cross_device`; no effect on one process).
+    pub negatives_cross_device: bool,
 }
 
 /// The training data: datasets (one per file) split into length-bucket units (SPEC §5.1-5.2).
@@ -157,6 +161,7 @@ pub fn make_m3_batch(
         group: cfg.group_size,
         teacher,
         no_in_batch: false,
+        cross_device: None,
     })
 }
 
@@ -202,6 +207,49 @@ pub fn finetune_on(
     resume: Option<(TrainState, AdamW)>,
     progress: &mut dyn FnMut(u64, u64, f32),
 ) -> Result<Vec<StepLosses>> {
+    finetune_dist(
+        device,
+        DistSetup::Group(Group::single()),
+        model,
+        data,
+        tok,
+        cfg,
+        tokenizer_dir,
+        out,
+        resume,
+        progress,
+    )
+}
+
+/// How a fine-tuning process joins its data-parallel group.
+pub enum DistSetup {
+    /// A group made by the caller (one process, or a TCP group; tests run ranks as threads).
+    Group(Group),
+    /// The launch environment ([`DistEnv::from_env`]): a TCP group on the CPU or under
+    /// emulation, NCCL on CUDA (rendezvous over TCP).
+    Env(DistEnv),
+}
+
+/// [`finetune_on`] as one rank of a data-parallel group (SPEC §5.2, §4.5, decision §10.9): every
+/// rank draws the same epoch plan (global batches of per-device size × W, one seed) and trains on
+/// its slice of each global batch; with `negatives_cross_device` the dense loss is the global one
+/// over the gathered vectors; gradients are averaged over the ranks (summed by NCCL on the device
+/// for the encoder on CUDA), so every rank applies the same update. Rank 0 alone writes metrics,
+/// checkpoints and the final model; the ranks check that they hold identical parameters at the
+/// start, at every checkpoint and at the end. Losses reported are the mean over the ranks.
+#[allow(clippy::type_complexity, clippy::too_many_arguments)]
+pub fn finetune_dist(
+    device: Device,
+    dist: DistSetup,
+    model: &mut M3Student,
+    data: &M3TrainData,
+    tok: &TextTokenizer,
+    cfg: &FinetuneConfig,
+    tokenizer_dir: &Path,
+    out: &Path,
+    resume: Option<(TrainState, AdamW)>,
+    progress: &mut dyn FnMut(u64, u64, f32),
+) -> Result<Vec<StepLosses>> {
     device.ensure_available()?;
     if device != Device::Cpu && cfg.sub_batch > 0 {
         return Err(Error::Unsupported {
@@ -212,6 +260,11 @@ pub fn finetune_on(
         });
     }
     let mut engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
+    let group = match dist {
+        DistSetup::Group(g) => g,
+        DistSetup::Env(e) => connect_group(&e, engine.as_ref().map(|(d, _)| d.clone()))?,
+    };
+    let (rank, world) = (group.rank(), group.world());
     // Device gradient buffers, allocated once and cleared every step.
     let dgrads = match &engine {
         Some((dev, denc)) => denc.zero_grads(&**dev)?,
@@ -222,11 +275,12 @@ pub fn finetune_on(
             "batch size must be >= 1 and group size >= 2",
         ));
     }
-    let per_epoch = batches_per_epoch(&data.units, 1) as u64;
+    let per_epoch = batches_per_epoch(&data.units, world) as u64;
     if per_epoch == 0 {
         let n: usize = data.datasets.iter().map(|d| d.examples.len()).sum();
         return Err(Error::invalid(format!(
-            "{n} training examples give no full batch (each dataset and length bucket is batched on its own)"
+            "{n} training examples give no full batch of {world} x the per-device batch size \
+             (each dataset and length bucket is batched on its own)"
         )));
     }
     let total = cfg
@@ -242,8 +296,14 @@ pub fn finetune_on(
         cfg.seed,
         total,
     );
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"))?;
+    group.check_in_sync(model.params.values(), "at the start")?;
+    let main = group.is_main();
+    let mut metrics = if main {
+        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        Some(MetricsLog::open(&out.join("metrics.jsonl"))?)
+    } else {
+        None
+    };
     let pad = model.encoder_config.pad_token_id;
     let drop_ids = tok.special_ids();
     let n_enc = model.params.values().len() - 4;
@@ -261,12 +321,18 @@ pub fn finetune_on(
         let k = state.batches_seen;
         let epoch = k / per_epoch;
         if plan.0 != epoch {
-            plan = (epoch, epoch_plan(&data.units, cfg.seed, epoch, 1));
+            plan = (epoch, epoch_plan(&data.units, cfg.seed, epoch, world));
         }
         let pb = &plan.1[(k % per_epoch) as usize];
         let ds = &data.datasets[pb.dataset];
-        let exs: Vec<&TrainExample> = pb.rank_slice(0).iter().map(|&i| &ds.examples[i]).collect();
-        let mut rng = Rng::new(cfg.seed, (1 << 41) + k);
+        let exs: Vec<&TrainExample> = pb
+            .rank_slice(rank)
+            .iter()
+            .map(|&i| &ds.examples[i])
+            .collect();
+        // Per rank and batch streams (rank 0 of a group of one keeps the single-process ones).
+        let stream = k * world as u64 + rank as u64;
+        let mut rng = Rng::new(cfg.seed, (1 << 41) + stream);
         // Per-file group size (`type`, `train_group_size`; SPEC §4.1).
         let bcfg = FinetuneConfig {
             group_size: ds.group_size(&pb.examples, cfg.group_size),
@@ -274,18 +340,27 @@ pub fn finetune_on(
         };
         let mut batch = make_m3_batch(&exs, tok, &bcfg, pad, &mut rng)?;
         batch.no_in_batch = pb.no_in_batch;
+        if cfg.negatives_cross_device && world > 1 {
+            batch.cross_device = Some(group.clone());
+        }
         let drop = cfg.dropout.then(|| DropoutCfg {
             hidden: c.hidden_dropout_prob,
             attention: c.attention_probs_dropout_prob,
-            seed: ((hash_u32(cfg.seed, 17, k) as u64) << 32) | hash_u32(cfg.seed, 18, k) as u64,
+            seed: ((hash_u32(cfg.seed, 17, stream) as u64) << 32)
+                | hash_u32(cfg.seed, 18, stream) as u64,
         });
         let lcfg = M3LossConfig {
             // FlagEmbedding: active when its forward counter (0-based) exceeds the start step.
             self_distill: cfg.loss.self_distill && state.step > cfg.self_distill_start_step,
             ..cfg.loss
         };
-        let (loss, grads) = if let Some((dev, denc)) = &engine {
-            model.device_grads(&**dev, denc, &dgrads, &batch, &lcfg, drop, &drop_ids)?
+        let sum_over = (world > 1).then_some(&group);
+        let (loss, mut grads) = if let Some((dev, denc)) = &engine {
+            let (loss, mut grads) = model.device_grads(
+                &**dev, denc, &dgrads, &batch, &lcfg, drop, &drop_ids, sum_over,
+            )?;
+            group.average_grads_from(&mut grads, n_enc)?;
+            (loss, grads)
         } else if cfg.sub_batch > 0 {
             model.sub_batch_grads(&batch, &lcfg, drop, &drop_ids, cfg.sub_batch)?
         } else {
@@ -298,6 +373,37 @@ pub fn finetune_on(
             acc.add(&g, &p)?;
             (values, acc.into_tensors(model.params.specs(), |_| false)?)
         };
+        if engine.is_none() {
+            group.average_grads(&mut grads)?;
+        }
+        let tokens = batch
+            .queries
+            .mask
+            .iter()
+            .chain(&batch.passages.mask)
+            .filter(|&&m| m != 0)
+            .count();
+        // Mean losses and total tokens over the ranks (a NaN anywhere stops every rank here).
+        let mut shared = [
+            loss.total,
+            loss.dense,
+            loss.sparse,
+            loss.colbert,
+            loss.ensemble,
+            loss.self_distill,
+            tokens as f32,
+        ];
+        group.all_reduce_sum(&mut shared)?;
+        let inv_w = 1.0 / world as f32;
+        let loss = M3LossValues {
+            total: shared[0] * inv_w,
+            dense: shared[1] * inv_w,
+            sparse: shared[2] * inv_w,
+            colbert: shared[3] * inv_w,
+            ensemble: shared[4] * inv_w,
+            self_distill: shared[5] * inv_w,
+        };
+        let tokens = shared[6] as usize;
         let grads: Vec<Option<Tensor>> = grads
             .into_iter()
             .enumerate()
@@ -326,38 +432,72 @@ pub fn finetune_on(
         }
         state.step += 1;
         state.batches_seen += 1;
-        let tokens = batch
-            .queries
-            .mask
-            .iter()
-            .chain(&batch.passages.mask)
-            .filter(|&&m| m != 0)
-            .count();
         let secs = t0.elapsed().as_secs_f64();
-        metrics.log(serde_json::json!({
-            "step": state.step, "lr": lr, "loss": lv, "dense": loss.dense, "sparse": loss.sparse,
-            "colbert": loss.colbert, "ensemble": loss.ensemble, "self_distill": loss.self_distill,
-            "grad_norm": norm, "tokens": tokens, "tokens_per_s": tokens as f64 / secs.max(1e-9),
-        }))?;
         report.push(row);
-        progress(state.step, total, lv);
+        if let Some(metrics) = metrics.as_mut() {
+            metrics.log(serde_json::json!({
+                "step": state.step, "lr": lr, "loss": lv, "dense": loss.dense,
+                "sparse": loss.sparse, "colbert": loss.colbert, "ensemble": loss.ensemble,
+                "self_distill": loss.self_distill, "grad_norm": norm, "tokens": tokens,
+                "tokens_per_s": tokens as f64 / secs.max(1e-9),
+            }))?;
+            progress(state.step, total, lv);
+        }
         if cfg
             .save_every
             .is_some_and(|n| n > 0 && state.step % n == 0 && state.step < total)
         {
-            let dir = out.join(format!("checkpoint-{}", state.step));
-            atomic_dir(&dir, |tmp| {
-                write_run_files(tmp, model, &opt, &state, tokenizer_dir)
-            })?;
+            group.check_in_sync(
+                model.params.values(),
+                &format!("at checkpoint {}", state.step),
+            )?;
+            if main {
+                let dir = out.join(format!("checkpoint-{}", state.step));
+                atomic_dir(&dir, |tmp| {
+                    write_run_files(tmp, model, &opt, &state, tokenizer_dir)
+                })?;
+            }
         }
     }
-    write_run_files(out, model, &opt, &state, tokenizer_dir)?;
-    metrics.write_svg(
-        &out.join("metrics.svg"),
-        "M3 fine-tuning",
-        &["loss", "dense", "sparse", "colbert"],
-    )?;
+    group.check_in_sync(model.params.values(), "at the end")?;
+    if let Some(metrics) = metrics {
+        write_run_files(out, model, &opt, &state, tokenizer_dir)?;
+        metrics.write_svg(
+            &out.join("metrics.svg"),
+            "M3 fine-tuning",
+            &["loss", "dense", "sparse", "colbert"],
+        )?;
+    }
     Ok(report)
+}
+
+/// Join the group `env` describes: NCCL when this rank's encoder is on a CUDA device (the
+/// rendezvous is a TCP group at `MASTER_ADDR:MASTER_PORT`), else the TCP group itself.
+pub fn connect_group(
+    env: &DistEnv,
+    dev: Option<std::sync::Arc<crate::engine::Gpu>>,
+) -> Result<Group> {
+    let tcp = env.connect()?;
+    match dev {
+        Some(d) if d.cuda_stream().is_some() => nccl_group(tcp, d),
+        _ => Ok(Group::new(tcp)),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn nccl_group(
+    tcp: crate::dist::tcp::TcpGroup,
+    dev: std::sync::Arc<crate::engine::Gpu>,
+) -> Result<Group> {
+    Ok(Group::new(crate::dist::nccl::NcclGroup::new(tcp, dev)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn nccl_group(
+    _tcp: crate::dist::tcp::TcpGroup,
+    _dev: std::sync::Arc<crate::engine::Gpu>,
+) -> Result<Group> {
+    Err(Error::FeatureMissing("cuda"))
 }
 
 /// Settings of hard-negative mining (SPEC §4.8, FlagEmbedding's hn_mine.py).

@@ -476,6 +476,10 @@ impl KernelDevice for CudaDevice {
     fn name(&self) -> String {
         self.info().name.clone()
     }
+
+    fn cuda_stream(&self) -> Option<u64> {
+        Some(self.stream.cu_stream() as u64)
+    }
 }
 
 /// The kernel build, for `retrom3 --version`: `kernels: 6 CUDA modules (SASS sm_80 sm_90 + PTX
