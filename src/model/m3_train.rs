@@ -289,12 +289,22 @@ impl M3Student {
     /// (activations stay on the device), the heads and the losses run on a small host tape whose
     /// leaves are those hidden states, and their gradients go back up to the device backward,
     /// which accumulates the encoder's weight gradients. Returns the gradient of every parameter
-    /// in `params` order. With dropout, each side draws its masks from one seed for the whole side
-    /// (`text_seed(seed, side, 0)`), not per text as [`M3Student::encode_heads`] does, so only
-    /// dropout-free runs equal the CPU path. `dgrads` ([`crate::engine::DeviceEncoder::zero_grads`])
-    /// are the device gradient buffers, reused from step to step (cleared here). With `sum_over`,
-    /// the encoder's gradients are summed over that group where they are (NCCL on CUDA) before
-    /// they are read back; the head gradients are returned as this rank's own.
+    /// in `params` order. `dgrads` ([`crate::engine::DeviceEncoder::zero_grads`]) are the device
+    /// gradient buffers, reused from step to step (cleared here). With `sum_over`, the encoder's
+    /// gradients are summed over that group where they are (NCCL on CUDA) before they are read
+    /// back; the head gradients are returned as this rank's own.
+    ///
+    /// `sub` > 0 encodes each side in sub-batches of `sub` texts by the exact two-pass scheme of
+    /// [`M3Student::sub_batch_grads`], here at the level of the hidden states (the heads run on
+    /// the host): pass 1 runs inference forwards (no saved activations) and keeps only each
+    /// sub-batch's last hidden state on the host; the loss is computed on the whole batch; pass 2
+    /// re-runs each sub-batch's training forward and its backward from the cached gradient. The
+    /// device then holds the activations of one sub-batch at a time. Each sub-batch is trimmed to
+    /// its longest text.
+    ///
+    /// Dropout: each encoder call draws its masks from `text_seed(seed, side, first row)`; with
+    /// `sub` = 1 that is the CPU engine's per-text seeding ([`M3Student::encode_heads`]), so the
+    /// run equals the CPU path with dropout too; larger pieces equal it only without dropout.
     #[allow(clippy::too_many_arguments)]
     pub fn device_grads(
         &self,
@@ -306,33 +316,61 @@ impl M3Student {
         dropout: Option<DropoutCfg>,
         drop_ids: &[u32],
         sum_over: Option<&crate::dist::Group>,
+        sub: usize,
     ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
         check_batch(batch)?;
         let n = self.n_encoder();
         let mut tape = Tape::new();
         let p = self.params.bind(&mut tape);
         let ph = &p[n..];
-        let mut fwds = Vec::new();
+        // Per encoder call: its rows, its input, its dropout, its hidden-state leaf and (whole
+        // batches only) the saved training forward.
+        let mut calls = Vec::new();
         let mut outs = Vec::new();
         for (x, side) in [
             (&batch.queries, QUERY_SIDE),
             (&batch.passages, PASSAGE_SIDE),
         ] {
-            let d = dropout.map(|d| DropoutCfg {
-                seed: text_seed(d.seed, side, 0),
-                ..d
-            });
-            let (f, leaf) = denc.forward_leaf(dev, &mut tape, x, d)?;
-            let piece = apply_heads(&mut tape, ph, x, &leaf, cfg.unified)?;
-            outs.push(assemble(&mut tape, &[piece], x.len)?);
-            fwds.push((f, leaf));
+            let mut pieces = Vec::new();
+            let ranges = chunks(x.batch, if sub == 0 { x.batch } else { sub });
+            for r in ranges {
+                let d = dropout.map(|d| DropoutCfg {
+                    seed: text_seed(d.seed, side, r.start),
+                    ..d
+                });
+                let xi = if sub == 0 {
+                    x.clone()
+                } else {
+                    sub_input(x, r.clone())
+                };
+                let (fwd, leaf) = if sub == 0 {
+                    let (f, leaf) = denc.forward_leaf(dev, &mut tape, &xi, d)?;
+                    (Some(f), leaf)
+                } else {
+                    let f = denc.forward(dev, &xi, d, false)?;
+                    let h = Tensor::from_vec(
+                        f.hidden.to_f32(dev)?,
+                        &[xi.batch, xi.len, self.encoder_config.hidden_size],
+                    )?;
+                    (None, tape.leaf(h))
+                };
+                pieces.push(apply_heads(&mut tape, ph, &xi, &leaf, cfg.unified)?);
+                calls.push((xi, d, leaf, fwd));
+            }
+            outs.push(assemble(&mut tape, &pieces, x.len)?);
         }
         let s = self.scores_from_heads(&mut tape, &outs[0], &outs[1], batch, cfg, drop_ids)?;
         let loss = loss_from_scores(&mut tape, &s, batch, cfg)?;
+        drop((s, outs));
         let values = loss.values()?;
         let mut g = tape.backward(&loss.total)?;
         crate::engine::DeviceEncoder::clear_grads(dev, dgrads)?;
-        for (f, leaf) in fwds {
+        for (xi, d, leaf, fwd) in calls {
+            let f = match fwd {
+                Some(f) => f,
+                // Pass 2: recompute this piece's training forward (same input, same masks).
+                None => denc.forward(dev, &xi, d, true)?,
+            };
             denc.backward_leaf(dev, f, &leaf, &mut g, dgrads)?;
         }
         if let Some(group) = sum_over {

@@ -194,7 +194,8 @@ pub fn finetune(
 /// [`finetune`] with the encoder on `device`: on CUDA (bf16 storage, f32 accumulation: mixed
 /// precision with the f32 master weights on the host) or the emulator (f32), the encoder forward
 /// and backward run there ([`M3Student::device_grads`]); heads, losses and AdamW run on the host,
-/// and the updated encoder weights are uploaded after every step. Sub-batching is CPU-only.
+/// and the updated encoder weights are uploaded after every step; `sub_batch` > 0 runs the
+/// two-pass sub-batch scheme there too.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn finetune_on(
     device: Device,
@@ -251,14 +252,6 @@ pub fn finetune_dist(
     progress: &mut dyn FnMut(u64, u64, f32),
 ) -> Result<Vec<StepLosses>> {
     device.ensure_available()?;
-    if device != Device::Cpu && cfg.sub_batch > 0 {
-        return Err(Error::Unsupported {
-            op: "--sub-batch with the encoder on a kernel device (the device path encodes each \
-                 batch whole)"
-                .into(),
-            device: device.to_string(),
-        });
-    }
     let mut engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
     let group = match dist {
         DistSetup::Group(g) => g,
@@ -357,7 +350,15 @@ pub fn finetune_dist(
         let sum_over = (world > 1).then_some(&group);
         let (loss, mut grads) = if let Some((dev, denc)) = &engine {
             let (loss, mut grads) = model.device_grads(
-                &**dev, denc, &dgrads, &batch, &lcfg, drop, &drop_ids, sum_over,
+                &**dev,
+                denc,
+                &dgrads,
+                &batch,
+                &lcfg,
+                drop,
+                &drop_ids,
+                sum_over,
+                cfg.sub_batch,
             )?;
             group.average_grads_from(&mut grads, n_enc)?;
             (loss, grads)
