@@ -181,11 +181,23 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
             heads,
             head_dim: d,
         };
-        let mask = AttnKernelMask::KeyPadding {
+        let plain = AttnKernelMask::KeyPadding {
             key_mask: DevPtr::NULL,
         };
+        // The RetroMAE decoder's two-stream mask at the same shapes (issue 4's target: >= 85%
+        // of the plain attention's throughput): visibility drawn in the kernel, words of two
+        // tokens, p_dec = 0.5.
+        let ones = crate::engine::upload_pod(dev, &vec![1u8; batch * sl])?;
+        let words: Vec<u32> = (0..batch * sl).map(|i| ((i % sl) / 2) as u32).collect();
+        let words = crate::engine::upload_pod(dev, &words)?;
+        let two_stream = AttnKernelMask::TwoStream {
+            key_mask: ones.ptr,
+            words: words.ptr,
+            p: 0.5,
+            seed: 7,
+        };
         let scale = 1.0 / (d as f32).sqrt();
-        let fwd_with = |imp: k::AttnImpl| {
+        let fwd_with = |imp: k::AttnImpl, mask: AttnKernelMask| {
             // SAFETY: q, k, v, o hold B·S·H·D bf16, lse B·H·S f32.
             unsafe {
                 k::attention_fwd_with(
@@ -205,47 +217,49 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
             }
         };
         let flops = 4.0 * (batch * heads * sl * sl * d) as f64;
-        let s_c = time(dev, 1, it, || fwd_with(k::AttnImpl::CudaCores))?;
+        let s_c = time(dev, 1, it, || fwd_with(k::AttnImpl::CudaCores, plain))?;
         rows.push(flop_row(
             format!("{devname}_attention_fwd_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
             s_c,
             flops,
         ));
-        let s_f = time(dev, 1, it, || fwd_with(k::AttnImpl::TensorCores))?;
-        rows.push(flop_row(
-            format!("{devname}_attention_fwd_tc_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
-            s_f,
-            flops,
-        ));
-        let s_b = time(dev, 1, it, || {
-            // SAFETY: as the forward, plus dout, dq, dk, dv of the same size.
-            unsafe {
-                k::attention_bwd(
-                    dev,
-                    bf,
-                    q.ptr(),
-                    kk.ptr(),
-                    v.ptr(),
-                    o.ptr(),
-                    lse.ptr(),
-                    dout.ptr(),
-                    dq.ptr(),
-                    dk.ptr(),
-                    dv.ptr(),
-                    mask,
-                    &dims,
-                    scale,
-                    None,
-                )
-            }
-        })?;
-        // FlashAttention's convention: the backward does 2.5x the forward's matmul FLOPs. The
-        // forward here is the tensor-core one, the backward still on CUDA cores.
-        rows.push(flop_row(
-            format!("{devname}_attention_fwd_tc_bwd_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
-            s_f + s_b,
-            3.5 * flops,
-        ));
+        for (tag, mask) in [("", plain), ("_twostream", two_stream)] {
+            let s_f = time(dev, 1, it, || fwd_with(k::AttnImpl::TensorCores, mask))?;
+            rows.push(flop_row(
+                format!("{devname}_attention_fwd_tc{tag}_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
+                s_f,
+                flops,
+            ));
+            let s_b = time(dev, 1, it, || {
+                // SAFETY: as the forward, plus dout, dq, dk, dv of the same size.
+                unsafe {
+                    k::attention_bwd(
+                        dev,
+                        bf,
+                        q.ptr(),
+                        kk.ptr(),
+                        v.ptr(),
+                        o.ptr(),
+                        lse.ptr(),
+                        dout.ptr(),
+                        dq.ptr(),
+                        dk.ptr(),
+                        dv.ptr(),
+                        mask,
+                        &dims,
+                        scale,
+                        None,
+                    )
+                }
+            })?;
+            // FlashAttention's convention: the backward does 2.5x the forward's matmul FLOPs. The
+            // forward here is the tensor-core one, the backward still on CUDA cores.
+            rows.push(flop_row(
+                format!("{devname}_attention_fwd_tc_bwd{tag}_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
+                s_f + s_b,
+                3.5 * flops,
+            ));
+        }
     }
     // GEMM: the FFN up-projection of a bge-m3 layer over 16k tokens.
     let (m, kd, n) = if cfg.quick {
