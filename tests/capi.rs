@@ -54,10 +54,16 @@ fn staticlib_copy(dir: &Path) -> PathBuf {
     let deps = exe
         .parent()
         .expect("test executable lives in target/<profile>/deps");
-    let candidates = [
+    let mut candidates = [
         deps.parent().unwrap_or(deps).join("libretrom3.a"),
         deps.join("libretrom3.a"),
     ];
+    // The newest first: the unhashed archive is shared by builds with other features (`emu`
+    // links a C++ runtime), and the copy in target/<profile>/ may be an older build's.
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&candidates[1]) > modified(&candidates[0]) {
+        candidates.swap(0, 1);
+    }
     let dst = dir.join("libretrom3.a");
     for _attempt in 0..10 {
         for src in &candidates {

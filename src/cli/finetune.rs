@@ -5,13 +5,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use retrom3::data::m3_data::{read_train_paths_with, BucketSpec, MergeRule};
 use retrom3::data::TextTokenizer;
 use retrom3::dist::{DistEnv, Group};
-use retrom3::model::encoder::Encoder;
-use retrom3::model::m3_train::{fresh_heads, KdLoss, M3LossConfig, M3Student};
+use retrom3::model::m3_train::{KdLoss, M3LossConfig, M3Student};
 use retrom3::train::m3::{finetune_dist, DistSetup, FinetuneConfig, M3TrainData};
 use retrom3::train::optim::adamw_hyper;
 use retrom3::train::{clip_option as clip, AdamW, TrainState};
-use retrom3::{Device, EncoderConfig, Error, Result};
-use std::path::{Path, PathBuf};
+use retrom3::{Device, Error, Result};
+use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct FinetuneArgs {
@@ -101,17 +100,6 @@ pub struct FinetuneArgs {
     pub max_grad_norm: f32,
 }
 
-fn load_student(dir: &Path, seed: u64) -> Result<M3Student> {
-    let cfg = EncoderConfig::from_file(dir.join("config.json"))?;
-    let (map, path) = retrom3::io::read_backbone(dir)?;
-    let enc = Encoder::from_tensors(cfg, &map, &path)?;
-    let heads = match retrom3::io::read_heads(dir, enc.config.hidden_size)? {
-        Some(h) => h,
-        None => fresh_heads(enc.config.hidden_size, seed)?,
-    };
-    M3Student::new(enc, &heads)
-}
-
 pub fn run(a: FinetuneArgs) -> Result<()> {
     a.device.ensure_available()?;
     // Launched as one rank of several (torchrun-style variables): rank r trains on GPU
@@ -155,7 +143,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let data = M3TrainData::new(files.datasets, &spec, &tok)?;
     let (mut model, resume) = match &a.resume {
         Some(dir) => {
-            let model = load_student(dir, a.seed)?;
+            let model = M3Student::load_dir(dir, a.seed)?;
             let state = TrainState::load(dir)?;
             let mut opt = AdamW::new(
                 model.params.specs(),
@@ -165,7 +153,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             opt.load_dir(dir, model.params.specs(), state.step)?;
             (model, Some((state, opt)))
         }
-        None => (load_student(&a.model, a.seed)?, None),
+        None => (M3Student::load_dir(&a.model, a.seed)?, None),
     };
     let max = model.encoder_config.max_tokens();
     for (flag, v) in [

@@ -501,10 +501,13 @@ pub struct AdamWStep {
     pub step: u64,
     /// Clip the global gradient norm to this (0: no clipping).
     pub max_norm: f32,
+    /// Every gradient is multiplied by this first (1: as is).
+    pub grad_scale: f32,
 }
 
 /// Fused AdamW over param, grad, m, v [n] f32; decay_mask [n] u8 or NULL (decay all); sumsq [1]
-/// f32 from [`grad_sumsq`] or NULL (no clipping).
+/// f32 from [`grad_sumsq`] or NULL (no clipping); `copy`: [n] elements of that type that receive
+/// the updated parameters too (the compute copy of a device trainer), or None.
 ///
 /// # Safety
 /// See the module documentation.
@@ -516,6 +519,7 @@ pub unsafe fn adamw(
     v: DevPtr,
     decay_mask: DevPtr,
     sumsq: DevPtr,
+    copy: Option<(DevPtr, KDType)>,
     n: usize,
     h: &AdamWStep,
 ) -> Result<()> {
@@ -538,7 +542,17 @@ pub unsafe fn adamw(
         .arg(h.beta2)
         .arg(h.eps)
         .arg(h.weight_decay);
-    a.arg(bc1).arg(bc2).arg(sumsq).arg(h.max_norm);
+    a.arg(bc1)
+        .arg(bc2)
+        .arg(sumsq)
+        .arg(h.max_norm)
+        .arg(h.grad_scale);
+    let (c16, c32) = match copy {
+        None => (DevPtr::NULL, DevPtr::NULL),
+        Some((p, KDType::BF16)) => (p, DevPtr::NULL),
+        Some((p, KDType::F32)) => (DevPtr::NULL, p),
+    };
+    a.arg(c16).arg(c32);
     l.launch("adamw_f32", &cfg, &mut a)
 }
 

@@ -424,6 +424,7 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
         weight_decay: 0.01,
         step: 1,
         max_norm: 0.0,
+        grad_scale: 1.0,
     };
     // SAFETY: param, grad, m, v hold np f32; no decay mask, no clipping.
     let s = time(dev, 1, it, || unsafe {
@@ -435,6 +436,7 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
             v1.ptr(),
             DevPtr::NULL,
             DevPtr::NULL,
+            None,
             np,
             &h,
         )

@@ -31,7 +31,10 @@ use crate::tensor::Tensor;
 pub struct DeviceEncoder {
     pub config: EncoderConfig,
     pub dt: KDType,
+    /// Views of `flat` (one buffer in `layout`): a device optimizer updates them in one pass.
     weights: Vec<DBuf>,
+    flat: Option<std::sync::Arc<DBuf>>,
+    layout: super::FlatLayout,
 }
 
 impl std::fmt::Debug for DeviceEncoder {
@@ -212,6 +215,8 @@ impl DeviceEncoder {
             config: c.clone(),
             dt,
             weights: Vec::new(),
+            flat: None,
+            layout: super::FlatLayout::new(&[]),
         };
         d.set_weights(dev, enc.params.values())?;
         Ok(d)
@@ -238,20 +243,35 @@ impl DeviceEncoder {
                 w.write_f32(dev, t.to_f32().f32s()?)?;
             }
         } else {
-            self.weights = values
-                .iter()
-                .map(|t| DBuf::from_f32(dev, t.to_f32().f32s()?, self.dt))
-                .collect::<Result<_>>()?;
+            let lens: Vec<usize> = values.iter().map(Tensor::numel).collect();
+            self.layout = super::FlatLayout::new(&lens);
+            let (flat, views) = DBuf::flat(dev, &self.layout, self.dt)?;
+            for (w, t) in views.iter().zip(values) {
+                w.write_f32(dev, t.to_f32().f32s()?)?;
+            }
+            self.flat = Some(flat);
+            self.weights = views;
         }
         Ok(())
     }
 
+    /// The weights as one flat buffer and its layout (every weight is a view of it).
+    pub fn flat_weights(&self) -> Option<(&DBuf, &super::FlatLayout)> {
+        self.flat.as_deref().map(|f| (f, &self.layout))
+    }
+
+    /// f32 zero gradient buffers, one per weight, as views of one flat buffer in the weights'
+    /// layout (returned too: a device optimizer reads it in one pass).
+    pub fn zero_grads_flat(
+        &self,
+        dev: &dyn KernelDevice,
+    ) -> Result<(std::sync::Arc<DBuf>, Vec<DBuf>)> {
+        DBuf::flat(dev, &self.layout, KDType::F32)
+    }
+
     /// f32 zero gradient buffers, one per weight (same order).
     pub fn zero_grads(&self, dev: &dyn KernelDevice) -> Result<Vec<DBuf>> {
-        self.weights
-            .iter()
-            .map(|w| DBuf::zeros(dev, w.len(), KDType::F32))
-            .collect()
+        Ok(self.zero_grads_flat(dev)?.1)
     }
 
     /// Set every gradient buffer to zero (the start of an optimizer step: buffers are reused,

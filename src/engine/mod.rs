@@ -10,6 +10,7 @@ pub mod bench;
 pub mod dense;
 pub mod encoder;
 pub mod m3;
+pub mod optim;
 
 pub use encoder::{DeviceEncoder, EncoderForward};
 pub use m3::M3Engine;
@@ -187,6 +188,59 @@ impl DBuf {
     pub fn zero(&self, dev: &dyn KernelDevice) -> Result<()> {
         // SAFETY: the buffer owns len * size bytes.
         unsafe { dev.memset_zero(self.ptr(), self.len * self.dt.size()) }
+    }
+}
+
+/// Where each of several tensors lives in one flat buffer: offsets rounded up to 8 elements
+/// (16 bytes in bf16, 32 in f32: every piece keeps the alignment of the vector loads). The gaps
+/// are zero and stay zero under AdamW (no gradient, no moment, decay of zero).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FlatLayout {
+    pub offsets: Vec<usize>,
+    pub lens: Vec<usize>,
+    pub total: usize,
+}
+
+impl FlatLayout {
+    pub fn new(lens: &[usize]) -> FlatLayout {
+        let mut offsets = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for &n in lens {
+            offsets.push(at);
+            at += n.div_ceil(8) * 8;
+        }
+        FlatLayout {
+            offsets,
+            lens: lens.to_vec(),
+            total: at,
+        }
+    }
+}
+
+impl DBuf {
+    /// One zero-filled buffer of `layout.total` elements and a view of each piece. The views keep
+    /// the buffer alive; writing through a view writes the buffer.
+    pub fn flat(
+        dev: &dyn KernelDevice,
+        layout: &FlatLayout,
+        dt: KDType,
+    ) -> Result<(std::sync::Arc<DBuf>, Vec<DBuf>)> {
+        let parent = std::sync::Arc::new(DBuf::zeros(dev, layout.total, dt)?);
+        let views = layout
+            .offsets
+            .iter()
+            .zip(&layout.lens)
+            .map(|(&o, &n)| DBuf {
+                buf: DevBuf::new(
+                    parent.at(o),
+                    n * dt.size(),
+                    Box::new(std::sync::Arc::clone(&parent)),
+                ),
+                len: n,
+                dt,
+            })
+            .collect();
+        Ok((parent, views))
     }
 }
 

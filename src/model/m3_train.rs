@@ -111,6 +111,19 @@ impl M3Student {
         })
     }
 
+    /// A model directory as a student: backbone + heads, or fresh heads
+    /// ([`fresh_heads`] with `seed`) when the directory has no colbert/sparse .pt files.
+    pub fn load_dir(dir: &std::path::Path, seed: u64) -> Result<M3Student> {
+        let cfg = crate::model::config::EncoderConfig::from_file(dir.join("config.json"))?;
+        let (map, path) = crate::io::read_backbone(dir)?;
+        let enc = Encoder::from_tensors(cfg, &map, &path)?;
+        let heads = match crate::io::read_heads(dir, enc.config.hidden_size)? {
+            Some(h) => h,
+            None => fresh_heads(enc.config.hidden_size, seed)?,
+        };
+        M3Student::new(enc, &heads)
+    }
+
     fn n_encoder(&self) -> usize {
         encoder_param_specs(&self.encoder_config).len()
     }
@@ -318,6 +331,33 @@ impl M3Student {
         sum_over: Option<&crate::dist::Group>,
         sub: usize,
     ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
+        let (values, heads) = self.device_grads_resident(
+            dev, denc, dgrads, batch, cfg, dropout, drop_ids, sum_over, sub,
+        )?;
+        let mut out = Vec::with_capacity(self.params.values().len());
+        for (gb, spec) in dgrads.iter().zip(self.params.specs()) {
+            out.push(Some(Tensor::from_vec(gb.to_f32(dev)?, &spec.dims)?));
+        }
+        out.extend(heads);
+        Ok((values, out))
+    }
+
+    /// [`M3Student::device_grads`] leaving the encoder's gradients where they are (in `dgrads`,
+    /// summed over `sum_over`): returns the loss values and the head parameters' gradients
+    /// only, for a trainer whose optimizer runs on the device (`engine::optim::DeviceAdamW`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn device_grads_resident(
+        &self,
+        dev: &dyn crate::device::launch::KernelDevice,
+        denc: &crate::engine::DeviceEncoder,
+        dgrads: &[crate::engine::DBuf],
+        batch: &M3Batch,
+        cfg: &M3LossConfig,
+        dropout: Option<DropoutCfg>,
+        drop_ids: &[u32],
+        sum_over: Option<&crate::dist::Group>,
+        sub: usize,
+    ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
         check_batch(batch)?;
         let n = self.n_encoder();
         let mut tape = Tape::new();
@@ -376,14 +416,7 @@ impl M3Student {
         if let Some(group) = sum_over {
             group.all_reduce_device(dev, dgrads)?;
         }
-        let mut out = Vec::with_capacity(p.len());
-        for (gb, spec) in dgrads.iter().zip(self.params.specs()) {
-            out.push(Some(Tensor::from_vec(gb.to_f32(dev)?, &spec.dims)?));
-        }
-        for v in ph {
-            out.push(g.take(v));
-        }
-        Ok((values, out))
+        Ok((values, ph.iter().map(|v| g.take(v)).collect()))
     }
 
     /// Loss values and parameter gradients of a batch by the exact two-pass sub-batch scheme

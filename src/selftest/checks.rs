@@ -539,6 +539,7 @@ fn adamw(c: &mut Ctx, n: usize) {
         weight_decay: 0.01,
         step: 3,
         max_norm: 1.0,
+        grad_scale: 1.0,
     };
     let (_, p0) = c.randn::<f32>(n, 1.0, 0.0);
     let (_, g) = c.randn::<f32>(n, 0.5, 0.0);
@@ -590,21 +591,39 @@ fn adamw(c: &mut Ctx, n: usize) {
         );
         let (bp0, bg0, bm0, bv0) = (c.up(&p0)?, c.up(&g)?, c.up(&m0)?, c.up(&v0)?);
         let bmask = c.up(&mask)?;
-        // SAFETY: param/grad/m/v [n] f32, decay_mask [n] u8, sumsq [1] f32.
+        let bcopy = c.zeros::<f32>(n)?;
+        // SAFETY: param/grad/m/v [n] f32, decay_mask [n] u8, sumsq [1] f32, copy [n] f32.
         unsafe {
             kernels::adamw(
-                c.dev, bp0.ptr, bg0.ptr, bm0.ptr, bv0.ptr, bmask.ptr, bs.ptr, n, &h,
+                c.dev,
+                bp0.ptr,
+                bg0.ptr,
+                bm0.ptr,
+                bv0.ptr,
+                bmask.ptr,
+                bs.ptr,
+                Some((bcopy.ptr, KDType::F32)),
+                n,
+                &h,
             )?
         };
         let got = c.down::<f32>(&bp0, n)?;
         c.cmp("adamw_f32", &shape, "param", &got, &p, TOL_F32);
+        let got = c.down::<f32>(&bcopy, n)?;
+        c.cmp("adamw_f32", &shape, "f32 copy", &got, &p, TOL_F32);
         let got = c.down::<f32>(&bm0, n)?;
         c.cmp("adamw_f32", &shape, "m", &got, &m, TOL_F32);
         let got = c.down::<f32>(&bv0, n)?;
         c.cmp("adamw_f32", &shape, "v", &got, &v, TOL_F32);
-        // No mask, no clipping: plain AdamW with decay everywhere.
+        // No mask, no clipping, gradients scaled by 1/2 (two ranks' sum), a bf16 compute copy:
+        // plain AdamW with decay everywhere.
         let (bp1, bm1, bv1) = (c.up(&p0)?, c.up(&m0)?, c.up(&v0)?);
-        // SAFETY: as above, with null mask and sumsq.
+        let b16 = c.zeros::<bf16>(n)?;
+        let h2 = AdamWStep {
+            grad_scale: 0.5,
+            ..h
+        };
+        // SAFETY: as above, with null mask and sumsq, copy [n] bf16.
         unsafe {
             kernels::adamw(
                 c.dev,
@@ -614,8 +633,9 @@ fn adamw(c: &mut Ctx, n: usize) {
                 bv1.ptr,
                 DevPtr::NULL,
                 DevPtr::NULL,
+                Some((b16.ptr, KDType::BF16)),
                 n,
-                &h,
+                &h2,
             )?
         };
         let hy = cpu::adamw::AdamWHyper {
@@ -626,9 +646,11 @@ fn adamw(c: &mut Ctx, n: usize) {
             weight_decay: h.weight_decay,
         };
         let (mut p1, mut m1, mut v1) = (p0.clone(), m0.clone(), v0.clone());
-        cpu::adamw::adamw_step(&mut p1, &g, &mut m1, &mut v1, &hy, h.step, 1.0);
+        cpu::adamw::adamw_step(&mut p1, &g, &mut m1, &mut v1, &hy, h.step, 0.5);
         let got = c.down::<f32>(&bp1, n)?;
         c.cmp("adamw_f32", &shape, "param nomask", &got, &p1, TOL_F32);
+        let got = c.down::<bf16>(&b16, n)?;
+        c.cmp("adamw_f32", &shape, "bf16 copy", &got, &p1, TOL_BF16);
         Ok(())
     });
 }

@@ -19,6 +19,7 @@ use crate::data::tokenizer::TextTokenizer;
 use crate::device::cpu::elementwise::hash_u32;
 use crate::device::Device;
 use crate::dist::{DistEnv, Group};
+use crate::engine::optim::DeviceAdamW;
 use crate::error::{Error, Result};
 use crate::model::encoder::{DropoutCfg, EncoderInput};
 use crate::model::m3_train::{M3Batch, M3LossConfig, M3LossValues, M3Student};
@@ -192,10 +193,10 @@ pub fn finetune(
 }
 
 /// [`finetune`] with the encoder on `device`: on CUDA (bf16 storage, f32 accumulation: mixed
-/// precision with the f32 master weights on the host) or the emulator (f32), the encoder forward
-/// and backward run there ([`M3Student::device_grads`]); heads, losses and AdamW run on the host,
-/// and the updated encoder weights are uploaded after every step; `sub_batch` > 0 runs the
-/// two-pass sub-batch scheme there too.
+/// precision with f32 master weights) or the emulator (f32), the encoder forward and backward
+/// and its AdamW run there ([`M3Student::device_grads_resident`], [`DeviceAdamW`]); heads and
+/// losses run on the host, with the heads' AdamW; `sub_batch` > 0 runs the two-pass sub-batch
+/// scheme there too.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn finetune_on(
     device: Device,
@@ -252,17 +253,12 @@ pub fn finetune_dist(
     progress: &mut dyn FnMut(u64, u64, f32),
 ) -> Result<Vec<StepLosses>> {
     device.ensure_available()?;
-    let mut engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
+    let engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
     let group = match dist {
         DistSetup::Group(g) => g,
         DistSetup::Env(e) => connect_group(&e, engine.as_ref().map(|(d, _)| d.clone()))?,
     };
     let (rank, world) = (group.rank(), group.world());
-    // Device gradient buffers, allocated once and cleared every step.
-    let dgrads = match &engine {
-        Some((dev, denc)) => denc.zero_grads(&**dev)?,
-        None => Vec::new(),
-    };
     if cfg.group_size < 2 || data.units.iter().any(|u| u.batch_size == 0) {
         return Err(Error::invalid(
             "batch size must be >= 1 and group size >= 2",
@@ -306,6 +302,26 @@ pub fn finetune_dist(
                 && model.params.specs()[i].name == "embeddings.position_embeddings.weight")
     };
     let frozen: Vec<bool> = (0..model.params.values().len()).map(frozen).collect();
+    // With the encoder on a device, its optimizer runs there too: gradient buffers (views of one
+    // flat f32 buffer, allocated once and cleared every step), f32 master weights and moments;
+    // the kernel writes the forward's compute copy. The heads keep the host optimizer.
+    let dopt = match &engine {
+        Some((dev, denc)) => {
+            let (gflat, views) = denc.zero_grads_flat(&**dev)?;
+            let (_, layout) = denc
+                .flat_weights()
+                .ok_or_else(|| Error::invalid("device encoder without flat weights"))?;
+            let o = DeviceAdamW::new(&**dev, layout, &model.params, &opt, &frozen)?;
+            Some((o, gflat, views))
+        }
+        None => None,
+    };
+    let names: Vec<String> = model
+        .params
+        .specs()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
     let mut plan: (u64, Vec<PlannedBatch>) = (u64::MAX, Vec::new());
     let mut report = Vec::new();
     let c = model.encoder_config.clone();
@@ -348,11 +364,13 @@ pub fn finetune_dist(
             ..cfg.loss
         };
         let sum_over = (world > 1).then_some(&group);
-        let (loss, mut grads) = if let Some((dev, denc)) = &engine {
-            let (loss, mut grads) = model.device_grads(
+        let (loss, mut grads) = if let (Some((dev, denc)), Some((_, _, dgrads))) = (&engine, &dopt)
+        {
+            // Encoder gradients stay on the device (summed over the group there).
+            let (loss, heads) = model.device_grads_resident(
                 &**dev,
                 denc,
-                &dgrads,
+                dgrads,
                 &batch,
                 &lcfg,
                 drop,
@@ -360,7 +378,8 @@ pub fn finetune_dist(
                 sum_over,
                 cfg.sub_batch,
             )?;
-            group.average_grads_from(&mut grads, n_enc)?;
+            let mut grads: Vec<Option<Tensor>> = (0..n_enc).map(|_| None).chain(heads).collect();
+            group.average_grads(&mut grads)?;
             (loss, grads)
         } else if cfg.sub_batch > 0 {
             model.sub_batch_grads(&batch, &lcfg, drop, &drop_ids, cfg.sub_batch)?
@@ -427,10 +446,29 @@ pub fn finetune_dist(
             loss.self_distill,
         );
         let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);
-        let norm = opt.update(&mut model.params, &grads, lr)?;
-        if let Some((dev, denc)) = &mut engine {
-            denc.set_weights(&**dev, &model.params.values()[..n_enc])?;
-        }
+        let norm = match (&engine, &dopt) {
+            (Some((dev, denc)), Some((dopt, gflat, _))) => {
+                // One clip factor over the device's and the host's gradients; the device's are
+                // the sum over the ranks, scaled by 1/W.
+                let inv_w = 1.0 / world as f32;
+                let dev_sq = dopt.grad_sumsq(&**dev, gflat, inv_w, &names, state.step + 1)?;
+                let (norm, clip) = opt.update_with(&mut model.params, &grads, lr, dev_sq)?;
+                let (weights, _) = denc
+                    .flat_weights()
+                    .ok_or_else(|| Error::invalid("device encoder without flat weights"))?;
+                dopt.step(
+                    &**dev,
+                    gflat,
+                    weights,
+                    &opt.hyper,
+                    lr,
+                    opt.step,
+                    inv_w * clip,
+                )?;
+                norm
+            }
+            _ => opt.update(&mut model.params, &grads, lr)?,
+        };
         state.step += 1;
         state.batches_seen += 1;
         let secs = t0.elapsed().as_secs_f64();
@@ -448,6 +486,9 @@ pub fn finetune_dist(
             .save_every
             .is_some_and(|n| n > 0 && state.step % n == 0 && state.step < total)
         {
+            if let (Some((dev, _)), Some((dopt, _, _))) = (&engine, &dopt) {
+                dopt.sync_to_host(&**dev, &mut model.params, &mut opt)?;
+            }
             group.check_in_sync(
                 model.params.values(),
                 &format!("at checkpoint {}", state.step),
@@ -459,6 +500,9 @@ pub fn finetune_dist(
                 })?;
             }
         }
+    }
+    if let (Some((dev, _)), Some((dopt, _, _))) = (&engine, &dopt) {
+        dopt.sync_to_host(&**dev, &mut model.params, &mut opt)?;
     }
     group.check_in_sync(model.params.values(), "at the end")?;
     if let Some(metrics) = metrics {

@@ -60,6 +60,20 @@ impl AdamW {
         grads: &[Option<Tensor>],
         lr: f32,
     ) -> Result<f32> {
+        Ok(self.update_with(params, grads, lr, 0.0)?.0)
+    }
+
+    /// [`AdamW::update`] when some gradients are applied elsewhere (a device optimizer,
+    /// `engine::optim::DeviceAdamW`, for the parameters whose `grads` entry is None here):
+    /// `extra_sq` is their Σ g², counted in the global norm. Returns the norm and the clip factor,
+    /// which the other optimizer applies too.
+    pub fn update_with(
+        &mut self,
+        params: &mut ParamSet,
+        grads: &[Option<Tensor>],
+        lr: f32,
+        extra_sq: f64,
+    ) -> Result<(f32, f32)> {
         if grads.len() != params.values().len() || self.m.len() != grads.len() {
             return Err(Error::invalid(format!(
                 "optimizer: {} gradients for {} parameters ({} in state)",
@@ -68,7 +82,7 @@ impl AdamW {
                 self.m.len()
             )));
         }
-        let mut sq = 0.0f64;
+        let mut sq = extra_sq;
         for (i, g) in grads.iter().enumerate() {
             if let Some(g) = g {
                 let name = &params.specs()[i].name;
@@ -111,7 +125,32 @@ impl AdamW {
             values[i] = Tensor::from_vec(p, &params.specs()[i].dims)?;
         }
         params.set_values(values)?;
-        Ok(norm as f32)
+        Ok((norm as f32, scale))
+    }
+
+    /// The moments (m, v) of parameter `i`.
+    pub fn moments(&self, i: usize) -> (&[f32], &[f32]) {
+        (&self.m[i], &self.v[i])
+    }
+
+    /// Replace the moments of parameter `i` (from a device optimizer, before a checkpoint).
+    pub fn set_moments(&mut self, i: usize, m: Vec<f32>, v: Vec<f32>) -> Result<()> {
+        if m.len() != self.m[i].len() || v.len() != self.v[i].len() {
+            return Err(Error::invalid(format!(
+                "optimizer moments of parameter {i}: {} / {} values for {}",
+                m.len(),
+                v.len(),
+                self.m[i].len()
+            )));
+        }
+        self.m[i] = m;
+        self.v[i] = v;
+        Ok(())
+    }
+
+    /// Whether parameter `i` takes weight decay.
+    pub fn decays(&self, i: usize) -> bool {
+        self.decay[i]
     }
 
     /// The moments as named tensors (`exp_avg.<name>`, `exp_avg_sq.<name>`), for checkpoints.

@@ -302,7 +302,20 @@ pub fn adamw(
         DevPtr::NULL
     };
     // SAFETY: param/grad/m/v [n], mask [n] or null, sq [1] or null.
-    unsafe { kernels::adamw(dev, pm(param), p(grad), pm(m), pm(v), mask, sq_ptr, n, h) }
+    unsafe {
+        kernels::adamw(
+            dev,
+            pm(param),
+            p(grad),
+            pm(m),
+            pm(v),
+            mask,
+            sq_ptr,
+            None,
+            n,
+            h,
+        )
+    }
 }
 
 /// The device form of a CPU attention mask over host slices (checked against the dims).

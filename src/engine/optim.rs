@@ -1,0 +1,247 @@
+//! AdamW on the device for a trainer whose encoder lives there: f32 master weights and moments
+//! stay on the device in the encoder's flat layout ([`super::FlatLayout`]), one fused kernel
+//! (kernels/adamw.cu) updates them from the flat gradient buffer and writes the compute copy the
+//! forward reads (bf16 on CUDA) in the same pass. Per step the host reads back one float per run
+//! of trainable tensors (Σ g², for the global clip norm) instead of the whole gradient, and uploads
+//! nothing. The host keeps the optimizer of the other parameters (heads) and the step count;
+//! [`DeviceAdamW::sync_to_host`] brings weights and moments back for checkpoints.
+
+use super::{DBuf, FlatLayout};
+use crate::device::kernels::{self as k, AdamWStep};
+use crate::device::launch::{KDType, KernelDevice};
+use crate::error::{Error, Result};
+use crate::model::params::ParamSet;
+use crate::tensor::Tensor;
+use crate::train::optim::AdamW;
+use std::ops::Range;
+
+/// Device AdamW state of the first `layout.lens.len()` parameters of a [`ParamSet`].
+pub struct DeviceAdamW {
+    layout: FlatLayout,
+    master: DBuf,
+    m: DBuf,
+    v: DBuf,
+    /// [total] u8: 1 where weight decay applies.
+    decay: crate::device::launch::DevBuf,
+    /// Runs of consecutive trainable tensors, as element ranges of the flat buffers.
+    runs: Vec<(Range<usize>, Range<usize>)>,
+    partials: DBuf,
+    sumsq: DBuf,
+}
+
+impl std::fmt::Debug for DeviceAdamW {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DeviceAdamW({} tensors, {} elements)",
+            self.layout.lens.len(),
+            self.layout.total
+        )
+    }
+}
+
+impl DeviceAdamW {
+    /// Upload the master weights (`params`' first tensors, in `layout`), the moments of `opt`
+    /// (zero for a fresh run, a checkpoint's on resume) and the decay mask (`opt`'s rule).
+    /// `frozen[i]` tensors are never updated (no decay either), as the host optimizer skips a
+    /// tensor without gradient.
+    pub fn new(
+        dev: &dyn KernelDevice,
+        layout: &FlatLayout,
+        params: &ParamSet,
+        opt: &AdamW,
+        frozen: &[bool],
+    ) -> Result<DeviceAdamW> {
+        let n = layout.lens.len();
+        if params.values().len() < n || frozen.len() < n {
+            return Err(Error::invalid(format!(
+                "device optimizer: {} parameters / {} frozen flags for a layout of {n}",
+                params.values().len(),
+                frozen.len()
+            )));
+        }
+        let mut master = vec![0.0f32; layout.total];
+        let mut m = vec![0.0f32; layout.total];
+        let mut v = vec![0.0f32; layout.total];
+        let mut decay = vec![0u8; layout.total];
+        for i in 0..n {
+            let (o, len) = (layout.offsets[i], layout.lens[i]);
+            let t = params.values()[i].to_f32();
+            let vals = t.f32s()?;
+            if vals.len() != len {
+                return Err(Error::shape(
+                    format!("device optimizer: {}", params.specs()[i].name),
+                    &[len],
+                    &[vals.len()],
+                ));
+            }
+            master[o..o + len].copy_from_slice(vals);
+            let (mi, vi) = opt.moments(i);
+            m[o..o + len].copy_from_slice(mi);
+            v[o..o + len].copy_from_slice(vi);
+            if opt.decays(i) {
+                decay[o..o + len].fill(1);
+            }
+        }
+        let mut runs = Vec::new();
+        let mut i = 0;
+        while i < n {
+            if frozen[i] {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            while i < n && !frozen[i] {
+                i += 1;
+            }
+            let a = layout.offsets[start];
+            let b = layout.offsets[i - 1] + layout.lens[i - 1];
+            runs.push((start..i, a..b));
+        }
+        let max_run = runs.iter().map(|r| r.1.len()).max().unwrap_or(0);
+        Ok(DeviceAdamW {
+            layout: layout.clone(),
+            master: DBuf::from_f32(dev, &master, KDType::F32)?,
+            m: DBuf::from_f32(dev, &m, KDType::F32)?,
+            v: DBuf::from_f32(dev, &v, KDType::F32)?,
+            decay: super::upload_pod(dev, &decay)?,
+            runs,
+            partials: DBuf::zeros(dev, k::grad_sumsq_partials(max_run.max(1)), KDType::F32)?,
+            sumsq: DBuf::zeros(dev, 1, KDType::F32)?,
+        })
+    }
+
+    /// Σ g² over the trainable tensors of the flat gradient `grads` (f32, this layout), times
+    /// `scale`². A non-finite sum is an error naming the first tensor (of `names`) at fault.
+    pub fn grad_sumsq(
+        &self,
+        dev: &dyn KernelDevice,
+        grads: &DBuf,
+        scale: f32,
+        names: &[String],
+        step: u64,
+    ) -> Result<f64> {
+        self.check_grads(grads)?;
+        let mut total = 0.0f64;
+        for (tensors, r) in &self.runs {
+            // SAFETY: grads holds layout.total f32 (checked); the run lies inside it; partials
+            // has room for the longest run; sumsq holds one f32.
+            unsafe {
+                k::grad_sumsq(
+                    dev,
+                    grads.at(r.start),
+                    self.partials.ptr(),
+                    self.sumsq.ptr(),
+                    r.len(),
+                )?
+            };
+            let s = self.sumsq.to_f32(dev)?[0] as f64;
+            if !s.is_finite() {
+                for i in tensors.clone() {
+                    let (o, len) = (self.layout.offsets[i], self.layout.lens[i]);
+                    let all = grads.to_f32(dev)?;
+                    if all[o..o + len].iter().any(|x| !x.is_finite()) {
+                        return Err(Error::NonFinite(format!(
+                            "gradient of {} at step {step}",
+                            names.get(i).map_or("?", String::as_str)
+                        )));
+                    }
+                }
+                return Err(Error::NonFinite(format!(
+                    "gradient norm of the encoder at step {step}"
+                )));
+            }
+            total += s;
+        }
+        Ok(total * (scale as f64) * (scale as f64))
+    }
+
+    /// One AdamW step (`step` counted from 1, bias corrections from it) of every trainable
+    /// tensor with gradient `scale · grads`; `copy` (the encoder's flat weights, this layout)
+    /// receives the new weights in its own type.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step(
+        &self,
+        dev: &dyn KernelDevice,
+        grads: &DBuf,
+        copy: &DBuf,
+        hyper: &crate::device::cpu::adamw::AdamWHyper,
+        lr: f32,
+        step: u64,
+        scale: f32,
+    ) -> Result<()> {
+        self.check_grads(grads)?;
+        if copy.len() != self.layout.total {
+            return Err(Error::shape(
+                "device optimizer weight copy",
+                &[self.layout.total],
+                &[copy.len()],
+            ));
+        }
+        let h = AdamWStep {
+            lr,
+            beta1: hyper.beta1,
+            beta2: hyper.beta2,
+            eps: hyper.eps,
+            weight_decay: hyper.weight_decay,
+            step,
+            max_norm: 0.0,
+            grad_scale: scale,
+        };
+        let u8_at = |i: usize| crate::device::launch::DevPtr(self.decay.ptr.0 + i as u64);
+        for (_, r) in &self.runs {
+            // SAFETY: master, m, v, grads hold layout.total f32, decay layout.total u8, copy
+            // layout.total elements of its type; the run lies inside all of them.
+            unsafe {
+                k::adamw(
+                    dev,
+                    self.master.at(r.start),
+                    grads.at(r.start),
+                    self.m.at(r.start),
+                    self.v.at(r.start),
+                    u8_at(r.start),
+                    crate::device::launch::DevPtr::NULL,
+                    Some((copy.at(r.start), copy.dtype())),
+                    r.len(),
+                    &h,
+                )?
+            };
+        }
+        Ok(())
+    }
+
+    /// Bring the master weights into `params`' first tensors and the moments into `opt` (before
+    /// a checkpoint, a parameter check or the end of the run).
+    pub fn sync_to_host(
+        &self,
+        dev: &dyn KernelDevice,
+        params: &mut ParamSet,
+        opt: &mut AdamW,
+    ) -> Result<()> {
+        let (master, m, v) = (
+            self.master.to_f32(dev)?,
+            self.m.to_f32(dev)?,
+            self.v.to_f32(dev)?,
+        );
+        let mut values = params.values().to_vec();
+        for (i, (value, spec)) in values.iter_mut().zip(params.specs()).enumerate() {
+            let Some((&o, &n)) = self.layout.offsets.get(i).zip(self.layout.lens.get(i)) else {
+                break;
+            };
+            *value = Tensor::from_vec(master[o..o + n].to_vec(), &spec.dims)?;
+            opt.set_moments(i, m[o..o + n].to_vec(), v[o..o + n].to_vec())?;
+        }
+        params.set_values(values)
+    }
+
+    fn check_grads(&self, grads: &DBuf) -> Result<()> {
+        if grads.len() != self.layout.total || grads.dtype() != KDType::F32 {
+            return Err(Error::shape(
+                "device optimizer gradients (f32)",
+                &[self.layout.total],
+                &[grads.len()],
+            ));
+        }
+        Ok(())
+    }
+}
