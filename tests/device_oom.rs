@@ -62,3 +62,23 @@ fn activations_that_do_not_fit_fail_the_forward_and_free_what_it_took() {
         3 * 64
     );
 }
+
+/// The largest-batch search (`retrom3 bench max-batch`) under an emulated memory limit: without
+/// sub-batches B is bounded by the activations and found exactly (B fits, B + 1 does not); with
+/// sub-batches of 2 the device holds one piece's activations at a time and reaches the cap.
+#[test]
+fn max_batch_search_finds_the_memory_bound_and_sub_batches_lift_it() {
+    let cfg = EncoderConfig::new_xlmr(1000, 64, 2, 2, 256, 66).unwrap();
+    let dev = EmuDevice::new().with_memory_limit(6_000_000);
+    let rows = retrom3::engine::bench::max_batch(&dev, cfg, &[32], &[0, 2], 16, 60.0, KDType::F32)
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let (whole, split) = (&rows[0], &rows[1]);
+    assert!(!whole.lower_bound, "{whole:?}");
+    assert!((1..16).contains(&whole.max_batch), "{whole:?}");
+    assert_eq!(
+        (split.max_batch, split.lower_bound),
+        (16, true),
+        "{split:?}"
+    );
+}

@@ -15,6 +15,9 @@
 #   model      retrom3 bench model --device cuda: bge-m3-sized random encoder (24 x 1024, vocab
 #              250002), S=512, batch 32: encode and training forward+backward tokens/s
 #   torch      tools/torch_baseline.py: PyTorch SDPA at D=64, S=512..4096, B*S=16k tokens
+#   maxbatch   retrom3 bench max-batch --device cuda: largest M3 training batch, bge-m3 size,
+#              S=1024/4096/8192, whole vs sub-batches of 16 (20 s per cell: lower bounds when
+#              the time runs out); MAXBATCH=0 skips it
 # Env: OUT (logs), SEED, BUDGET (seconds, default 470), SANITIZE=0 skips the two sanitizer steps.
 # Logs go to $OUT/<step>.log, the table to $OUT/summary.md (also printed). Exit status 0 when no
 # step failed; otherwise 1 and a line naming the failed steps. A skipped step says why.
@@ -136,6 +139,15 @@ if python3 -c 'import torch' >/dev/null 2>&1; then
   finish_step torch "$(grep -E '^(flash|cudnn)' "$OUT/torch.log" | awk '$3==512||$3==4096{printf "%s S=%s fwd %s f+b %s TF/s; ", $1, $3, $5, $7}')"
 else
   row torch SKIP 0 "python3 cannot import torch"
+fi
+
+# ---- largest training batch per device (issue 5, the paper's Table 10) -----------------------------
+if [ "${MAXBATCH:-1}" = 0 ]; then
+  row maxbatch SKIP 0 "MAXBATCH=0"
+else
+  run_step maxbatch 170 "$BIN" bench max-batch --device cuda --seq-lens 1024,4096,8192 \
+    --sub-batch 0,16 --budget-s 20 --json "$OUT/max_batch.jsonl"
+  finish_step maxbatch "$(awk '$1 ~ /^[0-9]+$/ {printf "S=%s sub %s: %s; ", $1, $2, $3}' "$OUT/maxbatch.log")"
 fi
 
 # ---- summary ------------------------------------------------------------------------------------

@@ -18,6 +18,41 @@ pub enum BenchCommand {
     /// Encoder throughput (inference and training forward + backward) of a random model on a
     /// device; defaults to bge-m3's size (24 layers, hidden 1024, 16 heads, vocab 250002) at S = 512.
     Model(BenchModelArgs),
+    /// Largest M3 training batch per device with and without sub-batching, per sequence length
+    /// (the paper's Table 10): a random bge-m3-sized encoder with its gradients and AdamW state
+    /// resident, B queries + B passages of S tokens, doubling then bisecting until out of memory.
+    MaxBatch(BenchMaxBatchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BenchMaxBatchArgs {
+    #[arg(long, default_value = "cuda")]
+    pub device: Device,
+    #[arg(long, default_value_t = 24)]
+    pub layers: usize,
+    #[arg(long, default_value_t = 1024)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 16)]
+    pub heads: usize,
+    #[arg(long, default_value_t = 250_002)]
+    pub vocab: usize,
+    /// Sequence lengths (tokens per text).
+    #[arg(long, value_delimiter = ',', default_value = "1024,4096,8192")]
+    pub seq_lens: Vec<usize>,
+    /// Sub-batch sizes to compare (0 = the whole batch in one encoder call).
+    #[arg(long, value_delimiter = ',', default_value = "0,8")]
+    pub sub_batch: Vec<usize>,
+    /// Largest B tried.
+    #[arg(long, default_value_t = 1024)]
+    pub cap: usize,
+    /// Seconds per (length, sub-batch) cell before the search stops with a lower bound.
+    #[arg(long, default_value_t = 60.0)]
+    pub budget_s: f64,
+    /// Storage type: bf16 (default) or f32.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -120,6 +155,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Encode(a) => encode(a),
         BenchCommand::Kernels(a) => kernels(a),
         BenchCommand::Model(a) => model(a),
+        BenchCommand::MaxBatch(a) => max_batch(a),
     }
 }
 
@@ -161,16 +197,57 @@ fn kernels(a: BenchKernelsArgs) -> Result<()> {
     report(&rows, a.json.as_ref())
 }
 
+fn dtype(s: &str) -> Result<KDType> {
+    match s {
+        "bf16" => Ok(KDType::BF16),
+        "f32" => Ok(KDType::F32),
+        other => Err(retrom3::Error::invalid(format!(
+            "--dtype {other}: expected bf16 or f32"
+        ))),
+    }
+}
+
+fn max_batch(a: BenchMaxBatchArgs) -> Result<()> {
+    let dt = dtype(&a.dtype)?;
+    let longest = a.seq_lens.iter().copied().max().unwrap_or(0);
+    if longest < 3 {
+        return Err(retrom3::Error::invalid(
+            "--seq-lens: give lengths of at least 3 tokens",
+        ));
+    }
+    let cfg = EncoderConfig::new_xlmr(
+        a.vocab,
+        a.hidden,
+        a.layers,
+        a.heads,
+        4 * a.hidden,
+        longest + 2,
+    )?;
+    let dev = engine::open(a.device)?;
+    println!("device: {}", dev.name());
+    let rows = bench::max_batch(&*dev, cfg, &a.seq_lens, &a.sub_batch, a.cap, a.budget_s, dt)?;
+    println!(
+        "{:>8} {:>10} {:>10} {:>7} {:>8}",
+        "seq_len", "sub_batch", "max_batch", "probes", "seconds"
+    );
+    let mut json = String::new();
+    for r in &rows {
+        let b = format!("{}{}", if r.lower_bound { ">=" } else { "" }, r.max_batch);
+        println!(
+            "{:>8} {:>10} {:>10} {:>7} {:>8.1}",
+            r.seq_len, r.sub_batch, b, r.probes, r.seconds
+        );
+        json.push_str(&r.to_json().to_string());
+        json.push('\n');
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, json).map_err(|e| retrom3::Error::io(p, e))?;
+    }
+    Ok(())
+}
+
 fn model(a: BenchModelArgs) -> Result<()> {
-    let dt = match a.dtype.as_str() {
-        "bf16" => KDType::BF16,
-        "f32" => KDType::F32,
-        other => {
-            return Err(retrom3::Error::invalid(format!(
-                "--dtype {other}: expected bf16 or f32"
-            )))
-        }
-    };
+    let dt = dtype(&a.dtype)?;
     let cfg = EncoderConfig::new_xlmr(
         a.vocab,
         a.hidden,

@@ -538,3 +538,152 @@ pub fn model(
     });
     Ok(rows)
 }
+
+/// One cell of the largest-batch search ([`max_batch`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MaxBatchRow {
+    pub seq_len: usize,
+    /// Texts per encoder call (0: the whole batch at once).
+    pub sub_batch: usize,
+    /// Largest number of queries B (with B passages) whose training step fits.
+    pub max_batch: usize,
+    /// True when the search stopped at the cap or the time budget before finding a B that
+    /// does not fit: `max_batch` is then a lower bound.
+    pub lower_bound: bool,
+    pub probes: usize,
+    pub seconds: f64,
+}
+
+impl MaxBatchRow {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "seq_len": self.seq_len, "sub_batch": self.sub_batch, "max_batch": self.max_batch,
+            "lower_bound": self.lower_bound, "probes": self.probes, "seconds": self.seconds,
+        })
+    }
+}
+
+/// The largest batch per device (issue 5 item 5, the paper's Table 10): for each sequence
+/// length and sub-batch size, the largest B such that one M3 training step of B queries and B
+/// passages (group size 1, every text `seq_len` tokens) runs with the encoder, its gradients and
+/// its AdamW state (f32 master weights and moments) resident, as `finetune --device` holds
+/// them. The heads are dense only (the probe measures the encoder's activation memory; the
+/// sparse and ColBERT heads run on the host). B doubles from 1 until a step runs out of device
+/// memory, then bisects; a cell stops early at `cap` or after `budget_s` seconds (a lower bound
+/// then). Any error other than out-of-memory is returned.
+pub fn max_batch(
+    dev: &dyn KernelDevice,
+    config: EncoderConfig,
+    seq_lens: &[usize],
+    subs: &[usize],
+    cap: usize,
+    budget_s: f64,
+    dt: KDType,
+) -> Result<Vec<MaxBatchRow>> {
+    use crate::model::m3_train::{fresh_heads, KdLoss, M3Batch, M3LossConfig, M3Student};
+    let hidden = config.hidden_size;
+    let vocab = config.vocab_size;
+    let student = M3Student::new(fast_random_encoder(config, 7)?, &fresh_heads(hidden, 1)?)?;
+    let denc = DeviceEncoder::upload(dev, &student.encoder()?, dt)?;
+    let (_gflat, dgrads) = denc.zero_grads_flat(dev)?;
+    let (_, layout) = denc
+        .flat_weights()
+        .ok_or_else(|| crate::Error::invalid("device encoder without flat weights"))?;
+    let opt = crate::train::optim::AdamW::new(
+        student.params.specs(),
+        crate::train::optim::adamw_hyper(1e-5, 0.01),
+        Some(1.0),
+    );
+    let frozen = vec![false; student.params.values().len()];
+    let _dopt = super::optim::DeviceAdamW::new(dev, layout, &student.params, &opt, &frozen)?;
+    let loss = M3LossConfig {
+        temperature: 0.02,
+        unified: false,
+        self_distill: false,
+        kd: KdLoss::M3KdLoss,
+    };
+    let mut rows = Vec::new();
+    for &seq in seq_lens {
+        for &sub in subs {
+            let t0 = Instant::now();
+            let mut probes = 0;
+            let mut probe = |b: usize| -> Result<bool> {
+                probes += 1;
+                let texts: Vec<Vec<u32>> = (0..b)
+                    .map(|i| {
+                        (0..seq)
+                            .map(|j| (5 + (i * 131 + j * 17) % (vocab - 5)) as u32)
+                            .collect()
+                    })
+                    .collect();
+                let batch = M3Batch {
+                    queries: EncoderInput::pad(&texts, 1),
+                    passages: EncoderInput::pad(&texts, 1),
+                    group: 1,
+                    teacher: None,
+                    no_in_batch: false,
+                    cross_device: None,
+                };
+                let r = student.device_grads_resident(
+                    dev,
+                    &denc,
+                    &dgrads,
+                    &batch,
+                    &loss,
+                    None,
+                    &[],
+                    None,
+                    sub,
+                );
+                match r.and_then(|_| dev.synchronize()) {
+                    Ok(()) => Ok(true),
+                    Err(crate::Error::OutOfMemory { .. }) => Ok(false),
+                    Err(e) => Err(e),
+                }
+            };
+            let over = |t0: &Instant| t0.elapsed().as_secs_f64() > budget_s;
+            // Doubling: `good` fits, `bad` (if found) does not.
+            let (mut good, mut bad) = (0usize, None);
+            let mut b = 1usize;
+            while b <= cap.max(1) {
+                if probe(b)? {
+                    good = b;
+                    if over(&t0) {
+                        break;
+                    }
+                    b *= 2;
+                } else {
+                    bad = Some(b);
+                    break;
+                }
+            }
+            if bad.is_none() && good < cap && !over(&t0) && probe(cap)? {
+                good = cap;
+            }
+            if let Some(mut hi) = bad {
+                while hi - good > 1 && !over(&t0) {
+                    let mid = (good + hi) / 2;
+                    if probe(mid)? {
+                        good = mid;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                bad = Some(hi);
+            }
+            let lower_bound = match bad {
+                Some(hi) => hi - good > 1,
+                None => true,
+            };
+            rows.push(MaxBatchRow {
+                seq_len: seq,
+                sub_batch: sub,
+                max_batch: good,
+                lower_bound,
+                probes,
+                seconds: t0.elapsed().as_secs_f64(),
+            });
+        }
+    }
+    Ok(rows)
+}
