@@ -4,6 +4,9 @@
 //! continues the run.
 #![cfg(feature = "emu")]
 
+mod common;
+
+use common::{fixture, rel_err};
 use retrom3::data::m3_data::read_train_file;
 use retrom3::data::TextTokenizer;
 use retrom3::model::encoder::Encoder;
@@ -12,18 +15,6 @@ use retrom3::train::m3::{finetune_on, FinetuneConfig, M3TrainData};
 use retrom3::train::{AdamW, TrainState};
 use retrom3::{Device, EncoderConfig};
 use std::path::{Path, PathBuf};
-
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("retrom3-devtrain-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
 
 /// A head-dim-32 student with the tiny-xlmr fixture's vocabulary (the device attention kernels
 /// take head dims 32, 64, 128).
@@ -66,12 +57,6 @@ fn config() -> FinetuneConfig {
         dropout: false,
         negatives_cross_device: true,
     }
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 fn train(device: Device, m: &mut M3Student, out: &Path, resume: Option<(TrainState, AdamW)>) {
@@ -157,4 +142,8 @@ fn device_optimizer_follows_the_host_one_and_resumes_bit_identically() {
         let e = rel_err(a.f32s().unwrap(), b.f32s().unwrap());
         assert!(e < 1e-5, "{}: resumed run differs by {e}", spec.name);
     }
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    common::tmp_dir(&format!("devtrain-{tag}"))
 }

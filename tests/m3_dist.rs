@@ -7,39 +7,23 @@
 //! * The trainer with W = 2 follows a W = 1 run over the same global batches.
 //! * The CLI launched as two processes (torchrun-style variables) trains and only rank 0 writes.
 
+mod common;
+
+use common::{fixture, rel_err};
 use retrom3::autograd::Tape;
 use retrom3::data::m3_data::{read_train_file, TrainExample};
 use retrom3::data::TextTokenizer;
 use retrom3::dist::tcp::TcpGroup;
 use retrom3::dist::Group;
-use retrom3::model::encoder::{Encoder, EncoderInput};
+use retrom3::model::encoder::EncoderInput;
 use retrom3::model::m3_train::{KdLoss, M3Batch, M3LossConfig, M3LossValues, M3Student};
 use retrom3::train::m3::{finetune, finetune_dist, DistSetup, FinetuneConfig, M3TrainData};
-use retrom3::{Device, EncoderConfig, Tensor};
+use retrom3::{Device, Tensor};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn fixture(p: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(p)
-}
-
-fn tmp(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("retrom3-dist-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
-}
-
 fn student() -> M3Student {
-    let dir = fixture("tiny-xlmr");
-    let cfg = EncoderConfig::from_file(dir.join("config.json")).unwrap();
-    let (map, path) = retrom3::io::read_backbone(&dir).unwrap();
-    let enc = Encoder::from_tensors(cfg, &map, &path).unwrap();
-    let heads = retrom3::io::read_heads(&dir, enc.config.hidden_size)
-        .unwrap()
-        .unwrap();
-    M3Student::new(enc, &heads).unwrap()
+    M3Student::load_dir(&fixture("tiny-xlmr"), 0).unwrap()
 }
 
 /// Run `f(group)` for ranks 0..world on threads joined over localhost.
@@ -97,12 +81,6 @@ fn grads(m: &M3Student, b: &M3Batch, cfg: &M3LossConfig) -> (M3LossValues, Vec<O
     let values = loss.values().unwrap();
     let g = tape.backward(&loss.total).unwrap();
     (values, p.iter().map(|v| g.get(v).cloned()).collect())
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
-    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
-    (num / den.max(1e-30)).sqrt()
 }
 
 #[test]
@@ -456,6 +434,8 @@ fn two_emulated_devices_follow_the_cpu_ranks() {
         let out = Arc::new(tmp(&format!("emu-{device}")));
         runs.push(on_threads(2, move |group| {
             // Head dim 32: the device attention kernels take 32, 64 or 128.
+            use retrom3::model::encoder::Encoder;
+            use retrom3::EncoderConfig;
             let c = student().encoder_config;
             let cfg =
                 EncoderConfig::new_xlmr(c.vocab_size, 64, 2, 2, 128, c.max_position_embeddings)
@@ -505,4 +485,8 @@ fn two_emulated_devices_follow_the_cpu_ranks() {
             "emulated ranks diverged"
         );
     }
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    common::tmp_dir(&format!("dist-{tag}"))
 }

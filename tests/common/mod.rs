@@ -121,3 +121,24 @@ pub fn check_grad(name: &str, got: &[f32], want: &[f32], rtol: f64, max_abs: f32
     );
     Some(rel)
 }
+
+/// A file or directory under tests/fixtures.
+pub fn fixture(p: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+/// A fresh (removed if present) temporary path for `tag`, unique to this test process.
+pub fn tmp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("retrom3-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+/// ‖a − b‖ / ‖b‖ (f64).
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
