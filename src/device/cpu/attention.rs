@@ -193,35 +193,52 @@ pub fn attention_fwd(
     out: &mut [f32],
     lse: &mut [f32],
 ) {
+    use rayon::prelude::*;
     let w = d.width();
-    let mut s = vec![0.0f32; d.q_len * d.k_len];
-    for b in 0..d.batch {
-        for h in 0..d.heads {
-            scores(q, k, &d, b, h, scale, &mut s);
-            let bh = b * d.heads + h;
-            softmax_block(
-                &mut s,
-                mask,
-                &d,
-                b,
-                &mut lse[bh * d.q_len..(bh + 1) * d.q_len],
-            );
-            apply_dropout(&mut s, drop, &d, b, h);
-            sgemm_strided(
-                d.q_len,
-                d.k_len,
-                d.head_dim,
-                1.0,
-                &s,
-                [d.k_len, 1],
-                &v[head_at(&d, b * d.k_len, h)..],
-                [w, 1],
-                0.0,
-                &mut out[head_at(&d, b * d.q_len, h)..],
-                [w, 1],
-            );
-        }
+    assert_eq!(
+        out.len(),
+        d.batch * d.q_len * w,
+        "attention_fwd: out length"
+    );
+    assert_eq!(
+        lse.len(),
+        d.batch * d.heads * d.q_len,
+        "attention_fwd: lse length"
+    );
+    if out.is_empty() {
+        return;
     }
+    // One task per sequence: its output rows and lse entries are contiguous and disjoint.
+    out.par_chunks_mut(d.q_len * w)
+        .zip(lse.par_chunks_mut(d.heads * d.q_len))
+        .enumerate()
+        .for_each(|(b, (out_b, lse_b))| {
+            let mut s = vec![0.0f32; d.q_len * d.k_len];
+            for h in 0..d.heads {
+                scores(q, k, &d, b, h, scale, &mut s);
+                softmax_block(
+                    &mut s,
+                    mask,
+                    &d,
+                    b,
+                    &mut lse_b[h * d.q_len..(h + 1) * d.q_len],
+                );
+                apply_dropout(&mut s, drop, &d, b, h);
+                sgemm_strided(
+                    d.q_len,
+                    d.k_len,
+                    d.head_dim,
+                    1.0,
+                    &s,
+                    [d.k_len, 1],
+                    &v[head_at(&d, b * d.k_len, h)..],
+                    [w, 1],
+                    0.0,
+                    &mut out_b[head_at(&d, 0, h)..],
+                    [w, 1],
+                );
+            }
+        });
 }
 
 /// Backward: dq, dk, dv are assigned (fully overwritten).
@@ -240,105 +257,117 @@ pub fn attention_bwd(
     dk: &mut [f32],
     dv: &mut [f32],
 ) {
+    use rayon::prelude::*;
     let w = d.width();
     let (lq, lk, hd) = (d.q_len, d.k_len, d.head_dim);
-    let mut p = vec![0.0f32; lq * lk];
-    let mut dp = vec![0.0f32; lq * lk];
-    for b in 0..d.batch {
-        for h in 0..d.heads {
-            let bh = b * d.heads + h;
-            let row_lse = &lse[bh * lq..(bh + 1) * lq];
-            // Recompute P from the saved lse.
-            scores(q, k, &d, b, h, scale, &mut p);
-            for (i, row) in p.chunks_exact_mut(lk).enumerate() {
-                let l = row_lse[i];
-                for (j, x) in row.iter_mut().enumerate() {
-                    *x = if l == f32::INFINITY {
-                        1.0 / lk as f32
-                    } else if mask.visible(b, i, j, lk) {
-                        (*x - l).exp()
-                    } else {
-                        0.0
-                    };
-                }
-            }
-            // dP = dO V_hᵀ  (before dropout: dP_ij here is dO_i · V_j).
-            let (qo, ko) = (head_at(&d, b * lq, h), head_at(&d, b * lk, h));
-            sgemm_strided(
-                lq,
-                hd,
-                lk,
-                1.0,
-                &dout[qo..],
-                [w, 1],
-                &v[ko..],
-                [1, w],
-                0.0,
-                &mut dp,
-                [lk, 1],
-            );
-            // With dropout factors m: O = (P ⊙ m) V, so dV = (P ⊙ m)ᵀ dO and
-            // dS = P ⊙ (m ⊙ dP − D) · scale with D_i = dO_i · O_i.
-            for i in 0..lq {
-                let di: f64 = dout[qo + i * w..qo + i * w + hd]
-                    .iter()
-                    .zip(&out[qo + i * w..qo + i * w + hd])
-                    .map(|(&a, &c)| a as f64 * c as f64)
-                    .sum();
-                let masked_row = row_lse[i] == f32::INFINITY;
-                for j in 0..lk {
-                    let m = AttnDropout::factor_of(drop, &d, b, h, i, j) as f32;
-                    let pij = p[i * lk + j];
-                    dp[i * lk + j] = if masked_row {
-                        0.0 // the scores of a fully masked row are constants
-                    } else {
-                        pij * (m * dp[i * lk + j] - di as f32) * scale
-                    };
-                    p[i * lk + j] = pij * m;
-                }
-            }
-            // dV_h = (P ⊙ m)ᵀ dO_h ; dQ_h = dS K_h ; dK_h = dSᵀ Q_h (each (b, h) view is disjoint).
-            sgemm_strided(
-                lk,
-                lq,
-                hd,
-                1.0,
-                &p,
-                [1, lk],
-                &dout[qo..],
-                [w, 1],
-                0.0,
-                &mut dv[ko..],
-                [w, 1],
-            );
-            sgemm_strided(
-                lq,
-                lk,
-                hd,
-                1.0,
-                &dp,
-                [lk, 1],
-                &k[ko..],
-                [w, 1],
-                0.0,
-                &mut dq[qo..],
-                [w, 1],
-            );
-            sgemm_strided(
-                lk,
-                lq,
-                hd,
-                1.0,
-                &dp,
-                [1, lk],
-                &q[qo..],
-                [w, 1],
-                0.0,
-                &mut dk[ko..],
-                [w, 1],
-            );
-        }
+    assert_eq!(dq.len(), d.batch * lq * w, "attention_bwd: dq length");
+    assert_eq!(dk.len(), d.batch * lk * w, "attention_bwd: dk length");
+    assert_eq!(dv.len(), d.batch * lk * w, "attention_bwd: dv length");
+    if dq.is_empty() || dk.is_empty() {
+        return;
     }
+    // One task per sequence: its dq, dk, dv rows are contiguous and disjoint.
+    dq.par_chunks_mut(lq * w)
+        .zip(dk.par_chunks_mut(lk * w))
+        .zip(dv.par_chunks_mut(lk * w))
+        .enumerate()
+        .for_each(|(b, ((dq_b, dk_b), dv_b))| {
+            let mut p = vec![0.0f32; lq * lk];
+            let mut dp = vec![0.0f32; lq * lk];
+            for h in 0..d.heads {
+                let bh = b * d.heads + h;
+                let row_lse = &lse[bh * lq..(bh + 1) * lq];
+                // Recompute P from the saved lse.
+                scores(q, k, &d, b, h, scale, &mut p);
+                for (i, row) in p.chunks_exact_mut(lk).enumerate() {
+                    let l = row_lse[i];
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = if l == f32::INFINITY {
+                            1.0 / lk as f32
+                        } else if mask.visible(b, i, j, lk) {
+                            (*x - l).exp()
+                        } else {
+                            0.0
+                        };
+                    }
+                }
+                // dP = dO V_hᵀ  (before dropout: dP_ij here is dO_i · V_j).
+                let (qo, ko) = (head_at(&d, b * lq, h), head_at(&d, b * lk, h));
+                sgemm_strided(
+                    lq,
+                    hd,
+                    lk,
+                    1.0,
+                    &dout[qo..],
+                    [w, 1],
+                    &v[ko..],
+                    [1, w],
+                    0.0,
+                    &mut dp,
+                    [lk, 1],
+                );
+                // With dropout factors m: O = (P ⊙ m) V, so dV = (P ⊙ m)ᵀ dO and
+                // dS = P ⊙ (m ⊙ dP − D) · scale with D_i = dO_i · O_i.
+                for i in 0..lq {
+                    let di: f64 = dout[qo + i * w..qo + i * w + hd]
+                        .iter()
+                        .zip(&out[qo + i * w..qo + i * w + hd])
+                        .map(|(&a, &c)| a as f64 * c as f64)
+                        .sum();
+                    let masked_row = row_lse[i] == f32::INFINITY;
+                    for j in 0..lk {
+                        let m = AttnDropout::factor_of(drop, &d, b, h, i, j) as f32;
+                        let pij = p[i * lk + j];
+                        dp[i * lk + j] = if masked_row {
+                            0.0 // the scores of a fully masked row are constants
+                        } else {
+                            pij * (m * dp[i * lk + j] - di as f32) * scale
+                        };
+                        p[i * lk + j] = pij * m;
+                    }
+                }
+                // dV_h = (P ⊙ m)ᵀ dO_h ; dQ_h = dS K_h ; dK_h = dSᵀ Q_h (each (b, h) view is disjoint).
+                sgemm_strided(
+                    lk,
+                    lq,
+                    hd,
+                    1.0,
+                    &p,
+                    [1, lk],
+                    &dout[qo..],
+                    [w, 1],
+                    0.0,
+                    &mut dv_b[head_at(&d, 0, h)..],
+                    [w, 1],
+                );
+                sgemm_strided(
+                    lq,
+                    lk,
+                    hd,
+                    1.0,
+                    &dp,
+                    [lk, 1],
+                    &k[ko..],
+                    [w, 1],
+                    0.0,
+                    &mut dq_b[head_at(&d, 0, h)..],
+                    [w, 1],
+                );
+                sgemm_strided(
+                    lk,
+                    lq,
+                    hd,
+                    1.0,
+                    &dp,
+                    [1, lk],
+                    &q[qo..],
+                    [w, 1],
+                    0.0,
+                    &mut dk_b[head_at(&d, 0, h)..],
+                    [w, 1],
+                );
+            }
+        });
 }
 
 #[cfg(test)]

@@ -18,23 +18,38 @@ pub fn erf(x: f64) -> f64 {
     (1.0 - erfc).copysign(x)
 }
 
+/// Elements per task of the element-wise kernels' rayon split (each element is independent, so
+/// the result does not depend on the split).
+const CHUNK: usize = 1 << 14;
+
 /// GELU (exact erf form, PyTorch's default): y = x * Φ(x) = 0.5 x (1 + erf(x / √2)).
 pub fn gelu_fwd(x: &[f32], y: &mut [f32]) {
-    for (o, &v) in y.iter_mut().zip(x) {
-        let v = v as f64;
-        *o = (0.5 * v * (1.0 + erf(v * std::f64::consts::FRAC_1_SQRT_2))) as f32;
-    }
+    use rayon::prelude::*;
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .for_each(|(y, x)| {
+            for (o, &v) in y.iter_mut().zip(x) {
+                let v = v as f64;
+                *o = (0.5 * v * (1.0 + erf(v * std::f64::consts::FRAC_1_SQRT_2))) as f32;
+            }
+        });
 }
 
 /// GELU backward: dx = dy * (Φ(x) + x φ(x)).
 pub fn gelu_bwd(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+    use rayon::prelude::*;
     let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
-    for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-        let v = v as f64;
-        let cdf = 0.5 * (1.0 + erf(v * std::f64::consts::FRAC_1_SQRT_2));
-        let pdf = inv_sqrt_2pi * (-0.5 * v * v).exp();
-        *d = (g as f64 * (cdf + v * pdf)) as f32;
-    }
+    dx.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .zip(dy.par_chunks(CHUNK))
+        .for_each(|((dx, x), dy)| {
+            for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+                let v = v as f64;
+                let cdf = 0.5 * (1.0 + erf(v * std::f64::consts::FRAC_1_SQRT_2));
+                let pdf = inv_sqrt_2pi * (-0.5 * v * v).exp();
+                *d = (g as f64 * (cdf + v * pdf)) as f32;
+            }
+        });
 }
 
 /// ReLU forward.

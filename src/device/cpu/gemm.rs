@@ -1,5 +1,76 @@
-//! Matrix products. `sgemm` is the fast path (the `matrixmultiply` crate: packed, cache-blocked,
-//! SIMD micro-kernels); `sgemm_reference` is the readable triple loop the tests compare it with.
+//! Matrix products. `sgemm` is the fast path (the `gemm` crate: cache-blocked SIMD micro-kernels
+//! with runtime dispatch up to AVX-512, threads from rayon's pool); `sgemm_reference` is the
+//! readable triple loop the tests compare it with.
+//!
+//! Threads: `MATMUL_NUM_THREADS` when set (the variable the benchmark scripts pin), else rayon's
+//! pool size (`RAYON_NUM_THREADS`, default the core count); products under 2^20 multiply-adds, and
+//! products called from inside a rayon task, run on the calling thread.
+
+/// The strided product every entry point lands in: C = alpha · A B + beta · C, A m×k with
+/// strides (rsa, csa), B k×n with (rsb, csb), C m×n with (rsc, csc), in elements.
+///
+/// # Safety
+/// Every addressed element lies inside its allocation; C does not overlap A or B.
+#[allow(clippy::too_many_arguments)]
+unsafe fn raw_sgemm(
+    m: usize,
+    k: usize,
+    n: usize,
+    alpha: f32,
+    a: *const f32,
+    (rsa, csa): (isize, isize),
+    b: *const f32,
+    (rsb, csb): (isize, isize),
+    beta: f32,
+    c: *mut f32,
+    (rsc, csc): (isize, isize),
+) {
+    // Inside a rayon task (attention runs one task per sequence) the pool is busy already.
+    let par = match threads() {
+        t if t > 1 && m * n * k >= 1 << 20 && rayon::current_thread_index().is_none() => {
+            gemm::Parallelism::Rayon(t)
+        }
+        _ => gemm::Parallelism::None,
+    };
+    // The gemm crate computes dst = alpha·dst + beta·lhs·rhs (reading dst only when asked), so
+    // its (alpha, beta) are our (beta, alpha); beta = 0 ignores C's contents, NaN included.
+    // SAFETY: per the function contract.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            csc,
+            rsc,
+            beta != 0.0,
+            a,
+            csa,
+            rsa,
+            b,
+            csb,
+            rsb,
+            beta,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Threads for a large product (read once).
+fn threads() -> usize {
+    static T: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("MATMUL_NUM_THREADS")
+            .ok()
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .filter(|&t| t > 0)
+            .unwrap_or_else(rayon::current_num_threads)
+    })
+}
 
 /// Whether an operand is used as stored or transposed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,21 +115,18 @@ pub fn sgemm(
     // SAFETY: the pointers cover exactly m*k, k*n and m*n elements (asserted above) and the
     // strides address only elements inside them; C does not alias A or B (distinct borrows).
     unsafe {
-        matrixmultiply::sgemm(
+        raw_sgemm(
             m,
             k,
             n,
             alpha,
             a.as_ptr(),
-            rsa,
-            csa,
+            (rsa, csa),
             b.as_ptr(),
-            rsb,
-            csb,
+            (rsb, csb),
             beta,
             c.as_mut_ptr(),
-            n as isize,
-            1,
+            (n as isize, 1),
         );
     }
 }
@@ -98,21 +166,18 @@ pub fn sgemm_strided(
     // SAFETY: the asserts above keep every addressed element inside its slice; C is a distinct
     // mutable borrow, so it does not alias A or B.
     unsafe {
-        matrixmultiply::sgemm(
+        raw_sgemm(
             m,
             k,
             n,
             alpha,
             a.as_ptr(),
-            sa[0] as isize,
-            sa[1] as isize,
+            (sa[0] as isize, sa[1] as isize),
             b.as_ptr(),
-            sb[0] as isize,
-            sb[1] as isize,
+            (sb[0] as isize, sb[1] as isize),
             beta,
             c.as_mut_ptr(),
-            sc[0] as isize,
-            sc[1] as isize,
+            (sc[0] as isize, sc[1] as isize),
         );
     }
 }
