@@ -6,14 +6,35 @@
 pub fn erf(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let poly = -z * z - 1.265_512_23
+    let erfc = t * erfc_poly(z, t).exp();
+    (1.0 - erfc).copysign(x)
+}
+
+/// The exponent of [`erf`]'s fit: erfc(z) = t · exp(poly(z, t)), t = 1 / (1 + z/2).
+fn erfc_poly(z: f64, t: f64) -> f64 {
+    -z * z - 1.265_512_23
         + t * (1.000_023_68
             + t * (0.374_091_96
                 + t * (0.096_784_18
                     + t * (-0.186_288_06
                         + t * (0.278_868_07
                             + t * (-1.135_203_98
-                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
+                                + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))))
+}
+
+/// [`erf`] in f32 arithmetic (the polynomial in f32, `expf`): within 3e-7 of the f64 form, and
+/// about half the cost of the f64 `exp`, which dominated GELU.
+pub fn erf_f32(x: f32) -> f32 {
+    let z = x.abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let poly = -z * z - 1.265_512_2
+        + t * (1.000_023_7
+            + t * (0.374_091_96
+                + t * (0.096_784_18
+                    + t * (-0.186_288_06
+                        + t * (0.278_868_07
+                            + t * (-1.135_204
+                                + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
     let erfc = t * poly.exp();
     (1.0 - erfc).copysign(x)
 }
@@ -29,8 +50,7 @@ pub fn gelu_fwd(x: &[f32], y: &mut [f32]) {
         .zip(x.par_chunks(CHUNK))
         .for_each(|(y, x)| {
             for (o, &v) in y.iter_mut().zip(x) {
-                let v = v as f64;
-                *o = (0.5 * v * (1.0 + erf(v * std::f64::consts::FRAC_1_SQRT_2))) as f32;
+                *o = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
             }
         });
 }
@@ -38,16 +58,15 @@ pub fn gelu_fwd(x: &[f32], y: &mut [f32]) {
 /// GELU backward: dx = dy * (Φ(x) + x φ(x)).
 pub fn gelu_bwd(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     use rayon::prelude::*;
-    let inv_sqrt_2pi = 1.0 / (2.0 * std::f64::consts::PI).sqrt();
+    let inv_sqrt_2pi = (1.0 / (2.0 * std::f64::consts::PI).sqrt()) as f32;
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .zip(dy.par_chunks(CHUNK))
         .for_each(|((dx, x), dy)| {
             for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-                let v = v as f64;
-                let cdf = 0.5 * (1.0 + erf(v * std::f64::consts::FRAC_1_SQRT_2));
+                let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
                 let pdf = inv_sqrt_2pi * (-0.5 * v * v).exp();
-                *d = (g as f64 * (cdf + v * pdf)) as f32;
+                *d = g * (cdf + v * pdf);
             }
         });
 }
@@ -122,7 +141,18 @@ mod tests {
         for (x, want) in cases {
             let got = erf(x);
             assert!((got - want).abs() < 2e-7, "erf({x}) = {got}, want {want}");
+            let got32 = erf_f32(x as f32) as f64;
+            assert!(
+                (got32 - want).abs() < 5e-7,
+                "erf_f32({x}) = {got32}, want {want}"
+            );
         }
+        // Over a fine grid the f32 form stays within 3e-7 of the f64 one.
+        let worst = (-6000..=6000)
+            .map(|i| i as f64 / 1000.0)
+            .map(|x| (erf_f32(x as f32) as f64 - erf((x as f32) as f64)).abs())
+            .fold(0.0, f64::max);
+        assert!(worst < 3e-7, "erf_f32 differs from erf by {worst}");
     }
 
     #[test]

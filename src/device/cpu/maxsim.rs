@@ -27,43 +27,53 @@ pub fn maxsim_fwd(
     scores: &mut [f32],
     argmax: &mut [u32],
 ) {
-    for b in 0..d.queries {
-        let count = qmask[b * d.q_len..(b + 1) * d.q_len]
-            .iter()
-            .filter(|&&m| m != 0)
-            .count();
-        for n in 0..d.passages {
-            let mut total = 0.0f64;
-            for i in 0..d.q_len {
-                let am = &mut argmax[(b * d.passages + n) * d.q_len + i];
-                *am = NO_ARGMAX;
-                if qmask[b * d.q_len + i] == 0 {
-                    continue;
-                }
-                let qi = &q[(b * d.q_len + i) * d.dim..][..d.dim];
-                let mut best = f64::NEG_INFINITY;
-                for j in 0..d.p_len {
-                    if pmask[n * d.p_len + j] == 0 {
+    use rayon::prelude::*;
+    if d.queries == 0 || d.passages == 0 {
+        return;
+    }
+    // One task per query: its scores row and argmax block are contiguous and disjoint.
+    let per_q = d.passages * d.q_len.max(1);
+    scores[..d.queries * d.passages]
+        .par_chunks_mut(d.passages)
+        .zip(argmax[..d.queries * per_q].par_chunks_mut(per_q))
+        .enumerate()
+        .for_each(|(b, (scores_b, argmax_b))| {
+            let count = qmask[b * d.q_len..(b + 1) * d.q_len]
+                .iter()
+                .filter(|&&m| m != 0)
+                .count();
+            for n in 0..d.passages {
+                let mut total = 0.0f64;
+                for i in 0..d.q_len {
+                    let am = &mut argmax_b[n * d.q_len + i];
+                    *am = NO_ARGMAX;
+                    if qmask[b * d.q_len + i] == 0 {
                         continue;
                     }
-                    let pj = &p[(n * d.p_len + j) * d.dim..][..d.dim];
-                    let s: f64 = qi.iter().zip(pj).map(|(&a, &c)| a as f64 * c as f64).sum();
-                    if s > best {
-                        best = s;
-                        *am = j as u32;
+                    let qi = &q[(b * d.q_len + i) * d.dim..][..d.dim];
+                    let mut best = f64::NEG_INFINITY;
+                    for j in 0..d.p_len {
+                        if pmask[n * d.p_len + j] == 0 {
+                            continue;
+                        }
+                        let pj = &p[(n * d.p_len + j) * d.dim..][..d.dim];
+                        let s: f64 = qi.iter().zip(pj).map(|(&a, &c)| a as f64 * c as f64).sum();
+                        if s > best {
+                            best = s;
+                            *am = j as u32;
+                        }
+                    }
+                    if *am != NO_ARGMAX {
+                        total += best;
                     }
                 }
-                if *am != NO_ARGMAX {
-                    total += best;
-                }
+                scores_b[n] = if count == 0 {
+                    0.0
+                } else {
+                    (total / count as f64) as f32
+                };
             }
-            scores[b * d.passages + n] = if count == 0 {
-                0.0
-            } else {
-                (total / count as f64) as f32
-            };
-        }
-    }
+        });
 }
 
 /// Backward: dq and dp are accumulated (`+=`), so callers zero them first or sum sub-batches.
