@@ -24,8 +24,10 @@ pub enum BenchCommand {
     MaxBatch(BenchMaxBatchArgs),
 }
 
+/// The device and the size of the random encoder `bench model` / `bench max-batch` build
+/// (bge-m3's by default: 24 layers, hidden 1024, 16 heads, vocab 250002, FFN 4 x hidden).
 #[derive(Args, Debug)]
-pub struct BenchMaxBatchArgs {
+pub struct RandomModelArgs {
     #[arg(long, default_value = "cuda")]
     pub device: Device,
     #[arg(long, default_value_t = 24)]
@@ -36,6 +38,26 @@ pub struct BenchMaxBatchArgs {
     pub heads: usize,
     #[arg(long, default_value_t = 250_002)]
     pub vocab: usize,
+}
+
+impl RandomModelArgs {
+    /// The XLM-R config of this size with room for `max_tokens` tokens per text.
+    fn config(&self, max_tokens: usize) -> Result<EncoderConfig> {
+        EncoderConfig::new_xlmr(
+            self.vocab,
+            self.hidden,
+            self.layers,
+            self.heads,
+            4 * self.hidden,
+            max_tokens + 2,
+        )
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BenchMaxBatchArgs {
+    #[command(flatten)]
+    pub model: RandomModelArgs,
     /// Sequence lengths (tokens per text).
     #[arg(long, value_delimiter = ',', default_value = "1024,4096,8192")]
     pub seq_lens: Vec<usize>,
@@ -73,16 +95,8 @@ pub struct BenchKernelsArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchModelArgs {
-    #[arg(long, default_value = "cuda")]
-    pub device: Device,
-    #[arg(long, default_value_t = 24)]
-    pub layers: usize,
-    #[arg(long, default_value_t = 1024)]
-    pub hidden: usize,
-    #[arg(long, default_value_t = 16)]
-    pub heads: usize,
-    #[arg(long, default_value_t = 250_002)]
-    pub vocab: usize,
+    #[command(flatten)]
+    pub model: RandomModelArgs,
     /// Tokens per text.
     #[arg(long, default_value_t = 512)]
     pub seq: usize,
@@ -215,15 +229,8 @@ fn max_batch(a: BenchMaxBatchArgs) -> Result<()> {
             "--seq-lens: give lengths of at least 3 tokens",
         ));
     }
-    let cfg = EncoderConfig::new_xlmr(
-        a.vocab,
-        a.hidden,
-        a.layers,
-        a.heads,
-        4 * a.hidden,
-        longest + 2,
-    )?;
-    let dev = engine::open(a.device)?;
+    let cfg = a.model.config(longest)?;
+    let dev = engine::open(a.model.device)?;
     println!("device: {}", dev.name());
     let rows = bench::max_batch(&*dev, cfg, &a.seq_lens, &a.sub_batch, a.cap, a.budget_s, dt)?;
     println!(
@@ -248,15 +255,8 @@ fn max_batch(a: BenchMaxBatchArgs) -> Result<()> {
 
 fn model(a: BenchModelArgs) -> Result<()> {
     let dt = dtype(&a.dtype)?;
-    let cfg = EncoderConfig::new_xlmr(
-        a.vocab,
-        a.hidden,
-        a.layers,
-        a.heads,
-        4 * a.hidden,
-        a.seq + 2,
-    )?;
-    let dev = engine::open(a.device)?;
+    let cfg = a.model.config(a.seq)?;
+    let dev = engine::open(a.model.device)?;
     println!("device: {}", dev.name());
     let rows = bench::model(&*dev, cfg, a.batch, a.seq, a.iters, dt)?;
     report(&rows, a.json.as_ref())
