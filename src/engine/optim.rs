@@ -210,8 +210,9 @@ impl DeviceAdamW {
         Ok(())
     }
 
-    /// Bring the master weights into `params`' first tensors and the moments into `opt` (before
-    /// a checkpoint, a parameter check or the end of the run).
+    /// Bring the master weights into `params` and the moments into `opt` for the tensors this
+    /// optimizer updates (before a checkpoint, a parameter check or the end of the run); frozen
+    /// tensors are left as the host has them.
     pub fn sync_to_host(
         &self,
         dev: &dyn KernelDevice,
@@ -224,14 +225,19 @@ impl DeviceAdamW {
             self.v.to_f32(dev)?,
         );
         let mut values = params.values().to_vec();
-        for (i, (value, spec)) in values.iter_mut().zip(params.specs()).enumerate() {
-            let Some((&o, &n)) = self.layout.offsets.get(i).zip(self.layout.lens.get(i)) else {
-                break;
-            };
-            *value = Tensor::from_vec(master[o..o + n].to_vec(), &spec.dims)?;
-            opt.set_moments(i, m[o..o + n].to_vec(), v[o..o + n].to_vec())?;
+        for (tensors, _) in &self.runs {
+            for i in tensors.clone() {
+                let (o, n) = (self.layout.offsets[i], self.layout.lens[i]);
+                values[i] = Tensor::from_vec(master[o..o + n].to_vec(), &params.specs()[i].dims)?;
+                opt.set_moments(i, m[o..o + n].to_vec(), v[o..o + n].to_vec())?;
+            }
         }
         params.set_values(values)
+    }
+
+    /// Whether tensor `i` is updated here (not frozen).
+    pub fn owns(&self, i: usize) -> bool {
+        self.runs.iter().any(|(t, _)| t.contains(&i))
     }
 
     fn check_grads(&self, grads: &DBuf) -> Result<()> {

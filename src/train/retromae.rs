@@ -14,6 +14,7 @@ use crate::data::masking::{make_batch, MaskingConfig, MaskingVocab};
 use crate::data::rng::Rng;
 use crate::device::cpu::elementwise::hash_u32;
 use crate::device::Device;
+use crate::engine::optim::DeviceAdamW;
 use crate::error::{Error, Result};
 use crate::model::encoder::DropoutCfg;
 use crate::model::retromae::RetroMae;
@@ -129,11 +130,14 @@ pub fn pretrain(
     )
 }
 
-/// [`pretrain`] with the encoder on `device`: on CUDA (bf16 storage, f32 accumulation, f32 master
-/// weights on the host) or the emulator (f32) the encoder forward and backward run there with
-/// the same dropout masks as the CPU engine; the decoder, the LM head and AdamW run on the host,
-/// which uploads the new encoder weights after each step. Under emulation a step equals the CPU
-/// step up to float summation order.
+/// [`pretrain`] with the encoder on `device`: on CUDA (bf16 storage, f32 accumulation) or the
+/// emulator (f32) the encoder forward and backward run there with the same dropout masks as the
+/// CPU engine, and so does AdamW for the encoder's layers ([`DeviceAdamW`], f32 master weights and
+/// moments on the device). The decoder and the LM head run on the host; they share the encoder's
+/// embedding tensors (the tied word embeddings, the positions and the LayerNorm of the query
+/// stream), so those five tensors keep the host optimizer: their device gradients are read back
+/// and summed with the host's, and their new values are written to the device after each step.
+/// Under emulation a step equals the CPU step up to float summation order.
 #[allow(clippy::too_many_arguments)]
 pub fn pretrain_on(
     device: Device,
@@ -147,13 +151,9 @@ pub fn pretrain_on(
     progress: &mut dyn FnMut(u64, u64, f32, f32, f64),
 ) -> Result<PretrainReport> {
     device.ensure_available()?;
-    let mut engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
-    // Device gradient buffers, allocated once, cleared at the start of every step.
-    let dgrads = match &engine {
-        Some((dev, denc)) => denc.zero_grads(&**dev)?,
-        None => Vec::new(),
-    };
+    let engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
     let n_enc = crate::model::encoder::encoder_param_specs(&model.config).len();
+    let n_emb = crate::model::encoder::EMBEDDING_TENSORS;
     if docs.is_empty() {
         return Err(Error::invalid("the corpus has no document"));
     }
@@ -185,6 +185,28 @@ pub fn pretrain_on(
         cfg.seed,
         total,
     );
+    // Device gradient buffers (views of one flat buffer, cleared every step) and the device
+    // optimizer of the encoder's layers; the embedding tensors are "frozen" for it (host-owned).
+    let dopt = match &engine {
+        Some((dev, denc)) => {
+            let (gflat, views) = denc.zero_grads_flat(&**dev)?;
+            let (_, layout) = denc
+                .flat_weights()
+                .ok_or_else(|| Error::invalid("device encoder without flat weights"))?;
+            let host_owned: Vec<bool> = (0..model.params.values().len())
+                .map(|i| i < n_emb || i >= n_enc)
+                .collect();
+            let o = DeviceAdamW::new(&**dev, layout, &model.params, &opt, &host_owned)?;
+            Some((o, gflat, views))
+        }
+        None => None,
+    };
+    let names: Vec<String> = model
+        .params
+        .specs()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"))?;
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
@@ -196,8 +218,8 @@ pub fn pretrain_on(
     while state.step < total {
         let t0 = Instant::now();
         let mut grads = GradAccumulator::new(model.params.values().len());
-        if let Some((dev, _)) = &engine {
-            crate::engine::DeviceEncoder::clear_grads(&**dev, &dgrads)?;
+        if let (Some((dev, _)), Some((_, gflat, _))) = (&engine, &dopt) {
+            gflat.zero(&**dev)?;
         }
         let (mut le, mut ld, mut tokens) = (0.0f64, 0.0f64, 0usize);
         for _ in 0..cfg.grad_accum {
@@ -252,23 +274,45 @@ pub fn pretrain_on(
                 Tensor::from_vec(vec![1.0 / cfg.grad_accum as f32], &[1])?,
             )?;
             grads.add(&g, &p)?;
-            if let (Some((dev, denc)), Some((f, leaf))) = (&engine, dev_fwd) {
-                // Accumulates over the micro-batches; read back once per step below.
-                denc.backward_leaf(&**dev, f, &leaf, &mut g, &dgrads)?;
+            if let (Some((dev, denc)), Some((f, leaf)), Some((_, _, dgrads))) =
+                (&engine, dev_fwd, &dopt)
+            {
+                // Accumulates over the micro-batches.
+                denc.backward_leaf(&**dev, f, &leaf, &mut g, dgrads)?;
             }
             state.batches_seen += 1;
         }
-        if let Some((dev, _)) = &engine {
-            for (i, b) in dgrads.iter().enumerate() {
+        if let (Some((dev, _)), Some((_, _, dgrads))) = (&engine, &dopt) {
+            // The host-owned embedding tensors: device gradient + the decoder's / LM head's.
+            for (i, b) in dgrads.iter().enumerate().take(n_emb) {
                 grads.add_values(i, &b.to_f32(&**dev)?);
             }
         }
         let grads = grads.into_tensors(model.params.specs(), |_| false)?;
         let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);
-        let norm = opt.update(&mut model.params, &grads, lr)?;
-        if let Some((dev, denc)) = &mut engine {
-            denc.set_weights(&**dev, &model.params.values()[..n_enc])?;
-        }
+        let norm = match (&engine, &dopt) {
+            (Some((dev, denc)), Some((dopt, gflat, _))) => {
+                if let Some(i) = (n_emb..n_enc).find(|&i| grads[i].is_some()) {
+                    return Err(Error::invalid(format!(
+                        "RetroMAE on a device: the host loss produced a gradient for {}, which \
+                         the device optimizer owns",
+                        names[i]
+                    )));
+                }
+                let dev_sq = dopt.grad_sumsq(&**dev, gflat, 1.0, &names, state.step + 1)?;
+                let (norm, clip) = opt.update_with(&mut model.params, &grads, lr, dev_sq)?;
+                let (weights, _) = denc
+                    .flat_weights()
+                    .ok_or_else(|| Error::invalid("device encoder without flat weights"))?;
+                dopt.step(&**dev, gflat, weights, &opt.hyper, lr, opt.step, clip)?;
+                // The host-owned embedding tensors go back up (views of the same weights).
+                for (i, w) in denc.weights().iter().enumerate().take(n_emb) {
+                    w.write_f32(&**dev, model.params.values()[i].f32s()?)?;
+                }
+                norm
+            }
+            _ => opt.update(&mut model.params, &grads, lr)?,
+        };
         state.step += 1;
         let secs = t0.elapsed().as_secs_f64();
         let tps = tokens as f64 / secs.max(1e-9);
@@ -288,6 +332,9 @@ pub fn pretrain_on(
             .save_every
             .is_some_and(|n| n > 0 && state.step % n == 0 && state.step < total)
         {
+            if let (Some((dev, _)), Some((dopt, _, _))) = (&engine, &dopt) {
+                dopt.sync_to_host(&**dev, &mut model.params, &mut opt)?;
+            }
             let dir = out.join(format!("checkpoint-{}", state.step));
             atomic_dir(&dir, |tmp| {
                 write_run_files(tmp, model, &opt, &state, tokenizer_dir)
@@ -298,6 +345,9 @@ pub fn pretrain_on(
                 &["enc_loss", "dec_loss"],
             )?;
         }
+    }
+    if let (Some((dev, _)), Some((dopt, _, _))) = (&engine, &dopt) {
+        dopt.sync_to_host(&**dev, &mut model.params, &mut opt)?;
     }
     write_run_files(out, model, &opt, &state, tokenizer_dir)?;
     metrics.write_svg(
