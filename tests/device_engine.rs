@@ -190,11 +190,18 @@ fn m3_device_gradients_match_the_cpu_trainer() {
         let want_total = loss.values().unwrap().total;
         let g = tape.backward(&loss.total).unwrap();
         // Device: the encoder on the emulator, heads and losses on the host.
-        let (vals, got) = student
-            .device_grads(
+        let (vals, heads) = student
+            .device_grads_resident(
                 &dev, &denc, &dgrads, &batch, &cfg, dropout, &drop_ids, None, sub,
             )
             .unwrap();
+        // Encoder gradients from the device buffers, then the heads'.
+        let mut got: Vec<_> = dgrads
+            .iter()
+            .zip(student.params.specs())
+            .map(|(b, spec)| Some(Tensor::from_vec(b.to_f32(&dev).unwrap(), &spec.dims).unwrap()))
+            .collect();
+        got.extend(heads);
         assert!(
             (vals.total - want_total).abs() <= 1e-5 * want_total.abs().max(1.0),
             "sub {sub}: loss {} vs {want_total}",

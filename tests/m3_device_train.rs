@@ -163,26 +163,18 @@ fn non_finite_device_gradient_names_its_tensor() {
         retrom3::device::launch::KDType::F32,
     )
     .unwrap();
-    let (gflat, views) = denc.zero_grads_flat(&dev).unwrap();
-    let (_, layout) = denc.flat_weights().unwrap();
     let opt = AdamW::new(
         m.params.specs(),
         retrom3::train::optim::adamw_hyper(1e-3, 0.0),
         None,
     );
     let frozen = vec![false; m.params.values().len()];
-    let dopt = DeviceAdamW::new(&dev, layout, &m.params, &opt, &frozen).unwrap();
-    let names: Vec<String> = m.params.specs().iter().map(|s| s.name.clone()).collect();
-    assert_eq!(dopt.grad_sumsq(&dev, &gflat, 1.0, &names, 1).unwrap(), 0.0);
-    let mut g = vec![0.5f32; views[3].len()];
+    let dopt = DeviceAdamW::new(&dev, &denc, &m.params, &opt, &frozen).unwrap();
+    assert_eq!(dopt.grad_sumsq(&dev, 1.0, 1).unwrap(), 0.0);
+    let mut g = vec![0.5f32; dopt.grads()[3].len()];
     g[1] = f32::NAN;
-    views[3].write_f32(&dev, &g).unwrap();
-    let e = dopt
-        .grad_sumsq(&dev, &gflat, 1.0, &names, 7)
-        .unwrap_err()
-        .to_string();
-    assert!(
-        e.contains(&format!("gradient of {} at step 7", names[3])),
-        "{e}"
-    );
+    dopt.grads()[3].write_f32(&dev, &g).unwrap();
+    let e = dopt.grad_sumsq(&dev, 1.0, 7).unwrap_err().to_string();
+    let name = &m.params.specs()[3].name;
+    assert!(e.contains(&format!("gradient of {name} at step 7")), "{e}");
 }

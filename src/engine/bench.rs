@@ -585,17 +585,13 @@ pub fn max_batch(
     let vocab = config.vocab_size;
     let student = M3Student::new(fast_random_encoder(config, 7)?, &fresh_heads(hidden, 1)?)?;
     let denc = DeviceEncoder::upload(dev, &student.encoder()?, dt)?;
-    let (_gflat, dgrads) = denc.zero_grads_flat(dev)?;
-    let (_, layout) = denc
-        .flat_weights()
-        .ok_or_else(|| crate::Error::invalid("device encoder without flat weights"))?;
     let opt = crate::train::optim::AdamW::new(
         student.params.specs(),
         crate::train::optim::adamw_hyper(1e-5, 0.01),
         Some(1.0),
     );
     let frozen = vec![false; student.params.values().len()];
-    let _dopt = super::optim::DeviceAdamW::new(dev, layout, &student.params, &opt, &frozen)?;
+    let dopt = super::optim::DeviceAdamW::new(dev, &denc, &student.params, &opt, &frozen)?;
     let loss = M3LossConfig {
         temperature: 0.02,
         unified: false,
@@ -627,7 +623,7 @@ pub fn max_batch(
                 let r = student.device_grads_resident(
                     dev,
                     &denc,
-                    &dgrads,
+                    dopt.grads(),
                     &batch,
                     &loss,
                     None,

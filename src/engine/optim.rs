@@ -15,9 +15,13 @@ use crate::tensor::Tensor;
 use crate::train::optim::AdamW;
 use std::ops::Range;
 
-/// Device AdamW state of the first `layout.lens.len()` parameters of a [`ParamSet`].
+/// Device AdamW state of an encoder's parameters (the first `layout.lens.len()` of a
+/// [`ParamSet`]), with the flat f32 gradient buffer its backward accumulates into.
 pub struct DeviceAdamW {
     layout: FlatLayout,
+    names: Vec<String>,
+    grads: std::sync::Arc<DBuf>,
+    grad_views: Vec<DBuf>,
     master: DBuf,
     m: DBuf,
     v: DBuf,
@@ -41,17 +45,21 @@ impl std::fmt::Debug for DeviceAdamW {
 }
 
 impl DeviceAdamW {
-    /// Upload the master weights (`params`' first tensors, in `layout`), the moments of `opt`
-    /// (zero for a fresh run, a checkpoint's on resume) and the decay mask (`opt`'s rule).
-    /// `frozen[i]` tensors are never updated (no decay either), as the host optimizer skips a
-    /// tensor without gradient.
+    /// Upload the master weights (`params`' first tensors, in the layout of `denc`'s flat
+    /// weights), the moments of `opt` (zero for a fresh run, a checkpoint's on resume) and the
+    /// decay mask (`opt`'s rule), and allocate the gradient buffer. `frozen[i]` tensors are never
+    /// updated (no decay either), as the host optimizer skips a tensor without gradient.
     pub fn new(
         dev: &dyn KernelDevice,
-        layout: &FlatLayout,
+        denc: &super::DeviceEncoder,
         params: &ParamSet,
         opt: &AdamW,
         frozen: &[bool],
     ) -> Result<DeviceAdamW> {
+        let (_, layout) = denc
+            .flat_weights()
+            .ok_or_else(|| Error::invalid("device optimizer: the encoder has no weights"))?;
+        let (grads, grad_views) = denc.zero_grads_flat(dev)?;
         let n = layout.lens.len();
         if params.values().len() < n || frozen.len() < n {
             return Err(Error::invalid(format!(
@@ -101,6 +109,9 @@ impl DeviceAdamW {
         let max_run = runs.iter().map(|r| r.1.len()).max().unwrap_or(0);
         Ok(DeviceAdamW {
             layout: layout.clone(),
+            names: params.specs()[..n].iter().map(|s| s.name.clone()).collect(),
+            grads,
+            grad_views,
             master: DBuf::from_f32(dev, &master, KDType::F32)?,
             m: DBuf::from_f32(dev, &m, KDType::F32)?,
             v: DBuf::from_f32(dev, &v, KDType::F32)?,
@@ -111,17 +122,21 @@ impl DeviceAdamW {
         })
     }
 
-    /// Σ g² over the trainable tensors of the flat gradient `grads` (f32, this layout), times
-    /// `scale`². A non-finite sum is an error naming the first tensor (of `names`) at fault.
-    pub fn grad_sumsq(
-        &self,
-        dev: &dyn KernelDevice,
-        grads: &DBuf,
-        scale: f32,
-        names: &[String],
-        step: u64,
-    ) -> Result<f64> {
-        self.check_grads(grads)?;
+    /// The per-tensor gradient buffers (views of one flat f32 buffer) the device backward
+    /// accumulates into.
+    pub fn grads(&self) -> &[DBuf] {
+        &self.grad_views
+    }
+
+    /// Zero the gradients (the start of a step).
+    pub fn clear_grads(&self, dev: &dyn KernelDevice) -> Result<()> {
+        self.grads.zero(dev)
+    }
+
+    /// Σ g² over the trainable tensors of the gradient buffer, times `scale`². A non-finite sum
+    /// is an error naming the first tensor at fault and the step.
+    pub fn grad_sumsq(&self, dev: &dyn KernelDevice, scale: f32, step: u64) -> Result<f64> {
+        let grads = &*self.grads;
         let mut total = 0.0f64;
         for (tensors, r) in &self.runs {
             // SAFETY: grads holds layout.total f32 (checked); the run lies inside it; partials
@@ -137,13 +152,13 @@ impl DeviceAdamW {
             };
             let s = self.sumsq.to_f32(dev)?[0] as f64;
             if !s.is_finite() {
+                let all = grads.to_f32(dev)?;
                 for i in tensors.clone() {
                     let (o, len) = (self.layout.offsets[i], self.layout.lens[i]);
-                    let all = grads.to_f32(dev)?;
                     if all[o..o + len].iter().any(|x| !x.is_finite()) {
                         return Err(Error::NonFinite(format!(
                             "gradient of {} at step {step}",
-                            names.get(i).map_or("?", String::as_str)
+                            self.names[i]
                         )));
                     }
                 }
@@ -156,21 +171,51 @@ impl DeviceAdamW {
         Ok(total * (scale as f64) * (scale as f64))
     }
 
+    /// One optimizer step of a trainer whose other parameters (heads, decoder, ...) keep the
+    /// host optimizer `host`: `grads` are the host gradients (None for the tensors this
+    /// optimizer owns), the device gradients are scaled by `grad_scale` (1/W after a sum over W
+    /// ranks). The global clip norm covers both sides (one float read back per run of device
+    /// tensors); the host step runs first, then the fused kernel updates the master weights and
+    /// writes `denc`'s compute weights. Returns the global gradient norm.
+    #[allow(clippy::too_many_arguments)]
+    pub fn step_with_host(
+        &self,
+        dev: &dyn KernelDevice,
+        denc: &super::DeviceEncoder,
+        params: &mut ParamSet,
+        host: &mut AdamW,
+        grads: &[Option<Tensor>],
+        lr: f32,
+        grad_scale: f32,
+    ) -> Result<f32> {
+        if let Some(i) = (0..self.layout.lens.len()).find(|&i| self.owns(i) && grads[i].is_some()) {
+            return Err(Error::invalid(format!(
+                "a host gradient for {}, which the device optimizer updates",
+                self.names[i]
+            )));
+        }
+        let dev_sq = self.grad_sumsq(dev, grad_scale, host.step + 1)?;
+        let (norm, clip) = host.update_with(params, grads, lr, dev_sq)?;
+        let (weights, _) = denc
+            .flat_weights()
+            .ok_or_else(|| Error::invalid("device optimizer: the encoder has no weights"))?;
+        self.step(dev, weights, &host.hyper, lr, host.step, grad_scale * clip)?;
+        Ok(norm)
+    }
+
     /// One AdamW step (`step` counted from 1, bias corrections from it) of every trainable
     /// tensor with gradient `scale · grads`; `copy` (the encoder's flat weights, this layout)
     /// receives the new weights in its own type.
-    #[allow(clippy::too_many_arguments)]
-    pub fn step(
+    fn step(
         &self,
         dev: &dyn KernelDevice,
-        grads: &DBuf,
         copy: &DBuf,
         hyper: &crate::device::cpu::adamw::AdamWHyper,
         lr: f32,
         step: u64,
         scale: f32,
     ) -> Result<()> {
-        self.check_grads(grads)?;
+        let grads = &*self.grads;
         if copy.len() != self.layout.total {
             return Err(Error::shape(
                 "device optimizer weight copy",
@@ -238,16 +283,5 @@ impl DeviceAdamW {
     /// Whether tensor `i` is updated here (not frozen).
     pub fn owns(&self, i: usize) -> bool {
         self.runs.iter().any(|(t, _)| t.contains(&i))
-    }
-
-    fn check_grads(&self, grads: &DBuf) -> Result<()> {
-        if grads.len() != self.layout.total || grads.dtype() != KDType::F32 {
-            return Err(Error::shape(
-                "device optimizer gradients (f32)",
-                &[self.layout.total],
-                &[grads.len()],
-            ));
-        }
-        Ok(())
     }
 }

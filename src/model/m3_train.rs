@@ -301,11 +301,10 @@ impl M3Student {
     /// (`engine::DeviceEncoder`, CUDA or emulated): each side's last hidden state is computed there
     /// (activations stay on the device), the heads and the losses run on a small host tape whose
     /// leaves are those hidden states, and their gradients go back up to the device backward,
-    /// which accumulates the encoder's weight gradients. Returns the gradient of every parameter
-    /// in `params` order. `dgrads` ([`crate::engine::DeviceEncoder::zero_grads`]) are the device
-    /// gradient buffers, reused from step to step (cleared here). With `sum_over`, the encoder's
-    /// gradients are summed over that group where they are (NCCL on CUDA) before they are read
-    /// back; the head gradients are returned as this rank's own.
+    /// which accumulates the encoder's weight gradients into `dgrads` (the device gradient
+    /// buffers, e.g. `engine::optim::DeviceAdamW::grads`; cleared here). They stay there (summed
+    /// over `sum_over` when given, NCCL on CUDA); the return value holds the loss values and the
+    /// head parameters' gradients (this rank's own).
     ///
     /// `sub` > 0 encodes each side in sub-batches of `sub` texts by the exact two-pass scheme of
     /// [`M3Student::sub_batch_grads`], here at the level of the hidden states (the heads run on
@@ -318,33 +317,6 @@ impl M3Student {
     /// Dropout: each encoder call draws its masks from `text_seed(seed, side, first row)`; with
     /// `sub` = 1 that is the CPU engine's per-text seeding ([`M3Student::encode_heads`]), so the
     /// run equals the CPU path with dropout too; larger pieces equal it only without dropout.
-    #[allow(clippy::too_many_arguments)]
-    pub fn device_grads(
-        &self,
-        dev: &dyn crate::device::launch::KernelDevice,
-        denc: &crate::engine::DeviceEncoder,
-        dgrads: &[crate::engine::DBuf],
-        batch: &M3Batch,
-        cfg: &M3LossConfig,
-        dropout: Option<DropoutCfg>,
-        drop_ids: &[u32],
-        sum_over: Option<&crate::dist::Group>,
-        sub: usize,
-    ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
-        let (values, heads) = self.device_grads_resident(
-            dev, denc, dgrads, batch, cfg, dropout, drop_ids, sum_over, sub,
-        )?;
-        let mut out = Vec::with_capacity(self.params.values().len());
-        for (gb, spec) in dgrads.iter().zip(self.params.specs()) {
-            out.push(Some(Tensor::from_vec(gb.to_f32(dev)?, &spec.dims)?));
-        }
-        out.extend(heads);
-        Ok((values, out))
-    }
-
-    /// [`M3Student::device_grads`] leaving the encoder's gradients where they are (in `dgrads`,
-    /// summed over `sum_over`): returns the loss values and the head parameters' gradients
-    /// only, for a trainer whose optimizer runs on the device (`engine::optim::DeviceAdamW`).
     #[allow(clippy::too_many_arguments)]
     pub fn device_grads_resident(
         &self,

@@ -306,22 +306,15 @@ pub fn finetune_dist(
     // flat f32 buffer, allocated once and cleared every step), f32 master weights and moments;
     // the kernel writes the forward's compute copy. The heads keep the host optimizer.
     let dopt = match &engine {
-        Some((dev, denc)) => {
-            let (gflat, views) = denc.zero_grads_flat(&**dev)?;
-            let (_, layout) = denc
-                .flat_weights()
-                .ok_or_else(|| Error::invalid("device encoder without flat weights"))?;
-            let o = DeviceAdamW::new(&**dev, layout, &model.params, &opt, &frozen)?;
-            Some((o, gflat, views))
-        }
+        Some((dev, denc)) => Some(DeviceAdamW::new(
+            &**dev,
+            denc,
+            &model.params,
+            &opt,
+            &frozen,
+        )?),
         None => None,
     };
-    let names: Vec<String> = model
-        .params
-        .specs()
-        .iter()
-        .map(|s| s.name.clone())
-        .collect();
     let mut plan: (u64, Vec<PlannedBatch>) = (u64::MAX, Vec::new());
     let mut report = Vec::new();
     let c = model.encoder_config.clone();
@@ -364,13 +357,12 @@ pub fn finetune_dist(
             ..cfg.loss
         };
         let sum_over = (world > 1).then_some(&group);
-        let (loss, mut grads) = if let (Some((dev, denc)), Some((_, _, dgrads))) = (&engine, &dopt)
-        {
+        let (loss, mut grads) = if let (Some((dev, denc)), Some(dopt)) = (&engine, &dopt) {
             // Encoder gradients stay on the device (summed over the group there).
             let (loss, heads) = model.device_grads_resident(
                 &**dev,
                 denc,
-                dgrads,
+                dopt.grads(),
                 &batch,
                 &lcfg,
                 drop,
@@ -447,26 +439,16 @@ pub fn finetune_dist(
         );
         let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);
         let norm = match (&engine, &dopt) {
-            (Some((dev, denc)), Some((dopt, gflat, _))) => {
-                // One clip factor over the device's and the host's gradients; the device's are
-                // the sum over the ranks, scaled by 1/W.
-                let inv_w = 1.0 / world as f32;
-                let dev_sq = dopt.grad_sumsq(&**dev, gflat, inv_w, &names, state.step + 1)?;
-                let (norm, clip) = opt.update_with(&mut model.params, &grads, lr, dev_sq)?;
-                let (weights, _) = denc
-                    .flat_weights()
-                    .ok_or_else(|| Error::invalid("device encoder without flat weights"))?;
-                dopt.step(
-                    &**dev,
-                    gflat,
-                    weights,
-                    &opt.hyper,
-                    lr,
-                    opt.step,
-                    inv_w * clip,
-                )?;
-                norm
-            }
+            // Device gradients are the sum over the ranks: scaled by 1/W.
+            (Some((dev, denc)), Some(dopt)) => dopt.step_with_host(
+                &**dev,
+                denc,
+                &mut model.params,
+                &mut opt,
+                &grads,
+                lr,
+                1.0 / world as f32,
+            )?,
             _ => opt.update(&mut model.params, &grads, lr)?,
         };
         state.step += 1;
@@ -486,7 +468,7 @@ pub fn finetune_dist(
             .save_every
             .is_some_and(|n| n > 0 && state.step % n == 0 && state.step < total)
         {
-            if let (Some((dev, _)), Some((dopt, _, _))) = (&engine, &dopt) {
+            if let (Some((dev, _)), Some(dopt)) = (&engine, &dopt) {
                 dopt.sync_to_host(&**dev, &mut model.params, &mut opt)?;
             }
             group.check_in_sync(
@@ -501,7 +483,7 @@ pub fn finetune_dist(
             }
         }
     }
-    if let (Some((dev, _)), Some((dopt, _, _))) = (&engine, &dopt) {
+    if let (Some((dev, _)), Some(dopt)) = (&engine, &dopt) {
         dopt.sync_to_host(&**dev, &mut model.params, &mut opt)?;
     }
     group.check_in_sync(model.params.values(), "at the end")?;

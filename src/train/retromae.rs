@@ -189,24 +189,19 @@ pub fn pretrain_on(
     // optimizer of the encoder's layers; the embedding tensors are "frozen" for it (host-owned).
     let dopt = match &engine {
         Some((dev, denc)) => {
-            let (gflat, views) = denc.zero_grads_flat(&**dev)?;
-            let (_, layout) = denc
-                .flat_weights()
-                .ok_or_else(|| Error::invalid("device encoder without flat weights"))?;
             let host_owned: Vec<bool> = (0..model.params.values().len())
                 .map(|i| i < n_emb || i >= n_enc)
                 .collect();
-            let o = DeviceAdamW::new(&**dev, layout, &model.params, &opt, &host_owned)?;
-            Some((o, gflat, views))
+            Some(DeviceAdamW::new(
+                &**dev,
+                denc,
+                &model.params,
+                &opt,
+                &host_owned,
+            )?)
         }
         None => None,
     };
-    let names: Vec<String> = model
-        .params
-        .specs()
-        .iter()
-        .map(|s| s.name.clone())
-        .collect();
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"))?;
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
@@ -218,8 +213,8 @@ pub fn pretrain_on(
     while state.step < total {
         let t0 = Instant::now();
         let mut grads = GradAccumulator::new(model.params.values().len());
-        if let (Some((dev, _)), Some((_, gflat, _))) = (&engine, &dopt) {
-            gflat.zero(&**dev)?;
+        if let (Some((dev, _)), Some(dopt)) = (&engine, &dopt) {
+            dopt.clear_grads(&**dev)?;
         }
         let (mut le, mut ld, mut tokens) = (0.0f64, 0.0f64, 0usize);
         for _ in 0..cfg.grad_accum {
@@ -274,37 +269,31 @@ pub fn pretrain_on(
                 Tensor::from_vec(vec![1.0 / cfg.grad_accum as f32], &[1])?,
             )?;
             grads.add(&g, &p)?;
-            if let (Some((dev, denc)), Some((f, leaf)), Some((_, _, dgrads))) =
-                (&engine, dev_fwd, &dopt)
-            {
+            if let (Some((dev, denc)), Some((f, leaf)), Some(dopt)) = (&engine, dev_fwd, &dopt) {
                 // Accumulates over the micro-batches.
-                denc.backward_leaf(&**dev, f, &leaf, &mut g, dgrads)?;
+                denc.backward_leaf(&**dev, f, &leaf, &mut g, dopt.grads())?;
             }
             state.batches_seen += 1;
         }
-        if let (Some((dev, _)), Some((_, _, dgrads))) = (&engine, &dopt) {
+        if let (Some((dev, _)), Some(dopt)) = (&engine, &dopt) {
             // The host-owned embedding tensors: device gradient + the decoder's / LM head's.
-            for (i, b) in dgrads.iter().enumerate().take(n_emb) {
+            for (i, b) in dopt.grads().iter().enumerate().take(n_emb) {
                 grads.add_values(i, &b.to_f32(&**dev)?);
             }
         }
         let grads = grads.into_tensors(model.params.specs(), |_| false)?;
         let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);
         let norm = match (&engine, &dopt) {
-            (Some((dev, denc)), Some((dopt, gflat, _))) => {
-                if let Some(i) = (n_emb..n_enc).find(|&i| grads[i].is_some()) {
-                    return Err(Error::invalid(format!(
-                        "RetroMAE on a device: the host loss produced a gradient for {}, which \
-                         the device optimizer owns",
-                        names[i]
-                    )));
-                }
-                let dev_sq = dopt.grad_sumsq(&**dev, gflat, 1.0, &names, state.step + 1)?;
-                let (norm, clip) = opt.update_with(&mut model.params, &grads, lr, dev_sq)?;
-                let (weights, _) = denc
-                    .flat_weights()
-                    .ok_or_else(|| Error::invalid("device encoder without flat weights"))?;
-                dopt.step(&**dev, gflat, weights, &opt.hyper, lr, opt.step, clip)?;
+            (Some((dev, denc)), Some(dopt)) => {
+                let norm = dopt.step_with_host(
+                    &**dev,
+                    denc,
+                    &mut model.params,
+                    &mut opt,
+                    &grads,
+                    lr,
+                    1.0,
+                )?;
                 // The host-owned embedding tensors go back up (views of the same weights).
                 for (i, w) in denc.weights().iter().enumerate().take(n_emb) {
                     w.write_f32(&**dev, model.params.values()[i].f32s()?)?;
@@ -332,7 +321,7 @@ pub fn pretrain_on(
             .save_every
             .is_some_and(|n| n > 0 && state.step % n == 0 && state.step < total)
         {
-            if let (Some((dev, _)), Some((dopt, _, _))) = (&engine, &dopt) {
+            if let (Some((dev, _)), Some(dopt)) = (&engine, &dopt) {
                 dopt.sync_to_host(&**dev, &mut model.params, &mut opt)?;
             }
             let dir = out.join(format!("checkpoint-{}", state.step));
@@ -346,7 +335,7 @@ pub fn pretrain_on(
             )?;
         }
     }
-    if let (Some((dev, _)), Some((dopt, _, _))) = (&engine, &dopt) {
+    if let (Some((dev, _)), Some(dopt)) = (&engine, &dopt) {
         dopt.sync_to_host(&**dev, &mut model.params, &mut opt)?;
     }
     write_run_files(out, model, &opt, &state, tokenizer_dir)?;
