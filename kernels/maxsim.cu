@@ -262,6 +262,129 @@ __device__ __forceinline__ void maxsim_docs_impl(const T* __restrict__ q, int Lq
     if (threadIdx.x == 0) scores[n] = s;
 }
 
+// ---- the inference scan on tensor cores ------------------------------------------------------
+// maxsim_docs_tc_bf16: one warp per document, 8 warps per block. This launch scores the query
+// rows q[0 .. qn) (qn <= 32; longer queries take one launch per 32 rows, `accumulate` = 1 after
+// the first) and writes (or adds) Σ_t max_u <q_t, d_u> / q_total to scores[n].
+//
+// The document is the A operand of mma.m16n8k16 (16 document tokens per tile, read straight from
+// global memory into registers), the query the B operand (8 query tokens per n-block, up to 4
+// n-blocks) held in shared memory. The dot product sums over k, so any permutation of the k axis
+// applied to both operands gives the same result: lane (g, q) = (lane / 4, lane % 4) loads the 16
+// bytes [8q, 8q + 8) of a 32-element D chunk of its rows g and g + 8 with ONE 16-byte load, and
+// uses elements 8q + 4s + {0, 1} as the fragment's logical columns 2q + {0, 1} and 8q + 4s + {2, 3}
+// as 2q + 8 + {0, 1} in k-step s (0, 1); the query's B fragments follow the same permutation, so
+// they too are one 16-byte shared load per chunk and n-block. Every byte of the document is read
+// once, in full 32-byte sectors, with kMdDepth chunks (4 KB per warp) in flight.
+// Shared query rows are (round_up(2 D, 128) + 64) bytes apart: the two rows a quarter-warp reads
+// then fall in different halves of the 32 banks (no conflicts).
+// Launch: grid ceil(N / 8), block 256, dynamic shared memory ceil(qn / 8) * 8 * row stride.
+// Needs D % 32 == 0, docs 16-byte aligned, q 4-byte aligned (the wrapper checks and otherwise
+// uses the SIMT kernel above).
+constexpr int kMdWarps = 8;
+constexpr int kMdDepth = 4;
+
+__device__ __forceinline__ int md_stride_words(int D) {
+    return (((2 * D + 127) / 128) * 128 + 64) / 4;
+}
+
+__device__ __forceinline__ void maxsim_docs_tc_impl(const bf16* __restrict__ q, int qn,
+                                                    int q_total, const bf16* __restrict__ docs,
+                                                    const long long* __restrict__ offsets,
+                                                    float* __restrict__ scores, int N, int D,
+                                                    int accumulate) {
+    R3_DYN_SMEM(unsigned, qs);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, qd = lane & 3;
+    const int sw = md_stride_words(D);  // shared row stride in u32 words
+    const int nb = (qn + 7) / 8;        // n-blocks of 8 query tokens
+    const int dw = D / 2;               // u32 words per row
+    // The query tile into shared memory, rows past qn zero.
+    const unsigned* qw = reinterpret_cast<const unsigned*>(q);
+    for (int i = threadIdx.x; i < nb * 8 * dw; i += blockDim.x) {
+        const int r = i / dw, c = i % dw;
+        qs[r * sw + c] = r < qn ? qw[(long long)r * dw + c] : 0u;
+    }
+    __syncthreads();
+    const long long n = (long long)blockIdx.x * kMdWarps + warp;
+    if (n >= N) return;
+    const long long begin = offsets[n];
+    const int len = (int)(offsets[n + 1] - begin);
+    const int chunks = D / 32;
+    float best[4][2];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) best[j][0] = best[j][1] = -INFINITY;
+    for (int r0 = 0; r0 < len; r0 += 16) {
+        const bool va = r0 + g < len, vb = r0 + g + 8 < len;
+        // Chunk c of row r: uint4 index c * 4 + qd of the row.
+        const uint4* pa = reinterpret_cast<const uint4*>(docs + (begin + r0 + g) * D) + qd;
+        const uint4* pb = reinterpret_cast<const uint4*>(docs + (begin + r0 + g + 8) * D) + qd;
+        const uint4 zero = {0u, 0u, 0u, 0u};
+        uint4 ra[kMdDepth], rb[kMdDepth];
+#pragma unroll
+        for (int i = 0; i < kMdDepth; ++i) {
+            ra[i] = va && i < chunks ? pa[i * 4] : zero;
+            rb[i] = vb && i < chunks ? pb[i * 4] : zero;
+        }
+        float acc[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+        for (int c0 = 0; c0 < chunks; c0 += kMdDepth) {
+#pragma unroll
+            for (int i = 0; i < kMdDepth; ++i) {
+                const int c = c0 + i;
+                if (c >= chunks) break;  // warp-uniform
+                const uint4 a = ra[i], b = rb[i];
+                const int cn = c + kMdDepth;
+                if (cn < chunks) {
+                    ra[i] = va ? pa[cn * 4] : zero;
+                    rb[i] = vb ? pb[cn * 4] : zero;
+                }
+                const unsigned a0[4] = {a.x, b.x, a.y, b.y};
+                const unsigned a1[4] = {a.z, b.z, a.w, b.w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    if (j >= nb) break;  // warp-uniform
+                    const uint4 y = *reinterpret_cast<const uint4*>(qs + (8 * j + g) * sw +
+                                                                    c * 16 + qd * 4);
+                    mma_bf16_16816(acc[j], a0, y.x, y.y);
+                    mma_bf16_16816(acc[j], a1, y.z, y.w);
+                }
+            }
+        }
+        // Max over this tile's real document tokens (rows g and g + 8, then across the 8 g).
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+            float m0 = fmaxf(va ? acc[j][0] : -INFINITY, vb ? acc[j][2] : -INFINITY);
+            float m1 = fmaxf(va ? acc[j][1] : -INFINITY, vb ? acc[j][3] : -INFINITY);
+#pragma unroll
+            for (int o = 4; o < 32; o <<= 1) {
+                m0 = fmaxf(m0, __shfl_xor_sync(kFullMask, m0, o));
+                m1 = fmaxf(m1, __shfl_xor_sync(kFullMask, m1, o));
+            }
+            best[j][0] = fmaxf(best[j][0], m0);
+            best[j][1] = fmaxf(best[j][1], m1);
+        }
+    }
+    // Σ over the real query columns 8 j + 2 qd + {0, 1} (an empty document adds 0).
+    float sum = 0.f;
+    if (len > 0) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                if (8 * j + 2 * qd + e < qn) sum += best[j][e];
+    }
+    sum += __shfl_xor_sync(kFullMask, sum, 1);
+    sum += __shfl_xor_sync(kFullMask, sum, 2);
+    if (lane == 0) {
+        const float v = sum / (float)q_total;
+        scores[n] = accumulate ? scores[n] + v : v;
+    }
+}
+
 // One block per query token (b, t): dq[b,t] += Σ_n g(b,n) p[n, argmax], and the matching
 // scatter dp[n, argmax] += g(b,n) q[b,t] with g(b,n) = dscores[b,n] / #valid tokens of b.
 template <class T>
@@ -322,6 +445,11 @@ extern "C" __global__ void __launch_bounds__(256)
                      float* scores, int N, int D) {
     r3::maxsim_docs_impl(q, Lq, docs, offsets, scores, N, D);
 }
+extern "C" __global__ void __launch_bounds__(256)
+    maxsim_docs_tc_bf16(const bf16* q, int qn, int q_total, const bf16* docs,
+                        const long long* offsets, float* scores, int N, int D, int accumulate) {
+    r3::maxsim_docs_tc_impl(q, qn, q_total, docs, offsets, scores, N, D, accumulate);
+}
 extern "C" __global__ void __launch_bounds__(128)
     maxsim_bwd_f32(const float* q, const unsigned char* qmask, const float* p, const int* argmax,
                    const float* dscores, float* dq, float* dp, int Bq, int Lq, int Bp, int Lp,
@@ -339,5 +467,6 @@ R3_EMU_EXPORT(maxsim_fwd_f32)
 R3_EMU_EXPORT(maxsim_fwd_bf16)
 R3_EMU_EXPORT(maxsim_docs_f32)
 R3_EMU_EXPORT(maxsim_docs_bf16)
+R3_EMU_EXPORT(maxsim_docs_tc_bf16)
 R3_EMU_EXPORT(maxsim_bwd_f32)
 R3_EMU_EXPORT(maxsim_bwd_bf16)

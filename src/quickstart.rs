@@ -488,7 +488,13 @@ pub fn run_with_settings(
         &tok_dir,
         &pre_dir,
         None,
-        &mut |_, _, _, _, _| {},
+        &mut |step, total, le, ld, tps| {
+            if step % (total / 10).max(1) == 0 || step == total {
+                log(&format!(
+                    "pretrain step {step}/{total}: enc {le:.3} dec {ld:.3}, {tps:.0} tokens/s"
+                ));
+            }
+        },
     )?;
     stage("pretrain", t, log);
 
@@ -537,7 +543,11 @@ pub fn run_with_settings(
         &tok_dir,
         &ft_dir,
         None,
-        &mut |_, _, _| {},
+        &mut |step, total, loss| {
+            if step % (total / 10).max(1) == 0 || step == total {
+                log(&format!("finetune step {step}/{total}: loss {loss:.4}"));
+            }
+        },
     )?;
     stage("finetune", t, log);
 

@@ -173,24 +173,36 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
-fn report(rows: &[bench::BenchRow], json: Option<&PathBuf>) -> Result<()> {
+fn print_header() {
     println!(
         "{:<58} {:>12} {:>10} {:>10} {:>8} {:>12}",
         "op", "s/iter", "TFLOP/s", "GB/s", "of peak", "tokens/s"
     );
+}
+
+/// One table row, flushed at once (a run stopped by a time limit keeps what it printed).
+fn print_row(r: &bench::BenchRow) {
     let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
-    for r in rows {
-        println!(
-            "{:<58} {:>12.4e} {:>10} {:>10} {:>8} {:>12}",
-            r.name,
-            r.seconds_per_iter,
-            opt(r.tflops, 1),
-            opt(r.gbps, 0),
-            r.of_peak
-                .map_or("-".to_string(), |x| format!("{:.0}%", 100.0 * x)),
-            opt(r.tokens_per_s, 0)
-        );
-    }
+    println!(
+        "{:<58} {:>12.4e} {:>10} {:>10} {:>8} {:>12}",
+        r.name,
+        r.seconds_per_iter,
+        opt(r.tflops, 1),
+        opt(r.gbps, 0),
+        r.of_peak
+            .map_or("-".to_string(), |x| format!("{:.0}%", 100.0 * x)),
+        opt(r.tokens_per_s, 0)
+    );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+}
+
+fn report(rows: &[bench::BenchRow], json: Option<&PathBuf>) -> Result<()> {
+    print_header();
+    rows.iter().for_each(print_row);
+    write_json(rows, json)
+}
+
+fn write_json(rows: &[bench::BenchRow], json: Option<&PathBuf>) -> Result<()> {
     if let Some(path) = json {
         let text: String = rows.iter().map(|r| format!("{}\n", r.to_json())).collect();
         retrom3::io::write_atomic(path, |w| std::io::Write::write_all(w, text.as_bytes()))?;
@@ -207,8 +219,9 @@ fn kernels(a: BenchKernelsArgs) -> Result<()> {
         iters: a.iters,
         card: Some(card),
     };
-    let rows = bench::kernels(&*dev, &cfg)?;
-    report(&rows, a.json.as_ref())
+    print_header();
+    let rows = bench::kernels_streaming(&*dev, &cfg, &mut print_row)?;
+    write_json(&rows, a.json.as_ref())
 }
 
 fn dtype(s: &str) -> Result<KDType> {
@@ -232,7 +245,16 @@ fn max_batch(a: BenchMaxBatchArgs) -> Result<()> {
     let cfg = a.model.config(longest)?;
     let dev = engine::open(a.model.device)?;
     println!("device: {}", dev.name());
-    let rows = bench::max_batch(&*dev, cfg, &a.seq_lens, &a.sub_batch, a.cap, a.budget_s, dt)?;
+    let rows = bench::max_batch_logged(
+        &*dev,
+        cfg,
+        &a.seq_lens,
+        &a.sub_batch,
+        a.cap,
+        a.budget_s,
+        dt,
+        &mut |l| eprintln!("  {l}"),
+    )?;
     println!(
         "{:>8} {:>10} {:>10} {:>7} {:>8}",
         "seq_len", "sub_batch", "max_batch", "probes", "seconds"

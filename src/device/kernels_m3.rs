@@ -124,14 +124,91 @@ pub unsafe fn maxsim_bwd(
     l.launch(&name("maxsim_bwd", dt), &cfg, &mut a)
 }
 
+/// Which MaxSim inference-scan kernel runs ([`maxsim_docs_with`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxSimImpl {
+    /// Tensor cores where they apply (bf16, dim a multiple of 32, aligned buffers), else SIMT.
+    Auto,
+    /// `maxsim_docs_{f32,bf16}`: the f32-FMA tile on CUDA cores (any storage, any dim).
+    Simt,
+    /// `maxsim_docs_tc_bf16`: bf16 mma.sync, one launch per 32 query tokens (an error when it
+    /// does not apply).
+    TensorCores,
+}
+
+/// Query tokens per launch of `maxsim_docs_tc_bf16`.
+const MD_TC_QUERY_TILE: usize = 32;
+
+/// Bytes between two query rows in the tensor-core kernel's shared memory (kernels/maxsim.cu
+/// md_stride_words).
+fn md_stride_bytes(dim: usize) -> usize {
+    (2 * dim).div_ceil(128) * 128 + 64
+}
+
+/// Largest dynamic shared memory the tensor-core scan asks for (the H100/A100 opt-in limit).
+const MD_TC_MAX_SMEM: usize = 227 * 1024;
+
+/// Why the tensor-core scan does not apply (None: it does).
+fn maxsim_docs_tc_unfit(
+    dt: KDType,
+    q: DevPtr,
+    store: DevPtr,
+    dim: usize,
+) -> Option<&'static str> {
+    if dt != KDType::BF16 {
+        Some("needs bf16 storage")
+    } else if dim % 32 != 0 {
+        Some("needs dim % 32 == 0")
+    } else if store.0 % 16 != 0 || q.0 % 4 != 0 {
+        Some("needs a 16-byte aligned store and a 4-byte aligned query")
+    } else if MD_TC_QUERY_TILE * md_stride_bytes(dim) > MD_TC_MAX_SMEM {
+        Some("dim too large for the query tile in shared memory")
+    } else {
+        None
+    }
+}
+
 /// MaxSim inference scan: one query q [q_len, dim] (no padding) against `docs` documents stored
 /// back to back, store [offsets[docs], dim] with offsets [docs + 1] i64 (non-decreasing, token
-/// rows) -> scores [docs] f32 (an empty document scores 0).
+/// rows) -> scores [docs] f32 (an empty document scores 0). bf16 runs on tensor cores when the
+/// shapes allow ([`MaxSimImpl::Auto`]).
 ///
 /// # Safety
 /// See the module documentation.
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn maxsim_docs(
     l: &dyn Launcher,
+    dt: KDType,
+    q: DevPtr,
+    q_len: usize,
+    store: DevPtr,
+    offsets: DevPtr,
+    scores: DevPtr,
+    docs: usize,
+    dim: usize,
+) -> Result<()> {
+    maxsim_docs_with(
+        l,
+        MaxSimImpl::Auto,
+        dt,
+        q,
+        q_len,
+        store,
+        offsets,
+        scores,
+        docs,
+        dim,
+    )
+}
+
+/// [`maxsim_docs`] with the kernel chosen by `imp`.
+///
+/// # Safety
+/// See the module documentation.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn maxsim_docs_with(
+    l: &dyn Launcher,
+    imp: MaxSimImpl,
     dt: KDType,
     q: DevPtr,
     q_len: usize,
@@ -145,15 +222,55 @@ pub unsafe fn maxsim_docs(
         return Ok(());
     }
     int(q_len * dim, "q_len * dim")?;
-    let cfg = LaunchConfig::linear(grid(docs, "docs")?, 256, 0);
-    let mut a = KernelArgs::new();
-    a.arg(q)
-        .arg(int(q_len, "q_len")?)
-        .arg(store)
-        .arg(offsets)
-        .arg(scores);
-    a.arg(int(docs, "docs")?).arg(int(dim, "dim")?);
-    l.launch(&name("maxsim_docs", dt), &cfg, &mut a)
+    let unfit = maxsim_docs_tc_unfit(dt, q, store, dim);
+    let tc = match (imp, unfit) {
+        (MaxSimImpl::Simt, _) => false,
+        (MaxSimImpl::Auto, u) => u.is_none() && q_len > 0,
+        (MaxSimImpl::TensorCores, None) => true,
+        (MaxSimImpl::TensorCores, Some(why)) => {
+            return Err(Error::invalid(format!(
+                "maxsim_docs on tensor cores {why} (dtype {}, dim {dim})",
+                dt.suffix()
+            )))
+        }
+    };
+    if !tc {
+        let cfg = LaunchConfig::linear(grid(docs, "docs")?, 256, 0);
+        let mut a = KernelArgs::new();
+        a.arg(q)
+            .arg(int(q_len, "q_len")?)
+            .arg(store)
+            .arg(offsets)
+            .arg(scores);
+        a.arg(int(docs, "docs")?).arg(int(dim, "dim")?);
+        return l.launch(&name("maxsim_docs", dt), &cfg, &mut a);
+    }
+    if q_len == 0 {
+        // No query token: every document scores 0, as the SIMT kernel writes.
+        let cfg = LaunchConfig::linear(grid(docs, "docs")?, 256, 0);
+        let mut a = KernelArgs::new();
+        a.arg(q).arg(0i32).arg(store).arg(offsets).arg(scores);
+        a.arg(int(docs, "docs")?).arg(int(dim, "dim")?);
+        return l.launch(&name("maxsim_docs", dt), &cfg, &mut a);
+    }
+    let blocks = grid(docs.div_ceil(8), "docs / 8")?;
+    for t0 in (0..q_len).step_by(MD_TC_QUERY_TILE) {
+        let qn = (q_len - t0).min(MD_TC_QUERY_TILE);
+        let smem = qn.div_ceil(8) * 8 * md_stride_bytes(dim);
+        let cfg = LaunchConfig::linear(blocks, 256, smem as u32);
+        let mut a = KernelArgs::new();
+        a.arg(DevPtr(q.0 + (t0 * dim * 2) as u64))
+            .arg(int(qn, "query tile")?)
+            .arg(int(q_len, "q_len")?)
+            .arg(store)
+            .arg(offsets)
+            .arg(scores);
+        a.arg(int(docs, "docs")?)
+            .arg(int(dim, "dim")?)
+            .arg(i32::from(t0 > 0));
+        l.launch("maxsim_docs_tc_bf16", &cfg, &mut a)?;
+    }
+    Ok(())
 }
 
 /// The compact per-text lexical lists of [`sparse_fwd`]: `texts` lists of capacity `cap` (the

@@ -100,8 +100,31 @@ fn fill(dev: &dyn KernelDevice, n: usize, dt: KDType, seed: u64) -> Result<DBuf>
     DBuf::from_f32(dev, &v, dt)
 }
 
+/// The rows measured so far, each also handed to a callback as soon as it exists (the CLI prints
+/// it then, so a run stopped by a time limit still shows what it measured).
+struct Rows<'a> {
+    rows: Vec<BenchRow>,
+    on_row: &'a mut dyn FnMut(&BenchRow),
+}
+
+impl Rows<'_> {
+    fn push(&mut self, r: BenchRow) {
+        (self.on_row)(&r);
+        self.rows.push(r);
+    }
+}
+
 /// Every kernel family at its headline shape (H100-sized unless `quick`).
 pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<BenchRow>> {
+    kernels_streaming(dev, cfg, &mut |_| {})
+}
+
+/// [`kernels`], handing each row to `on_row` as soon as it is measured.
+pub fn kernels_streaming(
+    dev: &dyn KernelDevice,
+    cfg: &KernelBenchCfg,
+    on_row: &mut dyn FnMut(&BenchRow),
+) -> Result<Vec<BenchRow>> {
     let devname = match dev.device() {
         crate::Device::Cuda(_) => "cuda",
         crate::Device::Emu => "emu",
@@ -109,7 +132,10 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
     };
     let peak = cfg.card.as_deref().and_then(bf16_peak_tflops);
     let it = cfg.iters;
-    let mut rows = Vec::new();
+    let mut rows = Rows {
+        rows: Vec::new(),
+        on_row,
+    };
     let bf = KDType::BF16;
     // Copy bandwidth: the reference for memory-bound kernels.
     let n_copy = if cfg.quick { 1 << 16 } else { 1 << 28 };
@@ -230,6 +256,11 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
                 s_f,
                 flops,
             ));
+            // The backward (CUDA cores, ~5 TFLOP/s) at the two shortest lengths only: the longer
+            // ones take most of a lease's minutes.
+            if !cfg.quick && sl > 1024 {
+                continue;
+            }
             let s_b = time(dev, 1, it, || {
                 // SAFETY: as the forward, plus dout, dq, dk, dv of the same size.
                 unsafe {
@@ -446,7 +477,116 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
         s,
         (7 * np * 4) as f64,
     ));
-    Ok(rows)
+    maxsim_rows(dev, cfg, devname, copy_gbps, &mut rows)?;
+    Ok(rows.rows)
+}
+
+/// ColBERT MaxSim: the inference scan (one query against a packed document store, issue 5's
+/// >= 75% of HBM target at BGE-M3's 1024-d bf16 vectors) and the training forward.
+fn maxsim_rows(
+    dev: &dyn KernelDevice,
+    cfg: &KernelBenchCfg,
+    devname: &str,
+    copy_gbps: f64,
+    rows: &mut Rows,
+) -> Result<()> {
+    use crate::device::cpu::maxsim::MaxSimDims;
+    use crate::device::kernels_m3 as km;
+    let it = cfg.iters;
+    let bf = KDType::BF16;
+    let (docs, doc_len, dim) = if cfg.quick {
+        (64, 16, 128)
+    } else {
+        (20000, 128, 1024)
+    };
+    let store = fill(dev, docs * doc_len * dim, bf, 21)?;
+    let offsets: Vec<i64> = (0..=docs).map(|n| (n * doc_len) as i64).collect();
+    let off = dev.upload(bytemuck::cast_slice(&offsets))?;
+    let scores = DBuf::zeros(dev, docs, KDType::F32)?;
+    for (q_len, imp) in [8usize, 32]
+        .into_iter()
+        .flat_map(|l| [(l, km::MaxSimImpl::Simt), (l, km::MaxSimImpl::TensorCores)])
+    {
+        let q = fill(dev, q_len * dim, bf, 22 + q_len as u64)?;
+        let tag = if imp == km::MaxSimImpl::Simt { "" } else { "_tc" };
+        // SAFETY: q [q_len, dim], store [docs * doc_len, dim], offsets [docs + 1], scores [docs].
+        let s = time(dev, 1, it, || unsafe {
+            km::maxsim_docs_with(
+                dev,
+                imp,
+                bf,
+                q.ptr(),
+                q_len,
+                store.ptr(),
+                off.ptr,
+                scores.ptr(),
+                docs,
+                dim,
+            )
+        })?;
+        let bytes = (docs * doc_len * dim * 2 + (docs + 1) * 8 + docs * 4) as f64;
+        let flops = 2.0 * (q_len * docs * doc_len * dim) as f64;
+        rows.push(BenchRow {
+            name: format!("{devname}_maxsim_docs{tag}_bf16_q{q_len}_n{docs}x{doc_len}_d{dim}"),
+            seconds_per_iter: s,
+            tflops: Some(flops / s / 1e12),
+            gbps: Some(bytes / s / 1e9),
+            of_peak: Some(bytes / s / 1e9 / copy_gbps),
+            tokens_per_s: None,
+        });
+    }
+    drop((store, off, scores));
+    // Training forward: 16 queries x 64 tokens against 128 passages x 256 tokens.
+    let d = if cfg.quick {
+        MaxSimDims {
+            queries: 2,
+            q_len: 8,
+            passages: 4,
+            p_len: 16,
+            dim,
+        }
+    } else {
+        MaxSimDims {
+            queries: 16,
+            q_len: 64,
+            passages: 128,
+            p_len: 256,
+            dim,
+        }
+    };
+    let q = fill(dev, d.queries * d.q_len * dim, bf, 31)?;
+    let p = fill(dev, d.passages * d.p_len * dim, bf, 32)?;
+    let qm = dev.upload(&vec![1u8; d.queries * d.q_len])?;
+    let pm = dev.upload(&vec![1u8; d.passages * d.p_len])?;
+    let sc = DBuf::zeros(dev, d.queries * d.passages, KDType::F32)?;
+    let am = dev.alloc_zeroed(d.queries * d.passages * d.q_len * 4)?;
+    // SAFETY: shapes as in `d`.
+    let s = time(dev, 1, it, || unsafe {
+        km::maxsim_fwd(
+            dev,
+            bf,
+            q.ptr(),
+            qm.ptr,
+            p.ptr(),
+            pm.ptr,
+            sc.ptr(),
+            am.ptr,
+            d,
+        )
+    })?;
+    let flops = 2.0 * (d.queries * d.q_len * d.passages * d.p_len * dim) as f64;
+    rows.push(BenchRow {
+        name: format!(
+            "{devname}_maxsim_fwd_bf16_{}x{}_vs_{}x{}_d{dim}",
+            d.queries, d.q_len, d.passages, d.p_len
+        ),
+        seconds_per_iter: s,
+        tflops: Some(flops / s / 1e12),
+        gbps: None,
+        of_peak: None,
+        tokens_per_s: None,
+    });
+    Ok(())
 }
 
 /// A random encoder of `config` without the Box-Muller init (a fast xorshift fill: speed runs
@@ -580,6 +720,22 @@ pub fn max_batch(
     budget_s: f64,
     dt: KDType,
 ) -> Result<Vec<MaxBatchRow>> {
+    max_batch_logged(dev, config, seq_lens, subs, cap, budget_s, dt, &mut |_| {})
+}
+
+/// [`max_batch`], telling `log` about each probe (batch, fits or not, seconds) and each finished
+/// cell as they happen.
+#[allow(clippy::too_many_arguments)]
+pub fn max_batch_logged(
+    dev: &dyn KernelDevice,
+    config: EncoderConfig,
+    seq_lens: &[usize],
+    subs: &[usize],
+    cap: usize,
+    budget_s: f64,
+    dt: KDType,
+    log: &mut dyn FnMut(&str),
+) -> Result<Vec<MaxBatchRow>> {
     use crate::model::m3_train::{fresh_heads, KdLoss, M3Batch, M3LossConfig, M3Student};
     let hidden = config.hidden_size;
     let vocab = config.vocab_size;
@@ -605,6 +761,7 @@ pub fn max_batch(
             let mut probes = 0;
             let mut probe = |b: usize| -> Result<bool> {
                 probes += 1;
+                let tp = Instant::now();
                 let texts: Vec<Vec<u32>> = (0..b)
                     .map(|i| {
                         (0..seq)
@@ -631,11 +788,17 @@ pub fn max_batch(
                     None,
                     sub,
                 );
-                match r.and_then(|_| dev.synchronize()) {
-                    Ok(()) => Ok(true),
-                    Err(crate::Error::OutOfMemory { .. }) => Ok(false),
-                    Err(e) => Err(e),
-                }
+                let fits = match r.and_then(|_| dev.synchronize()) {
+                    Ok(()) => true,
+                    Err(crate::Error::OutOfMemory { .. }) => false,
+                    Err(e) => return Err(e),
+                };
+                log(&format!(
+                    "seq {seq} sub {sub}: B = {b} {} ({:.1} s)",
+                    if fits { "fits" } else { "out of memory" },
+                    tp.elapsed().as_secs_f64()
+                ));
+                Ok(fits)
             };
             let over = |t0: &Instant| t0.elapsed().as_secs_f64() > budget_s;
             // Doubling: `good` fits, `bad` (if found) does not.
@@ -671,14 +834,16 @@ pub fn max_batch(
                 Some(hi) => hi - good > 1,
                 None => true,
             };
-            rows.push(MaxBatchRow {
+            let row = MaxBatchRow {
                 seq_len: seq,
                 sub_batch: sub,
                 max_batch: good,
                 lower_bound,
                 probes,
                 seconds: t0.elapsed().as_secs_f64(),
-            });
+            };
+            log(&format!("cell {}", row.to_json()));
+            rows.push(row);
         }
     }
     Ok(rows)

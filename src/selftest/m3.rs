@@ -146,6 +146,7 @@ pub(super) fn all(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<
             (5, 64, &[3, 0, 130, 1, 17]),
             (33, 32, &[7, 0, 40]),
             (32, 1024, &[40, 129]),
+            (8, 96, &[16, 15, 0, 33, 1, 2, 3, 4, 5]),
         ]
     } else {
         &[
@@ -153,11 +154,17 @@ pub(super) fn all(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<
             (33, 32, &[7, 0, 40]),
             (32, 1024, &[40, 129, 1, 300]),
             (70, 128, &[257, 2, 64]),
+            (8, 96, &[16, 15, 0, 33, 1, 2, 3, 4, 5, 6, 7]),
+            (1, 1024, &[128, 128, 127]),
+            (12, 48, &[9, 20]),
         ]
     };
     for &(lq, d, lens) in docs {
-        maxsim_docs::<f32>(&mut c, lq, d, lens);
-        maxsim_docs::<bf16>(&mut c, lq, d, lens);
+        maxsim_docs::<f32>(&mut c, km::MaxSimImpl::Simt, lq, d, lens);
+        maxsim_docs::<bf16>(&mut c, km::MaxSimImpl::Simt, lq, d, lens);
+        if d % 32 == 0 {
+            maxsim_docs::<bf16>(&mut c, km::MaxSimImpl::TensorCores, lq, d, lens);
+        }
     }
     // (query texts, q_len, passage texts, p_len, hidden, vocab)
     let sp: &[(usize, usize, usize, usize, usize, usize)] = if quick {
@@ -315,10 +322,21 @@ fn maxsim<T: Store>(c: &mut M3Ctx, d: MaxSimDims, pad: bool) {
     });
 }
 
-fn maxsim_docs<T: Store>(c: &mut M3Ctx, lq: usize, dim: usize, lens: &[usize]) {
+fn maxsim_docs<T: Store>(
+    c: &mut M3Ctx,
+    imp: km::MaxSimImpl,
+    lq: usize,
+    dim: usize,
+    lens: &[usize],
+) {
     let n = lens.len();
     let shape = format!("q{lq} D{dim} docs {lens:?}");
-    let k = format!("maxsim_docs_{}", T::DT.suffix());
+    let tc = if imp == km::MaxSimImpl::TensorCores {
+        "_tc"
+    } else {
+        ""
+    };
+    let k = format!("maxsim_docs{tc}_{}", T::DT.suffix());
     let s = 1.0 / (dim as f32).sqrt();
     let total: usize = lens.iter().sum();
     let (q, qf) = c.randn::<T>(lq * dim, s, 0.0);
@@ -353,7 +371,11 @@ fn maxsim_docs<T: Store>(c: &mut M3Ctx, lq: usize, dim: usize, lens: &[usize]) {
             c.zeros::<f32>(n)?,
         );
         // SAFETY: q [lq, dim], store [total, dim], offsets [n + 1] i64, scores [n] f32.
-        unsafe { km::maxsim_docs(c.dev, T::DT, bq.ptr, lq, bs.ptr, bo.ptr, bsc.ptr, n, dim)? };
+        unsafe {
+            km::maxsim_docs_with(
+                c.dev, imp, T::DT, bq.ptr, lq, bs.ptr, bo.ptr, bsc.ptr, n, dim,
+            )?
+        };
         let got = c.down::<f32>(&bsc, n)?;
         c.cmp(&k, &shape, "scores", &got, &want, TOL_F32);
         Ok(())
