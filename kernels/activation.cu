@@ -1,5 +1,7 @@
 // Activations: exact-erf GELU forward/backward and the fused bias + GELU forward/backward
-// (reference: src/device/cpu/elementwise.rs gelu_fwd / gelu_bwd).
+// (reference: src/device/cpu/elementwise.rs gelu_fwd / gelu_bwd), and the f32 -> bf16 cast
+// (round to nearest even, as half::bf16::from_f32) that brings f32 gradients (MaxSim's dq / dp)
+// back to the compute type.
 //
 // Layout: x, y, dy, dx flat [n] (gelu) or [rows, dim] row-major (bias_gelu) in T (f32 or bf16);
 // bias [dim] in T; dbias [dim] f32, accumulated (+=).
@@ -90,6 +92,11 @@ extern "C" __global__ void gelu_bwd_f32(const float* x, const float* dy, float* 
 extern "C" __global__ void gelu_bwd_bf16(const bf16* x, const bf16* dy, bf16* dx, long long n) {
     r3::gelu_bwd_impl(x, dy, dx, n);
 }
+extern "C" __global__ void cast_f32_bf16(const float* x, bf16* y, long long n) {
+    for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        y[i] = __float2bfloat16_rn(x[i]);
+}
 extern "C" __global__ void bias_gelu_fwd_f32(const float* x, const float* bias, float* y, int rows,
                                              int dim) {
     r3::bias_gelu_fwd_impl(x, bias, y, rows, dim);
@@ -107,6 +114,7 @@ extern "C" __global__ void bias_gelu_bwd_bf16(const bf16* x, const bf16* bias, c
     r3::bias_gelu_bwd_impl(x, bias, dy, dx, dbias, rows, dim);
 }
 
+R3_EMU_EXPORT(cast_f32_bf16)
 R3_EMU_EXPORT(gelu_fwd_f32)
 R3_EMU_EXPORT(gelu_fwd_bf16)
 R3_EMU_EXPORT(gelu_bwd_f32)

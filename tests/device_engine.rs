@@ -161,9 +161,9 @@ fn m3_device_gradients_match_the_cpu_trainer() {
     use retrom3::autograd::Tape;
     use retrom3::device::launch::KDType;
     use retrom3::engine::DeviceEncoder;
-    use retrom3::model::m3_train::{KdLoss, M3LossConfig};
-    let (student, batch) = m3_student_and_batch();
-    let cfg = M3LossConfig {
+    use retrom3::model::m3_train::{KdLoss, M3Batch, M3LossConfig};
+    let (student, batch0) = m3_student_and_batch();
+    let cfg0 = M3LossConfig {
         temperature: 0.05,
         unified: true,
         self_distill: true,
@@ -180,19 +180,38 @@ fn m3_device_gradients_match_the_cpu_trainer() {
     let dgrads = denc.zero_grads(&dev).unwrap();
     // Whole batch; sub-batches of 2 (two-pass, recomputed forward); sub-batches of 1 with
     // dropout, whose per-call seeds are then the CPU engine's per-text seeds.
-    for (sub, dropout) in [(0, None), (2, None), (4, None), (1, Some(drop))] {
+    // Whole batches also dense-only (`--unified false`) and in no-in-batch mode (the heads on
+    // the device, the score matrices' columns chosen on the host).
+    let dense_only = M3LossConfig {
+        unified: false,
+        self_distill: false,
+        ..cfg0
+    };
+    let no_in_batch = M3Batch {
+        no_in_batch: true,
+        ..batch0.clone()
+    };
+    for (sub, dropout, cfg, batch) in [
+        (0, None, cfg0, &batch0),
+        (2, None, cfg0, &batch0),
+        (4, None, cfg0, &batch0),
+        (1, Some(drop), cfg0, &batch0),
+        (0, None, dense_only, &batch0),
+        (0, None, cfg0, &no_in_batch),
+    ] {
+        let (cfg, batch) = (&cfg, batch);
         // CPU reference: one tape for the whole batch.
         let mut tape = Tape::new();
         let p = student.params.bind(&mut tape);
         let loss = student
-            .loss(&mut tape, &p, &batch, &cfg, dropout, &drop_ids)
+            .loss(&mut tape, &p, batch, cfg, dropout, &drop_ids)
             .unwrap();
         let want_total = loss.values().unwrap().total;
         let g = tape.backward(&loss.total).unwrap();
         // Device: the encoder on the emulator, heads and losses on the host.
         let (vals, heads) = student
             .device_grads_resident(
-                &dev, &denc, &dgrads, &batch, &cfg, dropout, &drop_ids, None, sub,
+                &dev, &denc, &dgrads, batch, cfg, dropout, &drop_ids, None, sub,
             )
             .unwrap();
         // Encoder gradients from the device buffers, then the heads'.
@@ -208,12 +227,19 @@ fn m3_device_gradients_match_the_cpu_trainer() {
             vals.total
         );
         assert_eq!(got.len(), p.len());
+        let global_scale = p
+            .iter()
+            .filter_map(|v| g.get(v))
+            .flat_map(|t| t.f32s().unwrap().to_vec())
+            .fold(0f32, |m, x| m.max(x.abs()));
         for ((v, gd), spec) in p.iter().zip(&got).zip(student.params.specs()) {
             let want = g.get(v).map(|t| t.f32s().unwrap().to_vec());
             let got = gd.as_ref().map(|t| t.f32s().unwrap().to_vec());
             let (want, got) = match (want, got) {
                 (Some(w), Some(g)) => (w, g),
                 (None, Some(g)) => (vec![0.0; g.len()], g),
+                // Dense only: neither side has a gradient for the sparse / ColBERT heads.
+                (None, None) if !cfg.unified => continue,
                 (w, g) => panic!(
                     "{}: cpu {:?} device {:?}",
                     spec.name,
@@ -229,10 +255,21 @@ fn m3_device_gradients_match_the_cpu_trainer() {
             } else {
                 0.0
             };
+            // Dense only: every gradient enters at the [CLS] rows, and the embeddings every text
+            // shares (its first token's row, the token type) sum query and passage terms that
+            // largely cancel; the emulated encoder gives the same values with the heads on the
+            // host (sub 2): allow 1e-3 of the largest encoder gradient there.
+            let floor = if cfg.unified {
+                floor
+            } else {
+                floor + 1e-3 * global_scale
+            };
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!(
                     (a - b).abs() <= floor + 1e-4 * scale + 1e-3 * b.abs(),
-                    "sub {sub}: {}[{i}]: device {a} cpu {b} (scale {scale})",
+                    "sub {sub} unified {} no-in-batch {}: {}[{i}]: device {a} cpu {b} (scale {scale})",
+                    cfg.unified,
+                    batch.no_in_batch,
                     spec.name
                 );
             }

@@ -22,7 +22,8 @@
 #              encoder (and its AdamW) on the GPU, then evaluation; QUICKSTART=0 skips it
 # Env: OUT (logs), SEED, BUDGET (seconds, default 470), SANITIZE=0 skips the two sanitizer steps
 # (SANITIZE=memcheck or racecheck runs that one only), TORCH=0 skips the PyTorch baseline, QS_LIMIT
-# caps the quickstart step (seconds, default 240). The sanitizers run last.
+# caps the quickstart step (seconds, default 240), QS_PRETRAIN_STEPS / QS_FINETUNE_STEPS shorten it.
+# The sanitizers run last.
 # Logs go to $OUT/<step>.log, the table to $OUT/summary.md (also printed). Exit status 0 when no
 # step failed; otherwise 1 and a line naming the failed steps. A skipped step says why.
 set -uo pipefail
@@ -150,7 +151,11 @@ if [ "${QUICKSTART:-1}" = 0 ]; then
   row quickstart SKIP 0 "QUICKSTART=0"
 else
   QS_DIR=$(mktemp -d /tmp/retrom3-qs.XXXXXX)
-  run_step quickstart "${QS_LIMIT:-240}" "$BIN" quickstart --device cuda --data "$ROOT/data/demo" --output "$QS_DIR"
+  QS_ARGS=()
+  [ -n "${QS_PRETRAIN_STEPS:-}" ] && QS_ARGS+=(--pretrain-steps "$QS_PRETRAIN_STEPS")
+  [ -n "${QS_FINETUNE_STEPS:-}" ] && QS_ARGS+=(--finetune-steps "$QS_FINETUNE_STEPS")
+  run_step quickstart "${QS_LIMIT:-240}" "$BIN" quickstart --device cuda --data "$ROOT/data/demo" \
+    --output "$QS_DIR" "${QS_ARGS[@]}"
   cp "$QS_DIR/summary.md" "$OUT/quickstart_summary.md" 2>/dev/null
   finish_step quickstart "$(grep -E 'test queries|error' "$OUT/quickstart.log" | tail -1 | cut -c1-140)"
 fi

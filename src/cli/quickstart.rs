@@ -2,7 +2,9 @@
 //! small model on the bundled demo set (data/demo), with a report (library: `retrom3::quickstart`).
 
 use clap::Args;
-use retrom3::quickstart::{default_data_dir, run as run_quickstart, table, QuickstartSize};
+use retrom3::quickstart::{
+    default_data_dir, run_with_settings, table, QuickstartSettings, QuickstartSize,
+};
 use retrom3::{Device, Result};
 use std::path::PathBuf;
 
@@ -20,6 +22,12 @@ pub struct QuickstartArgs {
     /// The BEIR directory with pretrain.txt and train.jsonl (default: data/demo).
     #[arg(long)]
     pub data: Option<PathBuf>,
+    /// Override the size's RetroMAE step count (e.g. a short GPU check).
+    #[arg(long)]
+    pub pretrain_steps: Option<u64>,
+    /// Override the size's M3 fine-tuning step count.
+    #[arg(long)]
+    pub finetune_steps: Option<u64>,
 }
 
 pub fn run(a: QuickstartArgs) -> Result<()> {
@@ -38,7 +46,14 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         data.display(),
         a.output.display()
     );
-    let report = run_quickstart(size, a.device, &data, &a.output, &mut |l| {
+    let mut settings = QuickstartSettings::of(size);
+    if let Some(n) = a.pretrain_steps {
+        settings.pretrain_steps = n.max(1);
+    }
+    if let Some(n) = a.finetune_steps {
+        settings.finetune_steps = n.max(1);
+    }
+    let report = run_with_settings(settings, size, a.device, &data, &a.output, &mut |l| {
         eprintln!("  {l}")
     })?;
     println!("{}", table(&report));

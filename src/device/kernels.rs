@@ -7,7 +7,7 @@
 //! the size stated in the doc comment (elements of the kernel's dtype unless marked f32/u32/i64/u8).
 
 use crate::device::cpu::attention::{AttnDims, AttnDropout};
-use crate::device::launch::{DevPtr, KDType, KernelArgs, LaunchConfig, Launcher};
+use crate::device::launch::{DevPtr, KDType, KernelArgs, KernelDevice, LaunchConfig, Launcher};
 use crate::error::{Error, Result};
 
 /// Grid cap for grid-stride kernels (about 8 blocks per SM on a 132-SM H100).
@@ -87,6 +87,32 @@ pub unsafe fn layernorm_bwd(
         .arg(dbeta);
     a.arg(int(rows, "rows")?).arg(int(dim, "dim")?);
     l.launch(&name("layernorm_bwd", dt), &cfg, &mut a)
+}
+
+/// x [n] f32 -> y [n] in `dt`: a copy for f32 (y may not alias x), round to nearest even for
+/// bf16 (`cast_f32_bf16`, as `half::bf16::from_f32`).
+///
+/// # Safety
+/// See the module documentation.
+pub unsafe fn cast_from_f32(
+    l: &dyn KernelDevice,
+    dt: KDType,
+    x: DevPtr,
+    y: DevPtr,
+    n: usize,
+) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    match dt {
+        KDType::F32 => l.copy_d2d(x, y, n * 4),
+        KDType::BF16 => {
+            let cfg = LaunchConfig::linear(blocks(n, 256, MAX_BLOCKS), 256, 0);
+            let mut a = KernelArgs::new();
+            a.arg(x).arg(y).arg(n as i64);
+            l.launch("cast_f32_bf16", &cfg, &mut a)
+        }
+    }
 }
 
 /// GELU (exact erf) forward over n elements.

@@ -149,12 +149,7 @@ fn md_stride_bytes(dim: usize) -> usize {
 const MD_TC_MAX_SMEM: usize = 227 * 1024;
 
 /// Why the tensor-core scan does not apply (None: it does).
-fn maxsim_docs_tc_unfit(
-    dt: KDType,
-    q: DevPtr,
-    store: DevPtr,
-    dim: usize,
-) -> Option<&'static str> {
+fn maxsim_docs_tc_unfit(dt: KDType, q: DevPtr, store: DevPtr, dim: usize) -> Option<&'static str> {
     if dt != KDType::BF16 {
         Some("needs bf16 storage")
     } else if dim % 32 != 0 {

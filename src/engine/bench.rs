@@ -508,7 +508,11 @@ fn maxsim_rows(
         .flat_map(|l| [(l, km::MaxSimImpl::Simt), (l, km::MaxSimImpl::TensorCores)])
     {
         let q = fill(dev, q_len * dim, bf, 22 + q_len as u64)?;
-        let tag = if imp == km::MaxSimImpl::Simt { "" } else { "_tc" };
+        let tag = if imp == km::MaxSimImpl::Simt {
+            ""
+        } else {
+            "_tc"
+        };
         // SAFETY: q [q_len, dim], store [docs * doc_len, dim], offsets [docs + 1], scores [docs].
         let s = time(dev, 1, it, || unsafe {
             km::maxsim_docs_with(
@@ -638,10 +642,11 @@ pub fn model(
         "l{}_h{}_v{}_b{batch}_s{seq}",
         config.num_hidden_layers, config.hidden_size, config.vocab_size
     );
+    use crate::model::m3_train::{fresh_heads, KdLoss, M3Batch, M3LossConfig, M3Student};
     let vocab = config.vocab_size;
-    let enc = fast_random_encoder(config, 7)?;
-    let denc = DeviceEncoder::upload(dev, &enc, dt)?;
-    drop(enc);
+    let hidden = config.hidden_size;
+    let student = M3Student::new(fast_random_encoder(config, 7)?, &fresh_heads(hidden, 1)?)?;
+    let denc = DeviceEncoder::upload(dev, &student.encoder()?, dt)?;
     let seqs: Vec<Vec<u32>> = (0..batch)
         .map(|b| {
             (0..seq)
@@ -675,6 +680,50 @@ pub fn model(
         gbps: None,
         of_peak: None,
         tokens_per_s: Some(tokens / s2),
+    });
+    drop(dh);
+    // One M3 unified training step (all three heads and their losses, self-distillation):
+    // batch / 4 queries of min(seq, 64) tokens, each with a group of 4 passages of seq tokens.
+    let (bq, group, ql) = ((batch / 4).max(1), 4, seq.min(64));
+    let text = |i: usize, len: usize| -> Vec<u32> {
+        (0..len)
+            .map(|j| (5 + (i * 131 + j * 17) % (vocab - 5)) as u32)
+            .collect()
+    };
+    let queries: Vec<Vec<u32>> = (0..bq).map(|i| text(i + 7, ql)).collect();
+    let passages: Vec<Vec<u32>> = (0..bq * group).map(|i| text(i + 1000, seq)).collect();
+    let m3 = M3Batch {
+        queries: EncoderInput::pad(&queries, 1),
+        passages: EncoderInput::pad(&passages, 1),
+        group,
+        teacher: None,
+        no_in_batch: false,
+        cross_device: None,
+    };
+    let loss = M3LossConfig {
+        temperature: 0.02,
+        unified: true,
+        self_distill: true,
+        kd: KdLoss::M3KdLoss,
+    };
+    let drop_ids = [0u32, 1, 2, 3];
+    let s3 = time(dev, 1, iters, || {
+        student
+            .device_grads_resident(dev, &denc, &grads, &m3, &loss, None, &drop_ids, None, 0)
+            .map(|_| ())
+    })?;
+    rows.push(BenchRow {
+        name: format!(
+            "{devname}_m3_step_{}_l{}_h{hidden}_q{bq}x{ql}_p{}x{seq}",
+            dt.suffix(),
+            denc.config.num_hidden_layers,
+            bq * group
+        ),
+        seconds_per_iter: s3,
+        tflops: None,
+        gbps: None,
+        of_peak: None,
+        tokens_per_s: Some((bq * ql + bq * group * seq) as f64 / s3),
     });
     Ok(rows)
 }

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod dense;
 pub mod encoder;
 pub mod m3;
+pub mod m3_heads;
 pub mod optim;
 
 pub use encoder::{DeviceEncoder, EncoderForward};

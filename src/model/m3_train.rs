@@ -212,58 +212,28 @@ impl M3Student {
         cfg: &M3LossConfig,
         drop_ids: &[u32],
     ) -> Result<M3Scores> {
-        let inv_t = 1.0 / cfg.temperature;
-        let local = |tape: &mut Tape, s: Var| -> Result<Var> {
-            if batch.no_in_batch {
-                ops::group_columns(tape, &s, batch.group)
-            } else {
-                Ok(s)
-            }
-        };
-        let sd = ops::linear(tape, &q.dense, &p.dense, None)?;
-        let sd = ops::scale(tape, &sd, inv_t)?;
-        let dense = local(tape, sd)?;
-        let dense_cross = match &batch.cross_device {
-            Some(g) if g.world() > 1 && !batch.no_in_batch => {
-                Some(cross_device_scores(tape, g, q, p, batch, inv_t)?)
+        let raw = match (&q.sparse, &p.sparse, &q.colbert, &p.colbert) {
+            (Some(wq), Some(wp), Some(cq), Some(cp)) => {
+                let ss = ops::lexical_scores(
+                    tape,
+                    wq,
+                    Arc::from(batch.queries.ids.as_slice()),
+                    wp,
+                    Arc::from(batch.passages.ids.as_slice()),
+                    Arc::from(drop_ids),
+                )?;
+                let sc = ops::maxsim(
+                    tape,
+                    cq,
+                    colbert_mask(&batch.queries),
+                    cp,
+                    colbert_mask(&batch.passages),
+                )?;
+                Some((ss, sc))
             }
             _ => None,
         };
-        let (Some(wq), Some(wp), Some(cq), Some(cp)) =
-            (&q.sparse, &p.sparse, &q.colbert, &p.colbert)
-        else {
-            return Ok(M3Scores {
-                dense,
-                dense_cross,
-                sparse: None,
-                colbert: None,
-            });
-        };
-        let ss = ops::lexical_scores(
-            tape,
-            wq,
-            Arc::from(batch.queries.ids.as_slice()),
-            wp,
-            Arc::from(batch.passages.ids.as_slice()),
-            Arc::from(drop_ids),
-        )?;
-        let ss = ops::scale(tape, &ss, inv_t)?;
-        let sparse = local(tape, ss)?;
-        let sc = ops::maxsim(
-            tape,
-            cq,
-            colbert_mask(&batch.queries),
-            cp,
-            colbert_mask(&batch.passages),
-        )?;
-        let sc = ops::scale(tape, &sc, inv_t)?;
-        let colbert = local(tape, sc)?;
-        Ok(M3Scores {
-            dense,
-            dense_cross,
-            sparse: Some(sparse),
-            colbert: Some(colbert),
-        })
+        scores_from_raw(tape, q, p, raw, batch, cfg)
     }
 
     /// Score matrices for a batch, encoded on `tape` in one piece.
@@ -331,6 +301,11 @@ impl M3Student {
         sub: usize,
     ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
         check_batch(batch)?;
+        if sub == 0 {
+            return self.device_grads_heads_on_device(
+                dev, denc, dgrads, batch, cfg, dropout, drop_ids, sum_over,
+            );
+        }
         let n = self.n_encoder();
         let mut tape = Tape::new();
         let p = self.params.bind(&mut tape);
@@ -389,6 +364,122 @@ impl M3Student {
             group.all_reduce_device(dev, dgrads)?;
         }
         Ok((values, ph.iter().map(|v| g.take(v)).collect()))
+    }
+
+    /// [`M3Student::device_grads_resident`] for a whole batch: the heads run on the device too
+    /// (`engine::m3_heads`), and only the [CLS] rows and the sparse / ColBERT score matrices
+    /// come to the host for the losses.
+    #[allow(clippy::too_many_arguments)]
+    fn device_grads_heads_on_device(
+        &self,
+        dev: &dyn crate::device::launch::KernelDevice,
+        denc: &crate::engine::DeviceEncoder,
+        dgrads: &[crate::engine::DBuf],
+        batch: &M3Batch,
+        cfg: &M3LossConfig,
+        dropout: Option<DropoutCfg>,
+        drop_ids: &[u32],
+        sum_over: Option<&crate::dist::Group>,
+    ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
+        use crate::engine::m3_heads::{BatchHeads, HeadWeights};
+        let n = self.n_encoder();
+        let hidden = self.encoder_config.hidden_size;
+        let hw = if cfg.unified {
+            Some(HeadWeights::upload(
+                dev,
+                &self.params.values()[n..],
+                denc.dt,
+                drop_ids,
+            )?)
+        } else {
+            None
+        };
+        // The same dropout seeds as one piece per side of the sub-batched path.
+        let seed = |side| {
+            dropout.map(|d| DropoutCfg {
+                seed: text_seed(d.seed, side, 0),
+                ..d
+            })
+        };
+        let fq = denc.forward(dev, &batch.queries, seed(QUERY_SIDE), true)?;
+        let fp = denc.forward(dev, &batch.passages, seed(PASSAGE_SIDE), true)?;
+        let heads = BatchHeads::forward(
+            dev,
+            hw.as_ref(),
+            hidden,
+            self.encoder_config.vocab_size,
+            (&fq.hidden, &batch.queries),
+            (&fp.hidden, &batch.passages),
+        )?;
+        let (bq, bp) = (batch.queries.batch, batch.passages.batch);
+        let mut tape = Tape::new();
+        let leaf = |tape: &mut Tape, v: &[f32], dims: &[usize]| -> Result<Var> {
+            Ok(tape.leaf(Tensor::from_vec(v.to_vec(), dims)?))
+        };
+        let cls_q = leaf(&mut tape, &heads.cls_q, &[bq, hidden])?;
+        let cls_p = leaf(&mut tape, &heads.cls_p, &[bp, hidden])?;
+        let raw = match (&heads.sparse, &heads.colbert) {
+            (Some(ss), Some(sc)) => Some((
+                leaf(&mut tape, ss, &[bq, bp])?,
+                leaf(&mut tape, sc, &[bq, bp])?,
+            )),
+            _ => None,
+        };
+        let side = |tape: &mut Tape, cls: &Var| -> Result<HeadOutputs> {
+            Ok(HeadOutputs {
+                dense: ops::l2_normalize(tape, cls, NORM_EPS)?,
+                sparse: None,
+                colbert: None,
+            })
+        };
+        let (oq, op) = (side(&mut tape, &cls_q)?, side(&mut tape, &cls_p)?);
+        let s = scores_from_raw(&mut tape, &oq, &op, raw.clone(), batch, cfg)?;
+        let loss = loss_from_scores(&mut tape, &s, batch, cfg)?;
+        drop((s, oq, op));
+        let values = loss.values()?;
+        let mut g = tape.backward(&loss.total)?;
+        let mut grad = |v: &Var| -> Result<Vec<f32>> {
+            Ok(g.take(v)
+                .unwrap_or_else(|| Tensor::zeros(v.dims()))
+                .to_f32()
+                .f32s()?
+                .to_vec())
+        };
+        let (dcls_q, dcls_p) = (grad(&cls_q)?, grad(&cls_p)?);
+        let (dss, dsc) = match &raw {
+            Some((ss, sc)) => (Some(grad(ss)?), Some(grad(sc)?)),
+            None => (None, None),
+        };
+        let (dhq, dhp, hg) = heads.backward(
+            dev,
+            hw.as_ref(),
+            hidden,
+            (&fq.hidden, &fp.hidden),
+            (&dcls_q, &dcls_p),
+            dss.as_deref(),
+            dsc.as_deref(),
+        )?;
+        crate::engine::DeviceEncoder::clear_grads(dev, dgrads)?;
+        denc.backward(dev, fq, &dhq, dgrads)?;
+        denc.backward(dev, fp, &dhp, dgrads)?;
+        if let Some(group) = sum_over {
+            group.all_reduce_device(dev, dgrads)?;
+        }
+        let head_grads = match hg {
+            Some(h) => {
+                let dims: Vec<Vec<usize>> = self.params.specs()[n..]
+                    .iter()
+                    .map(|s| s.dims.clone())
+                    .collect();
+                [h.colbert_w, h.colbert_b, h.sparse_w, h.sparse_b]
+                    .into_iter()
+                    .zip(&dims)
+                    .map(|(v, d)| Tensor::from_vec(v, d).map(Some))
+                    .collect::<Result<Vec<_>>>()?
+            }
+            None => vec![None; self.params.specs().len() - n],
+        };
+        Ok((values, head_grads))
     }
 
     /// Loss values and parameter gradients of a batch by the exact two-pass sub-batch scheme
@@ -603,6 +694,46 @@ fn sub_input(x: &EncoderInput, rows: Range<usize>) -> EncoderInput {
 }
 
 /// Mask of the ColBERT tokens (1..) of every text.
+/// The score matrices from the dense vectors of `q` and `p` (their sparse / ColBERT outputs are
+/// not read) and, when unified, the raw lexical and MaxSim scores [Bq, Bp]: the temperature, the
+/// no-in-batch column selection and the cross-device dense scores (SPEC 4.5).
+fn scores_from_raw(
+    tape: &mut Tape,
+    q: &HeadOutputs,
+    p: &HeadOutputs,
+    raw: Option<(Var, Var)>,
+    batch: &M3Batch,
+    cfg: &M3LossConfig,
+) -> Result<M3Scores> {
+    let inv_t = 1.0 / cfg.temperature;
+    let local = |tape: &mut Tape, s: Var| -> Result<Var> {
+        let s = ops::scale(tape, &s, inv_t)?;
+        if batch.no_in_batch {
+            ops::group_columns(tape, &s, batch.group)
+        } else {
+            Ok(s)
+        }
+    };
+    let sd = ops::linear(tape, &q.dense, &p.dense, None)?;
+    let dense = local(tape, sd)?;
+    let dense_cross = match &batch.cross_device {
+        Some(g) if g.world() > 1 && !batch.no_in_batch => {
+            Some(cross_device_scores(tape, g, q, p, batch, inv_t)?)
+        }
+        _ => None,
+    };
+    let (sparse, colbert) = match raw {
+        Some((ss, sc)) => (Some(local(tape, ss)?), Some(local(tape, sc)?)),
+        None => (None, None),
+    };
+    Ok(M3Scores {
+        dense,
+        dense_cross,
+        sparse,
+        colbert,
+    })
+}
+
 fn colbert_mask(x: &EncoderInput) -> Arc<[u8]> {
     (0..x.batch)
         .flat_map(|b| (1..x.len).map(move |l| x.mask[b * x.len + l]))

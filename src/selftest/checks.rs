@@ -156,6 +156,7 @@ pub(super) fn all(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<
     for &n in lens {
         gelu::<f32>(&mut c, n);
         gelu::<bf16>(&mut c, n);
+        cast_f32_bf16(&mut c, n);
         adamw(&mut c, n);
     }
     for &(r, k) in ce {
@@ -327,6 +328,26 @@ fn gelu<T: Store>(c: &mut Ctx, n: usize) {
         unsafe { kernels::gelu_bwd(c.dev, T::DT, bx.ptr, bdy.ptr, bdx.ptr, n)? };
         let got = c.down::<T>(&bdx, n)?;
         c.cmp(&bwd, &shape, "dx", &got, &dx, T::TOL.with_floor(ERF_ABS));
+        Ok(())
+    });
+}
+
+/// The f32 -> bf16 cast: exactly half::bf16::from_f32 (round to nearest even; truncation would
+/// be off by one bf16 ulp, ~4e-3 relative, on about half the elements).
+fn cast_f32_bf16(c: &mut Ctx, n: usize) {
+    let shape = format!("{n}");
+    let k = "cast_f32_bf16";
+    let (x, xf) = c.randn::<f32>(n, 3.0, 0.0);
+    let want: Vec<f32> = xf
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_f32())
+        .collect();
+    c.check(k, &shape, |c| {
+        let (bx, by) = (c.up(&x)?, c.zeros::<bf16>(n)?);
+        // SAFETY: x holds n f32, y n bf16.
+        unsafe { kernels::cast_from_f32(c.dev, KDType::BF16, bx.ptr, by.ptr, n)? };
+        let got = c.down::<bf16>(&by, n)?;
+        c.cmp(k, &shape, "y", &got, &want, TOL_F32);
         Ok(())
     });
 }

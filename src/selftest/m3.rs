@@ -373,7 +373,16 @@ fn maxsim_docs<T: Store>(
         // SAFETY: q [lq, dim], store [total, dim], offsets [n + 1] i64, scores [n] f32.
         unsafe {
             km::maxsim_docs_with(
-                c.dev, imp, T::DT, bq.ptr, lq, bs.ptr, bo.ptr, bsc.ptr, n, dim,
+                c.dev,
+                imp,
+                T::DT,
+                bq.ptr,
+                lq,
+                bs.ptr,
+                bo.ptr,
+                bsc.ptr,
+                n,
+                dim,
             )?
         };
         let got = c.down::<f32>(&bsc, n)?;
