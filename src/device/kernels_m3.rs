@@ -220,7 +220,9 @@ pub unsafe fn maxsim_docs_with(
     let unfit = maxsim_docs_tc_unfit(dt, q, store, dim);
     let tc = match (imp, unfit) {
         (MaxSimImpl::Simt, _) => false,
-        (MaxSimImpl::Auto, u) => u.is_none() && q_len > 0,
+        // No query token: every document scores 0, as the SIMT kernel writes.
+        (_, _) if q_len == 0 => false,
+        (MaxSimImpl::Auto, u) => u.is_none(),
         (MaxSimImpl::TensorCores, None) => true,
         (MaxSimImpl::TensorCores, Some(why)) => {
             return Err(Error::invalid(format!(
@@ -237,14 +239,6 @@ pub unsafe fn maxsim_docs_with(
             .arg(store)
             .arg(offsets)
             .arg(scores);
-        a.arg(int(docs, "docs")?).arg(int(dim, "dim")?);
-        return l.launch(&name("maxsim_docs", dt), &cfg, &mut a);
-    }
-    if q_len == 0 {
-        // No query token: every document scores 0, as the SIMT kernel writes.
-        let cfg = LaunchConfig::linear(grid(docs, "docs")?, 256, 0);
-        let mut a = KernelArgs::new();
-        a.arg(q).arg(0i32).arg(store).arg(offsets).arg(scores);
         a.arg(int(docs, "docs")?).arg(int(dim, "dim")?);
         return l.launch(&name("maxsim_docs", dt), &cfg, &mut a);
     }

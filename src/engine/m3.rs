@@ -141,11 +141,7 @@ pub fn encode_heads(
         let pooled = match req.pooling {
             Pooling::Cls => {
                 let rows: Vec<u32> = (0..b).map(|i| (i * l) as u32).collect();
-                let ids = super::upload_pod(dev, &rows)?;
-                let cls = DBuf::uninit(dev, b * h, dt)?;
-                // SAFETY: hs holds n × h (the "table"), ids b row numbers < n, cls b × h.
-                unsafe { k::gather_fwd(dev, dt, hs.ptr(), ids.ptr, cls.ptr(), b, h, n)? };
-                cls
+                super::m3_heads::gather_rows(dev, hs, &rows, h)?
             }
             Pooling::Mean => {
                 // Mean over the real tokens, on the host from the downloaded state.
@@ -212,25 +208,16 @@ pub fn encode_heads(
         }
         if req.colbert {
             let dc = heads.colbert_dim;
-            let c = DBuf::uninit(dev, n * dc, dt)?;
-            let cn = DBuf::uninit(dev, n * dc, dt)?;
-            let g = DeviceGemm {
-                ta: Trans::N,
-                tb: Trans::T,
-                m: n,
-                k: h,
-                n: dc,
-                alpha: 1.0,
-                beta: 0.0,
-                ab: dt,
-                c: dt,
-            };
-            // SAFETY: hs n × h, the weight dc × h, c and cn n × dc, the bias dc.
-            unsafe {
-                dev.gemm(&g, hs.ptr(), heads.colbert_w.ptr(), c.ptr())?;
-                k::add_bias(dev, dt, c.ptr(), heads.colbert_b.ptr(), n, dc)?;
-                k::l2_normalize_fwd(dev, dt, c.ptr(), cn.ptr(), n, dc, NORM_EPS)?;
-            }
+            let (_, cn) = super::m3_heads::colbert_project(
+                dev,
+                dt,
+                hs,
+                &heads.colbert_w,
+                &heads.colbert_b,
+                n,
+                h,
+                dc,
+            )?;
             let cs = cn.to_f32(dev)?;
             for (bi, &len) in lens.iter().enumerate() {
                 // Every real token after CLS (right padding: positions 1..len).

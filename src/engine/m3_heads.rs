@@ -161,25 +161,71 @@ pub struct HeadGrads {
     pub sparse_b: Vec<f32>,
 }
 
-fn cls_rows(dev: &dyn KernelDevice, h: &DBuf, x: &EncoderInput, hidden: usize) -> Result<Vec<f32>> {
-    let rows: Vec<u32> = (0..x.batch).map(|i| (i * x.len) as u32).collect();
-    let ids = upload_pod(dev, &rows)?;
-    let cls = DBuf::uninit(dev, x.batch * hidden, h.dtype())?;
-    // SAFETY: h holds batch · len rows of `hidden` (the table), ids batch row numbers below that,
-    // cls batch × hidden.
+/// Rows `rows` of `h` [total, width] (storage type kept) as a new [rows.len(), width] buffer.
+pub(crate) fn gather_rows(
+    dev: &dyn KernelDevice,
+    h: &DBuf,
+    rows: &[u32],
+    width: usize,
+) -> Result<DBuf> {
+    let ids = upload_pod(dev, rows)?;
+    let out = DBuf::uninit(dev, rows.len() * width, h.dtype())?;
+    // SAFETY: h holds len / width rows of `width` (the table), ids row numbers below that (the
+    // kernel gives zeros for larger ones), out rows.len() × width.
     unsafe {
         k::gather_fwd(
             dev,
             h.dtype(),
             h.ptr(),
             ids.ptr,
-            cls.ptr(),
-            x.batch,
-            hidden,
-            x.batch * x.len,
+            out.ptr(),
+            rows.len(),
+            width,
+            h.len() / width.max(1),
         )?
     };
-    cls.to_f32(dev)
+    Ok(out)
+}
+
+/// The [CLS] (first) row of every text: [batch, hidden] f32 on the host.
+fn cls_rows(dev: &dyn KernelDevice, h: &DBuf, x: &EncoderInput, hidden: usize) -> Result<Vec<f32>> {
+    let rows: Vec<u32> = (0..x.batch).map(|i| (i * x.len) as u32).collect();
+    gather_rows(dev, h, &rows, hidden)?.to_f32(dev)
+}
+
+/// ColBERT projection of every row: pre = h Wᵀ + b and its normalised rows, both [n, dc] in
+/// `dt` (h [n, hd], W [dc, hd], b [dc]).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn colbert_project(
+    dev: &dyn KernelDevice,
+    dt: KDType,
+    h: &DBuf,
+    w: &DBuf,
+    b: &DBuf,
+    n: usize,
+    hd: usize,
+    dc: usize,
+) -> Result<(DBuf, DBuf)> {
+    let pre = DBuf::uninit(dev, n * dc, dt)?;
+    let vecs = DBuf::uninit(dev, n * dc, dt)?;
+    let g = DeviceGemm {
+        ta: Trans::N,
+        tb: Trans::T,
+        m: n,
+        k: hd,
+        n: dc,
+        alpha: 1.0,
+        beta: 0.0,
+        ab: dt,
+        c: dt,
+    };
+    // SAFETY: h [n, hd], W [dc, hd], pre and vecs [n, dc], bias [dc].
+    unsafe {
+        dev.gemm(&g, h.ptr(), w.ptr(), pre.ptr())?;
+        k::add_bias(dev, dt, pre.ptr(), b.ptr(), n, dc)?;
+        k::l2_normalize_fwd(dev, dt, pre.ptr(), vecs.ptr(), n, dc, NORM_EPS)?;
+    }
+    Ok((pre, vecs))
 }
 
 fn check_hidden(h: &DBuf, x: &EncoderInput, hidden: usize, what: &str) -> Result<()> {
@@ -224,25 +270,7 @@ fn side_forward(
         )?
     };
     // ColBERT: every position projected and normalised; MaxSim masks position 0 and padding.
-    let pre = DBuf::uninit(dev, n * dc, dt)?;
-    let vecs = DBuf::uninit(dev, n * dc, dt)?;
-    let g = DeviceGemm {
-        ta: Trans::N,
-        tb: Trans::T,
-        m: n,
-        k: hd,
-        n: dc,
-        alpha: 1.0,
-        beta: 0.0,
-        ab: dt,
-        c: dt,
-    };
-    // SAFETY: h [n, hd], W [dc, hd], pre and vecs [n, dc], bias [dc].
-    unsafe {
-        dev.gemm(&g, h.ptr(), hw.colbert_w.ptr(), pre.ptr())?;
-        k::add_bias(dev, dt, pre.ptr(), hw.colbert_b.ptr(), n, dc)?;
-        k::l2_normalize_fwd(dev, dt, pre.ptr(), vecs.ptr(), n, dc, NORM_EPS)?;
-    }
+    let (pre, vecs) = colbert_project(dev, dt, h, &hw.colbert_w, &hw.colbert_b, n, hd, dc)?;
     let mask: Vec<u8> = (0..n)
         .map(|i| u8::from(i % x.len != 0 && x.mask[i] != 0))
         .collect();
@@ -503,21 +531,7 @@ fn add_cls_rows(
         ));
     }
     let rows: Vec<u32> = (0..batch).map(|i| (i * len) as u32).collect();
-    let ids = upload_pod(dev, &rows)?;
-    let cur = DBuf::uninit(dev, batch * hidden, dh.dtype())?;
-    // SAFETY: dh holds batch · len rows of `hidden`, ids batch row numbers below that.
-    unsafe {
-        k::gather_fwd(
-            dev,
-            dh.dtype(),
-            dh.ptr(),
-            ids.ptr,
-            cur.ptr(),
-            batch,
-            hidden,
-            batch * len,
-        )?
-    };
+    let cur = gather_rows(dev, dh, &rows, hidden)?;
     let cur = cur.to_f32(dev)?;
     for b in 0..batch {
         let row: Vec<f32> = cur[b * hidden..][..hidden]
