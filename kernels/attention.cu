@@ -9,10 +9,11 @@
 // Masks, computed in-kernel (never an [L, L] array): mode 0 = key padding (key_mask [B, Lk] u8,
 // 1 = real, NULL = no padding); mode 1 = the RetroMAE two-stream decoder mask (SPEC §10.3,
 // cpu::attention::two_stream_visible): a row never sees itself nor padding, slot 0 is visible to
-// rows != 0, otherwise key j is hidden from row i when hash_unit(seed, b << 32 | i, words[b, j]) <
-// p (words [B, Lk] u32, whole-word index). Attention-probability dropout (drop_p > 0): p_ij is kept
-// when hash_unit(drop_seed, drop_stream, ((b H + h) Lq + i) Lk + j) >= drop_p, scaled 1/(1-p).
-// The hash is cpu::elementwise::hash_u32 bit for bit, so CPU and GPU see identical masks.
+// rows != 0, otherwise key j is hidden from row i when vis_unit(vis_row_key(seed, b, i),
+// words[b, j]) < p (words [B, Lk] u32, whole-word index; a 32-bit mix, common.cuh). Attention-
+// probability dropout (drop_p > 0): p_ij is kept when hash_unit(drop_seed, drop_stream,
+// ((b H + h) Lq + i) Lk + j) >= drop_p, scaled 1/(1-p). Both hashes are cpu::elementwise's bit
+// for bit, so CPU and GPU see identical masks.
 //
 // Launch (kWarps = 4 warps = 128 threads, R = rows_per_warp<D>() = 4, or 2 for D = 128):
 //   attention_fwd_d{D}_{T}:       grid (ceil(Lq / 4R), H, B); each warp owns R query rows.
@@ -71,13 +72,20 @@ struct AttnMaskArgs {
     unsigned long long drop_seed, drop_stream;
 };
 
-// cpu::attention::AttnMask::visible for modes 0 and 1 (i, j < Lq, Lk are the caller's job).
-__device__ __forceinline__ bool attn_visible(const AttnMaskArgs& a, int b, int i, int j, int lk) {
-    const long long bj = (long long)b * lk + j;
+// cpu::attention::AttnMask::visible for modes 0 and 1 (i, j < Lq, Lk are the caller's job), with
+// the row's mask key (vis_row_key(seed, b, i), mode 1) computed by the caller once per row.
+__device__ __forceinline__ bool attn_visible_key(const AttnMaskArgs& a, unsigned row_key, int i,
+                                                 int j, long long bj) {
     if (a.mode == 1 && j == i) return false;
     if (a.key_mask != nullptr && a.key_mask[bj] == 0) return false;
     if (a.mode == 0 || j == 0) return true;
-    return hash_unit(a.seed, ((unsigned long long)b << 32) | (unsigned)i, a.words[bj]) >= a.p;
+    return vis_unit(row_key, a.words[bj]) >= a.p;
+}
+__device__ __forceinline__ unsigned attn_row_key(const AttnMaskArgs& a, int b, int i) {
+    return a.mode == 1 ? vis_row_key(a.seed, (unsigned)b, (unsigned)i) : 0u;
+}
+__device__ __forceinline__ bool attn_visible(const AttnMaskArgs& a, int b, int i, int j, int lk) {
+    return attn_visible_key(a, attn_row_key(a, b, i), i, j, (long long)b * lk + j);
 }
 
 // cpu::attention::AttnDropout::factor_of: 0 or 1/(1-p); 1 without dropout.
@@ -427,6 +435,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
     const int r0 = blockIdx.x * kTcRows + warp * 16 + g, r1 = r0 + 8;
+    const unsigned rk0 = attn_row_key(ma, b, r0), rk1 = attn_row_key(ma, b, r1);
     const long long w = (long long)heads * D;
     const unsigned short* q16 = reinterpret_cast<const unsigned short*>(q);
     const unsigned short* k16 = reinterpret_cast<const unsigned short*>(k);
@@ -496,7 +505,8 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                 } else {
                     const int i = e < 2 ? r0 : r1, j = j0 + c;
                     if (j >= lk) x = -INFINITY;
-                    else if (!attn_visible(ma, b, i, j, lk)) x = kMasked;
+                    else if (!attn_visible_key(ma, e < 2 ? rk0 : rk1, i, j, (long long)b * lk + j))
+                        x = kMasked;
                 }
                 s[nt][e] = x;
                 mt[e >> 1] = fmaxf(mt[e >> 1], x);

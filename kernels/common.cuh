@@ -137,6 +137,23 @@ __device__ __forceinline__ float hash_unit(unsigned long long seed, unsigned lon
     return (float)(hash_u32(seed, a, b) >> 8) * (1.0f / 16777216.0f);
 }
 
+// cpu::elementwise::mix32 / vis_row_key / vis_unit, bit for bit: the RetroMAE decoder mask's draw
+// per (row, word) in 32-bit arithmetic (two 32-bit multiplies per draw once the row key is known;
+// hash_u32 needs four emulated 64-bit multiplies).
+__device__ __forceinline__ unsigned mix32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x7FEB352Du;
+    x ^= x >> 15;
+    x *= 0x846CA68Bu;
+    return x ^ (x >> 16);
+}
+__device__ __forceinline__ unsigned vis_row_key(unsigned long long seed, unsigned b, unsigned i) {
+    return mix32((unsigned)seed ^ mix32((unsigned)(seed >> 32) ^ mix32(b * 0x9E3779B9u ^ i)));
+}
+__device__ __forceinline__ float vis_unit(unsigned row_key, unsigned word) {
+    return (float)(mix32(row_key ^ (word * 0x85EBCA6Bu)) >> 8) * (1.0f / 16777216.0f);
+}
+
 // ---- tensor cores ------------------------------------------------------------------------------
 // mma.sync.m16n8k16 with bf16 operands and f32 accumulators (sm_80+), in the PTX ISA's fragment
 // layouts. With g = lane / 4 and q = lane % 4 (a "quad" of 4 lanes shares a row):

@@ -693,7 +693,6 @@ fn sub_input(x: &EncoderInput, rows: Range<usize>) -> EncoderInput {
     }
 }
 
-/// Mask of the ColBERT tokens (1..) of every text.
 /// The score matrices from the dense vectors of `q` and `p` (their sparse / ColBERT outputs are
 /// not read) and, when unified, the raw lexical and MaxSim scores [Bq, Bp]: the temperature, the
 /// no-in-batch column selection and the cross-device dense scores (SPEC 4.5).
@@ -734,6 +733,7 @@ fn scores_from_raw(
     })
 }
 
+/// Mask of the ColBERT tokens (1..) of every text.
 fn colbert_mask(x: &EncoderInput) -> Arc<[u8]> {
     (0..x.batch)
         .flat_map(|b| (1..x.len).map(move |l| x.mask[b * x.len + l]))

@@ -8,7 +8,7 @@
 //! [`AttnMask`], a pure function, so masks can be generated, never stored. `attention_ref.rs` is the
 //! scalar oracle this file is tested against.
 
-use super::elementwise::hash_unit;
+use super::elementwise::{hash_unit, vis_row_key, vis_unit};
 use super::gemm::sgemm_strided;
 
 /// Which keys a query row may see.
@@ -38,7 +38,8 @@ pub struct TwoStreamMask<'a> {
 
 /// visible(b, i, j) of the decoder mask: never the row itself, never padding; the sentence
 /// embedding slot 0 always (for rows i != 0); otherwise the word of key j is hidden from row i when
-/// `hash_unit(seed, b << 32 | i, word(j)) < p`. Each row thus draws its own whole-word mask.
+/// `vis_unit(vis_row_key(seed, b, i), word(j)) < p` (a 32-bit counter-based mix, SPEC 10.3). Each
+/// row thus draws its own whole-word mask.
 #[inline]
 pub fn two_stream_visible(m: &TwoStreamMask<'_>, b: usize, i: usize, j: usize, lk: usize) -> bool {
     if j == i || m.key_mask[b * lk + j] == 0 {
@@ -47,11 +48,7 @@ pub fn two_stream_visible(m: &TwoStreamMask<'_>, b: usize, i: usize, j: usize, l
     if j == 0 {
         return true;
     }
-    hash_unit(
-        m.seed,
-        ((b as u64) << 32) | i as u64,
-        m.words[b * lk + j] as u64,
-    ) >= m.p
+    vis_unit(vis_row_key(m.seed, b as u32, i as u32), m.words[b * lk + j]) >= m.p
 }
 
 impl AttnMask<'_> {
@@ -431,6 +428,39 @@ mod tests {
             .count();
         let frac = hidden as f64 / (n - 1) as f64;
         assert!((frac - 0.3).abs() < 0.03, "hidden fraction {frac}");
+    }
+
+    /// The 32-bit visibility draw: the right rate, and no visible correlation between
+    /// neighbouring rows, words, examples or seeds (each pair agrees half the time at p = 0.5).
+    #[test]
+    fn two_stream_draws_are_uniform_and_independent() {
+        use crate::device::cpu::elementwise::{vis_row_key, vis_unit};
+        let hide =
+            |seed: u64, b: u32, i: u32, w: u32, p: f32| vis_unit(vis_row_key(seed, b, i), w) < p;
+        let (mut n, mut rate, mut rows, mut words, mut exs, mut seeds) = (0, 0, 0, 0, 0, 0);
+        for b in 0..4u32 {
+            for i in 0..64u32 {
+                for w in 0..256u32 {
+                    n += 1;
+                    rate += usize::from(hide(5, b, i, w, 0.25));
+                    let h = hide(5, b, i, w, 0.5);
+                    rows += usize::from(h == hide(5, b, i + 1, w, 0.5));
+                    words += usize::from(h == hide(5, b, i, w + 1, 0.5));
+                    exs += usize::from(h == hide(5, b + 1, i, w, 0.5));
+                    seeds += usize::from(h == hide(6, b, i, w, 0.5));
+                }
+            }
+        }
+        let f = |c: usize| c as f64 / n as f64;
+        assert!((f(rate) - 0.25).abs() < 0.01, "hide rate {}", f(rate));
+        for (what, c) in [
+            ("rows", rows),
+            ("words", words),
+            ("examples", exs),
+            ("seeds", seeds),
+        ] {
+            assert!((f(c) - 0.5).abs() < 0.015, "{what}: agreement {}", f(c));
+        }
     }
 
     #[test]

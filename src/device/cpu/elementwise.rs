@@ -103,6 +103,30 @@ pub fn hash_unit(seed: u64, a: u64, b: u64) -> f32 {
     (hash_u32(seed, a, b) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
+/// A 32-bit integer mix (Wellons' lowbias32: xor-shift / multiply, a bijection with good
+/// avalanche): two 32-bit multiplies, cheap on a GPU where 64-bit ones are emulated.
+#[inline]
+pub fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7FEB_352D);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846C_A68B);
+    x ^ (x >> 16)
+}
+
+/// The RetroMAE decoder mask's per-row key: (seed, example b, row i) mixed to 32 bits once per
+/// row, so each (row, key) draw is one more [`mix32`] ([`vis_unit`]).
+#[inline]
+pub fn vis_row_key(seed: u64, b: u32, i: u32) -> u32 {
+    mix32(seed as u32 ^ mix32((seed >> 32) as u32 ^ mix32(b.wrapping_mul(0x9E37_79B9) ^ i)))
+}
+
+/// Uniform in [0, 1) for (row key, word): the draw that hides `word` from the row when < p.
+#[inline]
+pub fn vis_unit(row_key: u32, word: u32) -> f32 {
+    (mix32(row_key ^ word.wrapping_mul(0x85EB_CA6B)) >> 8) as f32 * (1.0 / 16_777_216.0)
+}
+
 /// Inverted dropout: element i is kept when hash_unit(seed, stream, i) >= p, and scaled by 1/(1-p).
 /// Backward uses the same function, so no mask is stored.
 pub fn dropout_fwd(x: &[f32], y: &mut [f32], p: f32, seed: u64, stream: u64) {
