@@ -180,8 +180,8 @@ fn m3_device_gradients_match_the_cpu_trainer() {
     let dgrads = denc.zero_grads(&dev).unwrap();
     // Whole batch; sub-batches of 2 (two-pass, recomputed forward); sub-batches of 1 with
     // dropout, whose per-call seeds are then the CPU engine's per-text seeds.
-    // Whole batches also dense-only (`--unified false`) and in no-in-batch mode (the heads on
-    // the device, the score matrices' columns chosen on the host).
+    // Also dense-only (`--unified false`) and no-in-batch batches (the score matrices' columns
+    // chosen on the host), whole and in sub-batches.
     let dense_only = M3LossConfig {
         unified: false,
         self_distill: false,
@@ -198,6 +198,8 @@ fn m3_device_gradients_match_the_cpu_trainer() {
         (1, Some(drop), cfg0, &batch0),
         (0, None, dense_only, &batch0),
         (0, None, cfg0, &no_in_batch),
+        (2, None, dense_only, &batch0),
+        (3, None, cfg0, &no_in_batch),
     ] {
         let (cfg, batch) = (&cfg, batch);
         // CPU reference: one tape for the whole batch.

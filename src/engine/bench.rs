@@ -756,8 +756,8 @@ impl MaxBatchRow {
 /// length and sub-batch size, the largest B such that one M3 training step of B queries and B
 /// passages (group size 1, every text `seq_len` tokens) runs with the encoder, its gradients and
 /// its AdamW state (f32 master weights and moments) resident, as `finetune --device` holds
-/// them. The heads are dense only (the probe measures the encoder's activation memory; the
-/// sparse and ColBERT heads run on the host). B doubles from 1 until a step runs out of device
+/// them, with all three heads and the unified loss with self-distillation (their outputs and
+/// gradients live on the device too). B doubles from 1 until a step runs out of device
 /// memory, then bisects; a cell stops early at `cap` or after `budget_s` seconds (a lower bound
 /// then). Any error other than out-of-memory is returned.
 pub fn max_batch(
@@ -799,8 +799,8 @@ pub fn max_batch_logged(
     let dopt = super::optim::DeviceAdamW::new(dev, &denc, &student.params, &opt, &frozen)?;
     let loss = M3LossConfig {
         temperature: 0.02,
-        unified: false,
-        self_distill: false,
+        unified: true,
+        self_distill: true,
         kd: KdLoss::M3KdLoss,
     };
     let mut rows = Vec::new();

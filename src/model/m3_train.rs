@@ -267,22 +267,22 @@ impl M3Student {
         loss_from_scores(tape, &s, batch, cfg)
     }
 
-    /// Loss values and parameter gradients of a batch with the encoder on a kernel device
-    /// (`engine::DeviceEncoder`, CUDA or emulated): each side's last hidden state is computed there
-    /// (activations stay on the device), the heads and the losses run on a small host tape whose
-    /// leaves are those hidden states, and their gradients go back up to the device backward,
-    /// which accumulates the encoder's weight gradients into `dgrads` (the device gradient
-    /// buffers, e.g. `engine::optim::DeviceAdamW::grads`; cleared here). They stay there (summed
-    /// over `sum_over` when given, NCCL on CUDA); the return value holds the loss values and the
-    /// head parameters' gradients (this rank's own).
+    /// Loss values and parameter gradients of a batch with the encoder and the three heads on a
+    /// kernel device (`engine::DeviceEncoder` + `engine::m3_heads`, CUDA or emulated): the
+    /// hidden states and the heads' outputs stay on the device; only the [CLS] rows and the
+    /// sparse / ColBERT score matrices ([Bq, Bp]) come to a small host tape for the losses, and
+    /// their gradients go back up. The device backward accumulates the encoder's weight
+    /// gradients into `dgrads` (the device gradient buffers, e.g.
+    /// `engine::optim::DeviceAdamW::grads`; cleared here). They stay there (summed over
+    /// `sum_over` when given, NCCL on CUDA); the return value holds the loss values and the head
+    /// parameters' gradients (this rank's own).
     ///
     /// `sub` > 0 encodes each side in sub-batches of `sub` texts by the exact two-pass scheme of
-    /// [`M3Student::sub_batch_grads`], here at the level of the hidden states (the heads run on
-    /// the host): pass 1 runs inference forwards (no saved activations) and keeps only each
-    /// sub-batch's last hidden state on the host; the loss is computed on the whole batch; pass 2
-    /// re-runs each sub-batch's training forward and its backward from the cached gradient. The
-    /// device then holds the activations of one sub-batch at a time. Each sub-batch is trimmed to
-    /// its longest text.
+    /// [`M3Student::sub_batch_grads`]: pass 1 runs inference forwards (no saved activations) and
+    /// keeps only each sub-batch's head outputs (on the device); the loss is computed on the
+    /// whole batch; pass 2 re-runs each sub-batch's training forward and its backward from the
+    /// heads' cached gradients. The device then holds the activations of one sub-batch at a time.
+    /// Each sub-batch is trimmed to its longest text.
     ///
     /// Dropout: each encoder call draws its masks from `text_seed(seed, side, first row)`; with
     /// `sub` = 1 that is the CPU engine's per-text seeding ([`M3Student::encode_heads`]), so the
@@ -300,90 +300,11 @@ impl M3Student {
         sum_over: Option<&crate::dist::Group>,
         sub: usize,
     ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
+        use crate::engine::m3_heads::{BatchScores, HeadGradBufs, HeadWeights, SideHeads};
         check_batch(batch)?;
-        if sub == 0 {
-            return self.device_grads_heads_on_device(
-                dev, denc, dgrads, batch, cfg, dropout, drop_ids, sum_over,
-            );
-        }
-        let n = self.n_encoder();
-        let mut tape = Tape::new();
-        let p = self.params.bind(&mut tape);
-        let ph = &p[n..];
-        // Per encoder call: its rows, its input, its dropout, its hidden-state leaf and (whole
-        // batches only) the saved training forward.
-        let mut calls = Vec::new();
-        let mut outs = Vec::new();
-        for (x, side) in [
-            (&batch.queries, QUERY_SIDE),
-            (&batch.passages, PASSAGE_SIDE),
-        ] {
-            let mut pieces = Vec::new();
-            let ranges = chunks(x.batch, if sub == 0 { x.batch } else { sub });
-            for r in ranges {
-                let d = dropout.map(|d| DropoutCfg {
-                    seed: text_seed(d.seed, side, r.start),
-                    ..d
-                });
-                let xi = if sub == 0 {
-                    x.clone()
-                } else {
-                    sub_input(x, r.clone())
-                };
-                let (fwd, leaf) = if sub == 0 {
-                    let (f, leaf) = denc.forward_leaf(dev, &mut tape, &xi, d)?;
-                    (Some(f), leaf)
-                } else {
-                    let f = denc.forward(dev, &xi, d, false)?;
-                    let h = Tensor::from_vec(
-                        f.hidden.to_f32(dev)?,
-                        &[xi.batch, xi.len, self.encoder_config.hidden_size],
-                    )?;
-                    (None, tape.leaf(h))
-                };
-                pieces.push(apply_heads(&mut tape, ph, &xi, &leaf, cfg.unified)?);
-                calls.push((xi, d, leaf, fwd));
-            }
-            outs.push(assemble(&mut tape, &pieces, x.len)?);
-        }
-        let s = self.scores_from_heads(&mut tape, &outs[0], &outs[1], batch, cfg, drop_ids)?;
-        let loss = loss_from_scores(&mut tape, &s, batch, cfg)?;
-        drop((s, outs));
-        let values = loss.values()?;
-        let mut g = tape.backward(&loss.total)?;
-        crate::engine::DeviceEncoder::clear_grads(dev, dgrads)?;
-        for (xi, d, leaf, fwd) in calls {
-            let f = match fwd {
-                Some(f) => f,
-                // Pass 2: recompute this piece's training forward (same input, same masks).
-                None => denc.forward(dev, &xi, d, true)?,
-            };
-            denc.backward_leaf(dev, f, &leaf, &mut g, dgrads)?;
-        }
-        if let Some(group) = sum_over {
-            group.all_reduce_device(dev, dgrads)?;
-        }
-        Ok((values, ph.iter().map(|v| g.take(v)).collect()))
-    }
-
-    /// [`M3Student::device_grads_resident`] for a whole batch: the heads run on the device too
-    /// (`engine::m3_heads`), and only the [CLS] rows and the sparse / ColBERT score matrices
-    /// come to the host for the losses.
-    #[allow(clippy::too_many_arguments)]
-    fn device_grads_heads_on_device(
-        &self,
-        dev: &dyn crate::device::launch::KernelDevice,
-        denc: &crate::engine::DeviceEncoder,
-        dgrads: &[crate::engine::DBuf],
-        batch: &M3Batch,
-        cfg: &M3LossConfig,
-        dropout: Option<DropoutCfg>,
-        drop_ids: &[u32],
-        sum_over: Option<&crate::dist::Group>,
-    ) -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
-        use crate::engine::m3_heads::{BatchHeads, HeadWeights};
         let n = self.n_encoder();
         let hidden = self.encoder_config.hidden_size;
+        let vocab = self.encoder_config.vocab_size;
         let hw = if cfg.unified {
             Some(HeadWeights::upload(
                 dev,
@@ -394,45 +315,59 @@ impl M3Student {
         } else {
             None
         };
-        // The same dropout seeds as one piece per side of the sub-batched path.
-        let seed = |side| {
-            dropout.map(|d| DropoutCfg {
-                seed: text_seed(d.seed, side, 0),
-                ..d
-            })
+        // Pass 1: each piece's forward and heads; whole batches keep their training forward.
+        let mut sides = Vec::new();
+        let mut calls = Vec::new();
+        for (x, side) in [
+            (&batch.queries, QUERY_SIDE),
+            (&batch.passages, PASSAGE_SIDE),
+        ] {
+            let mut heads = SideHeads::new(dev, hw.as_ref(), x, hidden)?;
+            let mut side_calls = Vec::new();
+            for r in chunks(x.batch, if sub == 0 { x.batch } else { sub }) {
+                let d = dropout.map(|d| DropoutCfg {
+                    seed: text_seed(d.seed, side, r.start),
+                    ..d
+                });
+                let xi = if sub == 0 {
+                    x.clone()
+                } else {
+                    sub_input(x, r.clone())
+                };
+                let f = denc.forward(dev, &xi, d, sub == 0)?;
+                heads.forward_piece(dev, hw.as_ref(), vocab, &f.hidden, &xi, r.start)?;
+                side_calls.push((xi, d, r.start, (sub == 0).then_some(f)));
+            }
+            sides.push(heads);
+            calls.push(side_calls);
+        }
+        let scores = match &hw {
+            Some(hw) => Some(BatchScores::new(dev, hw, &sides[0], &sides[1])?),
+            None => None,
         };
-        let fq = denc.forward(dev, &batch.queries, seed(QUERY_SIDE), true)?;
-        let fp = denc.forward(dev, &batch.passages, seed(PASSAGE_SIDE), true)?;
-        let heads = BatchHeads::forward(
-            dev,
-            hw.as_ref(),
-            hidden,
-            self.encoder_config.vocab_size,
-            (&fq.hidden, &batch.queries),
-            (&fp.hidden, &batch.passages),
-        )?;
+        // The losses on a small host tape: [CLS] rows and raw score matrices as leaves.
         let (bq, bp) = (batch.queries.batch, batch.passages.batch);
         let mut tape = Tape::new();
         let leaf = |tape: &mut Tape, v: &[f32], dims: &[usize]| -> Result<Var> {
             Ok(tape.leaf(Tensor::from_vec(v.to_vec(), dims)?))
         };
-        let cls_q = leaf(&mut tape, &heads.cls_q, &[bq, hidden])?;
-        let cls_p = leaf(&mut tape, &heads.cls_p, &[bp, hidden])?;
-        let raw = match (&heads.sparse, &heads.colbert) {
-            (Some(ss), Some(sc)) => Some((
-                leaf(&mut tape, ss, &[bq, bp])?,
-                leaf(&mut tape, sc, &[bq, bp])?,
+        let cls_q = leaf(&mut tape, &sides[0].cls, &[bq, hidden])?;
+        let cls_p = leaf(&mut tape, &sides[1].cls, &[bp, hidden])?;
+        let raw = match &scores {
+            Some(sc) => Some((
+                leaf(&mut tape, &sc.sparse, &[bq, bp])?,
+                leaf(&mut tape, &sc.colbert, &[bq, bp])?,
             )),
-            _ => None,
+            None => None,
         };
-        let side = |tape: &mut Tape, cls: &Var| -> Result<HeadOutputs> {
+        let dense = |tape: &mut Tape, cls: &Var| -> Result<HeadOutputs> {
             Ok(HeadOutputs {
                 dense: ops::l2_normalize(tape, cls, NORM_EPS)?,
                 sparse: None,
                 colbert: None,
             })
         };
-        let (oq, op) = (side(&mut tape, &cls_q)?, side(&mut tape, &cls_p)?);
+        let (oq, op) = (dense(&mut tape, &cls_q)?, dense(&mut tape, &cls_p)?);
         let s = scores_from_raw(&mut tape, &oq, &op, raw.clone(), batch, cfg)?;
         let loss = loss_from_scores(&mut tape, &s, batch, cfg)?;
         drop((s, oq, op));
@@ -445,36 +380,52 @@ impl M3Student {
                 .f32s()?
                 .to_vec())
         };
-        let (dcls_q, dcls_p) = (grad(&cls_q)?, grad(&cls_p)?);
-        let (dss, dsc) = match &raw {
-            Some((ss, sc)) => (Some(grad(ss)?), Some(grad(sc)?)),
-            None => (None, None),
+        let dcls = [grad(&cls_q)?, grad(&cls_p)?];
+        let side_grads = match (&hw, &scores, &raw) {
+            (Some(hw), Some(sc), Some((ss, sv))) => {
+                let (dss, dsv) = (grad(ss)?, grad(sv)?);
+                let (gq, gp) =
+                    sc.backward(dev, hw, (&sides[0], &sides[1]), Some(&dss), Some(&dsv))?;
+                Some([gq, gp])
+            }
+            _ => None,
         };
-        let (dhq, dhp, hg) = heads.backward(
-            dev,
-            hw.as_ref(),
-            hidden,
-            (&fq.hidden, &fp.hidden),
-            (&dcls_q, &dcls_p),
-            dss.as_deref(),
-            dsc.as_deref(),
-        )?;
+        let acc = hw
+            .as_ref()
+            .map(|hw| HeadGradBufs::new(dev, hw))
+            .transpose()?;
+        // Pass 2: each piece's hidden-state gradient, then its encoder backward.
         crate::engine::DeviceEncoder::clear_grads(dev, dgrads)?;
-        denc.backward(dev, fq, &dhq, dgrads)?;
-        denc.backward(dev, fp, &dhp, dgrads)?;
+        for (si, side_calls) in calls.into_iter().enumerate() {
+            for (xi, d, first, fwd) in side_calls {
+                let f = match fwd {
+                    Some(f) => f,
+                    // Recompute this piece's training forward (same input, same masks).
+                    None => denc.forward(dev, &xi, d, true)?,
+                };
+                let dh = sides[si].backward_piece(
+                    dev,
+                    hw.as_ref(),
+                    side_grads.as_ref().map(|g| &g[si]),
+                    acc.as_ref(),
+                    &f.hidden,
+                    &xi,
+                    first,
+                    &dcls[si],
+                )?;
+                denc.backward(dev, f, &dh, dgrads)?;
+            }
+        }
         if let Some(group) = sum_over {
             group.all_reduce_device(dev, dgrads)?;
         }
-        let head_grads = match hg {
-            Some(h) => {
-                let dims: Vec<Vec<usize>> = self.params.specs()[n..]
-                    .iter()
-                    .map(|s| s.dims.clone())
-                    .collect();
+        let head_grads = match acc {
+            Some(acc) => {
+                let h = acc.download(dev)?;
                 [h.colbert_w, h.colbert_b, h.sparse_w, h.sparse_b]
                     .into_iter()
-                    .zip(&dims)
-                    .map(|(v, d)| Tensor::from_vec(v, d).map(Some))
+                    .zip(&self.params.specs()[n..])
+                    .map(|(v, spec)| Tensor::from_vec(v, &spec.dims).map(Some))
                     .collect::<Result<Vec<_>>>()?
             }
             None => vec![None; self.params.specs().len() - n],
