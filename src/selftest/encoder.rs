@@ -23,7 +23,7 @@ fn tol(dt: KDType) -> Tol {
 
 /// The whole encoder end to end: f32 accumulates rounding differently from the f64-accumulating
 /// CPU reference through every layer; bf16 rounds every activation to 8 bits of mantissa.
-fn tol_model(dt: KDType) -> Tol {
+pub(super) fn tol_model(dt: KDType) -> Tol {
     match dt {
         KDType::F32 => Tol {
             atol: 1e-4,
@@ -178,7 +178,7 @@ pub fn kernel_rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec
 }
 
 /// A random encoder with noisy LayerNorm and bias values (so a kernel that ignores them fails).
-fn random_encoder(cfg: EncoderConfig, seed: u64) -> Result<Encoder> {
+pub(super) fn random_encoder(cfg: EncoderConfig, seed: u64) -> Result<Encoder> {
     let mut enc = Encoder::init_random(cfg, seed)?;
     let mut rng = Rng::new(seed ^ 0xB1A5);
     let values = enc
@@ -207,7 +207,11 @@ fn random_encoder(cfg: EncoderConfig, seed: u64) -> Result<Encoder> {
 
 /// A padded batch: three texts of lengths len, len - 4 and 3, ids avoiding the pad id.
 fn random_input(rng: &mut Rng, vocab: usize, pad: u32, len: usize) -> EncoderInput {
-    let lens = [len, len.saturating_sub(4).max(2), 3];
+    random_texts(rng, vocab, pad, &[len, len.saturating_sub(4).max(2), 3])
+}
+
+/// Texts of the given lengths with random ids (never `pad`), right-padded.
+pub(super) fn random_texts(rng: &mut Rng, vocab: usize, pad: u32, lens: &[usize]) -> EncoderInput {
     let seqs: Vec<Vec<u32>> = lens
         .iter()
         .map(|&n| {
