@@ -88,14 +88,14 @@ impl HeadWeights {
     }
 }
 
-/// One side's lexical lists (`sparse_fwd`'s output).
-struct LexBufs {
-    ids: DevBuf,
-    w: DevBuf,
-    pos: DevBuf,
-    count: DevBuf,
-    texts: usize,
-    cap: usize,
+/// One side's lexical lists (`sparse_fwd`'s output) in device buffers.
+pub(crate) struct LexBufs {
+    pub(crate) ids: DevBuf,
+    pub(crate) w: DevBuf,
+    pub(crate) pos: DevBuf,
+    pub(crate) count: DevBuf,
+    pub(crate) texts: usize,
+    pub(crate) cap: usize,
 }
 
 impl LexBufs {
@@ -110,7 +110,7 @@ impl LexBufs {
         })
     }
 
-    fn lists(&self) -> LexLists {
+    pub(crate) fn lists(&self) -> LexLists {
         LexLists {
             ids: self.ids.ptr,
             w: self.w.ptr,

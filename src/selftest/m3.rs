@@ -11,8 +11,9 @@ use crate::autograd::Tape;
 use crate::device::cpu;
 use crate::device::cpu::maxsim::{MaxSimDims, NO_ARGMAX};
 use crate::device::cpu::sparse::LexEntry;
-use crate::device::kernels_m3::{self as km, LexLists};
+use crate::device::kernels_m3 as km;
 use crate::device::launch::{download, upload, DevBuf, DevPtr, KernelDevice};
+use crate::engine::m3_heads::LexBufs;
 use crate::error::Result;
 use crate::ops;
 use crate::tensor::Tensor;
@@ -414,46 +415,28 @@ fn lists_layout(entries: &[Vec<LexEntry>], cap: usize) -> Lists {
 }
 
 /// Device copies of one side's lists.
-struct DevLists {
-    ids: DevBuf,
-    w: DevBuf,
-    pos: DevBuf,
-    count: DevBuf,
-    texts: usize,
-    cap: usize,
+type DevLists = LexBufs;
+
+fn upload_lists(c: &M3Ctx, l: &Lists, texts: usize, cap: usize) -> Result<DevLists> {
+    Ok(LexBufs {
+        ids: c.up(&l.0)?,
+        w: c.up(&l.1)?,
+        pos: c.up(&l.2)?,
+        count: c.up(&l.3)?,
+        texts,
+        cap,
+    })
 }
 
-impl DevLists {
-    fn upload(c: &M3Ctx, l: &Lists, texts: usize, cap: usize) -> Result<DevLists> {
-        Ok(DevLists {
-            ids: c.up(&l.0)?,
-            w: c.up(&l.1)?,
-            pos: c.up(&l.2)?,
-            count: c.up(&l.3)?,
-            texts,
-            cap,
-        })
-    }
-    fn empty(c: &M3Ctx, texts: usize, cap: usize) -> Result<DevLists> {
-        Ok(DevLists {
-            ids: c.zeros::<u32>(texts * cap)?,
-            w: c.zeros::<f32>(texts * cap)?,
-            pos: c.zeros::<i32>(texts * cap)?,
-            count: c.zeros::<i32>(texts)?,
-            texts,
-            cap,
-        })
-    }
-    fn lists(&self) -> LexLists {
-        LexLists {
-            ids: self.ids.ptr,
-            w: self.w.ptr,
-            pos: self.pos.ptr,
-            count: self.count.ptr,
-            texts: self.texts,
-            cap: self.cap,
-        }
-    }
+fn empty_lists(c: &M3Ctx, texts: usize, cap: usize) -> Result<DevLists> {
+    Ok(LexBufs {
+        ids: c.zeros::<u32>(texts * cap)?,
+        w: c.zeros::<f32>(texts * cap)?,
+        pos: c.zeros::<i32>(texts * cap)?,
+        count: c.zeros::<i32>(texts)?,
+        texts,
+        cap,
+    })
 }
 
 /// One side of a sparse case: inputs and the reference forward.
@@ -551,7 +534,7 @@ fn sparse<T: Store>(
                 c.up(&DROP)?,
             );
             let bw = c.zeros::<f32>(texts * len)?;
-            let out = DevLists::empty(c, texts, len)?;
+            let out = empty_lists(c, texts, len)?;
             // SAFETY: h [texts * len, hidden], ws [hidden], bias [1], ids [texts * len],
             // drop [4], weights [texts * len], lists [texts, len] / [texts].
             unsafe {
@@ -590,10 +573,7 @@ fn sparse<T: Store>(
     }
     let k = "sparse_scores_f32";
     c.check(k, &shape, |c| {
-        let (dq, dp) = (
-            DevLists::upload(c, &ql, bq, lq)?,
-            DevLists::upload(c, &pl, bp, lp)?,
-        );
+        let (dq, dp) = (upload_lists(c, &ql, bq, lq)?, upload_lists(c, &pl, bp, lp)?);
         let bs = c.zeros::<f32>(bq * bp)?;
         // SAFETY: the lists as LexLists documents, scores [bq, bp] f32.
         unsafe { km::sparse_scores(c.dev, &dq.lists(), &dp.lists(), bs.ptr)? };
@@ -603,10 +583,7 @@ fn sparse<T: Store>(
     });
     let k = "sparse_scores_bwd_f32";
     c.check(k, &shape, |c| {
-        let (dq, dp) = (
-            DevLists::upload(c, &ql, bq, lq)?,
-            DevLists::upload(c, &pl, bp, lp)?,
-        );
+        let (dq, dp) = (upload_lists(c, &ql, bq, lq)?, upload_lists(c, &pl, bp, lp)?);
         let bds = c.up(&ds)?;
         // Garbage in the outputs: the kernel assigns every position.
         let (bwq, bwp) = (c.up(&vec![7.0f32; bq * lq])?, c.up(&vec![7.0f32; bp * lp])?);
