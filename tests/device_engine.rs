@@ -394,3 +394,123 @@ fn device_dense_search_equals_the_cpu_index() {
         }
     }
 }
+
+#[test]
+fn decoder_layer_on_the_device_matches_the_cpu_bert_layer() {
+    // The RetroMAE decoder's layer: queries + residual from one stream, keys / values from the
+    // other, the two-stream mask drawn in the kernel, dropout on the decoder's streams (2, 3, 4).
+    use retrom3::autograd::Tape;
+    use retrom3::device::kernels::AttnKernelMask;
+    use retrom3::device::launch::KDType;
+    use retrom3::engine::{upload_pod, DBuf, DeviceEncoder};
+    use retrom3::model::encoder::{
+        bert_layer, layer_param_specs, normal_vec, DropoutCfg, LayerDropout,
+    };
+    use retrom3::ops::AttentionMask;
+    use std::sync::Arc;
+    let c = EncoderConfig::new_xlmr(50, 64, 1, 2, 128, 40).unwrap();
+    let (b, l, h) = (3usize, 11usize, 64usize);
+    let specs = layer_param_specs("c_head.", &c);
+    let weights: Vec<Tensor> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let n: usize = s.dims.iter().product();
+            let v = normal_vec(n, 0.1, 5, 100 + i as u64);
+            // LayerNorm gammas near 1.
+            let v = if s.name.ends_with("LayerNorm.weight") {
+                v.iter().map(|x| 1.0 + x).collect()
+            } else {
+                v
+            };
+            Tensor::from_vec(v, &s.dims).unwrap()
+        })
+        .collect();
+    let xq = normal_vec(b * l * h, 1.0, 6, 1);
+    let xkv = normal_vec(b * l * h, 1.0, 6, 2);
+    let dy = normal_vec(b * l * h, 1.0, 6, 3);
+    let mut key_mask = vec![1u8; b * l];
+    key_mask[l - 2..l].iter_mut().for_each(|m| *m = 0); // text 0 padded by two
+    let words: Vec<u32> = (0..b * l).map(|i| ((i % l) / 2) as u32).collect();
+    let (p, seed) = (0.5f32, 77u64);
+    let drop = DropoutCfg {
+        hidden: 0.1,
+        attention: 0.1,
+        seed: 991,
+    };
+    // CPU reference.
+    let mut tape = Tape::new();
+    let pv: Vec<_> = weights.iter().map(|t| tape.leaf(t.clone())).collect();
+    let q = tape.leaf(Tensor::from_vec(xq.clone(), &[b, l, h]).unwrap());
+    let kv = tape.leaf(Tensor::from_vec(xkv.clone(), &[b, l, h]).unwrap());
+    let mask = AttentionMask::TwoStream {
+        key_mask: Arc::from(key_mask.as_slice()),
+        words: Arc::from(words.as_slice()),
+        p,
+        seed,
+    };
+    let ld = LayerDropout {
+        hidden: drop.hidden,
+        attention: drop.attention,
+        seed: drop.seed,
+        stream: 2,
+    };
+    let y = bert_layer(&mut tape, &c, &pv, &q, &kv, &mask, Some(ld)).unwrap();
+    let want_y = y.value().f32s().unwrap().to_vec();
+    let g = tape
+        .backward_with(&y, Tensor::from_vec(dy.clone(), &[b, l, h]).unwrap())
+        .unwrap();
+    // Device (emulated, f32).
+    let dev = EmuDevice::new();
+    let enc = Encoder::init_random(c.clone(), 3).unwrap();
+    let denc = DeviceEncoder::upload(&dev, &enc, KDType::F32).unwrap();
+    let up = |v: &[f32]| DBuf::from_f32(&dev, v, KDType::F32).unwrap();
+    let w: Vec<DBuf> = weights.iter().map(|t| up(t.f32s().unwrap())).collect();
+    let gw: Vec<DBuf> = weights
+        .iter()
+        .map(|t| DBuf::zeros(&dev, t.numel(), KDType::F32).unwrap())
+        .collect();
+    let (dxq, dxkv) = (up(&xq), up(&xkv));
+    let km = upload_pod(&dev, &key_mask).unwrap();
+    let wd = upload_pod(&dev, &words).unwrap();
+    let dmask = AttnKernelMask::TwoStream {
+        key_mask: km.ptr,
+        words: wd.ptr,
+        p,
+        seed,
+    };
+    let fwd = denc
+        .cross_layer_fwd(&dev, &w, (&dxq, &dxkv), (b, l), dmask, Some(drop), 2)
+        .unwrap();
+    let close = |what: &str, got: &[f32], want: &[f32]| {
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        for (i, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() <= 1e-4 * scale + 1e-3 * b.abs(),
+                "{what}[{i}]: device {a} cpu {b} (scale {scale})"
+            );
+        }
+    };
+    close("y", &fwd.y.to_f32(&dev).unwrap(), &want_y);
+    let (gq, gkv) = denc
+        .cross_layer_bwd(&dev, (&w, &gw), (&dxq, &dxkv), fwd, &up(&dy))
+        .unwrap();
+    close(
+        "dq_in",
+        &gq.to_f32(&dev).unwrap(),
+        g.get(&q).unwrap().f32s().unwrap(),
+    );
+    close(
+        "dkv_in",
+        &gkv.to_f32(&dev).unwrap(),
+        g.get(&kv).unwrap().f32s().unwrap(),
+    );
+    for ((s, v), gb) in specs.iter().zip(&pv).zip(&gw) {
+        let want = g.get(v).unwrap().f32s().unwrap().to_vec();
+        // The key bias's exact gradient is 0: rounding noise on the key weight's scale.
+        if s.name.ends_with("key.bias") {
+            continue;
+        }
+        close(&s.name, &gb.to_f32(&dev).unwrap(), &want);
+    }
+}

@@ -67,6 +67,17 @@ struct LayerActs {
     rstd2: DBuf,
 }
 
+/// A training forward of one two-input layer ([`DeviceEncoder::cross_layer_fwd`]).
+pub struct LayerForward {
+    /// [batch · len, hidden] output.
+    pub y: DBuf,
+    acts: LayerActs,
+    d: Dims,
+    mask: AttnKernelMask,
+    drop: Option<DropoutCfg>,
+    stream: u64,
+}
+
 /// What a training forward saved.
 struct Saved {
     ids: DevBuf,
@@ -321,14 +332,90 @@ impl DeviceEncoder {
     }
 
     fn dims(&self, input: &EncoderInput) -> Dims {
+        self.dims_of(input.batch, input.len)
+    }
+
+    fn dims_of(&self, batch: usize, len: usize) -> Dims {
         Dims {
-            rows: input.batch * input.len,
-            batch: input.batch,
-            len: input.len,
+            rows: batch * len,
+            batch,
+            len,
             h: self.config.hidden_size,
             f: self.config.intermediate_size,
             heads: self.config.num_attention_heads,
         }
+    }
+
+    /// A training forward of one BERT layer with this encoder's sizes and weights `w` (16
+    /// tensors, `model::encoder::layer_param_specs` order, this encoder's storage type) whose
+    /// queries and residual come from `x` and keys and values from `xkv` (both [batch · len,
+    /// hidden]): the RetroMAE decoder's layer (`model::encoder::bert_layer` with its two
+    /// streams). `mask`'s buffers must outlive the backward.
+    #[allow(clippy::too_many_arguments)]
+    pub fn cross_layer_fwd(
+        &self,
+        dev: &dyn KernelDevice,
+        w: &[DBuf],
+        (x, xkv): (&DBuf, &DBuf),
+        (batch, len): (usize, usize),
+        mask: AttnKernelMask,
+        drop: Option<DropoutCfg>,
+        stream: u64,
+    ) -> Result<LayerForward> {
+        let d = self.dims_of(batch, len);
+        if w.len() != LAYER_TENSORS || x.len() != d.rows * d.h || xkv.len() != x.len() {
+            return Err(Error::invalid(format!(
+                "device layer: {} weight tensors (expected {LAYER_TENSORS}), inputs of {} and {} \
+                 elements (expected {} x {})",
+                w.len(),
+                x.len(),
+                xkv.len(),
+                d.rows,
+                d.h
+            )));
+        }
+        let (y, acts) = self.layer_fwd(dev, w, (x, xkv), &d, mask, drop, stream, true)?;
+        Ok(LayerForward {
+            y,
+            acts,
+            d,
+            mask,
+            drop,
+            stream,
+        })
+    }
+
+    /// The backward of [`DeviceEncoder::cross_layer_fwd`]: from dy, the gradients of `x` and
+    /// `xkv` (returned) and of the weights (accumulated into `gw`, f32).
+    pub fn cross_layer_bwd(
+        &self,
+        dev: &dyn KernelDevice,
+        (w, gw): (&[DBuf], &[DBuf]),
+        (x, xkv): (&DBuf, &DBuf),
+        fwd: LayerForward,
+        dy: &DBuf,
+    ) -> Result<(DBuf, DBuf)> {
+        if gw.len() != LAYER_TENSORS || dy.len() != fwd.y.len() {
+            return Err(Error::invalid(format!(
+                "device layer backward: {} gradient tensors (expected {LAYER_TENSORS}), dy of {} \
+                 elements (expected {})",
+                gw.len(),
+                dy.len(),
+                fwd.y.len()
+            )));
+        }
+        let LayerForward {
+            acts,
+            d,
+            mask,
+            drop,
+            stream,
+            ..
+        } = fwd;
+        let (dx, dxkv) =
+            self.layer_bwd(dev, w, gw, (x, Some(xkv)), acts, dy, &d, mask, drop, stream)?;
+        let dxkv = dxkv.ok_or_else(|| Error::invalid("device layer backward: no dxkv"))?;
+        Ok((dx, dxkv))
     }
 
     /// Forward. `train` keeps the activations for [`DeviceEncoder::backward`]; `drop` applies
@@ -434,7 +521,8 @@ impl DeviceEncoder {
         };
         for i in 0..c.num_hidden_layers {
             let lw = &w[EMBEDDING_TENSORS + i * LAYER_TENSORS..][..LAYER_TENSORS];
-            let (y, acts) = self.layer_fwd(dev, lw, &x, &d, mask, drop, i, train)?;
+            let stream = 1 + 4 * i as u64;
+            let (y, acts) = self.layer_fwd(dev, lw, (&x, &x), &d, mask, drop, stream, train)?;
             if train {
                 xs.push(x);
                 layers.push(acts);
@@ -461,24 +549,27 @@ impl DeviceEncoder {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// One BERT layer: queries and the residual from `x`, keys and values from `xkv` (the
+    /// same tensor in the encoder; the RetroMAE decoder's content stream). Dropout streams
+    /// `stream` (attention), `stream + 1`, `stream + 2` (`model::encoder::bert_layer`'s).
+    #[allow(clippy::too_many_arguments)]
     fn layer_fwd(
         &self,
         dev: &dyn KernelDevice,
         w: &[DBuf],
-        x: &DBuf,
+        (x, xkv): (&DBuf, &DBuf),
         d: &Dims,
         mask: AttnKernelMask,
         drop: Option<DropoutCfg>,
-        layer: usize,
+        stream: u64,
         train: bool,
     ) -> Result<(DBuf, LayerActs)> {
         let dt = self.dt;
         let eps = self.config.layer_norm_eps;
         let (n, h, f) = (d.rows, d.h, d.f);
-        let stream = 1 + 4 * layer as u64;
         let q = linear(dev, x, &w[0], n, h, h)?;
-        let kk = linear(dev, x, &w[2], n, h, h)?;
-        let v = linear(dev, x, &w[4], n, h, h)?;
+        let kk = linear(dev, xkv, &w[2], n, h, h)?;
+        let v = linear(dev, xkv, &w[4], n, h, h)?;
         let ctx = DBuf::uninit(dev, n * h, dt)?;
         let lse = DBuf::uninit(dev, d.batch * d.heads * d.len, KDType::F32)?;
         let attn_drop = drop.and_then(|dc| {
@@ -654,7 +745,9 @@ impl DeviceEncoder {
             let lw = &self.weights[at..at + LAYER_TENSORS];
             let lg = &grads[at..at + LAYER_TENSORS];
             let g_in = dy.as_ref().unwrap_or(dhidden);
-            let dx = self.layer_bwd(dev, lw, lg, x, acts, g_in, &d, mask, drop, i)?;
+            let stream = 1 + 4 * i as u64;
+            let (dx, _) =
+                self.layer_bwd(dev, lw, lg, (x, None), acts, g_in, &d, mask, drop, stream)?;
             dy = Some(dx);
         }
         let dx0 = dy.as_ref().unwrap_or(dhidden);
@@ -733,22 +826,25 @@ impl DeviceEncoder {
     }
 
     #[allow(clippy::too_many_arguments)]
+    /// The backward of [`DeviceEncoder::layer_fwd`]: returns d`x` and, when `xkv` is a separate
+    /// tensor (Some), d`xkv`; with None the keys and values came from `x` and their gradient is
+    /// added to d`x`.
+    #[allow(clippy::too_many_arguments)]
     fn layer_bwd(
         &self,
         dev: &dyn KernelDevice,
         w: &[DBuf],
         gw: &[DBuf],
-        x: &DBuf,
+        (x, xkv): (&DBuf, Option<&DBuf>),
         a: LayerActs,
         dy: &DBuf,
         d: &Dims,
         mask: AttnKernelMask,
         drop: Option<DropoutCfg>,
-        layer: usize,
-    ) -> Result<DBuf> {
+        stream: u64,
+    ) -> Result<(DBuf, Option<DBuf>)> {
         let dt = self.dt;
         let (n, h, f) = (d.rows, d.h, d.f);
-        let stream = 1 + 4 * layer as u64;
         let hdrop = |s: u64| drop.and_then(|dc| hash_drop(dc.hidden, dc.seed, s));
         // y = LN2(z2): dz2; z2 = Dropout(g W2ᵀ + b2) + x1.
         let dz2 = DBuf::uninit(dev, n * h, dt)?;
@@ -864,13 +960,23 @@ impl DeviceEncoder {
             )?;
         }
         std::mem::drop(dctx);
-        // dx = dz1 (residual) + dq Wq + dk Wk + dv Wv, accumulated in dz1's buffer.
+        // dx = dz1 (residual) + dq Wq (+ dk Wk + dv Wv when the keys and values came from x),
+        // accumulated in dz1's buffer; otherwise dxkv = dk Wk + dv Wv.
+        let dxkv = match xkv {
+            Some(_) => Some(DBuf::uninit(dev, n * h, dt)?),
+            None => None,
+        };
         for (j, dproj) in [(0, &dq), (2, &dk), (4, &dv)] {
-            linear_bwd(dev, x, &w[j], dproj, Some((&dz1, 1.0)), &gw[j], n, h, h)?;
+            let (input, out, beta) = match (j, xkv, &dxkv) {
+                (0, _, _) | (_, None, _) => (x, &dz1, 1.0),
+                (_, Some(xkv), Some(dxkv)) => (xkv, dxkv, if j == 2 { 0.0 } else { 1.0 }),
+                _ => unreachable!("dxkv exists exactly when xkv does"),
+            };
+            linear_bwd(dev, input, &w[j], dproj, Some((out, beta)), &gw[j], n, h, h)?;
             // SAFETY: dproj n × h; the bias gradient h f32.
             unsafe { k::colsum(dev, dt, dproj.ptr(), gw[j + 1].ptr(), n, h)? };
         }
-        Ok(dz1)
+        Ok((dz1, dxkv))
     }
 }
 
