@@ -125,7 +125,7 @@ impl Dims {
 }
 
 /// y [rows, out] = x [rows, in] Wᵀ (W [out, in]).
-fn linear(
+pub(crate) fn linear(
     dev: &dyn KernelDevice,
     x: &DBuf,
     w: &DBuf,
@@ -152,7 +152,7 @@ fn linear(
 
 /// Backward of [`linear`]: dx = beta·dx + dy W (when `dx` is given) and dW += dyᵀ x (f32).
 #[allow(clippy::too_many_arguments)]
-fn linear_bwd(
+pub(crate) fn linear_bwd(
     dev: &dyn KernelDevice,
     x: &DBuf,
     w: &DBuf,

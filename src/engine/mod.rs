@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod dense;
 pub mod encoder;
+pub mod lm_head;
 pub mod m3;
 pub mod m3_heads;
 pub mod optim;

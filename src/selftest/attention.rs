@@ -8,7 +8,7 @@
 //! a forward bug fails the forward rows only.
 
 use super::checks::{Ctx, Store};
-use super::TOL_F32;
+use super::{Tol, TOL_F32};
 use crate::device::cpu::attention::{
     attention_bwd, attention_fwd, AttnDims, AttnDropout, AttnMask, TwoStreamMask,
 };
@@ -215,7 +215,18 @@ fn attention<T: Store>(c: &mut Ctx, cs: &Case) {
                 )?
             };
             let got = c.down::<T>(&bo, out.len())?;
-            c.cmp(&fwd, &shape, "out", &got, &out, T::TOL);
+            // The tensor-core kernel also rounds P to bf16 before P·V (as FlashAttention does):
+            // up to 2^-9 of each probability, times |v| and the dropout scale 1/(1-p), on top
+            // of the output's own rounding.
+            let tol = if imp == kernels::AttnImpl::TensorCores {
+                Tol {
+                    atol: 5e-3,
+                    ..T::TOL
+                }
+            } else {
+                T::TOL
+            };
+            c.cmp(&fwd, &shape, "out", &got, &out, tol);
             let got = c.down::<f32>(&bl, lse.len())?;
             c.cmp(&fwd, &shape, "lse", &got, &lse, TOL_F32);
             c.cmp(

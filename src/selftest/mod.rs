@@ -13,6 +13,7 @@ mod checks;
 pub mod encoder;
 mod m3;
 mod m3_step;
+mod retromae;
 
 use crate::device::launch::KernelDevice;
 use crate::device::Device;
@@ -274,6 +275,7 @@ pub fn run_on(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Selftest
     rows.extend(encoder::model_rows(dev, quick, seed)?);
     rows.extend(encoder::topk_rows(dev, quick, seed)?);
     rows.extend(m3_step::rows(dev, quick, seed)?);
+    rows.extend(retromae::rows(dev, quick, seed)?);
     Ok(SelftestReport {
         device: dev.device(),
         seed,
