@@ -11,9 +11,10 @@ use crate::device::kernels as k;
 use crate::device::launch::{KDType, KernelDevice};
 use crate::error::{Error, Result};
 
-/// The head's weights on the device, in the compute type: dense [H, H] + [H], LayerNorm [H] x 2,
-/// output bias [V]; the projection is the word-embedding matrix [V, H].
-pub struct LmHeadWeights<'a> {
+/// The head's tensors on the device: dense [H, H] + [H], LayerNorm [H] x 2, output bias [V],
+/// and the projection, the word-embedding matrix [V, H]. As weights: the compute type; as
+/// gradients: f32, accumulated.
+pub struct LmHeadBufs<'a> {
     pub dense_w: &'a DBuf,
     pub dense_b: &'a DBuf,
     pub ln_g: &'a DBuf,
@@ -22,15 +23,10 @@ pub struct LmHeadWeights<'a> {
     pub word_emb: &'a DBuf,
 }
 
-/// Their gradients (f32, accumulated): the same order, then the word embeddings'.
-pub struct LmHeadGrads<'a> {
-    pub dense_w: &'a DBuf,
-    pub dense_b: &'a DBuf,
-    pub ln_g: &'a DBuf,
-    pub ln_b: &'a DBuf,
-    pub bias: &'a DBuf,
-    pub word_emb: &'a DBuf,
-}
+/// The weights ([`LmHeadBufs`] in the compute type).
+pub type LmHeadWeights<'a> = LmHeadBufs<'a>;
+/// Their gradients ([`LmHeadBufs`] in f32, accumulated).
+pub type LmHeadGrads<'a> = LmHeadBufs<'a>;
 
 /// Mean cross-entropy of the head over `x` [N, H] (compute type) against `targets` [N] (-100 =
 /// ignored), the mean taken over the counted rows as `ops::cross_entropy`. Accumulates `g` times
