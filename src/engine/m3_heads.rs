@@ -500,6 +500,27 @@ pub struct SideGrads {
     dv: DBuf,
 }
 
+/// The unified outputs of both sides and the MaxSim shape between them.
+fn unified_pair<'a>(
+    q: &'a SideHeads,
+    p: &'a SideHeads,
+    dc: usize,
+) -> Result<(&'a SideUnified, &'a SideUnified, MaxSimDims)> {
+    let (Some(uq), Some(up)) = (q.unified.as_ref(), p.unified.as_ref()) else {
+        return Err(Error::invalid(
+            "device heads: sparse / ColBERT scores need sides built with head weights",
+        ));
+    };
+    let dims = MaxSimDims {
+        queries: q.batch,
+        q_len: q.len,
+        passages: p.batch,
+        p_len: p.len,
+        dim: dc,
+    };
+    Ok((uq, up, dims))
+}
+
 impl BatchScores {
     /// Lexical and MaxSim scores between every query and passage of the two sides.
     pub fn new(
@@ -508,22 +529,11 @@ impl BatchScores {
         q: &SideHeads,
         p: &SideHeads,
     ) -> Result<BatchScores> {
-        let (Some(uq), Some(up)) = (q.unified.as_ref(), p.unified.as_ref()) else {
-            return Err(Error::invalid(
-                "device heads: score matrices need sides built with head weights",
-            ));
-        };
+        let (uq, up, dims) = unified_pair(q, p, hw.colbert_dim)?;
         let (bq, bp) = (q.batch, p.batch);
         let ss = DBuf::uninit(dev, bq * bp, KDType::F32)?;
         let sc = DBuf::uninit(dev, bq * bp, KDType::F32)?;
         let argmax = dev.alloc(bq * bp * q.len * 4)?;
-        let dims = MaxSimDims {
-            queries: bq,
-            q_len: q.len,
-            passages: bp,
-            p_len: p.len,
-            dim: hw.colbert_dim,
-        };
         // SAFETY: lists of the two sides; scores [bq, bp] f32; vecs and masks as `dims`,
         // argmax [bq, bp, lq] i32.
         unsafe {
@@ -558,11 +568,7 @@ impl BatchScores {
         dsparse: Option<&[f32]>,
         dcolbert: Option<&[f32]>,
     ) -> Result<(SideGrads, SideGrads)> {
-        let (Some(uq), Some(up)) = (q.unified.as_ref(), p.unified.as_ref()) else {
-            return Err(Error::invalid(
-                "device heads: score gradients need sides built with head weights",
-            ));
-        };
+        let (uq, up, dims) = unified_pair(q, p, hw.colbert_dim)?;
         let (bq, bp, dc) = (q.batch, p.batch, hw.colbert_dim);
         let (nq, np) = (bq * q.len, bp * p.len);
         let zeros = vec![0.0f32; bq * bp];
@@ -575,13 +581,6 @@ impl BatchScores {
         let gp = SideGrads {
             dw: DBuf::uninit(dev, np, KDType::F32)?,
             dv: DBuf::zeros(dev, np * dc, KDType::F32)?,
-        };
-        let dims = MaxSimDims {
-            queries: bq,
-            q_len: q.len,
-            passages: bp,
-            p_len: p.len,
-            dim: dc,
         };
         // SAFETY: lists and vecs of the two sides as in the forward; dw [n] f32 (assigned), dv
         // [n, dc] f32 (accumulated into zeros).
