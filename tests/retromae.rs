@@ -458,46 +458,56 @@ fn pretrain_cli_rejects_bad_input_in_one_line() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
-/// The encoder on the emulated device (feature `emu`): the same dropout masks, so a run equals
-/// the CPU run up to float summation order.
+/// Pre-training on the emulated device (feature `emu`): the whole step there (encoder, LM head,
+/// two-stream decoder, device AdamW) and, with `reference_compat`'s materialised decoder mask,
+/// the encoder there and the decoder on the host. The same dropout masks, so each run equals the
+/// CPU run up to float summation order.
 #[cfg(feature = "emu")]
 #[test]
-fn pretraining_with_the_encoder_on_the_emulated_device_follows_the_cpu_run() {
+fn pretraining_on_the_emulated_device_follows_the_cpu_run() {
     use retrom3::train::retromae::pretrain_on;
-    let run = |device: retrom3::Device, tag: &str| {
-        let mut model = model_of(3, 64, 0.0);
-        let out = tmp(tag);
-        let r = pretrain_on(
-            device,
-            &mut model,
-            &corpus(),
-            &vocab(40),
-            &config(4, None),
-            &tok_dir(),
-            &out,
-            None,
-            &mut |_, _, _, _, _| {},
-        )
-        .unwrap();
-        let _ = std::fs::remove_dir_all(&out);
-        (r.losses, model.params.values().to_vec())
-    };
-    let (cpu, wc) = run(retrom3::Device::Cpu, "dev-cpu");
-    let (emu, we) = run(retrom3::Device::Emu, "dev-emu");
-    assert_eq!((cpu.len(), emu.len()), (4, 4));
-    for (a, b) in cpu.iter().zip(&emu) {
-        assert!(
-            (a.1 - b.1).abs() <= 1e-4 * a.1.abs(),
-            "enc {cpu:?} vs {emu:?}"
-        );
-        assert!(
-            (a.2 - b.2).abs() <= 1e-4 * a.2.abs(),
-            "dec {cpu:?} vs {emu:?}"
-        );
-    }
-    // The weights after 4 AdamW steps agree too (every parameter, encoder included).
-    for (x, y) in wc.iter().zip(&we) {
-        let d = x.max_abs_diff(y).unwrap();
-        assert!(d <= 1e-4, "weights differ by {d}");
+    for reference_compat in [false, true] {
+        let run = |device: retrom3::Device, tag: &str| {
+            let mut model = model_of(3, 64, 0.0);
+            let out = tmp(tag);
+            let mut cfg = config(4, None);
+            cfg.masking.reference_compat = reference_compat;
+            let r = pretrain_on(
+                device,
+                &mut model,
+                &corpus(),
+                &vocab(40),
+                &cfg,
+                &tok_dir(),
+                &out,
+                None,
+                &mut |_, _, _, _, _| {},
+            )
+            .unwrap();
+            let _ = std::fs::remove_dir_all(&out);
+            (r.losses, model.params.values().to_vec())
+        };
+        let (cpu, wc) = run(retrom3::Device::Cpu, "dev-cpu");
+        let (emu, we) = run(retrom3::Device::Emu, "dev-emu");
+        assert_eq!((cpu.len(), emu.len()), (4, 4));
+        for (a, b) in cpu.iter().zip(&emu) {
+            assert!(
+                (a.1 - b.1).abs() <= 1e-4 * a.1.abs(),
+                "reference_compat {reference_compat}: enc {cpu:?} vs {emu:?}"
+            );
+            assert!(
+                (a.2 - b.2).abs() <= 1e-4 * a.2.abs(),
+                "reference_compat {reference_compat}: dec {cpu:?} vs {emu:?}"
+            );
+        }
+        // The weights after 4 AdamW steps agree too (every parameter, encoder, LM head and
+        // decoder).
+        for (x, y) in wc.iter().zip(&we) {
+            let d = x.max_abs_diff(y).unwrap();
+            assert!(
+                d <= 1e-4,
+                "reference_compat {reference_compat}: weights differ by {d}"
+            );
+        }
     }
 }

@@ -13,7 +13,8 @@
 #   kernels    retrom3 bench kernels --device cuda: attention D=64 S=512..8192, GEMM, LayerNorm,
 #              cross-entropy, AdamW vs the card's peak / the measured copy bandwidth
 #   model      retrom3 bench model --device cuda: bge-m3-sized random encoder (24 x 1024, vocab
-#              250002), S=512, batch 32: encode and training forward+backward tokens/s
+#              250002), S=512, batch 32: encode, training forward+backward, one M3 step and one
+#              RetroMAE step (the whole pre-training step on the device), tokens/s
 #   torch      tools/torch_baseline.py: PyTorch SDPA at D=64, S=512..4096, B*S=16k tokens
 #   maxbatch   retrom3 bench max-batch --device cuda: largest M3 training batch, bge-m3 size,
 #              S=1024/4096/8192, whole vs sub-batches of 16 (20 s per cell: lower bounds when
@@ -125,7 +126,7 @@ if [ -f "$OUT/kernels.log" ]; then
   row maxsim INFO 0 "maxsim_docs GB/s and of copy bandwidth (target >= 75%): ${MS:-no rows}"
 fi
 run_step model 80 "$BIN" bench model --device cuda --batch 32 --seq 512 --iters 3 --json "$OUT/model.jsonl"
-finish_step model "$(grep -E '^cuda_' "$OUT/model.log" | awk '{printf "%s %s tok/s; ", $1, $NF}' | cut -c1-140)"
+finish_step model "$(grep -E '^cuda_' "$OUT/model.log" | awk '{printf "%s %s tok/s; ", $1, $NF}' | sed 's/_l24_h1024//g' | cut -c1-300)"
 
 # ---- PyTorch SDPA baseline --------------------------------------------------------------------------
 if [ "${TORCH:-1}" = 0 ]; then

@@ -15,8 +15,9 @@ pub enum BenchCommand {
     /// Kernel microbenchmarks on a device: attention (D = 64, S = 512..8192), GEMM, LayerNorm,
     /// cross-entropy, AdamW, against the card's peak and the measured copy bandwidth.
     Kernels(BenchKernelsArgs),
-    /// Encoder throughput (inference and training forward + backward) of a random model on a
-    /// device; defaults to bge-m3's size (24 layers, hidden 1024, 16 heads, vocab 250002) at S = 512.
+    /// Encoder throughput (inference and training forward + backward), one M3 training step and
+    /// one RetroMAE training step of a random model on a device; defaults to bge-m3's size (24
+    /// layers, hidden 1024, 16 heads, vocab 250002) at S = 512.
     Model(BenchModelArgs),
     /// Largest M3 training batch per device with and without sub-batching, per sequence length
     /// (the paper's Table 10): a random bge-m3-sized encoder with its gradients and AdamW state

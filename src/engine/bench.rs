@@ -725,7 +725,111 @@ pub fn model(
         of_peak: None,
         tokens_per_s: Some((bq * ql + bq * group * seq) as f64 / s3),
     });
+    drop(grads);
+    rows.push(retromae_row(
+        dev,
+        &student.encoder()?,
+        batch,
+        seq,
+        iters,
+        dt,
+    )?);
     Ok(rows)
+}
+
+/// One RetroMAE training step (`engine::retromae::retromae_step`: encoder + MLM head, both
+/// decoder streams, the two-stream decoder layer and its loss, forward and backward, dropout
+/// 0.1) on `batch` random texts of `seq` tokens, 30% / 50% masking.
+fn retromae_row(
+    dev: &dyn KernelDevice,
+    enc: &Encoder,
+    batch: usize,
+    seq: usize,
+    iters: usize,
+    dt: KDType,
+) -> Result<BenchRow> {
+    use crate::data::masking::{make_batch, MaskingConfig, MaskingVocab};
+    use crate::model::retromae::RetroMae;
+    let c = enc.config.clone();
+    let vocab = c.vocab_size;
+    let model = RetroMae::new(enc.clone(), &Default::default(), 0.5, 5)?;
+    let n_enc = enc.params.values().len();
+    let denc = DeviceEncoder::upload(dev, enc, dt)?;
+    let heads =
+        super::retromae::DeviceRetroMaeHeads::upload(dev, &model.params.values()[n_enc..], dt)?;
+    let enc_grads = denc.zero_grads(dev)?;
+    let head_grads = model.params.values()[n_enc..]
+        .iter()
+        .map(|t| DBuf::zeros(dev, t.numel(), KDType::F32))
+        .collect::<Result<Vec<_>>>()?;
+    // Ids 0-3 special; one id in three continues a word.
+    let mv = MaskingVocab {
+        cls: 0,
+        eos: 2,
+        pad: 1,
+        mask: 3,
+        vocab_size: vocab,
+        word_start: (0..vocab).map(|i| i < 5 || i % 3 != 0).collect(),
+        special: (0..vocab).map(|i| i < 4).collect(),
+    };
+    // make_batch adds [CLS] and [SEP]: seq - 2 content tokens per text.
+    let docs: Vec<Vec<u32>> = (0..batch)
+        .map(|b| {
+            (0..seq.saturating_sub(2))
+                .map(|i| (5 + (b * 131 + i * 17) % (vocab - 5)) as u32)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[u32]> = docs.iter().map(Vec::as_slice).collect();
+    let mcfg = MaskingConfig {
+        p_enc: 0.3,
+        p_dec: 0.5,
+        reference_compat: false,
+    };
+    let rb = make_batch(
+        &refs,
+        &mv,
+        &mcfg,
+        seq,
+        &mut crate::data::rng::Rng::new(5, 1),
+    )?;
+    let drop = Some(crate::model::encoder::DropoutCfg {
+        hidden: 0.1,
+        attention: 0.1,
+        seed: 11,
+    });
+    let s = time(dev, 1, iters, || {
+        super::retromae::retromae_step(
+            dev,
+            &denc,
+            &heads,
+            (&enc_grads, &head_grads),
+            &rb,
+            0.5,
+            drop,
+            1.0,
+        )
+        .map(|_| ())
+    })?;
+    let devname = match dev.device() {
+        crate::Device::Cuda(_) => "cuda",
+        crate::Device::Emu => "emu",
+        crate::Device::Cpu => "cpu",
+    };
+    Ok(BenchRow {
+        name: format!(
+            "{devname}_retromae_step_{}_l{}_h{}_b{batch}x{}",
+            dt.suffix(),
+            c.num_hidden_layers,
+            c.hidden_size,
+            rb.enc.len
+        ),
+        seconds_per_iter: s,
+        tflops: None,
+        gbps: None,
+        of_peak: None,
+        tokens_per_s: Some((batch * rb.enc.len) as f64 / s),
+    })
 }
 
 /// One cell of the largest-batch search ([`max_batch`]).

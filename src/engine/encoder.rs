@@ -78,13 +78,21 @@ pub struct LayerForward {
     stream: u64,
 }
 
-/// What a training forward saved.
-struct Saved {
+/// What the embeddings block of a training forward saved ([`DeviceEncoder::embed_fwd`]): the
+/// ids and positions, the LayerNorm input and statistics, the dropout.
+pub struct EmbedForward {
     ids: DevBuf,
     pos: DevBuf,
     z0: DBuf,
     mean0: DBuf,
     rstd0: DBuf,
+    d: Dims,
+    drop: Option<DropoutCfg>,
+}
+
+/// What a training forward saved.
+struct Saved {
+    emb: EmbedForward,
     /// Input of each layer (xs[0] is the embeddings' output).
     xs: Vec<DBuf>,
     layers: Vec<LayerActs>,
@@ -194,12 +202,16 @@ pub(crate) fn linear_bwd(
     unsafe { dev.gemm(&g, dy.ptr(), x.ptr(), dw.ptr()) }
 }
 
-fn hash_drop(p: f32, seed: u64, stream: u64) -> Option<HashDropout> {
+pub(crate) fn hash_drop(p: f32, seed: u64, stream: u64) -> Option<HashDropout> {
     (p > 0.0).then_some(HashDropout { p, seed, stream })
 }
 
 /// The element-wise dropout of the backward (same mask), or `None` when there is none.
-fn dropout_copy(dev: &dyn KernelDevice, x: &DBuf, d: Option<HashDropout>) -> Result<Option<DBuf>> {
+pub(crate) fn dropout_copy(
+    dev: &dyn KernelDevice,
+    x: &DBuf,
+    d: Option<HashDropout>,
+) -> Result<Option<DBuf>> {
     let Some(d) = d else { return Ok(None) };
     let y = DBuf::uninit(dev, x.len(), x.dtype())?;
     // SAFETY: x and y hold len elements.
@@ -443,16 +455,61 @@ impl DeviceEncoder {
                 saved: None,
             });
         }
-        let ids = upload_pod(dev, &input.ids)?;
-        let pos = upload_pod(
-            dev,
-            &crate::model::encoder::position_ids(&self.config, input),
-        )?;
         let key_mask = if input.mask.iter().all(|&m| m != 0) {
             None
         } else {
             Some(upload_pod(dev, &input.mask)?)
         };
+        let (mut x, emb) = self.embed_fwd(dev, input, drop, train)?;
+        let mut xs = Vec::new();
+        let mut layers = Vec::new();
+        let mask = match &key_mask {
+            Some(m) => AttnKernelMask::KeyPadding { key_mask: m.ptr },
+            None => AttnKernelMask::KeyPadding {
+                key_mask: DevPtr::NULL,
+            },
+        };
+        for i in 0..c.num_hidden_layers {
+            let lw = &w[EMBEDDING_TENSORS + i * LAYER_TENSORS..][..LAYER_TENSORS];
+            let stream = 1 + 4 * i as u64;
+            let (y, acts) = self.layer_fwd(dev, lw, (&x, &x), &d, mask, drop, stream, train)?;
+            if train {
+                xs.push(x);
+                layers.push(acts);
+            }
+            x = y;
+        }
+        let saved = train.then_some(Saved { emb, xs, layers });
+        Ok(EncoderForward {
+            hidden: x,
+            batch: input.batch,
+            len: input.len,
+            key_mask,
+            drop,
+            saved,
+        })
+    }
+
+    /// The embeddings block LN(word[ids] + pos[pos_ids] + type[0]) with dropout (stream 0 of
+    /// `drop`), as the CPU `Encoder::embed`: [B·L, hidden] and, for the backward
+    /// ([`DeviceEncoder::embed_bwd`]), what it saved (None unless `train`).
+    pub fn embed_fwd(
+        &self,
+        dev: &dyn KernelDevice,
+        input: &EncoderInput,
+        drop: Option<DropoutCfg>,
+        train: bool,
+    ) -> Result<(DBuf, EmbedForward)> {
+        crate::model::encoder::check_input(&self.config, input)?;
+        let d = self.dims(input);
+        let dt = self.dt;
+        let c = &self.config;
+        let w = &self.weights;
+        let ids = upload_pod(dev, &input.ids)?;
+        let pos = upload_pod(
+            dev,
+            &crate::model::encoder::position_ids(&self.config, input),
+        )?;
         // Embeddings: z0 = word[ids] + type[0] + pos[pos_ids]; e = LN(z0); x0 = Dropout(e).
         let word = DBuf::uninit(dev, d.rows * d.h, dt)?;
         let posr = DBuf::uninit(dev, d.rows * d.h, dt)?;
@@ -507,45 +564,22 @@ impl DeviceEncoder {
             )?;
         }
         drop_bufs([word, posr]);
-        let mut x = match drop {
+        let x = match drop {
             Some(dc) => dropout_copy(dev, &e, hash_drop(dc.hidden, dc.seed, 0))?.unwrap_or(e),
             None => e,
         };
-        let mut xs = Vec::new();
-        let mut layers = Vec::new();
-        let mask = match &key_mask {
-            Some(m) => AttnKernelMask::KeyPadding { key_mask: m.ptr },
-            None => AttnKernelMask::KeyPadding {
-                key_mask: DevPtr::NULL,
+        Ok((
+            x,
+            EmbedForward {
+                ids,
+                pos,
+                z0,
+                mean0,
+                rstd0,
+                d,
+                drop,
             },
-        };
-        for i in 0..c.num_hidden_layers {
-            let lw = &w[EMBEDDING_TENSORS + i * LAYER_TENSORS..][..LAYER_TENSORS];
-            let stream = 1 + 4 * i as u64;
-            let (y, acts) = self.layer_fwd(dev, lw, (&x, &x), &d, mask, drop, stream, train)?;
-            if train {
-                xs.push(x);
-                layers.push(acts);
-            }
-            x = y;
-        }
-        let saved = train.then_some(Saved {
-            ids,
-            pos,
-            z0,
-            mean0,
-            rstd0,
-            xs,
-            layers,
-        });
-        Ok(EncoderForward {
-            hidden: x,
-            batch: input.batch,
-            len: input.len,
-            key_mask,
-            drop,
-            saved,
-        })
+        ))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -729,15 +763,7 @@ impl DeviceEncoder {
         let mask = AttnKernelMask::KeyPadding {
             key_mask: key_mask.as_ref().map_or(DevPtr::NULL, |m| m.ptr),
         };
-        let Saved {
-            ids,
-            pos,
-            z0,
-            mean0,
-            rstd0,
-            xs,
-            layers,
-        } = saved;
+        let Saved { emb, xs, layers } = saved;
         // The gradient flowing into the current layer's output; the first one is the caller's.
         let mut dy: Option<DBuf> = None;
         for (i, (x, acts)) in xs.iter().zip(layers).enumerate().rev() {
@@ -751,23 +777,34 @@ impl DeviceEncoder {
             dy = Some(dx);
         }
         let dx0 = dy.as_ref().unwrap_or(dhidden);
-        self.embed_bwd(dev, grads, &ids, &pos, &z0, &mean0, &rstd0, dx0, &d, drop)
+        self.embed_bwd(dev, emb, dx0, grads)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn embed_bwd(
+    /// The backward of [`DeviceEncoder::embed_fwd`]: from d(output) `dx0` [rows, hidden],
+    /// accumulate the gradients of the five embedding tensors into `grads[..5]` (f32).
+    pub fn embed_bwd(
         &self,
         dev: &dyn KernelDevice,
-        grads: &[DBuf],
-        ids: &DevBuf,
-        pos: &DevBuf,
-        z0: &DBuf,
-        mean0: &DBuf,
-        rstd0: &DBuf,
+        emb: EmbedForward,
         dx0: &DBuf,
-        d: &Dims,
-        drop: Option<DropoutCfg>,
+        grads: &[DBuf],
     ) -> Result<()> {
+        let EmbedForward {
+            ids,
+            pos,
+            z0,
+            mean0,
+            rstd0,
+            d,
+            drop,
+        } = emb;
+        if grads.len() < EMBEDDING_TENSORS || dx0.len() != d.rows * d.h || dx0.dtype() != self.dt {
+            return Err(Error::shape(
+                "device embeddings d(output)",
+                &[d.rows, d.h],
+                &[dx0.len()],
+            ));
+        }
         let dt = self.dt;
         let c = &self.config;
         let de = dropout_copy(

@@ -13,6 +13,7 @@ pub mod lm_head;
 pub mod m3;
 pub mod m3_heads;
 pub mod optim;
+pub mod retromae;
 
 pub use encoder::{DeviceEncoder, EncoderForward};
 pub use m3::M3Engine;

@@ -15,10 +15,13 @@ use crate::tensor::Tensor;
 use crate::train::optim::AdamW;
 use std::ops::Range;
 
-/// Device AdamW state of an encoder's parameters (the first `layout.lens.len()` of a
-/// [`ParamSet`]), with the flat f32 gradient buffer its backward accumulates into.
+/// Device AdamW state of a group of consecutive parameters of a [`ParamSet`] (an encoder's: the
+/// first `layout.lens.len()`; or RetroMAE's LM head and decoder after them) whose weights live in
+/// one flat device buffer, with the flat f32 gradient buffer the backward accumulates into.
 pub struct DeviceAdamW {
     layout: FlatLayout,
+    /// Index of the group's first tensor in the [`ParamSet`] (and the host optimizer).
+    first: usize,
     names: Vec<String>,
     grads: std::sync::Arc<DBuf>,
     grad_views: Vec<DBuf>,
@@ -59,11 +62,25 @@ impl DeviceAdamW {
         let (_, layout) = denc
             .flat_weights()
             .ok_or_else(|| Error::invalid("device optimizer: the encoder has no weights"))?;
-        let (grads, grad_views) = denc.zero_grads_flat(dev)?;
+        DeviceAdamW::new_group(dev, layout, 0, params, opt, frozen)
+    }
+
+    /// [`DeviceAdamW::new`] for the tensors `first ..` of `params` whose weights lie in a flat
+    /// buffer of `layout` (`frozen` indexed like `layout`).
+    pub fn new_group(
+        dev: &dyn KernelDevice,
+        layout: &FlatLayout,
+        first: usize,
+        params: &ParamSet,
+        opt: &AdamW,
+        frozen: &[bool],
+    ) -> Result<DeviceAdamW> {
+        let (grads, grad_views) = DBuf::flat(dev, layout, KDType::F32)?;
         let n = layout.lens.len();
-        if params.values().len() < n || frozen.len() < n {
+        if params.values().len() < first + n || frozen.len() < n {
             return Err(Error::invalid(format!(
-                "device optimizer: {} parameters / {} frozen flags for a layout of {n}",
+                "device optimizer: {} parameters / {} frozen flags for a layout of {n} from \
+                 tensor {first}",
                 params.values().len(),
                 frozen.len()
             )));
@@ -74,20 +91,20 @@ impl DeviceAdamW {
         let mut decay = vec![0u8; layout.total];
         for i in 0..n {
             let (o, len) = (layout.offsets[i], layout.lens[i]);
-            let t = params.values()[i].to_f32();
+            let t = params.values()[first + i].to_f32();
             let vals = t.f32s()?;
             if vals.len() != len {
                 return Err(Error::shape(
-                    format!("device optimizer: {}", params.specs()[i].name),
+                    format!("device optimizer: {}", params.specs()[first + i].name),
                     &[len],
                     &[vals.len()],
                 ));
             }
             master[o..o + len].copy_from_slice(vals);
-            let (mi, vi) = opt.moments(i);
+            let (mi, vi) = opt.moments(first + i);
             m[o..o + len].copy_from_slice(mi);
             v[o..o + len].copy_from_slice(vi);
-            if opt.decays(i) {
+            if opt.decays(first + i) {
                 decay[o..o + len].fill(1);
             }
         }
@@ -109,7 +126,11 @@ impl DeviceAdamW {
         let max_run = runs.iter().map(|r| r.1.len()).max().unwrap_or(0);
         Ok(DeviceAdamW {
             layout: layout.clone(),
-            names: params.specs()[..n].iter().map(|s| s.name.clone()).collect(),
+            first,
+            names: params.specs()[first..first + n]
+                .iter()
+                .map(|s| s.name.clone())
+                .collect(),
             grads,
             grad_views,
             master: DBuf::from_f32(dev, &master, KDType::F32)?,
@@ -163,7 +184,8 @@ impl DeviceAdamW {
                     }
                 }
                 return Err(Error::NonFinite(format!(
-                    "gradient norm of the encoder at step {step}"
+                    "gradient norm of {}.. at step {step}",
+                    self.names[tensors.start]
                 )));
             }
             total += s;
@@ -188,19 +210,10 @@ impl DeviceAdamW {
         lr: f32,
         grad_scale: f32,
     ) -> Result<f32> {
-        if let Some(i) = (0..self.layout.lens.len()).find(|&i| self.owns(i) && grads[i].is_some()) {
-            return Err(Error::invalid(format!(
-                "a host gradient for {}, which the device optimizer updates",
-                self.names[i]
-            )));
-        }
-        let dev_sq = self.grad_sumsq(dev, grad_scale, host.step + 1)?;
-        let (norm, clip) = host.update_with(params, grads, lr, dev_sq)?;
         let (weights, _) = denc
             .flat_weights()
             .ok_or_else(|| Error::invalid("device optimizer: the encoder has no weights"))?;
-        self.step(dev, weights, &host.hyper, lr, host.step, grad_scale * clip)?;
-        Ok(norm)
+        step_groups(dev, &[(self, weights)], params, host, grads, lr, grad_scale)
     }
 
     /// One AdamW step (`step` counted from 1, bias corrections from it) of every trainable
@@ -273,15 +286,59 @@ impl DeviceAdamW {
         for (tensors, _) in &self.runs {
             for i in tensors.clone() {
                 let (o, n) = (self.layout.offsets[i], self.layout.lens[i]);
-                values[i] = Tensor::from_vec(master[o..o + n].to_vec(), &params.specs()[i].dims)?;
-                opt.set_moments(i, m[o..o + n].to_vec(), v[o..o + n].to_vec())?;
+                let at = self.first + i;
+                values[at] = Tensor::from_vec(master[o..o + n].to_vec(), &params.specs()[at].dims)?;
+                opt.set_moments(at, m[o..o + n].to_vec(), v[o..o + n].to_vec())?;
             }
         }
         params.set_values(values)
     }
 
-    /// Whether tensor `i` is updated here (not frozen).
+    /// Whether tensor `i` (of the [`ParamSet`]) is updated here (in the group, not frozen).
     pub fn owns(&self, i: usize) -> bool {
-        self.runs.iter().any(|(t, _)| t.contains(&i))
+        i.checked_sub(self.first)
+            .is_some_and(|j| self.runs.iter().any(|(t, _)| t.contains(&j)))
     }
+}
+
+/// One optimizer step over several device groups (each with the flat buffer of its compute
+/// weights, which receives the new values) and the host optimizer `host` for the tensors no group
+/// owns (`grads`: their host gradients, None for the groups' tensors; a tensor with neither
+/// gradient is not updated). The device gradients are scaled by `grad_scale`; the global clip
+/// norm covers every group and the host tensors. Returns the global gradient norm.
+pub fn step_groups(
+    dev: &dyn KernelDevice,
+    groups: &[(&DeviceAdamW, &DBuf)],
+    params: &mut ParamSet,
+    host: &mut AdamW,
+    grads: &[Option<Tensor>],
+    lr: f32,
+    grad_scale: f32,
+) -> Result<f32> {
+    if grads.len() != params.values().len() {
+        return Err(Error::invalid(format!(
+            "optimizer: {} gradients for {} parameters",
+            grads.len(),
+            params.values().len()
+        )));
+    }
+    for (g, _) in groups {
+        if let Some(i) =
+            (0..g.layout.lens.len()).find(|&i| g.owns(g.first + i) && grads[g.first + i].is_some())
+        {
+            return Err(Error::invalid(format!(
+                "a host gradient for {}, which the device optimizer updates",
+                g.names[i]
+            )));
+        }
+    }
+    let mut dev_sq = 0.0;
+    for (g, _) in groups {
+        dev_sq += g.grad_sumsq(dev, grad_scale, host.step + 1)?;
+    }
+    let (norm, clip) = host.update_with(params, grads, lr, dev_sq)?;
+    for (g, weights) in groups {
+        g.step(dev, weights, &host.hyper, lr, host.step, grad_scale * clip)?;
+    }
+    Ok(norm)
 }

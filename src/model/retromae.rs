@@ -19,6 +19,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
+/// XOR-ed into the encoder's dropout seed for the decoder's streams (content stream 0, query
+/// stream 1, the decoder layer 2-4).
+pub const DECODER_SEED_XOR: u64 = 0x5EED_DEC0_DE00_0001;
+
 /// Prefix of the decoder layer's tensors (FlagEmbedding's name for it).
 pub const DECODER_PREFIX: &str = "c_head.";
 
@@ -177,7 +181,7 @@ impl RetroMae {
         let cls_rows: Vec<usize> = (0..b).map(|i| i * l).collect();
         let sent = ops::select_rows(tape, &hs, &cls_rows)?; // [B, h]
         let ddrop = drop.map(|d| DropoutCfg {
-            seed: d.seed ^ 0x5EED_DEC0_DE00_0001,
+            seed: d.seed ^ DECODER_SEED_XOR,
             ..d
         });
         let content = encoder.embed(tape, pe, &batch.dec, ddrop)?;

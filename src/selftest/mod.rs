@@ -276,6 +276,7 @@ pub fn run_on(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Selftest
     rows.extend(encoder::topk_rows(dev, quick, seed)?);
     rows.extend(m3_step::rows(dev, quick, seed)?);
     rows.extend(retromae::rows(dev, quick, seed)?);
+    rows.extend(retromae::step_rows(dev, quick, seed)?);
     Ok(SelftestReport {
         device: dev.device(),
         seed,

@@ -12,10 +12,11 @@ use crate::engine::lm_head::{lm_head_loss, LmHeadGrads, LmHeadWeights};
 use crate::engine::{upload_pod, DBuf, DeviceEncoder};
 use crate::error::Result;
 use crate::model::config::EncoderConfig;
+use crate::model::encoder::LAYER_TENSORS;
 use crate::model::encoder::{
     bert_layer, layer_param_specs, normal_vec, DropoutCfg, Encoder, LayerDropout,
 };
-use crate::model::lm_head::{lm_head_logits, lm_head_specs};
+use crate::model::lm_head::{lm_head_logits, lm_head_specs, LM_HEAD_TENSORS};
 use crate::ops::AttentionMask;
 use crate::tensor::Tensor;
 use std::sync::Arc;
@@ -248,6 +249,127 @@ pub fn rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<Selfte
                     &out,
                     &b.to_f32(dev)?,
                     &grad_of(&gr, p)?,
+                    t,
+                ));
+            }
+        }
+    }
+    Ok(rows)
+}
+
+/// Rows `retromae_step_{f32,bf16}`: one whole RetroMAE step on the device
+/// (`engine::retromae::retromae_step`: encoder, MLM head, both decoder streams, the two-stream
+/// decoder layer, their backward, dropout on) against the CPU tape (`RetroMae::loss`): both
+/// losses and every parameter's gradient.
+pub fn step_rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<SelftestRow>> {
+    use crate::data::masking::{make_batch, MaskingConfig, MaskingVocab};
+    use crate::engine::retromae::{retromae_step, DeviceRetroMaeHeads};
+    use crate::model::retromae::RetroMae;
+    let mut rows = Vec::new();
+    // (vocab, hidden, layers, heads, batch lengths)
+    let mut cases = vec![(61usize, 64usize, 2usize, 2usize, vec![13usize, 6, 10])];
+    if !quick {
+        cases.push((97, 128, 1, 2, vec![37, 20, 29, 8]));
+    }
+    let mut rng = super::checks::Rng::new(seed ^ 0x3E7_40AE);
+    for (vocab, h, layers, heads, lens) in cases {
+        let max_len = lens.iter().max().copied().unwrap_or(3) + 2;
+        let c = EncoderConfig::new_xlmr(vocab, h, layers, heads, 2 * h, max_len + 4)?;
+        let enc = super::encoder::random_encoder(c.clone(), seed ^ 0x3E7)?;
+        let mut model = RetroMae::new(enc, &Default::default(), 0.5, seed)?;
+        let n_enc = model.params.values().len() - LM_HEAD_TENSORS - LAYER_TENSORS;
+        let rest = random_params(&model.params.specs()[n_enc..], seed ^ 0x4EAD)?;
+        let mut values = model.params.values()[..n_enc].to_vec();
+        values.extend(rest);
+        model.params.set_values(values)?;
+        // Ids 0-3 and the last are specials; every third id continues a word.
+        let mv = MaskingVocab {
+            cls: 0,
+            eos: 2,
+            pad: 1,
+            mask: (vocab - 1) as u32,
+            vocab_size: vocab,
+            word_start: (0..vocab).map(|i| i < 5 || i % 3 != 0).collect(),
+            special: (0..vocab).map(|i| i < 4 || i == vocab - 1).collect(),
+        };
+        let docs: Vec<Vec<u32>> = lens
+            .iter()
+            .map(|&n| {
+                (0..n)
+                    .map(|_| 4 + rng.below(vocab - 5) as u32)
+                    .collect::<Vec<u32>>()
+            })
+            .collect();
+        let doc_refs: Vec<&[u32]> = docs.iter().map(Vec::as_slice).collect();
+        let mcfg = MaskingConfig {
+            p_enc: 0.3,
+            p_dec: 0.5,
+            reference_compat: false,
+        };
+        let mut brng = crate::data::rng::Rng::new(seed, 0x3E7);
+        let batch = make_batch(&doc_refs, &mv, &mcfg, max_len, &mut brng)?;
+        let drop = DropoutCfg {
+            hidden: 0.1,
+            attention: 0.1,
+            seed: seed ^ 0xD120,
+        };
+        let mut tape = Tape::new();
+        let p = model.params.bind(&mut tape);
+        let loss = model.loss(&mut tape, &p, &batch, Some(drop))?;
+        let gr = tape.backward(&loss.total)?;
+        let shape = format!("h{h} x{layers} b{} L{}", lens.len(), batch.enc.len);
+        for dt in [KDType::F32, KDType::BF16] {
+            let name = format!("retromae_step_{}", dt.suffix());
+            let t = tol_model(dt);
+            let denc = DeviceEncoder::upload(dev, &model.encoder()?, dt)?;
+            let dheads = DeviceRetroMaeHeads::upload(dev, &model.params.values()[n_enc..], dt)?;
+            let eg = denc.zero_grads(dev)?;
+            let hg = model.params.values()[n_enc..]
+                .iter()
+                .map(|t| DBuf::zeros(dev, t.numel(), KDType::F32))
+                .collect::<Result<Vec<_>>>()?;
+            let (le, ld) = retromae_step(
+                dev,
+                &denc,
+                &dheads,
+                (&eg, &hg),
+                &batch,
+                model.p_dec,
+                Some(drop),
+                1.0,
+            )?;
+            rows.push(compare(&name, &shape, "enc_loss", &[le], &[loss.enc], t));
+            rows.push(compare(&name, &shape, "dec_loss", &[ld], &[loss.dec], t));
+            let mut key_scale = 0f64;
+            for ((spec, v), b) in model
+                .params
+                .specs()
+                .iter()
+                .zip(&p)
+                .zip(eg.iter().chain(&hg))
+            {
+                let short = spec
+                    .name
+                    .replace("encoder.layer.", "l")
+                    .replace("attention.self.", "")
+                    .replace("embeddings.", "emb.");
+                let want = grad_of(&gr, v)?;
+                // Key biases: rounding noise only (exact gradient 0), on the scale of the key
+                // weight's gradient (the tensor before).
+                let t = if spec.name.ends_with("key.bias") {
+                    t.with_floor(t.atol * key_scale)
+                } else {
+                    t
+                };
+                if spec.name.ends_with("key.weight") {
+                    key_scale = want.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+                }
+                rows.push(compare(
+                    &name,
+                    &shape,
+                    &format!("d{short}"),
+                    &b.to_f32(dev)?,
+                    &want,
                     t,
                 ));
             }

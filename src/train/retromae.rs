@@ -10,13 +10,17 @@ use super::schedule::{linear_warmup_decay, warmup_steps};
 use super::start_or_resume;
 use super::GradAccumulator;
 use crate::autograd::Tape;
-use crate::data::masking::{make_batch, MaskingConfig, MaskingVocab};
+use crate::data::masking::{make_batch, MaskingConfig, MaskingVocab, RetroMaeBatch};
 use crate::data::rng::Rng;
 use crate::device::cpu::elementwise::hash_u32;
+use crate::device::launch::KernelDevice;
 use crate::device::Device;
-use crate::engine::optim::DeviceAdamW;
+use crate::engine::optim::{step_groups, DeviceAdamW};
+use crate::engine::retromae::{retromae_step, DeviceRetroMaeHeads};
+use crate::engine::{DeviceEncoder, Gpu};
 use crate::error::{Error, Result};
 use crate::model::encoder::DropoutCfg;
+use crate::model::params::ParamSet;
 use crate::model::retromae::RetroMae;
 use crate::tensor::Tensor;
 use std::path::Path;
@@ -130,14 +134,17 @@ pub fn pretrain(
     )
 }
 
-/// [`pretrain`] with the encoder on `device`: on CUDA (bf16 storage, f32 accumulation) or the
-/// emulator (f32) the encoder forward and backward run there with the same dropout masks as the
-/// CPU engine, and so does AdamW for the encoder's layers ([`DeviceAdamW`], f32 master weights and
-/// moments on the device). The decoder and the LM head run on the host; they share the encoder's
-/// embedding tensors (the tied word embeddings, the positions and the LayerNorm of the query
-/// stream), so those five tensors keep the host optimizer: their device gradients are read back
-/// and summed with the host's, and their new values are written to the device after each step.
-/// Under emulation a step equals the CPU step up to float summation order.
+/// [`pretrain`] on `device`: on CUDA (bf16 storage, f32 accumulation) or the emulator (f32) the
+/// whole step runs there (`engine::retromae::retromae_step`: encoder, MLM head, both decoder
+/// streams, the two-stream decoder layer, the tied LM head and their backward, with the CPU
+/// model's dropout masks) and so does AdamW ([`DeviceAdamW`], f32 master weights and moments on
+/// the device, one group for the encoder and one for the LM head + decoder); per step the host
+/// reads back the two losses and one Σ g² per run of tensors. With `reference_compat` (a
+/// materialised [B, L, L] decoder mask, which the device kernels do not take) only the encoder
+/// runs there: the decoder and the LM head stay on the host tape and the five embedding tensors
+/// they share keep the host optimizer (device gradients read back and summed with the host's,
+/// new values written up after each step). Under emulation a step equals the CPU step up to float
+/// summation order.
 #[allow(clippy::too_many_arguments)]
 pub fn pretrain_on(
     device: Device,
@@ -185,20 +192,43 @@ pub fn pretrain_on(
         cfg.seed,
         total,
     );
-    // Device gradient buffers (views of one flat buffer, cleared every step) and the device
-    // optimizer of the encoder's layers; the embedding tensors are "frozen" for it (host-owned).
-    let dopt = match &engine {
+    // The device's state: with the in-kernel decoder mask the whole step runs there (encoder,
+    // LM head and decoder, each group with its device optimizer); a materialised mask
+    // (`reference_compat`) keeps the decoder and LM head on the host.
+    let dstate = match &engine {
+        Some((dev, denc)) if !cfg.masking.reference_compat => {
+            let n_all = model.params.values().len();
+            let heads =
+                DeviceRetroMaeHeads::upload(&**dev, &model.params.values()[n_enc..], denc.dt)?;
+            let enc_opt = DeviceAdamW::new(&**dev, denc, &model.params, &opt, &vec![false; n_enc])?;
+            let heads_opt = DeviceAdamW::new_group(
+                &**dev,
+                heads.flat().1,
+                n_enc,
+                &model.params,
+                &opt,
+                &vec![false; n_all - n_enc],
+            )?;
+            Some(DevState::Whole(Box::new(WholeStep {
+                enc_opt,
+                heads,
+                heads_opt,
+            })))
+        }
         Some((dev, denc)) => {
+            // Device gradient buffers (views of one flat buffer, cleared every step) and the
+            // device optimizer of the encoder's layers; the embedding tensors are "frozen" for
+            // it (host-owned).
             let host_owned: Vec<bool> = (0..model.params.values().len())
                 .map(|i| i < n_emb || i >= n_enc)
                 .collect();
-            Some(DeviceAdamW::new(
+            Some(DevState::Encoder(Box::new(DeviceAdamW::new(
                 &**dev,
                 denc,
                 &model.params,
                 &opt,
                 &host_owned,
-            )?)
+            )?)))
         }
         None => None,
     };
@@ -213,8 +243,8 @@ pub fn pretrain_on(
     while state.step < total {
         let t0 = Instant::now();
         let mut grads = GradAccumulator::new(model.params.values().len());
-        if let (Some((dev, _)), Some(dopt)) = (&engine, &dopt) {
-            dopt.clear_grads(&**dev)?;
+        if let (Some((dev, _)), Some(ds)) = (&engine, &dstate) {
+            ds.clear_grads(&**dev)?;
         }
         let (mut le, mut ld, mut tokens) = (0.0f64, 0.0f64, 0usize);
         for _ in 0..cfg.grad_accum {
@@ -238,44 +268,40 @@ pub fn pretrain_on(
                 attention: c.attention_probs_dropout_prob,
                 seed: ((hash_u32(cfg.seed, 7, k) as u64) << 32) | hash_u32(cfg.seed, 8, k) as u64,
             });
-            let mut tape = Tape::new();
-            let p = model.params.bind(&mut tape);
-            // With a device, the encoder's hidden state comes from it as a leaf of the tape.
-            let dev_fwd = match &engine {
-                Some((dev, denc)) => Some(denc.forward_leaf(&**dev, &mut tape, &batch.enc, drop)?),
-                None => None,
-            };
-            let hidden = dev_fwd.as_ref().map(|(_, leaf)| leaf.clone());
-            let loss = model
-                .loss_with_hidden(&mut tape, &p, &batch, drop, hidden)
-                .map_err(|e| match e {
-                    Error::NonFinite(m) => {
-                        Error::NonFinite(format!("{m} (RetroMAE step {})", state.step + 1))
-                    }
-                    e => e,
-                })?;
-            if !(loss.enc.is_finite() && loss.dec.is_finite()) {
-                return Err(Error::NonFinite(format!(
-                    "RetroMAE loss at step {} (enc {}, dec {})",
+            let (enc, dec) = match (&engine, &dstate) {
+                (Some((dev, denc)), Some(DevState::Whole(w))) => retromae_step(
+                    &**dev,
+                    denc,
+                    &w.heads,
+                    (w.enc_opt.grads(), w.heads_opt.grads()),
+                    &batch,
+                    model.p_dec,
+                    drop,
+                    1.0 / cfg.grad_accum as f32,
+                )
+                .map_err(|e| at_step(e, state.step + 1))?,
+                _ => host_decoder_step(
+                    model,
+                    &engine,
+                    &dstate,
+                    &mut grads,
+                    &batch,
+                    drop,
+                    cfg.grad_accum,
                     state.step + 1,
-                    loss.enc,
-                    loss.dec
+                )?,
+            };
+            if !(enc.is_finite() && dec.is_finite()) {
+                return Err(Error::NonFinite(format!(
+                    "RetroMAE loss at step {} (enc {enc}, dec {dec})",
+                    state.step + 1,
                 )));
             }
-            le += loss.enc as f64 / cfg.grad_accum as f64;
-            ld += loss.dec as f64 / cfg.grad_accum as f64;
-            let mut g = tape.backward_with(
-                &loss.total,
-                Tensor::from_vec(vec![1.0 / cfg.grad_accum as f32], &[1])?,
-            )?;
-            grads.add(&g, &p)?;
-            if let (Some((dev, denc)), Some((f, leaf)), Some(dopt)) = (&engine, dev_fwd, &dopt) {
-                // Accumulates over the micro-batches.
-                denc.backward_leaf(&**dev, f, &leaf, &mut g, dopt.grads())?;
-            }
+            le += enc as f64 / cfg.grad_accum as f64;
+            ld += dec as f64 / cfg.grad_accum as f64;
             state.batches_seen += 1;
         }
-        if let (Some((dev, _)), Some(dopt)) = (&engine, &dopt) {
+        if let (Some((dev, _)), Some(DevState::Encoder(dopt))) = (&engine, &dstate) {
             // The host-owned embedding tensors: device gradient + the decoder's / LM head's.
             for (i, b) in dopt.grads().iter().enumerate().take(n_emb) {
                 grads.add_values(i, &b.to_f32(&**dev)?);
@@ -283,8 +309,23 @@ pub fn pretrain_on(
         }
         let grads = grads.into_tensors(model.params.specs(), |_| false)?;
         let lr = cfg.lr * linear_warmup_decay(state.step, total, warmup);
-        let norm = match (&engine, &dopt) {
-            (Some((dev, denc)), Some(dopt)) => {
+        let norm = match (&engine, &dstate) {
+            (Some((dev, denc)), Some(DevState::Whole(w))) => {
+                let enc_flat = denc
+                    .flat_weights()
+                    .ok_or_else(|| Error::invalid("device optimizer: the encoder has no weights"))?
+                    .0;
+                step_groups(
+                    &**dev,
+                    &[(&w.enc_opt, enc_flat), (&w.heads_opt, w.heads.flat().0)],
+                    &mut model.params,
+                    &mut opt,
+                    &grads,
+                    lr,
+                    1.0,
+                )?
+            }
+            (Some((dev, denc)), Some(DevState::Encoder(dopt))) => {
                 let norm = dopt.step_with_host(
                     &**dev,
                     denc,
@@ -321,8 +362,8 @@ pub fn pretrain_on(
             .save_every
             .is_some_and(|n| n > 0 && state.step % n == 0 && state.step < total)
         {
-            if let (Some((dev, _)), Some(dopt)) = (&engine, &dopt) {
-                dopt.sync_to_host(&**dev, &mut model.params, &mut opt)?;
+            if let (Some((dev, _)), Some(ds)) = (&engine, &dstate) {
+                ds.sync_to_host(&**dev, &mut model.params, &mut opt)?;
             }
             let dir = out.join(format!("checkpoint-{}", state.step));
             atomic_dir(&dir, |tmp| {
@@ -335,8 +376,8 @@ pub fn pretrain_on(
             )?;
         }
     }
-    if let (Some((dev, _)), Some(dopt)) = (&engine, &dopt) {
-        dopt.sync_to_host(&**dev, &mut model.params, &mut opt)?;
+    if let (Some((dev, _)), Some(ds)) = (&engine, &dstate) {
+        ds.sync_to_host(&**dev, &mut model.params, &mut opt)?;
     }
     write_run_files(out, model, &opt, &state, tokenizer_dir)?;
     metrics.write_svg(
@@ -345,6 +386,99 @@ pub fn pretrain_on(
         &["enc_loss", "dec_loss"],
     )?;
     Ok(report)
+}
+
+/// The device state of a run whose whole step is there: the encoder's optimizer, the LM head +
+/// decoder and theirs.
+struct WholeStep {
+    enc_opt: DeviceAdamW,
+    heads: DeviceRetroMaeHeads,
+    heads_opt: DeviceAdamW,
+}
+
+/// What a device run keeps on the device.
+enum DevState {
+    /// The whole step on the device.
+    Whole(Box<WholeStep>),
+    /// The encoder's layers only (decoder on the host, `reference_compat`).
+    Encoder(Box<DeviceAdamW>),
+}
+
+impl DevState {
+    fn clear_grads(&self, dev: &dyn KernelDevice) -> Result<()> {
+        match self {
+            DevState::Whole(w) => {
+                w.enc_opt.clear_grads(dev)?;
+                w.heads_opt.clear_grads(dev)
+            }
+            DevState::Encoder(o) => o.clear_grads(dev),
+        }
+    }
+
+    fn sync_to_host(
+        &self,
+        dev: &dyn KernelDevice,
+        params: &mut ParamSet,
+        opt: &mut AdamW,
+    ) -> Result<()> {
+        match self {
+            DevState::Whole(w) => {
+                w.enc_opt.sync_to_host(dev, params, opt)?;
+                w.heads_opt.sync_to_host(dev, params, opt)
+            }
+            DevState::Encoder(o) => o.sync_to_host(dev, params, opt),
+        }
+    }
+}
+
+/// A step error with the optimizer step it happened at.
+fn at_step(e: Error, step: u64) -> Error {
+    match e {
+        Error::NonFinite(m) => Error::NonFinite(format!("{m} (RetroMAE step {step})")),
+        e => e,
+    }
+}
+
+/// One micro-batch with the decoder and LM head on the host tape (the CPU run, and a device run
+/// with a materialised decoder mask whose encoder runs on the device): adds the host gradients
+/// to `grads` and the device's to the encoder optimizer's buffers; returns (L_enc, L_dec).
+#[allow(clippy::too_many_arguments)]
+fn host_decoder_step(
+    model: &RetroMae,
+    engine: &Option<(std::sync::Arc<Gpu>, DeviceEncoder)>,
+    dstate: &Option<DevState>,
+    grads: &mut GradAccumulator,
+    batch: &RetroMaeBatch,
+    drop: Option<DropoutCfg>,
+    grad_accum: usize,
+    step: u64,
+) -> Result<(f32, f32)> {
+    let mut tape = Tape::new();
+    let p = model.params.bind(&mut tape);
+    // With a device, the encoder's hidden state comes from it as a leaf of the tape.
+    let dev_fwd = match engine {
+        Some((dev, denc)) => Some(denc.forward_leaf(&**dev, &mut tape, &batch.enc, drop)?),
+        None => None,
+    };
+    let hidden = dev_fwd.as_ref().map(|(_, leaf)| leaf.clone());
+    let loss = model
+        .loss_with_hidden(&mut tape, &p, batch, drop, hidden)
+        .map_err(|e| at_step(e, step))?;
+    if !(loss.enc.is_finite() && loss.dec.is_finite()) {
+        return Ok((loss.enc, loss.dec));
+    }
+    let mut g = tape.backward_with(
+        &loss.total,
+        Tensor::from_vec(vec![1.0 / grad_accum as f32], &[1])?,
+    )?;
+    grads.add(&g, &p)?;
+    if let (Some((dev, denc)), Some((f, leaf)), Some(DevState::Encoder(dopt))) =
+        (engine, dev_fwd, dstate)
+    {
+        // Accumulates over the micro-batches.
+        denc.backward_leaf(&**dev, f, &leaf, &mut g, dopt.grads())?;
+    }
+    Ok((loss.enc, loss.dec))
 }
 
 impl DocSource for crate::data::corpus::TokenCorpus {
