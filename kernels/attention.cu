@@ -430,8 +430,11 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     constexpr int KS = D / 16, NT = kTcKeys / 8, OT = D / 8, LDS = D + 8;
     alignas(16) __shared__ unsigned short sk[kTcKeys * LDS];
     alignas(16) __shared__ unsigned short sv[kTcKeys * LDS];
-    // Key-padding mode: per key of the tile 0 = visible, 1 = masked, 2 = past Lk.
+    // Per key of the tile: 0 = visible, 1 = masked (padding), 2 = past Lk; two-stream mode also
+    // its word's multiplier (vis_keep), so the per-score test reads shared memory only.
     __shared__ unsigned char skey[kTcKeys];
+    __shared__ unsigned sword[kTcKeys];
+    const unsigned thr = vis_threshold(ma.p);
     const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
     const int r0 = blockIdx.x * kTcRows + warp * 16 + g, r1 = r0 + 8;
@@ -475,6 +478,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
         for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
             const int j = j0 + r;
             skey[r] = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[(long long)b * lk + j]) ? 1 : 0;
+            if (ma.mode == 1) sword[r] = j < lk ? ma.words[(long long)b * lk + j] * 0x85EBCA6Bu : 0u;
         }
         __syncthreads();
         float s[NT][4];
@@ -499,14 +503,15 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             for (int e = 0; e < 4; ++e) {
                 const int c = nt * 8 + 2 * qd + (e & 1);
                 float x = s[nt][e] * sl2;
+                const int st = skey[c];
                 if (ma.mode == 0) {
-                    const int st = skey[c];
                     x = st == 0 ? x : st == 1 ? kMasked : -INFINITY;
                 } else {
+                    // attn_visible_key: never itself, never padding, always key 0, else the draw.
                     const int i = e < 2 ? r0 : r1, j = j0 + c;
-                    if (j >= lk) x = -INFINITY;
-                    else if (!attn_visible_key(ma, e < 2 ? rk0 : rk1, i, j, (long long)b * lk + j))
-                        x = kMasked;
+                    if (st == 2) x = -INFINITY;
+                    else if (st == 1 || j == i) x = kMasked;
+                    else if (j != 0 && !vis_keep(e < 2 ? rk0 : rk1, sword[c], thr)) x = kMasked;
                 }
                 s[nt][e] = x;
                 mt[e >> 1] = fmaxf(mt[e >> 1], x);

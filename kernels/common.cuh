@@ -153,6 +153,19 @@ __device__ __forceinline__ unsigned vis_row_key(unsigned long long seed, unsigne
 __device__ __forceinline__ float vis_unit(unsigned row_key, unsigned word) {
     return (float)(mix32(row_key ^ (word * 0x85EBCA6Bu)) >> 8) * (1.0f / 16777216.0f);
 }
+// vis_unit(k, w) >= p as an integer compare: vis_unit is u * 2^-24 with u = mix32(..) >> 8 an
+// integer below 2^24 (exact in float), so the test is u >= ceil(p * 2^24) (exact: scaling by a
+// power of two). p <= 0: always; p >= 1 or NaN: never (u < 2^24 <= the threshold).
+__device__ __forceinline__ unsigned vis_threshold(float p) {
+    if (p != p) return 0xFFFFFFFFu;
+    if (p <= 0.f) return 0u;
+    if (p >= 1.f) return 1u << 24;
+    return (unsigned)ceilf(p * 16777216.0f);
+}
+// vis_unit(row_key, w) >= p with word_mul = w * 0x85EBCA6B and thr = vis_threshold(p).
+__device__ __forceinline__ bool vis_keep(unsigned row_key, unsigned word_mul, unsigned thr) {
+    return (mix32(row_key ^ word_mul) >> 8) >= thr;
+}
 
 // ---- tensor cores ------------------------------------------------------------------------------
 // mma.sync.m16n8k16 with bf16 operands and f32 accumulators (sm_80+), in the PTX ISA's fragment
