@@ -417,8 +417,16 @@ __device__ __forceinline__ void attention_bwd_dkdv_impl(
 // registers as A fragments; the scale is applied to the f32 scores, not to bf16 Q. Masking,
 // dropout, the all-masked-row rule and lse are those of attention_fwd_impl (same helpers), so the
 // two kernels agree up to bf16 rounding of P.
+//
+// Heads per block: gridDim.y = heads / hpb and a block runs hpb heads one after the other. The
+// two-stream mask depends on (b, row, key) only, so with hpb > 1 the first head draws it and keeps
+// each thread's 32 visibility bits per key tile in shared memory (at most kTcMaskTiles<D> tiles:
+// Lk <= 2048 for D <= 64, 1024 for D = 128 within the 48 KB of static shared memory; the
+// launcher's rule); the other heads read the bits instead of hashing again.
 constexpr int kTcRows = 64;  // query rows per block (4 warps x 16)
 constexpr int kTcKeys = 64;  // keys per shared tile
+template <int D>
+constexpr int kTcMaskTiles = D >= 128 ? 16 : 32;
 
 template <int D>
 __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q,
@@ -434,8 +442,11 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     // its word's multiplier (vis_keep), so the per-score test reads shared memory only.
     __shared__ unsigned char skey[kTcKeys];
     __shared__ unsigned sword[kTcKeys];
+    __shared__ unsigned mbits[kTcMaskTiles<D> * kTcRows * 2];  // [tile][thread]: 32 bits each
     const unsigned thr = vis_threshold(ma.p);
-    const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
+    const int hpb = heads / (int)gridDim.y;
+    const bool cache = ma.mode == 1 && hpb > 1;
+    const int b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
     const int r0 = blockIdx.x * kTcRows + warp * 16 + g, r1 = r0 + 8;
     const unsigned rk0 = attn_row_key(ma, b, r0), rk1 = attn_row_key(ma, b, r1);
@@ -446,144 +457,161 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     auto ld2 = [](const unsigned short* p) {  // two bf16 at an even offset
         return *reinterpret_cast<const unsigned*>(p);
     };
-    unsigned qa[KS][4];
-    {
-        const unsigned short* q0 = q16 + ((long long)b * lq + r0) * w + (long long)h * D;
-        const unsigned short* q1 = q16 + ((long long)b * lq + r1) * w + (long long)h * D;
+    for (int hh = 0; hh < hpb; ++hh) {
+        const int h = blockIdx.y * hpb + hh, bh = b * heads + h;
+        const bool draw = !cache || hh == 0;  // this head draws the two-stream mask
+        unsigned qa[KS][4];
+        {
+            const unsigned short* q0 = q16 + ((long long)b * lq + r0) * w + (long long)h * D;
+            const unsigned short* q1 = q16 + ((long long)b * lq + r1) * w + (long long)h * D;
 #pragma unroll
-        for (int ks = 0; ks < KS; ++ks) {
-            const int c = ks * 16 + 2 * qd;
-            qa[ks][0] = r0 < lq ? ld2(q0 + c) : 0u;
-            qa[ks][1] = r1 < lq ? ld2(q1 + c) : 0u;
-            qa[ks][2] = r0 < lq ? ld2(q0 + c + 8) : 0u;
-            qa[ks][3] = r1 < lq ? ld2(q1 + c + 8) : 0u;
-        }
-    }
-    const float sl2 = scale * kLog2e;
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
-    float o[OT][4];
-#pragma unroll
-    for (int t = 0; t < OT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
-    const int tiles = (lk + kTcKeys - 1) / kTcKeys;
-    for (int t = 0; t < tiles; ++t) {
-        const int j0 = t * kTcKeys;
-        __syncthreads();  // the previous tile's readers are done
-        for (int e = threadIdx.x; e < kTcKeys * D / 2; e += blockDim.x) {
-            const int r = e / (D / 2), c = 2 * (e % (D / 2)), j = j0 + r;
-            const long long off = ((long long)b * lk + j) * w + (long long)h * D + c;
-            const unsigned kv = j < lk ? ld2(k16 + off) : 0u, vv = j < lk ? ld2(v16 + off) : 0u;
-            *reinterpret_cast<unsigned*>(&sk[r * LDS + c]) = kv;
-            *reinterpret_cast<unsigned*>(&sv[r * LDS + c]) = vv;
-        }
-        for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
-            const int j = j0 + r;
-            skey[r] = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[(long long)b * lk + j]) ? 1 : 0;
-            if (ma.mode == 1) sword[r] = j < lk ? ma.words[(long long)b * lk + j] * 0x85EBCA6Bu : 0u;
-        }
-        __syncthreads();
-        float s[NT][4];
-        // ldmatrix row addresses: lane l serves row l % 8 of matrix l / 8.
-        const int mrow = lane & 7, mi = lane >> 3;
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-#pragma unroll
-            for (int ks = 0; ks < KS; ks += 2) {
-                // Matrices: (k-step ks, cols lo), (ks, hi), (ks + 1, lo), (ks + 1, hi).
-                unsigned kb[4];
-                ldmatrix_x4(kb, &sk[(nt * 8 + mrow) * LDS + (ks + (mi >> 1)) * 16 + (mi & 1) * 8]);
-                mma_bf16_16816(s[nt], qa[ks], kb[0], kb[1]);
-                mma_bf16_16816(s[nt], qa[ks + 1], kb[2], kb[3]);
+            for (int ks = 0; ks < KS; ++ks) {
+                const int c = ks * 16 + 2 * qd;
+                qa[ks][0] = r0 < lq ? ld2(q0 + c) : 0u;
+                qa[ks][1] = r1 < lq ? ld2(q1 + c) : 0u;
+                qa[ks][2] = r0 < lq ? ld2(q0 + c + 8) : 0u;
+                qa[ks][3] = r1 < lq ? ld2(q1 + c + 8) : 0u;
             }
         }
-        float mt[2] = {-INFINITY, -INFINITY};
+        const float sl2 = scale * kLog2e;
+        float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+        float o[OT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int c = nt * 8 + 2 * qd + (e & 1);
-                float x = s[nt][e] * sl2;
-                const int st = skey[c];
-                if (ma.mode == 0) {
-                    x = st == 0 ? x : st == 1 ? kMasked : -INFINITY;
-                } else {
-                    // attn_visible_key: never itself, never padding, always key 0, else the draw.
-                    const int i = e < 2 ? r0 : r1, j = j0 + c;
-                    if (st == 2) x = -INFINITY;
-                    else if (st == 1 || j == i) x = kMasked;
-                    else if (j != 0 && !vis_keep(e < 2 ? rk0 : rk1, sword[c], thr)) x = kMasked;
-                }
-                s[nt][e] = x;
-                mt[e >> 1] = fmaxf(mt[e >> 1], x);
+        for (int t = 0; t < OT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
+        const int tiles = (lk + kTcKeys - 1) / kTcKeys;
+        for (int t = 0; t < tiles; ++t) {
+            const int j0 = t * kTcKeys;
+            __syncthreads();  // the previous tile's readers are done
+            for (int e = threadIdx.x; e < kTcKeys * D / 2; e += blockDim.x) {
+                const int r = e / (D / 2), c = 2 * (e % (D / 2)), j = j0 + r;
+                const long long off = ((long long)b * lk + j) * w + (long long)h * D + c;
+                const unsigned kv = j < lk ? ld2(k16 + off) : 0u, vv = j < lk ? ld2(v16 + off) : 0u;
+                *reinterpret_cast<unsigned*>(&sk[r * LDS + c]) = kv;
+                *reinterpret_cast<unsigned*>(&sv[r * LDS + c]) = vv;
             }
-        float corr[2];
+            for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
+                const int j = j0 + r;
+                const long long bj = (long long)b * lk + j;
+                skey[r] = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[bj]) ? 1 : 0;
+                if (ma.mode == 1) sword[r] = j < lk ? ma.words[bj] * 0x85EBCA6Bu : 0u;
+            }
+            __syncthreads();
+            float s[NT][4];
+            // ldmatrix row addresses: lane l serves row l % 8 of matrix l / 8.
+            const int mrow = lane & 7, mi = lane >> 3;
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            mt[rr] = fmaxf(mt[rr], __shfl_xor_sync(kFullMask, mt[rr], 1));
-            mt[rr] = fmaxf(mt[rr], __shfl_xor_sync(kFullMask, mt[rr], 2));
-            const float mn = fmaxf(m[rr], mt[rr]);  // >= kMasked: key j0 < lk is in every tile
-            corr[rr] = exp2f(m[rr] - mn);
-            m[rr] = mn;
-        }
-        float rs[2] = {0.f, 0.f};
+            for (int nt = 0; nt < NT; ++nt) {
+                s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const float pj = exp2f(s[nt][e] - m[e >> 1]);
-                rs[e >> 1] += pj;
-                if (ma.drop_p > 0.f) {
-                    const int i = e < 2 ? r0 : r1, j = j0 + nt * 8 + 2 * qd + (e & 1);
-                    s[nt][e] = (j < lk && i < lq) ? pj * attn_drop(ma, bh, i, j, lq, lk) : pj;
-                } else {
-                    s[nt][e] = pj;
+                for (int ks = 0; ks < KS; ks += 2) {
+                    // Matrices: (k-step ks, cols lo), (ks, hi), (ks + 1, lo), (ks + 1, hi).
+                    unsigned kb[4];
+                    ldmatrix_x4(kb,
+                                &sk[(nt * 8 + mrow) * LDS + (ks + (mi >> 1)) * 16 + (mi & 1) * 8]);
+                    mma_bf16_16816(s[nt], qa[ks], kb[0], kb[1]);
+                    mma_bf16_16816(s[nt], qa[ks + 1], kb[2], kb[3]);
                 }
             }
+            float mt[2] = {-INFINITY, -INFINITY};
+            // Two-stream visibility of this thread's 32 scores (bit nt * 4 + e), drawn or cached.
+            unsigned bits = 0u;
+            if (ma.mode == 1 && !draw) bits = mbits[t * (kTcRows * 2) + threadIdx.x];
 #pragma unroll
-        for (int rr = 0; rr < 2; ++rr) {
-            rs[rr] += __shfl_xor_sync(kFullMask, rs[rr], 1);
-            rs[rr] += __shfl_xor_sync(kFullMask, rs[rr], 2);
-            l[rr] = l[rr] * corr[rr] + rs[rr];
-        }
+            for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-        for (int ot = 0; ot < OT; ++ot) {
-            o[ot][0] *= corr[0];
-            o[ot][1] *= corr[0];
-            o[ot][2] *= corr[1];
-            o[ot][3] *= corr[1];
-        }
+                for (int e = 0; e < 4; ++e) {
+                    const int c = nt * 8 + 2 * qd + (e & 1);
+                    float x = s[nt][e] * sl2;
+                    const int st = skey[c];
+                    if (ma.mode == 0) {
+                        x = st == 0 ? x : st == 1 ? kMasked : -INFINITY;
+                    } else {
+                        if (draw) {
+                            // attn_visible_key: never itself, never padding, always key 0, else
+                            // the draw.
+                            const int i = e < 2 ? r0 : r1, j = j0 + c;
+                            const bool vis = st == 0 && j != i &&
+                                             (j == 0 || vis_keep(e < 2 ? rk0 : rk1, sword[c], thr));
+                            bits |= (unsigned)vis << (nt * 4 + e);
+                        }
+                        if (st == 2) x = -INFINITY;
+                        else if (!((bits >> (nt * 4 + e)) & 1u)) x = kMasked;
+                    }
+                    s[nt][e] = x;
+                    mt[e >> 1] = fmaxf(mt[e >> 1], x);
+                }
+            if (cache && draw) mbits[t * (kTcRows * 2) + threadIdx.x] = bits;
+            float corr[2];
 #pragma unroll
-        for (int kk = 0; kk < kTcKeys / 16; ++kk) {
-            const unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
-                                    pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                                    pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                                    pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+            for (int rr = 0; rr < 2; ++rr) {
+                mt[rr] = fmaxf(mt[rr], __shfl_xor_sync(kFullMask, mt[rr], 1));
+                mt[rr] = fmaxf(mt[rr], __shfl_xor_sync(kFullMask, mt[rr], 2));
+                const float mn = fmaxf(m[rr], mt[rr]);  // >= kMasked: key j0 < lk is in every tile
+                corr[rr] = exp2f(m[rr] - mn);
+                m[rr] = mn;
+            }
+            float rs[2] = {0.f, 0.f};
 #pragma unroll
-            for (int ot = 0; ot < OT; ot += 2) {
-                // Matrices: (keys lo, d-tile ot), (keys hi, ot), (keys lo, ot + 1), (keys hi, ot + 1).
-                unsigned vb[4];
-                ldmatrix_x4_trans(
-                    vb, &sv[(kk * 16 + (mi & 1) * 8 + mrow) * LDS + (ot + (mi >> 1)) * 8]);
-                mma_bf16_16816(o[ot], pa, vb[0], vb[1]);
-                mma_bf16_16816(o[ot + 1], pa, vb[2], vb[3]);
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const float pj = exp2f(s[nt][e] - m[e >> 1]);
+                    rs[e >> 1] += pj;
+                    if (ma.drop_p > 0.f) {
+                        const int i = e < 2 ? r0 : r1, j = j0 + nt * 8 + 2 * qd + (e & 1);
+                        s[nt][e] = (j < lk && i < lq) ? pj * attn_drop(ma, bh, i, j, lq, lk) : pj;
+                    } else {
+                        s[nt][e] = pj;
+                    }
+                }
+#pragma unroll
+            for (int rr = 0; rr < 2; ++rr) {
+                rs[rr] += __shfl_xor_sync(kFullMask, rs[rr], 1);
+                rs[rr] += __shfl_xor_sync(kFullMask, rs[rr], 2);
+                l[rr] = l[rr] * corr[rr] + rs[rr];
+            }
+#pragma unroll
+            for (int ot = 0; ot < OT; ++ot) {
+                o[ot][0] *= corr[0];
+                o[ot][1] *= corr[0];
+                o[ot][2] *= corr[1];
+                o[ot][3] *= corr[1];
+            }
+#pragma unroll
+            for (int kk = 0; kk < kTcKeys / 16; ++kk) {
+                const unsigned pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]),
+                                        pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                                        pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                        pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+                for (int ot = 0; ot < OT; ot += 2) {
+                    // Matrices: (keys lo, d-tile ot), (keys hi, ot), (keys lo, ot + 1),
+                    // (keys hi, ot + 1).
+                    unsigned vb[4];
+                    ldmatrix_x4_trans(
+                        vb, &sv[(kk * 16 + (mi & 1) * 8 + mrow) * LDS + (ot + (mi >> 1)) * 8]);
+                    mma_bf16_16816(o[ot], pa, vb[0], vb[1]);
+                    mma_bf16_16816(o[ot + 1], pa, vb[2], vb[3]);
+                }
             }
         }
-    }
 #pragma unroll
-    for (int rr = 0; rr < 2; ++rr) {
-        const int i = rr == 0 ? r0 : r1;
-        if (i >= lq) continue;
-        const float inv = 1.f / l[rr];
-        unsigned* orow = reinterpret_cast<unsigned*>(
-            reinterpret_cast<unsigned short*>(out) + ((long long)b * lq + i) * w +
-            (long long)h * D);
+        for (int rr = 0; rr < 2; ++rr) {
+            const int i = rr == 0 ? r0 : r1;
+            if (i >= lq) continue;
+            const float inv = 1.f / l[rr];
+            unsigned* orow = reinterpret_cast<unsigned*>(
+                reinterpret_cast<unsigned short*>(out) + ((long long)b * lq + i) * w +
+                (long long)h * D);
 #pragma unroll
-        for (int ot = 0; ot < OT; ++ot)
-            orow[(ot * 8 + 2 * qd) / 2] = pack_bf16(o[ot][2 * rr] * inv, o[ot][2 * rr + 1] * inv);
-        if (qd == 0)
-            lse[(long long)bh * lq + i] =
-                m[rr] <= kMasked ? INFINITY : (m[rr] + log2f(l[rr])) * kLn2;
-    }
+            for (int ot = 0; ot < OT; ++ot)
+                orow[(ot * 8 + 2 * qd) / 2] =
+                    pack_bf16(o[ot][2 * rr] * inv, o[ot][2 * rr + 1] * inv);
+            if (qd == 0)
+                lse[(long long)bh * lq + i] =
+                    m[rr] <= kMasked ? INFINITY : (m[rr] + log2f(l[rr])) * kLn2;
+        }
+    }  // heads of the block
 }
 
 }  // namespace r3

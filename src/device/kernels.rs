@@ -710,8 +710,41 @@ pub enum AttnImpl {
     /// `attention_fwd_d{D}_{f32,bf16}`: f32 FMAs on CUDA cores (any storage).
     CudaCores,
     /// `attention_fwd_tc_d{D}_bf16`: mma.sync bf16 tensor cores, FlashAttention-2's forward
-    /// (bf16 storage only).
+    /// (bf16 storage only), heads per block chosen by [`tc_heads_per_block`].
     TensorCores,
+    /// [`AttnImpl::TensorCores`] with this many heads per block (a divisor of the heads; above 1
+    /// with a two-stream mask, Lk <= 2048, 1024 at head dim 128): selftest and benchmarks.
+    TensorCoresHeads(usize),
+}
+
+/// Keys of one tensor-core tile (kTcKeys in kernels/attention.cu).
+const TC_KEYS: usize = 64;
+
+/// Key tiles whose two-stream mask bits a tensor-core block can keep (kTcMaskTiles in
+/// kernels/attention.cu): 32 (Lk <= 2048) for head dims up to 64, 16 for 128.
+fn tc_mask_tiles(head_dim: usize) -> usize {
+    if head_dim >= 128 {
+        16
+    } else {
+        32
+    }
+}
+
+/// Heads per block of the tensor-core forward: with the two-stream mask one block draws each
+/// (row, key) visibility once for up to 4 heads (the mask does not depend on the head), as long
+/// as the grid keeps >= 1024 blocks (~8 per SM of an H100/H200) and the key tiles' bits fit
+/// (Lk <= 2048, 1024 at head dim 128); otherwise, and for key padding, one head per block.
+pub fn tc_heads_per_block(mask: AttnKernelMask, d: &AttnDims) -> usize {
+    if !matches!(mask, AttnKernelMask::TwoStream { .. })
+        || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles(d.head_dim)
+    {
+        return 1;
+    }
+    let blocks = d.q_len.div_ceil(64) * d.batch * d.heads;
+    [4, 2]
+        .into_iter()
+        .find(|&n| d.heads % n == 0 && blocks / n >= 1024)
+        .unwrap_or(1)
 }
 
 /// Fused attention forward (`cpu::attention::attention_fwd`): q [B, Lq, H*D], k, v [B, Lk, H*D],
@@ -771,15 +804,33 @@ pub unsafe fn attention_fwd_with(
             let op = format!("attention_fwd_d{}", d.head_dim);
             l.launch(&name(&op, dt), &cfg, &mut a)
         }
-        AttnImpl::TensorCores => {
+        AttnImpl::TensorCores | AttnImpl::TensorCoresHeads(_) => {
             if dt != KDType::BF16 {
                 return Err(Error::Unsupported {
                     op: "tensor-core attention with f32 storage (bf16 only)".into(),
                     device: "cuda/emu".into(),
                 });
             }
-            // 4 warps x 16 query rows per block (kernels/attention.cu, kTcRows).
+            let hpb = match imp {
+                AttnImpl::TensorCoresHeads(n) => n,
+                _ => tc_heads_per_block(mask, d),
+            };
+            let two_stream = matches!(mask, AttnKernelMask::TwoStream { .. });
+            if hpb == 0
+                || d.heads % hpb != 0
+                || (hpb > 1 && two_stream && d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles(d.head_dim))
+            {
+                return Err(Error::invalid(format!(
+                    "tensor-core attention: {hpb} heads per block for {} heads and {} keys (a \
+                     divisor of the heads; above 1 with the two-stream mask at most {} keys)",
+                    d.heads,
+                    d.k_len,
+                    TC_KEYS * tc_mask_tiles(d.head_dim)
+                )));
+            }
+            // 4 warps x 16 query rows per block (kernels/attention.cu, kTcRows); hpb heads each.
             cfg.grid[0] = blocks(d.q_len, 64, u32::MAX);
+            cfg.grid[1] = (d.heads / hpb) as u32;
             l.launch(
                 &format!("attention_fwd_tc_d{}_bf16", d.head_dim),
                 &cfg,
