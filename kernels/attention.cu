@@ -428,7 +428,8 @@ constexpr int kTcKeys = 64;  // keys per shared tile
 template <int D>
 constexpr int kTcMaskTiles = D >= 128 ? 16 : 32;
 
-template <int D>
+// TS: the two-stream entry points (mode 1); the key-padding ones carry no mask-bit storage.
+template <int D, bool TS>
 __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q,
                                                       const bf16* __restrict__ k,
                                                       const bf16* __restrict__ v,
@@ -441,11 +442,11 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     // Per key of the tile: 0 = visible, 1 = masked (padding), 2 = past Lk; two-stream mode also
     // its word's multiplier (vis_keep), so the per-score test reads shared memory only.
     __shared__ unsigned char skey[kTcKeys];
-    __shared__ unsigned sword[kTcKeys];
-    __shared__ unsigned mbits[kTcMaskTiles<D> * kTcRows * 2];  // [tile][thread]: 32 bits each
+    __shared__ unsigned sword[TS ? kTcKeys : 1];
+    __shared__ unsigned mbits[TS ? kTcMaskTiles<D> * kTcRows * 2 : 1];  // [tile][thread]: 32 bits
     const unsigned thr = vis_threshold(ma.p);
     const int hpb = heads / (int)gridDim.y;
-    const bool cache = ma.mode == 1 && hpb > 1;
+    const bool cache = TS && hpb > 1;
     const int b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
     const int r0 = blockIdx.x * kTcRows + warp * 16 + g, r1 = r0 + 8;
@@ -493,7 +494,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                 const int j = j0 + r;
                 const long long bj = (long long)b * lk + j;
                 skey[r] = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[bj]) ? 1 : 0;
-                if (ma.mode == 1) sword[r] = j < lk ? ma.words[bj] * 0x85EBCA6Bu : 0u;
+                if (TS) sword[r] = j < lk ? ma.words[bj] * 0x85EBCA6Bu : 0u;
             }
             __syncthreads();
             float s[NT][4];
@@ -513,9 +514,30 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                 }
             }
             float mt[2] = {-INFINITY, -INFINITY};
-            // Two-stream visibility of this thread's 32 scores (bit nt * 4 + e), drawn or cached.
+            // Two-stream visibility of this thread's 32 scores (bit nt * 4 + e): drawn (a
+            // warp-uniform branch around the whole draw, so the heads that read the cached bits
+            // do not issue it predicated off) or read back.
             unsigned bits = 0u;
-            if (ma.mode == 1 && !draw) bits = mbits[t * (kTcRows * 2) + threadIdx.x];
+            if (TS) {
+                if (draw) {
+#pragma unroll
+                    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) {
+                            // attn_visible_key: never itself, never padding, always key 0,
+                            // else the draw.
+                            const int c = nt * 8 + 2 * qd + (e & 1);
+                            const int i = e < 2 ? r0 : r1, j = j0 + c;
+                            const bool vis =
+                                skey[c] == 0 && j != i &&
+                                (j == 0 || vis_keep(e < 2 ? rk0 : rk1, sword[c], thr));
+                            bits |= (unsigned)vis << (nt * 4 + e);
+                        }
+                    if (cache) mbits[t * (kTcRows * 2) + threadIdx.x] = bits;
+                } else {
+                    bits = mbits[t * (kTcRows * 2) + threadIdx.x];
+                }
+            }
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -523,24 +545,12 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                     const int c = nt * 8 + 2 * qd + (e & 1);
                     float x = s[nt][e] * sl2;
                     const int st = skey[c];
-                    if (ma.mode == 0) {
-                        x = st == 0 ? x : st == 1 ? kMasked : -INFINITY;
-                    } else {
-                        if (draw) {
-                            // attn_visible_key: never itself, never padding, always key 0, else
-                            // the draw.
-                            const int i = e < 2 ? r0 : r1, j = j0 + c;
-                            const bool vis = st == 0 && j != i &&
-                                             (j == 0 || vis_keep(e < 2 ? rk0 : rk1, sword[c], thr));
-                            bits |= (unsigned)vis << (nt * 4 + e);
-                        }
-                        if (st == 2) x = -INFINITY;
-                        else if (!((bits >> (nt * 4 + e)) & 1u)) x = kMasked;
-                    }
+                    if (!TS) x = st == 0 ? x : st == 1 ? kMasked : -INFINITY;
+                    else if (st == 2) x = -INFINITY;
+                    else if (!((bits >> (nt * 4 + e)) & 1u)) x = kMasked;
                     s[nt][e] = x;
                     mt[e >> 1] = fmaxf(mt[e >> 1], x);
                 }
-            if (cache && draw) mbits[t * (kTcRows * 2) + threadIdx.x] = bits;
             float corr[2];
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
@@ -647,11 +657,18 @@ using r3::bf16;
         r3::attention_bwd_dkdv_impl<T, DIM>(q, k, v, o, lse, dout, dk, dv, R3_ATTN_MASK_ARGS); \
     }
 
+// Key padding (mode 0) and two-stream (mode 1) are separate entry points: the two-stream one's
+// mask-bit storage would otherwise take shared memory (and L1) from the plain one.
 #define R3_ATTN_TC_KERNEL(DIM)                                                                   \
     extern "C" __global__ void __launch_bounds__(128) attention_fwd_tc_d##DIM##_bf16(            \
         const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,                     \
         R3_ATTN_MASK_PARAMS) {                                                                   \
-        r3::attention_fwd_tc_impl<DIM>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);                    \
+        r3::attention_fwd_tc_impl<DIM, false>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);             \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) attention_fwd_tc_twostream_d##DIM##_bf16(  \
+        const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,                     \
+        R3_ATTN_MASK_PARAMS) {                                                                   \
+        r3::attention_fwd_tc_impl<DIM, true>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);              \
     }
 R3_ATTN_TC_KERNEL(32)
 R3_ATTN_TC_KERNEL(64)
@@ -664,6 +681,9 @@ R3_ATTN_KERNELS(32, bf16, bf16)
 R3_ATTN_KERNELS(64, bf16, bf16)
 R3_ATTN_KERNELS(128, bf16, bf16)
 
+R3_EMU_EXPORT(attention_fwd_tc_twostream_d32_bf16)
+R3_EMU_EXPORT(attention_fwd_tc_twostream_d64_bf16)
+R3_EMU_EXPORT(attention_fwd_tc_twostream_d128_bf16)
 R3_EMU_EXPORT(attention_fwd_tc_d32_bf16)
 R3_EMU_EXPORT(attention_fwd_tc_d64_bf16)
 R3_EMU_EXPORT(attention_fwd_tc_d128_bf16)

@@ -730,6 +730,15 @@ fn tc_mask_tiles(head_dim: usize) -> usize {
     }
 }
 
+/// The tensor-core forward's entry point for `mask` (kernels/attention.cu): key padding
+/// `attention_fwd_tc_d{D}_bf16`, two-stream `attention_fwd_tc_twostream_d{D}_bf16`.
+pub fn tc_fwd_kernel(mask: AttnKernelMask, head_dim: usize) -> String {
+    match mask {
+        AttnKernelMask::KeyPadding { .. } => format!("attention_fwd_tc_d{head_dim}_bf16"),
+        AttnKernelMask::TwoStream { .. } => format!("attention_fwd_tc_twostream_d{head_dim}_bf16"),
+    }
+}
+
 /// Heads per block of the tensor-core forward: with the two-stream mask one block draws each
 /// (row, key) visibility once for up to 4 heads (the mask does not depend on the head), as long
 /// as the grid keeps >= 1024 blocks (~8 per SM of an H100/H200) and the key tiles' bits fit
@@ -831,11 +840,7 @@ pub unsafe fn attention_fwd_with(
             // 4 warps x 16 query rows per block (kernels/attention.cu, kTcRows); hpb heads each.
             cfg.grid[0] = blocks(d.q_len, 64, u32::MAX);
             cfg.grid[1] = (d.heads / hpb) as u32;
-            l.launch(
-                &format!("attention_fwd_tc_d{}_bf16", d.head_dim),
-                &cfg,
-                &mut a,
-            )
+            l.launch(&tc_fwd_kernel(mask, d.head_dim), &cfg, &mut a)
         }
     }
 }

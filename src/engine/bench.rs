@@ -256,6 +256,18 @@ pub fn kernels_streaming(
                 s_f,
                 flops,
             ));
+            let hpb = k::tc_heads_per_block(mask, &dims);
+            if hpb > 1 {
+                // The same kernel drawing the mask in every head (one head per block).
+                let s1 = time(dev, 1, it, || fwd_with(k::AttnImpl::TensorCoresHeads(1), mask))?;
+                rows.push(flop_row(
+                    format!(
+                        "{devname}_attention_fwd_tc{tag}_hpb1_bf16_b{batch}_s{sl}_h{heads}_d{d}"
+                    ),
+                    s1,
+                    flops,
+                ));
+            }
             // The backward (CUDA cores, ~5 TFLOP/s) at the two shortest lengths only: the longer
             // ones take most of a lease's minutes.
             if !cfg.quick && sl > 1024 {

@@ -90,6 +90,7 @@ const QUICK: &[Case] = &[
     case(2, 33, 33, 2, 64, true, true, true),
     case(1, 130, 130, 1, 128, true, false, false),
     case(2, 9, 9, 1, 128, false, true, true),
+    case(2, 20, 20, 2, 32, true, true, false),
 ];
 
 /// Added to [`QUICK`] in the full selftest.
@@ -186,16 +187,15 @@ fn attention<T: Store>(c: &mut Ctx, cs: &Case) {
     };
     let mut fwd_kernels = vec![(fwd.clone(), kernels::AttnImpl::CudaCores)];
     if T::DT == KDType::BF16 {
-        fwd_kernels.push((
-            format!("attention_fwd_tc_d{}_bf16", d.head_dim),
-            kernels::AttnImpl::TensorCores,
-        ));
+        let tc = if cs.two_stream {
+            format!("attention_fwd_tc_twostream_d{}_bf16", d.head_dim)
+        } else {
+            format!("attention_fwd_tc_d{}_bf16", d.head_dim)
+        };
+        fwd_kernels.push((tc.clone(), kernels::AttnImpl::TensorCores));
         if cs.two_stream && d.heads > 1 {
             // Every head of a block reads the mask bits the first one drew.
-            fwd_kernels.push((
-                format!("attention_fwd_tc_d{}_bf16", d.head_dim),
-                kernels::AttnImpl::TensorCoresHeads(d.heads),
-            ));
+            fwd_kernels.push((tc, kernels::AttnImpl::TensorCoresHeads(d.heads)));
         }
     }
     for (fwd, imp) in fwd_kernels {
