@@ -200,13 +200,19 @@ fn pretraining_lowers_both_losses() {
     assert_eq!(rows.lines().count(), 150);
 }
 
-#[test]
-fn resume_is_bit_identical() {
+/// A 6-step run of `a` on `device` saving at step 3, and a second run resumed from that checkpoint:
+/// (uninterrupted model, resumed model, their output directories).
+fn run_and_resume(
+    device: retrom3::Device,
+    mut a: RetroMae,
+    tag: &str,
+) -> (RetroMae, RetroMae, PathBuf, PathBuf) {
+    use retrom3::train::retromae::pretrain_on;
     let docs = corpus();
     let v = vocab(40);
-    let a_out = tmp("a");
-    let mut a = tiny_model(2);
-    pretrain(
+    let a_out = tmp(&format!("{tag}-a"));
+    pretrain_on(
+        device,
         &mut a,
         &docs,
         &v,
@@ -237,8 +243,9 @@ fn resume_is_bit_identical() {
         Some(1.0),
     );
     opt.load_dir(&ckpt, b.params.specs(), state.step).unwrap();
-    let b_out = tmp("b");
-    pretrain(
+    let b_out = tmp(&format!("{tag}-b"));
+    pretrain_on(
+        device,
         &mut b,
         &docs,
         &v,
@@ -249,6 +256,12 @@ fn resume_is_bit_identical() {
         &mut |_, _, _, _, _| {},
     )
     .unwrap();
+    (a, b, a_out, b_out)
+}
+
+#[test]
+fn resume_is_bit_identical() {
+    let (a, b, a_out, b_out) = run_and_resume(retrom3::Device::Cpu, tiny_model(2), "cpu");
     for (x, y) in a.params.values().iter().zip(b.params.values()) {
         assert_eq!(
             x.f32s().unwrap(),
@@ -510,4 +523,26 @@ fn pretraining_on_the_emulated_device_follows_the_cpu_run() {
             );
         }
     }
+}
+
+/// The device run's checkpoints (weights and AdamW moments of both device groups, brought back
+/// to the host) resume it: the resumed emulated run ends where the uninterrupted one does, up to
+/// the emulator's atomics summing in thread order.
+#[cfg(feature = "emu")]
+#[test]
+fn device_run_resumes_from_its_checkpoint() {
+    let (a, b, a_out, b_out) =
+        run_and_resume(retrom3::Device::Emu, model_of(3, 64, 0.0), "emu-resume");
+    for ((x, y), spec) in a
+        .params
+        .values()
+        .iter()
+        .zip(b.params.values())
+        .zip(a.params.specs())
+    {
+        let d = x.max_abs_diff(y).unwrap();
+        assert!(d <= 1e-5, "{}: resumed weights differ by {d}", spec.name);
+    }
+    let _ = std::fs::remove_dir_all(&a_out);
+    let _ = std::fs::remove_dir_all(&b_out);
 }

@@ -259,7 +259,9 @@ pub fn kernels_streaming(
             let hpb = k::tc_heads_per_block(mask, &dims);
             if hpb > 1 {
                 // The same kernel drawing the mask in every head (one head per block).
-                let s1 = time(dev, 1, it, || fwd_with(k::AttnImpl::TensorCoresHeads(1), mask))?;
+                let s1 = time(dev, 1, it, || {
+                    fwd_with(k::AttnImpl::TensorCoresHeads(1), mask)
+                })?;
                 rows.push(flop_row(
                     format!(
                         "{devname}_attention_fwd_tc{tag}_hpb1_bf16_b{batch}_s{sl}_h{heads}_d{d}"
