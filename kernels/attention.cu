@@ -624,6 +624,303 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     }  // heads of the block
 }
 
+// ---- backward on tensor cores (bf16, D 32 and 64) -------------------------------------------------
+// The CUDA-core backward's math (dS = P (m dP - D) scale, dQ = dS K, dK = dSᵀ Q, dV = (P m)ᵀ dO)
+// on mma.sync.m16n8k16, FlashAttention-2 style, in two deterministic launches (no atomics):
+//   attention_bwd_dq_tc_d{D}_bf16:   grid (ceil(Lq / 64), H, B); a warp owns 16 query rows (Q and
+//     dO as A fragments in registers), visits 64-key tiles of K, V in shared memory: S = Q Kᵀ,
+//     dP = dO Vᵀ, dS per score, dQ += dS K (dS's C fragments become A fragments).
+//   attention_bwd_dkdv_tc_d{D}_bf16: grid (ceil(Lk / 64), H, B); a warp owns 16 keys (K and V as
+//     A fragments), visits 32-row tiles of Q, dO: Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, then dV += (P m)ᵀ dO and
+//     dK += dSᵀ Q. D_i = dO_i·O_i, lse and (two-stream) each row's mask key are per-tile arrays.
+// P and dS are rounded to bf16 before their products (as FlashAttention does); everything else
+// accumulates in f32. D = 128 keeps the CUDA-core kernels (the accumulators would not fit).
+constexpr int kTcBwdQ = 32;  // query rows per shared tile of the dK/dV kernel
+
+// 16 rows (r0 = row g, r1 = row g + 8 of the warp's 16) of head h of a [B, n, H*D] bf16 tensor as
+// mma A fragments (zeros past n).
+template <int D>
+__device__ __forceinline__ void tc_load_a(unsigned a[D / 16][4], const unsigned short* t, int b,
+                                          int h, int heads, int n, int r0, int qd) {
+    const long long w = (long long)heads * D;
+    const unsigned short* p0 = t + ((long long)b * n + r0) * w + (long long)h * D;
+    const unsigned short* p1 = p0 + 8 * w;
+    auto ld2 = [](const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); };
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        const int c = ks * 16 + 2 * qd;
+        a[ks][0] = r0 < n ? ld2(p0 + c) : 0u;
+        a[ks][1] = r0 + 8 < n ? ld2(p1 + c) : 0u;
+        a[ks][2] = r0 < n ? ld2(p0 + c + 8) : 0u;
+        a[ks][3] = r0 + 8 < n ? ld2(p1 + c + 8) : 0u;
+    }
+}
+
+// `rows` token rows (from row0) of head h into a shared [rows][LDS] bf16 tile (zeros past n).
+template <int D, int LDS>
+__device__ __forceinline__ void tc_load_tile(unsigned short* dst, const unsigned short* src, int b,
+                                             int h, int heads, int n, int row0, int rows) {
+    const long long w = (long long)heads * D;
+    for (int e = threadIdx.x; e < rows * D / 2; e += blockDim.x) {
+        const int r = e / (D / 2), c = 2 * (e % (D / 2)), t = row0 + r;
+        const unsigned val =
+            t < n ? *reinterpret_cast<const unsigned*>(src + ((long long)b * n + t) * w +
+                                                       (long long)h * D + c)
+                  : 0u;
+        *reinterpret_cast<unsigned*>(&dst[r * LDS + c]) = val;
+    }
+}
+
+// C[16 x 8·NT] += A (16 x D, fragments) · Bᵀ, B's rows [8·NT][D] in shared memory (row-major).
+template <int D, int NT, int LDS>
+__device__ __forceinline__ void tc_mm_abt(float c[NT][4], const unsigned a[D / 16][4],
+                                          const unsigned short* sb, int lane) {
+    const int mrow = lane & 7, mi = lane >> 3;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int ks = 0; ks < D / 16; ks += 2) {
+            unsigned bb[4];
+            ldmatrix_x4(bb, &sb[(nt * 8 + mrow) * LDS + (ks + (mi >> 1)) * 16 + (mi & 1) * 8]);
+            mma_bf16_16816(c[nt], a[ks], bb[0], bb[1]);
+            mma_bf16_16816(c[nt], a[ks + 1], bb[2], bb[3]);
+        }
+}
+
+// O[16 x D] += P (16 x 16·KT, the C fragments p of n-tiles 0..2KT-1) · B, B [16·KT][D] in shared
+// memory (row-major).
+template <int D, int KT, int LDS>
+__device__ __forceinline__ void tc_mm_pb(float o[D / 8][4], const float p[2 * KT][4],
+                                         const unsigned short* sb, int lane) {
+    const int mrow = lane & 7, mi = lane >> 3;
+#pragma unroll
+    for (int kk = 0; kk < KT; ++kk) {
+        const unsigned pa[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]),
+                                pack_bf16(p[2 * kk][2], p[2 * kk][3]),
+                                pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]),
+                                pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+        for (int ot = 0; ot < D / 8; ot += 2) {
+            unsigned bb[4];
+            ldmatrix_x4_trans(bb, &sb[(kk * 16 + (mi & 1) * 8 + mrow) * LDS + (ot + (mi >> 1)) * 8]);
+            mma_bf16_16816(o[ot], pa, bb[0], bb[1]);
+            mma_bf16_16816(o[ot + 1], pa, bb[2], bb[3]);
+        }
+    }
+}
+
+// Rows r0 and r0 + 8 of a [16 x D] f32 C-fragment accumulator into head h of [B, n, H*D] bf16.
+template <int D>
+__device__ __forceinline__ void tc_store_c(unsigned short* t, const float c[D / 8][4], int b,
+                                           int h, int heads, int n, int r0, int qd) {
+    const long long w = (long long)heads * D;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int r = r0 + 8 * rr;
+        if (r >= n) continue;
+        unsigned* row = reinterpret_cast<unsigned*>(t + ((long long)b * n + r) * w +
+                                                    (long long)h * D);
+#pragma unroll
+        for (int ot = 0; ot < D / 8; ++ot)
+            row[(ot * 8 + 2 * qd) / 2] = pack_bf16(c[ot][2 * rr], c[ot][2 * rr + 1]);
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void attention_bwd_dq_tc_impl(
+    const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+    const bf16* __restrict__ o, const float* __restrict__ lse, const bf16* __restrict__ dout,
+    bf16* __restrict__ dq, int heads, int lq, int lk, float scale, const AttnMaskArgs ma) {
+    constexpr int KS = D / 16, NT = kTcKeys / 8, OT = D / 8, LDS = D + 8;
+    alignas(16) __shared__ unsigned short sk[kTcKeys * LDS];
+    alignas(16) __shared__ unsigned short sv[kTcKeys * LDS];
+    __shared__ unsigned char skey[kTcKeys];  // 0 visible, 1 padding, 2 past Lk
+    __shared__ unsigned sword[kTcKeys];
+    const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
+    const int r0 = blockIdx.x * kTcRows + warp * 16 + g, r1 = r0 + 8;
+    const unsigned short* q16 = reinterpret_cast<const unsigned short*>(q);
+    const unsigned short* k16 = reinterpret_cast<const unsigned short*>(k);
+    const unsigned short* v16 = reinterpret_cast<const unsigned short*>(v);
+    const unsigned short* o16 = reinterpret_cast<const unsigned short*>(o);
+    const unsigned short* do16 = reinterpret_cast<const unsigned short*>(dout);
+    unsigned qa[KS][4], ga[KS][4], oa[KS][4];
+    tc_load_a<D>(qa, q16, b, h, heads, lq, r0, qd);
+    tc_load_a<D>(ga, do16, b, h, heads, lq, r0, qd);
+    tc_load_a<D>(oa, o16, b, h, heads, lq, r0, qd);
+    // D_i = dO_i·O_i from the fragments (a quad holds a row's D columns between its 4 lanes).
+    float di[2] = {0.f, 0.f};
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const unsigned x = ga[ks][e], y = oa[ks][e];
+            di[e & 1] += bf16_lo(x) * bf16_lo(y) + bf16_hi(x) * bf16_hi(y);
+        }
+    float l2[2];
+    bool live[2];  // the row exists and saw a key (a row that saw none has dS = 0)
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        di[rr] += __shfl_xor_sync(kFullMask, di[rr], 1);
+        di[rr] += __shfl_xor_sync(kFullMask, di[rr], 2);
+        const int i = rr == 0 ? r0 : r1;
+        const float ls = i < lq ? lse[(long long)bh * lq + i] : INFINITY;
+        live[rr] = ls != INFINITY;
+        l2[rr] = ls * kLog2e;
+    }
+    const unsigned rk0 = attn_row_key(ma, b, r0), rk1 = attn_row_key(ma, b, r1);
+    const unsigned thr = vis_threshold(ma.p);
+    const float sl2 = scale * kLog2e;
+    float acc[OT][4];
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot) acc[ot][0] = acc[ot][1] = acc[ot][2] = acc[ot][3] = 0.f;
+    const int tiles = (lk + kTcKeys - 1) / kTcKeys;
+    for (int t = 0; t < tiles; ++t) {
+        const int j0 = t * kTcKeys;
+        __syncthreads();  // the previous tile's readers are done
+        tc_load_tile<D, LDS>(sk, k16, b, h, heads, lk, j0, kTcKeys);
+        tc_load_tile<D, LDS>(sv, v16, b, h, heads, lk, j0, kTcKeys);
+        for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
+            const int j = j0 + r;
+            const long long bj = (long long)b * lk + j;
+            skey[r] = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[bj]) ? 1 : 0;
+            sword[r] = (ma.mode == 1 && j < lk) ? ma.words[bj] * 0x85EBCA6Bu : 0u;
+        }
+        __syncthreads();
+        float s[NT][4], dp[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+        tc_mm_abt<D, NT, LDS>(s, qa, sk, lane);
+        tc_mm_abt<D, NT, LDS>(dp, ga, sv, lane);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = nt * 8 + 2 * qd + (e & 1), j = j0 + c, rr = e >> 1;
+                const int i = rr == 0 ? r0 : r1;
+                const int st = skey[c];
+                bool vis = live[rr] && st == 0;
+                if (ma.mode == 1 && vis)
+                    vis = j != i && (j == 0 || vis_keep(rr == 0 ? rk0 : rk1, sword[c], thr));
+                float ds = 0.f;
+                if (vis) {
+                    const float p = exp2f(s[nt][e] * sl2 - l2[rr]);
+                    const float md = ma.drop_p > 0.f ? attn_drop(ma, bh, i, j, lq, lk) : 1.f;
+                    ds = p * (md * dp[nt][e] - di[rr]) * scale;
+                }
+                s[nt][e] = ds;
+            }
+        tc_mm_pb<D, kTcKeys / 16, LDS>(acc, s, sk, lane);
+    }
+    tc_store_c<D>(reinterpret_cast<unsigned short*>(dq), acc, b, h, heads, lq, r0, qd);
+}
+
+template <int D>
+__device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
+    const bf16* __restrict__ q, const bf16* __restrict__ k, const bf16* __restrict__ v,
+    const bf16* __restrict__ o, const float* __restrict__ lse, const bf16* __restrict__ dout,
+    bf16* __restrict__ dk, bf16* __restrict__ dv, int heads, int lq, int lk, float scale,
+    const AttnMaskArgs ma) {
+    constexpr int KS = D / 16, NT = kTcBwdQ / 8, OT = D / 8, LDS = D + 8;
+    alignas(16) __shared__ unsigned short sq[kTcBwdQ * LDS];
+    alignas(16) __shared__ unsigned short sdo[kTcBwdQ * LDS];
+    __shared__ float sl2[kTcBwdQ], sdi[kTcBwdQ];
+    __shared__ unsigned srk[kTcBwdQ];
+    const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
+    const int r0 = blockIdx.x * kTcRows + warp * 16 + g;  // this thread's keys: r0, r0 + 8
+    const long long w = (long long)heads * D;
+    const unsigned short* q16 = reinterpret_cast<const unsigned short*>(q);
+    const unsigned short* k16 = reinterpret_cast<const unsigned short*>(k);
+    const unsigned short* v16 = reinterpret_cast<const unsigned short*>(v);
+    const unsigned short* o16 = reinterpret_cast<const unsigned short*>(o);
+    const unsigned short* do16 = reinterpret_cast<const unsigned short*>(dout);
+    unsigned ka[KS][4], va[KS][4];
+    tc_load_a<D>(ka, k16, b, h, heads, lk, r0, qd);
+    tc_load_a<D>(va, v16, b, h, heads, lk, r0, qd);
+    // Per key of this thread: in range and not padding; the two-stream word multiplier.
+    bool kok[2];
+    unsigned wm[2];
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+        const int j = r0 + 8 * rr;
+        const long long bj = (long long)b * lk + j;
+        kok[rr] = j < lk && !(ma.key_mask && !ma.key_mask[bj]);
+        wm[rr] = (ma.mode == 1 && j < lk) ? ma.words[bj] * 0x85EBCA6Bu : 0u;
+    }
+    const unsigned thr = vis_threshold(ma.p);
+    const float qmul = scale * kLog2e, inv_lk = 1.f / lk;
+    float gk[OT][4], gv[OT][4];
+#pragma unroll
+    for (int ot = 0; ot < OT; ++ot)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) gk[ot][e] = gv[ot][e] = 0.f;
+    const int tiles = (lq + kTcBwdQ - 1) / kTcBwdQ;
+    for (int t = 0; t < tiles; ++t) {
+        const int i0 = t * kTcBwdQ;
+        __syncthreads();
+        tc_load_tile<D, LDS>(sq, q16, b, h, heads, lq, i0, kTcBwdQ);
+        tc_load_tile<D, LDS>(sdo, do16, b, h, heads, lq, i0, kTcBwdQ);
+        __syncthreads();
+        // D_i, lse·log2e and the mask key of this tile's rows: warp w takes rows w, w + 4, ...
+        for (int row = warp; row < kTcBwdQ; row += kAttnWarps) {
+            const int i = i0 + row;
+            float part = 0.f;
+            if (i < lq) {
+                const unsigned short* orow = o16 + ((long long)b * lq + i) * w + (long long)h * D;
+                for (int d = lane; d < D; d += 32)
+                    part += bf16_lo((unsigned)sdo[row * LDS + d]) * bf16_lo((unsigned)orow[d]);
+            }
+            part = warp_sum(part);
+            if (lane == 0) {
+                sdi[row] = part;
+                sl2[row] = i < lq ? lse[(long long)bh * lq + i] * kLog2e : 0.f;
+                srk[row] = attn_row_key(ma, b, i);
+            }
+        }
+        __syncthreads();
+        float st[NT][4], dpt[NT][4];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+        tc_mm_abt<D, NT, LDS>(st, ka, sq, lane);
+        tc_mm_abt<D, NT, LDS>(dpt, va, sdo, lane);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = nt * 8 + 2 * qd + (e & 1), i = i0 + c, rr = e >> 1;
+                const int j = r0 + 8 * rr;
+                float pm = 0.f, ds = 0.f;
+                if (i < lq && j < lk) {
+                    const float l2 = sl2[c];
+                    const float md = ma.drop_p > 0.f ? attn_drop(ma, bh, i, j, lq, lk) : 1.f;
+                    if (l2 == INFINITY) {
+                        pm = inv_lk * md;
+                    } else {
+                        bool vis = kok[rr];
+                        if (ma.mode == 1 && vis)
+                            vis = j != i && (j == 0 || vis_keep(srk[c], wm[rr], thr));
+                        if (vis) {
+                            const float p = exp2f(st[nt][e] * qmul - l2);
+                            pm = p * md;
+                            ds = p * (md * dpt[nt][e] - sdi[c]) * scale;
+                        }
+                    }
+                }
+                st[nt][e] = pm;
+                dpt[nt][e] = ds;
+            }
+        tc_mm_pb<D, kTcBwdQ / 16, LDS>(gv, st, sdo, lane);
+        tc_mm_pb<D, kTcBwdQ / 16, LDS>(gk, dpt, sq, lane);
+    }
+    tc_store_c<D>(reinterpret_cast<unsigned short*>(dk), gk, b, h, heads, lk, r0, qd);
+    tc_store_c<D>(reinterpret_cast<unsigned short*>(dv), gv, b, h, heads, lk, r0, qd);
+}
+
 }  // namespace r3
 
 using r3::bf16;
@@ -674,6 +971,20 @@ R3_ATTN_TC_KERNEL(32)
 R3_ATTN_TC_KERNEL(64)
 R3_ATTN_TC_KERNEL(128)
 
+#define R3_ATTN_TC_BWD_KERNELS(DIM)                                                              \
+    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dq_tc_d##DIM##_bf16(         \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* o, const float* lse,           \
+        const bf16* dout, bf16* dq, R3_ATTN_MASK_PARAMS) {                                       \
+        r3::attention_bwd_dq_tc_impl<DIM>(q, k, v, o, lse, dout, dq, R3_ATTN_MASK_ARGS);         \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkdv_tc_d##DIM##_bf16(       \
+        const bf16* q, const bf16* k, const bf16* v, const bf16* o, const float* lse,           \
+        const bf16* dout, bf16* dk, bf16* dv, R3_ATTN_MASK_PARAMS) {                             \
+        r3::attention_bwd_dkdv_tc_impl<DIM>(q, k, v, o, lse, dout, dk, dv, R3_ATTN_MASK_ARGS);   \
+    }
+R3_ATTN_TC_BWD_KERNELS(32)
+R3_ATTN_TC_BWD_KERNELS(64)
+
 R3_ATTN_KERNELS(32, float, f32)
 R3_ATTN_KERNELS(64, float, f32)
 R3_ATTN_KERNELS(128, float, f32)
@@ -681,6 +992,10 @@ R3_ATTN_KERNELS(32, bf16, bf16)
 R3_ATTN_KERNELS(64, bf16, bf16)
 R3_ATTN_KERNELS(128, bf16, bf16)
 
+R3_EMU_EXPORT(attention_bwd_dq_tc_d32_bf16)
+R3_EMU_EXPORT(attention_bwd_dq_tc_d64_bf16)
+R3_EMU_EXPORT(attention_bwd_dkdv_tc_d32_bf16)
+R3_EMU_EXPORT(attention_bwd_dkdv_tc_d64_bf16)
 R3_EMU_EXPORT(attention_fwd_tc_twostream_d32_bf16)
 R3_EMU_EXPORT(attention_fwd_tc_twostream_d64_bf16)
 R3_EMU_EXPORT(attention_fwd_tc_twostream_d128_bf16)

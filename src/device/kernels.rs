@@ -847,12 +847,51 @@ pub unsafe fn attention_fwd_with(
 
 /// Fused attention backward (`cpu::attention::attention_bwd`): from q, k, v, the forward's out
 /// and lse, and dout, assigns dq [B, Lq, H*D] and dk, dv [B, Lk, H*D]. Two deterministic launches
-/// (dq row-major, dk/dv key-major; no atomics), no scratch memory.
+/// (dq row-major, dk/dv key-major; no atomics), no scratch memory. bf16 at head dims 32 and 64
+/// runs on tensor cores, everything else on CUDA cores.
 ///
 /// # Safety
 /// See the module documentation and [`attention_fwd`].
+#[allow(clippy::too_many_arguments)]
 pub unsafe fn attention_bwd(
     l: &dyn Launcher,
+    dt: KDType,
+    q: DevPtr,
+    k: DevPtr,
+    v: DevPtr,
+    out: DevPtr,
+    lse: DevPtr,
+    dout: DevPtr,
+    dq: DevPtr,
+    dk: DevPtr,
+    dv: DevPtr,
+    mask: AttnKernelMask,
+    d: &AttnDims,
+    scale: f32,
+    drop: Option<AttnDropout>,
+) -> Result<()> {
+    let imp = if dt == KDType::BF16 && matches!(d.head_dim, 32 | 64) {
+        AttnImpl::TensorCores
+    } else {
+        AttnImpl::CudaCores
+    };
+    // SAFETY: forwarded contract.
+    unsafe {
+        attention_bwd_with(
+            l, imp, dt, q, k, v, out, lse, dout, dq, dk, dv, mask, d, scale, drop,
+        )
+    }
+}
+
+/// [`attention_bwd`] with the kernels chosen by the caller (selftest and benchmarks run both):
+/// tensor cores take bf16 at head dims 32 and 64 (`attention_bwd_{dq,dkdv}_tc_d{D}_bf16`).
+///
+/// # Safety
+/// As [`attention_bwd`].
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn attention_bwd_with(
+    l: &dyn Launcher,
+    imp: AttnImpl,
     dt: KDType,
     q: DevPtr,
     k: DevPtr,
@@ -871,17 +910,48 @@ pub unsafe fn attention_bwd(
     if d.batch == 0 || d.heads == 0 || (d.q_len == 0 && d.k_len == 0) {
         return Ok(());
     }
+    let tc = imp != AttnImpl::CudaCores;
+    if tc && (dt != KDType::BF16 || !matches!(d.head_dim, 32 | 64)) {
+        return Err(Error::Unsupported {
+            op: format!(
+                "tensor-core attention backward with {} storage at head dim {} (bf16, 32 or 64)",
+                dt.suffix(),
+                d.head_dim
+            ),
+            device: "cuda/emu".into(),
+        });
+    }
     if d.q_len > 0 {
         let ptrs = [q, k, v, out, lse, dout, dq];
-        let (cfg, mut a) = attn_launch(&ptrs, d.q_len, d, scale, mask, drop)?;
-        let op = format!("attention_bwd_dq_d{}", d.head_dim);
-        l.launch(&name(&op, dt), &cfg, &mut a)?;
+        let (mut cfg, mut a) = attn_launch(&ptrs, d.q_len, d, scale, mask, drop)?;
+        if tc {
+            // 4 warps x 16 query rows per block (kernels/attention.cu, kTcRows).
+            cfg.grid[0] = blocks(d.q_len, 64, u32::MAX);
+            l.launch(
+                &format!("attention_bwd_dq_tc_d{}_bf16", d.head_dim),
+                &cfg,
+                &mut a,
+            )?;
+        } else {
+            let op = format!("attention_bwd_dq_d{}", d.head_dim);
+            l.launch(&name(&op, dt), &cfg, &mut a)?;
+        }
     }
     if d.k_len > 0 {
         let ptrs = [q, k, v, out, lse, dout, dk, dv];
-        let (cfg, mut a) = attn_launch(&ptrs, d.k_len, d, scale, mask, drop)?;
-        let op = format!("attention_bwd_dkdv_d{}", d.head_dim);
-        l.launch(&name(&op, dt), &cfg, &mut a)?;
+        let (mut cfg, mut a) = attn_launch(&ptrs, d.k_len, d, scale, mask, drop)?;
+        if tc {
+            // 4 warps x 16 keys per block.
+            cfg.grid[0] = blocks(d.k_len, 64, u32::MAX);
+            l.launch(
+                &format!("attention_bwd_dkdv_tc_d{}_bf16", d.head_dim),
+                &cfg,
+                &mut a,
+            )?;
+        } else {
+            let op = format!("attention_bwd_dkdv_d{}", d.head_dim);
+            l.launch(&name(&op, dt), &cfg, &mut a)?;
+        }
     }
     Ok(())
 }

@@ -270,40 +270,49 @@ pub fn kernels_streaming(
                     flops,
                 ));
             }
-            // The backward (CUDA cores, ~5 TFLOP/s) at the two shortest lengths only: the longer
-            // ones take most of a lease's minutes.
-            if !cfg.quick && sl > 1024 {
-                continue;
-            }
-            let s_b = time(dev, 1, it, || {
-                // SAFETY: as the forward, plus dout, dq, dk, dv of the same size.
-                unsafe {
-                    k::attention_bwd(
-                        dev,
-                        bf,
-                        q.ptr(),
-                        kk.ptr(),
-                        v.ptr(),
-                        o.ptr(),
-                        lse.ptr(),
-                        dout.ptr(),
-                        dq.ptr(),
-                        dk.ptr(),
-                        dv.ptr(),
-                        mask,
-                        &dims,
-                        scale,
-                        None,
-                    )
+            // The backward: tensor cores at every length; the CUDA-core one (~6 TFLOP/s, for
+            // comparison in the same run) at the two shortest only, the longer ones would take
+            // most of a lease's minutes.
+            for (bwd, imp) in [
+                ("bwd", k::AttnImpl::TensorCores),
+                ("bwdcc", k::AttnImpl::CudaCores),
+            ] {
+                if imp == k::AttnImpl::CudaCores && !cfg.quick && sl > 1024 {
+                    continue;
                 }
-            })?;
-            // FlashAttention's convention: the backward does 2.5x the forward's matmul FLOPs. The
-            // forward here is the tensor-core one, the backward still on CUDA cores.
-            rows.push(flop_row(
-                format!("{devname}_attention_fwd_tc_bwd{tag}_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
-                s_f + s_b,
-                3.5 * flops,
-            ));
+                let s_b = time(dev, 1, it, || {
+                    // SAFETY: as the forward, plus dout, dq, dk, dv of the same size.
+                    unsafe {
+                        k::attention_bwd_with(
+                            dev,
+                            imp,
+                            bf,
+                            q.ptr(),
+                            kk.ptr(),
+                            v.ptr(),
+                            o.ptr(),
+                            lse.ptr(),
+                            dout.ptr(),
+                            dq.ptr(),
+                            dk.ptr(),
+                            dv.ptr(),
+                            mask,
+                            &dims,
+                            scale,
+                            None,
+                        )
+                    }
+                })?;
+                // FlashAttention's convention: the backward does 2.5x the forward's matmul
+                // FLOPs; the row is the tensor-core forward plus this backward.
+                rows.push(flop_row(
+                    format!(
+                        "{devname}_attention_fwd_tc_{bwd}{tag}_bf16_b{batch}_s{sl}_h{heads}_d{d}"
+                    ),
+                    s_f + s_b,
+                    3.5 * flops,
+                ));
+            }
         }
     }
     // GEMM: the FFN up-projection of a bge-m3 layer over 16k tokens.

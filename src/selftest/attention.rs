@@ -251,44 +251,64 @@ fn attention<T: Store>(c: &mut Ctx, cs: &Case) {
             Ok(())
         });
     }
-    c.check(&bdq, &shape, |c| {
-        let (bq, bk, bv) = (c.up(&q)?, c.up(&k)?, c.up(&v)?);
-        let (bo, bl, bd) = (c.up(&out_s)?, c.up(&lse)?, c.up(&dout)?);
-        let (bm, bw) = (c.up(&key_mask)?, c.up(&words)?);
-        let (gq, gk, gv) = (
-            c.zeros::<T>(q.len())?,
-            c.zeros::<T>(k.len())?,
-            c.zeros::<T>(v.len())?,
-        );
-        let km = kernel_mask(cs, &bm, &bw, &ts);
-        // SAFETY: as the forward, plus dout/dq [B, Lq, H*D] and dk/dv [B, Lk, H*D].
-        unsafe {
-            kernels::attention_bwd(
-                c.dev,
-                T::DT,
-                bq.ptr,
-                bk.ptr,
-                bv.ptr,
-                bo.ptr,
-                bl.ptr,
-                bd.ptr,
-                gq.ptr,
-                gk.ptr,
-                gv.ptr,
-                km,
-                &d,
-                scale,
-                drop,
-            )?
+    let mut bwd_kernels = vec![(bdq.clone(), bdkv.clone(), kernels::AttnImpl::CudaCores)];
+    if T::DT == KDType::BF16 && matches!(d.head_dim, 32 | 64) {
+        bwd_kernels.push((
+            format!("attention_bwd_dq_tc_d{}_bf16", d.head_dim),
+            format!("attention_bwd_dkdv_tc_d{}_bf16", d.head_dim),
+            kernels::AttnImpl::TensorCores,
+        ));
+    }
+    for (bdq, bdkv, imp) in bwd_kernels {
+        // Tensor cores round P and dS to bf16 before their products (as FlashAttention does).
+        let tol = if imp == kernels::AttnImpl::CudaCores {
+            T::TOL
+        } else {
+            Tol {
+                atol: 1e-2,
+                ..T::TOL
+            }
         };
-        let got = c.down::<T>(&gq, q.len())?;
-        c.cmp(&bdq, &shape, "dq", &got, &dq, T::TOL.with_floor(DS_ABS));
-        let got = c.down::<T>(&gk, k.len())?;
-        c.cmp(&bdkv, &shape, "dk", &got, &dk, T::TOL.with_floor(DS_ABS));
-        let got = c.down::<T>(&gv, v.len())?;
-        c.cmp(&bdkv, &shape, "dv", &got, &dv, T::TOL);
-        Ok(())
-    });
+        c.check(&bdq, &shape, |c| {
+            let (bq, bk, bv) = (c.up(&q)?, c.up(&k)?, c.up(&v)?);
+            let (bo, bl, bd) = (c.up(&out_s)?, c.up(&lse)?, c.up(&dout)?);
+            let (bm, bw) = (c.up(&key_mask)?, c.up(&words)?);
+            let (gq, gk, gv) = (
+                c.zeros::<T>(q.len())?,
+                c.zeros::<T>(k.len())?,
+                c.zeros::<T>(v.len())?,
+            );
+            let km = kernel_mask(cs, &bm, &bw, &ts);
+            // SAFETY: as the forward, plus dout/dq [B, Lq, H*D] and dk/dv [B, Lk, H*D].
+            unsafe {
+                kernels::attention_bwd_with(
+                    c.dev,
+                    imp,
+                    T::DT,
+                    bq.ptr,
+                    bk.ptr,
+                    bv.ptr,
+                    bo.ptr,
+                    bl.ptr,
+                    bd.ptr,
+                    gq.ptr,
+                    gk.ptr,
+                    gv.ptr,
+                    km,
+                    &d,
+                    scale,
+                    drop,
+                )?
+            };
+            let got = c.down::<T>(&gq, q.len())?;
+            c.cmp(&bdq, &shape, "dq", &got, &dq, tol.with_floor(DS_ABS));
+            let got = c.down::<T>(&gk, k.len())?;
+            c.cmp(&bdkv, &shape, "dk", &got, &dk, tol.with_floor(DS_ABS));
+            let got = c.down::<T>(&gv, v.len())?;
+            c.cmp(&bdkv, &shape, "dv", &got, &dv, tol);
+            Ok(())
+        });
+    }
 }
 
 fn kernel_mask(
