@@ -845,10 +845,19 @@ pub unsafe fn attention_fwd_with(
     }
 }
 
+/// Whether [`attention_bwd`] runs the tensor-core kernels for bf16 at head dims 32 and 64. They
+/// pass every selftest row on the emulated device (which runs their .cu source with mma.sync and
+/// ldmatrix emulated from the same registers and addresses) but have not yet run on a GPU (the
+/// session that wrote them lost its device loan before the call): the training paths keep the
+/// CUDA-core backward until `selftest --device cuda` has shown their rows pass
+/// (docs/gpu-log.md). The selftest and `bench kernels` run both regardless.
+pub const TC_BACKWARD_BY_DEFAULT: bool = false;
+
 /// Fused attention backward (`cpu::attention::attention_bwd`): from q, k, v, the forward's out
 /// and lse, and dout, assigns dq [B, Lq, H*D] and dk, dv [B, Lk, H*D]. Two deterministic launches
-/// (dq row-major, dk/dv key-major; no atomics), no scratch memory. bf16 at head dims 32 and 64
-/// runs on tensor cores, everything else on CUDA cores.
+/// (dq row-major, dk/dv key-major; no atomics), no scratch memory. On CUDA cores until the
+/// tensor-core backward ([`AttnImpl::TensorCores`] via [`attention_bwd_with`], bf16 at head dims
+/// 32 and 64) has passed the selftest on a GPU ([`TC_BACKWARD_BY_DEFAULT`]).
 ///
 /// # Safety
 /// See the module documentation and [`attention_fwd`].
@@ -870,7 +879,7 @@ pub unsafe fn attention_bwd(
     scale: f32,
     drop: Option<AttnDropout>,
 ) -> Result<()> {
-    let imp = if dt == KDType::BF16 && matches!(d.head_dim, 32 | 64) {
+    let imp = if TC_BACKWARD_BY_DEFAULT && dt == KDType::BF16 && matches!(d.head_dim, 32 | 64) {
         AttnImpl::TensorCores
     } else {
         AttnImpl::CudaCores
