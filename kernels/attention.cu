@@ -771,9 +771,7 @@ __device__ __forceinline__ void attention_bwd_dq_tc_impl(
     const unsigned rk0 = attn_row_key(ma, b, r0), rk1 = attn_row_key(ma, b, r1);
     const unsigned thr = vis_threshold(ma.p);
     const float sl2 = scale * kLog2e;
-    float acc[OT][4];
-#pragma unroll
-    for (int ot = 0; ot < OT; ++ot) acc[ot][0] = acc[ot][1] = acc[ot][2] = acc[ot][3] = 0.f;
+    float acc[OT][4] = {};
     const int tiles = (lk + kTcKeys - 1) / kTcKeys;
     for (int t = 0; t < tiles; ++t) {
         const int j0 = t * kTcKeys;
@@ -787,11 +785,7 @@ __device__ __forceinline__ void attention_bwd_dq_tc_impl(
             sword[r] = (ma.mode == 1 && j < lk) ? ma.words[bj] * 0x85EBCA6Bu : 0u;
         }
         __syncthreads();
-        float s[NT][4], dp[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+        float s[NT][4] = {}, dp[NT][4] = {};
         tc_mm_abt<D, NT, LDS>(s, qa, sk, lane);
         tc_mm_abt<D, NT, LDS>(dp, ga, sv, lane);
 #pragma unroll
@@ -852,11 +846,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
     }
     const unsigned thr = vis_threshold(ma.p);
     const float qmul = scale * kLog2e, inv_lk = 1.f / lk;
-    float gk[OT][4], gv[OT][4];
-#pragma unroll
-    for (int ot = 0; ot < OT; ++ot)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) gk[ot][e] = gv[ot][e] = 0.f;
+    float gk[OT][4] = {}, gv[OT][4] = {};
     const int tiles = (lq + kTcBwdQ - 1) / kTcBwdQ;
     for (int t = 0; t < tiles; ++t) {
         const int i0 = t * kTcBwdQ;
@@ -881,11 +871,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
             }
         }
         __syncthreads();
-        float st[NT][4], dpt[NT][4];
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+        float st[NT][4] = {}, dpt[NT][4] = {};
         tc_mm_abt<D, NT, LDS>(st, ka, sq, lane);
         tc_mm_abt<D, NT, LDS>(dpt, va, sdo, lane);
 #pragma unroll

@@ -21,6 +21,7 @@
 #              the time runs out); MAXBATCH=0 skips it
 #   quickstart retrom3 quickstart --device cuda: RetroMAE pre-training and M3 fine-tuning with the
 #              encoder (and its AdamW) on the GPU, then evaluation; QUICKSTART=0 skips it
+#   profile    (PROFILE=1 only) ncu on the tensor-core attention kernels at S=512, one launch each
 # Env: OUT (logs), SEED, BUDGET (seconds, default 470), SANITIZE=0 skips the two sanitizer steps
 # (SANITIZE=memcheck or racecheck runs that one only), TORCH=0 skips the PyTorch baseline, QS_LIMIT
 # caps the quickstart step (seconds, default 240), QS_PRETRAIN_STEPS / QS_FINETUNE_STEPS shorten it.
@@ -127,6 +128,23 @@ if [ -f "$OUT/kernels.log" ]; then
 fi
 run_step model 80 "$BIN" bench model --device cuda --batch 32 --seq 512 --iters 3 --json "$OUT/model.jsonl"
 finish_step model "$(grep -E '^cuda_' "$OUT/model.log" | awk '{printf "%s %s tok/s; ", $1, $NF}' | sed 's/_l24_h1024//g' | cut -c1-300)"
+
+# ---- optional: Nsight Compute on the tensor-core attention kernels (PROFILE=1) --------------------
+# One launch of each at S = 512 after its warm-up: plain and two-stream forward (4-head blocks and
+# one head per block), dQ and dK/dV backward. Clocks are left alone (--clock-control none).
+if [ "${PROFILE:-0}" = 1 ]; then
+  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -z "$NCU" ]; then
+    row profile SKIP 0 "ncu not found"
+  else
+    run_step profile 150 "$NCU" --clock-control none \
+      --kernel-name regex:'attention_(fwd|bwd_dq|bwd_dkdv)_tc' --launch-count 14 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+      --section InstructionStats --section MemoryWorkloadAnalysis \
+      "$BIN" bench kernels --device cuda --attention-only --seq-lens 512 --iters 1
+    finish_step profile "$(grep -cE '^  attention_' "$OUT/profile.log" 2>/dev/null) kernel reports in profile.log"
+  fi
+fi
 
 # ---- PyTorch SDPA baseline --------------------------------------------------------------------------
 if [ "${TORCH:-1}" = 0 ]; then

@@ -89,6 +89,13 @@ pub struct BenchKernelsArgs {
     /// Timed launches per op.
     #[arg(long, default_value_t = 10)]
     pub iters: usize,
+    /// Only the attention rows (for a profiler run).
+    #[arg(long)]
+    pub attention_only: bool,
+    /// Attention sequence lengths, comma-separated (each must divide the batch's 16,384 tokens,
+    /// 256 with --quick; default 512,1024,2048,4096,8192).
+    #[arg(long, value_delimiter = ',')]
+    pub seq_lens: Option<Vec<usize>>,
     /// Also write one JSON object per op to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -219,6 +226,8 @@ fn kernels(a: BenchKernelsArgs) -> Result<()> {
         quick: a.quick,
         iters: a.iters,
         card: Some(card),
+        attention_only: a.attention_only,
+        seq_lens: a.seq_lens,
     };
     print_header();
     let rows = bench::kernels_streaming(&*dev, &cfg, &mut print_row)?;

@@ -9,7 +9,7 @@ use crate::device::cpu::attention::AttnDims;
 use crate::device::cpu::gemm::Trans;
 use crate::device::kernels::{self as k, AdamWStep, AttnKernelMask};
 use crate::device::launch::{DevPtr, DeviceGemm, KDType, KernelDevice};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::config::EncoderConfig;
 use crate::model::encoder::{Encoder, EncoderInput};
 use crate::model::params::ParamSet;
@@ -85,6 +85,10 @@ pub struct KernelBenchCfg {
     pub iters: usize,
     /// Card name for the peak table (None: no peak ratio for TFLOP/s).
     pub card: Option<String>,
+    /// Only the attention rows (e.g. under a profiler).
+    pub attention_only: bool,
+    /// The attention sequence lengths (None: the default list).
+    pub seq_lens: Option<Vec<usize>>,
 }
 
 fn fill(dev: &dyn KernelDevice, n: usize, dt: KDType, seed: u64) -> Result<DBuf> {
@@ -179,11 +183,16 @@ pub fn kernels_streaming(
     } else {
         (16384, 16, 64)
     };
-    let seqs: &[usize] = if cfg.quick {
-        &[64, 128]
-    } else {
-        &[512, 1024, 2048, 4096, 8192]
+    let seqs: &[usize] = match &cfg.seq_lens {
+        Some(s) => s,
+        None if cfg.quick => &[64, 128],
+        None => &[512, 1024, 2048, 4096, 8192],
     };
+    if let Some(&sl) = seqs.iter().find(|&&sl| sl == 0 || tokens % sl != 0) {
+        return Err(Error::invalid(format!(
+            "attention sequence length {sl}: must divide the {tokens} tokens of a batch"
+        )));
+    }
     for &sl in seqs {
         let batch = tokens / sl;
         let w = heads * d;
@@ -314,6 +323,9 @@ pub fn kernels_streaming(
                 ));
             }
         }
+    }
+    if cfg.attention_only {
+        return Ok(rows.rows);
     }
     // GEMM: the FFN up-projection of a bge-m3 layer over 16k tokens.
     let (m, kd, n) = if cfg.quick {

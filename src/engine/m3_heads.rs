@@ -649,7 +649,8 @@ impl HeadGradBufs {
     }
 }
 
-/// dh[b, 0, :] += dcls[b, :] for every text b.
+/// dh[b, 0, :] += dcls[b, :] for every text b: one upload of dcls in dh's type, then one
+/// `add_bias` launch per row (no read-back, no host synchronisation).
 fn add_cls_rows(
     dev: &dyn KernelDevice,
     dh: &DBuf,
@@ -658,31 +659,26 @@ fn add_cls_rows(
     len: usize,
     hidden: usize,
 ) -> Result<()> {
-    if dcls.len() != batch * hidden {
+    if dcls.len() != batch * hidden || dh.len() < batch * len * hidden {
         return Err(Error::shape(
             "device heads: [CLS] gradient",
             &[batch, hidden],
             &[dcls.len()],
         ));
     }
-    let rows: Vec<u32> = (0..batch).map(|i| (i * len) as u32).collect();
-    let cur = gather_rows(dev, dh, &rows, hidden)?;
-    let cur = cur.to_f32(dev)?;
+    let g = DBuf::from_f32(dev, dcls, dh.dtype())?;
     for b in 0..batch {
-        let row: Vec<f32> = cur[b * hidden..][..hidden]
-            .iter()
-            .zip(&dcls[b * hidden..][..hidden])
-            .map(|(a, g)| a + g)
-            .collect();
-        let bytes: Vec<u8> = match dh.dtype() {
-            KDType::F32 => bytemuck::cast_slice(&row).to_vec(),
-            KDType::BF16 => {
-                let v: Vec<half::bf16> = row.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                bytemuck::cast_slice(&v).to_vec()
-            }
+        // SAFETY: row b · len of dh and row b of g hold `hidden` elements of dh's type.
+        unsafe {
+            k::add_bias(
+                dev,
+                dh.dtype(),
+                dh.at(b * len * hidden),
+                g.at(b * hidden),
+                1,
+                hidden,
+            )?
         };
-        // SAFETY: row b · len of dh holds `hidden` elements of its type.
-        unsafe { dev.write(dh.at(b * len * hidden), &bytes)? };
     }
     Ok(())
 }
