@@ -338,8 +338,19 @@ fn bad_corpora_are_clear_errors() {
 
 #[test]
 fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
-    let out = tmp("nan");
-    let mut m = model_of(5, 32, 0.0);
+    diverge_and_check(retrom3::Device::Cpu, model_of(5, 32, 0.0), "nan");
+}
+
+/// The same on the emulated device (the whole step there: the LM head's cross-entropy or the
+/// device optimizer's gradient norm reports the non-finite value).
+#[cfg(feature = "emu")]
+#[test]
+fn non_finite_loss_on_the_device_stops_and_keeps_the_last_good_checkpoint() {
+    diverge_and_check(retrom3::Device::Emu, model_of(5, 64, 0.0), "nan-emu");
+}
+
+fn diverge_and_check(device: retrom3::Device, mut m: RetroMae, tag: &str) {
+    let out = tmp(tag);
     // A divergent learning rate: the first update makes the weights huge, a later loss or
     // gradient is not finite.
     let cfg = PretrainConfig {
@@ -348,7 +359,17 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
         max_grad_norm: None,
         ..config(6, Some(1))
     };
-    let e = err_of(run_pretrain(&mut m, &corpus(), &cfg, &out));
+    let e = err_of(retrom3::train::retromae::pretrain_on(
+        device,
+        &mut m,
+        &corpus(),
+        &vocab(40),
+        &cfg,
+        &tok_dir(),
+        &out,
+        None,
+        &mut |_, _, _, _, _| {},
+    ));
     let rows = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let done = rows.lines().count() as u64;
     assert!((1..6).contains(&done), "{done} steps logged");
