@@ -272,7 +272,33 @@ pub fn retromae_step(
         seed: batch.mask_seed,
     };
     let lf = denc.cross_layer_fwd(dev, dec_w, (&query, &content), (b, l), mask, ddrop, 2)?;
-    let (l_dec, dy) = lm_head_loss(dev, &lm, &lmg, &lf.y, &batch.dec_labels, g, eps, chunk)?;
+    // The LM head over the labelled rows only (not padding, nor each text's first and last).
+    let dec_rows: Vec<u32> = (0..n)
+        .filter(|&i| batch.dec_labels[i] != IGNORE)
+        .map(|i| i as u32)
+        .collect();
+    let (l_dec, dy) = if dec_rows.len() == n {
+        lm_head_loss(dev, &lm, &lmg, &lf.y, &batch.dec_labels, g, eps, chunk)?
+    } else {
+        let m = dec_rows.len();
+        let ids = upload_pod(dev, &dec_rows)?;
+        let x = DBuf::uninit(dev, m * h, dt)?;
+        // SAFETY: y holds n × h; ids are row numbers < n; x holds m × h.
+        unsafe { k::gather_fwd(dev, dt, lf.y.ptr(), ids.ptr, x.ptr(), m, h, n)? };
+        let targets: Vec<i64> = dec_rows
+            .iter()
+            .map(|&r| batch.dec_labels[r as usize])
+            .collect();
+        let (loss, dx) = lm_head_loss(dev, &lm, &lmg, &x, &targets, g, eps, chunk)?;
+        let dy32 = DBuf::zeros(dev, n * h, KDType::F32)?;
+        let dy = DBuf::uninit(dev, n * h, dt)?;
+        // SAFETY: dx m × h; dy32 n × h f32 (ids < n); dy n × h of type dt.
+        unsafe {
+            k::gather_bwd(dev, dt, dx.ptr(), ids.ptr, dy32.ptr(), m, h, n, None)?;
+            k::cast_from_f32(dev, dt, dy32.ptr(), dy.ptr(), n * h)?;
+        }
+        (loss, dy)
+    };
 
     // Backward through the decoder layer.
     let (dquery, dcontent) =
