@@ -121,3 +121,25 @@ fn bad_launches_are_errors() {
     let err = unsafe { dev.launch("no_such_kernel", &cfg, &mut args) }.unwrap_err();
     assert!(err.to_string().contains("no_such_kernel"), "{err}");
 }
+
+/// `RETROM3_ATTN_BWD=tc` routes every bf16 attention backward at head dims 32 / 64 through the
+/// tensor-core kernels: the whole-model rows (device encoder, decoder layer, M3 and RetroMAE
+/// steps) then run them and must still pass; a bad value is a one-line error naming the variable.
+#[test]
+fn tensor_core_backward_in_the_whole_model_rows() {
+    let run = |v: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+            .args(["selftest", "--device", "emu", "--quick", "--seed", "19"])
+            .env("RETROM3_ATTN_BWD", v)
+            .output()
+            .expect("run retrom3")
+    };
+    let o = run("tc");
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.contains("rows passed"), "{out}");
+    let o = run("fast");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("RETROM3_ATTN_BWD=\"fast\""), "{err}");
+}

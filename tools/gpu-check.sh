@@ -15,6 +15,7 @@
 #   model      retrom3 bench model --device cuda: bge-m3-sized random encoder (24 x 1024, vocab
 #              250002), S=512, batch 32: encode, training forward+backward, one M3 step and one
 #              RetroMAE step (the whole pre-training step on the device), tokens/s
+#   model_tcbwd the same with RETROM3_ATTN_BWD=tc (tensor-core attention backward), if selftest passed
 #   torch      tools/torch_baseline.py: PyTorch SDPA at D=64, S=512..4096, B*S=16k tokens
 #   maxbatch   retrom3 bench max-batch --device cuda: largest M3 training batch, bge-m3 size,
 #              S=1024/4096/8192, whole vs sub-batches of 16 (20 s per cell: lower bounds when
@@ -128,6 +129,15 @@ if [ -f "$OUT/kernels.log" ]; then
 fi
 run_step model 80 "$BIN" bench model --device cuda --batch 32 --seq 512 --iters 3 --json "$OUT/model.jsonl"
 finish_step model "$(grep -E '^cuda_' "$OUT/model.log" | awk '{printf "%s %s tok/s; ", $1, $NF}' | sed 's/_l24_h1024//g' | cut -c1-300)"
+# The same with the tensor-core attention backward (RETROM3_ATTN_BWD=tc), once the selftest (whose
+# rows include the tensor-core backward kernels) passed in this call: side by side with `model`.
+if grep -q "rows passed" "$OUT/selftest.log" 2>/dev/null; then
+  run_step model_tcbwd 80 env RETROM3_ATTN_BWD=tc "$BIN" bench model --device cuda --batch 32 \
+    --seq 512 --iters 3 --json "$OUT/model_tcbwd.jsonl"
+  finish_step model_tcbwd "$(grep -E '^cuda_' "$OUT/model_tcbwd.log" | awk '{printf "%s %s tok/s; ", $1, $NF}' | sed 's/_l24_h1024//g' | cut -c1-300)"
+else
+  row model_tcbwd SKIP 0 "the selftest did not pass in this call"
+fi
 
 # ---- optional: Nsight Compute on the tensor-core attention kernels (PROFILE=1) --------------------
 # One launch of each at S = 512 after its warm-up: plain and two-stream forward (4-head blocks and

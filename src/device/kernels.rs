@@ -850,14 +850,34 @@ pub unsafe fn attention_fwd_with(
 /// ldmatrix emulated from the same registers and addresses) but have not yet run on a GPU (the
 /// session that wrote them lost its device loan before the call): the training paths keep the
 /// CUDA-core backward until `selftest --device cuda` has shown their rows pass
-/// (docs/gpu-log.md). The selftest and `bench kernels` run both regardless.
+/// (docs/gpu-log.md). The selftest and `bench kernels` run both regardless; the environment
+/// variable `RETROM3_ATTN_BWD=tc` (or `cc`) overrides the default for a run ([`tc_backward`]).
 pub const TC_BACKWARD_BY_DEFAULT: bool = false;
+
+/// Whether [`attention_bwd`] takes the tensor-core kernels where they apply:
+/// `RETROM3_ATTN_BWD` = `tc` or `cc` when set (read once per process), else
+/// [`TC_BACKWARD_BY_DEFAULT`]. Any other value is an error naming the variable.
+pub fn tc_backward() -> Result<bool> {
+    static CHOICE: std::sync::OnceLock<std::result::Result<bool, String>> =
+        std::sync::OnceLock::new();
+    CHOICE
+        .get_or_init(|| match std::env::var("RETROM3_ATTN_BWD") {
+            Err(_) => Ok(TC_BACKWARD_BY_DEFAULT),
+            Ok(v) if v == "tc" => Ok(true),
+            Ok(v) if v == "cc" => Ok(false),
+            Ok(v) => Err(format!(
+                "RETROM3_ATTN_BWD={v:?}: expected tc (tensor cores) or cc (CUDA cores)"
+            )),
+        })
+        .clone()
+        .map_err(Error::invalid)
+}
 
 /// Fused attention backward (`cpu::attention::attention_bwd`): from q, k, v, the forward's out
 /// and lse, and dout, assigns dq [B, Lq, H*D] and dk, dv [B, Lk, H*D]. Two deterministic launches
 /// (dq row-major, dk/dv key-major; no atomics), no scratch memory. On CUDA cores until the
 /// tensor-core backward ([`AttnImpl::TensorCores`] via [`attention_bwd_with`], bf16 at head dims
-/// 32 and 64) has passed the selftest on a GPU ([`TC_BACKWARD_BY_DEFAULT`]).
+/// 32 and 64) has passed the selftest on a GPU ([`TC_BACKWARD_BY_DEFAULT`], [`tc_backward`]).
 ///
 /// # Safety
 /// See the module documentation and [`attention_fwd`].
@@ -879,7 +899,7 @@ pub unsafe fn attention_bwd(
     scale: f32,
     drop: Option<AttnDropout>,
 ) -> Result<()> {
-    let imp = if TC_BACKWARD_BY_DEFAULT && dt == KDType::BF16 && matches!(d.head_dim, 32 | 64) {
+    let imp = if dt == KDType::BF16 && matches!(d.head_dim, 32 | 64) && tc_backward()? {
         AttnImpl::TensorCores
     } else {
         AttnImpl::CudaCores
