@@ -15,15 +15,7 @@ use retrom3::{EncoderConfig, Tensor};
 use std::path::{Path, PathBuf};
 
 fn vocab(n: usize) -> MaskingVocab {
-    MaskingVocab {
-        cls: 0,
-        eos: 2,
-        pad: 1,
-        mask: (n - 1) as u32,
-        vocab_size: n,
-        word_start: (0..n).map(|i| i < 5 || i % 3 != 0).collect(),
-        special: (0..n).map(|i| i < 4 || i == n - 1).collect(),
-    }
+    MaskingVocab::synthetic(n)
 }
 
 fn tiny_model(seed: u64) -> RetroMae {

@@ -26,6 +26,21 @@ pub struct MaskingVocab {
 }
 
 impl MaskingVocab {
+    /// A synthetic vocabulary of `n` ids (benchmarks, selftests, tests): XLM-R's specials
+    /// (0 `<s>`, 1 `<pad>`, 2 `</s>`, 3 `<unk>`) and `<mask>` = n - 1; ids below 5 and those not
+    /// divisible by 3 start a word, the others continue one.
+    pub fn synthetic(n: usize) -> MaskingVocab {
+        MaskingVocab {
+            cls: 0,
+            eos: 2,
+            pad: 1,
+            mask: n.saturating_sub(1) as u32,
+            vocab_size: n,
+            word_start: (0..n).map(|i| i < 5 || i % 3 != 0).collect(),
+            special: (0..n).map(|i| i < 4 || i + 1 == n).collect(),
+        }
+    }
+
     /// Derive from a tokenizer: WordPiece vocabularies (some token starts with "##") mark
     /// continuations by "##"; otherwise SentencePiece-style "▁" marks word starts.
     pub fn from_tokenizer(tok: &TextTokenizer) -> Result<MaskingVocab> {

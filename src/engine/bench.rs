@@ -797,16 +797,7 @@ fn retromae_row(
         .iter()
         .map(|t| DBuf::zeros(dev, t.numel(), KDType::F32))
         .collect::<Result<Vec<_>>>()?;
-    // Ids 0-3 special; one id in three continues a word.
-    let mv = MaskingVocab {
-        cls: 0,
-        eos: 2,
-        pad: 1,
-        mask: 3,
-        vocab_size: vocab,
-        word_start: (0..vocab).map(|i| i < 5 || i % 3 != 0).collect(),
-        special: (0..vocab).map(|i| i < 4).collect(),
-    };
+    let mv = MaskingVocab::synthetic(vocab);
     // make_batch adds [CLS] and [SEP]: seq - 2 content tokens per text.
     let docs: Vec<Vec<u32>> = (0..batch)
         .map(|b| {

@@ -282,16 +282,7 @@ pub fn step_rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<S
         let mut values = model.params.values()[..n_enc].to_vec();
         values.extend(rest);
         model.params.set_values(values)?;
-        // Ids 0-3 and the last are specials; every third id continues a word.
-        let mv = MaskingVocab {
-            cls: 0,
-            eos: 2,
-            pad: 1,
-            mask: (vocab - 1) as u32,
-            vocab_size: vocab,
-            word_start: (0..vocab).map(|i| i < 5 || i % 3 != 0).collect(),
-            special: (0..vocab).map(|i| i < 4 || i == vocab - 1).collect(),
-        };
+        let mv = MaskingVocab::synthetic(vocab);
         let docs: Vec<Vec<u32>> = lens
             .iter()
             .map(|&n| {
