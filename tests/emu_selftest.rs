@@ -136,7 +136,11 @@ fn tensor_core_backward_in_the_whole_model_rows() {
     };
     let o = run("tc");
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out}{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(out.contains("rows passed"), "{out}");
     let o = run("fast");
     let err = String::from_utf8_lossy(&o.stderr);
