@@ -20,8 +20,9 @@
 #   maxbatch   retrom3 bench max-batch --device cuda: largest M3 training batch, bge-m3 size,
 #              S=1024/4096/8192, whole vs sub-batches of 16 (20 s per cell: lower bounds when
 #              the time runs out); MAXBATCH=0 skips it
-#   quickstart retrom3 quickstart --device cuda: RetroMAE pre-training and M3 fine-tuning with the
-#              encoder (and its AdamW) on the GPU, then evaluation; QUICKSTART=0 skips it
+#   quickstart retrom3 quickstart --device cuda: RetroMAE pre-training (the whole step on the GPU)
+#              and M3 fine-tuning (encoder + heads on the GPU, losses on the host), then
+#              evaluation; QUICKSTART=0 skips it
 #   profile    (PROFILE=1 only) ncu on the tensor-core attention kernels at S=512, one launch each
 # Env: OUT (logs), SEED, BUDGET (seconds, default 470), SANITIZE=0 skips the two sanitizer steps
 # (SANITIZE=memcheck or racecheck runs that one only), TORCH=0 skips the PyTorch baseline, QS_LIMIT

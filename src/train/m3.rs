@@ -194,9 +194,10 @@ pub fn finetune(
 
 /// [`finetune`] with the encoder on `device`: on CUDA (bf16 storage, f32 accumulation: mixed
 /// precision with f32 master weights) or the emulator (f32), the encoder forward and backward
-/// and its AdamW run there ([`M3Student::device_grads_resident`], [`DeviceAdamW`]); heads and
-/// losses run on the host, with the heads' AdamW; `sub_batch` > 0 runs the two-pass sub-batch
-/// scheme there too.
+/// and its AdamW run there ([`M3Student::device_grads_resident`], [`DeviceAdamW`]), and so do the
+/// three heads' forward and backward (`engine::m3_heads`); the losses run on the host from the
+/// [CLS] rows and the two score matrices, and the heads' few tensors keep the host AdamW (their
+/// gradients read back); `sub_batch` > 0 runs the two-pass sub-batch scheme there too.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn finetune_on(
     device: Device,
