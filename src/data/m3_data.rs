@@ -36,7 +36,7 @@ pub struct TrainExample {
     #[serde(default)]
     pub prompt: Option<String>,
     /// The `type` field. In the reference it exists only in the new code's same-dataset dataset
-    /// ([ABS] `AbsEmbedderSameDatasetTrainDataset`; the paper-era BGE-M3 code ignores it); it is
+    /// (\[ABS\] `AbsEmbedderSameDatasetTrainDataset`; the paper-era BGE-M3 code ignores it); it is
     /// read from a batch's first row and must be the same for every row of a batch:
     /// * `only_1neg`: group size 2 (one positive, one negative);
     /// * `symmetric_class`: group size min(len(neg) + 1, G), len(neg) of the batch's first row;
@@ -275,7 +275,7 @@ fn instructs_passages(kind: Option<&str>) -> bool {
 /// repeated ceil((G−1)/n) times when there are fewer; negatives re-sorted by teacher score
 /// (descending) when scores exist (the research code's order, decision §10.5). The row's
 /// `prompt` goes before the query, and for `type` `symmetric_sts` / `symmetric_clustering` before
-/// every passage as well ([ABS]).
+/// every passage as well (\[ABS\]).
 pub fn sample_group(ex: &TrainExample, group: usize, rng: &mut Rng) -> SampledGroup {
     let pi = rng.below(ex.pos.len());
     let want = group.saturating_sub(1);
@@ -329,7 +329,7 @@ pub const NO_IN_BATCH_SUFFIX: &str = "no_in_batch_neg";
 pub struct FileSettings {
     /// `batch_size`: the file's per-device batch size, replacing the configured (bucket) size.
     pub batch_size: Option<usize>,
-    /// `train_group_size`: the file's group size (ignored when `kind` is set, as in [ABS]).
+    /// `train_group_size`: the file's group size (ignored when `kind` is set, as in \[ABS\]).
     pub train_group_size: Option<usize>,
     /// `type` (see [`TrainExample::kind`]).
     pub kind: Option<String>,
@@ -345,7 +345,7 @@ impl FileSettings {
         })
     }
 
-    /// [ABS] `_get_file_batch_size`: the file's `batch_size` if given, else half the configured
+    /// \[ABS\] `_get_file_batch_size`: the file's `batch_size` if given, else half the configured
     /// size (at least 1) for a `symmetric*` type, else the configured size.
     pub fn batch_size(&self, configured: usize) -> usize {
         match (self.batch_size, &self.kind) {
@@ -383,7 +383,7 @@ impl TrainDataset {
     }
 
     /// The per-device batch size given the configured (bucket) size: [`FileSettings::batch_size`]
-    /// of the file, or the smallest over merged files ([ABS], [RES-M3]: "batch size = min of
+    /// of the file, or the smallest over merged files (\[ABS\], [RES-M3]: "batch size = min of
     /// theirs").
     pub fn batch_size(&self, configured: usize) -> usize {
         self.files
@@ -393,7 +393,7 @@ impl TrainDataset {
             .unwrap_or(configured)
     }
 
-    /// [ABS] `_get_train_group_size` for a batch of this dataset (`batch`: the dataset indices
+    /// \[ABS\] `_get_train_group_size` for a batch of this dataset (`batch`: the dataset indices
     /// of the global batch; its first row decides `symmetric_class`): `type` `only_1neg` → 2,
     /// `symmetric_class` → min(len(neg) + 1, G), any other `type` → G; without `type`, the file's
     /// `train_group_size` or G.
@@ -536,7 +536,7 @@ pub fn read_train_paths_with(paths: &[PathBuf], rule: MergeRule) -> Result<Train
 #[derive(Clone, Debug, PartialEq)]
 pub struct BucketSpec {
     /// Increasing lower bounds of buckets 1..: bucket k holds lengths in
-    /// [boundaries[k-1], boundaries[k]), bucket 0 lengths below boundaries[0]. Empty = one bucket.
+    /// [boundaries[k-1], boundaries\[k\]), bucket 0 lengths below boundaries\[0\]. Empty = one bucket.
     pub boundaries: Vec<usize>,
     /// One batch size per bucket (`boundaries.len() + 1` values).
     pub batch_sizes: Vec<usize>,

@@ -118,13 +118,13 @@ pub struct MaskingConfig {
 pub struct RetroMaeBatch {
     /// Encoder input: masked ids and attention mask.
     pub enc: EncoderInput,
-    /// [B*L] original id at encoder-masked positions, IGNORE elsewhere.
+    /// \[B*L\] original id at encoder-masked positions, IGNORE elsewhere.
     pub enc_labels: Vec<i64>,
     /// Decoder content-stream input: the original ids (same attention mask).
     pub dec: EncoderInput,
-    /// [B*L] original ids except position 0 and the last real position; IGNORE on padding.
+    /// \[B*L\] original ids except position 0 and the last real position; IGNORE on padding.
     pub dec_labels: Vec<i64>,
-    /// [B*L] whole-word index of each position (the decoder mask hides whole words).
+    /// \[B*L\] whole-word index of each position (the decoder mask hides whole words).
     pub words: Vec<u32>,
     /// Seed of the in-kernel decoder mask of this batch.
     pub mask_seed: u64,

@@ -25,7 +25,7 @@ fn name(op: &str, dt: KDType) -> String {
     format!("{op}_{}", dt.suffix())
 }
 
-/// LayerNorm forward. x, y [rows, dim]; gamma, beta [dim]; mean, rstd [rows] f32.
+/// LayerNorm forward. x, y [rows, dim]; gamma, beta \[dim\]; mean, rstd \[rows\] f32.
 ///
 /// # Safety
 /// See the module documentation.
@@ -52,8 +52,8 @@ pub unsafe fn layernorm_fwd(
     l.launch(&name("layernorm_fwd", dt), &cfg, &mut a)
 }
 
-/// LayerNorm backward. x, dy, dx [rows, dim]; gamma [dim]; mean, rstd [rows] f32;
-/// dgamma, dbeta [dim] f32 (accumulated).
+/// LayerNorm backward. x, dy, dx [rows, dim]; gamma \[dim\]; mean, rstd \[rows\] f32;
+/// dgamma, dbeta \[dim\] f32 (accumulated).
 ///
 /// # Safety
 /// See the module documentation.
@@ -89,7 +89,7 @@ pub unsafe fn layernorm_bwd(
     l.launch(&name("layernorm_bwd", dt), &cfg, &mut a)
 }
 
-/// x [n] f32 -> y [n] in `dt`: a copy for f32 (y may not alias x), round to nearest even for
+/// x \[n\] f32 -> y \[n\] in `dt`: a copy for f32 (y may not alias x), round to nearest even for
 /// bf16 (`cast_f32_bf16`, as `half::bf16::from_f32`).
 ///
 /// # Safety
@@ -150,7 +150,7 @@ pub unsafe fn gelu_bwd(
     l.launch(&name("gelu_bwd", dt), &cfg, &mut a)
 }
 
-/// y = gelu(x + bias): x, y [rows, dim]; bias [dim].
+/// y = gelu(x + bias): x, y [rows, dim]; bias \[dim\].
 ///
 /// # Safety
 /// See the module documentation.
@@ -177,7 +177,7 @@ pub unsafe fn bias_gelu_fwd(
     l.launch(&name("bias_gelu_fwd", dt), &cfg, &mut a)
 }
 
-/// Backward of [`bias_gelu_fwd`]: dx [rows, dim] assigned, dbias [dim] f32 accumulated.
+/// Backward of [`bias_gelu_fwd`]: dx [rows, dim] assigned, dbias \[dim\] f32 accumulated.
 ///
 /// # Safety
 /// See the module documentation.
@@ -212,7 +212,7 @@ pub struct HashDropout {
 }
 
 /// z = Dropout(a + bias) + res; y = LN(z) (kernels/encoder.cu). a, res, z, y [rows, dim]; bias,
-/// gamma, beta [dim]; mean, rstd [rows] f32. bias, res, z, mean and rstd may be NULL (z, mean,
+/// gamma, beta \[dim\]; mean, rstd \[rows\] f32. bias, res, z, mean and rstd may be NULL (z, mean,
 /// rstd are only needed by a backward).
 ///
 /// # Safety
@@ -279,7 +279,7 @@ pub unsafe fn dropout_fwd(
     l.launch(&name("dropout_fwd", dt), &cfg, &mut a)
 }
 
-/// x [rows, dim] += bias [dim] per row, in place.
+/// x [rows, dim] += bias \[dim\] per row, in place.
 ///
 /// # Safety
 /// See the module documentation.
@@ -304,7 +304,7 @@ pub unsafe fn add_bias(
     l.launch(&name("add_bias", dt), &cfg, &mut a)
 }
 
-/// db [dim] f32 += column sums of dy [rows, dim] (bias gradients).
+/// db \[dim\] f32 += column sums of dy [rows, dim] (bias gradients).
 ///
 /// # Safety
 /// See the module documentation.
@@ -333,7 +333,7 @@ pub unsafe fn colsum(
     l.launch(&name("colsum", dt), &cfg, &mut a)
 }
 
-/// Embedding gather: table [vocab, dim], ids [n] u32, out [n, dim] (ids >= vocab give zeros).
+/// Embedding gather: table [vocab, dim], ids \[n\] u32, out [n, dim] (ids >= vocab give zeros).
 ///
 /// # Safety
 /// See the module documentation.
@@ -359,7 +359,7 @@ pub unsafe fn gather_fwd(
     l.launch(&name("gather_fwd", dt), &cfg, &mut a)
 }
 
-/// Embedding scatter-add: dtable[ids[i]] += dout[i] (f32 dtable [vocab, dim]); rows whose id is
+/// Embedding scatter-add: dtable[ids\[i\]] += dout\[i\] (f32 dtable [vocab, dim]); rows whose id is
 /// `padding_idx` are skipped.
 ///
 /// # Safety
@@ -446,8 +446,8 @@ pub unsafe fn l2_normalize_bwd(
     l.launch(&name("l2_normalize_bwd", dt), &cfg, &mut a)
 }
 
-/// Cross-entropy forward: logits [rows, classes], targets [rows] i64 (-100 ignored); writes
-/// lse [rows] f32, row_loss [rows] f32 and stats [2] f32 = (mean loss, counted rows).
+/// Cross-entropy forward: logits [rows, classes], targets \[rows\] i64 (-100 ignored); writes
+/// lse \[rows\] f32, row_loss \[rows\] f32 and stats \[2\] f32 = (mean loss, counted rows).
 ///
 /// # Safety
 /// See the module documentation.
@@ -484,7 +484,7 @@ pub unsafe fn cross_entropy_fwd(
 }
 
 /// Cross-entropy backward: dlogits [rows, classes] = g / count * (softmax - onehot) on counted
-/// rows, 0 elsewhere, reading lse [rows] f32 and stats [2] f32 from the forward. dlogits may be
+/// rows, 0 elsewhere, reading lse \[rows\] f32 and stats \[2\] f32 from the forward. dlogits may be
 /// the logits buffer itself.
 ///
 /// # Safety
@@ -531,8 +531,8 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
-/// Fused AdamW over param, grad, m, v [n] f32; decay_mask [n] u8 or NULL (decay all); sumsq [1]
-/// f32 from [`grad_sumsq`] or NULL (no clipping); `copy`: [n] elements of that type that receive
+/// Fused AdamW over param, grad, m, v \[n\] f32; decay_mask \[n\] u8 or NULL (decay all); sumsq \[1\]
+/// f32 from [`grad_sumsq`] or NULL (no clipping); `copy`: \[n\] elements of that type that receive
 /// the updated parameters too (the compute copy of a device trainer), or None.
 ///
 /// # Safety
@@ -587,7 +587,7 @@ pub fn grad_sumsq_partials(n: usize) -> usize {
     blocks(n, 256, MAX_BLOCKS) as usize
 }
 
-/// sumsq[0] = Σ g² over g [n] f32, via partials [grad_sumsq_partials(n)] f32 (deterministic).
+/// sumsq\[0\] = Σ g² over g \[n\] f32, via partials [grad_sumsq_partials(n)] f32 (deterministic).
 ///
 /// # Safety
 /// See the module documentation.

@@ -164,8 +164,8 @@ fn maxsim_docs_tc_unfit(dt: KDType, q: DevPtr, store: DevPtr, dim: usize) -> Opt
 }
 
 /// MaxSim inference scan: one query q [q_len, dim] (no padding) against `docs` documents stored
-/// back to back, store [offsets[docs], dim] with offsets [docs + 1] i64 (non-decreasing, token
-/// rows) -> scores [docs] f32 (an empty document scores 0). bf16 runs on tensor cores when the
+/// back to back, store [offsets\[docs\], dim] with offsets [docs + 1] i64 (non-decreasing, token
+/// rows) -> scores \[docs\] f32 (an empty document scores 0). bf16 runs on tensor cores when the
 /// shapes allow ([`MaxSimImpl::Auto`]).
 ///
 /// # Safety
@@ -264,7 +264,7 @@ pub unsafe fn maxsim_docs_with(
 
 /// The compact per-text lexical lists of [`sparse_fwd`]: `texts` lists of capacity `cap` (the
 /// texts' padded length). ids [texts, cap] u32 (sorted ascending, 0xFFFFFFFF past the count),
-/// w [texts, cap] f32, pos [texts, cap] i32 (-1 past the count), count [texts] i32.
+/// w [texts, cap] f32, pos [texts, cap] i32 (-1 past the count), count \[texts\] i32.
 #[derive(Clone, Copy, Debug)]
 pub struct LexLists {
     pub ids: DevPtr,
@@ -278,8 +278,8 @@ pub struct LexLists {
 /// Longest text [`sparse_fwd`] sorts in its 32 KB of shared memory.
 pub const SPARSE_MAX_LEN: usize = 8192;
 
-/// Sparse head forward with the per-text max by token id. h [texts * cap, hidden], ws [hidden],
-/// bias [1], ids [texts * cap] u32 (all < `vocab`), drop [ndrop] u32 (special ids) ->
+/// Sparse head forward with the per-text max by token id. h [texts * cap, hidden], ws \[hidden\],
+/// bias \[1\], ids [texts * cap] u32 (all < `vocab`), drop \[ndrop\] u32 (special ids) ->
 /// weights [texts * cap] f32 = ReLU(h . ws + b) and the lists `out` (texts and cap as given
 /// there). Ids in `drop` and zero weights are left out.
 ///
@@ -392,8 +392,8 @@ pub unsafe fn sparse_scores_bwd(
     l.launch("sparse_scores_bwd_f32", &cfg, &mut a)
 }
 
-/// Sparse head backward. h [rows, hidden], ws [hidden], weights [rows] f32 (the forward's, for
-/// the ReLU gate), dw [rows] f32 -> dh [rows, hidden] (assigned), dws [hidden] f32 and db [1]
+/// Sparse head backward. h [rows, hidden], ws \[hidden\], weights \[rows\] f32 (the forward's, for
+/// the ReLU gate), dw \[rows\] f32 -> dh [rows, hidden] (assigned), dws \[hidden\] f32 and db \[1\]
 /// f32 (accumulated).
 ///
 /// # Safety
@@ -431,8 +431,8 @@ pub unsafe fn sparse_weights_bwd(
 }
 
 /// InfoNCE (hard-target cross-entropy) over x = scores * inv_t + mask, fused forward and
-/// backward. scores [rows, cols], mask [rows, cols] f32 or NULL, targets [rows] i64 (-100 =
-/// ignored) -> lse [rows] f32, row_loss [rows] f32 and, unless NULL, dscores [rows, cols] =
+/// backward. scores [rows, cols], mask [rows, cols] f32 or NULL, targets \[rows\] i64 (-100 =
+/// ignored) -> lse \[rows\] f32, row_loss \[rows\] f32 and, unless NULL, dscores [rows, cols] =
 /// g (softmax(x) - onehot) inv_t (may alias scores). For a mean over C counted rows pass
 /// g = upstream / C.
 ///
@@ -465,8 +465,8 @@ pub unsafe fn infonce(
 }
 
 /// Soft-target cross-entropy (KL to a teacher up to its entropy; self-distillation) over
-/// x = scores * inv_t. scores [rows, cols], targets [rows, cols] f32 probabilities -> lse [rows]
-/// f32, row_loss [rows] f32 = -Σ t log softmax(x) and, unless NULL, dscores [rows, cols] =
+/// x = scores * inv_t. scores [rows, cols], targets [rows, cols] f32 probabilities -> lse \[rows\]
+/// f32, row_loss \[rows\] f32 = -Σ t log softmax(x) and, unless NULL, dscores [rows, cols] =
 /// g (softmax(x) Σt - t) inv_t (may alias scores). For the mean over rows pass g = upstream / rows.
 ///
 /// # Safety
@@ -501,8 +501,8 @@ pub const KD_MAX_GROUP: usize = 128;
 
 /// FlagEmbedding's m3_kd_loss over x = scores * inv_t. scores [rows, cols], teacher [rows, group]
 /// f32; row b's group is columns b·col_stride .. b·col_stride + group (col_stride = group for
-/// in-batch matrices, 0 for local [rows, group] blocks) -> lse [rows, group] f32, row_loss [rows]
-/// f32 = Σ_g T[b,g] CE(x_b without group columns < g, target g) (the loss is their mean) and,
+/// in-batch matrices, 0 for local [rows, group] blocks) -> lse [rows, group] f32, row_loss \[rows\]
+/// f32 = Σ_g T\[b,g\] CE(x_b without group columns < g, target g) (the loss is their mean) and,
 /// unless NULL, dscores [rows, cols] (may alias scores); for the mean pass g = upstream / rows.
 ///
 /// # Safety

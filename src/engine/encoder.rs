@@ -490,7 +490,7 @@ impl DeviceEncoder {
         })
     }
 
-    /// The embeddings block LN(word[ids] + pos[pos_ids] + type[0]) with dropout (stream 0 of
+    /// The embeddings block LN(word\[ids\] + pos\[pos_ids\] + type\[0\]) with dropout (stream 0 of
     /// `drop`), as the CPU `Encoder::embed`: [B·L, hidden] and, for the backward
     /// ([`DeviceEncoder::embed_bwd`]), what it saved (None unless `train`).
     pub fn embed_fwd(

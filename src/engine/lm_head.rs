@@ -11,7 +11,7 @@ use crate::device::kernels as k;
 use crate::device::launch::{KDType, KernelDevice};
 use crate::error::{Error, Result};
 
-/// The head's tensors on the device: dense [H, H] + [H], LayerNorm [H] x 2, output bias [V],
+/// The head's tensors on the device: dense [H, H] + \[H\], LayerNorm \[H\] x 2, output bias \[V\],
 /// and the projection, the word-embedding matrix [V, H]. As weights: the compute type; as
 /// gradients: f32, accumulated.
 pub struct LmHeadBufs<'a> {
@@ -28,7 +28,7 @@ pub type LmHeadWeights<'a> = LmHeadBufs<'a>;
 /// Their gradients ([`LmHeadBufs`] in f32, accumulated).
 pub type LmHeadGrads<'a> = LmHeadBufs<'a>;
 
-/// Mean cross-entropy of the head over `x` [N, H] (compute type) against `targets` [N] (-100 =
+/// Mean cross-entropy of the head over `x` [N, H] (compute type) against `targets` \[N\] (-100 =
 /// ignored), the mean taken over the counted rows as `ops::cross_entropy`. Accumulates `g` times
 /// its gradient into `grads` and returns (loss, dx [N, H] in the compute type). A batch with no
 /// counted row has loss 0 and no gradient.

@@ -1,5 +1,5 @@
 //! The three BGE-M3 heads in training on a kernel device (issue 5): the encoder's last hidden
-//! state stays on the device; only the [CLS] rows ([B, H]) and the two score matrices
+//! state stays on the device; only the \[CLS\] rows ([B, H]) and the two score matrices
 //! ([Bq, Bp] each, sparse and ColBERT) come to the host, where the losses run on a small tape;
 //! their gradients go back up and the heads' backward produces the hidden state's gradient on the
 //! device, ready for [`DeviceEncoder::backward`](super::DeviceEncoder::backward). With
@@ -8,12 +8,12 @@
 //!
 //! Same function as `model::m3_train::apply_heads` + `scores_from_heads` (checked against it in
 //! tests/device_engine.rs):
-//! - dense: the [CLS] row (normalised on the host tape);
+//! - dense: the \[CLS\] row (normalised on the host tape);
 //! - sparse: w = ReLU(H ws + b) per token, max per token id without the special ids
 //!   (`sparse_fwd`), Σ over shared ids of w_q w_p (`sparse_scores`); backward `sparse_scores_bwd`
 //!   then `sparse_weights_bwd` (the gradient reaches only each id's argmax position);
 //! - ColBERT: v = normalise(H Wᵀ + b) for every position, MaxSim over positions 1.. of the real
-//!   tokens (position 0 is masked out, so the [CLS] vector never enters); backward `maxsim_bwd`
+//!   tokens (position 0 is masked out, so the \[CLS\] vector never enters); backward `maxsim_bwd`
 //!   (f32), a cast to the compute type, `l2_normalize_bwd`, then two GEMMs and a column sum.
 
 use super::{upload_pod, DBuf};
@@ -42,7 +42,7 @@ pub struct HeadWeights {
 }
 
 impl HeadWeights {
-    /// `heads`: colbert weight [Dc, H], colbert bias [Dc], sparse weight [1, H], sparse bias [1]
+    /// `heads`: colbert weight [Dc, H], colbert bias \[Dc\], sparse weight [1, H], sparse bias \[1\]
     /// (`model::m3_train::HEAD_NAMES` order), stored as `dt`.
     pub fn upload(
         dev: &dyn KernelDevice,
@@ -254,7 +254,7 @@ pub struct SideHeads {
     batch: usize,
     len: usize,
     hidden: usize,
-    /// [batch, hidden] f32: the [CLS] rows of the hidden states.
+    /// [batch, hidden] f32: the \[CLS\] rows of the hidden states.
     pub cls: Vec<f32>,
     unified: Option<SideUnified>,
 }
@@ -377,7 +377,7 @@ impl SideHeads {
     }
 
     /// The gradient of a piece's hidden state (its compute type, [xp.batch, xp.len, hidden])
-    /// from the gradients of the side's [CLS] rows `dcls` [batch, hidden] and of its sparse /
+    /// from the gradients of the side's \[CLS\] rows `dcls` [batch, hidden] and of its sparse /
     /// ColBERT outputs (`grads`, from [`BatchScores::backward`]), accumulating the head weights'
     /// gradients into `acc`. `h` is the piece's hidden state (recomputed or kept).
     #[allow(clippy::too_many_arguments)]
@@ -494,7 +494,7 @@ pub struct BatchScores {
     argmax: DevBuf,
 }
 
-/// The gradients of one side's term weights ([n] f32) and ColBERT vectors ([n, Dc] f32).
+/// The gradients of one side's term weights (\[n\] f32) and ColBERT vectors ([n, Dc] f32).
 pub struct SideGrads {
     dw: DBuf,
     dv: DBuf,

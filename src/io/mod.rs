@@ -4,7 +4,7 @@
 //! Reading never executes anything from a file: the PyTorch reader is a hand-written ZIP reader plus
 //! a pickle VM that understands only the opcodes and the few globals a state dict uses
 //! (see `docs/formats.md`). Every offset and length read from a file is bounds-checked, so a corrupt
-//! or malicious file gives an [`Error::Format`](crate::Error::Format), never a panic.
+//! or malicious file gives an [`Error::Format`], never a panic.
 //!
 //! Writing is atomic: a temporary file in the destination directory, `fsync`, then `rename`, so a
 //! crash never leaves a half-written checkpoint under the final name.

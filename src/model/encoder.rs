@@ -248,7 +248,7 @@ impl Encoder {
         check_input(&self.config, input)
     }
 
-    /// The embeddings block: LN(word[ids] + pos[pos_ids] + type[0]) with dropout.
+    /// The embeddings block: LN(word\[ids\] + pos\[pos_ids\] + type\[0\]) with dropout.
     pub fn embed(
         &self,
         tape: &mut Tape,

@@ -269,7 +269,7 @@ impl M3Student {
 
     /// Loss values and parameter gradients of a batch with the encoder and the three heads on a
     /// kernel device (`engine::DeviceEncoder` + `engine::m3_heads`, CUDA or emulated): the
-    /// hidden states and the heads' outputs stay on the device; only the [CLS] rows and the
+    /// hidden states and the heads' outputs stay on the device; only the \[CLS\] rows and the
     /// sparse / ColBERT score matrices ([Bq, Bp]) come to a small host tape for the losses, and
     /// their gradients go back up. The device backward accumulates the encoder's weight
     /// gradients into `dgrads` (the device gradient buffers, e.g.

@@ -1,7 +1,7 @@
 //! RetroMAE with the enhanced decoder (SPEC §6.3, decisions §10.2-10.3): the encoder's MLM loss on
 //! a lightly masked input, and a one-layer decoder that rebuilds every token from the sentence
-//! embedding h = H[:, 0] through two-stream attention — queries from LN(h + P[pos] + T[0]), keys and
-//! values from [h ; Emb(x)[1:]] — under a position-specific mask generated inside the attention.
+//! embedding h = H[:, 0] through two-stream attention — queries from LN(h + P\[pos\] + T\[0\]), keys and
+//! values from [h ; Emb(x)\[1:\]] — under a position-specific mask generated inside the attention.
 
 use super::config::{EncoderConfig, ModelKind};
 use super::encoder::{

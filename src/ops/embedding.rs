@@ -5,7 +5,7 @@ use crate::autograd::{Tape, Var};
 use crate::device::cpu::embedding as k;
 use crate::error::{Error, Result};
 
-/// table [rows, dim], ids [n] -> [n, dim]. An id >= rows is an error naming it. Row
+/// table [rows, dim], ids \[n\] -> [n, dim]. An id >= rows is an error naming it. Row
 /// `padding_idx` receives no gradient (PyTorch's `nn.Embedding(padding_idx=..)`), even when that id
 /// occurs in the input.
 pub fn embedding(

@@ -5,7 +5,7 @@ use crate::autograd::{Tape, Var};
 use crate::device::cpu::gemm;
 use crate::error::{Error, Result};
 
-/// x [.., in], w [out, in], b [out] -> [.., out].
+/// x [.., in], w [out, in], b \[out\] -> [.., out].
 pub fn linear(tape: &mut Tape, x: &Var, w: &Var, b: Option<&Var>) -> Result<Var> {
     let (dout, din) = w.value().shape().dims2("linear weight")?;
     let (n, xin) = x.value().shape().rows_cols();

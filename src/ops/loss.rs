@@ -6,8 +6,8 @@ use crate::device::cpu::loss as k;
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;
 
-/// Mean hard-target cross-entropy of logits [N, C] against targets [N] (`k::IGNORE_INDEX` rows
-/// are skipped). Returns a scalar [1].
+/// Mean hard-target cross-entropy of logits [N, C] against targets \[N\] (`k::IGNORE_INDEX` rows
+/// are skipped). Returns a scalar \[1\].
 pub fn cross_entropy(tape: &mut Tape, logits: &Var, targets: &[i64]) -> Result<Var> {
     let (n, c) = logits.value().shape().rows_cols();
     if targets.len() != n {
@@ -40,7 +40,7 @@ pub fn cross_entropy(tape: &mut Tape, logits: &Var, targets: &[i64]) -> Result<V
 }
 
 /// Mean soft-target cross-entropy -Σ t log softmax(s) of logits [N, C] against probabilities
-/// `targets` [N, C] (a constant: no gradient reaches the teacher). Returns a scalar [1].
+/// `targets` [N, C] (a constant: no gradient reaches the teacher). Returns a scalar \[1\].
 pub fn soft_cross_entropy(tape: &mut Tape, logits: &Var, targets: &Tensor) -> Result<Var> {
     let (n, c) = logits.value().shape().rows_cols();
     if targets.numel() != n * c {
@@ -66,7 +66,7 @@ pub fn soft_cross_entropy(tape: &mut Tape, logits: &Var, targets: &Tensor) -> Re
     )
 }
 
-/// FlagEmbedding's `m3_kd_loss` (SPEC §4.5): Σ_g mean_b T[b,g] · CE(S_b with columns
+/// FlagEmbedding's `m3_kd_loss` (SPEC §4.5): Σ_g mean_b T\[b,g\] · CE(S_b with columns
 /// b·G .. b·G+g−1 removed, target b·G+g). `s` is [B, N] (N ≥ B·G, in-batch candidates) and
 /// `teacher` [B, G] probabilities (a constant).
 pub fn m3_kd_loss(tape: &mut Tape, s: &Var, teacher: &Tensor, group: usize) -> Result<Var> {

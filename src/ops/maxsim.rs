@@ -6,7 +6,7 @@ use crate::device::cpu::maxsim::{self as k, MaxSimDims};
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
-/// q [B, Lq, D] with qmask [B*Lq], p [N, Lp, D] with pmask [N*Lp] -> scores [B, N].
+/// q [B, Lq, D] with qmask \[B*Lq\], p [N, Lp, D] with pmask \[N*Lp\] -> scores [B, N].
 pub fn maxsim(
     tape: &mut Tape,
     q: &Var,

@@ -1,5 +1,5 @@
 //! Ops: shape checks, tape recording, forward and backward wiring, one file per op family
-//! (mirroring `device/cpu/` and `kernels/`). Every op takes and returns [`Var`]s and records a
+//! (mirroring `device/cpu/` and `kernels/`). Every op takes and returns [`Var`](crate::autograd::Var)s and records a
 //! backward when the tape asks for it.
 
 mod attention;

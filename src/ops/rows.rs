@@ -44,7 +44,7 @@ pub fn select_rows(tape: &mut Tape, x: &Var, rows: &[usize]) -> Result<Var> {
     }))
 }
 
-/// Multiply row i of x (rows = all leading dims) by f[i].
+/// Multiply row i of x (rows = all leading dims) by f\[i\].
 pub fn mul_rows(tape: &mut Tape, x: &Var, f: Arc<[f32]>) -> Result<Var> {
     let (r, c) = x.value().shape().rows_cols();
     if f.len() != r {
@@ -65,7 +65,7 @@ pub fn mul_rows(tape: &mut Tape, x: &Var, f: Arc<[f32]>) -> Result<Var> {
     }))
 }
 
-/// Mean pooling: x [B, L, C], mask [B*L] (1 = real) -> [B, C], Σ mask·x / max(Σ mask, 1e-9)
+/// Mean pooling: x [B, L, C], mask \[B*L\] (1 = real) -> [B, C], Σ mask·x / max(Σ mask, 1e-9)
 /// (sentence-transformers clamps the count at 1e-9).
 pub fn masked_mean(tape: &mut Tape, x: &Var, mask: &[u8]) -> Result<Var> {
     let (b, l, c) = x.value().shape().dims3("masked_mean input")?;
@@ -111,7 +111,7 @@ pub fn masked_mean(tape: &mut Tape, x: &Var, mask: &[u8]) -> Result<Var> {
     }))
 }
 
-/// Σ x ⊙ r (a scalar, shape [1]); r is a constant of the same element count.
+/// Σ x ⊙ r (a scalar, shape \[1\]); r is a constant of the same element count.
 pub fn dot_sum(tape: &mut Tape, x: &Var, r: &Tensor) -> Result<Var> {
     if x.value().numel() != r.numel() {
         return Err(Error::shape("dot_sum weights", x.dims(), r.dims()));

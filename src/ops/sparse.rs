@@ -7,7 +7,7 @@ use crate::device::cpu::sparse::{lexical_score, lexical_score_bwd, max_by_token_
 use crate::error::{Error, Result};
 use std::sync::Arc;
 
-/// Term weights wq [Bq, Lq] of texts with ids q_ids [Bq*Lq], wp [Bp, Lp] with p_ids: scores
+/// Term weights wq [Bq, Lq] of texts with ids q_ids \[Bq*Lq\], wp [Bp, Lp] with p_ids: scores
 /// [Bq, Bp], S[i, j] = Σ over token ids shared by the two texts of (max weight in i)·(max weight in j).
 /// Ids in `drop` (cls, eos, pad, unk) never count.
 pub fn lexical_scores(

@@ -196,7 +196,7 @@ pub fn finetune(
 /// precision with f32 master weights) or the emulator (f32), the encoder forward and backward
 /// and its AdamW run there ([`M3Student::device_grads_resident`], [`DeviceAdamW`]), and so do the
 /// three heads' forward and backward (`engine::m3_heads`); the losses run on the host from the
-/// [CLS] rows and the two score matrices, and the heads' few tensors keep the host AdamW (their
+/// \[CLS\] rows and the two score matrices, and the heads' few tensors keep the host AdamW (their
 /// gradients read back); `sub_batch` > 0 runs the two-pass sub-batch scheme there too.
 #[allow(clippy::type_complexity, clippy::too_many_arguments)]
 pub fn finetune_on(

@@ -1,6 +1,6 @@
 //! Embedding gather (forward) and scatter-add (backward).
 
-/// out[i, :] = table[ids[i], :]. Ids must be < rows (checked by the op layer).
+/// out[i, :] = table[ids\[i\], :]. Ids must be < rows (checked by the op layer).
 pub fn gather_fwd(table: &[f32], ids: &[u32], dim: usize, out: &mut [f32]) {
     for (row, &id) in out.chunks_exact_mut(dim).zip(ids) {
         let id = id as usize;
@@ -8,7 +8,7 @@ pub fn gather_fwd(table: &[f32], ids: &[u32], dim: usize, out: &mut [f32]) {
     }
 }
 
-/// dtable[ids[i], :] += dout[i, :] (rows hit several times accumulate).
+/// dtable[ids\[i\], :] += dout[i, :] (rows hit several times accumulate).
 pub fn gather_bwd(dout: &[f32], ids: &[u32], dim: usize, dtable: &mut [f32]) {
     for (row, &id) in dout.chunks_exact(dim).zip(ids) {
         let id = id as usize;

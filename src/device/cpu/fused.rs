@@ -55,7 +55,7 @@ pub fn add_bias(x: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// db[c] += Σ_r dy[r, c].
+/// db\[c\] += Σ_r dy[r, c].
 pub fn colsum(dy: &[f32], db: &mut [f32]) {
     for row in dy.chunks_exact(db.len().max(1)) {
         db.iter_mut().zip(row).for_each(|(d, v)| *d += v);

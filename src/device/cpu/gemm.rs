@@ -79,8 +79,8 @@ pub enum Trans {
     T,
 }
 
-/// C[m,n] = alpha * op(A)[m,k] * op(B)[k,n] + beta * C, all row-major and contiguous.
-/// `op(A)` is A ([m,k]) or Aᵀ (A stored as [k,m]); likewise for B.
+/// C\[m,n\] = alpha * op(A)\[m,k\] * op(B)\[k,n\] + beta * C, all row-major and contiguous.
+/// `op(A)` is A (\[m,k\]) or Aᵀ (A stored as \[k,m\]); likewise for B.
 pub fn sgemm(
     ta: Trans,
     tb: Trans,
@@ -214,7 +214,7 @@ pub fn sgemm_reference(
     }
 }
 
-/// Linear layer forward: y[n,out] = x[n,in] · W[out,in]ᵀ + b[out] (PyTorch's weight layout).
+/// Linear layer forward: y\[n,out\] = x\[n,in\] · W\[out,in\]ᵀ + b\[out\] (PyTorch's weight layout).
 pub fn linear_fwd(
     x: &[f32],
     w: &[f32],

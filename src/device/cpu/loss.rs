@@ -10,8 +10,8 @@ fn row_lse(row: &[f32]) -> f64 {
     max + sum.ln()
 }
 
-/// Mean over non-ignored rows of -log softmax(logits[r])[target[r]]. Returns (loss, count) and
-/// fills `lse` [rows]. With no counted row the loss is 0.
+/// Mean over non-ignored rows of -log softmax(logits\[r\])[target\[r\]]. Returns (loss, count) and
+/// fills `lse` \[rows\]. With no counted row the loss is 0.
 pub fn cross_entropy_fwd(
     logits: &[f32],
     targets: &[i64],
@@ -71,7 +71,7 @@ pub fn cross_entropy_bwd(
     }
 }
 
-/// Mean over rows of -Σ_c target[r,c] · log softmax(logits[r])[c] (targets are probabilities).
+/// Mean over rows of -Σ_c target\[r,c\] · log softmax(logits\[r\])\[c\] (targets are probabilities).
 pub fn soft_cross_entropy_fwd(
     logits: &[f32],
     targets: &[f32],

@@ -1,6 +1,6 @@
 //! ColBERT late interaction (MaxSim), the reference of kernels/maxsim.cu.
 //!
-//! score[b, n] = ( Σ_i qmask[b,i] · max_{j : pmask[n,j]} ⟨Q[b,i], P[n,j]⟩ ) / Σ_i qmask[b,i].
+//! score[b, n] = ( Σ_i qmask\[b,i\] · max_{j : pmask\[n,j\]} ⟨Q\[b,i\], P\[n,j\]⟩ ) / Σ_i qmask\[b,i\].
 //! Padding never enters the max (retrom3 decision, SPEC §10.6). A query with no real vector, or a
 //! passage with none, scores 0. The forward records the argmax per (b, n, i) for the backward.
 

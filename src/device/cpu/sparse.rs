@@ -49,7 +49,7 @@ pub fn lexical_score(q: &[LexEntry], p: &[LexEntry]) -> f32 {
     acc as f32
 }
 
-/// Backward of [`lexical_score`] with upstream gradient `g`: dq[pos] += g w_p, dp[pos] += g w_q,
+/// Backward of [`lexical_score`] with upstream gradient `g`: dq\[pos\] += g w_p, dp\[pos\] += g w_q,
 /// where dq / dp are the per-position gradients of the two texts' term weights.
 pub fn lexical_score_bwd(q: &[LexEntry], p: &[LexEntry], g: f32, dq: &mut [f32], dp: &mut [f32]) {
     merge_join(q, p, |a, b| {
@@ -73,7 +73,7 @@ fn merge_join(q: &[LexEntry], p: &[LexEntry], mut f: impl FnMut(&LexEntry, &LexE
     }
 }
 
-/// Term weights of the sparse head (SPEC §3.1): w[r] = ReLU(h[r] · ws + b) for the rows of
+/// Term weights of the sparse head (SPEC §3.1): w\[r\] = ReLU(h\[r\] · ws + b) for the rows of
 /// h [rows, hidden], the dot product in f64 (the reference of kernels/sparse.cu sparse_fwd).
 pub fn term_weights_fwd(h: &[f32], ws: &[f32], b: f32, w: &mut [f32]) {
     let hidden = ws.len();
@@ -85,7 +85,7 @@ pub fn term_weights_fwd(h: &[f32], ws: &[f32], b: f32, w: &mut [f32]) {
 }
 
 /// Backward of [`term_weights_fwd`] given the forward's weights `w` (the ReLU gate is w > 0):
-/// dh [rows, hidden] assigned, dws [hidden] and db accumulated (`+=`, summed in f64).
+/// dh [rows, hidden] assigned, dws \[hidden\] and db accumulated (`+=`, summed in f64).
 pub fn term_weights_bwd(
     h: &[f32],
     ws: &[f32],
