@@ -199,22 +199,9 @@ fn run_and_resume(
     mut a: RetroMae,
     tag: &str,
 ) -> (RetroMae, RetroMae, PathBuf, PathBuf) {
-    use retrom3::train::retromae::pretrain_on;
     let docs = corpus();
-    let v = vocab(40);
     let a_out = tmp(&format!("{tag}-a"));
-    pretrain_on(
-        device,
-        &mut a,
-        &docs,
-        &v,
-        &config(6, Some(3)),
-        &tok_dir(),
-        &a_out,
-        None,
-        &mut |_, _, _, _, _| {},
-    )
-    .unwrap();
+    run_pretrain_on(device, &mut a, &docs, &config(6, Some(3)), &a_out, None).unwrap();
 
     let ckpt = a_out.join("checkpoint-3");
     let state = TrainState::load(&ckpt).unwrap();
@@ -236,16 +223,13 @@ fn run_and_resume(
     );
     opt.load_dir(&ckpt, b.params.specs(), state.step).unwrap();
     let b_out = tmp(&format!("{tag}-b"));
-    pretrain_on(
+    run_pretrain_on(
         device,
         &mut b,
         &docs,
-        &v,
         &config(6, Some(3)),
-        &tok_dir(),
         &b_out,
         Some((state, opt)),
-        &mut |_, _, _, _, _| {},
     )
     .unwrap();
     (a, b, a_out, b_out)
@@ -282,14 +266,27 @@ fn run_pretrain(
     cfg: &PretrainConfig,
     out: &Path,
 ) -> retrom3::Result<retrom3::train::retromae::PretrainReport> {
-    pretrain(
+    run_pretrain_on(retrom3::Device::Cpu, model, docs, cfg, out, None)
+}
+
+/// `pretrain_on` with the test vocabulary and tokenizer, no progress callback.
+fn run_pretrain_on(
+    device: retrom3::Device,
+    model: &mut RetroMae,
+    docs: &Vec<Vec<u32>>,
+    cfg: &PretrainConfig,
+    out: &Path,
+    resume: Option<(TrainState, AdamW)>,
+) -> retrom3::Result<retrom3::train::retromae::PretrainReport> {
+    retrom3::train::retromae::pretrain_on(
+        device,
         model,
         docs,
         &vocab(40),
         cfg,
         &tok_dir(),
         out,
-        None,
+        resume,
         &mut |_, _, _, _, _| {},
     )
 }
@@ -351,17 +348,7 @@ fn diverge_and_check(device: retrom3::Device, mut m: RetroMae, tag: &str) {
         max_grad_norm: None,
         ..config(6, Some(1))
     };
-    let e = err_of(retrom3::train::retromae::pretrain_on(
-        device,
-        &mut m,
-        &corpus(),
-        &vocab(40),
-        &cfg,
-        &tok_dir(),
-        &out,
-        None,
-        &mut |_, _, _, _, _| {},
-    ));
+    let e = err_of(run_pretrain_on(device, &mut m, &corpus(), &cfg, &out, None));
     let rows = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let done = rows.lines().count() as u64;
     assert!((1..6).contains(&done), "{done} steps logged");
@@ -491,25 +478,13 @@ fn pretrain_cli_rejects_bad_input_in_one_line() {
 #[cfg(feature = "emu")]
 #[test]
 fn pretraining_on_the_emulated_device_follows_the_cpu_run() {
-    use retrom3::train::retromae::pretrain_on;
     for reference_compat in [false, true] {
         let run = |device: retrom3::Device, tag: &str| {
             let mut model = model_of(3, 64, 0.0);
             let out = tmp(tag);
             let mut cfg = config(4, None);
             cfg.masking.reference_compat = reference_compat;
-            let r = pretrain_on(
-                device,
-                &mut model,
-                &corpus(),
-                &vocab(40),
-                &cfg,
-                &tok_dir(),
-                &out,
-                None,
-                &mut |_, _, _, _, _| {},
-            )
-            .unwrap();
+            let r = run_pretrain_on(device, &mut model, &corpus(), &cfg, &out, None).unwrap();
             let _ = std::fs::remove_dir_all(&out);
             (r.losses, model.params.values().to_vec())
         };

@@ -68,8 +68,11 @@ pub fn lm_head_loss(
         return Ok((0.0, dx));
     }
     let chunk = chunk_rows.clamp(1, n);
-    let mut loss = 0.0f64;
-    for r0 in (0..n).step_by(chunk) {
+    // Each chunk's (mean loss, count) stays on the device until the end: one read-back per call,
+    // not one synchronisation per chunk.
+    let all_stats = DBuf::uninit(dev, 2 * n.div_ceil(chunk), KDType::F32)?;
+    let mut counted = Vec::new();
+    for (ci, r0) in (0..n).step_by(chunk).enumerate() {
         let m = chunk.min(n - r0);
         let tg = &targets[r0..r0 + m];
         let count = tg.iter().filter(|&&t| t != -100).count();
@@ -107,12 +110,12 @@ pub fn lm_head_loss(
         }
         let logits = linear(dev, &t, w.word_emb, m, h, v)?;
         let tgt = upload_pod(dev, tg)?;
-        let (lse, row_loss, stats) = (
+        let (lse, row_loss) = (
             DBuf::uninit(dev, m, KDType::F32)?,
             DBuf::uninit(dev, m, KDType::F32)?,
-            DBuf::uninit(dev, 2, KDType::F32)?,
         );
-        // SAFETY: logits m × v; bias v; targets m i64; lse, row_loss m f32, stats 2 f32; the
+        let stats = all_stats.at(2 * ci);
+        // SAFETY: logits m × v; bias v; targets m i64; lse, row_loss m f32, stats 2 f32 (chunk ci of all_stats); the
         // backward overwrites the logits with their gradient.
         unsafe {
             k::add_bias(dev, dt, logits.ptr(), w.bias.ptr(), m, v)?;
@@ -123,7 +126,7 @@ pub fn lm_head_loss(
                 tgt.ptr,
                 lse.ptr(),
                 row_loss.ptr(),
-                stats.ptr(),
+                stats,
                 m,
                 v,
             )?;
@@ -135,22 +138,14 @@ pub fn lm_head_loss(
                 logits.ptr(),
                 tgt.ptr,
                 lse.ptr(),
-                stats.ptr(),
+                stats,
                 gc,
                 logits.ptr(),
                 m,
                 v,
             )?;
         }
-        let st = stats.to_f32(dev)?;
-        if !st[0].is_finite() {
-            return Err(Error::NonFinite(format!(
-                "device LM head: cross-entropy of rows {r0}..{} is {}",
-                r0 + m,
-                st[0]
-            )));
-        }
-        loss += st[0] as f64 * count as f64 / total as f64;
+        counted.push((ci, r0, m, count));
         // Backward: output bias, word embeddings, LN, GELU, dense.
         // SAFETY: dlogits m × v; the bias gradient v f32.
         unsafe { k::colsum(dev, dt, logits.ptr(), grads.bias.ptr(), m, v)? };
@@ -211,6 +206,18 @@ pub fn lm_head_loss(
         )?;
         // SAFETY: dxs m × h into rows r0.. of dx (n × h).
         unsafe { dev.copy_d2d(dxs.ptr(), dx.at(r0 * h), m * h * dt.size())? };
+    }
+    let st = all_stats.to_f32(dev)?;
+    let mut loss = 0.0f64;
+    for (ci, r0, m, count) in counted {
+        let l = st[2 * ci];
+        if !l.is_finite() {
+            return Err(Error::NonFinite(format!(
+                "device LM head: cross-entropy of rows {r0}..{} is {l}",
+                r0 + m
+            )));
+        }
+        loss += l as f64 * count as f64 / total as f64;
     }
     Ok((loss as f32, dx))
 }
