@@ -428,6 +428,45 @@ constexpr int kTcKeys = 64;  // keys per shared tile
 template <int D>
 constexpr int kTcMaskTiles = D >= 128 ? 16 : 32;
 
+// The two-stream visibility of a thread's 32 C-fragment scores of a 64-key tile: bit nt * 4 + e is
+// (row e < 2 ? r0 : r0 + 8, key j0 + nt * 8 + 2 qd + (e & 1)). Padding and keys past Lk are the
+// caller's (its key state). Every score is drawn without a branch (sword: the tile's word
+// multipliers; a short-circuit test compiled to one branch region per score); the two rules that
+// touch single keys run in tile-uniform branches: key 0 is visible to the other rows (tile 0) and
+// a row never sees itself (the tile that overlaps the rows [row_base, row_base + kTcRows)).
+template <int NT>
+__device__ __forceinline__ unsigned ts_fragment_bits(const unsigned* sword, unsigned rk0,
+                                                     unsigned rk1, VisDraw vd, int qd, int j0,
+                                                     int r0, int row_base) {
+    unsigned bits = 0u;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const unsigned wm = sword[nt * 8 + 2 * qd + h];
+            bits |= vis_draw_bit(rk0, wm, vd.thr8) << (nt * 4 + h);
+            bits |= vis_draw_bit(rk1, wm, vd.thr8) << (nt * 4 + 2 + h);
+        }
+    bits &= vd.all;
+    if (j0 == 0 && qd == 0) bits |= 0x5u;  // key 0: (nt 0, e 0) and (nt 0, e 2)
+    if (j0 < row_base + kTcRows && row_base < j0 + NT * 8) {
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                if (j0 + nt * 8 + 2 * qd + (e & 1) == r0 + (e >> 1) * 8)
+                    bits &= ~(1u << (nt * 4 + e));
+    }
+    return bits;
+}
+
+// Whether every key of the 64-key tile in skey (aligned to 4) is a real, unpadded one (state 0):
+// then the per-score padding tests are skipped. Warp-uniform.
+__device__ __forceinline__ bool tc_tile_clean(const unsigned char* skey, int lane) {
+    const unsigned w = lane < kTcKeys / 4 ? reinterpret_cast<const unsigned*>(skey)[lane] : 0u;
+    return !__any_sync(kFullMask, w != 0u);
+}
+
 // TS: the two-stream entry points (mode 1); the key-padding ones carry no mask-bit storage.
 template <int D, bool TS>
 __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q,
@@ -441,10 +480,10 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     alignas(16) __shared__ unsigned short sv[kTcKeys * LDS];
     // Per key of the tile: 0 = visible, 1 = masked (padding), 2 = past Lk; two-stream mode also
     // its word's multiplier (vis_keep), so the per-score test reads shared memory only.
-    __shared__ unsigned char skey[kTcKeys];
+    alignas(4) __shared__ unsigned char skey[kTcKeys];
     __shared__ unsigned sword[TS ? kTcKeys : 1];
     __shared__ unsigned mbits[TS ? kTcMaskTiles<D> * kTcRows * 2 : 1];  // [tile][thread]: 32 bits
-    const unsigned thr = vis_threshold(ma.p);
+    const VisDraw vd = vis_draw(ma.p);
     const int hpb = heads / (int)gridDim.y;
     const bool cache = TS && hpb > 1;
     const int b = blockIdx.z;
@@ -520,37 +559,40 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             unsigned bits = 0u;
             if (TS) {
                 if (draw) {
-#pragma unroll
-                    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) {
-                            // attn_visible_key: never itself, never padding, always key 0,
-                            // else the draw.
-                            const int c = nt * 8 + 2 * qd + (e & 1);
-                            const int i = e < 2 ? r0 : r1, j = j0 + c;
-                            const bool vis =
-                                skey[c] == 0 && j != i &&
-                                (j == 0 || vis_keep(e < 2 ? rk0 : rk1, sword[c], thr));
-                            bits |= (unsigned)vis << (nt * 4 + e);
-                        }
+                    bits = ts_fragment_bits<NT>(sword, rk0, rk1, vd, qd, j0, r0,
+                                                blockIdx.x * kTcRows);
                     if (cache) mbits[t * (kTcRows * 2) + threadIdx.x] = bits;
                 } else {
                     bits = mbits[t * (kTcRows * 2) + threadIdx.x];
                 }
             }
+            // Scale and mask. A clean tile (no padding, no key past Lk: most tiles) needs no key
+            // state: the plain kernel leaves its scores as they are, the two-stream one masks
+            // by the bits alone.
+            if (tc_tile_clean(skey, lane)) {
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
+                for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) {
-                    const int c = nt * 8 + 2 * qd + (e & 1);
-                    float x = s[nt][e] * sl2;
-                    const int st = skey[c];
-                    if (!TS) x = st == 0 ? x : st == 1 ? kMasked : -INFINITY;
-                    else if (st == 2) x = -INFINITY;
-                    else if (!((bits >> (nt * 4 + e)) & 1u)) x = kMasked;
-                    s[nt][e] = x;
-                    mt[e >> 1] = fmaxf(mt[e >> 1], x);
-                }
+                    for (int e = 0; e < 4; ++e) {
+                        float x = s[nt][e] * sl2;
+                        if (TS && !((bits >> (nt * 4 + e)) & 1u)) x = kMasked;
+                        s[nt][e] = x;
+                        mt[e >> 1] = fmaxf(mt[e >> 1], x);
+                    }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const int c = nt * 8 + 2 * qd + (e & 1);
+                        float x = s[nt][e] * sl2;
+                        const int st = skey[c];
+                        if (st == 2) x = -INFINITY;
+                        else if (st == 1 || (TS && !((bits >> (nt * 4 + e)) & 1u))) x = kMasked;
+                        s[nt][e] = x;
+                        mt[e >> 1] = fmaxf(mt[e >> 1], x);
+                    }
+            }
             float corr[2];
 #pragma unroll
             for (int rr = 0; rr < 2; ++rr) {
@@ -734,7 +776,7 @@ __device__ __forceinline__ void attention_bwd_dq_tc_impl(
     constexpr int KS = D / 16, NT = kTcKeys / 8, OT = D / 8, LDS = D + 8;
     alignas(16) __shared__ unsigned short sk[kTcKeys * LDS];
     alignas(16) __shared__ unsigned short sv[kTcKeys * LDS];
-    __shared__ unsigned char skey[kTcKeys];  // 0 visible, 1 padding, 2 past Lk
+    alignas(4) __shared__ unsigned char skey[kTcKeys];  // 0 visible, 1 padding, 2 past Lk
     __shared__ unsigned sword[kTcKeys];
     const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
@@ -769,7 +811,7 @@ __device__ __forceinline__ void attention_bwd_dq_tc_impl(
         l2[rr] = ls * kLog2e;
     }
     const unsigned rk0 = attn_row_key(ma, b, r0), rk1 = attn_row_key(ma, b, r1);
-    const unsigned thr = vis_threshold(ma.p);
+    const VisDraw vd = vis_draw(ma.p);
     const float sl2 = scale * kLog2e;
     float acc[OT][4] = {};
     const int tiles = (lk + kTcKeys - 1) / kTcKeys;
@@ -788,23 +830,35 @@ __device__ __forceinline__ void attention_bwd_dq_tc_impl(
         float s[NT][4] = {}, dp[NT][4] = {};
         tc_mm_abt<D, NT, LDS>(s, qa, sk, lane);
         tc_mm_abt<D, NT, LDS>(dp, ga, sv, lane);
+        // Which of this thread's 32 scores count (bit nt * 4 + e, the forward's layout): the
+        // two-stream bits, less padding and keys past Lk outside clean tiles (uniform branch),
+        // less rows that saw no key. P is computed for every score, masked or not (no branch).
+        unsigned ok = ma.mode == 1
+                          ? ts_fragment_bits<NT>(sword, rk0, rk1, vd, qd, j0, r0,
+                                                 blockIdx.x * kTcRows)
+                          : 0xFFFFFFFFu;
+        if (!tc_tile_clean(skey, lane)) {
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                for (int e = 0; e < 4; ++e)
+                    if (skey[nt * 8 + 2 * qd + (e & 1)] != 0) ok &= ~(1u << (nt * 4 + e));
+        }
+        if (!live[0]) ok &= 0xCCCCCCCCu;  // e 0, 1: row r0
+        if (!live[1]) ok &= 0x33333333u;  // e 2, 3: row r1
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                const int c = nt * 8 + 2 * qd + (e & 1), j = j0 + c, rr = e >> 1;
-                const int i = rr == 0 ? r0 : r1;
-                const int st = skey[c];
-                bool vis = live[rr] && st == 0;
-                if (ma.mode == 1 && vis)
-                    vis = j != i && (j == 0 || vis_keep(rr == 0 ? rk0 : rk1, sword[c], thr));
-                float ds = 0.f;
-                if (vis) {
-                    const float p = exp2f(s[nt][e] * sl2 - l2[rr]);
-                    const float md = ma.drop_p > 0.f ? attn_drop(ma, bh, i, j, lq, lk) : 1.f;
-                    ds = p * (md * dp[nt][e] - di[rr]) * scale;
+                const int rr = e >> 1;
+                const float p = exp2f(s[nt][e] * sl2 - l2[rr]);
+                float md = 1.f;
+                if (ma.drop_p > 0.f) {
+                    const int i = rr == 0 ? r0 : r1, j = j0 + nt * 8 + 2 * qd + (e & 1);
+                    md = attn_drop(ma, bh, i, j, lq, lk);
                 }
-                s[nt][e] = ds;
+                const float ds = p * (md * dp[nt][e] - di[rr]) * scale;
+                s[nt][e] = (ok >> (nt * 4 + e)) & 1u ? ds : 0.f;
             }
         tc_mm_pb<D, kTcKeys / 16, LDS>(acc, s, sk, lane);
     }
@@ -844,7 +898,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
         kok[rr] = j < lk && !(ma.key_mask && !ma.key_mask[bj]);
         wm[rr] = (ma.mode == 1 && j < lk) ? ma.words[bj] * 0x85EBCA6Bu : 0u;
     }
-    const unsigned thr = vis_threshold(ma.p);
+    const VisDraw vd = vis_draw(ma.p);
     const float qmul = scale * kLog2e, inv_lk = 1.f / lk;
     float gk[OT][4] = {}, gv[OT][4] = {};
     const int tiles = (lq + kTcBwdQ - 1) / kTcBwdQ;
@@ -880,23 +934,18 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
             for (int e = 0; e < 4; ++e) {
                 const int c = nt * 8 + 2 * qd + (e & 1), i = i0 + c, rr = e >> 1;
                 const int j = r0 + 8 * rr;
-                float pm = 0.f, ds = 0.f;
-                if (i < lq && j < lk) {
-                    const float l2 = sl2[c];
-                    const float md = ma.drop_p > 0.f ? attn_drop(ma, bh, i, j, lq, lk) : 1.f;
-                    if (l2 == INFINITY) {
-                        pm = inv_lk * md;
-                    } else {
-                        bool vis = kok[rr];
-                        if (ma.mode == 1 && vis)
-                            vis = j != i && (j == 0 || vis_keep(srk[c], wm[rr], thr));
-                        if (vis) {
-                            const float p = exp2f(st[nt][e] * qmul - l2);
-                            pm = p * md;
-                            ds = p * (md * dpt[nt][e] - sdi[c]) * scale;
-                        }
-                    }
-                }
+                // Selects, not branches (no branch region per score): rows past Lq and keys
+                // past Lk give 0; a row that saw no key (lse = +inf) the uniform average.
+                const float l2 = sl2[c];
+                const float md = ma.drop_p > 0.f ? attn_drop(ma, bh, i, j, lq, lk) : 1.f;
+                unsigned vis = kok[rr] && i < lq ? 1u : 0u;
+                if (ma.mode == 1)
+                    vis &= (j != i ? 1u : 0u) &
+                           ((j == 0 ? 1u : 0u) | (vis_draw_bit(srk[c], wm[rr], vd.thr8) & vd.all));
+                const bool dead = l2 == INFINITY;
+                const float p = exp2f(st[nt][e] * qmul - l2);
+                const float pm = i >= lq || j >= lk ? 0.f : dead ? inv_lk * md : vis ? p * md : 0.f;
+                const float ds = vis && !dead ? p * (md * dpt[nt][e] - sdi[c]) * scale : 0.f;
                 st[nt][e] = pm;
                 dpt[nt][e] = ds;
             }

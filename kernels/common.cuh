@@ -166,6 +166,23 @@ __device__ __forceinline__ unsigned vis_threshold(float p) {
 __device__ __forceinline__ bool vis_keep(unsigned row_key, unsigned word_mul, unsigned thr) {
     return (mix32(row_key ^ word_mul) >> 8) >= thr;
 }
+// The same test for loops that draw many: (y >> 8) >= thr <=> y >= thr << 8 while thr < 2^24,
+// and `all` = 0 when no draw can pass (p >= 1 or NaN: thr = 2^24 would overflow the shift), so
+// that vis_draw_bit(..) & all == vis_keep(..) for every p, with one compare and no branch.
+struct VisDraw {
+    unsigned thr8, all;
+};
+__device__ __forceinline__ VisDraw vis_draw(float p) {
+    const unsigned thr = vis_threshold(p);
+    VisDraw d;
+    d.thr8 = thr < (1u << 24) ? thr << 8 : 0u;
+    d.all = thr < (1u << 24) ? 0xFFFFFFFFu : 0u;
+    return d;
+}
+__device__ __forceinline__ unsigned vis_draw_bit(unsigned row_key, unsigned word_mul,
+                                                 unsigned thr8) {
+    return mix32(row_key ^ word_mul) >= thr8 ? 1u : 0u;
+}
 
 // ---- tensor cores ------------------------------------------------------------------------------
 // mma.sync.m16n8k16 with bf16 operands and f32 accumulators (sm_80+), in the PTX ISA's fragment

@@ -258,6 +258,15 @@ pub fn kernels_streaming(
             s_c,
             flops,
         ));
+        // The plain kernel with a key-padding mask of ones: the issue's "padding-mask
+        // attention" (it reads the mask; the row without one reads nothing per key).
+        let key_pad = AttnKernelMask::KeyPadding { key_mask: ones.ptr };
+        let s_p = time(dev, 1, it, || fwd_with(k::AttnImpl::TensorCores, key_pad))?;
+        rows.push(flop_row(
+            format!("{devname}_attention_fwd_tc_keypad_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
+            s_p,
+            flops,
+        ));
         for (tag, mask) in [("", plain), ("_twostream", two_stream)] {
             let s_f = time(dev, 1, it, || fwd_with(k::AttnImpl::TensorCores, mask))?;
             rows.push(flop_row(
@@ -266,14 +275,15 @@ pub fn kernels_streaming(
                 flops,
             ));
             let hpb = k::tc_heads_per_block(mask, &dims);
-            if hpb > 1 {
-                // The same kernel drawing the mask in every head (one head per block).
+            // The same kernel with fewer heads per block (1: every head draws the mask): the
+            // mask drawn once per block against the tail of the last wave of blocks.
+            for n in [1, 2].into_iter().filter(|&n| n < hpb) {
                 let s1 = time(dev, 1, it, || {
-                    fwd_with(k::AttnImpl::TensorCoresHeads(1), mask)
+                    fwd_with(k::AttnImpl::TensorCoresHeads(n), mask)
                 })?;
                 rows.push(flop_row(
                     format!(
-                        "{devname}_attention_fwd_tc{tag}_hpb1_bf16_b{batch}_s{sl}_h{heads}_d{d}"
+                        "{devname}_attention_fwd_tc{tag}_hpb{n}_bf16_b{batch}_s{sl}_h{heads}_d{d}"
                     ),
                     s1,
                     flops,

@@ -91,6 +91,10 @@ const QUICK: &[Case] = &[
     case(1, 130, 130, 1, 128, true, false, false),
     case(2, 9, 9, 1, 128, false, true, true),
     case(2, 20, 20, 2, 32, true, true, false),
+    // Two-stream on tensor cores, forward and backward, over whole 64-key tiles (no key state
+    // per score), the tiles with key 0 and the diagonal, a partial last tile, and two heads
+    // sharing the drawn mask (hpb2).
+    case(1, 129, 129, 2, 64, true, false, true),
 ];
 
 /// Added to [`QUICK`] in the full selftest.
