@@ -292,6 +292,58 @@ __device__ __forceinline__ int md_stride_words(int D) {
     return (((2 * D + 127) / 128) * 128 + 64) / 4;
 }
 
+// The query tile q[0 .. qn) into shared memory (rows md_stride_words apart, rows up to the next
+// multiple of 8 zero), then a barrier.
+__device__ __forceinline__ void md_load_query(unsigned* qs, const bf16* __restrict__ q, int qn,
+                                              int D) {
+    const int sw = md_stride_words(D), nb = (qn + 7) / 8, dw = D / 2;
+    const unsigned* qw = reinterpret_cast<const unsigned*>(q);
+    for (int i = threadIdx.x; i < nb * 8 * dw; i += blockDim.x) {
+        const int r = i / dw, c = i % dw;
+        qs[r * sw + c] = r < qn ? qw[(long long)r * dw + c] : 0u;
+    }
+    __syncthreads();
+}
+
+// Folds one 16-row tile's scores (acc: C fragments, rows g and g + 8 real when va / vb) into the
+// running max per query column: over the rows, then across the 8 g of the warp.
+__device__ __forceinline__ void md_tile_max(float best[4][2], const float acc[4][4], bool va,
+                                            bool vb) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        float m0 = fmaxf(va ? acc[j][0] : -INFINITY, vb ? acc[j][2] : -INFINITY);
+        float m1 = fmaxf(va ? acc[j][1] : -INFINITY, vb ? acc[j][3] : -INFINITY);
+#pragma unroll
+        for (int o = 4; o < 32; o <<= 1) {
+            m0 = fmaxf(m0, __shfl_xor_sync(kFullMask, m0, o));
+            m1 = fmaxf(m1, __shfl_xor_sync(kFullMask, m1, o));
+        }
+        best[j][0] = fmaxf(best[j][0], m0);
+        best[j][1] = fmaxf(best[j][1], m1);
+    }
+}
+
+// Σ over the real query columns 8 j + 2 qd + {0, 1} of the maxima (an empty document adds 0),
+// divided by q_total, written (or added) to *score by lane 0.
+__device__ __forceinline__ void md_store_score(const float best[4][2], int len, int qn,
+                                               int q_total, int qd, int lane, float* score,
+                                               int accumulate) {
+    float sum = 0.f;
+    if (len > 0) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+                if (8 * j + 2 * qd + e < qn) sum += best[j][e];
+    }
+    sum += __shfl_xor_sync(kFullMask, sum, 1);
+    sum += __shfl_xor_sync(kFullMask, sum, 2);
+    if (lane == 0) {
+        const float v = sum / (float)q_total;
+        *score = accumulate ? *score + v : v;
+    }
+}
+
 __device__ __forceinline__ void maxsim_docs_tc_impl(const bf16* __restrict__ q, int qn,
                                                     int q_total, const bf16* __restrict__ docs,
                                                     const long long* __restrict__ offsets,
@@ -302,14 +354,7 @@ __device__ __forceinline__ void maxsim_docs_tc_impl(const bf16* __restrict__ q, 
     const int g = lane >> 2, qd = lane & 3;
     const int sw = md_stride_words(D);  // shared row stride in u32 words
     const int nb = (qn + 7) / 8;        // n-blocks of 8 query tokens
-    const int dw = D / 2;               // u32 words per row
-    // The query tile into shared memory, rows past qn zero.
-    const unsigned* qw = reinterpret_cast<const unsigned*>(q);
-    for (int i = threadIdx.x; i < nb * 8 * dw; i += blockDim.x) {
-        const int r = i / dw, c = i % dw;
-        qs[r * sw + c] = r < qn ? qw[(long long)r * dw + c] : 0u;
-    }
-    __syncthreads();
+    md_load_query(qs, q, qn, D);
     const long long n = (long long)blockIdx.x * kMdWarps + warp;
     if (n >= N) return;
     const long long begin = offsets[n];
@@ -358,34 +403,85 @@ __device__ __forceinline__ void maxsim_docs_tc_impl(const bf16* __restrict__ q, 
                 }
             }
         }
-        // Max over this tile's real document tokens (rows g and g + 8, then across the 8 g).
+        md_tile_max(best, acc, va, vb);
+    }
+    md_store_score(best, len, qn, q_total, qd, lane, scores + n, accumulate);
+}
+
+// maxsim_docs_tcp_bf16: the same scan (same fragments, the same sums in the same order) with the
+// load pipeline kept running. Within a document the warp walks its 16-row tiles x D/32 chunks as
+// one stream, loading kMdDepth chunks ahead across tile boundaries (maxsim_docs_tc_bf16 drains
+// and refills its pipeline at every tile: one memory latency per 16 rows); and a warp takes
+// documents n = w, w + W, ... (grid-stride over the W warps of the grid), so that a grid sized to
+// the resident blocks (the launcher's rule: 2 per SM) has no last partial wave of blocks.
+// Needs D % (32 kMdDepth) == 0 besides the tensor-core kernel's rules (the launcher checks).
+// 116 registers (launch bounds 256 x 2). Not yet run on a GPU.
+__device__ __forceinline__ void maxsim_docs_tcp_impl(const bf16* __restrict__ q, int qn,
+                                                     int q_total, const bf16* __restrict__ docs,
+                                                     const long long* __restrict__ offsets,
+                                                     float* __restrict__ scores, int N, int D,
+                                                     int accumulate) {
+    R3_DYN_SMEM(unsigned, qs);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, qd = lane & 3;
+    const int sw = md_stride_words(D);
+    const int nb = (qn + 7) / 8;
+    md_load_query(qs, q, qn, D);
+    const int chunks = D / 32;
+    const long long rw = D / 8;  // uint4 per document row
+    const uint4 zero = {0u, 0u, 0u, 0u};
+    const long long warps = (long long)gridDim.x * kMdWarps;
+    for (long long n = (long long)blockIdx.x * kMdWarps + warp; n < N; n += warps) {
+        const long long begin = offsets[n];
+        const int len = (int)(offsets[n + 1] - begin);
+        const int tiles = (len + 15) / 16;
+        // This lane's 16 bytes of chunk c of document row r: base[r * rw + 4 c].
+        const uint4* base = reinterpret_cast<const uint4*>(docs + begin * D) + qd;
+        uint4 ra[kMdDepth], rb[kMdDepth];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-            float m0 = fmaxf(va ? acc[j][0] : -INFINITY, vb ? acc[j][2] : -INFINITY);
-            float m1 = fmaxf(va ? acc[j][1] : -INFINITY, vb ? acc[j][3] : -INFINITY);
-#pragma unroll
-            for (int o = 4; o < 32; o <<= 1) {
-                m0 = fmaxf(m0, __shfl_xor_sync(kFullMask, m0, o));
-                m1 = fmaxf(m1, __shfl_xor_sync(kFullMask, m1, o));
-            }
-            best[j][0] = fmaxf(best[j][0], m0);
-            best[j][1] = fmaxf(best[j][1], m1);
+        for (int i = 0; i < kMdDepth; ++i) {  // chunks 0 .. kMdDepth of tile 0
+            ra[i] = g < len ? base[g * rw + 4 * i] : zero;
+            rb[i] = g + 8 < len ? base[(g + 8) * rw + 4 * i] : zero;
         }
-    }
-    // Σ over the real query columns 8 j + 2 qd + {0, 1} (an empty document adds 0).
-    float sum = 0.f;
-    if (len > 0) {
+        float best[4][2];
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
+        for (int j = 0; j < 4; ++j) best[j][0] = best[j][1] = -INFINITY;
+        for (int t = 0; t < tiles; ++t) {
+            float acc[4][4];
 #pragma unroll
-            for (int e = 0; e < 2; ++e)
-                if (8 * j + 2 * qd + e < qn) sum += best[j][e];
-    }
-    sum += __shfl_xor_sync(kFullMask, sum, 1);
-    sum += __shfl_xor_sync(kFullMask, sum, 2);
-    if (lane == 0) {
-        const float v = sum / (float)q_total;
-        scores[n] = accumulate ? scores[n] + v : v;
+            for (int j = 0; j < 4; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+            for (int c0 = 0; c0 < chunks; c0 += kMdDepth) {
+                // The loads kMdDepth chunks ahead: the rest of this tile, then the next tile's
+                // first chunks (none after the last tile).
+                const bool wrap = c0 + kMdDepth == chunks;
+                const int lt = wrap ? t + 1 : t, lc = wrap ? 0 : c0 + kMdDepth;
+                const int ra_row = lt * 16 + g;
+                const bool la = lt < tiles && ra_row < len, lb = lt < tiles && ra_row + 8 < len;
+                const uint4* pa = base + ra_row * rw + 4 * lc;
+                const uint4* pb = pa + 8 * rw;
+#pragma unroll
+                for (int i = 0; i < kMdDepth; ++i) {
+                    const uint4 a = ra[i], b = rb[i];
+                    ra[i] = la ? pa[4 * i] : zero;
+                    rb[i] = lb ? pb[4 * i] : zero;
+                    const int c = c0 + i;
+                    const unsigned a0[4] = {a.x, b.x, a.y, b.y};
+                    const unsigned a1[4] = {a.z, b.z, a.w, b.w};
+#pragma unroll
+                    for (int j = 0; j < 4; ++j) {
+                        if (j >= nb) break;  // warp-uniform
+                        const uint4 y = *reinterpret_cast<const uint4*>(qs + (8 * j + g) * sw +
+                                                                        c * 16 + qd * 4);
+                        mma_bf16_16816(acc[j], a0, y.x, y.y);
+                        mma_bf16_16816(acc[j], a1, y.z, y.w);
+                    }
+                }
+            }
+            md_tile_max(best, acc, t * 16 + g < len, t * 16 + g + 8 < len);
+        }
+        md_store_score(best, len, qn, q_total, qd, lane, scores + n, accumulate);
     }
 }
 
@@ -454,6 +550,11 @@ extern "C" __global__ void __launch_bounds__(256)
                         const long long* offsets, float* scores, int N, int D, int accumulate) {
     r3::maxsim_docs_tc_impl(q, qn, q_total, docs, offsets, scores, N, D, accumulate);
 }
+extern "C" __global__ void __launch_bounds__(256, 2)
+    maxsim_docs_tcp_bf16(const bf16* q, int qn, int q_total, const bf16* docs,
+                         const long long* offsets, float* scores, int N, int D, int accumulate) {
+    r3::maxsim_docs_tcp_impl(q, qn, q_total, docs, offsets, scores, N, D, accumulate);
+}
 extern "C" __global__ void __launch_bounds__(128)
     maxsim_bwd_f32(const float* q, const unsigned char* qmask, const float* p, const int* argmax,
                    const float* dscores, float* dq, float* dp, int Bq, int Lq, int Bp, int Lp,
@@ -472,5 +573,6 @@ R3_EMU_EXPORT(maxsim_fwd_bf16)
 R3_EMU_EXPORT(maxsim_docs_f32)
 R3_EMU_EXPORT(maxsim_docs_bf16)
 R3_EMU_EXPORT(maxsim_docs_tc_bf16)
+R3_EMU_EXPORT(maxsim_docs_tcp_bf16)
 R3_EMU_EXPORT(maxsim_bwd_f32)
 R3_EMU_EXPORT(maxsim_bwd_bf16)

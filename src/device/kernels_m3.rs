@@ -134,7 +134,15 @@ pub enum MaxSimImpl {
     /// `maxsim_docs_tc_bf16`: bf16 mma.sync, one launch per 32 query tokens (an error when it
     /// does not apply).
     TensorCores,
+    /// `maxsim_docs_tcp_bf16`: the same fragments with the load pipeline running across tiles
+    /// and a grid of resident blocks walking the documents; needs dim % 128 == 0 (an error
+    /// when it does not apply).
+    TensorCoresPipelined,
 }
+
+/// Whether [`MaxSimImpl::Auto`] takes the pipelined tensor-core scan where it applies. Off until
+/// a GPU run compares the two (`bench kernels`: rows `maxsim_docs_tc` and `maxsim_docs_tcp`).
+pub const MAXSIM_PIPELINED_BY_DEFAULT: bool = false;
 
 /// Query tokens per launch of `maxsim_docs_tc_bf16`.
 const MD_TC_QUERY_TILE: usize = 32;
@@ -218,17 +226,20 @@ pub unsafe fn maxsim_docs_with(
     }
     int(q_len * dim, "q_len * dim")?;
     let unfit = maxsim_docs_tc_unfit(dt, q, store, dim);
+    let piped_unfit = unfit.or((dim % 128 != 0).then_some("needs dim % 128 == 0"));
     let tc = match (imp, unfit) {
         (MaxSimImpl::Simt, _) => false,
         // No query token: every document scores 0, as the SIMT kernel writes.
         (_, _) if q_len == 0 => false,
         (MaxSimImpl::Auto, u) => u.is_none(),
         (MaxSimImpl::TensorCores, None) => true,
-        (MaxSimImpl::TensorCores, Some(why)) => {
+        (MaxSimImpl::TensorCoresPipelined, _) if piped_unfit.is_none() => true,
+        (MaxSimImpl::TensorCores | MaxSimImpl::TensorCoresPipelined, _) => {
+            let why = piped_unfit.unwrap_or("does not apply");
             return Err(Error::invalid(format!(
                 "maxsim_docs on tensor cores {why} (dtype {}, dim {dim})",
                 dt.suffix()
-            )))
+            )));
         }
     };
     if !tc {
@@ -242,7 +253,19 @@ pub unsafe fn maxsim_docs_with(
         a.arg(int(docs, "docs")?).arg(int(dim, "dim")?);
         return l.launch(&name("maxsim_docs", dt), &cfg, &mut a);
     }
-    let blocks = grid(docs.div_ceil(8), "docs / 8")?;
+    let piped = piped_unfit.is_none()
+        && (imp == MaxSimImpl::TensorCoresPipelined
+            || (imp == MaxSimImpl::Auto && MAXSIM_PIPELINED_BY_DEFAULT));
+    // The pipelined kernel's grid: the resident blocks (2 per SM, its launch bounds), or fewer.
+    let (kernel, blocks) = if piped {
+        let resident = 2 * l.multiprocessors();
+        (
+            "maxsim_docs_tcp_bf16",
+            grid(docs.div_ceil(8).min(resident), "docs / 8")?,
+        )
+    } else {
+        ("maxsim_docs_tc_bf16", grid(docs.div_ceil(8), "docs / 8")?)
+    };
     for t0 in (0..q_len).step_by(MD_TC_QUERY_TILE) {
         let qn = (q_len - t0).min(MD_TC_QUERY_TILE);
         let smem = qn.div_ceil(8) * 8 * md_stride_bytes(dim);
@@ -257,7 +280,7 @@ pub unsafe fn maxsim_docs_with(
         a.arg(int(docs, "docs")?)
             .arg(int(dim, "dim")?)
             .arg(i32::from(t0 > 0));
-        l.launch("maxsim_docs_tc_bf16", &cfg, &mut a)?;
+        l.launch(kernel, &cfg, &mut a)?;
     }
     Ok(())
 }

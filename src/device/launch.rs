@@ -139,6 +139,8 @@ pub trait Launcher {
     /// Every pointer argument must address device memory valid for everything the kernel reads
     /// and writes given the other arguments (the wrappers in `device::kernels` state the sizes).
     unsafe fn launch(&self, kernel: &str, cfg: &LaunchConfig, args: &mut KernelArgs) -> Result<()>;
+    /// Streaming multiprocessors, for grids sized to the resident blocks (grid-stride kernels).
+    fn multiprocessors(&self) -> usize;
 }
 
 /// A device buffer: its address, its size, and whatever keeps the allocation alive.

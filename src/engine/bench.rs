@@ -548,15 +548,18 @@ fn maxsim_rows(
     let offsets: Vec<i64> = (0..=docs).map(|n| (n * doc_len) as i64).collect();
     let off = dev.upload(bytemuck::cast_slice(&offsets))?;
     let scores = DBuf::zeros(dev, docs, KDType::F32)?;
-    for (q_len, imp) in [8usize, 32]
-        .into_iter()
-        .flat_map(|l| [(l, km::MaxSimImpl::Simt), (l, km::MaxSimImpl::TensorCores)])
-    {
+    for (q_len, imp) in [8usize, 32].into_iter().flat_map(|l| {
+        [
+            (l, km::MaxSimImpl::Simt),
+            (l, km::MaxSimImpl::TensorCores),
+            (l, km::MaxSimImpl::TensorCoresPipelined),
+        ]
+    }) {
         let q = fill(dev, q_len * dim, bf, 22 + q_len as u64)?;
-        let tag = if imp == km::MaxSimImpl::Simt {
-            ""
-        } else {
-            "_tc"
+        let tag = match imp {
+            km::MaxSimImpl::TensorCores => "_tc",
+            km::MaxSimImpl::TensorCoresPipelined => "_tcp",
+            km::MaxSimImpl::Simt | km::MaxSimImpl::Auto => "",
         };
         // SAFETY: q [q_len, dim], store [docs * doc_len, dim], offsets [docs + 1], scores [docs].
         let s = time(dev, 1, it, || unsafe {

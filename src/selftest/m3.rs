@@ -148,6 +148,15 @@ pub(super) fn all(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<
             (33, 32, &[7, 0, 40]),
             (32, 1024, &[40, 129]),
             (8, 96, &[16, 15, 0, 33, 1, 2, 3, 4, 5]),
+            // 20 documents: more than the warps of the pipelined scan's grid on the emulator
+            // (2 blocks x 8), so warps walk several; 40 query tokens: two launches.
+            (
+                40,
+                128,
+                &[
+                    16, 0, 17, 1, 33, 15, 2, 0, 64, 5, 31, 16, 48, 3, 0, 9, 70, 1, 2, 20,
+                ],
+            ),
         ]
     } else {
         &[
@@ -165,6 +174,9 @@ pub(super) fn all(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<
         maxsim_docs::<bf16>(&mut c, km::MaxSimImpl::Simt, lq, d, lens);
         if d % 32 == 0 {
             maxsim_docs::<bf16>(&mut c, km::MaxSimImpl::TensorCores, lq, d, lens);
+        }
+        if d % 128 == 0 {
+            maxsim_docs::<bf16>(&mut c, km::MaxSimImpl::TensorCoresPipelined, lq, d, lens);
         }
     }
     // (query texts, q_len, passage texts, p_len, hidden, vocab)
@@ -332,10 +344,10 @@ fn maxsim_docs<T: Store>(
 ) {
     let n = lens.len();
     let shape = format!("q{lq} D{dim} docs {lens:?}");
-    let tc = if imp == km::MaxSimImpl::TensorCores {
-        "_tc"
-    } else {
-        ""
+    let tc = match imp {
+        km::MaxSimImpl::TensorCores => "_tc",
+        km::MaxSimImpl::TensorCoresPipelined => "_tcp",
+        km::MaxSimImpl::Simt | km::MaxSimImpl::Auto => "",
     };
     let k = format!("maxsim_docs{tc}_{}", T::DT.suffix());
     let s = 1.0 / (dim as f32).sqrt();

@@ -347,6 +347,10 @@ impl Launcher for CudaDevice {
         Device::Cuda(self.ordinal)
     }
 
+    fn multiprocessors(&self) -> usize {
+        self.info.sm_count.max(1) as usize
+    }
+
     unsafe fn launch(&self, kernel: &str, cfg: &LaunchConfig, args: &mut KernelArgs) -> Result<()> {
         let f = self.kernels.get(kernel).ok_or_else(|| Error::Unsupported {
             op: format!("kernel {kernel} (not in kernels/*.cu)"),

@@ -149,6 +149,12 @@ impl Launcher for EmuDevice {
         Device::Emu
     }
 
+    /// One: grid-stride kernels then run the fewest blocks, so each warp walks several work
+    /// items (the loop the GPU runs at scale is exercised at selftest sizes).
+    fn multiprocessors(&self) -> usize {
+        1
+    }
+
     unsafe fn launch(&self, kernel: &str, cfg: &LaunchConfig, args: &mut KernelArgs) -> Result<()> {
         let kernel = self
             .substitutes
