@@ -178,6 +178,18 @@ pub struct DeviceGemm {
     pub c: KDType,
 }
 
+/// Device memory as this process's allocator sees it ([`KernelDevice::memory`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes in buffers alive now.
+    pub live: usize,
+    /// Most bytes alive at once since the last [`KernelDevice::reset_memory_peak`].
+    pub peak_live: usize,
+    /// Most bytes that could be alive at once: what is live, plus what the allocator holds
+    /// free, plus what the driver has left (None: no known bound).
+    pub capacity: Option<usize>,
+}
+
 /// A launcher with memory and matrix products: what the selftest and the device engine need from
 /// a device. Every operation is queued in order on the device's one stream.
 pub trait KernelDevice: Launcher {
@@ -220,6 +232,12 @@ pub trait KernelDevice: Launcher {
     fn name(&self) -> String {
         self.device().to_string()
     }
+    /// This device's memory use and bound (None where the device does not count it).
+    fn memory(&self) -> Option<DeviceMemory> {
+        None
+    }
+    /// Restart [`DeviceMemory::peak_live`] from the bytes live now.
+    fn reset_memory_peak(&self) {}
     /// The CUDA stream (`CUstream`) every operation of this device is queued on, for libraries
     /// that enqueue work of their own (NCCL); None off CUDA.
     fn cuda_stream(&self) -> Option<u64> {

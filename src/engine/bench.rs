@@ -895,14 +895,82 @@ impl MaxBatchRow {
     }
 }
 
+/// The search of [`max_batch`] for the largest B in 1..=cap whose step fits: `probe(B)` runs one
+/// step and gives its peak bytes (Some) or None when it ran out of memory; `over()` ends the
+/// search early. Returns (largest B that fitted, smallest B that did not if one was probed).
+///
+/// A step's peak grows with B close to linearly (activations and their gradients; the resident
+/// weights and optimizer state are the constant). With the device's `capacity` known, each next
+/// B is where the line through the two largest fitting probes meets it (a secant step, at most
+/// 64x the largest fit so far); once a B that does not fit is known the guess stays inside the
+/// bracket, and the bracket's midpoint is taken instead whenever the last probe failed or did
+/// not halve it, so the bracket at least halves every two probes. Without a capacity (or with
+/// flat peaks) B doubles, then bisects. Near the answer every probe is a full step of the
+/// largest sizes; the secant needs a few of them where doubling and bisection need ~2 log2(B).
+pub fn search_max_batch(
+    cap: usize,
+    capacity: Option<usize>,
+    over: &dyn Fn() -> bool,
+    probe: &mut dyn FnMut(usize) -> Result<Option<usize>>,
+) -> Result<(usize, Option<usize>)> {
+    let cap = cap.max(1);
+    let (mut good, mut bad): (usize, Option<usize>) = (0, None);
+    // Fitting probes (B, peak bytes), B ascending.
+    let mut fits: Vec<(usize, usize)> = Vec::new();
+    // Whether the next probe inside a bracket should be its midpoint.
+    let mut bisect = false;
+    loop {
+        let next = match bad {
+            Some(hi) if hi - good <= 1 => break,
+            _ if good == cap => break,
+            _ if good >= 1 && over() => break,
+            None if good < 2 => good + 1,
+            _ => {
+                let secant = match (capacity, fits.as_slice()) {
+                    (Some(c), [.., (b1, p1), (b2, p2)]) if p2 > p1 => {
+                        let slope = (p2 - p1) as f64 / (b2 - b1) as f64;
+                        Some(*b2 as f64 + (c as f64 - *p2 as f64) / slope)
+                    }
+                    _ => None,
+                };
+                match (bad, secant) {
+                    (None, Some(e)) => (e.floor().max(0.0) as usize).clamp(good + 1, good * 64),
+                    (None, None) => good * 2,
+                    (Some(hi), Some(e)) if !bisect => {
+                        (e.floor().max(0.0) as usize).clamp(good + 1, hi - 1)
+                    }
+                    (Some(hi), _) => (good + hi) / 2,
+                }
+                .min(cap)
+            }
+        };
+        let width = bad.map(|hi| hi - good);
+        match probe(next)? {
+            Some(peak) => {
+                good = next;
+                fits.push((next, peak));
+            }
+            None => bad = Some(bad.map_or(next, |hi| hi.min(next))),
+        }
+        // Midpoint next unless this probe at least halved the bracket.
+        bisect = match (width, bad) {
+            (Some(w), Some(hi)) => 2 * (hi - good) > w,
+            (None, Some(_)) => true,
+            _ => false,
+        };
+    }
+    Ok((good, bad))
+}
+
 /// The largest batch per device (issue 5 item 5, the paper's Table 10): for each sequence
 /// length and sub-batch size, the largest B such that one M3 training step of B queries and B
 /// passages (group size 1, every text `seq_len` tokens) runs with the encoder, its gradients and
 /// its AdamW state (f32 master weights and moments) resident, as `finetune --device` holds
 /// them, with all three heads and the unified loss with self-distillation (their outputs and
-/// gradients live on the device too). B doubles from 1 until a step runs out of device
-/// memory, then bisects; a cell stops early at `cap` or after `budget_s` seconds (a lower bound
-/// then). Any error other than out-of-memory is returned.
+/// gradients live on the device too). The search is [`search_max_batch`] (B = 1 and 2, a guess
+/// from their peak bytes and the device's capacity, a bracket, a bisection); a cell stops early
+/// at `cap` or after `budget_s` seconds (a lower bound then). Any error other than
+/// out-of-memory is returned.
 pub fn max_batch(
     dev: &dyn KernelDevice,
     config: EncoderConfig,
@@ -951,7 +1019,10 @@ pub fn max_batch_logged(
         for &sub in subs {
             let t0 = Instant::now();
             let mut probes = 0;
-            let mut probe = |b: usize| -> Result<bool> {
+            // The most bytes a step may take (measured now, after the last cell's buffers went
+            // back to the allocator).
+            let capacity = dev.memory().and_then(|m| m.capacity);
+            let mut probe = |b: usize| -> Result<Option<usize>> {
                 probes += 1;
                 let tp = Instant::now();
                 let texts: Vec<Vec<u32>> = (0..b)
@@ -969,6 +1040,7 @@ pub fn max_batch_logged(
                     no_in_batch: false,
                     cross_device: None,
                 };
+                dev.reset_memory_peak();
                 let r = student.device_grads_resident(
                     dev,
                     &denc,
@@ -985,43 +1057,18 @@ pub fn max_batch_logged(
                     Err(crate::Error::OutOfMemory { .. }) => false,
                     Err(e) => return Err(e),
                 };
+                // Peak bytes of the step (weights, gradients and optimizer state included).
+                let peak = dev.memory().map_or(0, |m| m.peak_live);
                 log(&format!(
-                    "seq {seq} sub {sub}: B = {b} {} ({:.1} s)",
+                    "seq {seq} sub {sub}: B = {b} {} ({:.1} s, peak {:.1} MiB)",
                     if fits { "fits" } else { "out of memory" },
-                    tp.elapsed().as_secs_f64()
+                    tp.elapsed().as_secs_f64(),
+                    peak as f64 / (1u64 << 20) as f64
                 ));
-                Ok(fits)
+                Ok(fits.then_some(peak))
             };
-            let over = |t0: &Instant| t0.elapsed().as_secs_f64() > budget_s;
-            // Doubling: `good` fits, `bad` (if found) does not.
-            let (mut good, mut bad) = (0usize, None);
-            let mut b = 1usize;
-            while b <= cap.max(1) {
-                if probe(b)? {
-                    good = b;
-                    if over(&t0) {
-                        break;
-                    }
-                    b *= 2;
-                } else {
-                    bad = Some(b);
-                    break;
-                }
-            }
-            if bad.is_none() && good < cap && !over(&t0) && probe(cap)? {
-                good = cap;
-            }
-            if let Some(mut hi) = bad {
-                while hi - good > 1 && !over(&t0) {
-                    let mid = (good + hi) / 2;
-                    if probe(mid)? {
-                        good = mid;
-                    } else {
-                        hi = mid;
-                    }
-                }
-                bad = Some(hi);
-            }
+            let over = || t0.elapsed().as_secs_f64() > budget_s;
+            let (good, bad) = search_max_batch(cap, capacity, &over, &mut probe)?;
             let lower_bound = match bad {
                 Some(hi) => hi - good > 1,
                 None => true,
@@ -1039,4 +1086,80 @@ pub fn max_batch_logged(
         }
     }
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::search_max_batch;
+    use std::cell::RefCell;
+
+    /// Runs the search against a memory model: a step of B texts peaks at `peak(B)` bytes and
+    /// fits when that is at most `limit`. Returns (good, bad, probes).
+    fn run(
+        cap: usize,
+        limit: usize,
+        known: bool,
+        peak: impl Fn(usize) -> usize,
+    ) -> (usize, Option<usize>, Vec<usize>) {
+        let seen = RefCell::new(Vec::new());
+        let mut probe = |b: usize| {
+            seen.borrow_mut().push(b);
+            let p = peak(b);
+            Ok((p <= limit).then_some(p))
+        };
+        let (good, bad) =
+            search_max_batch(cap, known.then_some(limit), &|| false, &mut probe).unwrap();
+        (good, bad, seen.into_inner())
+    }
+
+    /// The true answer: the largest B <= cap with peak(B) <= limit.
+    fn truth(cap: usize, limit: usize, peak: impl Fn(usize) -> usize) -> usize {
+        (1..=cap)
+            .take_while(|&b| peak(b) <= limit)
+            .last()
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn finds_the_exact_bound_for_linear_and_curved_memory() {
+        let linear = |b: usize| 5_000 + 37 * b;
+        let curved = |b: usize| 5_000 + 37 * b + b * b / 40; // attention-like growth
+        let stepped = |b: usize| 5_000 + 64 * b.div_ceil(8) * 8; // bucket rounding
+        for known in [true, false] {
+            for limit in [5_036, 5_100, 9_999, 20_000, 60_000] {
+                for cap in [1, 2, 3, 100, 5_000] {
+                    for (name, m) in [
+                        ("linear", &linear as &dyn Fn(usize) -> usize),
+                        ("curved", &curved),
+                        ("stepped", &stepped),
+                    ] {
+                        let (good, bad, seen) = run(cap, limit, known, m);
+                        let want = truth(cap, limit, m);
+                        assert_eq!(good, want, "{name} cap {cap} limit {limit} known {known}");
+                        match bad {
+                            Some(b) => assert_eq!(b, want + 1, "{name}: {seen:?}"),
+                            None => assert_eq!(good, cap, "{name}: {seen:?}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// With the capacity known, the probes near the answer (the expensive ones) are fewer than
+    /// doubling + bisection needs.
+    #[test]
+    fn a_known_capacity_saves_probes_at_scale() {
+        let curved = |b: usize| 5_000 + 37 * b + b * b / 40;
+        let limit = 2_000_000;
+        let want = truth(100_000, limit, curved);
+        let big = |seen: &[usize]| seen.iter().filter(|&&b| b * 2 >= want).count();
+        let (g1, _, guided) = run(100_000, limit, true, curved);
+        let (g2, _, doubling) = run(100_000, limit, false, curved);
+        assert_eq!((g1, g2), (want, want));
+        assert!(
+            big(&guided) < big(&doubling),
+            "guided {guided:?} vs doubling {doubling:?}"
+        );
+    }
 }

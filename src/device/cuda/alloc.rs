@@ -40,6 +40,8 @@ pub struct PoolStats {
     pub cached_bytes: usize,
     /// Highest `live_bytes + cached_bytes` seen (what the driver has given us at most).
     pub peak_bytes: usize,
+    /// Highest `live_bytes` since the pool began or since the last `reset_peak_live`.
+    pub peak_live_bytes: usize,
     /// cuMemAlloc calls.
     pub driver_allocs: usize,
     /// Requests served from a free list.
@@ -99,6 +101,7 @@ impl CachingAllocator {
             if ptr.is_some() {
                 st.stats.cached_bytes -= size;
                 st.stats.live_bytes += size;
+                st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes);
                 st.stats.reuses += 1;
             }
             ptr
@@ -151,6 +154,7 @@ impl CachingAllocator {
         let mut st = self.lock();
         st.stats.driver_allocs += 1;
         st.stats.live_bytes += size;
+        st.stats.peak_live_bytes = st.stats.peak_live_bytes.max(st.stats.live_bytes);
         st.stats.peak_bytes = st
             .stats
             .peak_bytes
@@ -184,6 +188,12 @@ impl CachingAllocator {
             unsafe { result::free_sync(p) }.map_err(|e| driver_error("cuMemFree", e))?;
         }
         Ok(())
+    }
+
+    /// Restart `peak_live_bytes` from the bytes live now.
+    pub fn reset_peak_live(&self) {
+        let mut st = self.lock();
+        st.stats.peak_live_bytes = st.stats.live_bytes;
     }
 
     pub fn stats(&self) -> PoolStats {

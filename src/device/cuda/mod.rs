@@ -19,7 +19,7 @@ pub use blas::Blas;
 pub use registry::{arch_coverage, build_archs, ArchUse};
 
 use crate::device::launch::{
-    DevBuf, DevPtr, DeviceGemm, KernelArgs, KernelDevice, LaunchConfig, Launcher,
+    DevBuf, DevPtr, DeviceGemm, DeviceMemory, KernelArgs, KernelDevice, LaunchConfig, Launcher,
 };
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -428,6 +428,25 @@ impl KernelDevice for CudaDevice {
 
     fn alloc_zeroed(&self, bytes: usize) -> Result<DevBuf> {
         self.alloc_zeros(bytes)
+    }
+
+    fn memory(&self) -> Option<DeviceMemory> {
+        let st = self.pool.stats();
+        // What the driver has left, plus what this process holds (live and cached blocks).
+        let free = self
+            .bind()
+            .ok()
+            .and_then(|()| result::mem_get_info().ok())
+            .map(|(free, _total)| free);
+        Some(DeviceMemory {
+            live: st.live_bytes,
+            peak_live: st.peak_live_bytes,
+            capacity: free.map(|f| f + st.live_bytes + st.cached_bytes),
+        })
+    }
+
+    fn reset_memory_peak(&self) {
+        self.pool.reset_peak_live();
     }
 
     fn alloc(&self, bytes: usize) -> Result<DevBuf> {

@@ -6,7 +6,8 @@ pub mod host;
 
 use crate::device::cpu::gemm::sgemm;
 use crate::device::launch::{
-    DevBuf, DevPtr, DeviceGemm, KDType, KernelArgs, KernelDevice, LaunchConfig, Launcher,
+    DevBuf, DevPtr, DeviceGemm, DeviceMemory, KDType, KernelArgs, KernelDevice, LaunchConfig,
+    Launcher,
 };
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -60,6 +61,8 @@ pub struct EmuDevice {
     /// shared by every buffer of this device: lets tests drive the out-of-memory paths.
     limit: Option<usize>,
     live: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Most bytes live at once since the last `reset_memory_peak`.
+    peak: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// An emulated allocation: its storage, and the live-byte count it gives back when dropped.
@@ -98,6 +101,7 @@ impl EmuDevice {
                 .ok()
                 .and_then(|v| v.parse().ok()),
             live: Default::default(),
+            peak: Default::default(),
         }
     }
 
@@ -119,6 +123,7 @@ impl EmuDevice {
                 detail: format!("{} bytes live of a {limit}-byte limit", now - bytes),
             });
         }
+        self.peak.fetch_max(now, Ordering::SeqCst);
         let mut store = vec![0u128; bytes.div_ceil(16).max(1)];
         let ptr = DevPtr(store.as_mut_ptr() as u64);
         Ok((
@@ -217,6 +222,21 @@ impl KernelDevice for EmuDevice {
     fn alloc_zeroed(&self, bytes: usize) -> Result<DevBuf> {
         let (ptr, alloc) = self.take(bytes)?;
         Ok(DevBuf::new(ptr, bytes, Box::new(alloc)))
+    }
+
+    fn memory(&self) -> Option<DeviceMemory> {
+        use std::sync::atomic::Ordering;
+        Some(DeviceMemory {
+            live: self.live.load(Ordering::SeqCst),
+            peak_live: self.peak.load(Ordering::SeqCst),
+            capacity: self.limit,
+        })
+    }
+
+    fn reset_memory_peak(&self) {
+        use std::sync::atomic::Ordering;
+        self.peak
+            .store(self.live.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     unsafe fn write(&self, dst: DevPtr, bytes: &[u8]) -> Result<()> {
