@@ -305,6 +305,22 @@ __device__ __forceinline__ void md_load_query(unsigned* qs, const bf16* __restri
     __syncthreads();
 }
 
+// One 32-wide D chunk c of a 16-row document tile into the scores against the nb n-blocks of the
+// shared query tile: a and b are this lane's 16 bytes of rows g and g + 8 (the k-permuted A
+// fragments of two k-steps, see above), the query's B fragments one 16-byte shared load each.
+__device__ __forceinline__ void md_chunk_mma(float acc[4][4], uint4 a, uint4 b, const unsigned* qs,
+                                             int sw, int c, int g, int qd, int nb) {
+    const unsigned a0[4] = {a.x, b.x, a.y, b.y};
+    const unsigned a1[4] = {a.z, b.z, a.w, b.w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+        if (j >= nb) break;  // warp-uniform
+        const uint4 y = *reinterpret_cast<const uint4*>(qs + (8 * j + g) * sw + c * 16 + qd * 4);
+        mma_bf16_16816(acc[j], a0, y.x, y.y);
+        mma_bf16_16816(acc[j], a1, y.z, y.w);
+    }
+}
+
 // Folds one 16-row tile's scores (acc: C fragments, rows g and g + 8 real when va / vb) into the
 // running max per query column: over the rows, then across the 8 g of the warp.
 __device__ __forceinline__ void md_tile_max(float best[4][2], const float acc[4][4], bool va,
@@ -391,16 +407,7 @@ __device__ __forceinline__ void maxsim_docs_tc_impl(const bf16* __restrict__ q, 
                     ra[i] = va ? pa[cn * 4] : zero;
                     rb[i] = vb ? pb[cn * 4] : zero;
                 }
-                const unsigned a0[4] = {a.x, b.x, a.y, b.y};
-                const unsigned a1[4] = {a.z, b.z, a.w, b.w};
-#pragma unroll
-                for (int j = 0; j < 4; ++j) {
-                    if (j >= nb) break;  // warp-uniform
-                    const uint4 y = *reinterpret_cast<const uint4*>(qs + (8 * j + g) * sw +
-                                                                    c * 16 + qd * 4);
-                    mma_bf16_16816(acc[j], a0, y.x, y.y);
-                    mma_bf16_16816(acc[j], a1, y.z, y.w);
-                }
+                md_chunk_mma(acc, a, b, qs, sw, c, g, qd, nb);
             }
         }
         md_tile_max(best, acc, va, vb);
@@ -466,17 +473,7 @@ __device__ __forceinline__ void maxsim_docs_tcp_impl(const bf16* __restrict__ q,
                     const uint4 a = ra[i], b = rb[i];
                     ra[i] = la ? pa[4 * i] : zero;
                     rb[i] = lb ? pb[4 * i] : zero;
-                    const int c = c0 + i;
-                    const unsigned a0[4] = {a.x, b.x, a.y, b.y};
-                    const unsigned a1[4] = {a.z, b.z, a.w, b.w};
-#pragma unroll
-                    for (int j = 0; j < 4; ++j) {
-                        if (j >= nb) break;  // warp-uniform
-                        const uint4 y = *reinterpret_cast<const uint4*>(qs + (8 * j + g) * sw +
-                                                                        c * 16 + qd * 4);
-                        mma_bf16_16816(acc[j], a0, y.x, y.y);
-                        mma_bf16_16816(acc[j], a1, y.z, y.w);
-                    }
+                    md_chunk_mma(acc, a, b, qs, sw, c0 + i, g, qd, nb);
                 }
             }
             md_tile_max(best, acc, t * 16 + g < len, t * 16 + g + 8 < len);
