@@ -27,7 +27,9 @@
 #   profile    (PROFILE=1 only) ncu on the tensor-core attention kernels at S=512, one launch each
 # Env: OUT (logs), SEED, BUDGET (seconds, default 470), SANITIZE=0 skips the two sanitizer steps
 # (SANITIZE=memcheck or racecheck runs that one only), TORCH=0 skips the PyTorch baseline, QS_LIMIT
-# caps the quickstart step (seconds, default 240), QS_PRETRAIN_STEPS / QS_FINETUNE_STEPS shorten it.
+# caps the quickstart step (seconds, default 240), QS_PRETRAIN_STEPS / QS_FINETUNE_STEPS shorten it,
+# ONLY=step,step,... runs just those steps (e.g. ONLY=version,maxbatch MAXBATCH_BWD=tc for a call
+# of its own; env always runs).
 # The sanitizers run last.
 # Logs go to $OUT/<step>.log, the table to $OUT/summary.md (also printed). Exit status 0 when no
 # step failed; otherwise 1 and a line naming the failed steps. A skipped step says why.
@@ -54,6 +56,9 @@ run_step() {
   local left=$(( BUDGET - ($(date +%s) - T_START) ))
   (( limit > left )) && limit=$left
   STEP_SKIPPED=0 STEP_SECS=0
+  if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then
+    row "$name" SKIP 0 "not in ONLY=$ONLY"; STEP_SKIPPED=1; STEP_RC=0; return
+  fi
   if (( limit < 10 )); then
     row "$name" "SKIP" 0 "out of time budget (${BUDGET}s)"; STEP_SKIPPED=1; STEP_RC=0; return
   fi
@@ -176,8 +181,14 @@ if [ "${MAXBATCH:-1}" = 0 ]; then
 else
   # Memory, not speed, is measured, but each probe is a full step: the tensor-core attention
   # backward (once this call's selftest passed) makes the large ones several times shorter.
+  # MAXBATCH_BWD=tc|cc picks it outright (a call that runs maxbatch alone, ONLY=maxbatch, after
+  # an earlier call's selftest passed).
   MB_ENV=()
-  grep -q "rows passed" "$OUT/selftest.log" 2>/dev/null && MB_ENV=(RETROM3_ATTN_BWD=tc)
+  if [ -n "${MAXBATCH_BWD:-}" ]; then
+    MB_ENV=(RETROM3_ATTN_BWD="$MAXBATCH_BWD")
+  elif grep -q "rows passed" "$OUT/selftest.log" 2>/dev/null; then
+    MB_ENV=(RETROM3_ATTN_BWD=tc)
+  fi
   run_step maxbatch "${MAXBATCH_LIMIT:-170}" env "${MB_ENV[@]}" "$BIN" bench max-batch --device cuda \
     --seq-lens 1024,4096,8192 --sub-batch 0,16 --budget-s "${MAXBATCH_CELL_S:-20}" \
     --json "$OUT/max_batch.jsonl"
@@ -195,7 +206,7 @@ else
   run_step quickstart "${QS_LIMIT:-240}" "$BIN" quickstart --device cuda --data "$ROOT/data/demo" \
     --output "$QS_DIR" "${QS_ARGS[@]}"
   cp "$QS_DIR/summary.md" "$OUT/quickstart_summary.md" 2>/dev/null
-  finish_step quickstart "$(grep -E 'test queries|error' "$OUT/quickstart.log" | tail -1 | cut -c1-140)"
+  finish_step quickstart "$(grep -E 'test queries|error' "$OUT/quickstart.log" 2>/dev/null | tail -1 | cut -c1-140)"
 fi
 
 # ---- compute-sanitizer on the quick selftest ----------------------------------------------------
