@@ -56,11 +56,13 @@ run_step() {
   local left=$(( BUDGET - ($(date +%s) - T_START) ))
   (( limit > left )) && limit=$left
   STEP_SKIPPED=0 STEP_SECS=0
+  # A skipped step leaves an empty log, so the summaries that read it find nothing quietly.
   if [ -n "${ONLY:-}" ] && [[ ",$ONLY," != *",$name,"* ]]; then
-    row "$name" SKIP 0 "not in ONLY=$ONLY"; STEP_SKIPPED=1; STEP_RC=0; return
+    row "$name" SKIP 0 "not in ONLY=$ONLY"; STEP_SKIPPED=1; STEP_RC=0; : >"$OUT/$name.log"; return
   fi
   if (( limit < 10 )); then
-    row "$name" "SKIP" 0 "out of time budget (${BUDGET}s)"; STEP_SKIPPED=1; STEP_RC=0; return
+    row "$name" "SKIP" 0 "out of time budget (${BUDGET}s)"; STEP_SKIPPED=1; STEP_RC=0
+    : >"$OUT/$name.log"; return
   fi
   note "[$name] $* (limit ${limit}s)"
   local t0=$(date +%s)
