@@ -25,6 +25,7 @@
 #              and M3 fine-tuning (encoder + heads on the GPU, losses on the host), then
 #              evaluation; QUICKSTART=0 skips it
 #   profile    (PROFILE=1 only) ncu on the tensor-core attention kernels at S=512, one launch each
+#   nsys       (PROFILE=1 only) Nsight Systems' kernel summary of one RetroMAE step (bge-m3 size)
 # Env: OUT (logs), SEED, BUDGET (seconds, default 470), SANITIZE=0 skips the two sanitizer steps
 # (SANITIZE=memcheck or racecheck runs that one only), TORCH=0 skips the PyTorch baseline, QS_LIMIT
 # caps the quickstart step (seconds, default 240), QS_PRETRAIN_STEPS / QS_FINETUNE_STEPS shorten it,
@@ -164,6 +165,22 @@ if [ "${PROFILE:-0}" = 1 ]; then
       --section InstructionStats --section MemoryWorkloadAnalysis \
       "$BIN" bench kernels --device cuda --attention-only --seq-lens 512 --iters 1
     finish_step profile "$(grep -cE '^  attention_' "$OUT/profile.log" 2>/dev/null) kernel reports in profile.log"
+  fi
+fi
+
+# ---- optional: Nsight Systems on one RetroMAE step (PROFILE=1) ------------------------------------
+# Where the RetroMAE step's time goes beyond the encoder's (0.9 s vs 0.54 s per step at B32 S512 in
+# session 5): the per-kernel summary of one `bench model --rows retromae` run goes to nsys.log.
+if [ "${PROFILE:-0}" = 1 ]; then
+  NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+  if [ -z "$NSYS" ]; then
+    row nsys SKIP 0 "nsys not found"
+  else
+    run_step nsys 150 "$NSYS" profile --trace=cuda --stats=true --force-overwrite=true \
+      -o "$OUT/retromae" "$BIN" bench model --device cuda --batch 32 --seq 512 --iters 1 \
+      --rows retromae
+    rm -f "$OUT/retromae.nsys-rep" "$OUT/retromae.sqlite"
+    finish_step nsys "$(grep -A6 'cuda_gpu_kern_sum' "$OUT/nsys.log" 2>/dev/null | tail -3 | awk '{printf "%s%% %s; ", $1, $NF}' | cut -c1-200)"
   fi
 fi
 

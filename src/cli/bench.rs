@@ -115,6 +115,10 @@ pub struct BenchModelArgs {
     /// Storage type: bf16 (default) or f32.
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
+    /// Only these rows, comma-separated: encode, train, m3, retromae (default: all; e.g. one
+    /// row under a profiler).
+    #[arg(long, value_delimiter = ',')]
+    pub rows: Vec<bench::ModelRow>,
     #[arg(long)]
     pub json: Option<PathBuf>,
 }
@@ -290,7 +294,7 @@ fn model(a: BenchModelArgs) -> Result<()> {
     let cfg = a.model.config(a.seq)?;
     let dev = engine::open(a.model.device)?;
     println!("device: {}", dev.name());
-    let rows = bench::model(&*dev, cfg, a.batch, a.seq, a.iters, dt)?;
+    let rows = bench::model(&*dev, cfg, a.batch, a.seq, a.iters, dt, &a.rows)?;
     report(&rows, a.json.as_ref())
 }
 

@@ -129,11 +129,7 @@ pub fn kernels_streaming(
     cfg: &KernelBenchCfg,
     on_row: &mut dyn FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>> {
-    let devname = match dev.device() {
-        crate::Device::Cuda(_) => "cuda",
-        crate::Device::Emu => "emu",
-        crate::Device::Cpu => "cpu",
-    };
+    let devname = devname(dev);
     let peak = cfg.card.as_deref().and_then(bf16_peak_tflops);
     let it = cfg.iters;
     let mut rows = Rows {
@@ -680,17 +676,15 @@ pub fn model(
     seq: usize,
     iters: usize,
     dt: KDType,
+    only: &[ModelRow],
 ) -> Result<Vec<BenchRow>> {
-    let devname = match dev.device() {
-        crate::Device::Cuda(_) => "cuda",
-        crate::Device::Emu => "emu",
-        crate::Device::Cpu => "cpu",
-    };
+    let want = |r: ModelRow| only.is_empty() || only.contains(&r);
+    let devname = devname(dev);
     let shape = format!(
         "l{}_h{}_v{}_b{batch}_s{seq}",
         config.num_hidden_layers, config.hidden_size, config.vocab_size
     );
-    use crate::model::m3_train::{fresh_heads, KdLoss, M3Batch, M3LossConfig, M3Student};
+    use crate::model::m3_train::{fresh_heads, M3Student};
     let vocab = config.vocab_size;
     let hidden = config.hidden_size;
     let student = M3Student::new(fast_random_encoder(config, 7)?, &fresh_heads(hidden, 1)?)?;
@@ -704,34 +698,93 @@ pub fn model(
         .collect();
     let input = EncoderInput::pad(&seqs, 1);
     let tokens = (batch * seq) as f64;
-    let s = time(dev, 1, iters, || {
-        denc.forward(dev, &input, None, false).map(|_| ())
-    })?;
-    let mut rows = vec![BenchRow {
-        name: format!("{devname}_encode_{}_{shape}", dt.suffix()),
-        seconds_per_iter: s,
-        tflops: None,
-        gbps: None,
-        of_peak: None,
-        tokens_per_s: Some(tokens / s),
-    }];
+    let mut rows = Vec::new();
+    if want(ModelRow::Encode) {
+        let s = time(dev, 1, iters, || {
+            denc.forward(dev, &input, None, false).map(|_| ())
+        })?;
+        rows.push(BenchRow {
+            name: format!("{devname}_encode_{}_{shape}", dt.suffix()),
+            seconds_per_iter: s,
+            tflops: None,
+            gbps: None,
+            of_peak: None,
+            tokens_per_s: Some(tokens / s),
+        });
+    }
     let grads = denc.zero_grads(dev)?;
-    let dh = fill(dev, batch * seq * denc.config.hidden_size, dt, 3)?;
-    let s2 = time(dev, 1, iters, || {
-        let f = denc.forward(dev, &input, None, true)?;
-        denc.backward(dev, f, &dh, &grads)
-    })?;
-    rows.push(BenchRow {
-        name: format!("{devname}_train_fwdbwd_{}_{shape}", dt.suffix()),
-        seconds_per_iter: s2,
-        tflops: None,
-        gbps: None,
-        of_peak: None,
-        tokens_per_s: Some(tokens / s2),
-    });
-    drop(dh);
-    // One M3 unified training step (all three heads and their losses, self-distillation):
-    // batch / 4 queries of min(seq, 64) tokens, each with a group of 4 passages of seq tokens.
+    if want(ModelRow::Train) {
+        let dh = fill(dev, batch * seq * denc.config.hidden_size, dt, 3)?;
+        let s2 = time(dev, 1, iters, || {
+            let f = denc.forward(dev, &input, None, true)?;
+            denc.backward(dev, f, &dh, &grads)
+        })?;
+        rows.push(BenchRow {
+            name: format!("{devname}_train_fwdbwd_{}_{shape}", dt.suffix()),
+            seconds_per_iter: s2,
+            tflops: None,
+            gbps: None,
+            of_peak: None,
+            tokens_per_s: Some(tokens / s2),
+        });
+    }
+    if want(ModelRow::M3) {
+        rows.push(m3_row(dev, &student, &denc, &grads, batch, seq, iters, dt)?);
+    }
+    drop(grads);
+    if want(ModelRow::RetroMae) {
+        rows.push(retromae_row(
+            dev,
+            &student.encoder()?,
+            batch,
+            seq,
+            iters,
+            dt,
+        )?);
+    }
+    Ok(rows)
+}
+
+/// The device's name in row names.
+fn devname(dev: &dyn KernelDevice) -> &'static str {
+    match dev.device() {
+        crate::Device::Cuda(_) => "cuda",
+        crate::Device::Emu => "emu",
+        crate::Device::Cpu => "cpu",
+    }
+}
+
+/// The rows of [`model`] (all of them when none is named).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModelRow {
+    /// Encoder forward (inference).
+    Encode,
+    /// Encoder forward + backward.
+    Train,
+    /// One M3 unified training step.
+    M3,
+    /// One RetroMAE pre-training step.
+    #[value(name = "retromae")]
+    RetroMae,
+}
+
+/// One M3 unified training step (all three heads and their losses, self-distillation):
+/// batch / 4 queries of min(seq, 64) tokens, each with a group of 4 passages of seq tokens.
+#[allow(clippy::too_many_arguments)]
+fn m3_row(
+    dev: &dyn KernelDevice,
+    student: &crate::model::m3_train::M3Student,
+    denc: &DeviceEncoder,
+    grads: &[DBuf],
+    batch: usize,
+    seq: usize,
+    iters: usize,
+    dt: KDType,
+) -> Result<BenchRow> {
+    use crate::model::m3_train::{KdLoss, M3Batch, M3LossConfig};
+    let devname = devname(dev);
+    let vocab = denc.config.vocab_size;
+    let hidden = denc.config.hidden_size;
     let (bq, group, ql) = ((batch / 4).max(1), 4, seq.min(64));
     let text = |i: usize, len: usize| -> Vec<u32> {
         (0..len)
@@ -757,10 +810,10 @@ pub fn model(
     let drop_ids = [0u32, 1, 2, 3];
     let s3 = time(dev, 1, iters, || {
         student
-            .device_grads_resident(dev, &denc, &grads, &m3, &loss, None, &drop_ids, None, 0)
+            .device_grads_resident(dev, denc, grads, &m3, &loss, None, &drop_ids, None, 0)
             .map(|_| ())
     })?;
-    rows.push(BenchRow {
+    Ok(BenchRow {
         name: format!(
             "{devname}_m3_step_{}_l{}_h{hidden}_q{bq}x{ql}_p{}x{seq}",
             dt.suffix(),
@@ -772,17 +825,7 @@ pub fn model(
         gbps: None,
         of_peak: None,
         tokens_per_s: Some((bq * ql + bq * group * seq) as f64 / s3),
-    });
-    drop(grads);
-    rows.push(retromae_row(
-        dev,
-        &student.encoder()?,
-        batch,
-        seq,
-        iters,
-        dt,
-    )?);
-    Ok(rows)
+    })
 }
 
 /// One RetroMAE training step (`engine::retromae::retromae_step`: encoder + MLM head, both
@@ -850,11 +893,7 @@ fn retromae_row(
         )
         .map(|_| ())
     })?;
-    let devname = match dev.device() {
-        crate::Device::Cuda(_) => "cuda",
-        crate::Device::Emu => "emu",
-        crate::Device::Cpu => "cpu",
-    };
+    let devname = devname(dev);
     Ok(BenchRow {
         name: format!(
             "{devname}_retromae_step_{}_l{}_h{}_b{batch}x{}",
