@@ -409,7 +409,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_impl(
 
 // ---- forward on tensor cores (bf16) --------------------------------------------------------------
 // FlashAttention-2's forward on mma.sync.m16n8k16 (common.cuh): a block of 4 warps owns 64 query
-// rows, each warp 16; K and V tiles of 64 keys are staged in shared memory as bf16. Per tile a
+// rows, each warp 16; K and V tiles of 64 keys are staged in shared memory as bf16 (16-byte loads
+// and stores: 8 per thread and tile at D = 64, where 4-byte ones took 32). Per tile a
 // warp computes S = Q Kᵀ (16 x 64, f32 accumulators: D/16 k-steps x 8 n-tiles), applies the mask
 // and the online softmax on its accumulator fragments (a row's 64 scores live in one quad of 4
 // lanes: two shuffles reduce them), turns P into bf16 A fragments in registers (the C layout of
@@ -427,6 +428,45 @@ constexpr int kTcRows = 64;  // query rows per block (4 warps x 16)
 constexpr int kTcKeys = 64;  // keys per shared tile
 template <int D>
 constexpr int kTcMaskTiles = D >= 128 ? 16 : 32;
+
+// 16 rows (r0 = row g, r1 = row g + 8 of the warp's 16) of head h of a [B, n, H*D] bf16 tensor as
+// mma A fragments (zeros past n).
+template <int D>
+__device__ __forceinline__ void tc_load_a(unsigned a[D / 16][4], const unsigned short* t, int b,
+                                          int h, int heads, int n, int r0, int qd) {
+    const long long w = (long long)heads * D;
+    const unsigned short* p0 = t + ((long long)b * n + r0) * w + (long long)h * D;
+    const unsigned short* p1 = p0 + 8 * w;
+    auto ld2 = [](const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); };
+#pragma unroll
+    for (int ks = 0; ks < D / 16; ++ks) {
+        const int c = ks * 16 + 2 * qd;
+        a[ks][0] = r0 < n ? ld2(p0 + c) : 0u;
+        a[ks][1] = r0 + 8 < n ? ld2(p1 + c) : 0u;
+        a[ks][2] = r0 < n ? ld2(p0 + c + 8) : 0u;
+        a[ks][3] = r0 + 8 < n ? ld2(p1 + c + 8) : 0u;
+    }
+}
+
+
+// `rows` token rows (from row0) of head h of a [B, n, H*D] bf16 tensor into a shared [rows][LDS]
+// bf16 tile (zeros past n), 16 bytes (8 elements) per load and store: the tensor must be 16-byte
+// aligned (the launchers check; rows are H*D elements apart, D % 8 == 0) and LDS % 8 == 0.
+template <int D, int LDS>
+__device__ __forceinline__ void tc_load_tile(unsigned short* dst, const unsigned short* src, int b,
+                                             int h, int heads, int n, int row0, int rows) {
+    static_assert(D % 8 == 0 && LDS % 8 == 0, "16-byte rows");
+    const long long w = (long long)heads * D;
+    const uint4 zero = {0u, 0u, 0u, 0u};
+    for (int e = threadIdx.x; e < rows * D / 8; e += blockDim.x) {
+        const int r = e / (D / 8), c = 8 * (e % (D / 8)), t = row0 + r;
+        const uint4 val =
+            t < n ? *reinterpret_cast<const uint4*>(src + ((long long)b * n + t) * w +
+                                                    (long long)h * D + c)
+                  : zero;
+        *reinterpret_cast<uint4*>(&dst[r * LDS + c]) = val;
+    }
+}
 
 // The two-stream visibility of a thread's 32 C-fragment scores of a 64-key tile: bit nt * 4 + e is
 // (row e < 2 ? r0 : r0 + 8, key j0 + nt * 8 + 2 qd + (e & 1)). Padding and keys past Lk are the
@@ -494,25 +534,11 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     const unsigned short* q16 = reinterpret_cast<const unsigned short*>(q);
     const unsigned short* k16 = reinterpret_cast<const unsigned short*>(k);
     const unsigned short* v16 = reinterpret_cast<const unsigned short*>(v);
-    auto ld2 = [](const unsigned short* p) {  // two bf16 at an even offset
-        return *reinterpret_cast<const unsigned*>(p);
-    };
     for (int hh = 0; hh < hpb; ++hh) {
         const int h = blockIdx.y * hpb + hh, bh = b * heads + h;
         const bool draw = !cache || hh == 0;  // this head draws the two-stream mask
         unsigned qa[KS][4];
-        {
-            const unsigned short* q0 = q16 + ((long long)b * lq + r0) * w + (long long)h * D;
-            const unsigned short* q1 = q16 + ((long long)b * lq + r1) * w + (long long)h * D;
-#pragma unroll
-            for (int ks = 0; ks < KS; ++ks) {
-                const int c = ks * 16 + 2 * qd;
-                qa[ks][0] = r0 < lq ? ld2(q0 + c) : 0u;
-                qa[ks][1] = r1 < lq ? ld2(q1 + c) : 0u;
-                qa[ks][2] = r0 < lq ? ld2(q0 + c + 8) : 0u;
-                qa[ks][3] = r1 < lq ? ld2(q1 + c + 8) : 0u;
-            }
-        }
+        tc_load_a<D>(qa, q16, b, h, heads, lq, r0, qd);
         const float sl2 = scale * kLog2e;
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
         float o[OT][4];
@@ -522,13 +548,8 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
         for (int t = 0; t < tiles; ++t) {
             const int j0 = t * kTcKeys;
             __syncthreads();  // the previous tile's readers are done
-            for (int e = threadIdx.x; e < kTcKeys * D / 2; e += blockDim.x) {
-                const int r = e / (D / 2), c = 2 * (e % (D / 2)), j = j0 + r;
-                const long long off = ((long long)b * lk + j) * w + (long long)h * D + c;
-                const unsigned kv = j < lk ? ld2(k16 + off) : 0u, vv = j < lk ? ld2(v16 + off) : 0u;
-                *reinterpret_cast<unsigned*>(&sk[r * LDS + c]) = kv;
-                *reinterpret_cast<unsigned*>(&sv[r * LDS + c]) = vv;
-            }
+            tc_load_tile<D, LDS>(sk, k16, b, h, heads, lk, j0, kTcKeys);
+            tc_load_tile<D, LDS>(sv, v16, b, h, heads, lk, j0, kTcKeys);
             for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
                 const int j = j0 + r;
                 const long long bj = (long long)b * lk + j;
@@ -678,40 +699,6 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
 // P and dS are rounded to bf16 before their products (as FlashAttention does); everything else
 // accumulates in f32. D = 128 keeps the CUDA-core kernels (the accumulators would not fit).
 constexpr int kTcBwdQ = 32;  // query rows per shared tile of the dK/dV kernel
-
-// 16 rows (r0 = row g, r1 = row g + 8 of the warp's 16) of head h of a [B, n, H*D] bf16 tensor as
-// mma A fragments (zeros past n).
-template <int D>
-__device__ __forceinline__ void tc_load_a(unsigned a[D / 16][4], const unsigned short* t, int b,
-                                          int h, int heads, int n, int r0, int qd) {
-    const long long w = (long long)heads * D;
-    const unsigned short* p0 = t + ((long long)b * n + r0) * w + (long long)h * D;
-    const unsigned short* p1 = p0 + 8 * w;
-    auto ld2 = [](const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); };
-#pragma unroll
-    for (int ks = 0; ks < D / 16; ++ks) {
-        const int c = ks * 16 + 2 * qd;
-        a[ks][0] = r0 < n ? ld2(p0 + c) : 0u;
-        a[ks][1] = r0 + 8 < n ? ld2(p1 + c) : 0u;
-        a[ks][2] = r0 < n ? ld2(p0 + c + 8) : 0u;
-        a[ks][3] = r0 + 8 < n ? ld2(p1 + c + 8) : 0u;
-    }
-}
-
-// `rows` token rows (from row0) of head h into a shared [rows][LDS] bf16 tile (zeros past n).
-template <int D, int LDS>
-__device__ __forceinline__ void tc_load_tile(unsigned short* dst, const unsigned short* src, int b,
-                                             int h, int heads, int n, int row0, int rows) {
-    const long long w = (long long)heads * D;
-    for (int e = threadIdx.x; e < rows * D / 2; e += blockDim.x) {
-        const int r = e / (D / 2), c = 2 * (e % (D / 2)), t = row0 + r;
-        const unsigned val =
-            t < n ? *reinterpret_cast<const unsigned*>(src + ((long long)b * n + t) * w +
-                                                       (long long)h * D + c)
-                  : 0u;
-        *reinterpret_cast<unsigned*>(&dst[r * LDS + c]) = val;
-    }
-}
 
 // C[16 x 8·NT] += A (16 x D, fragments) · Bᵀ, B's rows [8·NT][D] in shared memory (row-major).
 template <int D, int NT, int LDS>

@@ -147,3 +147,88 @@ fn tensor_core_backward_in_the_whole_model_rows() {
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("RETROM3_ATTN_BWD=\"fast\""), "{err}");
 }
+
+/// The tensor-core attention kernels load K/V (and Q/dO) tiles 16 bytes at a time: a q, k or v
+/// that is only 8-byte aligned is refused by name when the tensor cores are asked for, and the
+/// default path (`attention_fwd`) takes the CUDA-core kernel for it, with the same output as on
+/// aligned copies of the inputs.
+#[test]
+fn misaligned_attention_inputs_avoid_the_tensor_cores() {
+    use half::bf16;
+    use retrom3::device::cpu::attention::AttnDims;
+    use retrom3::device::kernels::{self as k, AttnImpl, AttnKernelMask};
+    use retrom3::device::launch::{DevPtr, KDType, KernelDevice};
+    let dev = EmuDevice::new();
+    // One head of D = 32: a row is 64 bytes, so the view from element 4 is 8-byte aligned only.
+    let d = AttnDims {
+        batch: 1,
+        q_len: 5,
+        k_len: 7,
+        heads: 1,
+        head_dim: 32,
+    };
+    let vals = |n: usize, s: f32| -> Vec<bf16> {
+        (0..n)
+            .map(|i| bf16::from_f32((i as f32 * s).sin() * 0.5))
+            .collect()
+    };
+    let up = |v: &[bf16], pad: usize| {
+        let mut p = vec![bf16::ZERO; pad];
+        p.extend_from_slice(v);
+        dev.upload(bytemuck::cast_slice(&p)).unwrap()
+    };
+    let (q, kk, v) = (vals(5 * 32, 0.37), vals(7 * 32, 0.91), vals(7 * 32, 1.3));
+    let mask = AttnKernelMask::KeyPadding {
+        key_mask: DevPtr::NULL,
+    };
+    let run = |imp: Option<AttnImpl>, pad: usize| {
+        let (bq, bk, bv) = (up(&q, pad), up(&kk, pad), up(&v, pad));
+        let at = |b: &retrom3::device::launch::DevBuf| DevPtr(b.ptr.0 + 2 * pad as u64);
+        let out = dev.alloc_zeroed(5 * 32 * 2).unwrap();
+        let lse = dev.alloc_zeroed(5 * 4).unwrap();
+        // SAFETY: q [5, 32], k and v [7, 32] bf16 from the views; out [5, 32] bf16, lse [5] f32.
+        let r = unsafe {
+            match imp {
+                Some(imp) => k::attention_fwd_with(
+                    &dev,
+                    imp,
+                    KDType::BF16,
+                    at(&bq),
+                    at(&bk),
+                    at(&bv),
+                    out.ptr,
+                    lse.ptr,
+                    mask,
+                    &d,
+                    0.2,
+                    None,
+                ),
+                None => k::attention_fwd(
+                    &dev,
+                    KDType::BF16,
+                    at(&bq),
+                    at(&bk),
+                    at(&bv),
+                    out.ptr,
+                    lse.ptr,
+                    mask,
+                    &d,
+                    0.2,
+                    None,
+                ),
+            }
+        };
+        r.map(|()| {
+            let mut o = vec![0u8; 5 * 32 * 2];
+            dev.download(&out, &mut o).unwrap();
+            o
+        })
+    };
+    let err = run(Some(AttnImpl::TensorCores), 4).unwrap_err();
+    assert!(err.to_string().contains("16-byte aligned"), "{err}");
+    let misaligned = run(None, 4).unwrap();
+    let aligned_cc = run(Some(AttnImpl::CudaCores), 0).unwrap();
+    assert_eq!(misaligned, aligned_cc);
+    // The aligned default takes the tensor cores (bf16 rounding of P: close, not equal).
+    assert!(run(None, 0).is_ok());
+}

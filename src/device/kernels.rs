@@ -775,11 +775,25 @@ pub unsafe fn attention_fwd(
     drop: Option<AttnDropout>,
 ) -> Result<()> {
     let imp = match dt {
-        KDType::BF16 => AttnImpl::TensorCores,
-        KDType::F32 => AttnImpl::CudaCores,
+        KDType::BF16 if tc_aligned(&[q, k, v]) => AttnImpl::TensorCores,
+        _ => AttnImpl::CudaCores,
     };
     // SAFETY: forwarded contract.
     unsafe { attention_fwd_with(l, imp, dt, q, k, v, out, lse, mask, d, scale, drop) }
+}
+
+/// Whether the tensors the tensor-core attention kernels load 16 bytes at a time (K/V tiles in
+/// the forward and dQ kernels, Q/dO tiles in the dK/dV kernel) start 16-byte aligned (their rows
+/// then are too: H·D bf16 with D % 8 == 0). Buffers of the device allocators are; a view at an
+/// odd row offset of a one-head D = 32 tensor could be 8-byte aligned only.
+fn tc_aligned(ptrs: &[DevPtr]) -> bool {
+    ptrs.iter().all(|p| p.0 % 16 == 0)
+}
+
+fn tc_alignment_error(what: &str) -> Error {
+    Error::invalid(format!(
+        "tensor-core attention {what}: q, k, v (and dout) must be 16-byte aligned"
+    ))
 }
 
 /// [`attention_fwd`] with the kernel chosen by the caller (selftest and benchmarks run both).
@@ -819,6 +833,9 @@ pub unsafe fn attention_fwd_with(
                     op: "tensor-core attention with f32 storage (bf16 only)".into(),
                     device: "cuda/emu".into(),
                 });
+            }
+            if !tc_aligned(&[q, k, v]) {
+                return Err(tc_alignment_error("forward"));
             }
             let hpb = match imp {
                 AttnImpl::TensorCoresHeads(n) => n,
@@ -899,7 +916,11 @@ pub unsafe fn attention_bwd(
     scale: f32,
     drop: Option<AttnDropout>,
 ) -> Result<()> {
-    let imp = if dt == KDType::BF16 && matches!(d.head_dim, 32 | 64) && tc_backward()? {
+    let imp = if dt == KDType::BF16
+        && matches!(d.head_dim, 32 | 64)
+        && tc_aligned(&[q, k, v, dout])
+        && tc_backward()?
+    {
         AttnImpl::TensorCores
     } else {
         AttnImpl::CudaCores
@@ -949,6 +970,9 @@ pub unsafe fn attention_bwd_with(
             ),
             device: "cuda/emu".into(),
         });
+    }
+    if tc && !tc_aligned(&[q, k, v, dout]) {
+        return Err(tc_alignment_error("backward"));
     }
     if d.q_len > 0 {
         let ptrs = [q, k, v, out, lse, dout, dq];
