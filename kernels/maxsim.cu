@@ -420,7 +420,8 @@ __device__ __forceinline__ void maxsim_docs_tc_impl(const bf16* __restrict__ q, 
 // one stream, loading kMdDepth chunks ahead across tile boundaries (maxsim_docs_tc_bf16 drains
 // and refills its pipeline at every tile: one memory latency per 16 rows); and a warp takes
 // documents n = w, w + W, ... (grid-stride over the W warps of the grid), so that a grid sized to
-// the resident blocks (the launcher's rule: 2 per SM) has no last partial wave of blocks.
+// the resident blocks (the launcher's rule: 2 per SM, or 1 where the query tile's shared memory
+// allows only one) has no last partial wave of blocks.
 // Needs D % (32 kMdDepth) == 0 besides the tensor-core kernel's rules (the launcher checks).
 // 116 registers (launch bounds 256 x 2). Not yet run on a GPU.
 __device__ __forceinline__ void maxsim_docs_tcp_impl(const bf16* __restrict__ q, int qn,
@@ -466,8 +467,9 @@ __device__ __forceinline__ void maxsim_docs_tcp_impl(const bf16* __restrict__ q,
                 const int lt = wrap ? t + 1 : t, lc = wrap ? 0 : c0 + kMdDepth;
                 const int ra_row = lt * 16 + g;
                 const bool la = lt < tiles && ra_row < len, lb = lt < tiles && ra_row + 8 < len;
-                const uint4* pa = base + ra_row * rw + 4 * lc;
-                const uint4* pb = pa + 8 * rw;
+                // (Pointers formed only inside the document: lb implies la.)
+                const uint4* pa = base + (la ? ra_row * rw : 0) + 4 * lc;
+                const uint4* pb = lb ? pa + 8 * rw : pa;
 #pragma unroll
                 for (int i = 0; i < kMdDepth; ++i) {
                     const uint4 a = ra[i], b = rb[i];

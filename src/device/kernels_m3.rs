@@ -256,19 +256,26 @@ pub unsafe fn maxsim_docs_with(
     let piped = piped_unfit.is_none()
         && (imp == MaxSimImpl::TensorCoresPipelined
             || (imp == MaxSimImpl::Auto && MAXSIM_PIPELINED_BY_DEFAULT));
-    // The pipelined kernel's grid: the resident blocks (2 per SM, its launch bounds), or fewer.
-    let (kernel, blocks) = if piped {
-        let resident = 2 * l.multiprocessors();
-        (
-            "maxsim_docs_tcp_bf16",
-            grid(docs.div_ceil(8).min(resident), "docs / 8")?,
-        )
+    let kernel = if piped {
+        "maxsim_docs_tcp_bf16"
     } else {
-        ("maxsim_docs_tc_bf16", grid(docs.div_ceil(8), "docs / 8")?)
+        "maxsim_docs_tc_bf16"
     };
     for t0 in (0..q_len).step_by(MD_TC_QUERY_TILE) {
         let qn = (q_len - t0).min(MD_TC_QUERY_TILE);
         let smem = qn.div_ceil(8) * 8 * md_stride_bytes(dim);
+        // The pipelined kernel's grid: the blocks that can be resident at once (2 per SM by its
+        // launch bounds, fewer where the query tile's shared memory allows fewer; 1 KB of each
+        // SM's shared memory is the driver's per block), or fewer when there are few documents.
+        let blocks = if piped {
+            let per_sm = (l.shared_memory_per_multiprocessor() / (smem + 1024)).clamp(1, 2);
+            grid(
+                docs.div_ceil(8).min(per_sm * l.multiprocessors()),
+                "docs / 8",
+            )?
+        } else {
+            grid(docs.div_ceil(8), "docs / 8")?
+        };
         let cfg = LaunchConfig::linear(blocks, 256, smem as u32);
         let mut a = KernelArgs::new();
         a.arg(DevPtr(q.0 + (t0 * dim * 2) as u64))

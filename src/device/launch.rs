@@ -141,6 +141,9 @@ pub trait Launcher {
     unsafe fn launch(&self, kernel: &str, cfg: &LaunchConfig, args: &mut KernelArgs) -> Result<()>;
     /// Streaming multiprocessors, for grids sized to the resident blocks (grid-stride kernels).
     fn multiprocessors(&self) -> usize;
+    /// Shared memory per multiprocessor (bytes), which bounds the resident blocks of kernels
+    /// with much dynamic shared memory.
+    fn shared_memory_per_multiprocessor(&self) -> usize;
 }
 
 /// A device buffer: its address, its size, and whatever keeps the allocation alive.

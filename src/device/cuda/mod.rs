@@ -80,6 +80,8 @@ pub struct CudaInfo {
     pub name: String,
     pub compute_capability: (i32, i32),
     pub sm_count: i32,
+    /// Shared memory one SM has for its resident blocks (bytes).
+    pub smem_per_sm: usize,
     pub total_mem: usize,
     /// cuDriverGetVersion (13000 = CUDA 13.0).
     pub driver_version: i32,
@@ -198,6 +200,11 @@ impl CudaDevice {
         let sm_count = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(|e| driver_error("multiprocessor count query", e))?;
+        let smem_per_sm = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_MULTIPROCESSOR,
+            )
+            .map_err(|e| driver_error("shared memory per multiprocessor query", e))?;
         let total_mem = ctx
             .total_mem()
             .map_err(|e| driver_error("cuDeviceTotalMem", e))?;
@@ -212,6 +219,7 @@ impl CudaDevice {
             name,
             compute_capability: cc,
             sm_count,
+            smem_per_sm: smem_per_sm.max(0) as usize,
             total_mem,
             driver_version,
             libcuda: loaded_library("libcuda.so"),
@@ -349,6 +357,10 @@ impl Launcher for CudaDevice {
 
     fn multiprocessors(&self) -> usize {
         self.info.sm_count.max(1) as usize
+    }
+
+    fn shared_memory_per_multiprocessor(&self) -> usize {
+        self.info.smem_per_sm
     }
 
     unsafe fn launch(&self, kernel: &str, cfg: &LaunchConfig, args: &mut KernelArgs) -> Result<()> {

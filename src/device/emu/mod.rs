@@ -160,6 +160,11 @@ impl Launcher for EmuDevice {
         1
     }
 
+    /// An H100's 228 KiB.
+    fn shared_memory_per_multiprocessor(&self) -> usize {
+        228 << 10
+    }
+
     unsafe fn launch(&self, kernel: &str, cfg: &LaunchConfig, args: &mut KernelArgs) -> Result<()> {
         let kernel = self
             .substitutes
