@@ -11,9 +11,10 @@
 // cpu::attention::two_stream_visible): a row never sees itself nor padding, slot 0 is visible to
 // rows != 0, otherwise key j is hidden from row i when vis_unit(vis_row_key(seed, b, i),
 // words[b, j]) < p (words [B, Lk] u32, whole-word index; a 32-bit mix, common.cuh). Attention-
-// probability dropout (drop_p > 0): p_ij is kept when hash_unit(drop_seed, drop_stream,
-// ((b H + h) Lq + i) Lk + j) >= drop_p, scaled 1/(1-p). Both hashes are cpu::elementwise's bit
-// for bit, so CPU and GPU see identical masks.
+// probability dropout (drop_p > 0): p_ij is kept when drop_unit(drop_row_key(drop_seed,
+// drop_stream, (b H + h) Lq + i), j) >= drop_p, scaled 1/(1-p) (a row key once per row, one
+// 32-bit mix per score). Both draws are cpu::elementwise's bit for bit, so CPU and GPU see
+// identical masks.
 //
 // Launch (kWarps = 4 warps = 128 threads, R = rows_per_warp<D>() = 4, or 2 for D = 128):
 //   attention_fwd_d{D}_{T}:       grid (ceil(Lq / 4R), H, B); each warp owns R query rows.
@@ -88,13 +89,32 @@ __device__ __forceinline__ bool attn_visible(const AttnMaskArgs& a, int b, int i
     return attn_visible_key(a, attn_row_key(a, b, i), i, j, (long long)b * lk + j);
 }
 
-// cpu::attention::AttnDropout::factor_of: 0 or 1/(1-p); 1 without dropout.
-__device__ __forceinline__ float attn_drop(const AttnMaskArgs& a, int bh, int i, int j, int lq,
-                                           int lk) {
-    if (a.drop_p <= 0.f) return 1.f;
-    const unsigned long long idx =
-        ((unsigned long long)bh * lq + (unsigned)i) * (unsigned long long)lk + (unsigned)j;
-    return hash_unit(a.drop_seed, a.drop_stream, idx) >= a.drop_p ? 1.f / (1.f - a.drop_p) : 0.f;
+// cpu::attention::AttnDropout / DropRow, bit for bit: p_ij is kept (factor 1/(1-p), else 0)
+// when drop_unit(drop_row_key(drop_seed, drop_stream, bh Lq + i), j) >= drop_p. The row key is
+// computed once per row (attn_drop_row; 0 without dropout), each score's draw is one mix32 and
+// an integer compare (attn_drop_at; 1 without dropout).
+struct DropDraw {
+    bool on;
+    unsigned thr8, all;
+    float scale;
+};
+__device__ __forceinline__ DropDraw attn_drop_draw(const AttnMaskArgs& a) {
+    const VisDraw v = vis_draw(a.drop_p);
+    DropDraw d;
+    d.on = a.drop_p > 0.f;
+    d.thr8 = v.thr8;
+    d.all = v.all;
+    d.scale = 1.f / (1.f - a.drop_p);
+    return d;
+}
+__device__ __forceinline__ unsigned attn_drop_row(const AttnMaskArgs& a, int bh, int i, int lq) {
+    return a.drop_p > 0.f ? drop_row_key(a.drop_seed, a.drop_stream,
+                                         (unsigned long long)bh * lq + (unsigned)i)
+                          : 0u;
+}
+__device__ __forceinline__ float attn_drop_at(const DropDraw& d, unsigned row_key, int j) {
+    if (!d.on) return 1.f;
+    return (mix32(row_key ^ (unsigned)j * 0xC2B2AE35u) >= d.thr8) && d.all ? d.scale : 0.f;
 }
 
 __device__ __forceinline__ float dot4(float4 a, float4 b) {
@@ -135,9 +155,12 @@ __device__ __forceinline__ void attention_fwd_impl(const T* __restrict__ q,
     const int row0 = blockIdx.x * BQ, wrow = row0 + warp * R;
     // Scores in the log2 domain: exp2f is one MUFU instruction.
     attn_load_tile<T, D>(sq, D, q, b, h, heads, lq, row0, BQ, scale * kLog2e);
+    const DropDraw dd = attn_drop_draw(ma);
     float m[R], l[R], acc[R][C];
+    unsigned drk[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
+        drk[r] = attn_drop_row(ma, bh, wrow + r, lq);
         m[r] = -INFINITY;
         l[r] = 0.f;
 #pragma unroll
@@ -170,7 +193,7 @@ __device__ __forceinline__ void attention_fwd_impl(const T* __restrict__ q,
             float pj = exp2f(s[r] - mn);
             l[r] = l[r] * corr + warp_sum(pj);
             m[r] = mn;
-            if (j < lk) pj *= attn_drop(ma, bh, i, j, lq, lk);
+            if (j < lk) pj *= attn_drop_at(dd, drk[r], j);
             sp[warp][r][lane] = pj;
 #pragma unroll
             for (int c = 0; c < C; ++c) acc[r][c] *= corr;
@@ -225,9 +248,12 @@ __device__ __forceinline__ void attention_bwd_dq_impl(
     __syncthreads();
     float lse2[R], di[R], acc[R][C];
     bool full[R];  // the row saw no key: P = 1/Lk everywhere, dS = 0
+    const DropDraw dd = attn_drop_draw(ma);
+    unsigned drk[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int i = wrow + r;
+        drk[r] = attn_drop_row(ma, bh, i, lq);
         const float ls = i < lq ? lse[(long long)bh * lq + i] : 0.f;
         full[r] = ls == INFINITY;
         lse2[r] = ls * kLog2e;
@@ -265,7 +291,7 @@ __device__ __forceinline__ void attention_bwd_dq_impl(
             float ds = 0.f;
             if (j < lk && !full[r] && attn_visible(ma, b, i, j, lk)) {
                 const float p = exp2f(s[r] - lse2[r]);
-                ds = p * (attn_drop(ma, bh, i, j, lq, lk) * dp[r] - di[r]) * scale;
+                ds = p * (attn_drop_at(dd, drk[r], j) * dp[r] - di[r]) * scale;
             }
             sds[warp][r][lane] = ds;
         }
@@ -316,6 +342,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_impl(
     const float inv_lk = 1.f / lk, qmul = scale * kLog2e;
     attn_load_tile<T, D>(sk, D, k, b, h, heads, lk, key0, BK, 1.f);
     attn_load_tile<T, D>(sv, D, v, b, h, heads, lk, key0, BK, 1.f);
+    const DropDraw dd = attn_drop_draw(ma);
     float gk[R][C], gv[R][C];
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -357,12 +384,13 @@ __device__ __forceinline__ void attention_bwd_dkdv_impl(
         }
         const float l2 = slse2[lane], dii = sdi[lane];
         const bool full = l2 == INFINITY;
+        const unsigned drk = attn_drop_row(ma, bh, i, lq);  // this lane's row i
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const int j = wkey + r;
             float pm = 0.f, ds = 0.f;
             if (i < lq && j < lk) {
-                const float mdrop = attn_drop(ma, bh, i, j, lq, lk);
+                const float mdrop = attn_drop_at(dd, drk, j);
                 if (full) {
                     pm = inv_lk * mdrop;
                 } else if (attn_visible(ma, b, i, j, lk)) {
@@ -500,10 +528,12 @@ __device__ __forceinline__ unsigned ts_fragment_bits(const unsigned* sword, unsi
     return bits;
 }
 
-// Whether every key of the 64-key tile in skey (aligned to 4) is a real, unpadded one (state 0):
-// then the per-score padding tests are skipped. Warp-uniform.
+// Whether every key of the 64-key tile in skey is a real, unpadded one (state 0): then the
+// per-score padding tests are skipped. Warp-uniform (every lane of the warp must call it).
 __device__ __forceinline__ bool tc_tile_clean(const unsigned char* skey, int lane) {
-    const unsigned w = lane < kTcKeys / 4 ? reinterpret_cast<const unsigned*>(skey)[lane] : 0u;
+    unsigned w = 0u;
+    if (lane < kTcKeys / 4)
+        w = skey[4 * lane] | skey[4 * lane + 1] | skey[4 * lane + 2] | skey[4 * lane + 3];
     return !__any_sync(kFullMask, w != 0u);
 }
 
@@ -524,6 +554,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     __shared__ unsigned sword[TS ? kTcKeys : 1];
     __shared__ unsigned mbits[TS ? kTcMaskTiles<D> * kTcRows * 2 : 1];  // [tile][thread]: 32 bits
     const VisDraw vd = vis_draw(ma.p);
+    const DropDraw dd = attn_drop_draw(ma);
     const int hpb = heads / (int)gridDim.y;
     const bool cache = TS && hpb > 1;
     const int b = blockIdx.z;
@@ -539,6 +570,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
         const bool draw = !cache || hh == 0;  // this head draws the two-stream mask
         unsigned qa[KS][4];
         tc_load_a<D>(qa, q16, b, h, heads, lq, r0, qd);
+        const unsigned drk0 = attn_drop_row(ma, bh, r0, lq), drk1 = attn_drop_row(ma, bh, r1, lq);
         const float sl2 = scale * kLog2e;
         float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
         float o[OT][4];
@@ -630,9 +662,9 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                 for (int e = 0; e < 4; ++e) {
                     const float pj = exp2f(s[nt][e] - m[e >> 1]);
                     rs[e >> 1] += pj;
-                    if (ma.drop_p > 0.f) {
-                        const int i = e < 2 ? r0 : r1, j = j0 + nt * 8 + 2 * qd + (e & 1);
-                        s[nt][e] = (j < lk && i < lq) ? pj * attn_drop(ma, bh, i, j, lq, lk) : pj;
+                    if (dd.on) {
+                        const int j = j0 + nt * 8 + 2 * qd + (e & 1);
+                        s[nt][e] = pj * attn_drop_at(dd, e < 2 ? drk0 : drk1, j);
                     } else {
                         s[nt][e] = pj;
                     }
@@ -799,6 +831,8 @@ __device__ __forceinline__ void attention_bwd_dq_tc_impl(
     }
     const unsigned rk0 = attn_row_key(ma, b, r0), rk1 = attn_row_key(ma, b, r1);
     const VisDraw vd = vis_draw(ma.p);
+    const DropDraw dd = attn_drop_draw(ma);
+    const unsigned drk0 = attn_drop_row(ma, bh, r0, lq), drk1 = attn_drop_row(ma, bh, r1, lq);
     const float sl2 = scale * kLog2e;
     float acc[OT][4] = {};
     const int tiles = (lk + kTcKeys - 1) / kTcKeys;
@@ -839,11 +873,7 @@ __device__ __forceinline__ void attention_bwd_dq_tc_impl(
             for (int e = 0; e < 4; ++e) {
                 const int rr = e >> 1;
                 const float p = exp2f(s[nt][e] * sl2 - l2[rr]);
-                float md = 1.f;
-                if (ma.drop_p > 0.f) {
-                    const int i = rr == 0 ? r0 : r1, j = j0 + nt * 8 + 2 * qd + (e & 1);
-                    md = attn_drop(ma, bh, i, j, lq, lk);
-                }
+                const float md = attn_drop_at(dd, rr == 0 ? drk0 : drk1, j0 + nt * 8 + 2 * qd + (e & 1));
                 const float ds = p * (md * dp[nt][e] - di[rr]) * scale;
                 s[nt][e] = (ok >> (nt * 4 + e)) & 1u ? ds : 0.f;
             }
@@ -862,7 +892,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
     alignas(16) __shared__ unsigned short sq[kTcBwdQ * LDS];
     alignas(16) __shared__ unsigned short sdo[kTcBwdQ * LDS];
     __shared__ float sl2[kTcBwdQ], sdi[kTcBwdQ];
-    __shared__ unsigned srk[kTcBwdQ];
+    __shared__ unsigned srk[kTcBwdQ], sdrk[kTcBwdQ];  // mask and dropout row keys
     const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
     const int r0 = blockIdx.x * kTcRows + warp * 16 + g;  // this thread's keys: r0, r0 + 8
@@ -886,6 +916,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
         wm[rr] = (ma.mode == 1 && j < lk) ? ma.words[bj] * 0x85EBCA6Bu : 0u;
     }
     const VisDraw vd = vis_draw(ma.p);
+    const DropDraw dd = attn_drop_draw(ma);
     const float qmul = scale * kLog2e, inv_lk = 1.f / lk;
     float gk[OT][4] = {}, gv[OT][4] = {};
     const int tiles = (lq + kTcBwdQ - 1) / kTcBwdQ;
@@ -909,6 +940,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
                 sdi[row] = part;
                 sl2[row] = i < lq ? lse[(long long)bh * lq + i] * kLog2e : 0.f;
                 srk[row] = attn_row_key(ma, b, i);
+                sdrk[row] = attn_drop_row(ma, bh, i, lq);
             }
         }
         __syncthreads();
@@ -924,7 +956,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
                 // Selects, not branches (no branch region per score): rows past Lq and keys
                 // past Lk give 0; a row that saw no key (lse = +inf) the uniform average.
                 const float l2 = sl2[c];
-                const float md = ma.drop_p > 0.f ? attn_drop(ma, bh, i, j, lq, lk) : 1.f;
+                const float md = attn_drop_at(dd, sdrk[c], j);
                 unsigned vis = kok[rr] && i < lq ? 1u : 0u;
                 if (ma.mode == 1)
                     vis &= (j != i ? 1u : 0u) &
@@ -993,13 +1025,15 @@ R3_ATTN_TC_KERNEL(32)
 R3_ATTN_TC_KERNEL(64)
 R3_ATTN_TC_KERNEL(128)
 
+// (128, 2): with the thread count alone ptxas 13.0 held the D = 32 dK/dV kernel under ~140
+// registers and spilled once the dropout draw moved into it per score.
 #define R3_ATTN_TC_BWD_KERNELS(DIM)                                                              \
-    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dq_tc_d##DIM##_bf16(         \
+    extern "C" __global__ void __launch_bounds__(128, 2) attention_bwd_dq_tc_d##DIM##_bf16(      \
         const bf16* q, const bf16* k, const bf16* v, const bf16* o, const float* lse,           \
         const bf16* dout, bf16* dq, R3_ATTN_MASK_PARAMS) {                                       \
         r3::attention_bwd_dq_tc_impl<DIM>(q, k, v, o, lse, dout, dq, R3_ATTN_MASK_ARGS);         \
     }                                                                                            \
-    extern "C" __global__ void __launch_bounds__(128) attention_bwd_dkdv_tc_d##DIM##_bf16(       \
+    extern "C" __global__ void __launch_bounds__(128, 2) attention_bwd_dkdv_tc_d##DIM##_bf16(    \
         const bf16* q, const bf16* k, const bf16* v, const bf16* o, const float* lse,           \
         const bf16* dout, bf16* dk, bf16* dv, R3_ATTN_MASK_PARAMS) {                             \
         r3::attention_bwd_dkdv_tc_impl<DIM>(q, k, v, o, lse, dout, dk, dv, R3_ATTN_MASK_ARGS);   \

@@ -166,6 +166,15 @@ __device__ __forceinline__ unsigned vis_threshold(float p) {
 __device__ __forceinline__ bool vis_keep(unsigned row_key, unsigned word_mul, unsigned thr) {
     return (mix32(row_key ^ word_mul) >> 8) >= thr;
 }
+// cpu::elementwise::drop_row_key, bit for bit: attention dropout's key of score row
+// (b H + h) Lq + i; each (row, key j) draw is then one mix32 (attention.cu attn_drop_at).
+__device__ __forceinline__ unsigned drop_row_key(unsigned long long seed, unsigned long long stream,
+                                                 unsigned long long row) {
+    const unsigned s = mix32((unsigned)seed ^ mix32((unsigned)(seed >> 32) ^
+                                                    mix32((unsigned)stream ^
+                                                          mix32((unsigned)(stream >> 32)))));
+    return mix32(s ^ mix32((unsigned)row ^ mix32((unsigned)(row >> 32) ^ s)));
+}
 // The same test for loops that draw many: (y >> 8) >= thr <=> y >= thr << 8 while thr < 2^24,
 // and `all` = 0 when no draw can pass (p >= 1 or NaN: thr = 2^24 would overflow the shift), so
 // that vis_draw_bit(..) & all == vis_keep(..) for every p, with one compare and no branch.

@@ -8,7 +8,7 @@
 //! [`AttnMask`], a pure function, so masks can be generated, never stored. `attention_ref.rs` is the
 //! scalar oracle this file is tested against.
 
-use super::elementwise::{hash_unit, vis_row_key, vis_unit};
+use super::elementwise::{drop_row_key, drop_unit, vis_row_key, vis_unit};
 use super::gemm::sgemm_strided;
 
 /// Which keys a query row may see.
@@ -81,7 +81,9 @@ impl AttnDims {
 }
 
 /// Dropout on the attention probabilities: p_ij is kept when
-/// `hash_unit(seed, stream, ((b * H + h) * Lq + i) * Lk + j) >= p` and scaled by 1/(1-p).
+/// `drop_unit(drop_row_key(seed, stream, (b * H + h) * Lq + i), j) >= p` and scaled by 1/(1-p)
+/// (32-bit draws, one row key per score row: a few integer ops per score on a GPU, where the
+/// 64-bit `hash_unit` of every (row, key) index cost several emulated 64-bit multiplies).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnDropout {
     pub p: f32,
@@ -102,14 +104,38 @@ impl AttnDropout {
     ) -> f64 {
         match drop {
             None => 1.0,
-            Some(a) => {
-                let idx = (((b * d.heads + h) * d.q_len + i) * d.k_len + j) as u64;
-                if hash_unit(a.seed, a.stream, idx) >= a.p {
-                    1.0 / (1.0 - a.p as f64)
-                } else {
-                    0.0
-                }
-            }
+            Some(a) => a.row(d, b, h, i).factor(j) as f64,
+        }
+    }
+
+    /// The draws of score row (b, h, i): its key, computed once ([`drop_row_key`]).
+    #[inline]
+    pub fn row(self, d: &AttnDims, b: usize, h: usize, i: usize) -> DropRow {
+        let r = ((b * d.heads + h) * d.q_len + i) as u64;
+        DropRow {
+            key: drop_row_key(self.seed, self.stream, r),
+            p: self.p,
+            scale: 1.0 / (1.0 - self.p),
+        }
+    }
+}
+
+/// One score row's dropout draws ([`AttnDropout::row`]).
+#[derive(Clone, Copy, Debug)]
+pub struct DropRow {
+    key: u32,
+    p: f32,
+    scale: f32,
+}
+
+impl DropRow {
+    /// The factor of p_ij: 0 (dropped) or 1/(1-p), kept when drop_unit(row key, j) >= p.
+    #[inline]
+    pub fn factor(&self, j: usize) -> f32 {
+        if drop_unit(self.key, j as u32) >= self.p {
+            self.scale
+        } else {
+            0.0
         }
     }
 }
@@ -171,9 +197,11 @@ fn apply_dropout(p: &mut [f32], drop: Option<AttnDropout>, d: &AttnDims, b: usiz
     if drop.is_none() {
         return;
     }
+    let Some(drop) = drop else { return };
     for (i, row) in p.chunks_exact_mut(d.k_len).enumerate() {
+        let dr = drop.row(d, b, h, i);
         for (j, x) in row.iter_mut().enumerate() {
-            *x *= AttnDropout::factor_of(drop, d, b, h, i, j) as f32;
+            *x *= dr.factor(j);
         }
     }
 }
@@ -312,8 +340,9 @@ pub fn attention_bwd(
                         .map(|(&a, &c)| a as f64 * c as f64)
                         .sum();
                     let masked_row = row_lse[i] == f32::INFINITY;
+                    let dr = drop.map(|a| a.row(&d, b, h, i));
                     for j in 0..lk {
-                        let m = AttnDropout::factor_of(drop, &d, b, h, i, j) as f32;
+                        let m = dr.map_or(1.0, |r| r.factor(j));
                         let pij = p[i * lk + j];
                         dp[i * lk + j] = if masked_row {
                             0.0 // the scores of a fully masked row are constants
@@ -371,6 +400,7 @@ pub fn attention_bwd(
 mod tests {
     use super::super::attention_ref::{attention_bwd_ref, attention_fwd_ref};
     use super::*;
+    use crate::device::cpu::elementwise::hash_unit;
 
     fn data(n: usize, seed: u64) -> Vec<f32> {
         (0..n)
@@ -461,6 +491,60 @@ mod tests {
         ] {
             assert!((f(c) - 0.5).abs() < 0.015, "{what}: agreement {}", f(c));
         }
+    }
+
+    /// The 32-bit attention-dropout draw: the right rate, and no visible correlation between
+    /// neighbouring rows, keys, heads, seeds or streams (each pair agrees half the time at
+    /// p = 0.5); distinct rows never share a row key.
+    #[test]
+    fn dropout_draws_are_uniform_and_independent() {
+        let d = AttnDims {
+            batch: 2,
+            q_len: 64,
+            k_len: 256,
+            heads: 4,
+            head_dim: 8,
+        };
+        let drop = |seed: u64, stream: u64, p: f32| AttnDropout { p, seed, stream };
+        let kept = |a: AttnDropout, b: usize, h: usize, i: usize, j: usize| {
+            a.row(&d, b, h, i).factor(j) > 0.0
+        };
+        let (mut n, mut rate, mut rows, mut keys, mut heads, mut seeds, mut streams) =
+            (0, 0, 0, 0, 0, 0, 0);
+        let mut row_keys = std::collections::HashSet::new();
+        let half = drop(5, 1, 0.5);
+        for b in 0..d.batch {
+            for h in 0..d.heads - 1 {
+                for i in 0..d.q_len - 1 {
+                    row_keys.insert(half.row(&d, b, h, i).key);
+                    for j in 0..d.k_len - 1 {
+                        n += 1;
+                        rate += usize::from(!kept(drop(5, 1, 0.1), b, h, i, j));
+                        let k = kept(half, b, h, i, j);
+                        rows += usize::from(k == kept(half, b, h, i + 1, j));
+                        keys += usize::from(k == kept(half, b, h, i, j + 1));
+                        heads += usize::from(k == kept(half, b, h + 1, i, j));
+                        seeds += usize::from(k == kept(drop(6, 1, 0.5), b, h, i, j));
+                        streams += usize::from(k == kept(drop(5, 2, 0.5), b, h, i, j));
+                    }
+                }
+            }
+        }
+        assert_eq!(row_keys.len(), d.batch * (d.heads - 1) * (d.q_len - 1));
+        let f = |c: usize| c as f64 / n as f64;
+        assert!((f(rate) - 0.1).abs() < 0.005, "drop rate {}", f(rate));
+        for (what, c) in [
+            ("rows", rows),
+            ("keys", keys),
+            ("heads", heads),
+            ("seeds", seeds),
+            ("streams", streams),
+        ] {
+            assert!((f(c) - 0.5).abs() < 0.01, "{what}: agreement {}", f(c));
+        }
+        // Kept scores are scaled by 1/(1-p).
+        let r = drop(5, 1, 0.2).row(&d, 0, 0, 0);
+        assert!((0..64).all(|j| [0.0, 1.25].contains(&r.factor(j))));
     }
 
     #[test]

@@ -127,6 +127,24 @@ pub fn vis_unit(row_key: u32, word: u32) -> f32 {
     (mix32(row_key ^ word.wrapping_mul(0x85EB_CA6B)) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
+/// Attention dropout's per-row key: (seed, stream, score row r = (b·H + h)·Lq + i) mixed to 32
+/// bits once per row (a bijection of r below 2^32 for each seed and stream, so no two rows share
+/// a key), so each (row, key) draw is one more [`mix32`] ([`drop_unit`]).
+#[inline]
+pub fn drop_row_key(seed: u64, stream: u64, row: u64) -> u32 {
+    let s = mix32(
+        seed as u32
+            ^ mix32((seed >> 32) as u32 ^ mix32(stream as u32 ^ mix32((stream >> 32) as u32))),
+    );
+    mix32(s ^ mix32(row as u32 ^ mix32((row >> 32) as u32 ^ s)))
+}
+
+/// Uniform in [0, 1) for (row key, key j): attention dropout keeps p_ij when this is >= p.
+#[inline]
+pub fn drop_unit(row_key: u32, j: u32) -> f32 {
+    (mix32(row_key ^ j.wrapping_mul(0xC2B2_AE35)) >> 8) as f32 * (1.0 / 16_777_216.0)
+}
+
 /// Inverted dropout: element i is kept when hash_unit(seed, stream, i) >= p, and scaled by 1/(1-p).
 /// Backward uses the same function, so no mask is stored.
 pub fn dropout_fwd(x: &[f32], y: &mut [f32], p: f32, seed: u64, stream: u64) {
