@@ -85,9 +85,6 @@ __device__ __forceinline__ bool attn_visible_key(const AttnMaskArgs& a, unsigned
 __device__ __forceinline__ unsigned attn_row_key(const AttnMaskArgs& a, int b, int i) {
     return a.mode == 1 ? vis_row_key(a.seed, (unsigned)b, (unsigned)i) : 0u;
 }
-__device__ __forceinline__ bool attn_visible(const AttnMaskArgs& a, int b, int i, int j, int lk) {
-    return attn_visible_key(a, attn_row_key(a, b, i), i, j, (long long)b * lk + j);
-}
 
 // cpu::attention::AttnDropout / DropRow, bit for bit: p_ij is kept (factor 1/(1-p), else 0)
 // when drop_unit(drop_row_key(drop_seed, drop_stream, bh Lq + i), j) >= drop_p. The row key is
@@ -157,10 +154,11 @@ __device__ __forceinline__ void attention_fwd_impl(const T* __restrict__ q,
     attn_load_tile<T, D>(sq, D, q, b, h, heads, lq, row0, BQ, scale * kLog2e);
     const DropDraw dd = attn_drop_draw(ma);
     float m[R], l[R], acc[R][C];
-    unsigned drk[R];
+    unsigned drk[R], vrk[R];  // dropout and two-stream row keys
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         drk[r] = attn_drop_row(ma, bh, wrow + r, lq);
+        vrk[r] = attn_row_key(ma, b, wrow + r);
         m[r] = -INFINITY;
         l[r] = 0.f;
 #pragma unroll
@@ -186,7 +184,7 @@ __device__ __forceinline__ void attention_fwd_impl(const T* __restrict__ q,
         for (int r = 0; r < R; ++r) {
             const int i = wrow + r;
             if (j >= lk) s[r] = -INFINITY;
-            else if (!attn_visible(ma, b, i, j, lk)) s[r] = kMasked;
+            else if (!attn_visible_key(ma, vrk[r], i, j, (long long)b * lk + j)) s[r] = kMasked;
             const float mt = warp_max(s[r]);  // >= kMasked: lane 0's key j0 < lk
             const float mn = fmaxf(m[r], mt);
             const float corr = exp2f(m[r] - mn);
@@ -249,11 +247,12 @@ __device__ __forceinline__ void attention_bwd_dq_impl(
     float lse2[R], di[R], acc[R][C];
     bool full[R];  // the row saw no key: P = 1/Lk everywhere, dS = 0
     const DropDraw dd = attn_drop_draw(ma);
-    unsigned drk[R];
+    unsigned drk[R], vrk[R];  // dropout and two-stream row keys
 #pragma unroll
     for (int r = 0; r < R; ++r) {
         const int i = wrow + r;
         drk[r] = attn_drop_row(ma, bh, i, lq);
+        vrk[r] = attn_row_key(ma, b, i);
         const float ls = i < lq ? lse[(long long)bh * lq + i] : 0.f;
         full[r] = ls == INFINITY;
         lse2[r] = ls * kLog2e;
@@ -289,7 +288,7 @@ __device__ __forceinline__ void attention_bwd_dq_impl(
         for (int r = 0; r < R; ++r) {
             const int i = wrow + r;
             float ds = 0.f;
-            if (j < lk && !full[r] && attn_visible(ma, b, i, j, lk)) {
+            if (j < lk && !full[r] && attn_visible_key(ma, vrk[r], i, j, (long long)b * lk + j)) {
                 const float p = exp2f(s[r] - lse2[r]);
                 ds = p * (attn_drop_at(dd, drk[r], j) * dp[r] - di[r]) * scale;
             }
@@ -384,7 +383,8 @@ __device__ __forceinline__ void attention_bwd_dkdv_impl(
         }
         const float l2 = slse2[lane], dii = sdi[lane];
         const bool full = l2 == INFINITY;
-        const unsigned drk = attn_drop_row(ma, bh, i, lq);  // this lane's row i
+        // This lane's row i: its dropout and two-stream keys.
+        const unsigned drk = attn_drop_row(ma, bh, i, lq), vrk = attn_row_key(ma, b, i);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
             const int j = wkey + r;
@@ -393,7 +393,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_impl(
                 const float mdrop = attn_drop_at(dd, drk, j);
                 if (full) {
                     pm = inv_lk * mdrop;
-                } else if (attn_visible(ma, b, i, j, lk)) {
+                } else if (attn_visible_key(ma, vrk, i, j, (long long)b * lk + j)) {
                     const float p = exp2f(s[r] * qmul - l2);
                     pm = p * mdrop;
                     ds = p * (mdrop * dp[r] - dii) * scale;
