@@ -25,7 +25,8 @@
 #              and M3 fine-tuning (encoder + heads on the GPU, losses on the host), then
 #              evaluation; QUICKSTART=0 skips it
 #   profile    (PROFILE=1 only) ncu on the tensor-core attention kernels at S=512, one launch each
-#   nsys       (PROFILE=1 only) Nsight Systems' kernel summary of one RetroMAE step (bge-m3 size)
+#   nsys       (PROFILE=1 only) Nsight Systems' kernel summary of one RetroMAE step (bge-m3 size);
+#              nsys_encode the same for the encoder's inference forward
 # Env: OUT (logs), SEED, BUDGET (seconds, default 470), SANITIZE=0 skips the two sanitizer steps
 # (SANITIZE=memcheck or racecheck runs that one only), TORCH=0 skips the PyTorch baseline, QS_LIMIT
 # caps the quickstart step (seconds, default 240), QS_PRETRAIN_STEPS / QS_FINETUNE_STEPS shorten it,
@@ -176,11 +177,16 @@ if [ "${PROFILE:-0}" = 1 ]; then
   if [ -z "$NSYS" ]; then
     row nsys SKIP 0 "nsys not found"
   else
-    run_step nsys 150 "$NSYS" profile --trace=cuda --stats=true --force-overwrite=true \
-      -o "$OUT/retromae" "$BIN" bench model --device cuda --batch 32 --seq 512 --iters 1 \
-      --rows retromae
-    rm -f "$OUT/retromae.nsys-rep" "$OUT/retromae.sqlite"
-    finish_step nsys "$(grep -A6 'cuda_gpu_kern_sum' "$OUT/nsys.log" 2>/dev/null | tail -3 | awk '{printf "%s%% %s; ", $1, $NF}' | cut -c1-200)"
+    # nsys: the RetroMAE step; nsys_encode: the encoder's inference forward (0.49x of HF's SDPA
+    # encoder in session 4), each with its own kernel summary.
+    for what in nsys:retromae nsys_encode:encode; do
+      step=${what%%:*} rows=${what#*:}
+      run_step "$step" 120 "$NSYS" profile --trace=cuda --stats=true --force-overwrite=true \
+        -o "$OUT/$step" "$BIN" bench model --device cuda --batch 32 --seq 512 --iters 1 \
+        --rows "$rows"
+      rm -f "$OUT/$step.nsys-rep" "$OUT/$step.sqlite"
+      finish_step "$step" "$(grep -A6 'cuda_gpu_kern_sum' "$OUT/$step.log" 2>/dev/null | tail -3 | awk '{printf "%s%% %s; ", $1, $NF}' | cut -c1-200)"
+    done
   fi
 fi
 
