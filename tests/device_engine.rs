@@ -394,3 +394,28 @@ fn device_dense_search_equals_the_cpu_index() {
         }
     }
 }
+
+/// `bench model --rows` runs the named rows only, in the table's order, each with a positive
+/// throughput (a profiler runs one of them alone).
+#[test]
+fn bench_model_runs_only_the_named_rows() {
+    use retrom3::device::launch::KDType;
+    use retrom3::engine::bench::{model, ModelRow};
+    let dev = EmuDevice::new();
+    let cfg = EncoderConfig::new_xlmr(300, 64, 1, 2, 128, 18).unwrap();
+    let rows = model(
+        &dev,
+        cfg,
+        2,
+        16,
+        1,
+        KDType::F32,
+        &[ModelRow::RetroMae, ModelRow::Encode],
+    )
+    .unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(names[0].starts_with("emu_encode_f32_"), "{names:?}");
+    assert!(names[1].starts_with("emu_retromae_step_f32_"), "{names:?}");
+    assert!(rows.iter().all(|r| r.tokens_per_s.is_some_and(|t| t > 0.0)));
+}
