@@ -40,6 +40,7 @@ fn main() {
 const MUTANTS: &[(&str, &str, &str)] = &[
     ("loss", "nosync", "R3_MUTANT_NO_SYNC"),
     ("attention", "tilebound", "R3_MUTANT_TILE_BOUND"),
+    ("attention", "earlywait", "R3_MUTANT_EARLY_WAIT"),
     ("maxsim", "mstiles", "R3_MUTANT_MS_TILES"),
 ];
 

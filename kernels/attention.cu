@@ -21,7 +21,9 @@
 //   attention_bwd_dq_d{D}_{T}:    grid (ceil(Lq / 4R), H, B); same shape, writes dq.
 //   attention_bwd_dkdv_d{D}_{T}:  grid (ceil(Lk / 4R), H, B); each warp owns R keys, writes dk, dv.
 //   attention_fwd_tc_d{D}_bf16:   grid (ceil(Lq / 64), H, B); tensor cores (mma.sync bf16), each
-//                                 warp owns 16 query rows (see "forward on tensor cores" below).
+//                                 warp owns 16 query rows (see "forward on tensor cores" below);
+//                                 attention_fwd_tcdb_d{D}_bf16 (D 32, 64) the same with two K/V
+//                                 tile buffers filled by cp.async one tile ahead.
 // No dynamic shared memory (static, at most ~44 KB at D = 128). __launch_bounds__(128, 2): with
 // the thread count alone, ptxas 13.0 capped some variants at 64 registers and spilled.
 //
@@ -456,6 +458,10 @@ constexpr int kTcRows = 64;  // query rows per block (4 warps x 16)
 constexpr int kTcKeys = 64;  // keys per shared tile
 template <int D>
 constexpr int kTcMaskTiles = D >= 128 ? 16 : 32;
+// The double-buffered forward (DB) holds two K/V tiles: at D = 64 its mask bits get 16 tiles
+// (Lk <= 1024 for the head-group cache) to stay within 48 KB of static shared memory.
+template <int D, bool DB>
+constexpr int kTcMaskTilesFor = DB ? (D >= 64 ? 16 : 32) : kTcMaskTiles<D>;
 
 // 16 rows (r0 = row g, r1 = row g + 8 of the warp's 16) of head h of a [B, n, H*D] bf16 tensor as
 // mma A fragments (zeros past n).
@@ -494,6 +500,28 @@ __device__ __forceinline__ void tc_load_tile(unsigned short* dst, const unsigned
                   : zero;
         *reinterpret_cast<uint4*>(&dst[r * LDS + c]) = val;
     }
+}
+
+// tc_load_tile with cp.async: the copies are issued (zeros past n), the caller commits and waits.
+template <int D, int LDS>
+__device__ __forceinline__ void tc_issue_tile(unsigned short* dst, const unsigned short* src,
+                                              int b, int h, int heads, int n, int row0,
+                                              int rows) {
+    const long long w = (long long)heads * D;
+    for (int e = threadIdx.x; e < rows * D / 8; e += blockDim.x) {
+        const int r = e / (D / 8), c = 8 * (e % (D / 8)), t = row0 + r;
+        const long long row = (long long)b * n + (t < n ? t : 0);  // a valid address past n
+        cp_async16(&dst[r * LDS + c], src + row * w + (long long)h * D + c, t < n);
+    }
+}
+
+// One key's state for the tensor-core forward: 0 visible, 1 padding, 2 past Lk; and (two-stream)
+// its word's multiplier.
+__device__ __forceinline__ void tc_key_state(const AttnMaskArgs& ma, int b, int lk, int j,
+                                             unsigned char& st, unsigned& wm) {
+    const long long bj = (long long)b * lk + j;
+    st = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[bj]) ? 1 : 0;
+    wm = ma.mode == 1 && j < lk ? ma.words[bj] * 0x85EBCA6Bu : 0u;
 }
 
 // The two-stream visibility of a thread's 32 C-fragment scores of a 64-key tile: bit nt * 4 + e is
@@ -538,21 +566,24 @@ __device__ __forceinline__ bool tc_tile_clean(const unsigned char* skey, int lan
 }
 
 // TS: the two-stream entry points (mode 1); the key-padding ones carry no mask-bit storage.
-template <int D, bool TS>
+template <int D, bool TS, bool DB>
 __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q,
                                                       const bf16* __restrict__ k,
                                                       const bf16* __restrict__ v,
                                                       bf16* __restrict__ out,
                                                       float* __restrict__ lse, int heads, int lq,
                                                       int lk, float scale, const AttnMaskArgs ma) {
-    constexpr int KS = D / 16, NT = kTcKeys / 8, OT = D / 8, LDS = D + 8;
-    alignas(16) __shared__ unsigned short sk[kTcKeys * LDS];
-    alignas(16) __shared__ unsigned short sv[kTcKeys * LDS];
+    constexpr int KS = D / 16, NT = kTcKeys / 8, OT = D / 8, LDS = D + 8, NB = DB ? 2 : 1;
+    // NB buffers of a K and a V tile (DB: the next tile's arrive by cp.async during this one's
+    // products).
+    alignas(16) __shared__ unsigned short sk[NB * kTcKeys * LDS];
+    alignas(16) __shared__ unsigned short sv[NB * kTcKeys * LDS];
     // Per key of the tile: 0 = visible, 1 = masked (padding), 2 = past Lk; two-stream mode also
     // its word's multiplier (vis_keep), so the per-score test reads shared memory only.
-    alignas(4) __shared__ unsigned char skey[kTcKeys];
-    __shared__ unsigned sword[TS ? kTcKeys : 1];
-    __shared__ unsigned mbits[TS ? kTcMaskTiles<D> * kTcRows * 2 : 1];  // [tile][thread]: 32 bits
+    __shared__ unsigned char skey[NB * kTcKeys];
+    __shared__ unsigned sword[TS ? NB * kTcKeys : 1];
+    // [tile][thread]: 32 bits
+    __shared__ unsigned mbits[TS ? kTcMaskTilesFor<D, DB> * kTcRows * 2 : 1];
     const VisDraw vd = vis_draw(ma.p);
     const DropDraw dd = attn_drop_draw(ma);
     const int hpb = heads / (int)gridDim.y;
@@ -577,18 +608,54 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
 #pragma unroll
         for (int t = 0; t < OT; ++t) o[t][0] = o[t][1] = o[t][2] = o[t][3] = 0.f;
         const int tiles = (lk + kTcKeys - 1) / kTcKeys;
-        for (int t = 0; t < tiles; ++t) {
-            const int j0 = t * kTcKeys;
-            __syncthreads();  // the previous tile's readers are done
-            tc_load_tile<D, LDS>(sk, k16, b, h, heads, lk, j0, kTcKeys);
-            tc_load_tile<D, LDS>(sv, v16, b, h, heads, lk, j0, kTcKeys);
+        if (DB) {  // tile 0 into buffer 0 (the previous head's readers passed its last barrier)
+            tc_issue_tile<D, LDS>(sk, k16, b, h, heads, lk, 0, kTcKeys);
+            tc_issue_tile<D, LDS>(sv, v16, b, h, heads, lk, 0, kTcKeys);
+            cp_async_commit();
             for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
-                const int j = j0 + r;
-                const long long bj = (long long)b * lk + j;
-                skey[r] = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[bj]) ? 1 : 0;
-                if (TS) sword[r] = j < lk ? ma.words[bj] * 0x85EBCA6Bu : 0u;
+                unsigned wm;
+                tc_key_state(ma, b, lk, r, skey[r], wm);
+                if (TS) sword[r] = wm;
             }
-            __syncthreads();
+        }
+        for (int t = 0; t < tiles; ++t) {
+            const int j0 = t * kTcKeys, buf = DB ? (t & 1) : 0;
+            const bool next = DB && t + 1 < tiles;
+            // DB: this thread's key state of the next tile, stored after the products.
+            unsigned char nst = 0;
+            unsigned nwm = 0u;
+            if (DB) {
+                if (next) {  // the other buffer's readers (tile t - 1) passed the last barrier
+                    const int o = (buf ^ 1) * kTcKeys * LDS;
+                    tc_issue_tile<D, LDS>(sk + o, k16, b, h, heads, lk, j0 + kTcKeys, kTcKeys);
+                    tc_issue_tile<D, LDS>(sv + o, v16, b, h, heads, lk, j0 + kTcKeys, kTcKeys);
+                    cp_async_commit();
+                    if (threadIdx.x < kTcKeys)
+                        tc_key_state(ma, b, lk, j0 + kTcKeys + threadIdx.x, nst, nwm);
+#ifdef R3_MUTANT_EARLY_WAIT
+                    cp_async_wait<2>();  // emulator mutation test only: tile t may be in flight
+#else
+                    cp_async_wait<1>();  // tile t's copies (this thread's) have landed
+#endif
+                } else {
+                    cp_async_wait<0>();
+                }
+                __syncthreads();  // ... and every thread's, with tile t's key state
+            } else {
+                __syncthreads();  // the previous tile's readers are done
+                tc_load_tile<D, LDS>(sk, k16, b, h, heads, lk, j0, kTcKeys);
+                tc_load_tile<D, LDS>(sv, v16, b, h, heads, lk, j0, kTcKeys);
+                for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
+                    unsigned wm;
+                    tc_key_state(ma, b, lk, j0 + r, skey[r], wm);
+                    if (TS) sword[r] = wm;
+                }
+                __syncthreads();
+            }
+            const unsigned short* skt = sk + buf * kTcKeys * LDS;
+            const unsigned short* svt = sv + buf * kTcKeys * LDS;
+            const unsigned char* skeyt = skey + buf * kTcKeys;
+            const unsigned* swordt = sword + (TS ? buf * kTcKeys : 0);
             float s[NT][4];
             // ldmatrix row addresses: lane l serves row l % 8 of matrix l / 8.
             const int mrow = lane & 7, mi = lane >> 3;
@@ -599,8 +666,8 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                 for (int ks = 0; ks < KS; ks += 2) {
                     // Matrices: (k-step ks, cols lo), (ks, hi), (ks + 1, lo), (ks + 1, hi).
                     unsigned kb[4];
-                    ldmatrix_x4(kb,
-                                &sk[(nt * 8 + mrow) * LDS + (ks + (mi >> 1)) * 16 + (mi & 1) * 8]);
+                    ldmatrix_x4(
+                        kb, &skt[(nt * 8 + mrow) * LDS + (ks + (mi >> 1)) * 16 + (mi & 1) * 8]);
                     mma_bf16_16816(s[nt], qa[ks], kb[0], kb[1]);
                     mma_bf16_16816(s[nt], qa[ks + 1], kb[2], kb[3]);
                 }
@@ -612,7 +679,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             unsigned bits = 0u;
             if (TS) {
                 if (draw) {
-                    bits = ts_fragment_bits<NT>(sword, rk0, rk1, vd, qd, j0, r0,
+                    bits = ts_fragment_bits<NT>(swordt, rk0, rk1, vd, qd, j0, r0,
                                                 blockIdx.x * kTcRows);
                     if (cache) mbits[t * (kTcRows * 2) + threadIdx.x] = bits;
                 } else {
@@ -622,7 +689,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             // Scale and mask. A clean tile (no padding, no key past Lk: most tiles) needs no key
             // state: the plain kernel leaves its scores as they are, the two-stream one masks
             // by the bits alone.
-            if (tc_tile_clean(skey, lane)) {
+            if (tc_tile_clean(skeyt, lane)) {
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -639,7 +706,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                     for (int e = 0; e < 4; ++e) {
                         const int c = nt * 8 + 2 * qd + (e & 1);
                         float x = s[nt][e] * sl2;
-                        const int st = skey[c];
+                        const int st = skeyt[c];
                         if (st == 2) x = -INFINITY;
                         else if (st == 1 || (TS && !((bits >> (nt * 4 + e)) & 1u))) x = kMasked;
                         s[nt][e] = x;
@@ -694,10 +761,17 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                     // (keys hi, ot + 1).
                     unsigned vb[4];
                     ldmatrix_x4_trans(
-                        vb, &sv[(kk * 16 + (mi & 1) * 8 + mrow) * LDS + (ot + (mi >> 1)) * 8]);
+                        vb, &svt[(kk * 16 + (mi & 1) * 8 + mrow) * LDS + (ot + (mi >> 1)) * 8]);
                     mma_bf16_16816(o[ot], pa, vb[0], vb[1]);
                     mma_bf16_16816(o[ot + 1], pa, vb[2], vb[3]);
                 }
+            }
+            if (DB) {
+                if (next && threadIdx.x < kTcKeys) {
+                    skey[(buf ^ 1) * kTcKeys + threadIdx.x] = nst;
+                    if (TS) sword[(buf ^ 1) * kTcKeys + threadIdx.x] = nwm;
+                }
+                __syncthreads();  // this buffer's readers are done before it is refilled
             }
         }
 #pragma unroll
@@ -1014,16 +1088,33 @@ using r3::bf16;
     extern "C" __global__ void __launch_bounds__(128) attention_fwd_tc_d##DIM##_bf16(            \
         const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,                     \
         R3_ATTN_MASK_PARAMS) {                                                                   \
-        r3::attention_fwd_tc_impl<DIM, false>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);             \
+        r3::attention_fwd_tc_impl<DIM, false, false>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);      \
     }                                                                                            \
     extern "C" __global__ void __launch_bounds__(128) attention_fwd_tc_twostream_d##DIM##_bf16(  \
         const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,                     \
         R3_ATTN_MASK_PARAMS) {                                                                   \
-        r3::attention_fwd_tc_impl<DIM, true>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);              \
+        r3::attention_fwd_tc_impl<DIM, true, false>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);       \
     }
 R3_ATTN_TC_KERNEL(32)
 R3_ATTN_TC_KERNEL(64)
 R3_ATTN_TC_KERNEL(128)
+
+// The double-buffered forward (cp.async: the next K/V tile arrives during this one's products),
+// D 32 and 64 (two D = 128 tiles would not fit 48 KB of static shared memory). The launchers keep
+// the single-buffered kernels by default until a GPU run compares them.
+#define R3_ATTN_TCDB_KERNEL(DIM)                                                                 \
+    extern "C" __global__ void __launch_bounds__(128) attention_fwd_tcdb_d##DIM##_bf16(          \
+        const bf16* q, const bf16* k, const bf16* v, bf16* out, float* lse,                     \
+        R3_ATTN_MASK_PARAMS) {                                                                   \
+        r3::attention_fwd_tc_impl<DIM, false, true>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);       \
+    }                                                                                            \
+    extern "C" __global__ void __launch_bounds__(128)                                            \
+        attention_fwd_tcdb_twostream_d##DIM##_bf16(const bf16* q, const bf16* k, const bf16* v, \
+                                                   bf16* out, float* lse, R3_ATTN_MASK_PARAMS) { \
+        r3::attention_fwd_tc_impl<DIM, true, true>(q, k, v, out, lse, R3_ATTN_MASK_ARGS);        \
+    }
+R3_ATTN_TCDB_KERNEL(32)
+R3_ATTN_TCDB_KERNEL(64)
 
 // (128, 2): with the thread count alone ptxas 13.0 held the D = 32 dK/dV kernel under ~140
 // registers and spilled once the dropout draw moved into it per score.
@@ -1058,6 +1149,10 @@ R3_EMU_EXPORT(attention_fwd_tc_twostream_d128_bf16)
 R3_EMU_EXPORT(attention_fwd_tc_d32_bf16)
 R3_EMU_EXPORT(attention_fwd_tc_d64_bf16)
 R3_EMU_EXPORT(attention_fwd_tc_d128_bf16)
+R3_EMU_EXPORT(attention_fwd_tcdb_d32_bf16)
+R3_EMU_EXPORT(attention_fwd_tcdb_d64_bf16)
+R3_EMU_EXPORT(attention_fwd_tcdb_twostream_d32_bf16)
+R3_EMU_EXPORT(attention_fwd_tcdb_twostream_d64_bf16)
 R3_EMU_EXPORT(attention_fwd_d32_f32)
 R3_EMU_EXPORT(attention_fwd_d64_f32)
 R3_EMU_EXPORT(attention_fwd_d128_f32)

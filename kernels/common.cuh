@@ -281,6 +281,83 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned r[4], const unsigned 
 #endif
 }
 
+// cp.async (sm_80+): 16 bytes from global to shared memory without passing through registers,
+// zero-filled when !valid (src-size 0; `src` is then not read). Groups: cp_async_commit() closes
+// the copies issued since the last one; cp_async_wait<N>() waits until at most N groups are
+// pending (their data visible to this thread; a __syncthreads after it makes every thread's
+// copies visible to the block). A kernel waits for all of its copies before it exits.
+// Under R3_EMU the destination holds NaN bytes from the issue until the wait that completes the
+// group lands the data: a read before its wait, or a copy issued into a buffer that another warp
+// is still reading (a missing barrier), shows in the emulated selftest.
+#ifdef R3_EMU
+struct CpAsyncPending {
+    void* dst;
+    const void* src;
+    bool valid;
+    int group;
+};
+struct CpAsyncState {
+    CpAsyncPending* q[1024];  // per thread of the block: its copies (at most kCpAsyncMax)
+    int n[1024], committed[1024];
+};
+constexpr int kCpAsyncMax = 32;
+inline CpAsyncState& cp_async_state() {
+    thread_local CpAsyncState st = [] {
+        CpAsyncState s{};
+        for (auto& p : s.q) p = new CpAsyncPending[kCpAsyncMax];
+        return s;
+    }();
+    return st;
+}
+inline int cp_async_tid() {
+    return (int)(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));
+}
+#endif
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
+#ifdef R3_EMU
+    CpAsyncState& st = cp_async_state();
+    const int t = cp_async_tid();
+    if (st.n[t] == kCpAsyncMax) __builtin_trap();  // more copies in flight than emulated
+    std::memset(dst, 0xFF, 16);  // in flight: NaN bf16 / f32 until the wait lands the data
+    st.q[t][st.n[t]++] = CpAsyncPending{dst, src, valid, -1};
+#else
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#ifdef R3_EMU
+    CpAsyncState& st = cp_async_state();
+    const int t = cp_async_tid();
+    for (int i = 0; i < st.n[t]; ++i)
+        if (st.q[t][i].group < 0) st.q[t][i].group = st.committed[t];
+    ++st.committed[t];
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#ifdef R3_EMU
+    CpAsyncState& st = cp_async_state();
+    const int t = cp_async_tid();
+    int keep = 0;
+    for (int i = 0; i < st.n[t]; ++i) {
+        CpAsyncPending& c = st.q[t][i];
+        if (c.group >= 0 && c.group < st.committed[t] - N) {
+            if (c.valid) std::memcpy(c.dst, c.src, 16);
+            else std::memset(c.dst, 0, 16);
+        } else {
+            st.q[t][keep++] = c;
+        }
+    }
+    st.n[t] = keep;
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
 }  // namespace r3
 
 // Dynamic shared memory (the launch's shared_bytes): `R3_DYN_SMEM(float, buf);` declares

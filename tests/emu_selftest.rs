@@ -1,8 +1,9 @@
 //! The emulated device (feature `emu`): every kernel of kernels/*.cu, compiled as host C++, must
 //! agree with the CPU reference on the quick selftest shapes; and the harness must catch broken
 //! kernels (a mutant built from kernels/loss.cu with the block reductions' __syncthreads removed,
-//! one of kernels/attention.cu that skips the last partial key tile, one of kernels/maxsim.cu that
-//! skips the last partial passage tile, and launches the GPU would refuse are errors).
+//! one of kernels/attention.cu that skips the last partial key tile, one that reads a cp.async
+//! tile before its wait, one of kernels/maxsim.cu that skips the last partial passage tile, and
+//! launches the GPU would refuse are errors).
 #![cfg(feature = "emu")]
 
 use retrom3::device::emu::{self, EmuDevice};
@@ -74,6 +75,26 @@ fn dropped_last_key_tile_is_caught() {
     assert!(!bad.is_empty(), "the mutant passed the selftest");
     assert!(
         bad.iter().all(|r| r.kernel == "attention_fwd_d64_f32"),
+        "only the mutated kernel may fail: {:?}",
+        bad.iter().map(|r| &r.kernel).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn reading_a_tile_still_in_flight_is_caught() {
+    // The mutant waits for one cp.async group too few in the double-buffered attention forward:
+    // from the second key tile on it reads a tile whose copies have not landed (the emulator
+    // holds NaN there until the wait), which every case with more than one key tile exposes.
+    let dev = EmuDevice::new().substitute(
+        "attention_fwd_tcdb_d32_bf16",
+        "mutant_earlywait_attention_fwd_tcdb_d32_bf16",
+    );
+    let report = selftest::run_on(&dev, true, 17).unwrap();
+    let bad: Vec<_> = report.failures();
+    assert!(!bad.is_empty(), "the mutant passed the selftest");
+    assert!(
+        bad.iter()
+            .all(|r| r.kernel == "attention_fwd_tcdb_d32_bf16"),
         "only the mutated kernel may fail: {:?}",
         bad.iter().map(|r| &r.kernel).collect::<Vec<_>>()
     );

@@ -133,8 +133,9 @@ if [ -f "$OUT/kernels.log" ]; then
   TS=$(awk '{ if (match($1, /_s[0-9]+_h/)) { s = substr($1, RSTART + 2, RLENGTH - 4);
       if ($1 ~ /attention_fwd_tc_bf16_/) p[s] = $2; if ($1 ~ /attention_fwd_tc_twostream_bf16_/) t[s] = $2;
       if ($1 ~ /attention_fwd_tc_keypad_bf16_/) kp[s] = $2;
+      if ($1 ~ /attention_fwd_tcdb_bf16_/) dp[s] = $2; if ($1 ~ /attention_fwd_tcdb_twostream_bf16_/) dt[s] = $2;
       if ($1 ~ /attention_fwd_tc_bwd_bf16_/) pb[s] = $2; if ($1 ~ /attention_fwd_tc_bwd_twostream_bf16_/) tb[s] = $2 } }
-    END { for (s in p) if ((s in t) && (s in tb) && t[s] > 0 && tb[s] > 0) printf "S=%s fwd %.2f (keypad %.2f) f+b %.2f; ", s, p[s] / t[s], kp[s] / t[s], pb[s] / tb[s] }' "$OUT/kernels.log")
+    END { for (s in p) if ((s in t) && (s in tb) && t[s] > 0 && tb[s] > 0 && dp[s] > 0 && dt[s] > 0) printf "S=%s fwd %.2f (keypad %.2f) f+b %.2f, double-buffered: %.2f (tc/tcdb time %.2f plain, %.2f two-stream); ", s, p[s] / t[s], kp[s] / t[s], pb[s] / tb[s], dp[s] / dt[s], p[s] / dp[s], t[s] / dt[s] }' "$OUT/kernels.log")
   row two_stream INFO 0 "two-stream / plain throughput (target >= 0.85): ${TS:-no rows}"
   # Issue 5's target: the ColBERT inference scan (maxsim_docs) at >= 75% of HBM bandwidth.
   MS=$(awk '$1 ~ /_maxsim_docs_/ {printf "%s %s GB/s %s; ", $1, $4, $5}' "$OUT/kernels.log" | sed 's/cuda_maxsim_docs_bf16_//g')

@@ -715,15 +715,29 @@ pub enum AttnImpl {
     /// [`AttnImpl::TensorCores`] with this many heads per block (a divisor of the heads; above 1
     /// with a two-stream mask, Lk <= 2048, 1024 at head dim 128): selftest and benchmarks.
     TensorCoresHeads(usize),
+    /// `attention_fwd_tcdb_d{D}_bf16`: the tensor-core forward with two K/V tile buffers, the
+    /// next tile arriving by cp.async during this one's products; head dims 32 and 64 (heads
+    /// per block as [`tc_heads_per_block_for`] with `pipelined`). Not the default until a GPU
+    /// run compares it with [`AttnImpl::TensorCores`] ([`TC_PIPELINED_BY_DEFAULT`]).
+    TensorCoresPipelined,
+    /// [`AttnImpl::TensorCoresPipelined`] with this many heads per block (as
+    /// [`AttnImpl::TensorCoresHeads`]; above 1 with a two-stream mask, Lk <= 1024 at head dim 64).
+    TensorCoresPipelinedHeads(usize),
 }
+
+/// Whether [`attention_fwd`] takes the double-buffered tensor-core forward where it applies
+/// (head dims 32 and 64). Off until `bench kernels` on a GPU (rows `attention_fwd_tcdb*` beside
+/// `attention_fwd_tc*`, same call) shows it ahead; the selftest checks it either way.
+pub const TC_PIPELINED_BY_DEFAULT: bool = false;
 
 /// Keys of one tensor-core tile (kTcKeys in kernels/attention.cu).
 const TC_KEYS: usize = 64;
 
-/// Key tiles whose two-stream mask bits a tensor-core block can keep (kTcMaskTiles in
-/// kernels/attention.cu): 32 (Lk <= 2048) for head dims up to 64, 16 for 128.
-fn tc_mask_tiles(head_dim: usize) -> usize {
-    if head_dim >= 128 {
+/// Key tiles whose two-stream mask bits a tensor-core block can keep (kTcMaskTilesFor in
+/// kernels/attention.cu): 32 (Lk <= 2048) for head dims up to 64, 16 for 128; the
+/// double-buffered forward 16 at head dim 64.
+fn tc_mask_tiles(head_dim: usize, pipelined: bool) -> usize {
+    if head_dim >= 128 || (pipelined && head_dim >= 64) {
         16
     } else {
         32
@@ -731,21 +745,31 @@ fn tc_mask_tiles(head_dim: usize) -> usize {
 }
 
 /// The tensor-core forward's entry point for `mask` (kernels/attention.cu): key padding
-/// `attention_fwd_tc_d{D}_bf16`, two-stream `attention_fwd_tc_twostream_d{D}_bf16`.
-pub fn tc_fwd_kernel(mask: AttnKernelMask, head_dim: usize) -> String {
+/// `attention_fwd_tc{db}_d{D}_bf16`, two-stream `attention_fwd_tc{db}_twostream_d{D}_bf16`
+/// (`db` for the double-buffered kernels).
+pub fn tc_fwd_kernel(mask: AttnKernelMask, head_dim: usize, pipelined: bool) -> String {
+    let db = if pipelined { "db" } else { "" };
     match mask {
-        AttnKernelMask::KeyPadding { .. } => format!("attention_fwd_tc_d{head_dim}_bf16"),
-        AttnKernelMask::TwoStream { .. } => format!("attention_fwd_tc_twostream_d{head_dim}_bf16"),
+        AttnKernelMask::KeyPadding { .. } => format!("attention_fwd_tc{db}_d{head_dim}_bf16"),
+        AttnKernelMask::TwoStream { .. } => {
+            format!("attention_fwd_tc{db}_twostream_d{head_dim}_bf16")
+        }
     }
+}
+
+/// Heads per block of the tensor-core forward ([`tc_heads_per_block_for`], single-buffered).
+pub fn tc_heads_per_block(mask: AttnKernelMask, d: &AttnDims) -> usize {
+    tc_heads_per_block_for(mask, d, false)
 }
 
 /// Heads per block of the tensor-core forward: with the two-stream mask one block draws each
 /// (row, key) visibility once for up to 4 heads (the mask does not depend on the head), as long
 /// as the grid keeps >= 1024 blocks (~8 per SM of an H100/H200) and the key tiles' bits fit
-/// (Lk <= 2048, 1024 at head dim 128); otherwise, and for key padding, one head per block.
-pub fn tc_heads_per_block(mask: AttnKernelMask, d: &AttnDims) -> usize {
+/// (Lk <= 2048, 1024 at head dim 128 or double-buffered at 64); otherwise, and for key
+/// padding, one head per block.
+pub fn tc_heads_per_block_for(mask: AttnKernelMask, d: &AttnDims, pipelined: bool) -> usize {
     if !matches!(mask, AttnKernelMask::TwoStream { .. })
-        || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles(d.head_dim)
+        || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles(d.head_dim, pipelined)
     {
         return 1;
     }
@@ -775,7 +799,13 @@ pub unsafe fn attention_fwd(
     drop: Option<AttnDropout>,
 ) -> Result<()> {
     let imp = match dt {
-        KDType::BF16 if tc_aligned(&[q, k, v]) => AttnImpl::TensorCores,
+        KDType::BF16 if tc_aligned(&[q, k, v]) => {
+            if TC_PIPELINED_BY_DEFAULT && matches!(d.head_dim, 32 | 64) {
+                AttnImpl::TensorCoresPipelined
+            } else {
+                AttnImpl::TensorCores
+            }
+        }
         _ => AttnImpl::CudaCores,
     };
     // SAFETY: forwarded contract.
@@ -827,7 +857,10 @@ pub unsafe fn attention_fwd_with(
             let op = format!("attention_fwd_d{}", d.head_dim);
             l.launch(&name(&op, dt), &cfg, &mut a)
         }
-        AttnImpl::TensorCores | AttnImpl::TensorCoresHeads(_) => {
+        AttnImpl::TensorCores
+        | AttnImpl::TensorCoresHeads(_)
+        | AttnImpl::TensorCoresPipelined
+        | AttnImpl::TensorCoresPipelinedHeads(_) => {
             if dt != KDType::BF16 {
                 return Err(Error::Unsupported {
                     op: "tensor-core attention with f32 storage (bf16 only)".into(),
@@ -837,27 +870,41 @@ pub unsafe fn attention_fwd_with(
             if !tc_aligned(&[q, k, v]) {
                 return Err(tc_alignment_error("forward"));
             }
+            let pipelined = matches!(
+                imp,
+                AttnImpl::TensorCoresPipelined | AttnImpl::TensorCoresPipelinedHeads(_)
+            );
+            if pipelined && !matches!(d.head_dim, 32 | 64) {
+                return Err(Error::Unsupported {
+                    op: format!(
+                        "double-buffered tensor-core attention at head dim {} (32 or 64)",
+                        d.head_dim
+                    ),
+                    device: "cuda/emu".into(),
+                });
+            }
             let hpb = match imp {
-                AttnImpl::TensorCoresHeads(n) => n,
-                _ => tc_heads_per_block(mask, d),
+                AttnImpl::TensorCoresHeads(n) | AttnImpl::TensorCoresPipelinedHeads(n) => n,
+                _ => tc_heads_per_block_for(mask, d, pipelined),
             };
             let two_stream = matches!(mask, AttnKernelMask::TwoStream { .. });
+            let tiles = tc_mask_tiles(d.head_dim, pipelined);
             if hpb == 0
                 || d.heads % hpb != 0
-                || (hpb > 1 && two_stream && d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles(d.head_dim))
+                || (hpb > 1 && two_stream && d.k_len.div_ceil(TC_KEYS) > tiles)
             {
                 return Err(Error::invalid(format!(
                     "tensor-core attention: {hpb} heads per block for {} heads and {} keys (a \
                      divisor of the heads; above 1 with the two-stream mask at most {} keys)",
                     d.heads,
                     d.k_len,
-                    TC_KEYS * tc_mask_tiles(d.head_dim)
+                    TC_KEYS * tiles
                 )));
             }
             // 4 warps x 16 query rows per block (kernels/attention.cu, kTcRows); hpb heads each.
             cfg.grid[0] = blocks(d.q_len, 64, u32::MAX);
             cfg.grid[1] = (d.heads / hpb) as u32;
-            l.launch(&tc_fwd_kernel(mask, d.head_dim), &cfg, &mut a)
+            l.launch(&tc_fwd_kernel(mask, d.head_dim, pipelined), &cfg, &mut a)
         }
     }
 }

@@ -263,6 +263,17 @@ pub fn kernels_streaming(
             s_p,
             flops,
         ));
+        // The double-buffered forward (cp.async) beside the single-buffered one, both masks.
+        for (tag, mask) in [("", plain), ("_twostream", two_stream)] {
+            let s_db = time(dev, 1, it, || {
+                fwd_with(k::AttnImpl::TensorCoresPipelined, mask)
+            })?;
+            rows.push(flop_row(
+                format!("{devname}_attention_fwd_tcdb{tag}_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
+                s_db,
+                flops,
+            ));
+        }
         for (tag, mask) in [("", plain), ("_twostream", two_stream)] {
             let s_f = time(dev, 1, it, || fwd_with(k::AttnImpl::TensorCores, mask))?;
             rows.push(flop_row(

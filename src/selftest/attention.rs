@@ -13,7 +13,7 @@ use crate::device::cpu::attention::{
     attention_bwd, attention_fwd, AttnDims, AttnDropout, AttnMask, TwoStreamMask,
 };
 use crate::device::kernels::{self, AttnKernelMask};
-use crate::device::launch::KDType;
+use crate::device::launch::{DevPtr, KDType};
 use half::bf16;
 
 /// Absolute floor of the dq / dk comparisons: dS = P (dP - D) is a difference of terms of size
@@ -95,6 +95,9 @@ const QUICK: &[Case] = &[
     // per score), the tiles with key 0 and the diagonal, a partial last tile, and two heads
     // sharing the drawn mask (hpb2).
     case(1, 129, 129, 2, 64, true, false, true),
+    // Key padding over several key tiles (the double-buffered forward's pipeline, padded keys
+    // in a later tile).
+    case(2, 70, 130, 2, 32, false, true, false),
 ];
 
 /// Added to [`QUICK`] in the full selftest.
@@ -201,10 +204,20 @@ fn attention<T: Store>(c: &mut Ctx, cs: &Case) {
             // Every head of a block reads the mask bits the first one drew.
             fwd_kernels.push((tc, kernels::AttnImpl::TensorCoresHeads(d.heads)));
         }
+        if matches!(d.head_dim, 32 | 64) {
+            // The double-buffered forward (cp.async), with its own heads-per-block rule, and
+            // with all heads in one block (the cached mask bits across double buffers).
+            let db = kernels::tc_fwd_kernel(mask_kind(cs), d.head_dim, true);
+            fwd_kernels.push((db.clone(), kernels::AttnImpl::TensorCoresPipelined));
+            if cs.two_stream && d.heads > 1 {
+                fwd_kernels.push((db, kernels::AttnImpl::TensorCoresPipelinedHeads(d.heads)));
+            }
+        }
     }
     for (fwd, imp) in fwd_kernels {
         let shape = match imp {
-            kernels::AttnImpl::TensorCoresHeads(n) => format!("{shape} hpb{n}"),
+            kernels::AttnImpl::TensorCoresHeads(n)
+            | kernels::AttnImpl::TensorCoresPipelinedHeads(n) => format!("{shape} hpb{n}"),
             _ => shape.clone(),
         };
         c.check(&fwd, &shape, |c| {
@@ -312,6 +325,22 @@ fn attention<T: Store>(c: &mut Ctx, cs: &Case) {
             c.cmp(&bdkv, &shape, "dv", &got, &dv, tol);
             Ok(())
         });
+    }
+}
+
+/// The case's mask kind (pointers unused: for kernel names).
+fn mask_kind(cs: &Case) -> AttnKernelMask {
+    if cs.two_stream {
+        AttnKernelMask::TwoStream {
+            key_mask: DevPtr::NULL,
+            words: DevPtr::NULL,
+            p: 0.5,
+            seed: 0,
+        }
+    } else {
+        AttnKernelMask::KeyPadding {
+            key_mask: DevPtr::NULL,
+        }
     }
 }
 
