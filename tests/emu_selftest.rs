@@ -62,22 +62,29 @@ fn missing_syncthreads_is_caught() {
     );
 }
 
+/// Runs the quick selftest with `kernel` replaced by its `mutant_<tag>_` build: the mutant must
+/// fail some row, and only the rows of `kernel` or of `also` (whole steps that run it) may fail.
+fn only_the_mutant_fails(kernel: &str, tag: &str, seed: u64, also: &[&str]) {
+    let dev = EmuDevice::new().substitute(kernel, &format!("mutant_{tag}_{kernel}"));
+    let report = selftest::run_on(&dev, true, seed).unwrap();
+    let bad: Vec<_> = report.failures();
+    assert!(
+        bad.iter().any(|r| r.kernel == kernel),
+        "the mutant passed the kernel's own rows"
+    );
+    assert!(
+        bad.iter()
+            .all(|r| r.kernel == kernel || also.contains(&r.kernel.as_str())),
+        "only the mutated kernel may fail: {:?}",
+        bad.iter().map(|r| &r.kernel).collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn dropped_last_key_tile_is_caught() {
     // The mutant computes the number of 32-wide key tiles as Lk / 32 (an off-by-one in the tile
     // bound): the keys of the last partial tile are never seen, which every odd length exposes.
-    let dev = EmuDevice::new().substitute(
-        "attention_fwd_d64_f32",
-        "mutant_tilebound_attention_fwd_d64_f32",
-    );
-    let report = selftest::run_on(&dev, true, 13).unwrap();
-    let bad: Vec<_> = report.failures();
-    assert!(!bad.is_empty(), "the mutant passed the selftest");
-    assert!(
-        bad.iter().all(|r| r.kernel == "attention_fwd_d64_f32"),
-        "only the mutated kernel may fail: {:?}",
-        bad.iter().map(|r| &r.kernel).collect::<Vec<_>>()
-    );
+    only_the_mutant_fails("attention_fwd_d64_f32", "tilebound", 13, &[]);
 }
 
 #[test]
@@ -85,19 +92,7 @@ fn reading_a_tile_still_in_flight_is_caught() {
     // The mutant waits for one cp.async group too few in the double-buffered attention forward:
     // from the second key tile on it reads a tile whose copies have not landed (the emulator
     // holds NaN there until the wait), which every case with more than one key tile exposes.
-    let dev = EmuDevice::new().substitute(
-        "attention_fwd_tcdb_d32_bf16",
-        "mutant_earlywait_attention_fwd_tcdb_d32_bf16",
-    );
-    let report = selftest::run_on(&dev, true, 17).unwrap();
-    let bad: Vec<_> = report.failures();
-    assert!(!bad.is_empty(), "the mutant passed the selftest");
-    assert!(
-        bad.iter()
-            .all(|r| r.kernel == "attention_fwd_tcdb_d32_bf16"),
-        "only the mutated kernel may fail: {:?}",
-        bad.iter().map(|r| &r.kernel).collect::<Vec<_>>()
-    );
+    only_the_mutant_fails("attention_fwd_tcdb_d32_bf16", "earlywait", 17, &[]);
 }
 
 #[test]
@@ -105,19 +100,7 @@ fn dropped_last_passage_tile_is_caught() {
     // The MaxSim mutant stops at the last full 128-token passage tile: every passage shorter than
     // 128 tokens (or with a partial last tile) loses tokens, so its scores and argmax change.
     // The f32 whole-M3-step rows run the same kernel, so they fail with it; nothing else may.
-    let dev = EmuDevice::new().substitute("maxsim_fwd_f32", "mutant_mstiles_maxsim_fwd_f32");
-    let report = selftest::run_on(&dev, true, 17).unwrap();
-    let bad: Vec<_> = report.failures();
-    assert!(
-        bad.iter().any(|r| r.kernel == "maxsim_fwd_f32"),
-        "the mutant passed the kernel's own rows"
-    );
-    assert!(
-        bad.iter()
-            .all(|r| r.kernel == "maxsim_fwd_f32" || r.kernel == "m3_step_f32"),
-        "only the mutated kernel may fail: {:?}",
-        bad.iter().map(|r| &r.kernel).collect::<Vec<_>>()
-    );
+    only_the_mutant_fails("maxsim_fwd_f32", "mstiles", 17, &["m3_step_f32"]);
 }
 
 #[test]
