@@ -24,8 +24,9 @@
 //                                 warp owns 16 query rows (see "forward on tensor cores" below);
 //                                 attention_fwd_tcdb_d{D}_bf16 (D 32, 64) the same with two K/V
 //                                 tile buffers filled by cp.async one tile ahead.
-// No dynamic shared memory (static, at most ~44 KB at D = 128). __launch_bounds__(128, 2): with
-// the thread count alone, ptxas 13.0 capped some variants at 64 registers and spilled.
+// No dynamic shared memory (static, at most ~46 KB: the double-buffered two-stream D = 64 one).
+// __launch_bounds__(128, 2) on the CUDA-core kernels: with the thread count alone, ptxas 13.0
+// capped some variants at 64 registers and spilled.
 //
 // Why it is fast (CUDA cores, correctness-first version; tensor cores come next): every K/V (or
 // Q/dO) tile is read from global memory once per block and reused by all its rows from shared
@@ -626,9 +627,9 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             unsigned nwm = 0u;
             if (DB) {
                 if (next) {  // the other buffer's readers (tile t - 1) passed the last barrier
-                    const int o = (buf ^ 1) * kTcKeys * LDS;
-                    tc_issue_tile<D, LDS>(sk + o, k16, b, h, heads, lk, j0 + kTcKeys, kTcKeys);
-                    tc_issue_tile<D, LDS>(sv + o, v16, b, h, heads, lk, j0 + kTcKeys, kTcKeys);
+                    const int off = (buf ^ 1) * kTcKeys * LDS;
+                    tc_issue_tile<D, LDS>(sk + off, k16, b, h, heads, lk, j0 + kTcKeys, kTcKeys);
+                    tc_issue_tile<D, LDS>(sv + off, v16, b, h, heads, lk, j0 + kTcKeys, kTcKeys);
                     cp_async_commit();
                     if (threadIdx.x < kTcKeys)
                         tc_key_state(ma, b, lk, j0 + kTcKeys + threadIdx.x, nst, nwm);

@@ -323,7 +323,8 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 #else
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
-                 "r"(valid ? 16 : 0));
+                 "r"(valid ? 16 : 0)
+                 : "memory");
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
@@ -334,7 +335,7 @@ __device__ __forceinline__ void cp_async_commit() {
         if (st.q[t][i].group < 0) st.q[t][i].group = st.committed[t];
     ++st.committed[t];
 #else
-    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 template <int N>
@@ -354,7 +355,7 @@ __device__ __forceinline__ void cp_async_wait() {
     }
     st.n[t] = keep;
 #else
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 
