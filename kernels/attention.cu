@@ -55,10 +55,10 @@ __host__ __device__ constexpr int rows_per_warp() {
     return D >= 128 ? 2 : 4;
 }
 
-// Number of key (or query) tiles covering n. R3_MUTANT_TILE_BOUND (emulator mutation test only)
+// Number of key (or query) tiles covering n. R3_MUTANT_ATTN (emulator mutation test only)
 // drops the last partial tile: the emulated selftest must catch it.
 __device__ __forceinline__ int attn_tiles(int n) {
-#ifdef R3_MUTANT_TILE_BOUND
+#ifdef R3_MUTANT_ATTN
     return n / kAttnTile;
 #else
     return (n + kAttnTile - 1) / kAttnTile;
@@ -633,7 +633,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                     cp_async_commit();
                     if (threadIdx.x < kTcKeys)
                         tc_key_state(ma, b, lk, j0 + kTcKeys + threadIdx.x, nst, nwm);
-#ifdef R3_MUTANT_EARLY_WAIT
+#ifdef R3_MUTANT_ATTN
                     cp_async_wait<2>();  // emulator mutation test only: tile t may be in flight
 #else
                     cp_async_wait<1>();  // tile t's copies (this thread's) have landed

@@ -296,18 +296,16 @@ struct CpAsyncPending {
     bool valid;
     int group;
 };
+constexpr int kCpAsyncMax = 32;  // copies one thread may have in flight
 struct CpAsyncState {
-    CpAsyncPending* q[1024];  // per thread of the block: its copies (at most kCpAsyncMax)
+    CpAsyncPending q[1024][kCpAsyncMax];  // per thread of the block: its copies
     int n[1024], committed[1024];
 };
-constexpr int kCpAsyncMax = 32;
+// Per OS worker (blocks run one after another on it), on the heap: ~1 MB, built in place (a
+// fiber's 256 KiB stack must not hold it, not even as a temporary).
 inline CpAsyncState& cp_async_state() {
-    thread_local CpAsyncState st = [] {
-        CpAsyncState s{};
-        for (auto& p : s.q) p = new CpAsyncPending[kCpAsyncMax];
-        return s;
-    }();
-    return st;
+    thread_local CpAsyncState* st = new CpAsyncState();
+    return *st;
 }
 inline int cp_async_tid() {
     return (int)(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z));

@@ -84,7 +84,7 @@ fn only_the_mutant_fails(kernel: &str, tag: &str, seed: u64, also: &[&str]) {
 fn dropped_last_key_tile_is_caught() {
     // The mutant computes the number of 32-wide key tiles as Lk / 32 (an off-by-one in the tile
     // bound): the keys of the last partial tile are never seen, which every odd length exposes.
-    only_the_mutant_fails("attention_fwd_d64_f32", "tilebound", 13, &[]);
+    only_the_mutant_fails("attention_fwd_d64_f32", "attn", 13, &[]);
 }
 
 #[test]
@@ -92,7 +92,7 @@ fn reading_a_tile_still_in_flight_is_caught() {
     // The mutant waits for one cp.async group too few in the double-buffered attention forward:
     // from the second key tile on it reads a tile whose copies have not landed (the emulator
     // holds NaN there until the wait), which every case with more than one key tile exposes.
-    only_the_mutant_fails("attention_fwd_tcdb_d32_bf16", "earlywait", 17, &[]);
+    only_the_mutant_fails("attention_fwd_tcdb_d32_bf16", "attn", 17, &[]);
 }
 
 #[test]
