@@ -524,6 +524,16 @@ __device__ __forceinline__ void tc_key_state(const AttnMaskArgs& ma, int b, int 
     st = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[bj]) ? 1 : 0;
     wm = ma.mode == 1 && j < lk ? ma.words[bj] * 0x85EBCA6Bu : 0u;
 }
+// The key states of the 64-key tile from j0 into skey / sword (sword only when TS).
+template <bool TS>
+__device__ __forceinline__ void tc_fill_key_state(const AttnMaskArgs& ma, int b, int lk, int j0,
+                                                  unsigned char* skey, unsigned* sword) {
+    for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
+        unsigned wm;
+        tc_key_state(ma, b, lk, j0 + r, skey[r], wm);
+        if (TS) sword[r] = wm;
+    }
+}
 
 // The two-stream visibility of a thread's 32 C-fragment scores of a 64-key tile: bit nt * 4 + e is
 // (row e < 2 ? r0 : r0 + 8, key j0 + nt * 8 + 2 qd + (e & 1)). Padding and keys past Lk are the
@@ -613,11 +623,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             tc_issue_tile<D, LDS>(sk, k16, b, h, heads, lk, 0, kTcKeys);
             tc_issue_tile<D, LDS>(sv, v16, b, h, heads, lk, 0, kTcKeys);
             cp_async_commit();
-            for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
-                unsigned wm;
-                tc_key_state(ma, b, lk, r, skey[r], wm);
-                if (TS) sword[r] = wm;
-            }
+            tc_fill_key_state<TS>(ma, b, lk, 0, skey, sword);
         }
         for (int t = 0; t < tiles; ++t) {
             const int j0 = t * kTcKeys, buf = DB ? (t & 1) : 0;
@@ -646,11 +652,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                 __syncthreads();  // the previous tile's readers are done
                 tc_load_tile<D, LDS>(sk, k16, b, h, heads, lk, j0, kTcKeys);
                 tc_load_tile<D, LDS>(sv, v16, b, h, heads, lk, j0, kTcKeys);
-                for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
-                    unsigned wm;
-                    tc_key_state(ma, b, lk, j0 + r, skey[r], wm);
-                    if (TS) sword[r] = wm;
-                }
+                tc_fill_key_state<TS>(ma, b, lk, j0, skey, sword);
                 __syncthreads();
             }
             const unsigned short* skt = sk + buf * kTcKeys * LDS;
@@ -916,12 +918,7 @@ __device__ __forceinline__ void attention_bwd_dq_tc_impl(
         __syncthreads();  // the previous tile's readers are done
         tc_load_tile<D, LDS>(sk, k16, b, h, heads, lk, j0, kTcKeys);
         tc_load_tile<D, LDS>(sv, v16, b, h, heads, lk, j0, kTcKeys);
-        for (int r = threadIdx.x; r < kTcKeys; r += blockDim.x) {
-            const int j = j0 + r;
-            const long long bj = (long long)b * lk + j;
-            skey[r] = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[bj]) ? 1 : 0;
-            sword[r] = (ma.mode == 1 && j < lk) ? ma.words[bj] * 0x85EBCA6Bu : 0u;
-        }
+        tc_fill_key_state<true>(ma, b, lk, j0, skey, sword);
         __syncthreads();
         float s[NT][4] = {}, dp[NT][4] = {};
         tc_mm_abt<D, NT, LDS>(s, qa, sk, lane);

@@ -190,37 +190,30 @@ fn misaligned_attention_inputs_avoid_the_tensor_cores() {
         let at = |b: &retrom3::device::launch::DevBuf| DevPtr(b.ptr.0 + 2 * pad as u64);
         let out = dev.alloc_zeroed(5 * 32 * 2).unwrap();
         let lse = dev.alloc_zeroed(5 * 4).unwrap();
+        // None: the kernel attention_fwd picks for these pointers.
+        let imp = imp.unwrap_or(k::attention_fwd_default(
+            KDType::BF16,
+            32,
+            at(&bq),
+            at(&bk),
+            at(&bv),
+        ));
         // SAFETY: q [5, 32], k and v [7, 32] bf16 from the views; out [5, 32] bf16, lse [5] f32.
         let r = unsafe {
-            match imp {
-                Some(imp) => k::attention_fwd_with(
-                    &dev,
-                    imp,
-                    KDType::BF16,
-                    at(&bq),
-                    at(&bk),
-                    at(&bv),
-                    out.ptr,
-                    lse.ptr,
-                    mask,
-                    &d,
-                    0.2,
-                    None,
-                ),
-                None => k::attention_fwd(
-                    &dev,
-                    KDType::BF16,
-                    at(&bq),
-                    at(&bk),
-                    at(&bv),
-                    out.ptr,
-                    lse.ptr,
-                    mask,
-                    &d,
-                    0.2,
-                    None,
-                ),
-            }
+            k::attention_fwd_with(
+                &dev,
+                imp,
+                KDType::BF16,
+                at(&bq),
+                at(&bk),
+                at(&bv),
+                out.ptr,
+                lse.ptr,
+                mask,
+                &d,
+                0.2,
+                None,
+            )
         };
         r.map(|()| {
             let mut o = vec![0u8; 5 * 32 * 2];
@@ -235,4 +228,13 @@ fn misaligned_attention_inputs_avoid_the_tensor_cores() {
     assert_eq!(misaligned, aligned_cc);
     // The aligned default takes the tensor cores (bf16 rounding of P: close, not equal).
     assert!(run(None, 0).is_ok());
+    let (a, m) = (DevPtr(1 << 20), DevPtr((1 << 20) + 8));
+    assert_ne!(
+        k::attention_fwd_default(KDType::BF16, 32, a, a, a),
+        AttnImpl::CudaCores
+    );
+    assert_eq!(
+        k::attention_fwd_default(KDType::BF16, 32, a, m, a),
+        AttnImpl::CudaCores
+    );
 }

@@ -744,16 +744,34 @@ fn tc_mask_tiles(head_dim: usize, pipelined: bool) -> usize {
     }
 }
 
-/// The tensor-core forward's entry point for `mask` (kernels/attention.cu): key padding
+/// The tensor-core forward's entry point (kernels/attention.cu): key padding
 /// `attention_fwd_tc{db}_d{D}_bf16`, two-stream `attention_fwd_tc{db}_twostream_d{D}_bf16`
 /// (`db` for the double-buffered kernels).
-pub fn tc_fwd_kernel(mask: AttnKernelMask, head_dim: usize, pipelined: bool) -> String {
+pub fn tc_fwd_kernel(two_stream: bool, head_dim: usize, pipelined: bool) -> String {
     let db = if pipelined { "db" } else { "" };
-    match mask {
-        AttnKernelMask::KeyPadding { .. } => format!("attention_fwd_tc{db}_d{head_dim}_bf16"),
-        AttnKernelMask::TwoStream { .. } => {
-            format!("attention_fwd_tc{db}_twostream_d{head_dim}_bf16")
+    let ts = if two_stream { "_twostream" } else { "" };
+    format!("attention_fwd_tc{db}{ts}_d{head_dim}_bf16")
+}
+
+/// The forward kernel [`attention_fwd`] takes: the tensor cores for bf16 with 16-byte aligned
+/// q, k, v (double-buffered at head dims 32 / 64 when [`TC_PIPELINED_BY_DEFAULT`]), else the
+/// CUDA cores.
+pub fn attention_fwd_default(
+    dt: KDType,
+    head_dim: usize,
+    q: DevPtr,
+    k: DevPtr,
+    v: DevPtr,
+) -> AttnImpl {
+    match dt {
+        KDType::BF16 if tc_aligned(&[q, k, v]) => {
+            if TC_PIPELINED_BY_DEFAULT && matches!(head_dim, 32 | 64) {
+                AttnImpl::TensorCoresPipelined
+            } else {
+                AttnImpl::TensorCores
+            }
         }
+        _ => AttnImpl::CudaCores,
     }
 }
 
@@ -798,16 +816,7 @@ pub unsafe fn attention_fwd(
     scale: f32,
     drop: Option<AttnDropout>,
 ) -> Result<()> {
-    let imp = match dt {
-        KDType::BF16 if tc_aligned(&[q, k, v]) => {
-            if TC_PIPELINED_BY_DEFAULT && matches!(d.head_dim, 32 | 64) {
-                AttnImpl::TensorCoresPipelined
-            } else {
-                AttnImpl::TensorCores
-            }
-        }
-        _ => AttnImpl::CudaCores,
-    };
+    let imp = attention_fwd_default(dt, d.head_dim, q, k, v);
     // SAFETY: forwarded contract.
     unsafe { attention_fwd_with(l, imp, dt, q, k, v, out, lse, mask, d, scale, drop) }
 }
@@ -904,7 +913,11 @@ pub unsafe fn attention_fwd_with(
             // 4 warps x 16 query rows per block (kernels/attention.cu, kTcRows); hpb heads each.
             cfg.grid[0] = blocks(d.q_len, 64, u32::MAX);
             cfg.grid[1] = (d.heads / hpb) as u32;
-            l.launch(&tc_fwd_kernel(mask, d.head_dim, pipelined), &cfg, &mut a)
+            l.launch(
+                &tc_fwd_kernel(two_stream, d.head_dim, pipelined),
+                &cfg,
+                &mut a,
+            )
         }
     }
 }

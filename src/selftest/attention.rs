@@ -13,7 +13,7 @@ use crate::device::cpu::attention::{
     attention_bwd, attention_fwd, AttnDims, AttnDropout, AttnMask, TwoStreamMask,
 };
 use crate::device::kernels::{self, AttnKernelMask};
-use crate::device::launch::{DevPtr, KDType};
+use crate::device::launch::KDType;
 use half::bf16;
 
 /// Absolute floor of the dq / dk comparisons: dS = P (dP - D) is a difference of terms of size
@@ -194,11 +194,7 @@ fn attention<T: Store>(c: &mut Ctx, cs: &Case) {
     };
     let mut fwd_kernels = vec![(fwd.clone(), kernels::AttnImpl::CudaCores)];
     if T::DT == KDType::BF16 {
-        let tc = if cs.two_stream {
-            format!("attention_fwd_tc_twostream_d{}_bf16", d.head_dim)
-        } else {
-            format!("attention_fwd_tc_d{}_bf16", d.head_dim)
-        };
+        let tc = kernels::tc_fwd_kernel(cs.two_stream, d.head_dim, false);
         fwd_kernels.push((tc.clone(), kernels::AttnImpl::TensorCores));
         if cs.two_stream && d.heads > 1 {
             // Every head of a block reads the mask bits the first one drew.
@@ -207,7 +203,7 @@ fn attention<T: Store>(c: &mut Ctx, cs: &Case) {
         if matches!(d.head_dim, 32 | 64) {
             // The double-buffered forward (cp.async), with its own heads-per-block rule, and
             // with all heads in one block (the cached mask bits across double buffers).
-            let db = kernels::tc_fwd_kernel(mask_kind(cs), d.head_dim, true);
+            let db = kernels::tc_fwd_kernel(cs.two_stream, d.head_dim, true);
             fwd_kernels.push((db.clone(), kernels::AttnImpl::TensorCoresPipelined));
             if cs.two_stream && d.heads > 1 {
                 fwd_kernels.push((db, kernels::AttnImpl::TensorCoresPipelinedHeads(d.heads)));
@@ -325,22 +321,6 @@ fn attention<T: Store>(c: &mut Ctx, cs: &Case) {
             c.cmp(&bdkv, &shape, "dv", &got, &dv, tol);
             Ok(())
         });
-    }
-}
-
-/// The case's mask kind (pointers unused: for kernel names).
-fn mask_kind(cs: &Case) -> AttnKernelMask {
-    if cs.two_stream {
-        AttnKernelMask::TwoStream {
-            key_mask: DevPtr::NULL,
-            words: DevPtr::NULL,
-            p: 0.5,
-            seed: 0,
-        }
-    } else {
-        AttnKernelMask::KeyPadding {
-            key_mask: DevPtr::NULL,
-        }
     }
 }
 
