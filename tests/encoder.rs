@@ -74,6 +74,68 @@ fn right_padding_does_not_change_real_tokens() {
 }
 
 #[test]
+fn per_text_dropout_gives_each_text_its_own_forward() {
+    // M3's batched training forward (`forward_texts`): each text gets the hidden states it gets
+    // when encoded alone with its own seed, dropout on (hidden and attention), whatever shares
+    // its batch; and a different seed or a plain batch-seeded forward gives other masks.
+    let drop = DropoutCfg {
+        hidden: 0.2,
+        attention: 0.2,
+        seed: 0,
+    };
+    let run = |enc: &Encoder, x: &EncoderInput, seeds: Option<&[u64]>, seed: u64| {
+        let mut tape = Tape::no_grad();
+        let p = enc.params.bind(&mut tape);
+        let d = DropoutCfg { seed, ..drop };
+        let h = match seeds {
+            Some(s) => enc.forward_texts(&mut tape, &p, x, d, s),
+            None => enc.forward(&mut tape, &p, x, Some(d)),
+        };
+        h.unwrap().value().f32s().unwrap().to_vec()
+    };
+    for bert in [false, true] {
+        let enc = tiny(bert);
+        let texts = [
+            vec![0u32, 7, 9, 12, 2],
+            vec![0u32, 5, 2],
+            vec![0u32, 8, 8, 2],
+        ];
+        let seeds = [901u64, 902, 903];
+        let batch = EncoderInput::pad(&texts, 1);
+        let got = run(&enc, &batch, Some(&seeds), 0);
+        let h = 8;
+        for (b, t) in texts.iter().enumerate() {
+            let alone = run(
+                &enc,
+                &EncoderInput::pad(std::slice::from_ref(t), 1),
+                None,
+                seeds[b],
+            );
+            let rows = &got[b * batch.len * h..(b * batch.len + t.len()) * h];
+            let worst = rows
+                .iter()
+                .zip(&alone)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-5, "bert={bert} text {b}: differs by {worst}");
+            let other = run(
+                &enc,
+                &EncoderInput::pad(std::slice::from_ref(t), 1),
+                None,
+                7,
+            );
+            assert!(
+                rows.iter().zip(&other).any(|(x, y)| (x - y).abs() > 1e-3),
+                "bert={bert} text {b}: the seed makes no difference"
+            );
+        }
+        // The batch-seeded forward draws other masks.
+        let plain = run(&enc, &batch, None, seeds[0]);
+        assert!(got.iter().zip(&plain).any(|(x, y)| (x - y).abs() > 1e-3));
+    }
+}
+
+#[test]
 fn roberta_positions_skip_pads() {
     let enc = tiny(false);
     let input = EncoderInput::pad(&[vec![0, 7, 1, 9, 2], vec![0, 2]], 1);

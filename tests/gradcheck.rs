@@ -108,6 +108,38 @@ fn attention_backward_with_padding() {
 }
 
 #[test]
+fn per_text_attention_and_dropout_backward() {
+    let mut rng = Rng::new(25);
+    let (b, l, h, d) = (3, 5, 2, 3);
+    let ins = [
+        rng.tensor(&[b, l, h * d], 1.0),
+        rng.tensor(&[b, l, h * d], 1.0),
+        rng.tensor(&[b, l, h * d], 1.0),
+    ];
+    // Texts of 5, 3 and 4 rows (the third with a padded key inside its rows).
+    let mask: Arc<[u8]> = Arc::from(vec![1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 0, 1, 0]);
+    let texts = ops::Texts {
+        lens: Arc::from(vec![5, 3, 4]),
+        seeds: Arc::from(vec![11, 12, 13]),
+    };
+    let e = grad_check("attention_texts", &ins, 1e-2, |t, v| {
+        let a = ops::attention_texts(
+            t,
+            &v[0],
+            &v[1],
+            &v[2],
+            &mask,
+            &texts,
+            h,
+            0.5,
+            Some((0.25, 4)),
+        )?;
+        ops::dropout_texts(t, &a, 0.2, &texts, 7)
+    });
+    assert!(e < TOL, "per-text attention + dropout {e}");
+}
+
+#[test]
 fn two_stream_attention_backward() {
     let mut rng = Rng::new(15);
     let (b, l, h, d) = (2, 6, 2, 3);

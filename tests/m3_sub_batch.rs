@@ -1,8 +1,9 @@
 //! Exact sub-batching (issue 5 item 5): the two-pass scheme of `M3Student::sub_batch_grads`
 //! (no-tape encode in sub-batches → loss on the head outputs → re-encode each sub-batch and
 //! backpropagate the cached head gradients) gives the same loss and parameter gradients as one
-//! tape over the whole batch, with dropout on (per-text seeds), for sub-batch sizes 1, 2 and the
-//! whole batch, in in-batch and no-in-batch mode, with and without teacher scores.
+//! tape over the whole batch (to f32 rounding: sub-batches change the products' shapes), with
+//! dropout on (per-text seeds), for sub-batch sizes 1, 2 and the whole batch, in in-batch and
+//! no-in-batch mode, with and without teacher scores.
 
 use retrom3::autograd::Tape;
 use retrom3::data::m3_data::read_train_file;
@@ -122,6 +123,11 @@ fn two_pass_sub_batches_give_the_full_batch_gradients() {
             .iter()
             .map(|v| g.get(v).map(|t| t.f32s().unwrap().to_vec()))
             .collect();
+        let g_max = want_g
+            .iter()
+            .flatten()
+            .flatten()
+            .fold(0.0f32, |a, &b| a.max(b.abs()));
         // Dropout is really on: an eval-mode loss differs.
         let mut t2 = Tape::no_grad();
         let p2 = m.params.bind(&mut t2);
@@ -160,12 +166,19 @@ fn two_pass_sub_batches_give_the_full_batch_gradients() {
                             .fold(0.0, f32::max);
                         let inf = wg.iter().fold(0.0f32, |a, &b| a.max(b.abs()));
                         let r = diff / norm.max(1e-12);
+                        // The key bias's gradient is zero in exact arithmetic (softmax ignores
+                        // the constant q·b_k a row adds to every score): it is rounding noise,
+                        // held to the rounding of the batch's largest gradient.
+                        let noise = spec.name.ends_with("attention.self.key.bias");
+                        let zero_exact = noise && max_abs <= 1e-6 * g_max;
                         assert!(
-                            (norm < 1e-7 && max_abs < 1e-7) || (r < 1e-5 && max_abs <= 1e-5 * inf),
+                            zero_exact
+                                || (norm < 1e-7 && max_abs < 1e-7)
+                                || (r < 1e-5 && max_abs <= 1e-5 * inf),
                             "{name} sub {sub} grad.{}: rel {r:.2e} max abs {max_abs:.2e}",
                             spec.name
                         );
-                        if norm >= 1e-7 {
+                        if norm >= 1e-7 && !noise {
                             worst = worst.max(r);
                         }
                     }

@@ -5,7 +5,7 @@ use super::config::{EncoderConfig, ModelKind};
 use super::params::{ParamSet, ParamSpec};
 use crate::autograd::{Tape, Var};
 use crate::error::{Error, Result};
-use crate::ops::{self, AttentionMask, AttnDropout};
+use crate::ops::{self, AttentionMask, AttnDropout, Texts};
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -40,6 +40,14 @@ impl EncoderInput {
             batch: seqs.len(),
             len,
         }
+    }
+
+    /// Rows of text `b` through its last real token (at least one): its length unpadded.
+    pub fn text_len(&self, b: usize) -> usize {
+        self.mask[b * self.len..(b + 1) * self.len]
+            .iter()
+            .rposition(|&m| m != 0)
+            .map_or(1, |p| p + 1)
     }
 }
 
@@ -127,13 +135,16 @@ pub fn encoder_param_specs(c: &EncoderConfig) -> Vec<ParamSpec> {
 
 /// Where a layer's dropout draws its randomness: hidden dropout after the attention output and
 /// after the FFN, attention-probability dropout, each on its own stream.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct LayerDropout {
     pub hidden: f32,
     pub attention: f32,
     pub seed: u64,
     /// First of the three streams this layer uses.
     pub stream: u64,
+    /// A batch of independent texts, each drawing from its own seed in place of `seed` and
+    /// computed as it is alone ([`Texts`]; self-attention under a key-padding mask only).
+    pub texts: Option<Texts>,
 }
 
 /// One post-LN BERT layer with separate query and key/value inputs (the encoder passes the same
@@ -158,27 +169,36 @@ pub fn bert_layer(
     let q = ops::linear(tape, q_in, &p[0], Some(&p[1]))?;
     let k = ops::linear(tape, kv_in, &p[2], Some(&p[3]))?;
     let v = ops::linear(tape, kv_in, &p[4], Some(&p[5]))?;
-    let attn_drop = drop.and_then(|d| {
-        (d.attention > 0.0).then_some(AttnDropout {
-            p: d.attention,
-            seed: d.seed,
-            stream: d.stream,
-        })
-    });
     let scale = 1.0 / (c.head_dim() as f32).sqrt();
-    let a = ops::attention(
-        tape,
-        &q,
-        &k,
-        &v,
-        mask,
-        c.num_attention_heads,
-        scale,
-        attn_drop,
-    )?;
+    let heads = c.num_attention_heads;
+    let texts = drop.as_ref().and_then(|d| d.texts.as_ref());
+    let a = match (texts, mask) {
+        (Some(t), AttentionMask::KeyPadding(m)) => {
+            let ad = drop
+                .as_ref()
+                .filter(|d| d.attention > 0.0)
+                .map(|d| (d.attention, d.stream));
+            ops::attention_texts(tape, &q, &k, &v, m, t, heads, scale, ad)?
+        }
+        (Some(_), _) => {
+            return Err(Error::invalid(
+                "per-text dropout takes self-attention under a key-padding mask",
+            ))
+        }
+        (None, _) => {
+            let attn_drop = drop.as_ref().and_then(|d| {
+                (d.attention > 0.0).then_some(AttnDropout {
+                    p: d.attention,
+                    seed: d.seed,
+                    stream: d.stream,
+                })
+            });
+            ops::attention(tape, &q, &k, &v, mask, heads, scale, attn_drop)?
+        }
+    };
     let a = ops::linear(tape, &a, &p[6], Some(&p[7]))?;
-    let a = match drop {
-        Some(d) => ops::dropout(tape, &a, d.hidden, d.seed, d.stream + 1)?,
+    let a = match &drop {
+        Some(d) => layer_dropout(tape, &a, d, 1)?,
         None => a,
     };
     let r = ops::add(tape, q_in, &a)?;
@@ -186,12 +206,20 @@ pub fn bert_layer(
     let hmid = ops::linear(tape, &x1, &p[10], Some(&p[11]))?;
     let hmid = ops::gelu(tape, &hmid)?;
     let o = ops::linear(tape, &hmid, &p[12], Some(&p[13]))?;
-    let o = match drop {
-        Some(d) => ops::dropout(tape, &o, d.hidden, d.seed, d.stream + 2)?,
+    let o = match &drop {
+        Some(d) => layer_dropout(tape, &o, d, 2)?,
         None => o,
     };
     let r2 = ops::add(tape, &x1, &o)?;
     ops::layernorm(tape, &r2, &p[14], &p[15], c.layer_norm_eps)
+}
+
+/// Hidden dropout on the layer's stream `stream + k`, per text when the layer has [`Texts`].
+fn layer_dropout(tape: &mut Tape, x: &Var, d: &LayerDropout, k: u64) -> Result<Var> {
+    match &d.texts {
+        Some(t) => ops::dropout_texts(tape, x, d.hidden, t, d.stream + k),
+        None => ops::dropout(tape, x, d.hidden, d.seed, d.stream + k),
+    }
 }
 
 impl Encoder {
@@ -256,6 +284,18 @@ impl Encoder {
         input: &EncoderInput,
         drop: Option<DropoutCfg>,
     ) -> Result<Var> {
+        self.embed_with(tape, p, input, drop, None)
+    }
+
+    /// [`Encoder::embed`], with per-text dropout seeds when `texts` is given.
+    fn embed_with(
+        &self,
+        tape: &mut Tape,
+        p: &[Var],
+        input: &EncoderInput,
+        drop: Option<DropoutCfg>,
+        texts: Option<&Texts>,
+    ) -> Result<Var> {
         let n = input.ids.len();
         let h = self.config.hidden_size;
         // HF builds the word table with padding_idx = pad_token_id (both kinds) and RoBERTa's
@@ -271,13 +311,16 @@ impl Encoder {
         let x = ops::add(tape, &x, &typ)?;
         let x = ops::layernorm(tape, &x, &p[3], &p[4], self.config.layer_norm_eps)?;
         let x = ops::reshape(tape, &x, &[input.batch, input.len, h])?;
-        match drop {
-            Some(d) => ops::dropout(tape, &x, d.hidden, d.seed, 0),
-            None => Ok(x),
+        match (drop, texts) {
+            (Some(d), Some(t)) => ops::dropout_texts(tape, &x, d.hidden, t, 0),
+            (Some(d), None) => ops::dropout(tape, &x, d.hidden, d.seed, 0),
+            (None, _) => Ok(x),
         }
     }
 
-    /// Layer `i` (same tensor as query and key/value input).
+    /// Layer `i` (same tensor as query and key/value input), with per-text dropout seeds when
+    /// `texts` is given.
+    #[allow(clippy::too_many_arguments)]
     pub fn layer(
         &self,
         tape: &mut Tape,
@@ -286,6 +329,7 @@ impl Encoder {
         x: &Var,
         mask: &AttentionMask,
         drop: Option<DropoutCfg>,
+        texts: Option<&Texts>,
     ) -> Result<Var> {
         let at = EMBEDDING_TENSORS + i * LAYER_TENSORS;
         let lp = p
@@ -296,6 +340,7 @@ impl Encoder {
             attention: d.attention,
             seed: d.seed,
             stream: 1 + 4 * i as u64,
+            texts: texts.cloned(),
         });
         bert_layer(tape, &self.config, lp, x, x, mask, d)
     }
@@ -309,6 +354,45 @@ impl Encoder {
         input: &EncoderInput,
         drop: Option<DropoutCfg>,
     ) -> Result<Var> {
+        self.forward_with(tape, p, input, drop, None)
+    }
+
+    /// [`Encoder::forward`] of a batch of independent texts in training mode: text b draws its
+    /// dropout masks from `seeds[b]` (in place of `drop.seed`) and gets the hidden states it gets
+    /// when it is encoded alone, unpadded (through its last real token), with `drop.seed =
+    /// seeds[b]`, whatever texts share its batch (up to the rounding of the batched products;
+    /// rows past its length are padding). M3 fine-tuning encodes this way, so that
+    /// sub-batching never changes a text's dropout.
+    pub fn forward_texts(
+        &self,
+        tape: &mut Tape,
+        p: &[Var],
+        input: &EncoderInput,
+        drop: DropoutCfg,
+        seeds: &[u64],
+    ) -> Result<Var> {
+        if seeds.len() != input.batch {
+            return Err(Error::invalid(format!(
+                "per-text forward: {} seeds for {} texts",
+                seeds.len(),
+                input.batch
+            )));
+        }
+        let texts = Texts {
+            lens: (0..input.batch).map(|b| input.text_len(b)).collect(),
+            seeds: seeds.into(),
+        };
+        self.forward_with(tape, p, input, Some(drop), Some(&texts))
+    }
+
+    fn forward_with(
+        &self,
+        tape: &mut Tape,
+        p: &[Var],
+        input: &EncoderInput,
+        drop: Option<DropoutCfg>,
+        texts: Option<&Texts>,
+    ) -> Result<Var> {
         self.check_input(input)?;
         if p.len() != self.params.values().len() {
             return Err(Error::invalid(format!(
@@ -318,9 +402,9 @@ impl Encoder {
             )));
         }
         let mask = AttentionMask::KeyPadding(Arc::from(input.mask.clone()));
-        let mut x = self.embed(tape, p, input, drop)?;
+        let mut x = self.embed_with(tape, p, input, drop, texts)?;
         for i in 0..self.config.num_hidden_layers {
-            x = self.layer(tape, p, i, &x, &mask, drop)?;
+            x = self.layer(tape, p, i, &x, &mask, drop, texts)?;
         }
         Ok(x)
     }

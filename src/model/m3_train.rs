@@ -153,11 +153,12 @@ impl M3Student {
 
     /// Encode rows `rows` of `x` and apply the heads, padded back to `x.len` (SPEC §4.4).
     ///
-    /// With dropout, every text is encoded on its own (unpadded) with the seed
-    /// [`text_seed`]`(drop.seed, side, row)`, so its dropout masks depend only on the text and its
-    /// row in the batch, never on which other texts share its sub-batch: a sub-batched encode is
-    /// then exactly the full-batch encode. Without dropout, the rows are encoded as one batch
-    /// padded to their longest text (padding never changes the outputs of real tokens).
+    /// The rows are encoded as one batch padded to their longest text (padding never changes the
+    /// outputs of real tokens). With dropout, every text draws its masks from the seed
+    /// [`text_seed`]`(drop.seed, side, row)` and is computed as it is alone
+    /// ([`Encoder::forward_texts`]), so its dropout depends only on the text and its row in the
+    /// batch, never on which other texts share its sub-batch: a sub-batched encode is then the
+    /// full-batch encode.
     #[allow(clippy::too_many_arguments)]
     pub fn encode_heads(
         &self,
@@ -179,24 +180,15 @@ impl M3Student {
         let enc = self.encoder()?;
         let (pe, ph) = (&p[..n], &p[n..]);
         let mut pieces = Vec::new();
-        match drop {
+        let xi = sub_input(x, rows.clone());
+        let h = match drop {
             Some(d) => {
-                for i in rows {
-                    let xi = sub_input(x, i..i + 1);
-                    let di = DropoutCfg {
-                        seed: text_seed(d.seed, side, i),
-                        ..d
-                    };
-                    let h = enc.forward(tape, pe, &xi, Some(di))?;
-                    pieces.push(apply_heads(tape, ph, &xi, &h, unified)?);
-                }
+                let seeds: Vec<u64> = rows.map(|i| text_seed(d.seed, side, i)).collect();
+                enc.forward_texts(tape, pe, &xi, d, &seeds)?
             }
-            None => {
-                let xi = sub_input(x, rows);
-                let h = enc.forward(tape, pe, &xi, None)?;
-                pieces.push(apply_heads(tape, ph, &xi, &h, unified)?);
-            }
-        }
+            None => enc.forward(tape, pe, &xi, None)?,
+        };
+        pieces.push(apply_heads(tape, ph, &xi, &h, unified)?);
         assemble(tape, &pieces, x.len)
     }
 

@@ -217,6 +217,7 @@ impl RetroMae {
             attention: d.attention,
             seed: d.seed,
             stream: 2,
+            texts: None,
         });
         let dec_out = bert_layer(tape, c, pd, &q, &content, &mask, ld)?;
         let (dec_rows, dec_t) = labelled_rows(&batch.dec_labels);

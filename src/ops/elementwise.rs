@@ -1,6 +1,6 @@
 //! Element-wise ops: add (residual), GELU, ReLU, dropout.
 
-use super::tensor;
+use super::{tensor, Texts};
 use crate::autograd::{Tape, Var};
 use crate::device::cpu::elementwise as k;
 use crate::error::{Error, Result};
@@ -67,6 +67,37 @@ pub fn dropout(tape: &mut Tape, x: &Var, p: f32, seed: u64, stream: u64) -> Resu
     Ok(tape.record("dropout", &[x], out, move |dy| {
         let mut dx = vec![0.0; dy.numel()];
         k::dropout_bwd(dy.f32s()?, &mut dx, p, seed, stream);
+        Ok(vec![Some(tensor(dx, &dims)?)])
+    }))
+}
+
+/// [`dropout`] of a batch of independent texts (rows [B, L, ..]): text b draws from
+/// `texts.seeds[b]` with indices counted from its own first element, so its real rows get the
+/// mask they get when the text is dropped out alone (`device::cpu::elementwise::dropout_texts_fwd`).
+pub fn dropout_texts(tape: &mut Tape, x: &Var, p: f32, texts: &Texts, stream: u64) -> Result<Var> {
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(format!(
+            "dropout probability {p} not in [0, 1)"
+        )));
+    }
+    let dims = x.dims().to_vec();
+    if dims.first() != Some(&texts.seeds.len()) {
+        return Err(Error::shape(
+            "per-text dropout input",
+            &[texts.seeds.len()],
+            &dims,
+        ));
+    }
+    let seeds = texts.seeds.clone();
+    let mut y = vec![0.0; x.value().numel()];
+    k::dropout_texts_fwd(x.value().f32s()?, &mut y, p, &seeds, stream);
+    let out = tensor(y, &dims)?;
+    Ok(tape.record("dropout", &[x], out, move |dy| {
+        let mut dx = vec![0.0; dy.numel()];
+        k::dropout_texts_fwd(dy.f32s()?, &mut dx, p, &seeds, stream);
         Ok(vec![Some(tensor(dx, &dims)?)])
     }))
 }

@@ -13,8 +13,8 @@ mod normalize;
 mod rows;
 mod sparse;
 
-pub use attention::{attention, AttentionMask, AttnDropout};
-pub use elementwise::{add, dropout, gelu, relu, scale};
+pub use attention::{attention, attention_texts, AttentionMask, AttnDropout, Texts};
+pub use elementwise::{add, dropout, dropout_texts, gelu, relu, scale};
 pub use embedding::embedding;
 pub use layernorm::layernorm;
 pub use linear::linear;

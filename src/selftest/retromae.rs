@@ -87,8 +87,9 @@ pub fn rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<Selfte
             attention: drop.attention,
             seed: drop.seed,
             stream: 2,
+            texts: None,
         };
-        let y = bert_layer(&mut tape, &c, &pv, &q, &kv, &mask, Some(ld))?;
+        let y = bert_layer(&mut tape, &c, &pv, &q, &kv, &mask, Some(ld.clone()))?;
         let want_y = y.value().f32s()?.to_vec();
         let enc = Encoder::init_random(c.clone(), 3)?;
         let (km, wd) = (upload_pod(dev, &key_mask)?, upload_pod(dev, &words)?);
@@ -120,7 +121,7 @@ pub fn rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<Selfte
             let pv2: Vec<_> = weights.iter().map(|t| t2.leaf(t.clone())).collect();
             let q2 = t2.leaf(Tensor::from_vec(dq.to_f32(dev)?, &[b, l, h])?);
             let kv2 = t2.leaf(Tensor::from_vec(dkv.to_f32(dev)?, &[b, l, h])?);
-            let y2 = bert_layer(&mut t2, &c, &pv2, &q2, &kv2, &mask, Some(ld))?;
+            let y2 = bert_layer(&mut t2, &c, &pv2, &q2, &kv2, &mask, Some(ld.clone()))?;
             let g = t2.backward_with(&y2, Tensor::from_vec(dy_dev, &[b, l, h])?)?;
             let (gq, gkv) = denc.cross_layer_bwd(dev, (&w, &gw), (&dq, &dkv), fwd, &ddy)?;
             rows.push(compare(

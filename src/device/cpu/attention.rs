@@ -8,7 +8,7 @@
 //! [`AttnMask`], a pure function, so masks can be generated, never stored. `attention_ref.rs` is the
 //! scalar oracle this file is tested against.
 
-use super::elementwise::{drop_row_key, drop_unit, vis_row_key, vis_unit};
+use super::elementwise::{drop_row_key, drop_unit, exp_f32, vis_row_key, vis_unit};
 use super::gemm::sgemm_strided;
 
 /// Which keys a query row may see.
@@ -52,6 +52,27 @@ pub fn two_stream_visible(m: &TwoStreamMask<'_>, b: usize, i: usize, j: usize, l
 }
 
 impl AttnMask<'_> {
+    /// Set the entries of score row `i` of example `b` (\[Lk\]) that it may not see to `fill`
+    /// (key padding as one select per entry, so the loop vectorises).
+    #[inline(always)]
+    pub fn hide_row(&self, b: usize, i: usize, row: &mut [f32], fill: f32) {
+        let lk = row.len();
+        match self {
+            AttnMask::KeyPadding(m) => {
+                for (x, &m) in row.iter_mut().zip(&m[b * lk..(b + 1) * lk]) {
+                    *x = if m != 0 { *x } else { fill };
+                }
+            }
+            _ => {
+                for (j, x) in row.iter_mut().enumerate() {
+                    if !self.visible(b, i, j, lk) {
+                        *x = fill;
+                    }
+                }
+            }
+        }
+    }
+
     /// Whether row `i` of example `b` may attend to key `j`.
     #[inline]
     pub fn visible(&self, b: usize, i: usize, j: usize, lk: usize) -> bool {
@@ -146,32 +167,32 @@ fn head_at(d: &AttnDims, row: usize, h: usize) -> usize {
     row * d.width() + h * d.head_dim
 }
 
-/// P = masked softmax(S) in place for one (b, h) block [Lq, Lk]; returns lse per row (+inf marks a
-/// row with no visible key, which gets the uniform distribution: PyTorch's result when every score
-/// carries finfo.min).
-fn softmax_block(s: &mut [f32], mask: AttnMask<'_>, d: &AttnDims, b: usize, lse: &mut [f32]) {
-    for (i, row) in s.chunks_exact_mut(d.k_len).enumerate() {
-        let mut max = f32::NEG_INFINITY;
-        for (j, x) in row.iter_mut().enumerate() {
-            if mask.visible(b, i, j, d.k_len) {
-                max = max.max(*x);
-            } else {
-                *x = f32::NEG_INFINITY;
+crate::multiversion! {
+    /// P = masked softmax(S) in place for one (b, h) block [Lq, Lk]; returns lse per row (+inf
+    /// marks a row with no visible key, which gets the uniform distribution: PyTorch's result
+    /// when every score carries finfo.min).
+    fn softmax_block / softmax_block_at(
+        s: &mut [f32],
+        mask: AttnMask<'_>,
+        d: &AttnDims,
+        b: usize,
+        lse: &mut [f32],
+    ) {
+        for (i, row) in s.chunks_exact_mut(d.k_len).enumerate() {
+            mask.hide_row(b, i, row, f32::NEG_INFINITY);
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            if max == f32::NEG_INFINITY {
+                row.fill(1.0 / d.k_len as f32);
+                lse[i] = f32::INFINITY;
+                continue;
             }
+            // Hidden keys: exp(-inf) = 0.
+            row.iter_mut().for_each(|x| *x = exp_f32(*x - max));
+            let sum: f64 = row.iter().map(|&x| x as f64).sum();
+            let inv = (1.0 / sum) as f32;
+            row.iter_mut().for_each(|x| *x *= inv);
+            lse[i] = max + sum.ln() as f32;
         }
-        if max == f32::NEG_INFINITY {
-            row.fill(1.0 / d.k_len as f32);
-            lse[i] = f32::INFINITY;
-            continue;
-        }
-        let mut sum = 0.0f64;
-        for x in row.iter_mut() {
-            *x = (*x - max).exp();
-            sum += *x as f64;
-        }
-        let inv = (1.0 / sum) as f32;
-        row.iter_mut().for_each(|x| *x *= inv);
-        lse[i] = max + sum.ln() as f32;
     }
 }
 
@@ -193,15 +214,96 @@ fn scores(q: &[f32], k: &[f32], d: &AttnDims, b: usize, h: usize, scale: f32, s:
     );
 }
 
-fn apply_dropout(p: &mut [f32], drop: Option<AttnDropout>, d: &AttnDims, b: usize, h: usize) {
-    if drop.is_none() {
-        return;
+crate::multiversion! {
+    /// Attention dropout on one (b, h) block of probabilities [Lq, Lk].
+    fn apply_dropout / apply_dropout_at(
+        p: &mut [f32],
+        drop: Option<AttnDropout>,
+        d: &AttnDims,
+        b: usize,
+        h: usize,
+    ) {
+        let Some(drop) = drop else { return };
+        for (i, row) in p.chunks_exact_mut(d.k_len).enumerate() {
+            let dr = drop.row(d, b, h, i);
+            for (j, x) in row.iter_mut().enumerate() {
+                *x *= dr.factor(j);
+            }
+        }
     }
-    let Some(drop) = drop else { return };
-    for (i, row) in p.chunks_exact_mut(d.k_len).enumerate() {
-        let dr = drop.row(d, b, h, i);
-        for (j, x) in row.iter_mut().enumerate() {
-            *x *= dr.factor(j);
+}
+
+crate::multiversion! {
+    /// P of one (b, h) block [Lq, Lk] from its scores and the forward's lse per row (a fully
+    /// masked row, lse = +inf, is uniform).
+    fn recompute_probs / recompute_probs_at(
+        p: &mut [f32],
+        row_lse: &[f32],
+        mask: AttnMask<'_>,
+        b: usize,
+    ) {
+        let lk = p.len() / row_lse.len().max(1);
+        for (i, row) in p.chunks_exact_mut(lk).enumerate() {
+            let l = row_lse[i];
+            if l == f32::INFINITY {
+                row.fill(1.0 / lk as f32);
+            } else {
+                row.iter_mut().for_each(|x| *x = exp_f32(*x - l));
+                mask.hide_row(b, i, row, 0.0);
+            }
+        }
+    }
+}
+
+crate::multiversion! {
+    /// The score gradients of one (b, h) block: with dropout factors m, O = (P ⊙ m) V, so
+    /// dS = P ⊙ (m ⊙ dP − D) · scale with D_i = dO_i · O_i (`dp` in, dS out), and `p` becomes
+    /// P ⊙ m for dV. `dout` / `out` start at this block's first row and head; rows are `width`
+    /// apart.
+    fn score_grads / score_grads_at(
+        p: &mut [f32],
+        dp: &mut [f32],
+        row_lse: &[f32],
+        dout: &[f32],
+        out: &[f32],
+        d: &AttnDims,
+        b: usize,
+        h: usize,
+        scale: f32,
+        drop: Option<AttnDropout>,
+    ) {
+        let (lk, hd, w) = (d.k_len, d.head_dim, d.width());
+        for (i, (prow, dprow)) in p.chunks_exact_mut(lk).zip(dp.chunks_exact_mut(lk)).enumerate() {
+            let di: f64 = dout[i * w..i * w + hd]
+                .iter()
+                .zip(&out[i * w..i * w + hd])
+                .map(|(&a, &c)| a as f64 * c as f64)
+                .sum();
+            let di = di as f32;
+            if row_lse[i] == f32::INFINITY {
+                // The scores of a fully masked row are constants.
+                dprow.fill(0.0);
+                if let Some(a) = drop {
+                    let dr = a.row(d, b, h, i);
+                    prow.iter_mut().enumerate().for_each(|(j, x)| *x *= dr.factor(j));
+                }
+                continue;
+            }
+            match drop {
+                None => {
+                    for (x, g) in prow.iter().zip(dprow.iter_mut()) {
+                        *g = x * (*g - di) * scale;
+                    }
+                }
+                Some(a) => {
+                    let dr = a.row(d, b, h, i);
+                    for (j, (x, g)) in prow.iter_mut().zip(dprow.iter_mut()).enumerate() {
+                        let m = dr.factor(j);
+                        *g = *x * (m * *g - di) * scale;
+                        *x *= m;
+                    }
+                }
+            }
         }
     }
 }
@@ -304,18 +406,7 @@ pub fn attention_bwd(
                 let row_lse = &lse[bh * lq..(bh + 1) * lq];
                 // Recompute P from the saved lse.
                 scores(q, k, &d, b, h, scale, &mut p);
-                for (i, row) in p.chunks_exact_mut(lk).enumerate() {
-                    let l = row_lse[i];
-                    for (j, x) in row.iter_mut().enumerate() {
-                        *x = if l == f32::INFINITY {
-                            1.0 / lk as f32
-                        } else if mask.visible(b, i, j, lk) {
-                            (*x - l).exp()
-                        } else {
-                            0.0
-                        };
-                    }
-                }
+                recompute_probs(&mut p, row_lse, mask, b);
                 // dP = dO V_hᵀ  (before dropout: dP_ij here is dO_i · V_j).
                 let (qo, ko) = (head_at(&d, b * lq, h), head_at(&d, b * lk, h));
                 sgemm_strided(
@@ -333,25 +424,10 @@ pub fn attention_bwd(
                 );
                 // With dropout factors m: O = (P ⊙ m) V, so dV = (P ⊙ m)ᵀ dO and
                 // dS = P ⊙ (m ⊙ dP − D) · scale with D_i = dO_i · O_i.
-                for i in 0..lq {
-                    let di: f64 = dout[qo + i * w..qo + i * w + hd]
-                        .iter()
-                        .zip(&out[qo + i * w..qo + i * w + hd])
-                        .map(|(&a, &c)| a as f64 * c as f64)
-                        .sum();
-                    let masked_row = row_lse[i] == f32::INFINITY;
-                    let dr = drop.map(|a| a.row(&d, b, h, i));
-                    for j in 0..lk {
-                        let m = dr.map_or(1.0, |r| r.factor(j));
-                        let pij = p[i * lk + j];
-                        dp[i * lk + j] = if masked_row {
-                            0.0 // the scores of a fully masked row are constants
-                        } else {
-                            pij * (m * dp[i * lk + j] - di as f32) * scale
-                        };
-                        p[i * lk + j] = pij * m;
-                    }
-                }
+                let (dout_h, out_h) = (&dout[qo..], &out[qo..]);
+                score_grads(
+                    &mut p, &mut dp, row_lse, dout_h, out_h, &d, b, h, scale, drop,
+                );
                 // dV_h = (P ⊙ m)ᵀ dO_h ; dQ_h = dS K_h ; dK_h = dSᵀ Q_h (each (b, h) view is disjoint).
                 sgemm_strided(
                     lk,
@@ -406,6 +482,52 @@ mod tests {
         (0..n)
             .map(|i| hash_unit(seed, 0, i as u64) * 2.0 - 1.0)
             .collect()
+    }
+
+    #[test]
+    fn every_vector_level_gives_the_same_bits() {
+        use crate::device::cpu::simd::{detected, Level};
+        let (lq, lk) = (5, 37);
+        let d = AttnDims {
+            batch: 2,
+            q_len: lq,
+            k_len: lk,
+            heads: 2,
+            head_dim: 3,
+        };
+        let mut key_mask = vec![1u8; 2 * lk];
+        key_mask[lk + 30..].fill(0);
+        let mask = AttnMask::KeyPadding(&key_mask);
+        let drop = Some(AttnDropout {
+            p: 0.3,
+            seed: 5,
+            stream: 2,
+        });
+        let scores: Vec<f32> = data(lq * lk, 1).iter().map(|x| 6.0 * x).collect();
+        let w = d.width();
+        let (dout, out) = (data(lq * w, 2), data(lq * w, 3));
+        let run = |level: Level| {
+            let mut p = scores.clone();
+            let mut lse = vec![0.0; lq];
+            softmax_block_at(level, &mut p, mask, &d, 1, &mut lse);
+            let mut fwd = p.clone();
+            apply_dropout_at(level, &mut fwd, drop, &d, 1, 1);
+            let mut rp = scores.clone();
+            recompute_probs_at(level, &mut rp, &lse, mask, 1);
+            let mut dp = data(lq * lk, 4);
+            score_grads_at(
+                level, &mut rp, &mut dp, &lse, &dout, &out, &d, 1, 1, 0.5, drop,
+            );
+            [p, lse, fwd, rp, dp]
+                .concat()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
+        let base = run(Level::Baseline);
+        for level in [Level::Avx2, Level::Avx512] {
+            assert_eq!(run(level), base, "{level:?} (this CPU: {:?})", detected());
+        }
     }
 
     #[test]

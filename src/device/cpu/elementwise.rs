@@ -22,8 +22,39 @@ fn erfc_poly(z: f64, t: f64) -> f64 {
                                 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))))
 }
 
-/// [`erf`] in f32 arithmetic (the polynomial in f32, `expf`): within 3e-7 of the f64 form, and
-/// about half the cost of the f64 `exp`, which dominated GELU.
+/// e^x in f32 arithmetic without a libm call and without branches, so that loops over slices
+/// vectorise: x = n ln2 + r (Cody-Waite split of ln2, |r| <= ln2/2), e^r by its Taylor series
+/// through r^7 (truncation below 6e-9 relative), 2^n as two exponent-field factors so that it
+/// overflows to +inf above ~88.72 and underflows through the subnormals to 0 as libm does.
+/// Within 2 ulp of e^x (test); NaN stays NaN, e^-inf = 0.
+#[inline(always)]
+pub fn exp_f32(x: f32) -> f32 {
+    // 355/512: few enough bits that n · LN2_HI is exact for every n used here.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding and subtracting 1.5 · 2^23 rounds to the nearest integer (|v| < 2^22).
+    const ROUND: f32 = 12_582_912.0;
+    // Past these bounds e^x is +inf or below half the smallest subnormal either way.
+    let xc = x.clamp(-110.0, 89.0);
+    let nf = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = (xc - nf * LN2_HI) - nf * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    // n in [-159, 128]: both halves keep a normal exponent field (47..=191).
+    let n = nf as i32;
+    let h = n >> 1;
+    let s1 = f32::from_bits(((h + 127) as u32) << 23);
+    let s2 = f32::from_bits(((n - h + 127) as u32) << 23);
+    p * s1 * s2
+}
+
+/// [`erf`] in f32 arithmetic (the polynomial in f32, [`exp_f32`]): within 3e-7 of the f64 form,
+/// and branch-free, so GELU's loops vectorise.
+#[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
@@ -35,7 +66,7 @@ pub fn erf_f32(x: f32) -> f32 {
                         + t * (0.278_868_07
                             + t * (-1.135_204
                                 + t * (1.488_515_9 + t * (-0.822_152_2 + t * 0.170_872_77))))))));
-    let erfc = t * poly.exp();
+    let erfc = t * exp_f32(poly);
     (1.0 - erfc).copysign(x)
 }
 
@@ -48,27 +79,37 @@ pub fn gelu_fwd(x: &[f32], y: &mut [f32]) {
     use rayon::prelude::*;
     y.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
-        .for_each(|(y, x)| {
-            for (o, &v) in y.iter_mut().zip(x) {
-                *o = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        });
+        .for_each(|(y, x)| gelu_fwd_span(x, y));
 }
 
 /// GELU backward: dx = dy * (Φ(x) + x φ(x)).
 pub fn gelu_bwd(x: &[f32], dy: &[f32], dx: &mut [f32]) {
     use rayon::prelude::*;
-    let inv_sqrt_2pi = (1.0 / (2.0 * std::f64::consts::PI).sqrt()) as f32;
     dx.par_chunks_mut(CHUNK)
         .zip(x.par_chunks(CHUNK))
         .zip(dy.par_chunks(CHUNK))
-        .for_each(|((dx, x), dy)| {
-            for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
-                let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
-                let pdf = inv_sqrt_2pi * (-0.5 * v * v).exp();
-                *d = g * (cdf + v * pdf);
-            }
-        });
+        .for_each(|((dx, x), dy)| gelu_bwd_span(x, dy, dx));
+}
+
+crate::multiversion! {
+    /// One task of [`gelu_fwd`].
+    pub fn gelu_fwd_span / gelu_fwd_span_at(x: &[f32], y: &mut [f32]) {
+        for (o, &v) in y.iter_mut().zip(x) {
+            *o = 0.5 * v * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
+crate::multiversion! {
+    /// One task of [`gelu_bwd`].
+    pub fn gelu_bwd_span / gelu_bwd_span_at(x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let inv_sqrt_2pi = (1.0 / (2.0 * std::f64::consts::PI).sqrt()) as f32;
+        for ((d, &v), &g) in dx.iter_mut().zip(x).zip(dy) {
+            let cdf = 0.5 * (1.0 + erf_f32(v * std::f32::consts::FRAC_1_SQRT_2));
+            let pdf = inv_sqrt_2pi * exp_f32(-0.5 * v * v);
+            *d = g * (cdf + v * pdf);
+        }
+    }
 }
 
 /// ReLU forward.
@@ -148,14 +189,11 @@ pub fn drop_unit(row_key: u32, j: u32) -> f32 {
 /// Inverted dropout: element i is kept when hash_unit(seed, stream, i) >= p, and scaled by 1/(1-p).
 /// Backward uses the same function, so no mask is stored.
 pub fn dropout_fwd(x: &[f32], y: &mut [f32], p: f32, seed: u64, stream: u64) {
-    let scale = 1.0 / (1.0 - p);
-    for (i, (o, &v)) in y.iter_mut().zip(x).enumerate() {
-        *o = if hash_unit(seed, stream, i as u64) >= p {
-            v * scale
-        } else {
-            0.0
-        };
-    }
+    use rayon::prelude::*;
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (y, x))| dropout_span(x, y, p, seed, stream, c * CHUNK));
 }
 
 /// Dropout backward: the same keep mask applied to the gradient.
@@ -163,9 +201,98 @@ pub fn dropout_bwd(dy: &[f32], dx: &mut [f32], p: f32, seed: u64, stream: u64) {
     dropout_fwd(dy, dx, p, seed, stream)
 }
 
+/// [`dropout_fwd`] of a batch of independent texts: `x` is `seeds.len()` equal blocks (one per
+/// text, its rows padded to the batch's length) and block b draws from `seeds[b]` with indices
+/// counted from the block's start, so a text's real rows get the mask it gets when it is
+/// dropped out alone (M3's per-text seeds, `M3Student::encode_heads`).
+pub fn dropout_texts_fwd(x: &[f32], y: &mut [f32], p: f32, seeds: &[u64], stream: u64) {
+    use rayon::prelude::*;
+    assert_eq!(x.len(), y.len(), "dropout_texts_fwd: lengths");
+    if seeds.is_empty() || x.is_empty() {
+        return;
+    }
+    assert_eq!(x.len() % seeds.len(), 0, "dropout_texts_fwd: blocks");
+    let block = x.len() / seeds.len();
+    // Tasks of about CHUNK elements that never straddle two texts.
+    let per = block.div_ceil(block.div_ceil(CHUNK));
+    y.par_chunks_mut(block)
+        .zip(x.par_chunks(block))
+        .zip(seeds)
+        .for_each(|((y, x), &seed)| {
+            y.par_chunks_mut(per)
+                .zip(x.par_chunks(per))
+                .enumerate()
+                .for_each(|(c, (y, x))| dropout_span(x, y, p, seed, stream, c * per));
+        });
+}
+
+/// Elements `from..from + x.len()` of one dropout stream.
+fn dropout_span(x: &[f32], y: &mut [f32], p: f32, seed: u64, stream: u64, from: usize) {
+    let scale = 1.0 / (1.0 - p);
+    for (i, (o, &v)) in y.iter_mut().zip(x).enumerate() {
+        *o = if hash_unit(seed, stream, (from + i) as u64) >= p {
+            v * scale
+        } else {
+            0.0
+        };
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exp_f32_is_within_two_ulp_of_exp() {
+        let ulp = |v: f32| {
+            let b = v.abs().to_bits();
+            (f32::from_bits(b + 1) - f32::from_bits(b)).max(f32::from_bits(1))
+        };
+        let mut worst = 0.0f64;
+        let mut x = -103.0f32;
+        while x < 88.7 {
+            let want = (x as f64).exp();
+            let got = exp_f32(x) as f64;
+            let err = (got - want).abs() / ulp(want as f32) as f64;
+            assert!(
+                err <= 2.0,
+                "exp_f32({x}) = {got}, want {want} ({err:.2} ulp)"
+            );
+            worst = worst.max(err);
+            x += 0.000_731;
+        }
+        assert!(worst > 0.4, "the sweep did not exercise rounding ({worst})");
+        assert_eq!(exp_f32(0.0), 1.0);
+        assert_eq!(exp_f32(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp_f32(-200.0), 0.0);
+        assert_eq!(exp_f32(89.0), f32::INFINITY);
+        assert_eq!(exp_f32(f32::INFINITY), f32::INFINITY);
+        assert!(exp_f32(f32::NAN).is_nan());
+        assert!(exp_f32(88.72).is_finite());
+        // Through the subnormals as libm goes.
+        assert!((exp_f32(-100.0) as f64 - (-100.0f64).exp()).abs() <= f32::from_bits(1) as f64);
+    }
+
+    #[test]
+    fn gelu_gives_the_same_bits_at_every_vector_level() {
+        use crate::device::cpu::simd::{detected, Level};
+        let x: Vec<f32> = (0..1000).map(|i| (i as f32 - 500.0) * 0.0173).collect();
+        let dy: Vec<f32> = x.iter().map(|v| 1.0 - v * 0.3).collect();
+        let run = |level: Level| {
+            let (mut y, mut dx) = (vec![0.0; x.len()], vec![0.0; x.len()]);
+            gelu_fwd_span_at(level, &x, &mut y);
+            gelu_bwd_span_at(level, &x, &dy, &mut dx);
+            [y, dx]
+                .concat()
+                .iter()
+                .map(|v| v.to_bits())
+                .collect::<Vec<_>>()
+        };
+        let base = run(Level::Baseline);
+        for level in [Level::Avx2, Level::Avx512] {
+            assert_eq!(run(level), base, "{level:?} (this CPU: {:?})", detected());
+        }
+    }
 
     #[test]
     fn erf_matches_known_values() {

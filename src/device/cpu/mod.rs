@@ -13,5 +13,6 @@ pub mod layernorm;
 pub mod loss;
 pub mod maxsim;
 pub mod normalize;
+pub mod simd;
 pub mod sparse;
 pub mod topk;
