@@ -11,10 +11,19 @@ use crate::device::kernels::{self as k, AdamWStep, AttnKernelMask};
 use crate::device::launch::{DevPtr, DeviceGemm, KDType, KernelDevice};
 use crate::error::{Error, Result};
 use crate::model::config::EncoderConfig;
-use crate::model::encoder::{Encoder, EncoderInput};
+use crate::model::encoder::{DropoutCfg, Encoder, EncoderInput};
 use crate::model::params::ParamSet;
 use crate::tensor::Tensor;
 use std::time::Instant;
+
+/// The dropout of the training rows of `bench model` (encoder, M3 and RetroMAE steps alike): the
+/// models' own 0.1, as a training run has it, so that the rows compare with one another and with
+/// real steps (dropout costs a hash per element and per attention score).
+const TRAIN_DROPOUT: DropoutCfg = DropoutCfg {
+    hidden: 0.1,
+    attention: 0.1,
+    seed: 11,
+};
 
 /// One measured op.
 #[derive(Clone, Debug)]
@@ -727,7 +736,7 @@ pub fn model(
     if want(ModelRow::Train) {
         let dh = fill(dev, batch * seq * denc.config.hidden_size, dt, 3)?;
         let s2 = time(dev, 1, iters, || {
-            let f = denc.forward(dev, &input, None, true)?;
+            let f = denc.forward(dev, &input, Some(TRAIN_DROPOUT), true)?;
             denc.backward(dev, f, &dh, &grads)
         })?;
         rows.push(BenchRow {
@@ -821,7 +830,17 @@ fn m3_row(
     let drop_ids = [0u32, 1, 2, 3];
     let s3 = time(dev, 1, iters, || {
         student
-            .device_grads_resident(dev, denc, grads, &m3, &loss, None, &drop_ids, None, 0)
+            .device_grads_resident(
+                dev,
+                denc,
+                grads,
+                &m3,
+                &loss,
+                Some(TRAIN_DROPOUT),
+                &drop_ids,
+                None,
+                0,
+            )
             .map(|_| ())
     })?;
     Ok(BenchRow {
@@ -886,11 +905,7 @@ fn retromae_row(
         seq,
         &mut crate::data::rng::Rng::new(5, 1),
     )?;
-    let drop = Some(crate::model::encoder::DropoutCfg {
-        hidden: 0.1,
-        attention: 0.1,
-        seed: 11,
-    });
+    let drop = Some(TRAIN_DROPOUT);
     let s = time(dev, 1, iters, || {
         super::retromae::retromae_step(
             dev,
