@@ -11,6 +11,7 @@
 # 1000-token tokenizer. Needs the reference env of docs/fixtures.md (PY, default
 # /work/refenv/bin/python) and the FlagEmbedding 1.2.11 sdist (found like tools/dump_retromae.py:
 # /tmp/fe, else `pip download`). Results: docs/perf.md, section "RetroMAE pre-training".
+# RETROM3=path runs that binary instead of building this tree (a before/after row).
 #
 # retrom3 runs twice: default masking (in-kernel decoder mask) and --reference-compat (materialised
 # [B, L, L] masks, as the reference collator builds them). Thread count: MATMUL_NUM_THREADS for our
@@ -37,14 +38,16 @@ COMMON=(--dir "$WORK" --threads "$THREADS" --steps "$STEPS" --warmup-steps "$WAR
         --max-len "$MAXLEN" --layers "$LAYERS" --hidden "$HIDDEN" --heads "$HEADS" --ffn "$FFN")
 TOTAL=$((STEPS + WARMUP))
 
-(cd "$ROOT" && cargo build --release --bin retrom3 >&2)
+# RETROM3 names another binary (e.g. an older build, for a before/after row); else build this tree's.
+BIN=${RETROM3:-$ROOT/target/release/retrom3}
+[ -n "${RETROM3:-}" ] || (cd "$ROOT" && cargo build --release --bin retrom3 >&2)
 "$PY" "$ROOT/tools/retromae_torch_step.py" prepare "${COMMON[@]}" --texts $((TOTAL * BATCH))
 echo "machine: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; load before: $(cut -d' ' -f1-3 /proc/loadavg)"
 for variant in ours ours-compat; do
   extra=()
   [ "$variant" = ours-compat ] && extra=(--reference-compat)
   t0=$(date +%s%N)
-  MATMUL_NUM_THREADS="$THREADS" RAYON_NUM_THREADS="$THREADS" "${PIN[@]}" "$ROOT/target/release/retrom3" pretrain \
+  MATMUL_NUM_THREADS="$THREADS" RAYON_NUM_THREADS="$THREADS" "${PIN[@]}" "$BIN" pretrain \
     --config "$WORK/config.json" --tokenizer "$ROOT/tests/fixtures/tiny-xlmr" --data "$WORK/texts.txt" \
     --output "$WORK/$variant" --steps "$TOTAL" --batch-size "$BATCH" --max-len "$MAXLEN" --lr 1e-4 \
     --seed 42 "${extra[@]}" 2>/dev/null
