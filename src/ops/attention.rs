@@ -123,6 +123,39 @@ pub fn attention(
         &mut out,
         &mut lse,
     );
+    let mask = mask.clone();
+    record(
+        tape,
+        [q, k, v],
+        out,
+        move |[qs, ks, vs, os, dos], [dq, dk, dv]| {
+            k::attention_bwd(
+                qs,
+                ks,
+                vs,
+                os,
+                &lse,
+                dos,
+                mask.as_kernel(q_len),
+                d,
+                scale,
+                dropout,
+                dq,
+                dk,
+                dv,
+            )
+        },
+    )
+}
+
+/// Record an attention node whose value is `out`: its backward gets q, k, v, out, dout and fills
+/// dq, dk, dv (zeroed).
+fn record(
+    tape: &mut Tape,
+    [q, k, v]: [&Var; 3],
+    out: Vec<f32>,
+    bwd: impl Fn([&[f32]; 5], [&mut [f32]; 3]) + 'static,
+) -> Result<Var> {
     let out_t = tensor(out, q.dims())?;
     let (qt, kt, vt, ot) = (
         q.value().clone(),
@@ -130,25 +163,13 @@ pub fn attention(
         v.value().clone(),
         out_t.clone(),
     );
-    let mask = mask.clone();
     Ok(tape.record("attention", &[q, k, v], out_t, move |dout| {
         let mut dq = vec![0.0; qt.numel()];
         let mut dk = vec![0.0; kt.numel()];
         let mut dv = vec![0.0; vt.numel()];
-        k::attention_bwd(
-            qt.f32s()?,
-            kt.f32s()?,
-            vt.f32s()?,
-            ot.f32s()?,
-            &lse,
-            dout.f32s()?,
-            mask.as_kernel(q_len),
-            d,
-            scale,
-            dropout,
-            &mut dq,
-            &mut dk,
-            &mut dv,
+        bwd(
+            [qt.f32s()?, kt.f32s()?, vt.f32s()?, ot.f32s()?, dout.f32s()?],
+            [&mut dq, &mut dk, &mut dv],
         );
         Ok(vec![
             Some(tensor(dq, qt.dims())?),
@@ -239,49 +260,38 @@ pub fn attention_texts(
                 );
             });
     }
-    let out_t = tensor(out, q.dims())?;
-    let (qt, kt, vt, ot) = (
-        q.value().clone(),
-        k.value().clone(),
-        v.value().clone(),
-        out_t.clone(),
-    );
     let (key_mask, texts) = (key_mask.clone(), texts.clone());
-    Ok(tape.record("attention", &[q, k, v], out_t, move |dout| {
-        let mut dq = vec![0.0; qt.numel()];
-        let mut dk = vec![0.0; kt.numel()];
-        let mut dv = vec![0.0; vt.numel()];
-        let (qs, ks, vs, os, dos) = (qt.f32s()?, kt.f32s()?, vt.f32s()?, ot.f32s()?, dout.f32s()?);
-        let one = |b: usize| text_call(&texts, b, len, heads, head_dim, dropout);
-        dq.par_chunks_mut(len * width)
-            .zip(dk.par_chunks_mut(len * width))
-            .zip(dv.par_chunks_mut(len * width))
-            .enumerate()
-            .for_each(|(b, ((dq, dk), dv))| {
-                let (rows, d, drop, keys) = one(b);
-                let m = d.q_len * width;
-                k::attention_bwd(
-                    &qs[rows.clone()],
-                    &ks[rows.clone()],
-                    &vs[rows.clone()],
-                    &os[rows.clone()],
-                    &lse[b * heads * len..b * heads * len + heads * d.q_len],
-                    &dos[rows],
-                    AttnMask::KeyPadding(&key_mask[keys]),
-                    d,
-                    scale,
-                    drop,
-                    &mut dq[..m],
-                    &mut dk[..m],
-                    &mut dv[..m],
-                );
-            });
-        Ok(vec![
-            Some(tensor(dq, qt.dims())?),
-            Some(tensor(dk, kt.dims())?),
-            Some(tensor(dv, vt.dims())?),
-        ])
-    }))
+    record(
+        tape,
+        [q, k, v],
+        out,
+        move |[qs, ks, vs, os, dos], [dq, dk, dv]| {
+            let one = |b: usize| text_call(&texts, b, len, heads, head_dim, dropout);
+            dq.par_chunks_mut(len * width)
+                .zip(dk.par_chunks_mut(len * width))
+                .zip(dv.par_chunks_mut(len * width))
+                .enumerate()
+                .for_each(|(b, ((dq, dk), dv))| {
+                    let (rows, d, drop, keys) = one(b);
+                    let m = d.q_len * width;
+                    k::attention_bwd(
+                        &qs[rows.clone()],
+                        &ks[rows.clone()],
+                        &vs[rows.clone()],
+                        &os[rows.clone()],
+                        &lse[b * heads * len..b * heads * len + heads * d.q_len],
+                        &dos[rows],
+                        AttnMask::KeyPadding(&key_mask[keys]),
+                        d,
+                        scale,
+                        drop,
+                        &mut dq[..m],
+                        &mut dk[..m],
+                        &mut dv[..m],
+                    );
+                });
+        },
+    )
 }
 
 /// Text `b`'s attention call in a batch of length `len` ([`attention_texts`]): its rows' element

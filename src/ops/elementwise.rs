@@ -55,11 +55,7 @@ pub fn dropout(tape: &mut Tape, x: &Var, p: f32, seed: u64, stream: u64) -> Resu
     if p == 0.0 {
         return Ok(x.clone());
     }
-    if !(0.0..1.0).contains(&p) {
-        return Err(Error::invalid(format!(
-            "dropout probability {p} not in [0, 1)"
-        )));
-    }
+    check_p(p)?;
     let dims = x.dims().to_vec();
     let mut y = vec![0.0; x.value().numel()];
     k::dropout_fwd(x.value().f32s()?, &mut y, p, seed, stream);
@@ -78,11 +74,7 @@ pub fn dropout_texts(tape: &mut Tape, x: &Var, p: f32, texts: &Texts, stream: u6
     if p == 0.0 {
         return Ok(x.clone());
     }
-    if !(0.0..1.0).contains(&p) {
-        return Err(Error::invalid(format!(
-            "dropout probability {p} not in [0, 1)"
-        )));
-    }
+    check_p(p)?;
     let dims = x.dims().to_vec();
     if dims.first() != Some(&texts.seeds.len()) {
         return Err(Error::shape(
@@ -100,6 +92,15 @@ pub fn dropout_texts(tape: &mut Tape, x: &Var, p: f32, texts: &Texts, stream: u6
         k::dropout_texts_fwd(dy.f32s()?, &mut dx, p, &seeds, stream);
         Ok(vec![Some(tensor(dx, &dims)?)])
     }))
+}
+
+fn check_p(p: f32) -> Result<()> {
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(format!(
+            "dropout probability {p} not in [0, 1)"
+        )));
+    }
+    Ok(())
 }
 
 /// c · x.

@@ -15,6 +15,7 @@ pub struct AdamWHyper {
 /// One AdamW step (`step` counts from 1) on a parameter segment:
 /// p ← p − lr·wd·p; m ← β1 m + (1−β1) g̃; v ← β2 v + (1−β2) g̃²;
 /// p ← p − lr · (m / (1−β1^t)) / (√(v / (1−β2^t)) + eps), with g̃ = grad_scale · g (clipping).
+/// Element-wise, in parallel blocks (the result does not depend on the split).
 pub fn adamw_step(
     p: &mut [f32],
     g: &[f32],
@@ -24,19 +25,43 @@ pub fn adamw_step(
     step: u64,
     grad_scale: f32,
 ) {
-    let bc1 = 1.0 - (h.beta1 as f64).powi(step as i32);
-    let bc2 = 1.0 - (h.beta2 as f64).powi(step as i32);
-    let (lr, wd) = (h.lr as f64, h.weight_decay as f64);
-    for i in 0..p.len() {
-        let gi = (g[i] * grad_scale) as f64;
-        let mut pi = p[i] as f64;
-        pi -= lr * wd * pi;
-        let mi = h.beta1 as f64 * m[i] as f64 + (1.0 - h.beta1 as f64) * gi;
-        let vi = h.beta2 as f64 * v[i] as f64 + (1.0 - h.beta2 as f64) * gi * gi;
-        pi -= lr * (mi / bc1) / ((vi / bc2).sqrt() + h.eps as f64);
-        m[i] = mi as f32;
-        v[i] = vi as f32;
-        p[i] = pi as f32;
+    use rayon::prelude::*;
+    const BLOCK: usize = 1 << 14;
+    assert!(
+        g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
+        "adamw_step: segment lengths"
+    );
+    p.par_chunks_mut(BLOCK)
+        .zip(g.par_chunks(BLOCK))
+        .zip(m.par_chunks_mut(BLOCK).zip(v.par_chunks_mut(BLOCK)))
+        .for_each(|((p, g), (m, v))| adamw_span(p, g, m, v, h, step, grad_scale));
+}
+
+crate::multiversion! {
+    /// [`adamw_step`] on one block.
+    fn adamw_span / adamw_span_at(
+        p: &mut [f32],
+        g: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        h: &AdamWHyper,
+        step: u64,
+        grad_scale: f32,
+    ) {
+        let bc1 = 1.0 - (h.beta1 as f64).powi(step as i32);
+        let bc2 = 1.0 - (h.beta2 as f64).powi(step as i32);
+        let (lr, wd) = (h.lr as f64, h.weight_decay as f64);
+        for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            let gi = (g * grad_scale) as f64;
+            let mut pi = *p as f64;
+            pi -= lr * wd * pi;
+            let mi = h.beta1 as f64 * *m as f64 + (1.0 - h.beta1 as f64) * gi;
+            let vi = h.beta2 as f64 * *v as f64 + (1.0 - h.beta2 as f64) * gi * gi;
+            pi -= lr * (mi / bc1) / ((vi / bc2).sqrt() + h.eps as f64);
+            *m = mi as f32;
+            *v = vi as f32;
+            *p = pi as f32;
+        }
     }
 }
 
@@ -53,6 +78,27 @@ pub fn clip_factor(norm: f64, max_norm: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_vector_level_gives_the_same_bits() {
+        let n = 1000;
+        let val = |i: usize, a: f32| ((i * 7919) % 101) as f32 * a - 0.5;
+        let h = AdamWHyper {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        };
+        crate::device::cpu::simd::assert_same_bits("adamw", |level| {
+            let mut p: Vec<f32> = (0..n).map(|i| val(i, 0.01)).collect();
+            let mut m: Vec<f32> = (0..n).map(|i| val(i + 1, 0.001)).collect();
+            let mut v: Vec<f32> = (0..n).map(|i| val(i + 2, 0.001).abs()).collect();
+            let g: Vec<f32> = (0..n).map(|i| val(i + 5, 0.02)).collect();
+            adamw_span_at(level, &mut p, &g, &mut m, &mut v, &h, 3, 0.7);
+            [p, m, v].concat()
+        });
+    }
 
     #[test]
     fn first_step_moves_by_lr_times_sign() {

@@ -50,6 +50,21 @@ pub fn detected() -> Level {
     Level::Baseline
 }
 
+/// Test helper: `run` gives the baseline's bits at every level (those above what this CPU has
+/// run its widest).
+#[cfg(test)]
+pub(crate) fn assert_same_bits(what: &str, run: impl Fn(Level) -> Vec<f32>) {
+    let bits = |l: Level| run(l).iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let base = bits(Level::Baseline);
+    for level in [Level::Avx2, Level::Avx512] {
+        assert!(
+            bits(level) == base,
+            "{what}: {level:?} differs from the baseline (this CPU: {:?})",
+            detected()
+        );
+    }
+}
+
 /// Define `fn name(args)` whose body is compiled for each [`Level`] and run at [`level()`], and
 /// `fn name_at(level, args)` that runs a given level's version (capped at what the CPU has). The
 /// body and every function it calls should be `#[inline(always)]` or generic, so that they are
