@@ -99,13 +99,38 @@ __device__ __forceinline__ void dropout_fwd_impl(const T* x, T* y, long long n, 
     }
 }
 
+// Elements a thread loads before it writes them back (add_bias works in place, so the compiler
+// cannot move the next load above this store by itself; over [rows, 250002] logits one load in
+// flight per thread is latency-bound).
+constexpr int kBiasUnroll = 4;
+
+template <class I, class T>
+__device__ __forceinline__ void add_bias_loop(T* x, const T* __restrict__ bias, I n, I dim) {
+    const I step = (I)gridDim.x * blockDim.x;
+    I i = (I)blockIdx.x * blockDim.x + threadIdx.x;
+    for (; i + (kBiasUnroll - 1) * step < n; i += kBiasUnroll * step) {
+        float v[kBiasUnroll];
+#pragma unroll
+        for (int u = 0; u < kBiasUnroll; ++u) v[u] = load(x, i + u * step);
+#pragma unroll
+        for (int u = 0; u < kBiasUnroll; ++u) {
+            const I j = i + u * step;
+            store(x, j, v[u] + load(bias, j % dim));
+        }
+    }
+    for (; i < n; i += step) store(x, i, load(x, i) + load(bias, i % dim));
+}
+
 template <class T>
 __device__ __forceinline__ void add_bias_impl(T* x, const T* __restrict__ bias, int rows,
                                               int dim) {
     const long long n = (long long)rows * dim;
-    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (long long)gridDim.x * blockDim.x)
-        store(x, i, load(x, i) + load(bias, i % dim));
+    // 32-bit indices (and modulo) whenever the last index a thread may form fits.
+    const long long reach = n + (long long)kBiasUnroll * gridDim.x * blockDim.x;
+    if (reach <= 0xFFFFFFFFll)
+        add_bias_loop<unsigned>(x, bias, (unsigned)n, (unsigned)dim);
+    else
+        add_bias_loop<long long>(x, bias, n, (long long)dim);
 }
 
 constexpr int kColRows = 8;
@@ -117,6 +142,8 @@ __device__ __forceinline__ void colsum_impl(const T* __restrict__ dy, float* __r
     const int c = blockIdx.x * 32 + threadIdx.x;
     float s = 0.f;
     if (c < dim)
+        // Unrolled so that several rows' loads are in flight (the sum order is unchanged).
+#pragma unroll 4
         for (long long r = (long long)blockIdx.y * kColRows + threadIdx.y; r < rows;
              r += (long long)gridDim.y * kColRows)
             s += load(dy, r * dim + c);

@@ -18,6 +18,20 @@
 namespace r3 {
 
 constexpr long long kIgnoreIndex = -100;
+// Elements each thread loads before it uses them: a 250k-class row is latency-bound with one
+// dependent 2-byte load in flight per thread (the backward may also write in place, so the
+// compiler cannot hoist the next load above this store by itself).
+constexpr int kCeUnroll = 4;
+
+// One logit into a thread's online (max, sum of exp) pair.
+__device__ __forceinline__ void maxsum_push(MaxSum& acc, float v) {
+    if (v > acc.m) {
+        acc.s = acc.s * __expf(acc.m - v) + 1.f;
+        acc.m = v;
+    } else {
+        acc.s += __expf(v - acc.m);
+    }
+}
 
 template <class T>
 __device__ __forceinline__ void cross_entropy_fwd_impl(const T* __restrict__ logits,
@@ -29,15 +43,17 @@ __device__ __forceinline__ void cross_entropy_fwd_impl(const T* __restrict__ log
     if (row >= rows) return;  // the whole block leaves together
     const T* lr = logits + row * classes;
     MaxSum acc{-INFINITY, 0.f};
-    for (int i = threadIdx.x; i < classes; i += blockDim.x) {
-        const float v = load(lr, i);
-        if (v > acc.m) {
-            acc.s = acc.s * __expf(acc.m - v) + 1.f;
-            acc.m = v;
-        } else {
-            acc.s += __expf(v - acc.m);
-        }
+    const int step = blockDim.x;
+    int i = threadIdx.x;
+    // The same elements in the same order as one at a time, kCeUnroll loads in flight.
+    for (; i + (kCeUnroll - 1) * step < classes; i += kCeUnroll * step) {
+        float v[kCeUnroll];
+#pragma unroll
+        for (int u = 0; u < kCeUnroll; ++u) v[u] = load(lr, i + u * step);
+#pragma unroll
+        for (int u = 0; u < kCeUnroll; ++u) maxsum_push(acc, v[u]);
     }
+    for (; i < classes; i += step) maxsum_push(acc, load(lr, i));
     acc = block_maxsum(acc);
     const float l = acc.m + logf(acc.s);
     if (threadIdx.x == 0) {
@@ -84,7 +100,20 @@ __device__ __forceinline__ void cross_entropy_bwd_impl(const T* logits,
         return;
     }
     const float scale = g / count, l = lse[row];
-    for (int i = threadIdx.x; i < classes; i += blockDim.x) {
+    const int step = blockDim.x;
+    int i = threadIdx.x;
+    // Each element is read before it is written (in place), kCeUnroll loads in flight.
+    for (; i + (kCeUnroll - 1) * step < classes; i += kCeUnroll * step) {
+        float v[kCeUnroll];
+#pragma unroll
+        for (int u = 0; u < kCeUnroll; ++u) v[u] = load(lr, i + u * step);
+#pragma unroll
+        for (int u = 0; u < kCeUnroll; ++u) {
+            const int j = i + u * step;
+            store(dr, j, scale * (__expf(v[u] - l) - (j == t ? 1.f : 0.f)));
+        }
+    }
+    for (; i < classes; i += step) {
         const float p = __expf(load(lr, i) - l);
         store(dr, i, scale * (p - (i == t ? 1.f : 0.f)));
     }

@@ -173,6 +173,25 @@ pub fn kernel_rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec
                 super::TOL_F32,
             ));
         }
+        // add_bias over logits-sized rows: past 4 × the capped grid's threads, so each thread
+        // runs the unrolled loop (4 loads in flight) and its remainder.
+        let (r, d) = (5, 250_002);
+        let bv = vals(&mut rng, d);
+        let bias = DBuf::from_f32(dev, &bv, dt)?;
+        let xv = vals(&mut rng, r * d);
+        let x = DBuf::from_f32(dev, &xv, dt)?;
+        let (bv, mut want) = (bias.to_f32(dev)?, x.to_f32(dev)?);
+        // SAFETY: x holds r × d, bias d.
+        unsafe { k::add_bias(dev, dt, x.ptr(), bias.ptr(), r, d)? };
+        fused::add_bias(&mut want, &bv);
+        rows.push(compare(
+            &format!("add_bias_{sfx}"),
+            &format!("{r}x{d}"),
+            "x",
+            &x.to_f32(dev)?,
+            &want,
+            tol(dt),
+        ));
     }
     Ok(rows)
 }
