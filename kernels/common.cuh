@@ -120,6 +120,24 @@ __device__ __forceinline__ MaxSum block_maxsum(MaxSum v) {
     return warp_maxsum(w);
 }
 
+// ---- strided loops with several loads in flight ------------------------------------------------
+// Visit i = first, first + step, ... < n in that order, loading U elements (load(i)) before using
+// them (use(i, v)): U loads in flight per thread even where `use` stores to memory a later load
+// reads (in-place kernels), which the compiler cannot reorder by itself. Over a 250k-class row of
+// 2-byte logits one dependent load at a time is latency-bound.
+template <int U, class I, class Load, class Use>
+__device__ __forceinline__ void strided_unrolled(I first, I n, I step, Load load, Use use) {
+    I i = first;
+    for (; i + (U - 1) * step < n; i += U * step) {
+        float v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) v[u] = load(i + u * step);
+#pragma unroll
+        for (int u = 0; u < U; ++u) use(i + u * step, v[u]);
+    }
+    for (; i < n; i += step) use(i, load(i));
+}
+
 // ---- counter-based randomness --------------------------------------------------------------------
 // cpu::elementwise::hash_u32 / hash_unit, bit for bit: dropout and the RetroMAE decoder mask draw
 // from (seed, stream, index) with no state, so CPU and GPU see identical masks.

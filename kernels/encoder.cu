@@ -99,26 +99,15 @@ __device__ __forceinline__ void dropout_fwd_impl(const T* x, T* y, long long n, 
     }
 }
 
-// Elements a thread loads before it writes them back (add_bias works in place, so the compiler
-// cannot move the next load above this store by itself; over [rows, 250002] logits one load in
-// flight per thread is latency-bound).
+// Loads in flight per thread (`strided_unrolled`: add_bias works in place).
 constexpr int kBiasUnroll = 4;
 
 template <class I, class T>
 __device__ __forceinline__ void add_bias_loop(T* x, const T* __restrict__ bias, I n, I dim) {
-    const I step = (I)gridDim.x * blockDim.x;
-    I i = (I)blockIdx.x * blockDim.x + threadIdx.x;
-    for (; i + (kBiasUnroll - 1) * step < n; i += kBiasUnroll * step) {
-        float v[kBiasUnroll];
-#pragma unroll
-        for (int u = 0; u < kBiasUnroll; ++u) v[u] = load(x, i + u * step);
-#pragma unroll
-        for (int u = 0; u < kBiasUnroll; ++u) {
-            const I j = i + u * step;
-            store(x, j, v[u] + load(bias, j % dim));
-        }
-    }
-    for (; i < n; i += step) store(x, i, load(x, i) + load(bias, i % dim));
+    strided_unrolled<kBiasUnroll>(
+        (I)blockIdx.x * blockDim.x + threadIdx.x, n, (I)gridDim.x * blockDim.x,
+        [&](I i) { return load(x, i); },
+        [&](I i, float v) { store(x, i, v + load(bias, i % dim)); });
 }
 
 template <class T>

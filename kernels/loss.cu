@@ -18,9 +18,7 @@
 namespace r3 {
 
 constexpr long long kIgnoreIndex = -100;
-// Elements each thread loads before it uses them: a 250k-class row is latency-bound with one
-// dependent 2-byte load in flight per thread (the backward may also write in place, so the
-// compiler cannot hoist the next load above this store by itself).
+// Loads in flight per thread (`strided_unrolled`; the backward may work in place).
 constexpr int kCeUnroll = 4;
 
 // One logit into a thread's online (max, sum of exp) pair.
@@ -43,17 +41,9 @@ __device__ __forceinline__ void cross_entropy_fwd_impl(const T* __restrict__ log
     if (row >= rows) return;  // the whole block leaves together
     const T* lr = logits + row * classes;
     MaxSum acc{-INFINITY, 0.f};
-    const int step = blockDim.x;
-    int i = threadIdx.x;
-    // The same elements in the same order as one at a time, kCeUnroll loads in flight.
-    for (; i + (kCeUnroll - 1) * step < classes; i += kCeUnroll * step) {
-        float v[kCeUnroll];
-#pragma unroll
-        for (int u = 0; u < kCeUnroll; ++u) v[u] = load(lr, i + u * step);
-#pragma unroll
-        for (int u = 0; u < kCeUnroll; ++u) maxsum_push(acc, v[u]);
-    }
-    for (; i < classes; i += step) maxsum_push(acc, load(lr, i));
+    strided_unrolled<kCeUnroll>(
+        (int)threadIdx.x, classes, (int)blockDim.x, [&](int i) { return load(lr, i); },
+        [&](int, float v) { maxsum_push(acc, v); });
     acc = block_maxsum(acc);
     const float l = acc.m + logf(acc.s);
     if (threadIdx.x == 0) {
@@ -100,23 +90,9 @@ __device__ __forceinline__ void cross_entropy_bwd_impl(const T* logits,
         return;
     }
     const float scale = g / count, l = lse[row];
-    const int step = blockDim.x;
-    int i = threadIdx.x;
-    // Each element is read before it is written (in place), kCeUnroll loads in flight.
-    for (; i + (kCeUnroll - 1) * step < classes; i += kCeUnroll * step) {
-        float v[kCeUnroll];
-#pragma unroll
-        for (int u = 0; u < kCeUnroll; ++u) v[u] = load(lr, i + u * step);
-#pragma unroll
-        for (int u = 0; u < kCeUnroll; ++u) {
-            const int j = i + u * step;
-            store(dr, j, scale * (__expf(v[u] - l) - (j == t ? 1.f : 0.f)));
-        }
-    }
-    for (; i < classes; i += step) {
-        const float p = __expf(load(lr, i) - l);
-        store(dr, i, scale * (p - (i == t ? 1.f : 0.f)));
-    }
+    strided_unrolled<kCeUnroll>(
+        (int)threadIdx.x, classes, (int)blockDim.x, [&](int i) { return load(lr, i); },
+        [&](int i, float v) { store(dr, i, scale * (__expf(v - l) - (i == t ? 1.f : 0.f))); });
 }
 
 }  // namespace r3
