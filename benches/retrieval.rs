@@ -222,7 +222,7 @@ fn bench_sparse(c: &mut Criterion) {
         t[1] / t[0]
     );
 
-    let label = if n_docs % 1_000_000 == 0 {
+    let label = if n_docs.is_multiple_of(1_000_000) {
         format!("{}m", n_docs / 1_000_000)
     } else {
         format!("{}k", n_docs / 1_000)

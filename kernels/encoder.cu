@@ -103,7 +103,7 @@ __device__ __forceinline__ void dropout_fwd_impl(const T* x, T* y, long long n, 
 constexpr int kBiasUnroll = 4;
 
 template <class I, class T>
-__device__ __forceinline__ void add_bias_loop(T* x, const T* __restrict__ bias, I n, I dim) {
+__device__ __forceinline__ void add_bias_loop(I n, I dim, T* x, const T* __restrict__ bias) {
     strided_unrolled<kBiasUnroll>(
         (I)blockIdx.x * blockDim.x + threadIdx.x, n, (I)gridDim.x * blockDim.x,
         [&](I i) { return load(x, i); },
@@ -113,13 +113,9 @@ __device__ __forceinline__ void add_bias_loop(T* x, const T* __restrict__ bias, 
 template <class T>
 __device__ __forceinline__ void add_bias_impl(T* x, const T* __restrict__ bias, int rows,
                                               int dim) {
-    const long long n = (long long)rows * dim;
-    // 32-bit indices (and modulo) whenever the last index a thread may form fits.
-    const long long reach = n + (long long)kBiasUnroll * gridDim.x * blockDim.x;
-    if (reach <= 0xFFFFFFFFll)
-        add_bias_loop<unsigned>(x, bias, (unsigned)n, (unsigned)dim);
-    else
-        add_bias_loop<long long>(x, bias, n, (long long)dim);
+    // 32-bit indices and modulo: the launcher keeps rows · dim within i32 and the grid to 1024
+    // blocks, so the largest index a thread forms, n + 4 · 2^18, fits in 32 unsigned bits.
+    add_bias_loop((unsigned)rows * (unsigned)dim, (unsigned)dim, x, bias);
 }
 
 constexpr int kColRows = 8;
@@ -130,12 +126,13 @@ __device__ __forceinline__ void colsum_impl(const T* __restrict__ dy, float* __r
     __shared__ float part[kColRows][32];
     const int c = blockIdx.x * 32 + threadIdx.x;
     float s = 0.f;
-    if (c < dim)
+    if (c < dim) {
         // Unrolled so that several rows' loads are in flight (the sum order is unchanged).
 #pragma unroll 4
         for (long long r = (long long)blockIdx.y * kColRows + threadIdx.y; r < rows;
              r += (long long)gridDim.y * kColRows)
             s += load(dy, r * dim + c);
+    }
     part[threadIdx.y][threadIdx.x] = s;
     __syncthreads();
     if (threadIdx.y == 0 && c < dim) {

@@ -93,37 +93,52 @@ fn per_text_dropout_gives_each_text_its_own_forward() {
         };
         h.unwrap().value().f32s().unwrap().to_vec()
     };
+    // (ids, mask) per text: plain texts, one with a padded position inside it, one all padding.
+    let texts: [(Vec<u32>, Vec<u8>); 5] = [
+        (vec![0, 7, 9, 12, 2], vec![1; 5]),
+        (vec![0, 5, 2], vec![1; 3]),
+        (vec![0, 8, 8, 2], vec![1; 4]),
+        (vec![0, 6, 1, 9, 2], vec![1, 1, 0, 1, 1]),
+        (vec![1, 1], vec![0, 0]),
+    ];
+    let len = 6;
+    let mut batch = EncoderInput {
+        ids: Vec::new(),
+        mask: Vec::new(),
+        batch: texts.len(),
+        len,
+    };
+    for (ids, mask) in &texts {
+        batch
+            .ids
+            .extend(ids.iter().copied().chain(std::iter::repeat(1)).take(len));
+        batch
+            .mask
+            .extend(mask.iter().copied().chain(std::iter::repeat(0)).take(len));
+    }
+    let seeds = [901u64, 902, 903, 904, 905];
     for bert in [false, true] {
         let enc = tiny(bert);
-        let texts = [
-            vec![0u32, 7, 9, 12, 2],
-            vec![0u32, 5, 2],
-            vec![0u32, 8, 8, 2],
-        ];
-        let seeds = [901u64, 902, 903];
-        let batch = EncoderInput::pad(&texts, 1);
         let got = run(&enc, &batch, Some(&seeds), 0);
         let h = 8;
-        for (b, t) in texts.iter().enumerate() {
-            let alone = run(
-                &enc,
-                &EncoderInput::pad(std::slice::from_ref(t), 1),
-                None,
-                seeds[b],
-            );
-            let rows = &got[b * batch.len * h..(b * batch.len + t.len()) * h];
+        for (b, (ids, mask)) in texts.iter().enumerate() {
+            // Alone: its rows through its last real token (one row when it has none).
+            let n = batch.text_len(b);
+            let alone_in = EncoderInput {
+                ids: ids[..n].to_vec(),
+                mask: mask[..n].to_vec(),
+                batch: 1,
+                len: n,
+            };
+            let alone = run(&enc, &alone_in, None, seeds[b]);
+            let rows = &got[b * len * h..(b * len + n) * h];
             let worst = rows
                 .iter()
                 .zip(&alone)
                 .map(|(x, y)| (x - y).abs())
                 .fold(0.0f32, f32::max);
             assert!(worst < 1e-5, "bert={bert} text {b}: differs by {worst}");
-            let other = run(
-                &enc,
-                &EncoderInput::pad(std::slice::from_ref(t), 1),
-                None,
-                7,
-            );
+            let other = run(&enc, &alone_in, None, 7);
             assert!(
                 rows.iter().zip(&other).any(|(x, y)| (x - y).abs() > 1e-3),
                 "bert={bert} text {b}: the seed makes no difference"

@@ -794,7 +794,7 @@ pub fn tc_heads_per_block_for(mask: AttnKernelMask, d: &AttnDims, pipelined: boo
     let blocks = d.q_len.div_ceil(64) * d.batch * d.heads;
     [4, 2]
         .into_iter()
-        .find(|&n| d.heads % n == 0 && blocks / n >= 1024)
+        .find(|&n| d.heads.is_multiple_of(n) && blocks / n >= 1024)
         .unwrap_or(1)
 }
 
@@ -899,7 +899,7 @@ pub unsafe fn attention_fwd_with(
             let two_stream = matches!(mask, AttnKernelMask::TwoStream { .. });
             let tiles = tc_mask_tiles(d.head_dim, pipelined);
             if hpb == 0
-                || d.heads % hpb != 0
+                || !d.heads.is_multiple_of(hpb)
                 || (hpb > 1 && two_stream && d.k_len.div_ceil(TC_KEYS) > tiles)
             {
                 return Err(Error::invalid(format!(

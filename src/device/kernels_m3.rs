@@ -160,9 +160,9 @@ const MD_TC_MAX_SMEM: usize = 227 * 1024;
 fn maxsim_docs_tc_unfit(dt: KDType, q: DevPtr, store: DevPtr, dim: usize) -> Option<&'static str> {
     if dt != KDType::BF16 {
         Some("needs bf16 storage")
-    } else if dim % 32 != 0 {
+    } else if !dim.is_multiple_of(32) {
         Some("needs dim % 32 == 0")
-    } else if store.0 % 16 != 0 || q.0 % 4 != 0 {
+    } else if !store.0.is_multiple_of(16) || !q.0.is_multiple_of(4) {
         Some("needs a 16-byte aligned store and a 4-byte aligned query")
     } else if MD_TC_QUERY_TILE * md_stride_bytes(dim) > MD_TC_MAX_SMEM {
         Some("dim too large for the query tile in shared memory")
@@ -226,7 +226,7 @@ pub unsafe fn maxsim_docs_with(
     }
     int(q_len * dim, "q_len * dim")?;
     let unfit = maxsim_docs_tc_unfit(dt, q, store, dim);
-    let piped_unfit = unfit.or((dim % 128 != 0).then_some("needs dim % 128 == 0"));
+    let piped_unfit = unfit.or((!dim.is_multiple_of(128)).then_some("needs dim % 128 == 0"));
     let tc = match (imp, unfit) {
         (MaxSimImpl::Simt, _) => false,
         // No query token: every document scores 0, as the SIMT kernel writes.

@@ -173,7 +173,7 @@ pub fn bert_layer(
     let heads = c.num_attention_heads;
     let texts = drop.as_ref().and_then(|d| d.texts.as_ref());
     let a = match (texts, mask) {
-        (Some(t), AttentionMask::KeyPadding(m)) => {
+        (Some(t), AttentionMask::KeyPadding(m)) if q_in.value().is_same(kv_in.value()) => {
             let ad = drop
                 .as_ref()
                 .filter(|d| d.attention > 0.0)

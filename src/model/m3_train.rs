@@ -611,17 +611,9 @@ fn chunks(n: usize, k: usize) -> Vec<Range<usize>> {
     (0..n).step_by(k).map(|s| s..(s + k).min(n)).collect()
 }
 
-/// Real (unpadded) length of row `i` (right padding).
-fn real_len(x: &EncoderInput, i: usize) -> usize {
-    x.mask[i * x.len..(i + 1) * x.len]
-        .iter()
-        .rposition(|&m| m != 0)
-        .map_or(1, |p| p + 1)
-}
-
 /// Rows `rows` of `x`, padded to their own longest text.
 fn sub_input(x: &EncoderInput, rows: Range<usize>) -> EncoderInput {
-    let len = rows.clone().map(|i| real_len(x, i)).max().unwrap_or(1);
+    let len = rows.clone().map(|i| x.text_len(i)).max().unwrap_or(1);
     let mut ids = Vec::with_capacity(rows.len() * len);
     let mut mask = Vec::with_capacity(rows.len() * len);
     for i in rows.clone() {

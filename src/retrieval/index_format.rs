@@ -326,9 +326,9 @@ impl Container {
             let end = offset.checked_add(len).filter(|&x| x <= file_len);
             if end.is_none()
                 || (offset as usize) < table_end
-                || offset as usize % ALIGN != 0
+                || !(offset as usize).is_multiple_of(ALIGN)
                 || !matches!(elem_size, 1 | 2 | 4 | 8)
-                || len as usize % elem_size != 0
+                || !(len as usize).is_multiple_of(elem_size)
             {
                 return Err(bad(format!(
                     "section {name}: bad extent (offset {offset}, {len} bytes, element size {elem_size})"
@@ -391,7 +391,7 @@ impl Container {
             ));
         }
         // The map is page-aligned and sections start at multiples of 64 bytes.
-        if (self.map.as_ptr() as usize + e.offset) % std::mem::align_of::<T>() != 0 {
+        if !(self.map.as_ptr() as usize + e.offset).is_multiple_of(std::mem::align_of::<T>()) {
             return Err(Error::format(
                 &self.path,
                 format!("section {name}: misaligned"),

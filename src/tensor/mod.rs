@@ -94,7 +94,7 @@ impl Storage {
 
     /// Decode little-endian bytes of `dtype`. `bytes.len()` must be a multiple of the element size.
     pub fn from_le_bytes(dtype: DType, bytes: &[u8]) -> Result<Storage> {
-        if bytes.len() % dtype.size() != 0 {
+        if !bytes.len().is_multiple_of(dtype.size()) {
             return Err(Error::invalid(format!(
                 "{} bytes is not a whole number of {} elements",
                 bytes.len(),
@@ -138,6 +138,11 @@ pub struct Tensor {
 }
 
 impl Tensor {
+    /// Whether `other` is this very tensor (same storage, same shape), not merely equal values.
+    pub fn is_same(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage) && self.dims() == other.dims()
+    }
+
     /// A tensor over `storage` with `dims`; the element count must match.
     pub fn new(storage: Storage, dims: &[usize]) -> Result<Tensor> {
         let shape = Shape::from(dims);

@@ -241,8 +241,8 @@ crate::multiversion! {
         row_lse: &[f32],
         mask: AttnMask<'_>,
         b: usize,
+        lk: usize,
     ) {
-        let lk = p.len() / row_lse.len().max(1);
         for (i, row) in p.chunks_exact_mut(lk).enumerate() {
             let l = row_lse[i];
             if l == f32::INFINITY {
@@ -406,7 +406,7 @@ pub fn attention_bwd(
                 let row_lse = &lse[bh * lq..(bh + 1) * lq];
                 // Recompute P from the saved lse.
                 scores(q, k, &d, b, h, scale, &mut p);
-                recompute_probs(&mut p, row_lse, mask, b);
+                recompute_probs(&mut p, row_lse, mask, b, lk);
                 // dP = dO V_hᵀ  (before dropout: dP_ij here is dO_i · V_j).
                 let (qo, ko) = (head_at(&d, b * lq, h), head_at(&d, b * lk, h));
                 sgemm_strided(
@@ -512,7 +512,7 @@ mod tests {
             let mut fwd = p.clone();
             apply_dropout_at(level, &mut fwd, drop, &d, 1, 1);
             let mut rp = scores.clone();
-            recompute_probs_at(level, &mut rp, &lse, mask, 1);
+            recompute_probs_at(level, &mut rp, &lse, mask, 1, lk);
             let mut dp = data(lq * lk, 4);
             score_grads_at(
                 level, &mut rp, &mut dp, &lse, &dout, &out, &d, 1, 1, 0.5, drop,

@@ -1,13 +1,15 @@
 //! Run-time choice of the vector width for the CPU kernels' hot loops.
 //!
 //! The release build targets baseline x86-64 (SSE2), so one binary runs on every x86-64 machine.
-//! The element-wise loops that dominate a CPU training step after the GEMMs (GELU, the attention
-//! softmax rows) are compiled three times by [`multiversion!`](crate::multiversion) — for
-//! AVX-512, for AVX2 + FMA and for the baseline — and the widest version this CPU supports runs.
-//! All versions execute the same IEEE operations in the same order (Rust never fuses a multiply
-//! and an add, and never reorders a float reduction), so they give bit-identical results: a run's
-//! numbers do not depend on the machine's vector unit (test below). `RETROM3_SIMD=baseline|avx2`
-//! caps the level (read once), e.g. to compare speeds.
+//! The loops that dominate a CPU training step after the GEMMs (GELU, the attention softmax,
+//! probability recompute, dropout and score-gradient rows, LayerNorm, AdamW) are compiled three
+//! times by [`multiversion!`](crate::multiversion) — for AVX-512, for AVX2 + FMA and for the
+//! baseline — and the widest version this CPU supports runs. All versions execute the same IEEE
+//! operations in the same order (Rust never fuses a multiply and an add, and never reorders a
+//! float reduction), so they give bit-identical results: a run's numbers do not depend on the
+//! machine's vector unit (each module using it tests that with `assert_same_bits`, which compares
+//! the levels this CPU has). `RETROM3_SIMD=baseline|avx2|avx512` caps the level (read once), e.g.
+//! to compare speeds.
 
 use std::sync::OnceLock;
 
@@ -29,7 +31,13 @@ pub fn level() -> Level {
         let cap = match std::env::var("RETROM3_SIMD").as_deref() {
             Ok("baseline") => Level::Baseline,
             Ok("avx2") => Level::Avx2,
-            _ => Level::Avx512,
+            Ok("avx512") | Err(_) => Level::Avx512,
+            Ok(other) => {
+                eprintln!(
+                    "retrom3: RETROM3_SIMD={other:?} is not baseline, avx2 or avx512; ignored"
+                );
+                Level::Avx512
+            }
         };
         detected().min(cap)
     })
@@ -40,13 +48,23 @@ pub fn detected() -> Level {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        if has!("avx512f") && has!("avx512bw") && has!("avx512dq") && has!("avx512vl") {
-            return Level::Avx512;
+        // Every feature the versions enable (rustc's avx512f implies f16c), checked: a VM may
+        // hide some of them.
+        if !(has!("avx2") && has!("fma")) {
+            return Level::Baseline;
         }
-        if has!("avx2") && has!("fma") {
-            return Level::Avx2;
+        if has!("avx512f")
+            && has!("avx512bw")
+            && has!("avx512dq")
+            && has!("avx512vl")
+            && has!("f16c")
+        {
+            Level::Avx512
+        } else {
+            Level::Avx2
         }
     }
+    #[cfg(not(target_arch = "x86_64"))]
     Level::Baseline
 }
 

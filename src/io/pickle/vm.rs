@@ -151,7 +151,7 @@ impl Vm<'_> {
     }
 
     fn set_items(&mut self, dict: &Value, items: Vec<Value>) -> R<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err("SETITEMS with an odd number of items".into());
         }
         match self.obj_mut(dict) {
