@@ -276,19 +276,9 @@ impl Encoder {
         check_input(&self.config, input)
     }
 
-    /// The embeddings block: LN(word\[ids\] + pos\[pos_ids\] + type\[0\]) with dropout.
+    /// The embeddings block: LN(word\[ids\] + pos\[pos_ids\] + type\[0\]) with dropout (per
+    /// text when `texts` is given).
     pub fn embed(
-        &self,
-        tape: &mut Tape,
-        p: &[Var],
-        input: &EncoderInput,
-        drop: Option<DropoutCfg>,
-    ) -> Result<Var> {
-        self.embed_with(tape, p, input, drop, None)
-    }
-
-    /// [`Encoder::embed`], with per-text dropout seeds when `texts` is given.
-    fn embed_with(
         &self,
         tape: &mut Tape,
         p: &[Var],
@@ -402,7 +392,7 @@ impl Encoder {
             )));
         }
         let mask = AttentionMask::KeyPadding(Arc::from(input.mask.clone()));
-        let mut x = self.embed_with(tape, p, input, drop, texts)?;
+        let mut x = self.embed(tape, p, input, drop, texts)?;
         for i in 0..self.config.num_hidden_layers {
             x = self.layer(tape, p, i, &x, &mask, drop, texts)?;
         }

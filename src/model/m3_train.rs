@@ -179,7 +179,6 @@ impl M3Student {
         let n = self.n_encoder();
         let enc = self.encoder()?;
         let (pe, ph) = (&p[..n], &p[n..]);
-        let mut pieces = Vec::new();
         let xi = sub_input(x, rows.clone());
         let h = match drop {
             Some(d) => {
@@ -188,8 +187,8 @@ impl M3Student {
             }
             None => enc.forward(tape, pe, &xi, None)?,
         };
-        pieces.push(apply_heads(tape, ph, &xi, &h, unified)?);
-        assemble(tape, &pieces, x.len)
+        let heads = apply_heads(tape, ph, &xi, &h, unified)?;
+        assemble(tape, &[heads], x.len)
     }
 
     /// Score matrices from the head outputs of all B queries and B·G passages: [B, B·G] in

@@ -184,7 +184,7 @@ impl RetroMae {
             seed: d.seed ^ DECODER_SEED_XOR,
             ..d
         });
-        let content = encoder.embed(tape, pe, &batch.dec, ddrop)?;
+        let content = encoder.embed(tape, pe, &batch.dec, ddrop, None)?;
         let content = ops::replace_rows(tape, &content, &cls_rows, &sent)?;
         let bcast: Vec<usize> = (0..b * l).map(|r| r / l).collect();
         let hq = ops::select_rows(tape, &sent, &bcast)?; // [B*L, h]

@@ -4,6 +4,7 @@ use super::{tensor, Texts};
 use crate::autograd::{Tape, Var};
 use crate::device::cpu::elementwise as k;
 use crate::error::{Error, Result};
+use std::sync::Arc;
 
 /// a + b (same shape).
 pub fn add(tape: &mut Tape, a: &Var, b: &Var) -> Result<Var> {
@@ -52,38 +53,35 @@ pub fn relu(tape: &mut Tape, x: &Var) -> Result<Var> {
 /// Inverted dropout with probability `p`; the keep mask is a hash of (seed, stream, index), so
 /// the backward regenerates it. `p == 0` is the identity.
 pub fn dropout(tape: &mut Tape, x: &Var, p: f32, seed: u64, stream: u64) -> Result<Var> {
-    if p == 0.0 {
-        return Ok(x.clone());
-    }
-    check_p(p)?;
-    let dims = x.dims().to_vec();
-    let mut y = vec![0.0; x.value().numel()];
-    k::dropout_fwd(x.value().f32s()?, &mut y, p, seed, stream);
-    let out = tensor(y, &dims)?;
-    Ok(tape.record("dropout", &[x], out, move |dy| {
-        let mut dx = vec![0.0; dy.numel()];
-        k::dropout_bwd(dy.f32s()?, &mut dx, p, seed, stream);
-        Ok(vec![Some(tensor(dx, &dims)?)])
-    }))
+    dropout_blocks(tape, x, p, Arc::from([seed]), stream)
 }
 
 /// [`dropout`] of a batch of independent texts (rows [B, L, ..]): text b draws from
 /// `texts.seeds[b]` with indices counted from its own first element, so its real rows get the
 /// mask they get when the text is dropped out alone (`device::cpu::elementwise::dropout_texts_fwd`).
 pub fn dropout_texts(tape: &mut Tape, x: &Var, p: f32, texts: &Texts, stream: u64) -> Result<Var> {
-    if p == 0.0 {
-        return Ok(x.clone());
-    }
-    check_p(p)?;
-    let dims = x.dims().to_vec();
-    if dims.first() != Some(&texts.seeds.len()) {
+    if x.dims().first() != Some(&texts.seeds.len()) {
         return Err(Error::shape(
             "per-text dropout input",
             &[texts.seeds.len()],
-            &dims,
+            x.dims(),
         ));
     }
-    let seeds = texts.seeds.clone();
+    dropout_blocks(tape, x, p, texts.seeds.clone(), stream)
+}
+
+/// Dropout of `x` as `seeds.len()` equal blocks, block b drawing from `seeds[b]`
+/// (`device::cpu::elementwise::dropout_texts_fwd`; one block is plain dropout).
+fn dropout_blocks(tape: &mut Tape, x: &Var, p: f32, seeds: Arc<[u64]>, stream: u64) -> Result<Var> {
+    if p == 0.0 {
+        return Ok(x.clone());
+    }
+    if !(0.0..1.0).contains(&p) {
+        return Err(Error::invalid(format!(
+            "dropout probability {p} not in [0, 1)"
+        )));
+    }
+    let dims = x.dims().to_vec();
     let mut y = vec![0.0; x.value().numel()];
     k::dropout_texts_fwd(x.value().f32s()?, &mut y, p, &seeds, stream);
     let out = tensor(y, &dims)?;
@@ -92,15 +90,6 @@ pub fn dropout_texts(tape: &mut Tape, x: &Var, p: f32, texts: &Texts, stream: u6
         k::dropout_texts_fwd(dy.f32s()?, &mut dx, p, &seeds, stream);
         Ok(vec![Some(tensor(dx, &dims)?)])
     }))
-}
-
-fn check_p(p: f32) -> Result<()> {
-    if !(0.0..1.0).contains(&p) {
-        return Err(Error::invalid(format!(
-            "dropout probability {p} not in [0, 1)"
-        )));
-    }
-    Ok(())
 }
 
 /// c · x.

@@ -189,16 +189,7 @@ pub fn drop_unit(row_key: u32, j: u32) -> f32 {
 /// Inverted dropout: element i is kept when hash_unit(seed, stream, i) >= p, and scaled by 1/(1-p).
 /// Backward uses the same function, so no mask is stored.
 pub fn dropout_fwd(x: &[f32], y: &mut [f32], p: f32, seed: u64, stream: u64) {
-    use rayon::prelude::*;
-    y.par_chunks_mut(CHUNK)
-        .zip(x.par_chunks(CHUNK))
-        .enumerate()
-        .for_each(|(c, (y, x))| dropout_span(x, y, p, seed, stream, c * CHUNK));
-}
-
-/// Dropout backward: the same keep mask applied to the gradient.
-pub fn dropout_bwd(dy: &[f32], dx: &mut [f32], p: f32, seed: u64, stream: u64) {
-    dropout_fwd(dy, dx, p, seed, stream)
+    dropout_texts_fwd(x, y, p, &[seed], stream)
 }
 
 /// [`dropout_fwd`] of a batch of independent texts: `x` is `seeds.len()` equal blocks (one per
