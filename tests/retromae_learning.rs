@@ -146,7 +146,7 @@ fn retromae_learns_real_text_and_beats_unigram_on_held_out() {
     let v = tok.vocab_size();
     let cfg = EncoderConfig::new_xlmr(v, HIDDEN, 1, 2, 2 * HIDDEN, MAX_LEN + 2).unwrap();
     let enc = Encoder::init_random(cfg, SEED).unwrap();
-    let mut model = RetroMae::new(enc, &Default::default(), MASKING.p_dec, SEED).unwrap();
+    let mut model = RetroMae::new(enc, &Default::default(), MASKING.p_dec as f32, SEED).unwrap();
     let (ce_init, _) = held_out_decoder_ce(&model, &held, &vocab);
 
     let pcfg = PretrainConfig {

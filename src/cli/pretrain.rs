@@ -51,10 +51,10 @@ pub struct PretrainArgs {
     pub grad_accum: usize,
     /// Encoder mask ratio.
     #[arg(long, default_value_t = 0.3)]
-    pub enc_mask: f32,
+    pub enc_mask: f64,
     /// Decoder mask ratio.
     #[arg(long, default_value_t = 0.5)]
-    pub dec_mask: f32,
+    pub dec_mask: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     #[arg(long)]
@@ -62,7 +62,9 @@ pub struct PretrainArgs {
     /// Continue from a checkpoint directory written by this command.
     #[arg(long)]
     pub resume: Option<PathBuf>,
-    /// Reproduce the reference code's masking (token level, 512 cap, materialised decoder masks).
+    /// Reproduce the reference code's masking (HF whole-word masking on the token strings: token
+    /// level for XLM-R, "##" words for WordPiece; specials drawn, then dropped from the encoder
+    /// mask and left maskable in the decoder's; 512 cap; materialised decoder masks).
     #[arg(long)]
     pub reference_compat: bool,
     /// Max gradient norm (0 disables clipping).
@@ -121,7 +123,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             let cfg = EncoderConfig::from_file(dir.join("config.json"))?;
             let (map, path) = retrom3::io::read_backbone(dir)?;
             let enc = Encoder::from_tensors(cfg, &map, &path)?;
-            let model = RetroMae::new(enc, &RetroMae::read_heads(dir)?, a.dec_mask, a.seed)?;
+            let model = RetroMae::new(enc, &RetroMae::read_heads(dir)?, a.dec_mask as f32, a.seed)?;
             let state = TrainState::load(dir)?;
             let mut opt = AdamW::new(
                 model.params.specs(),
@@ -135,13 +137,13 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             let cfg = EncoderConfig::from_file(dir.join("config.json"))?;
             let (map, path) = retrom3::io::read_backbone(dir)?;
             let enc = Encoder::from_tensors(cfg, &map, &path)?;
-            (RetroMae::new(enc, &map, a.dec_mask, a.seed)?, None)
+            (RetroMae::new(enc, &map, a.dec_mask as f32, a.seed)?, None)
         }
         (None, None, Some(cfg)) => {
             let cfg = EncoderConfig::from_file(cfg)?;
             let enc = Encoder::init_random(cfg, a.seed)?;
             (
-                RetroMae::new(enc, &Default::default(), a.dec_mask, a.seed)?,
+                RetroMae::new(enc, &Default::default(), a.dec_mask as f32, a.seed)?,
                 None,
             )
         }

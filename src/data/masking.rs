@@ -23,6 +23,12 @@ pub struct MaskingVocab {
     pub word_start: Vec<bool>,
     /// Per id: a special token (never masked in the encoder; its own word).
     pub special: Vec<bool>,
+    /// Per id: the token string is literally "[CLS]" or "[SEP]", the tokens the reference's
+    /// whole-word masking skips (`reference_compat`; XLM-R's `<s>`/`</s>` are not among them).
+    pub ref_skip: Vec<bool>,
+    /// Per id: the token string starts with "##", which the reference joins to the previous
+    /// candidate word (`reference_compat`).
+    pub ref_continues: Vec<bool>,
 }
 
 impl MaskingVocab {
@@ -38,6 +44,8 @@ impl MaskingVocab {
             vocab_size: n,
             word_start: (0..n).map(|i| i < 5 || i % 3 != 0).collect(),
             special: (0..n).map(|i| i < 4 || i + 1 == n).collect(),
+            ref_skip: vec![false; n],
+            ref_continues: vec![false; n],
         }
     }
 
@@ -89,6 +97,11 @@ impl MaskingVocab {
             vocab_size: n,
             word_start,
             special,
+            ref_skip: tokens
+                .iter()
+                .map(|t| t == "[CLS]" || t == "[SEP]")
+                .collect(),
+            ref_continues: tokens.iter().map(|t| t.starts_with("##")).collect(),
         })
     }
 
@@ -99,17 +112,25 @@ impl MaskingVocab {
     fn starts_word(&self, id: u32) -> bool {
         self.word_start.get(id as usize).copied().unwrap_or(true)
     }
+
+    fn flag(v: &[bool], id: u32) -> bool {
+        v.get(id as usize).copied().unwrap_or(false)
+    }
 }
 
 /// Masking settings.
 #[derive(Clone, Copy, Debug)]
 pub struct MaskingConfig {
-    /// Encoder mask ratio (paper 0.15-0.3; default 0.3).
-    pub p_enc: f32,
+    /// Encoder mask ratio (paper 0.15-0.3; default 0.3). A double, as the reference's Python
+    /// float: the mask count round(L·p) must round the same.
+    pub p_enc: f64,
     /// Decoder mask ratio (paper 0.5-0.7; default 0.5).
-    pub p_dec: f32,
-    /// Reproduce the reference code: token-level masking, specials maskable in the decoder matrix,
-    /// at most 512 masked tokens, K pre-sampled decoder masks with a fixed count each.
+    pub p_dec: f64,
+    /// Reproduce the reference code (HF `_whole_word_mask`): every token but a literal
+    /// "[CLS]"/"[SEP]" is a candidate, "##" tokens join the previous word and nothing else groups
+    /// tokens (token level for XLM-R), specials are removed from the encoder mask afterwards and
+    /// stay maskable in the decoder matrix, at most 512 masked tokens, K = min(L, 128)
+    /// pre-sampled decoder masks with a fixed count each.
     pub reference_compat: bool,
 }
 
@@ -151,28 +172,55 @@ fn word_ids(ids: &[u32], v: &MaskingVocab, token_level: bool) -> Vec<u32> {
     out
 }
 
-/// HF `_whole_word_mask`: shuffle candidate words, add whole words while the total stays within
-/// n = max(1, round(L·p)) (capped at `cap`); returns a 0/1 vector.
-fn whole_word_mask(
-    words: &[u32],
-    candidate: &[bool],
-    p: f32,
-    cap: usize,
-    rng: &mut Rng,
-) -> Vec<bool> {
-    let l = words.len();
+/// The candidate words of retrom3's default masking: runs of equal word index among the
+/// candidate positions.
+fn candidate_words(words: &[u32], candidate: &[bool]) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
-    for i in 0..l {
+    for (i, &w) in words.iter().enumerate() {
         if !candidate[i] {
             continue;
         }
         match groups.last_mut() {
-            Some(g) if words[*g.last().expect("non-empty")] == words[i] => g.push(i),
+            Some(g) if words[*g.last().expect("non-empty")] == w => g.push(i),
             _ => groups.push(vec![i]),
         }
     }
+    groups
+}
+
+/// The candidate words of the reference (HF `_whole_word_mask` on the token strings): every
+/// position but a literal "[CLS]"/"[SEP]", a "##" token joining the previous candidate word.
+fn reference_words(ids: &[u32], v: &MaskingVocab) -> Vec<Vec<usize>> {
+    let mut groups: Vec<Vec<usize>> = Vec::new();
+    for (i, &id) in ids.iter().enumerate() {
+        if MaskingVocab::flag(&v.ref_skip, id) {
+            continue;
+        }
+        match groups.last_mut() {
+            Some(g) if MaskingVocab::flag(&v.ref_continues, id) => g.push(i),
+            _ => groups.push(vec![i]),
+        }
+    }
+    groups
+}
+
+/// How many tokens a whole-word mask of ratio `p` takes from `l`: Python's
+/// `min(cap, max(1, round(l * p)))`, halves to even as Python's `round`.
+fn mask_count(l: usize, p: f64, cap: usize) -> usize {
+    ((l as f64 * p).round_ties_even() as usize).clamp(1, cap)
+}
+
+/// HF `_whole_word_mask`: shuffle the candidate words, add whole words while the total stays
+/// within [`mask_count`] (a word that would overshoot is skipped); a 0/1 vector of length `l`.
+fn whole_word_mask(
+    mut groups: Vec<Vec<usize>>,
+    l: usize,
+    p: f64,
+    cap: usize,
+    rng: &mut Rng,
+) -> Vec<bool> {
     rng.shuffle(&mut groups);
-    let n = ((l as f64 * p as f64).round() as usize).clamp(1, cap);
+    let n = mask_count(l, p, cap);
     let mut masked = vec![false; l];
     let mut count = 0;
     for g in groups {
@@ -229,12 +277,18 @@ pub fn make_batch(
         let n = s.len();
         let w = word_ids(s, v, cfg.reference_compat);
         words[bi * l..bi * l + n].copy_from_slice(&w);
-        // Encoder: whole words of non-special tokens (compat: every token but the specials is a
-        // candidate at token level, specials are removed afterwards as HF's torch_mask_tokens does).
-        let candidate: Vec<bool> = s.iter().map(|&id| !v.is_special(id)).collect();
-        let m = whole_word_mask(&w, &candidate, cfg.p_enc, cap, rng);
+        // Encoder: whole words of non-special tokens. Compat: the reference's words (specials
+        // included unless literally [CLS]/[SEP]), the specials then removed from the mask as HF's
+        // torch_mask_tokens does (so they use up part of the count).
+        let groups = if cfg.reference_compat {
+            reference_words(s, v)
+        } else {
+            let candidate: Vec<bool> = s.iter().map(|&id| !v.is_special(id)).collect();
+            candidate_words(&w, &candidate)
+        };
+        let m = whole_word_mask(groups, n, cfg.p_enc, cap, rng);
         for (i, &mi) in m.iter().enumerate() {
-            if !mi {
+            if !mi || v.is_special(s[i]) {
                 continue;
             }
             let at = bi * l + i;
@@ -252,7 +306,7 @@ pub fn make_batch(
     let mask_seed = rng.next_u64();
     let dense_visibility = cfg
         .reference_compat
-        .then(|| reference_decoder_visibility(&seqs, l, cfg.p_dec, rng));
+        .then(|| reference_decoder_visibility(&seqs, v, l, cfg.p_dec, rng));
     Ok(RetroMaeBatch {
         enc: EncoderInput {
             ids: enc_ids,
@@ -269,27 +323,24 @@ pub fn make_batch(
     })
 }
 
-/// The reference collator's decoder matrix: K = min(L, 128) token-level masks of round(L·p)
-/// positions (at most 512) pre-sampled per example; each row picks one, hides itself, and sees
-/// the rest; padding rows and columns are invisible. [B, Lpad, Lpad], 1 = visible.
-fn reference_decoder_visibility(seqs: &[Vec<u32>], lpad: usize, p: f32, rng: &mut Rng) -> Vec<u8> {
+/// The reference collator's decoder matrix: K = min(L, 128) whole-word masks of the reference's
+/// words (token level for XLM-R, specials included) of ratio p (at most 512 tokens) pre-sampled
+/// per example; each row picks one, hides itself, and sees the rest; padding rows and columns
+/// are invisible. [B, Lpad, Lpad], 1 = visible.
+fn reference_decoder_visibility(
+    seqs: &[Vec<u32>],
+    v: &MaskingVocab,
+    lpad: usize,
+    p: f64,
+    rng: &mut Rng,
+) -> Vec<u8> {
     let mut vis = vec![0u8; seqs.len() * lpad * lpad];
     for (bi, s) in seqs.iter().enumerate() {
         let n = s.len();
         let k = n.min(128);
-        let count = ((n as f64 * p as f64).round() as usize)
-            .clamp(1, 512)
-            .min(n);
+        let words = reference_words(s, v);
         let masks: Vec<Vec<bool>> = (0..k)
-            .map(|_| {
-                let mut pos: Vec<usize> = (0..n).collect();
-                rng.shuffle(&mut pos);
-                let mut m = vec![false; n];
-                for &i in &pos[..count] {
-                    m[i] = true;
-                }
-                m
-            })
+            .map(|_| whole_word_mask(words.clone(), n, p, 512, rng))
             .collect();
         for i in 0..n {
             let m = &masks[rng.below(k)];
@@ -319,6 +370,8 @@ mod tests {
             vocab_size: n,
             word_start,
             special,
+            ref_skip: vec![false; n],
+            ref_continues: vec![false; n],
         }
     }
 
@@ -404,12 +457,124 @@ mod tests {
         for i in 0..l {
             assert_eq!(vis[i * l + i], 0, "row {i} sees itself");
             let hidden = (0..l).filter(|&j| vis[i * l + j] == 0).count();
-            // round(9 * 0.5) = 4 (or 5) hidden positions, plus itself when not already hidden.
-            assert!((4..=6).contains(&hidden), "row {i}: {hidden} hidden");
+            // Python's round(9 * 0.5) = 4 hidden positions, plus itself when not among them.
+            assert!((4..=5).contains(&hidden), "row {i}: {hidden} hidden");
         }
         // Padding rows and columns of the short example are invisible.
         let off = l * l;
         assert!((0..l).all(|j| vis[off + 5 * l + j] == 0));
         assert!((0..l).all(|i| vis[off + i * l + 6] == 0));
+    }
+
+    #[test]
+    fn mask_counts_round_as_python() {
+        // Python 3: round(l * p) for these (l, p) (halves to even; p a double).
+        for (l, p, want) in [
+            (15, 0.3, 4),
+            (9, 0.5, 4),
+            (5, 0.3, 2),
+            (25, 0.3, 8),
+            (10, 0.25, 2),
+            (7, 0.5, 4),
+            (35, 0.3, 10),
+            (45, 0.3, 14),
+        ] {
+            assert_eq!(mask_count(l, p, usize::MAX), want, "round({l} * {p})");
+        }
+        assert_eq!(mask_count(1, 0.3, 512), 1, "at least one");
+        assert_eq!(mask_count(8192, 0.3, 512), 512, "the reference's cap");
+    }
+
+    /// A WordPiece vocabulary as the reference sees it: ids 0 [CLS], 1 [PAD], 2 [SEP], 3 [UNK],
+    /// 4 [MASK]; 5..=9 whole tokens, 10..=14 "##" continuations.
+    fn wordpiece_vocab() -> MaskingVocab {
+        let mut v = vocab();
+        v.ref_skip = (0..15).map(|i| i == 0 || i == 2).collect();
+        v.ref_continues = (0..15).map(|i| i >= 10).collect();
+        v
+    }
+
+    #[test]
+    fn reference_compat_wordpiece_keeps_words_and_the_first_slot() {
+        let v = wordpiece_vocab();
+        // [CLS] 5 ##10 ##11 6 ##12 7 8 ##13 ##14 9 [SEP]: words {1,2,3} {4,5} {6} {7,8,9} {10}.
+        let doc: Vec<u32> = vec![5, 10, 11, 6, 12, 7, 8, 13, 14, 9];
+        let words = [vec![1, 2, 3], vec![4, 5], vec![7, 8, 9]];
+        for p_dec in [0.5, 0.7] {
+            let cfg = MaskingConfig {
+                p_enc: 0.3,
+                p_dec,
+                reference_compat: true,
+            };
+            for seed in 0..20 {
+                let b = make_batch(&[&doc], &v, &cfg, 64, &mut Rng::new(seed, 0)).unwrap();
+                let l = b.enc.len;
+                assert_eq!(l, 12);
+                let vis = b.dense_visibility.unwrap();
+                for i in 0..l {
+                    // [CLS] and [SEP] are never candidates: hidden only from themselves.
+                    for j in [0, l - 1] {
+                        assert_eq!(
+                            vis[i * l + j],
+                            u8::from(i != j),
+                            "seed {seed} row {i} col {j}"
+                        );
+                    }
+                    // At most round(12 * p) tokens of whole words hidden besides the row itself;
+                    // short by at most 2 (a 3-token word that does not fit) plus the row.
+                    let hidden: Vec<usize> =
+                        (0..l).filter(|&j| j != i && vis[i * l + j] == 0).collect();
+                    let n = mask_count(12, p_dec, 512);
+                    assert!(hidden.len() <= n && hidden.len() + 3 >= n, "{hidden:?}");
+                    for w in &words {
+                        let k = w.iter().filter(|&&j| j != i && vis[i * l + j] == 0).count();
+                        let others = w.iter().filter(|&&j| j != i).count();
+                        assert!(
+                            k == 0 || k == others,
+                            "seed {seed} row {i}: word {w:?} split"
+                        );
+                    }
+                }
+                // Encoder: round(12 * 0.3) = 4 tokens of whole words, never a special.
+                let masked: Vec<usize> = (0..l).filter(|&i| b.enc_labels[i] != IGNORE).collect();
+                assert!(!masked.is_empty() && masked.len() <= 4, "{masked:?}");
+                assert!(!masked.contains(&0) && !masked.contains(&(l - 1)));
+                for w in &words {
+                    let k = w.iter().filter(|&&i| b.enc_labels[i] != IGNORE).count();
+                    assert!(k == 0 || k == w.len(), "seed {seed}: word {w:?} split");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reference_compat_xlmr_draws_specials_then_drops_them_from_the_encoder() {
+        // XLM-R: `<s>`/`</s>` are not literally [CLS]/[SEP], so they are candidates: the decoder
+        // hides the first slot from some rows, and the encoder's draw can pick a special (then
+        // removed, as HF's torch_mask_tokens does), leaving fewer than round(L * p) labels.
+        let v = MaskingVocab::synthetic(32);
+        let doc: Vec<u32> = (5..15).collect();
+        let cfg = MaskingConfig {
+            p_enc: 0.3,
+            p_dec: 0.5,
+            reference_compat: true,
+        };
+        let (mut first_hidden, mut short_draws) = (0, 0);
+        for seed in 0..40 {
+            let b = make_batch(&[&doc], &v, &cfg, 64, &mut Rng::new(seed, 2)).unwrap();
+            let l = b.enc.len;
+            let vis = b.dense_visibility.unwrap();
+            first_hidden += (1..l).filter(|&i| vis[i * l] == 0).count();
+            let masked = (0..l).filter(|&i| b.enc_labels[i] != IGNORE).count();
+            assert!(masked <= 4, "round(12 * 0.3) = 4");
+            assert_eq!(b.enc_labels[0], IGNORE);
+            assert_eq!(b.enc_labels[l - 1], IGNORE);
+            short_draws += usize::from(masked < 4);
+        }
+        // Each row hides the first slot with probability 6/12 (one of 40 * 11 rows).
+        assert!((150..290).contains(&first_hidden), "{first_hidden}");
+        // A draw of 4 of the 12 positions misses both specials with probability C(10,4)/C(12,4)
+        // = 0.42, so about 23 of the 40 draws come out short.
+        assert!((10..36).contains(&short_draws), "{short_draws}");
     }
 }
