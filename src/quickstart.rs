@@ -520,6 +520,8 @@ pub fn run_with_settings(
             kd: KdLoss::M3KdLoss,
         },
         self_distill_start_step: 0,
+        knowledge_distillation: true,
+        shuffle_ratio: 0.0,
         lr: s.finetune_lr,
         warmup_ratio: 0.1,
         weight_decay: 0.01,

@@ -437,6 +437,8 @@ fn trainer_uses_per_file_settings() {
             kd: KdLoss::M3KdLoss,
         },
         self_distill_start_step: 0,
+        knowledge_distillation: true,
+        shuffle_ratio: 0.0,
         lr: 1e-4,
         warmup_ratio: 0.0,
         weight_decay: 0.0,

@@ -45,6 +45,8 @@ fn config() -> FinetuneConfig {
             kd: KdLoss::M3KdLoss,
         },
         self_distill_start_step: 0,
+        knowledge_distillation: true,
+        shuffle_ratio: 0.0,
         lr: 1e-3,
         warmup_ratio: 0.25,
         weight_decay: 0.1,

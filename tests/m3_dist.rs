@@ -212,6 +212,8 @@ fn ft_config(batch_size: usize) -> FinetuneConfig {
             kd: KdLoss::M3KdLoss,
         },
         self_distill_start_step: 0,
+        knowledge_distillation: true,
+        shuffle_ratio: 0.0,
         lr: 1e-3,
         warmup_ratio: 0.0,
         weight_decay: 0.01,

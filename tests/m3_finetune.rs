@@ -49,6 +49,8 @@ fn config(steps: u64, kd: KdLoss) -> FinetuneConfig {
             kd,
         },
         self_distill_start_step: 0,
+        knowledge_distillation: true,
+        shuffle_ratio: 0.0,
         lr: 5e-4,
         warmup_ratio: 0.1,
         weight_decay: 0.01,
@@ -286,4 +288,112 @@ fn cli_with_length_buckets_no_in_batch_files_and_sub_batches() {
         .unwrap();
     assert!(!st.status.success());
     assert!(String::from_utf8_lossy(&st.stderr).contains("bucket-batch-sizes"));
+}
+
+fn run(
+    cfg: &FinetuneConfig,
+    examples: Vec<retrom3::data::m3_data::TrainExample>,
+    out: &Path,
+) -> Vec<retrom3::train::m3::StepLosses> {
+    let dir = fixture("tiny-xlmr");
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let mut m = student(&dir);
+    finetune(
+        &mut m,
+        &M3TrainData::single(examples, 3),
+        &tok,
+        cfg,
+        &dir,
+        out,
+        None,
+        &mut |_, _, _| {},
+    )
+    .unwrap()
+}
+
+#[test]
+fn self_distillation_starts_after_the_start_step() {
+    // FlagEmbedding: active when the 0-based step index exceeds the start step (strict).
+    let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    for start in [-1i64, 0, 2] {
+        let mut cfg = config(4, KdLoss::M3KdLoss);
+        cfg.self_distill_start_step = start;
+        cfg.save_every = None;
+        let r = run(&cfg, ex.clone(), &tmp("sd"));
+        for (i, s) in r.iter().enumerate() {
+            let on = i as i64 > start;
+            assert_eq!(
+                s.6 != 0.0,
+                on,
+                "start {start}, step {i}: self-distill {}",
+                s.6
+            );
+        }
+    }
+}
+
+#[test]
+fn knowledge_distillation_off_ignores_teacher_scores() {
+    let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    assert!(ex.iter().all(|e| e.pos_scores.is_some()));
+    let plain: Vec<_> = ex
+        .iter()
+        .cloned()
+        .map(|mut e| {
+            e.pos_scores = None;
+            e.neg_scores = None;
+            e
+        })
+        .collect();
+    let mut cfg = config(3, KdLoss::M3KdLoss);
+    cfg.save_every = None;
+    let with_scores = run(&cfg, ex.clone(), &tmp("kd-on"));
+    let without = run(&cfg, plain.clone(), &tmp("kd-plain"));
+    cfg.knowledge_distillation = false;
+    let ignored = run(&cfg, ex, &tmp("kd-off"));
+    assert_eq!(ignored, without, "scores ignored = no scores");
+    assert_ne!(with_scores, without, "the scores matter when used");
+}
+
+#[test]
+fn group_size_one_trains_on_in_batch_negatives() {
+    // SPEC §5.2's unsupervised pairs: G = 1, the other queries' positives are the negatives.
+    let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    let mut cfg = config(24, KdLoss::M3KdLoss);
+    cfg.group_size = 1;
+    cfg.save_every = None;
+    let r = run(&cfg, ex, &tmp("g1"));
+    let mean =
+        |s: &[retrom3::train::m3::StepLosses]| s.iter().map(|x| x.1).sum::<f32>() / s.len() as f32;
+    let (a, b) = (mean(&r[..6]), mean(&r[r.len() - 6..]));
+    assert!(r.iter().all(|s| s.1.is_finite()));
+    assert!(b < 0.7 * a, "loss {a} -> {b}");
+}
+
+#[test]
+fn dense_only_runs_save_no_heads() {
+    // SPEC §4.7 / §2: heads are saved only with unified fine-tuning; stale ones are removed.
+    let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    let mut cfg = config(4, KdLoss::M3KdLoss);
+    cfg.loss.unified = false;
+    cfg.loss.self_distill = false;
+    cfg.save_every = Some(2);
+    let out = tmp("dense-only");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["colbert_linear.pt", "sparse_linear.pt"] {
+        std::fs::copy(fixture("tiny-xlmr").join(f), out.join(f)).unwrap();
+    }
+    run(&cfg, ex, &out);
+    for d in [out.clone(), out.join("checkpoint-2")] {
+        assert!(d.join("config.json").exists());
+        for f in ["colbert_linear.pt", "sparse_linear.pt"] {
+            assert!(!d.join(f).exists(), "{}", d.join(f).display());
+        }
+    }
+    // The dense model loads and encodes.
+    let model = M3Model::load(&out, Device::Cpu).unwrap();
+    let o = model
+        .encode(&["capital of China?"], &EncodeOptions::default())
+        .unwrap();
+    assert_eq!(o.dense.unwrap()[0].len(), 32);
 }

@@ -218,6 +218,8 @@ fn finetuning_raises_held_out_ndcg_for_every_head_and_hybrid() {
             kd: KdLoss::M3KdLoss,
         },
         self_distill_start_step: 0,
+        knowledge_distillation: true,
+        shuffle_ratio: 0.0,
         lr,
         warmup_ratio: 0.1,
         weight_decay: 0.01,

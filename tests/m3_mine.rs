@@ -114,8 +114,11 @@ fn mine_cli_with_a_candidate_pool() {
     ];
     std::fs::write(
         &pool,
+        // Every text twice: the pool is de-duplicated (SPEC §4.8), so a row never gets one
+        // text as two of its negatives.
         texts
             .iter()
+            .chain(&texts)
             .map(|t| format!("{{\"text\": {t:?}}}\n"))
             .collect::<String>(),
     )
@@ -140,5 +143,8 @@ fn mine_cli_with_a_candidate_pool() {
         let neg = r["neg"].as_array().unwrap();
         assert_eq!(neg.len(), 3);
         assert!(neg.iter().all(|n| texts.contains(&n.as_str().unwrap())));
+        let distinct: std::collections::HashSet<&str> =
+            neg.iter().map(|n| n.as_str().unwrap()).collect();
+        assert_eq!(distinct.len(), neg.len(), "{neg:?}");
     }
 }

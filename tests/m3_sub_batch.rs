@@ -60,6 +60,8 @@ fn batch(teacher: bool, no_in_batch: bool) -> (M3Batch, Vec<u32>) {
         passage_max_len: 24,
         loss: lcfg(KdLoss::M3KdLoss, true),
         self_distill_start_step: 0,
+        knowledge_distillation: true,
+        shuffle_ratio: 0.0,
         lr: 1e-4,
         warmup_ratio: 0.0,
         weight_decay: 0.0,

@@ -75,8 +75,19 @@ pub struct FinetuneArgs {
     /// Self-knowledge distillation from the ensemble score.
     #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", action = clap::ArgAction::Set)]
     pub self_distill: bool,
-    #[arg(long, default_value_t = 0)]
-    pub self_distill_start_step: u64,
+    /// Self-distillation from the steps whose 0-based index exceeds N (FlagEmbedding's strict
+    /// `step > self_distill_start_step`): -1 (the default, as FlagEmbedding's) = from the first
+    /// step, 0 (its example scripts) = from the second.
+    #[arg(long, default_value_t = -1, allow_negative_numbers = true)]
+    pub self_distill_start_step: i64,
+    /// Use the rows' teacher scores (`pos_scores` / `neg_scores`) with `--kd-loss` when every
+    /// row of a batch has them; `false` ignores them (plain InfoNCE).
+    #[arg(long, num_args = 0..=1, default_value = "true", default_missing_value = "true", action = clap::ArgAction::Set)]
+    pub knowledge_distillation: bool,
+    /// Probability of showing a positive of over 100 characters as three pieces in random
+    /// order (FlagEmbedding's `shuffle_ratio`; the paper 0.002).
+    #[arg(long, default_value_t = 0.0)]
+    pub shuffle_ratio: f64,
     /// Loss with teacher scores (pos_scores/neg_scores): m3_kd_loss or kl_div.
     #[arg(long, default_value = "m3_kd_loss")]
     pub kd_loss: String,
@@ -109,6 +120,18 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         return Err(Error::invalid(format!(
             "--temperature {}: must be > 0",
             a.temperature
+        )));
+    }
+    if !(0.0..=1.0).contains(&a.shuffle_ratio) {
+        return Err(Error::invalid(format!(
+            "--shuffle-ratio {}: must be in [0, 1]",
+            a.shuffle_ratio
+        )));
+    }
+    if a.self_distill_start_step < -1 {
+        return Err(Error::invalid(format!(
+            "--self-distill-start-step {}: must be >= -1",
+            a.self_distill_start_step
         )));
     }
     let kd = match a.kd_loss.as_str() {
@@ -179,6 +202,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             kd,
         },
         self_distill_start_step: a.self_distill_start_step,
+        knowledge_distillation: a.knowledge_distillation,
+        shuffle_ratio: a.shuffle_ratio,
         lr: a.lr,
         warmup_ratio: a.warmup_ratio,
         weight_decay: a.weight_decay,

@@ -271,6 +271,22 @@ fn instructs_passages(kind: Option<&str>) -> bool {
     matches!(kind, Some("symmetric_sts" | "symmetric_clustering"))
 }
 
+/// SPEC §4.2's augmentation (FlagEmbedding's `_shuffle_text`): with probability `ratio`, a
+/// text of over 100 characters is cut into consecutive pieces of ⌊len/3⌋ + 1 characters, shown
+/// in random order, joined by one space. Draws from `rng` only for such a text.
+pub fn shuffle_text(text: &str, ratio: f64, rng: &mut Rng) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if ratio <= 0.0 || chars.len() <= 100 || rng.uniform() >= ratio {
+        return text.to_string();
+    }
+    let mut pieces: Vec<String> = chars
+        .chunks(chars.len() / 3 + 1)
+        .map(|c| c.iter().collect())
+        .collect();
+    rng.shuffle(&mut pieces);
+    pieces.join(" ")
+}
+
 /// SPEC §4.2: a uniform positive; G−1 distinct negatives, or with repetition from the list
 /// repeated ceil((G−1)/n) times when there are fewer; negatives re-sorted by teacher score
 /// (descending) when scores exist (the research code's order, decision §10.5). The row's
@@ -786,5 +802,42 @@ mod tests {
         let t = g.teacher.unwrap();
         assert_eq!(t.len(), 5);
         assert!(t[1..].windows(2).all(|w| w[0] >= w[1]), "{t:?}");
+    }
+
+    #[test]
+    fn shuffle_text_cuts_long_positives_into_three_pieces() {
+        let mut rng = Rng::new(5, 0);
+        let short = "x".repeat(100);
+        let mut probe = rng.clone();
+        assert_eq!(
+            shuffle_text(&short, 1.0, &mut rng),
+            short,
+            "100 characters stay"
+        );
+        assert_eq!(
+            probe.next_u64(),
+            rng.next_u64(),
+            "a short text draws nothing"
+        );
+        // 101 characters (multi-byte ones count once) -> pieces of 34, 34, 33.
+        let long: String = (0..101)
+            .map(|i| char::from_u32(0x4E00 + i).unwrap())
+            .collect();
+        let chars: Vec<char> = long.chars().collect();
+        let pieces: Vec<String> = chars.chunks(34).map(|c| c.iter().collect()).collect();
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..40 {
+            let out = shuffle_text(&long, 1.0, &mut Rng::new(seed, 1));
+            let got: Vec<&str> = out.split(' ').collect();
+            assert_eq!(got.len(), 3, "{out}");
+            let mut sorted = got.clone();
+            sorted.sort();
+            let mut want: Vec<&str> = pieces.iter().map(String::as_str).collect();
+            want.sort();
+            assert_eq!(sorted, want);
+            seen.insert(out);
+        }
+        assert!(seen.len() > 3, "several orders: {}", seen.len());
+        assert_eq!(shuffle_text(&long, 0.0, &mut rng), long);
     }
 }

@@ -11,8 +11,8 @@ use super::start_or_resume;
 use super::GradAccumulator;
 use crate::autograd::Tape;
 use crate::data::m3_data::{
-    batches_per_epoch, epoch_plan, example_max_len, plan_units, sample_group, BucketSpec, PlanUnit,
-    PlannedBatch, TrainDataset, TrainExample,
+    batches_per_epoch, epoch_plan, example_max_len, plan_units, sample_group, shuffle_text,
+    BucketSpec, PlanUnit, PlannedBatch, TrainDataset, TrainExample,
 };
 use crate::data::rng::Rng;
 use crate::data::tokenizer::TextTokenizer;
@@ -41,7 +41,15 @@ pub struct FinetuneConfig {
     pub query_max_len: usize,
     pub passage_max_len: usize,
     pub loss: M3LossConfig,
-    pub self_distill_start_step: u64,
+    /// Self-distillation runs at the steps whose 0-based index exceeds this (FlagEmbedding's
+    /// strict `step > self_distill_start_step`; -1 = from the first step).
+    pub self_distill_start_step: i64,
+    /// Use the rows' teacher scores (`pos_scores` / `neg_scores`) when every group of a batch
+    /// has them (FlagEmbedding's `knowledge_distillation`); off: plain InfoNCE.
+    pub knowledge_distillation: bool,
+    /// SPEC §4.2 augmentation: a positive of over 100 characters is cut into three pieces
+    /// shown in random order with this probability (0 = never; the paper 0.002).
+    pub shuffle_ratio: f64,
     pub lr: f32,
     pub warmup_ratio: f64,
     pub weight_decay: f32,
@@ -101,16 +109,34 @@ impl M3TrainData {
 /// One row of the report per step: (step, total, dense, sparse, colbert, ensemble, self-distill).
 pub type StepLosses = (u64, f32, f32, f32, f32, f32, f32);
 
+/// The run's files in `dir`: backbone, config, tokenizer, optimizer and trainer state, and the
+/// heads when `heads` (unified fine-tuning; dense-only runs save no heads, as FlagEmbedding, and
+/// remove stale ones so that no loader pairs them with the new backbone).
 fn write_run_files(
     dir: &Path,
     model: &M3Student,
     opt: &AdamW,
     state: &TrainState,
     tokenizer_dir: &Path,
+    heads: bool,
 ) -> Result<()> {
     let enc = model.encoder()?;
     crate::io::write_backbone(dir, &enc.params.to_map())?;
-    crate::io::write_heads(dir, &model.heads())?;
+    if heads {
+        crate::io::write_heads(dir, &model.heads())?;
+    } else {
+        for f in [
+            crate::io::model_dir::COLBERT_FILE,
+            crate::io::model_dir::SPARSE_FILE,
+        ] {
+            match std::fs::remove_file(dir.join(f)) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(Error::io(dir.join(f), e))
+                }
+                _ => {}
+            }
+        }
+    }
     let cfg = serde_json::to_string_pretty(&model.encoder_config.to_hf_json())
         .map_err(|e| Error::invalid(e.to_string()))?;
     crate::io::write_atomic(&dir.join("config.json"), |w| {
@@ -135,7 +161,23 @@ pub fn make_m3_batch(
 ) -> Result<M3Batch> {
     let groups: Vec<_> = examples
         .iter()
-        .map(|e| sample_group(e, cfg.group_size, rng))
+        .map(|&e| {
+            let mut g = if cfg.knowledge_distillation {
+                sample_group(e, cfg.group_size, rng)
+            } else {
+                // FlagEmbedding drops the score columns: no teacher, no re-sorted negatives.
+                let plain = TrainExample {
+                    pos_scores: None,
+                    neg_scores: None,
+                    ..e.clone()
+                };
+                sample_group(&plain, cfg.group_size, rng)
+            };
+            if cfg.shuffle_ratio > 0.0 {
+                g.passages[0] = shuffle_text(&g.passages[0], cfg.shuffle_ratio, rng);
+            }
+            g
+        })
         .collect();
     let queries: Vec<&str> = groups.iter().map(|g| g.query.as_str()).collect();
     let passages: Vec<&str> = groups
@@ -260,10 +302,19 @@ pub fn finetune_dist(
         DistSetup::Env(e) => connect_group(&e, engine.as_ref().map(|(d, _)| d.clone()))?,
     };
     let (rank, world) = (group.rank(), group.world());
-    if cfg.group_size < 2 || data.units.iter().any(|u| u.batch_size == 0) {
-        return Err(Error::invalid(
-            "batch size must be >= 1 and group size >= 2",
-        ));
+    if cfg.group_size == 0 || data.units.iter().any(|u| u.batch_size == 0) {
+        return Err(Error::invalid("batch size and group size must be >= 1"));
+    }
+    if let Some(d) = data
+        .datasets
+        .iter()
+        .find(|d| d.no_in_batch && d.group_size(&[], cfg.group_size) == 1)
+    {
+        return Err(Error::invalid(format!(
+            "{}: no-in-batch mode with a group size of 1 leaves one passage per query (the loss \
+             would be identically 0); use --group-size 2 or more",
+            d.source.display()
+        )));
     }
     let per_epoch = batches_per_epoch(&data.units, world) as u64;
     if per_epoch == 0 {
@@ -354,7 +405,8 @@ pub fn finetune_dist(
         });
         let lcfg = M3LossConfig {
             // FlagEmbedding: active when its forward counter (0-based) exceeds the start step.
-            self_distill: cfg.loss.self_distill && state.step > cfg.self_distill_start_step,
+            self_distill: cfg.loss.self_distill
+                && i64::try_from(state.step).is_ok_and(|s| s > cfg.self_distill_start_step),
             ..cfg.loss
         };
         let sum_over = (world > 1).then_some(&group);
@@ -479,7 +531,7 @@ pub fn finetune_dist(
             if main {
                 let dir = out.join(format!("checkpoint-{}", state.step));
                 atomic_dir(&dir, |tmp| {
-                    write_run_files(tmp, model, &opt, &state, tokenizer_dir)
+                    write_run_files(tmp, model, &opt, &state, tokenizer_dir, cfg.loss.unified)
                 })?;
             }
         }
@@ -489,7 +541,7 @@ pub fn finetune_dist(
     }
     group.check_in_sync(model.params.values(), "at the end")?;
     if let Some(metrics) = metrics {
-        write_run_files(out, model, &opt, &state, tokenizer_dir)?;
+        write_run_files(out, model, &opt, &state, tokenizer_dir, cfg.loss.unified)?;
         metrics.write_svg(
             &out.join("metrics.svg"),
             "M3 fine-tuning",
@@ -591,6 +643,14 @@ pub fn mine_hard_negatives(
             "range {start}-{end}: the start must be below the end"
         )));
     }
+    // De-duplicated, first occurrence kept (the reference's set of candidates): a text repeated
+    // in the pool must not become two of a row's negatives.
+    let mut seen = std::collections::HashSet::new();
+    let pool: Vec<&str> = pool
+        .iter()
+        .map(String::as_str)
+        .filter(|t| seen.insert(*t))
+        .collect();
     if pool.is_empty() {
         return Err(Error::invalid("the candidate pool is empty"));
     }
@@ -620,9 +680,8 @@ pub fn mine_hard_negatives(
         batch_size: cfg.batch_size.max(1),
         ..Default::default()
     };
-    let texts: Vec<&str> = pool.iter().map(String::as_str).collect();
     let docs = model
-        .encode(&texts, &opts)?
+        .encode(&pool, &opts)?
         .dense
         .ok_or_else(|| Error::invalid("the model gave no dense output"))?;
     let index = DenseIndex::build(&docs)?;
@@ -644,14 +703,14 @@ pub fn mine_hard_negatives(
             .iter()
             .skip(start)
             .map(|h| h.doc as usize)
-            .filter(|&d| !banned(&pool[d]))
+            .filter(|&d| !banned(pool[d]))
             .collect();
         rng.shuffle(&mut cand);
         cand.truncate(cfg.negatives);
         stats.mined += cand.len();
         let mut taken: std::collections::HashSet<usize> = cand.iter().copied().collect();
         let mut eligible: Vec<usize> = (0..pool.len())
-            .filter(|d| !taken.contains(d) && !banned(&pool[*d]))
+            .filter(|d| !taken.contains(d) && !banned(pool[*d]))
             .collect();
         rng.shuffle(&mut eligible);
         for d in eligible {
@@ -668,7 +727,7 @@ pub fn mine_hard_negatives(
             .ok_or_else(|| Error::invalid(format!("row {}: not a JSON object", i + 1)))?;
         obj.insert(
             "neg".into(),
-            serde_json::Value::from(cand.iter().map(|&d| pool[d].clone()).collect::<Vec<_>>()),
+            serde_json::Value::from(cand.iter().map(|&d| pool[d]).collect::<Vec<_>>()),
         );
         obj.remove("neg_scores");
     }
