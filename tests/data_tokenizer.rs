@@ -438,3 +438,56 @@ fn from_dir_finds_tokenizer_json() {
     assert_eq!(t.path(), path);
     assert_eq!(t.encode("hello", 8).unwrap(), [CLS, HELLO, SEP]);
 }
+
+/// Texts over 64 KiB are tokenized from a prefix ending at a word end (memory follows the max
+/// length, not the text): the ids must equal those of the whole text, for the real XLM-R
+/// (SentencePiece) and BERT (WordPiece) tokenizers of the fixtures, whatever the whitespace.
+#[test]
+fn long_texts_tokenize_as_the_whole_text() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let words = [
+        "BGE",
+        "M3",
+        "is",
+        "an",
+        "embedding",
+        "model,",
+        "Die",
+        "Größe",
+        "der",
+        "Bäume",
+        "北京是中国的首都。",
+        "multi-vector",
+        "retrieval",
+        "ﬁne",
+        "x\u{301}",
+        "(BM25)",
+        "…",
+    ];
+    let seps = [" ", "  ", "\n", " \t ", "\u{a0}", "   \n  ", "\u{3000}"];
+    let mut text = String::new();
+    let mut i = 0usize;
+    while text.len() < 600_000 {
+        text.push_str(words[i % words.len()]);
+        text.push_str(seps[(i * 7 + i / 3) % seps.len()]);
+        i += 1;
+    }
+    // No space at all: the whole text is tokenized (no word end to cut at).
+    let cjk: String = "北京是中国的首都。".repeat(9000);
+    for dir in ["tiny-xlmr", "tiny-bert"] {
+        let tok = TextTokenizer::from_dir(root.join(dir)).unwrap();
+        for t in [&text, &cjk] {
+            assert!(t.len() > 65_536);
+            let full = tok.inner().encode_fast(t.as_str(), false).unwrap();
+            for m in [8usize, 512, 2048, 8192, 100_000] {
+                let got = tok.encode(t, m).unwrap();
+                let n = (m - 2).min(full.get_ids().len());
+                assert_eq!(got.len(), n + 2, "{dir} m={m}");
+                assert_eq!(&got[1..n + 1], &full.get_ids()[..n], "{dir} m={m}");
+                let batch = tok.encode_batch(&["short", t, ""], m).unwrap();
+                assert_eq!(batch[1], got, "{dir} m={m}: batch");
+                assert_eq!(batch[0], tok.encode("short", m).unwrap());
+            }
+        }
+    }
+}

@@ -209,7 +209,8 @@ fn run_and_resume(
     let cfg = EncoderConfig::from_file(ckpt.join("config.json")).unwrap();
     let (map, path) = retrom3::io::read_backbone(&ckpt).unwrap();
     let enc = Encoder::from_tensors(cfg, &map, &path).unwrap();
-    let mut b = RetroMae::new(enc, &RetroMae::read_heads(&ckpt).unwrap(), 0.5, 0).unwrap();
+    let heads = RetroMae::read_heads(&ckpt, &enc.config).unwrap();
+    let mut b = RetroMae::new(enc, &heads, 0.5, 0).unwrap();
     let mut opt = AdamW::new(
         b.params.specs(),
         retrom3::device::cpu::adamw::AdamWHyper {

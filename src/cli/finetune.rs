@@ -143,6 +143,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             )))
         }
     };
+    if a.batch_size == 0 {
+        return Err(Error::invalid("--batch-size 0: must be >= 1"));
+    }
     let tok = TextTokenizer::from_dir(a.resume.as_ref().unwrap_or(&a.model))?;
     let spec = BucketSpec::new(
         a.length_buckets.clone(),
@@ -164,6 +167,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         );
     }
     let data = M3TrainData::new(files.datasets, &spec, &tok)?;
+    if let Some(r) = &a.resume {
+        retrom3::train::check_resume_model(r, &a.model.join("config.json"))?;
+    }
     let (mut model, resume) = match &a.resume {
         Some(dir) => {
             let model = M3Student::load_dir(dir, a.seed)?;
@@ -178,6 +184,16 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         }
         None => (M3Student::load_dir(&a.model, a.seed)?, None),
     };
+    if tok.vocab_size() > model.encoder_config.vocab_size {
+        return Err(Error::Config {
+            field: "vocab_size".into(),
+            msg: format!(
+                "tokenizer has {} tokens but the model's embedding table only {}",
+                tok.vocab_size(),
+                model.encoder_config.vocab_size
+            ),
+        });
+    }
     let max = model.encoder_config.max_tokens();
     for (flag, v) in [
         ("--query-max-len", a.query_max_len),
@@ -250,13 +266,18 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
-    if let (true, Some(r)) = (main, report.last()) {
-        eprintln!(
+    match (main, report.last()) {
+        (true, Some(r)) => eprintln!(
             "step {}: loss {:.4}; model written to {}",
             r.0,
             r.1,
             a.output.display()
-        );
+        ),
+        (true, None) => eprintln!(
+            "nothing to train: the checkpoint is at the run's last step; model written to {}",
+            a.output.display()
+        ),
+        _ => {}
     }
     Ok(())
 }

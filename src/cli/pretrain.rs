@@ -118,12 +118,20 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     }
     let tok = TextTokenizer::from_dir(&a.tokenizer)?;
     let vocab = MaskingVocab::from_tokenizer(&tok)?;
+    if let Some(r) = &a.resume {
+        match (&a.model, &a.config) {
+            (Some(m), _) => retrom3::train::check_resume_model(r, &m.join("config.json"))?,
+            (None, Some(c)) => retrom3::train::check_resume_model(r, c)?,
+            (None, None) => {}
+        }
+    }
     let (mut model, resume) = match (&a.resume, &a.model, &a.config) {
         (Some(dir), _, _) => {
             let cfg = EncoderConfig::from_file(dir.join("config.json"))?;
             let (map, path) = retrom3::io::read_backbone(dir)?;
             let enc = Encoder::from_tensors(cfg, &map, &path)?;
-            let model = RetroMae::new(enc, &RetroMae::read_heads(dir)?, a.dec_mask as f32, a.seed)?;
+            let heads = RetroMae::read_heads(dir, &enc.config)?;
+            let model = RetroMae::new(enc, &heads, a.dec_mask as f32, a.seed)?;
             let state = TrainState::load(dir)?;
             let mut opt = AdamW::new(
                 model.params.specs(),
@@ -210,11 +218,27 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         },
     )?;
     pb.finish_and_clear();
-    if let Some(&(step, le, ld)) = report.losses.last() {
+    let unmasked = report.losses.iter().filter(|l| l.1 == 0.0).count();
+    if unmasked > 0 {
         eprintln!(
+            "warning: {unmasked} of {} steps had no encoder-masked token (enc loss 0): the texts \
+             are too short for whole-word masking at --enc-mask {} (a word longer than \
+             round(L * p) tokens is never masked); pack short texts with `retrom3 tokenize \
+             --pack` or raise --enc-mask",
+            report.losses.len(),
+            a.enc_mask
+        );
+    }
+    match report.losses.last() {
+        Some(&(step, le, ld)) => eprintln!(
             "step {step}: enc loss {le:.4}, dec loss {ld:.4}; model written to {}",
             a.output.display()
-        );
+        ),
+        None => eprintln!(
+            "nothing to train: the checkpoint is at the run's last step ({}); model written to {}",
+            report.steps,
+            a.output.display()
+        ),
     }
     Ok(())
 }

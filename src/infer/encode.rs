@@ -272,6 +272,23 @@ impl M3Model {
                 Some(cls) => self.forward_mcls(&input, req, cls)?,
             };
             for (k, &i) in chunk.iter().enumerate() {
+                let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+                let bad = if opts.dense && !finite(&out.dense[k]) {
+                    Some("dense")
+                } else if opts.sparse && !out.sparse[k].iter().all(|e| e.weight.is_finite()) {
+                    Some("sparse")
+                } else if opts.colbert && !out.colbert[k].iter().all(|v| finite(v)) {
+                    Some("colbert")
+                } else {
+                    None
+                };
+                if let Some(head) = bad {
+                    return Err(Error::NonFinite(format!(
+                        "the {head} output of input text {}: the model's weights overflow or \
+                         hold NaN",
+                        i + 1
+                    )));
+                }
                 if opts.dense {
                     dense[i] = out.dense[k].clone();
                 }

@@ -142,16 +142,19 @@ pub fn read_heads(dir: &Path, hidden: usize) -> Result<Option<M3Heads>> {
     }))
 }
 
-/// `weight` and `bias` of a Linear layer's state dict, as f32.
+/// `weight` and `bias` of a Linear layer's state dict, as f32 (every value finite).
 fn read_linear(path: &Path) -> Result<(Tensor, Tensor)> {
     let mut sd = read_torch(path)?;
     let mut take = |name: &str| {
-        sd.remove(name)
+        let t = sd
+            .remove(name)
             .map(|t| t.to_f32())
             .ok_or_else(|| Error::MissingTensor {
                 path: path.to_path_buf(),
                 name: name.to_string(),
-            })
+            })?;
+        t.ensure_finite(&format!("{}: tensor {name}", path.display()))?;
+        Ok(t)
     };
     Ok((take("weight")?, take("bias")?))
 }
@@ -209,7 +212,10 @@ pub fn copy_tokenizer_files(src_dir: &Path, dst_dir: &Path) -> Result<Vec<PathBu
         if let Some(parent) = to.parent() {
             std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
         }
-        std::fs::copy(&from, &to).map_err(|e| Error::io(&from, e))?;
+        // Through a temporary file and a rename (a full disk leaves no truncated copy); an error
+        // names the file being written, or the source when it cannot be read.
+        let mut src = std::fs::File::open(&from).map_err(|e| Error::io(&from, e))?;
+        super::write_atomic(&to, |w| std::io::copy(&mut src, w).map(|_| ()))?;
         copied.push(rel);
     }
     Ok(copied)

@@ -230,6 +230,27 @@ impl Encoder {
         map: &BTreeMap<String, Tensor>,
         path: &Path,
     ) -> Result<Encoder> {
+        // A checkpoint with more layers than the config: loading would drop them silently.
+        let n = config.num_hidden_layers;
+        if let Some(layer) = map
+            .keys()
+            .filter_map(|k| {
+                k.strip_prefix("encoder.layer.")?
+                    .split('.')
+                    .next()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .find(|&i| i >= n)
+        {
+            return Err(Error::Config {
+                field: "num_hidden_layers".into(),
+                msg: format!(
+                    "{n}, but {} holds encoder.layer.{layer}: config and weights disagree",
+                    path.display()
+                ),
+            });
+        }
         let params = ParamSet::from_map(encoder_param_specs(&config), map, path)?;
         Ok(Encoder { config, params })
     }

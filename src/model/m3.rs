@@ -233,6 +233,17 @@ pub fn heads_on_hidden(
             .chunks(l.max(1))
             .map(|m| m.iter().filter(|&&x| x != 0).count())
             .collect();
+        // Overflowing or NaN weights give a non-finite hidden state; the sparse head's ReLU and
+        // positive-weight filter would hide it (an empty vector), so it is an error here.
+        if let Some(i) = hs.value().f32s()?.iter().position(|v| !v.is_finite()) {
+            let per_text = (l * hidden).max(1);
+            return Err(Error::NonFinite(format!(
+                "the encoder's last hidden state (text {} of the batch, position {}): the \
+                 model's weights overflow or hold NaN",
+                i / per_text + 1,
+                i % per_text / hidden.max(1)
+            )));
+        }
         let mut out = HeadOutputs::default();
         if req.dense {
             let pooled = match req.pooling {

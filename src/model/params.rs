@@ -42,13 +42,7 @@ impl ParamSet {
                 });
             }
             let t = t.to_f32();
-            if let Some(bad) = t.f32s()?.iter().position(|v| !v.is_finite()) {
-                return Err(Error::NonFinite(format!(
-                    "{}: tensor {} element {bad}",
-                    path.display(),
-                    s.name
-                )));
-            }
+            t.ensure_finite(&format!("{}: tensor {}", path.display(), s.name))?;
             values.push(t);
         }
         Ok(ParamSet { specs, values })

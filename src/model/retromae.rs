@@ -12,7 +12,7 @@ use super::lm_head::{lm_head_logits, lm_head_specs, LM_HEAD_TENSORS};
 use super::params::{ParamSet, ParamSpec};
 use crate::autograd::{Tape, Var};
 use crate::data::masking::{RetroMaeBatch, IGNORE};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::{self, AttentionMask};
 use crate::tensor::Tensor;
 use std::collections::BTreeMap;
@@ -73,6 +73,7 @@ impl RetroMae {
             let t = match extra.get(&s.name) {
                 Some(t) => {
                     t.expect_dims(&s.name, &s.dims)?;
+                    t.ensure_finite(&s.name)?;
                     t.to_f32()
                 }
                 None => init_tensor(s, c.initializer_range, seed, 1000 + k as u64)?,
@@ -229,14 +230,30 @@ impl RetroMae {
         Ok(RetroMaeLoss { total, enc, dec })
     }
 
-    /// Read a RetroMAE run's extra tensors (LM head + decoder) from `dir/retromae_heads.safetensors`.
-    pub fn read_heads(dir: &Path) -> Result<BTreeMap<String, Tensor>> {
+    /// Read a RetroMAE checkpoint's extra tensors (LM head + decoder) from
+    /// `dir/retromae_heads.safetensors`: the file and every tensor of `config`'s head and decoder
+    /// must be there (a resume never re-initialises part of the model).
+    pub fn read_heads(dir: &Path, config: &EncoderConfig) -> Result<BTreeMap<String, Tensor>> {
         let p = dir.join("retromae_heads.safetensors");
-        if p.is_file() {
-            crate::io::read_safetensors(&p)
-        } else {
-            Ok(BTreeMap::new())
+        if !p.is_file() {
+            return Err(Error::format(
+                &p,
+                "missing: a checkpoint keeps the LM head and the decoder there",
+            ));
         }
+        let map = crate::io::read_safetensors(&p)?;
+        for s in lm_head_specs(config)
+            .into_iter()
+            .chain(layer_param_specs(DECODER_PREFIX, config))
+        {
+            if !map.contains_key(&s.name) {
+                return Err(Error::MissingTensor {
+                    path: p.clone(),
+                    name: s.name,
+                });
+            }
+        }
+        Ok(map)
     }
 }
 

@@ -285,6 +285,15 @@ impl Tensor {
         Ok(())
     }
 
+    /// Check that every value is finite, naming `what` and the first bad element in the error.
+    pub fn ensure_finite(&self, what: &str) -> Result<()> {
+        let t = self.to_f32();
+        match t.f32s()?.iter().position(|v| !v.is_finite()) {
+            Some(i) => Err(Error::NonFinite(format!("{what} element {i}"))),
+            None => Ok(()),
+        }
+    }
+
     /// Largest absolute difference to `other` (same shape required), in f32.
     pub fn max_abs_diff(&self, other: &Tensor) -> Result<f32> {
         if self.dims() != other.dims() {

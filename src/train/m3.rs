@@ -120,6 +120,7 @@ fn write_run_files(
     tokenizer_dir: &Path,
     heads: bool,
 ) -> Result<()> {
+    super::ensure_params_finite(&model.params, state.step)?;
     let enc = model.encoder()?;
     crate::io::write_backbone(dir, &enc.params.to_map())?;
     if heads {
@@ -149,6 +150,58 @@ fn write_run_files(
     )?;
     crate::io::copy_tokenizer_files(tokenizer_dir, dir)?;
     state.save(dir)
+}
+
+/// The settings a resume must share with the run it continues (recorded in the checkpoint's
+/// trainer state): hyper-parameters, loss switches, world size and a fingerprint of the data
+/// (per dataset: name, example count, a hash of every text and score). `--steps` / `--epochs` /
+/// `--save-every` / `--sub-batch` may change.
+fn run_args(cfg: &FinetuneConfig, data: &M3TrainData, world: usize) -> serde_json::Value {
+    let datasets: Vec<serde_json::Value> = data
+        .datasets
+        .iter()
+        .map(|d| {
+            let mut h = crate::data::corpus::Fnv64::new();
+            for e in &d.examples {
+                h.str(&e.query);
+                e.pos.iter().chain(&e.neg).for_each(|t| h.str(t));
+                for s in e.pos_scores.iter().chain(&e.neg_scores).flatten() {
+                    h.bytes(&s.to_le_bytes());
+                }
+                h.str(e.prompt.as_deref().unwrap_or(""));
+            }
+            serde_json::json!({
+                "name": d.source.file_name().map(|n| n.to_string_lossy().to_string()),
+                "examples": d.examples.len(),
+                "no_in_batch": d.no_in_batch,
+                "hash": format!("{:016x}", h.finish()),
+            })
+        })
+        .collect();
+    let batch_sizes: Vec<usize> = data.units.iter().map(|u| u.batch_size).collect();
+    serde_json::json!({
+        "batch_sizes": batch_sizes,
+        "group_size": cfg.group_size,
+        "query_max_len": cfg.query_max_len,
+        "passage_max_len": cfg.passage_max_len,
+        "temperature": cfg.loss.temperature,
+        "unified": cfg.loss.unified,
+        "self_distill": cfg.loss.self_distill,
+        "self_distill_start_step": cfg.self_distill_start_step,
+        "kd_loss": format!("{:?}", cfg.loss.kd),
+        "knowledge_distillation": cfg.knowledge_distillation,
+        "shuffle_ratio": cfg.shuffle_ratio,
+        "lr": cfg.lr,
+        "warmup_ratio": cfg.warmup_ratio,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "fix_encoder": cfg.fix_encoder,
+        "fix_position_embedding": cfg.fix_position_embedding,
+        "dropout": cfg.dropout,
+        "negatives_cross_device": cfg.negatives_cross_device,
+        "world": world,
+        "data": datasets,
+    })
 }
 
 /// Build batch `k` of the plan: sample groups, tokenize, pad, teacher probabilities.
@@ -302,6 +355,14 @@ pub fn finetune_dist(
         DistSetup::Env(e) => connect_group(&e, engine.as_ref().map(|(d, _)| d.clone()))?,
     };
     let (rank, world) = (group.rank(), group.world());
+    super::check_schedule(
+        cfg.lr,
+        cfg.warmup_ratio,
+        cfg.weight_decay,
+        cfg.max_grad_norm,
+        cfg.steps,
+        cfg.epochs,
+    )?;
     if cfg.group_size == 0 || data.units.iter().any(|u| u.batch_size == 0) {
         return Err(Error::invalid("batch size and group size must be >= 1"));
     }
@@ -337,11 +398,15 @@ pub fn finetune_dist(
         cfg.seed,
         total,
     );
+    super::check_resume_step(&state, total)?;
+    let args = run_args(cfg, data, world);
+    super::check_resume_args(&state.args, &args)?;
+    state.args = args;
     group.check_in_sync(model.params.values(), "at the start")?;
     let main = group.is_main();
     let mut metrics = if main {
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-        Some(MetricsLog::open(&out.join("metrics.jsonl"))?)
+        Some(MetricsLog::open(&out.join("metrics.jsonl"), state.step)?)
     } else {
         None
     };

@@ -16,15 +16,35 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Open (append) `path`; rows already there (a resumed run) are kept for the plot.
-    pub fn open(path: &Path) -> Result<MetricsLog> {
-        let rows = match std::fs::read_to_string(path) {
-            Ok(s) => s
-                .lines()
-                .filter_map(|l| serde_json::from_str(l).ok())
-                .collect(),
-            Err(_) => Vec::new(),
+    /// Open `path` for a run at step `step` (0 = a fresh run): the rows already there up to that
+    /// step (a resumed run's history) are kept, later ones (an earlier attempt that went on past
+    /// the checkpoint, or an older run in the same directory) are dropped from the file, which is
+    /// then appended to.
+    pub fn open(path: &Path, step: u64) -> Result<MetricsLog> {
+        let (rows, dropped) = match std::fs::read_to_string(path) {
+            Ok(s) => {
+                let all: Vec<Value> = s
+                    .lines()
+                    .filter_map(|l| serde_json::from_str(l).ok())
+                    .collect();
+                let n = all.len();
+                let keep: Vec<Value> = all
+                    .into_iter()
+                    .filter(|r: &Value| {
+                        r.get("step")
+                            .and_then(Value::as_u64)
+                            .is_some_and(|s| (1..=step).contains(&s))
+                    })
+                    .collect();
+                let dropped = keep.len() != n || s.lines().count() != n;
+                (keep, dropped)
+            }
+            Err(_) => (Vec::new(), false),
         };
+        if dropped {
+            let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+            crate::io::write_atomic(path, |w| w.write_all(text.as_bytes()))?;
+        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)

@@ -15,13 +15,135 @@ pub use optim::AdamW;
 pub use schedule::linear_warmup_decay;
 
 use crate::autograd::{Grads, Var};
-use crate::error::Result;
-use crate::model::params::ParamSpec;
+use crate::error::{Error, Result};
+use crate::model::params::{ParamSet, ParamSpec};
 use crate::tensor::Tensor;
 
-/// A `--max-grad-norm` value as the optimizer's option: 0 (or less) disables clipping.
+/// A `--max-grad-norm` value as the optimizer's option: 0 disables clipping (a negative or
+/// non-finite value is refused by [`check_schedule`]).
 pub fn clip_option(max_grad_norm: f32) -> Option<f32> {
-    (max_grad_norm > 0.0).then_some(max_grad_norm)
+    (max_grad_norm != 0.0).then_some(max_grad_norm)
+}
+
+/// The optimizer and schedule settings both trainers take, checked before the first step (a NaN
+/// or negative learning rate would train garbage and write it into checkpoints).
+pub fn check_schedule(
+    lr: f32,
+    warmup_ratio: f64,
+    weight_decay: f32,
+    max_grad_norm: Option<f32>,
+    steps: Option<u64>,
+    epochs: Option<u64>,
+) -> Result<()> {
+    let bad = |flag: &str, v: String, want: &str| {
+        Err(Error::invalid(format!("--{flag} {v}: must be {want}")))
+    };
+    if !(lr.is_finite() && lr >= 0.0) {
+        return bad("lr", lr.to_string(), "a finite number >= 0");
+    }
+    if !(0.0..=1.0).contains(&warmup_ratio) {
+        return bad("warmup-ratio", warmup_ratio.to_string(), "in [0, 1]");
+    }
+    if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+        return bad(
+            "weight-decay",
+            weight_decay.to_string(),
+            "a finite number >= 0",
+        );
+    }
+    if let Some(c) = max_grad_norm {
+        if !(c.is_finite() && c > 0.0) {
+            return bad(
+                "max-grad-norm",
+                c.to_string(),
+                "a finite number > 0 (0 disables clipping)",
+            );
+        }
+    }
+    if steps == Some(0) {
+        return bad("steps", "0".into(), ">= 1");
+    }
+    if epochs == Some(0) {
+        return bad("epochs", "0".into(), ">= 1");
+    }
+    Ok(())
+}
+
+/// Refuse to write a checkpoint whose weights are not all finite (the last good checkpoint
+/// stays the newest one).
+pub fn ensure_params_finite(params: &ParamSet, step: u64) -> Result<()> {
+    for (s, v) in params.specs().iter().zip(params.values()) {
+        v.ensure_finite(&format!(
+            "weights after step {step} (tensor {}; no checkpoint written, the last one is kept)",
+            s.name
+        ))?;
+    }
+    Ok(())
+}
+
+/// A resumed run's step against the run's length: a checkpoint past the end is an error (a
+/// smaller `--steps` than the run it comes from).
+pub fn check_resume_step(state: &TrainState, total: u64) -> Result<()> {
+    if state.step > total {
+        return Err(Error::invalid(format!(
+            "the checkpoint is at step {} but this run has {total} steps (--steps / --epochs \
+             must reach at least the checkpoint's step)",
+            state.step
+        )));
+    }
+    Ok(())
+}
+
+/// `--resume DIR` with `--model M` (or `--config M/config.json`): the checkpoint's model must
+/// have the architecture of `config` (M's config.json), or the resume would silently train
+/// another model than the one named.
+pub fn check_resume_model(resume: &std::path::Path, config: &std::path::Path) -> Result<()> {
+    use crate::model::config::EncoderConfig;
+    let rc = EncoderConfig::from_file(resume.join("config.json"))?;
+    let mc = EncoderConfig::from_file(config)?;
+    if rc != mc {
+        return Err(Error::invalid(format!(
+            "--resume {} holds a {:?} model ({} layers, hidden {}, vocabulary {}) but {} \
+             is a {:?} model ({} layers, hidden {}, vocabulary {}): resume with the model the \
+             run started from",
+            resume.display(),
+            rc.kind,
+            rc.num_hidden_layers,
+            rc.hidden_size,
+            rc.vocab_size,
+            config.display(),
+            mc.kind,
+            mc.num_hidden_layers,
+            mc.hidden_size,
+            mc.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// The settings recorded in a checkpoint (`TrainState::args`) against this run's: a resume with
+/// different data or hyper-parameters would not continue the same run. `null` (older
+/// checkpoints) is not checked. Keys whose values differ are listed.
+pub fn check_resume_args(recorded: &serde_json::Value, now: &serde_json::Value) -> Result<()> {
+    let (Some(old), Some(new)) = (recorded.as_object(), now.as_object()) else {
+        return Ok(());
+    };
+    let diffs: Vec<String> = new
+        .iter()
+        .filter_map(|(k, v)| match old.get(k) {
+            Some(o) if o != v => Some(format!("{k}: checkpoint {o}, now {v}")),
+            _ => None,
+        })
+        .collect();
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "--resume: the run's settings changed ({}); resume with the checkpoint's settings \
+             or start a new run",
+            diffs.join("; ")
+        )))
+    }
 }
 
 /// The state and optimizer of a run: the resumed ones, or fresh ones (step 0, AdamW with torch's

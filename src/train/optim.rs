@@ -176,8 +176,13 @@ impl AdamW {
         specs: &[ParamSpec],
         step: u64,
     ) -> Result<()> {
-        let map = crate::io::read_safetensors(&dir.join("optimizer.safetensors"))?;
-        self.load_state(specs, &map, step)
+        let p = dir.join("optimizer.safetensors");
+        let map = crate::io::read_safetensors(&p)?;
+        self.load_state(specs, &map, step).map_err(|e| match e {
+            Error::NonFinite(m) => Error::NonFinite(format!("{}: {m}", p.display())),
+            Error::Invalid(m) => Error::format(&p, m),
+            e => e,
+        })
     }
 
     /// Restore the moments saved by [`AdamW::state_tensors`] (and the step count).
@@ -194,6 +199,7 @@ impl AdamW {
                     .get(&name)
                     .ok_or_else(|| Error::invalid(format!("optimizer state lacks {name}")))?;
                 t.expect_dims(&name, &s.dims)?;
+                t.ensure_finite(&format!("optimizer state {name}"))?;
                 *dst = t.to_f32().into_f32_vec()?;
             }
         }

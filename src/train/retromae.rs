@@ -86,6 +86,7 @@ fn write_run_files(
     state: &TrainState,
     tokenizer_dir: &Path,
 ) -> Result<()> {
+    super::ensure_params_finite(&model.params, state.step)?;
     let enc = model.encoder()?;
     crate::io::write_backbone(dir, &enc.params.to_map())?;
     let cfg = serde_json::to_string_pretty(&model.config.to_hf_json())
@@ -105,6 +106,40 @@ fn write_run_files(
     )?;
     crate::io::copy_tokenizer_files(tokenizer_dir, dir)?;
     state.save(dir)
+}
+
+/// The settings a resume must share with the run it continues (recorded in the checkpoint's
+/// trainer state): hyper-parameters, masking, and a fingerprint of the corpus (document and
+/// token counts, a hash of the first and last documents). `--steps` / `--epochs` /
+/// `--save-every` may change.
+fn run_args(cfg: &PretrainConfig, docs: &dyn DocSource) -> serde_json::Value {
+    let n = docs.len();
+    let tokens: u64 = (0..n).map(|i| docs.doc(i).len() as u64).sum();
+    let mut h = crate::data::corpus::Fnv64::new();
+    for i in [0, n.saturating_sub(1)] {
+        for t in docs.doc(i) {
+            h.bytes(&t.to_le_bytes());
+        }
+        h.bytes(&[0xff]);
+    }
+    serde_json::json!({
+        "batch_size": cfg.batch_size,
+        "max_len": cfg.max_len,
+        "lr": cfg.lr,
+        "warmup_ratio": cfg.warmup_ratio,
+        "weight_decay": cfg.weight_decay,
+        "grad_accum": cfg.grad_accum,
+        "enc_mask": cfg.masking.p_enc,
+        "dec_mask": cfg.masking.p_dec,
+        "reference_compat": cfg.masking.reference_compat,
+        "max_grad_norm": cfg.max_grad_norm,
+        "dropout": cfg.dropout,
+        "corpus": {
+            "documents": n,
+            "tokens": tokens,
+            "hash": format!("{:016x}", h.finish()),
+        },
+    })
 }
 
 /// Run (or continue) pre-training. `resume` is the state of the checkpoint the model and optimizer
@@ -164,6 +199,14 @@ pub fn pretrain_on(
     if docs.is_empty() {
         return Err(Error::invalid("the corpus has no document"));
     }
+    super::check_schedule(
+        cfg.lr,
+        cfg.warmup_ratio,
+        cfg.weight_decay,
+        cfg.max_grad_norm,
+        cfg.steps,
+        cfg.epochs,
+    )?;
     if cfg.batch_size == 0 || cfg.grad_accum == 0 {
         return Err(Error::invalid(
             "batch size and grad accumulation must be >= 1",
@@ -192,6 +235,10 @@ pub fn pretrain_on(
         cfg.seed,
         total,
     );
+    super::check_resume_step(&state, total)?;
+    let args = run_args(cfg, docs);
+    super::check_resume_args(&state.args, &args)?;
+    state.args = args;
     // The device's state: with the in-kernel decoder mask the whole step runs there (encoder,
     // LM head and decoder, each group with its device optimizer); a materialised mask
     // (`reference_compat`) keeps the decoder and LM head on the host.
@@ -233,7 +280,7 @@ pub fn pretrain_on(
         None => None,
     };
     std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
-    let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"))?;
+    let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
     let mut report = PretrainReport {
         steps: total,

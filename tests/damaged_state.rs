@@ -1,0 +1,301 @@
+//! Model files and training state that are damaged or inconsistent: clear errors naming the
+//! file and tensor, never silent garbage (NaN outputs with exit 0, a layer dropped, a resume that
+//! quietly trains another model or other settings).
+
+use retrom3::data::m3_data::read_train_file;
+use retrom3::data::TextTokenizer;
+use retrom3::model::m3_train::{KdLoss, M3LossConfig, M3Student};
+use retrom3::model::retromae::RetroMae;
+use retrom3::tensor::Tensor;
+use retrom3::train::m3::{finetune, FinetuneConfig, M3TrainData};
+use retrom3::train::optim::adamw_hyper;
+use retrom3::train::{AdamW, TrainState};
+use retrom3::{Device, EncodeOptions, EncoderConfig, Error, M3Model};
+use std::path::{Path, PathBuf};
+
+fn fixture(p: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(p)
+}
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("retrom3-damaged-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A copy of the tiny XLM-R model directory.
+fn model_copy(tag: &str) -> PathBuf {
+    let d = tmp(tag);
+    for e in std::fs::read_dir(fixture("tiny-xlmr")).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+    }
+    d
+}
+
+fn set_backbone(dir: &Path, name: &str, f: impl Fn(&mut [f32])) {
+    let (mut map, _) = retrom3::io::read_backbone(dir).unwrap();
+    let t = map.remove(name).unwrap();
+    let dims = t.dims().to_vec();
+    let mut v = t.to_f32().into_f32_vec().unwrap();
+    f(&mut v);
+    map.insert(name.into(), Tensor::from_vec(v, &dims).unwrap());
+    retrom3::io::write_backbone(dir, &map).unwrap();
+}
+
+#[test]
+fn overflowing_weights_are_an_error_not_nan_outputs() {
+    // Finite weights (the loader accepts them) whose hidden states overflow.
+    let d = model_copy("overflow");
+    set_backbone(&d, "embeddings.LayerNorm.weight", |v| v.fill(1e30));
+    let m = M3Model::load(&d, Device::Cpu).unwrap();
+    for opts in [
+        EncodeOptions::default(),
+        EncodeOptions {
+            dense: false,
+            sparse: true,
+            ..Default::default()
+        },
+        EncodeOptions::all(),
+    ] {
+        match m.encode(&["a text", "another one"], &opts) {
+            Err(e @ Error::NonFinite(_)) => {
+                assert!(e.to_string().contains("overflow or hold NaN"), "{e}")
+            }
+            other => panic!("expected a non-finite error, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn a_nan_in_a_head_file_names_the_file() {
+    let d = model_copy("nanhead");
+    let mut heads = retrom3::io::read_heads(&d, 32).unwrap().unwrap();
+    let dims = heads.sparse_weight.dims().to_vec();
+    let mut w = heads.sparse_weight.to_f32().into_f32_vec().unwrap();
+    w[3] = f32::NAN;
+    heads.sparse_weight = Tensor::from_vec(w, &dims).unwrap();
+    retrom3::io::write_heads(&d, &heads).unwrap();
+    let e = M3Model::load(&d, Device::Cpu).unwrap_err().to_string();
+    assert!(
+        e.contains("sparse_linear.pt") && e.contains("weight") && e.contains("element 3"),
+        "{e}"
+    );
+}
+
+#[test]
+fn more_layers_in_the_weights_than_in_the_config() {
+    let d = model_copy("layers");
+    let p = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let n = cfg["num_hidden_layers"].as_u64().unwrap();
+    assert!(n >= 2);
+    cfg["num_hidden_layers"] = (n - 1).into();
+    std::fs::write(&p, cfg.to_string()).unwrap();
+    let e = M3Model::load(&d, Device::Cpu).unwrap_err().to_string();
+    assert!(
+        e.contains("num_hidden_layers") && e.contains(&format!("encoder.layer.{}", n - 1)),
+        "{e}"
+    );
+}
+
+fn ft_config(steps: u64) -> FinetuneConfig {
+    FinetuneConfig {
+        steps: Some(steps),
+        epochs: None,
+        batch_size: 3,
+        sub_batch: 0,
+        group_size: 4,
+        query_max_len: 16,
+        passage_max_len: 24,
+        loss: M3LossConfig {
+            temperature: 0.02,
+            unified: true,
+            self_distill: true,
+            kd: KdLoss::M3KdLoss,
+        },
+        self_distill_start_step: 0,
+        knowledge_distillation: true,
+        shuffle_ratio: 0.0,
+        lr: 5e-4,
+        warmup_ratio: 0.1,
+        weight_decay: 0.01,
+        max_grad_norm: Some(1.0),
+        seed: 3,
+        save_every: Some(2),
+        fix_encoder: false,
+        fix_position_embedding: false,
+        dropout: true,
+        negatives_cross_device: true,
+    }
+}
+
+fn run_ft(
+    cfg: &FinetuneConfig,
+    out: &Path,
+    resume: Option<&Path>,
+) -> retrom3::Result<Vec<retrom3::train::m3::StepLosses>> {
+    let dir = fixture("tiny-xlmr");
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    let (mut m, state) = match resume {
+        Some(ck) => {
+            let m = M3Student::load_dir(ck, cfg.seed).unwrap();
+            let state = TrainState::load(ck).unwrap();
+            let hyper = adamw_hyper(cfg.lr, cfg.weight_decay);
+            let mut opt = AdamW::new(m.params.specs(), hyper, cfg.max_grad_norm);
+            opt.load_dir(ck, m.params.specs(), state.step).unwrap();
+            (m, Some((state, opt)))
+        }
+        None => (M3Student::load_dir(&dir, cfg.seed).unwrap(), None),
+    };
+    finetune(
+        &mut m,
+        &M3TrainData::single(ex, 3),
+        &tok,
+        cfg,
+        &dir,
+        out,
+        state,
+        &mut |_, _, _| {},
+    )
+}
+
+#[test]
+fn bad_schedule_settings_are_refused_before_training() {
+    let out = tmp("sched");
+    for (what, f) in [
+        (
+            "--lr",
+            Box::new(|c: &mut FinetuneConfig| c.lr = f32::NAN) as Box<dyn Fn(&mut _)>,
+        ),
+        ("--lr", Box::new(|c: &mut FinetuneConfig| c.lr = -1.0)),
+        (
+            "--warmup-ratio",
+            Box::new(|c: &mut FinetuneConfig| c.warmup_ratio = 5.0),
+        ),
+        (
+            "--weight-decay",
+            Box::new(|c: &mut FinetuneConfig| c.weight_decay = f32::NAN),
+        ),
+        (
+            "--max-grad-norm",
+            Box::new(|c: &mut FinetuneConfig| c.max_grad_norm = Some(-1.0)),
+        ),
+        (
+            "--steps",
+            Box::new(|c: &mut FinetuneConfig| c.steps = Some(0)),
+        ),
+    ] {
+        let mut cfg = ft_config(2);
+        f(&mut cfg);
+        let e = run_ft(&cfg, &out, None).unwrap_err().to_string();
+        assert!(e.contains(what), "{what}: {e}");
+        assert!(!out.join("checkpoint-2").exists() && !out.join("model.safetensors").exists());
+    }
+}
+
+#[test]
+fn a_resume_with_other_settings_or_past_its_end_is_refused() {
+    let out = tmp("resume");
+    run_ft(&ft_config(4), &out, None).unwrap();
+    let ck = out.join("checkpoint-2");
+    let state = TrainState::load(&ck).unwrap();
+    assert_eq!(
+        state.args["group_size"], 4,
+        "settings recorded: {}",
+        state.args
+    );
+    // Another learning rate.
+    let mut cfg = ft_config(4);
+    cfg.lr = 1e-3;
+    let e = run_ft(&cfg, &tmp("resume-lr"), Some(&ck))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("lr: checkpoint"), "{e}");
+    // Fewer steps than the checkpoint has done.
+    let e = run_ft(&ft_config(1), &tmp("resume-end"), Some(&ck))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("checkpoint is at step 2"), "{e}");
+    // The same settings continue (and more steps are allowed).
+    let out2 = tmp("resume-ok");
+    let r = run_ft(&ft_config(5), &out2, Some(&ck)).unwrap();
+    assert_eq!(r.first().map(|s| s.0), Some(3));
+}
+
+#[test]
+fn resuming_into_the_same_directory_keeps_one_metrics_row_per_step() {
+    let out = tmp("metrics");
+    run_ft(&ft_config(4), &out, None).unwrap();
+    // An earlier attempt got to step 4; resuming at 2 into the same directory redoes 3 and 4.
+    let ck = tmp("metrics-ck");
+    for e in std::fs::read_dir(out.join("checkpoint-2")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
+    }
+    run_ft(&ft_config(4), &out, Some(&ck)).unwrap();
+    let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    // A fresh run into the directory starts a fresh log.
+    run_ft(&ft_config(1), &out, None).unwrap();
+    let n = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    assert_eq!(n, 1);
+}
+
+#[test]
+fn a_resume_directory_must_be_the_named_model_and_complete() {
+    let x = fixture("tiny-xlmr");
+    let b = fixture("tiny-bert");
+    retrom3::train::check_resume_model(&x, &x.join("config.json")).unwrap();
+    let e = retrom3::train::check_resume_model(&b, &x.join("config.json"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--resume") && e.contains("Bert"), "{e}");
+    // A RetroMAE checkpoint without its LM head / decoder file.
+    let cfg = EncoderConfig::from_file(x.join("config.json")).unwrap();
+    let e = RetroMae::read_heads(&x, &cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("retromae_heads.safetensors") && e.contains("missing"),
+        "{e}"
+    );
+    // An optimizer state with a NaN moment names the file and tensor.
+    let out = tmp("nanopt");
+    run_ft(&ft_config(2), &out, None).unwrap();
+    let p = out.join("optimizer.safetensors");
+    let mut map = retrom3::io::read_safetensors(&p).unwrap();
+    let key = map.keys().next().unwrap().clone();
+    let t = map.remove(&key).unwrap();
+    let dims = t.dims().to_vec();
+    let mut v = t.to_f32().into_f32_vec().unwrap();
+    v[0] = f32::NAN;
+    map.insert(key.clone(), Tensor::from_vec(v, &dims).unwrap());
+    retrom3::io::write_safetensors(&p, &map, None).unwrap();
+    let m = M3Student::load_dir(&out, 3).unwrap();
+    let mut opt = AdamW::new(m.params.specs(), adamw_hyper(1e-4, 0.0), None);
+    let e = opt
+        .load_dir(&out, m.params.specs(), 2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("optimizer.safetensors") && e.contains(&key),
+        "{e}"
+    );
+}
