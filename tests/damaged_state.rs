@@ -299,3 +299,45 @@ fn a_resume_directory_must_be_the_named_model_and_complete() {
         "{e}"
     );
 }
+
+#[test]
+fn cli_resume_from_a_non_checkpoint_and_zero_sizes_are_clear() {
+    let out = tmp("cli");
+    let run = |extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+            .args(["finetune", "--model"])
+            .arg(fixture("tiny-xlmr"))
+            .arg("--train")
+            .arg(fixture("m3-train/train.jsonl"))
+            .arg("--output")
+            .arg(&out)
+            .args([
+                "--steps",
+                "1",
+                "--query-max-len",
+                "16",
+                "--passage-max-len",
+                "16",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&["--resume", "/nonexistent/checkpoint-3"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("not a checkpoint directory"), "{err}");
+    let (code, err) = run(&["--batch-size", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--batch-size 0"), "{err}");
+    let (code, err) = run(&["--lr", "nan"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--lr NaN"), "{err}");
+    let (code, err) = run(&["--self-distill-start-step", "-2"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("must be >= -1"), "{err}");
+    assert!(!out.join("model.safetensors").exists());
+}

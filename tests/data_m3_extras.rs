@@ -88,6 +88,16 @@ fn malformed_rows_name_file_line_and_field() {
             r#"{"query": "q", "pos": ["p"], "neg": []}"#,
             &["\"neg\"", "empty list", "len(neg)"],
         ),
+        (
+            "empty_pos_text",
+            r#"{"query": "q", "pos": [""], "neg": ["n"]}"#,
+            &["\"pos\"", "element 1 is an empty text"],
+        ),
+        (
+            "blank_neg_text",
+            r#"{"query": "q", "pos": ["p"], "neg": ["n", "  "]}"#,
+            &["\"neg\"", "element 2 is an empty text"],
+        ),
         // Score lists of the wrong length.
         (
             "short_pos_scores",

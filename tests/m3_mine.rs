@@ -21,6 +21,7 @@ fn cfg(range: (usize, usize), negatives: usize) -> MineConfig {
         seed: 7,
         max_length: 40,
         batch_size: 8,
+        source: None,
     }
 }
 
@@ -147,4 +148,54 @@ fn mine_cli_with_a_candidate_pool() {
             neg.iter().map(|n| n.as_str().unwrap()).collect();
         assert_eq!(distinct.len(), neg.len(), "{neg:?}");
     }
+}
+
+#[test]
+fn mine_cli_names_the_file_and_line_of_a_bad_row() {
+    let d = std::env::temp_dir().join(format!("retrom3-mine-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    let run = |input: &Path, extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+            .args(["mine", "--model"])
+            .arg(fixture("tiny-xlmr"))
+            .arg("--input")
+            .arg(input)
+            .arg("--output")
+            .arg(d.join("out.jsonl"))
+            .args(["--range", "0-4"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let good = r#"{"query": "q one", "pos": ["a"], "neg": ["b", "c", "d"]}"#;
+    for (row, want) in [
+        (
+            r#"{"query": "  ", "pos": ["a"], "neg": ["b"]}"#,
+            "\"query\": empty text",
+        ),
+        (r#"{"query": "q", "pos": [], "neg": ["b"]}"#, "\"pos\""),
+        (r#"{"query": "q", "pos": [""], "neg": ["b"]}"#, "\"pos\""),
+        (r#"{"pos": ["a"], "neg": ["b"]}"#, "\"query\": missing"),
+    ] {
+        let input = d.join("in.jsonl");
+        std::fs::write(&input, format!("{good}\n{row}\n")).unwrap();
+        // No --max-length: the default is clamped to the tiny model's 40 positions.
+        let (code, err) = run(&input, &["--negatives", "2"]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(
+            err.contains("in.jsonl:2") && err.contains(want),
+            "{row}: {err}"
+        );
+    }
+    let input = d.join("ok.jsonl");
+    std::fs::write(&input, format!("{good}\n")).unwrap();
+    let (code, err) = run(&input, &["--negatives", "0"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("--negatives 0"), "{err}");
+    let (code, err) = run(&input, &["--negatives", "2"]);
+    assert_eq!(code, Some(0), "{err}");
 }

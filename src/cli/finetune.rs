@@ -146,6 +146,10 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     if a.batch_size == 0 {
         return Err(Error::invalid("--batch-size 0: must be >= 1"));
     }
+    if let Some(r) = &a.resume {
+        retrom3::train::check_resume_dir(r)?;
+        retrom3::train::check_resume_model(r, &a.model.join("config.json"))?;
+    }
     let tok = TextTokenizer::from_dir(a.resume.as_ref().unwrap_or(&a.model))?;
     let spec = BucketSpec::new(
         a.length_buckets.clone(),
@@ -167,8 +171,37 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         );
     }
     let data = M3TrainData::new(files.datasets, &spec, &tok)?;
-    if let Some(r) = &a.resume {
-        retrom3::train::check_resume_model(r, &a.model.join("config.json"))?;
+    // Each dataset and length bucket is batched on its own and incomplete batches are dropped
+    // (SPEC §5.2): say which parts of the data never reach a batch.
+    let world = env.as_ref().map_or(1, |e| e.world);
+    if env.as_ref().is_none_or(|e| e.rank == 0) {
+        let mut unused = 0usize;
+        for u in &data.units {
+            let global = u.batch_size * world;
+            let left = u.examples.len() % global;
+            unused += left;
+            if u.examples.len() < global {
+                eprintln!(
+                    "warning: {}: {} examples{} are fewer than one batch of {global}; they are \
+                     not trained on",
+                    data.datasets[u.dataset].source.display(),
+                    u.examples.len(),
+                    if data.units.iter().filter(|v| v.dataset == u.dataset).count() > 1 {
+                        format!(" in length bucket {}", u.bucket)
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        let total: usize = data.units.iter().map(|u| u.examples.len()).sum();
+        if unused > 0 {
+            eprintln!(
+                "note: each epoch leaves out {unused} of {total} examples (the incomplete last \
+                 batch of each dataset and length bucket, a different subset each epoch, as \
+                 FlagEmbedding)"
+            );
+        }
     }
     let (mut model, resume) = match &a.resume {
         Some(dir) => {

@@ -31,9 +31,9 @@ pub struct MineArgs {
     /// text of the input, de-duplicated.
     #[arg(long)]
     pub candidate_pool: Option<PathBuf>,
-    /// Max tokens per text, specials included.
-    #[arg(long, default_value_t = 512)]
-    pub max_length: usize,
+    /// Max tokens per text, specials included (default: 512, or the model's maximum if lower).
+    #[arg(long)]
+    pub max_length: Option<usize>,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 42)]
@@ -67,11 +67,20 @@ pub fn run(a: MineArgs) -> Result<()> {
         range,
         negatives: a.negatives,
         seed: a.seed,
-        max_length: a.max_length,
+        max_length: a
+            .max_length
+            .unwrap_or_else(|| 512.min(model.encoder.config.max_tokens())),
         batch_size: a.batch_size,
+        source: Some(a.input.clone()),
     };
     let stats = mine_hard_negatives(&model, &mut rows, &pool, &cfg)?;
     write_jsonl(&a.output, rows.into_iter())?;
+    if stats.blank_pool > 0 {
+        eprintln!(
+            "warning: {} blank texts of the candidate pool left out",
+            stats.blank_pool
+        );
+    }
     eprintln!(
         "mined {} queries over {} candidates: {} negatives from ranks {}-{}, {} random top-ups; written to {}",
         stats.queries,

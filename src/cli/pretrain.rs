@@ -119,6 +119,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
     let tok = TextTokenizer::from_dir(&a.tokenizer)?;
     let vocab = MaskingVocab::from_tokenizer(&tok)?;
     if let Some(r) = &a.resume {
+        retrom3::train::check_resume_dir(r)?;
         match (&a.model, &a.config) {
             (Some(m), _) => retrom3::train::check_resume_model(r, &m.join("config.json"))?,
             (None, Some(c)) => retrom3::train::check_resume_model(r, c)?,

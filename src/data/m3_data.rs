@@ -124,6 +124,9 @@ fn parse_row(obj: &Map<String, Value>) -> std::result::Result<TrainExample, Stri
         a.iter()
             .enumerate()
             .map(|(i, t)| match t {
+                Value::String(s) if s.trim().is_empty() => {
+                    Err(format!("field \"{k}\": element {} is an empty text", i + 1))
+                }
                 Value::String(s) => Ok(s.clone()),
                 v => Err(format!(
                     "field \"{k}\": element {} is {}, expected a string",

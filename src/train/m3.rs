@@ -657,6 +657,8 @@ pub struct MineConfig {
     pub max_length: usize,
     /// Texts per encoder forward.
     pub batch_size: usize,
+    /// The file the rows come from (row k = line k): errors then name it and the line.
+    pub source: Option<std::path::PathBuf>,
 }
 
 /// What mining did, for the report.
@@ -668,6 +670,8 @@ pub struct MineStats {
     pub mined: usize,
     /// Negatives topped up with random corpus texts (the range had too few).
     pub random: usize,
+    /// Blank texts left out of the candidate pool.
+    pub blank_pool: usize,
 }
 
 /// The candidate pool of hn_mine.py when no pool file is given: every pos and neg text of the
@@ -716,33 +720,58 @@ pub fn mine_hard_negatives(
         .map(String::as_str)
         .filter(|t| seen.insert(*t))
         .collect();
+    // Blank texts cannot be negatives (counted in the report).
+    let n_all = pool.len();
+    let pool: Vec<&str> = pool.into_iter().filter(|t| !t.trim().is_empty()).collect();
+    let blank_pool = n_all - pool.len();
     if pool.is_empty() {
         return Err(Error::invalid("the candidate pool is empty"));
     }
+    if cfg.negatives == 0 || cfg.batch_size == 0 {
+        return Err(Error::invalid(format!(
+            "--negatives {} / --batch-size {}: both must be >= 1",
+            cfg.negatives, cfg.batch_size
+        )));
+    }
+    let row_err = |i: usize, msg: String| match &cfg.source {
+        Some(path) => Error::Input {
+            path: path.clone(),
+            line: i + 1,
+            msg,
+        },
+        None => Error::invalid(format!("row {}: {msg}", i + 1)),
+    };
     let mut queries = Vec::with_capacity(rows.len());
     let mut positives = Vec::with_capacity(rows.len());
     for (i, r) in rows.iter().enumerate() {
-        let q = r["query"].as_str().ok_or_else(|| {
-            Error::invalid(format!(
-                "row {}: field query: missing or not a string",
-                i + 1
-            ))
-        })?;
+        let q = match r["query"].as_str() {
+            Some(q) if q.trim().is_empty() => {
+                return Err(row_err(i, "field \"query\": empty text".into()))
+            }
+            Some(q) => q,
+            None => {
+                return Err(row_err(
+                    i,
+                    "field \"query\": missing or not a string".into(),
+                ))
+            }
+        };
         let pos: Vec<String> = r["pos"]
             .as_array()
             .and_then(|a| a.iter().map(|t| t.as_str().map(String::from)).collect())
-            .ok_or_else(|| {
-                Error::invalid(format!(
-                    "row {}: field pos: missing or not a list of strings",
-                    i + 1
-                ))
-            })?;
+            .ok_or_else(|| row_err(i, "field \"pos\": missing or not a list of strings".into()))?;
+        if pos.is_empty() || pos.iter().any(|p| p.trim().is_empty()) {
+            return Err(row_err(
+                i,
+                "field \"pos\": an empty list or an empty text".into(),
+            ));
+        }
         queries.push(q.to_string());
         positives.push(pos);
     }
     let opts = crate::EncodeOptions {
         max_length: Some(cfg.max_length),
-        batch_size: cfg.batch_size.max(1),
+        batch_size: cfg.batch_size,
         ..Default::default()
     };
     let docs = model
@@ -759,6 +788,7 @@ pub fn mine_hard_negatives(
     let mut stats = MineStats {
         queries: rows.len(),
         corpus: pool.len(),
+        blank_pool,
         ..Default::default()
     };
     for (i, r) in rows.iter_mut().enumerate() {
@@ -789,7 +819,7 @@ pub fn mine_hard_negatives(
         }
         let obj = r
             .as_object_mut()
-            .ok_or_else(|| Error::invalid(format!("row {}: not a JSON object", i + 1)))?;
+            .ok_or_else(|| row_err(i, "not a JSON object".into()))?;
         obj.insert(
             "neg".into(),
             serde_json::Value::from(cand.iter().map(|&d| pool[d]).collect::<Vec<_>>()),

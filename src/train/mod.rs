@@ -94,6 +94,18 @@ pub fn check_resume_step(state: &TrainState, total: u64) -> Result<()> {
     Ok(())
 }
 
+/// `--resume DIR`: a checkpoint directory (its trainer state is there).
+pub fn check_resume_dir(resume: &std::path::Path) -> Result<()> {
+    if !resume.join("trainer_state.json").is_file() {
+        return Err(Error::invalid(format!(
+            "--resume {}: not a checkpoint directory (no trainer_state.json; give a \
+             checkpoint-<step> directory or the --output of a finished run)",
+            resume.display()
+        )));
+    }
+    Ok(())
+}
+
 /// `--resume DIR` with `--model M` (or `--config M/config.json`): the checkpoint's model must
 /// have the architecture of `config` (M's config.json), or the resume would silently train
 /// another model than the one named.
