@@ -904,3 +904,22 @@ fn cli_tokenize_reports_a_bad_line_in_one_line() {
     assert!(err.contains("bad.jsonl:3: field \"text\""), "{err}");
     assert!(!out.exists());
 }
+
+#[test]
+fn an_output_that_is_a_directory_fails_before_reading() {
+    let tok = tokenizer();
+    let d = tmpdir("outdir");
+    let input = d.join("in.jsonl");
+    write_jsonl(&input, &texts(20, 1));
+    let out = d.join("corpus.r3tok");
+    std::fs::create_dir_all(&out).unwrap();
+    let e = run(&tok, &input, &out, &opts(32, false, 8))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("is a directory"), "{e}");
+    let left: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left.len(), 2, "no work files left: {left:?}");
+}

@@ -50,10 +50,10 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
     /// Encoder mask ratio.
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, allow_negative_numbers = true)]
     pub enc_mask: f64,
     /// Decoder mask ratio.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub dec_mask: f64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,

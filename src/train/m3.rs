@@ -405,7 +405,7 @@ pub fn finetune_dist(
     group.check_in_sync(model.params.values(), "at the start")?;
     let main = group.is_main();
     let mut metrics = if main {
-        std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+        super::create_output_dir(out)?;
         Some(MetricsLog::open(&out.join("metrics.jsonl"), state.step)?)
     } else {
         None

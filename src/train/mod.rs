@@ -94,6 +94,18 @@ pub fn check_resume_step(state: &TrainState, total: u64) -> Result<()> {
     Ok(())
 }
 
+/// Create the run's output directory (an existing file there is a clear error, not "File
+/// exists").
+pub fn create_output_dir(out: &std::path::Path) -> Result<()> {
+    if out.exists() && !out.is_dir() {
+        return Err(Error::invalid(format!(
+            "--output {}: exists and is not a directory",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))
+}
+
 /// `--resume DIR`: a checkpoint directory (its trainer state is there).
 pub fn check_resume_dir(resume: &std::path::Path) -> Result<()> {
     if !resume.join("trainer_state.json").is_file() {

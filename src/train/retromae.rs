@@ -279,7 +279,7 @@ pub fn pretrain_on(
         }
         None => None,
     };
-    std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
+    super::create_output_dir(out)?;
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
     let mut report = PretrainReport {

@@ -354,6 +354,13 @@ pub fn tokenize_corpus(
             )));
         }
     }
+    // Checked before the corpus is read (the final rename would fail only at the end).
+    if output.is_dir() {
+        return Err(Error::invalid(format!(
+            "{}: the output is a directory; give a file path (e.g. corpus.r3tok)",
+            output.display()
+        )));
+    }
     let cap = opts.max_len as u64 - 2;
     let work = WorkFiles::new(output);
     let (mut sink, reader, mut stats) = if work.state.exists() {
