@@ -264,3 +264,381 @@ fn eval_refuses_missing_qrels_and_empty_corpus() {
         &["unknown mode"],
     );
 }
+
+/// `index` of the tiny BEIR set into `d/idx`; returns the index directory.
+fn build_index(d: &Path, data: &Path) -> PathBuf {
+    let idx = d.join("idx");
+    ok(&run(&[
+        "index",
+        "--model",
+        &tiny(),
+        "--corpus",
+        data.join("corpus.jsonl").to_str().unwrap(),
+        "--output",
+        idx.to_str().unwrap(),
+    ]));
+    idx
+}
+
+/// Run `score` on one pair file with extra flags.
+fn score(d: &Path, pairs: &str, extra: &[&str]) -> Output {
+    let p = d.join("pairs.jsonl");
+    std::fs::write(&p, pairs).unwrap();
+    let out = d.join("scores.jsonl");
+    let mut args = vec![
+        "score",
+        "--model",
+        &tiny(),
+        "--pairs",
+        p.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    run(&refs)
+}
+
+#[test]
+fn fusion_weights_are_validated_alike_in_search_eval_and_score() {
+    let d = tmpdir("weights");
+    let data = d.join("beir");
+    beir(&data);
+    let idx = build_index(&d, &data);
+    let model = tiny();
+    let search = |w: &str, mode: &str| {
+        run(&[
+            "search",
+            "--model",
+            &model,
+            "--index",
+            idx.to_str().unwrap(),
+            "--query",
+            "capital of France",
+            "--mode",
+            mode,
+            "--weights",
+            w,
+        ])
+    };
+    for (w, mode, why) in [
+        ("0,0,0", "all", "all weights are 0"),
+        ("0,0,0", "hybrid", "all weights are 0"),
+        ("0,0", "hybrid", "w_dense + w_sparse is 0"),
+        ("1e38,1e38,1e38", "all", "finite number in [0, 1e6]"),
+        ("1,2e6,1", "hybrid", "finite number in [0, 1e6]"),
+        ("1,-0.5,1", "all", "finite number in [0, 1e6]"),
+        ("1,inf,1", "all", "finite number in [0, 1e6]"),
+    ] {
+        err(&search(w, mode), &["--weights", w, why]);
+    }
+    // w_colbert alone is a valid "all" fusion; the weight cap itself is accepted.
+    ok(&search("0,0,1", "all"));
+    ok(&search("1e6,1e6,1e6", "all"));
+
+    err(
+        &run(&[
+            "eval",
+            "--model",
+            &model,
+            "--data",
+            data.to_str().unwrap(),
+            "--weights",
+            "1e38,1e38,1e38",
+        ]),
+        &["--weights", "finite number in [0, 1e6]"],
+    );
+    err(
+        &run(&[
+            "eval",
+            "--model",
+            &model,
+            "--data",
+            data.to_str().unwrap(),
+            "--weights",
+            "0,0,0",
+        ]),
+        &["--weights", "all weights are 0"],
+    );
+
+    // score: the same rules (its fusions are dense+sparse and all).
+    let pair = "{\"query\": \"What is BGE M3?\", \"passage\": \"an embedding model\"}\n";
+    err(
+        &score(&d, pair, &["--weights", "1e38,1e38,1e38"]),
+        &["--weights", "finite number in [0, 1e6]"],
+    );
+    err(
+        &score(&d, pair, &["--weights", "0,0,0"]),
+        &["--weights", "all weights are 0"],
+    );
+    err(
+        &score(&d, pair, &["--weights", "0,0,1"]),
+        &["--weights", "w_dense + w_sparse is 0"],
+    );
+    ok(&score(&d, pair, &["--weights", "1e6,1e6,1e6"]));
+    let rows = std::fs::read_to_string(d.join("scores.jsonl")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(rows.lines().next().unwrap()).unwrap();
+    for key in ["sparse+dense", "colbert+sparse+dense"] {
+        assert!(v[key].as_f64().is_some_and(f64::is_finite), "{rows}");
+    }
+}
+
+#[test]
+fn ids_with_whitespace_are_refused_where_read() {
+    let d = tmpdir("wsid");
+    let data = d.join("beir");
+    beir(&data);
+    let model = tiny();
+    let corpus = d.join("corpus.jsonl");
+    for (id_json, shown) in [
+        (r#""a b""#, r#""a b""#),
+        (r#""x\ny""#, r#""x\ny""#),
+        (r#""tab\there""#, r#""tab\there""#),
+    ] {
+        std::fs::write(
+            &corpus,
+            format!(
+                "{{\"_id\": \"ok\", \"text\": \"fine\"}}\n{{\"_id\": {id_json}, \"text\": \"x\"}}\n"
+            ),
+        )
+        .unwrap();
+        err(
+            &run(&[
+                "index",
+                "--model",
+                &model,
+                "--corpus",
+                corpus.to_str().unwrap(),
+                "--output",
+                d.join("i").to_str().unwrap(),
+            ]),
+            &["corpus.jsonl:2", shown, "whitespace"],
+        );
+    }
+    // A query id with whitespace: search --queries and eval refuse it.
+    let idx = build_index(&d, &data);
+    let q = d.join("queries.jsonl");
+    std::fs::write(&q, "{\"_id\": \"q 1\", \"text\": \"capital of France\"}\n").unwrap();
+    err(
+        &run(&[
+            "search",
+            "--model",
+            &model,
+            "--index",
+            idx.to_str().unwrap(),
+            "--queries",
+            q.to_str().unwrap(),
+            "--run",
+            d.join("r.trec").to_str().unwrap(),
+        ]),
+        &["queries.jsonl:1", "\"q 1\"", "whitespace"],
+    );
+    std::fs::write(
+        data.join("queries.jsonl"),
+        "{\"_id\": \"q1\", \"text\": \"What is BGE M3?\"}\n{\"_id\": \"q\\n2\", \"text\": \"x\"}\n",
+    )
+    .unwrap();
+    err(
+        &run(&["eval", "--model", &model, "--data", data.to_str().unwrap()]),
+        &["queries.jsonl:2", "\"q\\n2\"", "whitespace"],
+    );
+}
+
+#[test]
+fn eval_refuses_unevaluable_qrels_and_warns_about_missing_docs() {
+    let d = tmpdir("qrels");
+    let data = d.join("beir");
+    beir(&data);
+    let model = tiny();
+    let eval = || {
+        run(&[
+            "eval",
+            "--model",
+            &model,
+            "--data",
+            data.to_str().unwrap(),
+            "--modes",
+            "bm25",
+        ])
+    };
+    // Every judgment non-relevant: nothing to evaluate.
+    std::fs::write(
+        data.join("qrels/test.tsv"),
+        "query-id\tcorpus-id\tscore\nq1\td1\t0\nq2\t4\t0\nq3\td3\t0\n",
+    )
+    .unwrap();
+    err(&eval(), &["test.tsv", "no query has a relevant judgment"]);
+    // No judged document in the corpus: refused.
+    std::fs::write(
+        data.join("qrels/test.tsv"),
+        "query-id\tcorpus-id\tscore\nq1\tzz1\t1\nq2\tzz2\t1\n",
+    )
+    .unwrap();
+    err(
+        &eval(),
+        &[
+            "test.tsv",
+            "none of its 2 judged document ids",
+            "corpus.jsonl",
+        ],
+    );
+    // Some missing: one warning with the count, the evaluation runs.
+    std::fs::write(
+        data.join("qrels/test.tsv"),
+        "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\tzz1\t1\nq2\t4\t1\n",
+    )
+    .unwrap();
+    let o = eval();
+    ok(&o);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("warning: 1 of the 3 judged document ids") && e.contains("zz1"),
+        "{e}"
+    );
+}
+
+#[test]
+fn empty_texts_are_refused_but_empty_corpus_docs_are_indexed_with_a_warning() {
+    let d = tmpdir("empty");
+    let data = d.join("beir");
+    beir(&data);
+    let model = tiny();
+    // score: an empty query or passage, naming file:line and the field.
+    err(
+        &score(&d, "{\"query\": \"\", \"passage\": \"x\"}\n", &[]),
+        &["pairs.jsonl:1", "\"query\"", "empty text"],
+    );
+    err(
+        &score(
+            &d,
+            "{\"query\": \"a\", \"passage\": \"x\"}\n{\"query\": \"a\", \"passage\": \"  \\n\"}\n",
+            &[],
+        ),
+        &["pairs.jsonl:2", "\"passage\"", "empty text"],
+    );
+
+    // index: documents without text are kept, with one warning (count and first ids).
+    let mut corpus = std::fs::read_to_string(data.join("corpus.jsonl")).unwrap();
+    for i in 0..7 {
+        corpus.push_str(&format!(
+            "{{\"_id\": \"e{i}\", \"title\": \"\", \"text\": \"{}\"}}\n",
+            if i % 2 == 0 { "" } else { "  " }
+        ));
+    }
+    std::fs::write(data.join("corpus.jsonl"), corpus).unwrap();
+    let idx = d.join("idx");
+    let o = run(&[
+        "index",
+        "--model",
+        &model,
+        "--corpus",
+        data.join("corpus.jsonl").to_str().unwrap(),
+        "--output",
+        idx.to_str().unwrap(),
+    ]);
+    assert!(ok(&o).contains("indexed 11 documents"));
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(e.matches("warning").count(), 1, "{e}");
+    assert!(
+        e.contains("7 documents with empty title and text")
+            && e.contains("\"e0\"")
+            && e.contains("…"),
+        "{e}"
+    );
+    assert!(!e.contains("\"e6\""), "only the first few ids: {e}");
+
+    // search: an empty or blank --query, an empty query text in a file.
+    for q in ["", "   "] {
+        err(
+            &run(&[
+                "search",
+                "--model",
+                &model,
+                "--index",
+                idx.to_str().unwrap(),
+                "--query",
+                q,
+            ]),
+            &["--query", "empty text"],
+        );
+    }
+    let qf = d.join("q.jsonl");
+    std::fs::write(
+        &qf,
+        "{\"_id\": \"q1\", \"text\": \"capital\"}\n{\"_id\": \"q2\", \"text\": \" \"}\n",
+    )
+    .unwrap();
+    err(
+        &run(&[
+            "search",
+            "--model",
+            &model,
+            "--index",
+            idx.to_str().unwrap(),
+            "--queries",
+            qf.to_str().unwrap(),
+        ]),
+        &["q.jsonl:2", "\"q2\"", "empty text"],
+    );
+    // eval: the same for its queries file.
+    std::fs::copy(&qf, data.join("queries.jsonl")).unwrap();
+    err(
+        &run(&["eval", "--model", &model, "--data", data.to_str().unwrap()]),
+        &["queries.jsonl:2", "empty text"],
+    );
+}
+
+#[test]
+fn k_and_candidates_must_be_at_least_one() {
+    let d = tmpdir("k0");
+    let data = d.join("beir");
+    beir(&data);
+    let idx = build_index(&d, &data);
+    let model = tiny();
+    for flag in ["--k", "--candidates"] {
+        let o = run(&[
+            "search",
+            "--model",
+            &model,
+            "--index",
+            idx.to_str().unwrap(),
+            "--query",
+            "capital",
+            flag,
+            "0",
+        ]);
+        assert_eq!(o.status.code(), Some(2), "usage error expected for {flag}");
+        err(&o, &[flag, "must be >= 1"]);
+    }
+    let o = run(&[
+        "eval",
+        "--model",
+        &model,
+        "--data",
+        data.to_str().unwrap(),
+        "--candidates",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    err(&o, &["--candidates", "must be >= 1"]);
+}
+
+#[test]
+fn score_default_lengths_fit_a_small_model() {
+    // tiny-xlmr holds 40 tokens: the 512 default is lowered to it, as encode does.
+    let d = tmpdir("scorelen");
+    let long = "word ".repeat(200);
+    let pair = format!("{{\"query\": \"{long}\", \"passage\": \"{long}\"}}\n");
+    let o = score(&d, &pair, &[]);
+    ok(&o);
+    let rows = std::fs::read_to_string(d.join("scores.jsonl")).unwrap();
+    assert_eq!(rows.lines().count(), 1);
+    // An explicit length above the model's maximum is still an error (as encode --max-length).
+    err(
+        &score(&d, &pair, &["--max-passage-length", "512"]),
+        &["max_length 512", "maximum of 40"],
+    );
+}

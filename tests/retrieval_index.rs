@@ -243,3 +243,90 @@ fn build_refuses_empty_corpus() {
     let e = Index::build(&model, &[], IndexParts::all(), &mut |_| {}).unwrap_err();
     assert!(e.to_string().contains("empty corpus"), "{e}");
 }
+
+#[test]
+fn fusion_weight_checks_and_fused_search_refusals() {
+    use retrom3::retrieval::hybrid::{check_weights, MAX_FUSION_WEIGHT};
+    let fused = [Mode::DenseSparse, Mode::All];
+    assert!(check_weights([1.0, 0.3, 1.0], &fused).is_ok());
+    assert!(check_weights([0.0, 0.0, 1.0], &[Mode::All]).is_ok());
+    assert!(check_weights([MAX_FUSION_WEIGHT; 3], &fused).is_ok());
+    for w in [
+        [0.0, 0.0, 0.0],
+        [0.0, 0.0, 1.0],
+        [1e38, 1e38, 1e38],
+        [f32::INFINITY, 1.0, 1.0],
+        [f32::NAN, 1.0, 1.0],
+        [1.0, -1.0, 1.0],
+        [2e6, 1.0, 1.0],
+    ] {
+        assert!(check_weights(w, &fused).is_err(), "{w:?}");
+    }
+
+    // Index::search refuses bad weights in the fused modes only.
+    let model = M3Model::load(tiny(), Device::Cpu).unwrap();
+    let built = Index::build(&model, &small_corpus(), IndexParts::all(), &mut |_| {}).unwrap();
+    let qs =
+        retrom3::retrieval::hybrid::encode_queries_for(&model, &["capital"], &Mode::ALL).unwrap();
+    for w in [[0.0; 3], [1e38; 3]] {
+        let opts = SearchOptions {
+            weights: w,
+            ..SearchOptions::default()
+        };
+        for mode in [Mode::DenseSparse, Mode::All] {
+            assert!(built.search(&qs, mode, &opts).is_err(), "{mode} {w:?}");
+        }
+        built.search(&qs, Mode::Dense, &opts).unwrap();
+    }
+    let big = SearchOptions {
+        weights: [MAX_FUSION_WEIGHT; 3],
+        ..SearchOptions::default()
+    };
+    for h in &built.search(&qs, Mode::All, &big).unwrap()[0] {
+        assert!(h.score.is_finite(), "{h:?}");
+    }
+}
+
+#[test]
+fn beir_reader_refuses_whitespace_ids_and_empty_queries() {
+    use retrom3::retrieval::beir;
+    let d = tmpdir("beirids");
+    let p = d.join("corpus.jsonl");
+    for id in [r#""a b""#, r#""x\ny""#, r#""\u00a0z""#] {
+        std::fs::write(
+            &p,
+            format!("{{\"_id\": \"ok\", \"text\": \"t\"}}\n{{\"_id\": {id}, \"text\": \"t\"}}\n"),
+        )
+        .unwrap();
+        let e = beir::read_corpus(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("corpus.jsonl:2") && e.contains("whitespace"),
+            "{e}"
+        );
+        let e = beir::read_queries(&p).unwrap_err().to_string();
+        assert!(e.contains(":2") && e.contains("whitespace"), "{e}");
+    }
+    std::fs::write(&p, "{\"_id\": \"q1\", \"text\": \"\\t \"}\n").unwrap();
+    let e = beir::read_queries(&p).unwrap_err().to_string();
+    assert!(e.contains(":1") && e.contains("empty text"), "{e}");
+
+    // Documents without text are read (and indexed); empty_docs lists them.
+    std::fs::write(
+        &p,
+        "{\"_id\": \"a\", \"title\": \"\", \"text\": \"\"}\n{\"_id\": \"b\", \"title\": \"T\", \"text\": \"\"}\n{\"_id\": \"c\", \"title\": \" \", \"text\": \" \"}\n",
+    )
+    .unwrap();
+    let corpus = beir::read_corpus(&p).unwrap();
+    assert_eq!(beir::empty_docs(&corpus), ["a", "c"]);
+    let model = M3Model::load(tiny(), Device::Cpu).unwrap();
+    let ix = Index::build(&model, &corpus, IndexParts::all(), &mut |_| {}).unwrap();
+    assert_eq!(ix.n_docs(), 3);
+
+    let mut qrels = beir::Qrels::new();
+    qrels
+        .entry("q".into())
+        .or_default()
+        .extend([("a".to_string(), 1), ("zz".to_string(), 0)]);
+    let (missing, judged) = beir::judged_docs_missing(&qrels, &corpus);
+    assert_eq!((missing, judged), (vec!["zz"], 2));
+}

@@ -3,6 +3,8 @@
 use super::output::{progress, write_jsonl};
 use clap::Args;
 use retrom3::data::jsonl::{read_pairs, read_texts};
+use retrom3::retrieval::hybrid::check_weights;
+use retrom3::retrieval::Mode;
 use retrom3::{Device, EncodeOptions, Error, M3Model, Pooling, Result, ScoreOptions};
 use serde_json::{json, Map, Value};
 use std::path::PathBuf;
@@ -65,10 +67,12 @@ pub struct ScoreArgs {
     /// Fusion weights w_dense,w_sparse,w_colbert.
     #[arg(long, default_value = "1,1,1")]
     pub weights: String,
-    #[arg(long, default_value_t = 512)]
-    pub max_query_length: usize,
-    #[arg(long, default_value_t = 512)]
-    pub max_passage_length: usize,
+    /// Max query tokens, specials included (default: 512, lowered to the model's max length).
+    #[arg(long)]
+    pub max_query_length: Option<usize>,
+    /// Max passage tokens, specials included (default: 512, lowered to the model's max length).
+    #[arg(long)]
+    pub max_passage_length: Option<usize>,
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -133,27 +137,66 @@ fn parse_weights(s: &str) -> Result<[f32; 3]> {
                 "--weights {s:?}: expected three numbers like 0.4,0.2,0.4"
             ))
         })?;
-    <[f32; 3]>::try_from(v)
-        .map_err(|_| Error::invalid(format!("--weights {s:?}: expected exactly three numbers")))
+    let w = <[f32; 3]>::try_from(v)
+        .map_err(|_| Error::invalid(format!("--weights {s:?}: expected exactly three numbers")))?;
+    // The same rules as search / eval; score's two fusions are dense+sparse and all.
+    check_weights(w, &[Mode::DenseSparse, Mode::All])
+        .map_err(|m| Error::invalid(format!("--weights {s:?}: {m}")))?;
+    Ok(w)
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
     let weights = parse_weights(&a.weights)?;
     let pairs = read_pairs(&a.pairs)?;
+    for (i, p) in pairs.iter().enumerate() {
+        for (field, text) in [("query", &p.query), ("passage", &p.passage)] {
+            if text.trim().is_empty() {
+                return Err(Error::Input {
+                    path: a.pairs.clone(),
+                    line: i + 1,
+                    msg: format!("field \"{field}\": empty text (nothing to score)"),
+                });
+            }
+        }
+    }
     let model = M3Model::load(&a.model, a.device)?;
+    // As encode: the default never exceeds the model's max length (an explicit value above the
+    // model's maximum is an error, as encode's --max-length).
+    let default_len = 512.min(model.max_length);
     let refs: Vec<(&str, &str)> = pairs
         .iter()
         .map(|p| (p.query.as_str(), p.passage.as_str()))
         .collect();
     let opts = ScoreOptions {
-        max_query_length: a.max_query_length,
-        max_passage_length: a.max_passage_length,
+        max_query_length: a.max_query_length.unwrap_or(default_len),
+        max_passage_length: a.max_passage_length.unwrap_or(default_len),
         weights,
         batch_size: a.batch_size,
     };
     let pb = progress(2 * refs.len(), "score");
     let scores = model.compute_score_with_progress(&refs, &opts, &mut |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
+    let finite = |s: &retrom3::PairScores| {
+        [
+            s.dense,
+            s.sparse,
+            s.colbert,
+            s.sparse_dense,
+            s.colbert_sparse_dense,
+        ]
+        .iter()
+        .all(|x| x.is_finite())
+    };
+    if let Some(i) = scores.iter().position(|s| !finite(s)) {
+        return Err(Error::Input {
+            path: a.pairs.clone(),
+            line: i + 1,
+            msg: format!(
+                "a score is not finite ({:?}) with --weights {}",
+                scores[i], a.weights
+            ),
+        });
+    }
     let rows = scores.into_iter().map(|s| {
         json!({
             "dense": s.dense,

@@ -1,8 +1,9 @@
 //! `retrom3 eval`: index a BEIR corpus in memory, run every requested mode over the split's
 //! queries, and report nDCG@10, Recall@100, MRR@10 and MAP (trec_eval semantics).
 
+use super::index::warn_empty_docs;
 use super::output::progress;
-use super::search::{parse_weights, trec_line};
+use super::search::{at_least_one, parse_weights, trec_line};
 use clap::Args;
 use retrom3::retrieval::hybrid::encode_queries_for;
 use retrom3::retrieval::metrics::{evaluate, Run, Summary};
@@ -31,8 +32,8 @@ pub struct EvalArgs {
     /// Retrieved documents per query (the depth of MAP and Recall).
     #[arg(long, default_value_t = 100)]
     pub depth: usize,
-    /// Candidates from each of dense and sparse for the fused / re-rank modes (K).
-    #[arg(long, default_value_t = 100)]
+    /// Candidates from each of dense and sparse for the fused / re-rank modes (K, >= 1).
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     pub candidates: usize,
     /// Fusion weights w_dense,w_sparse[,w_colbert].
     #[arg(long, default_value = "1,0.3,1")]
@@ -59,13 +60,57 @@ fn parse_modes(s: &str) -> Result<Vec<Mode>> {
     Ok(v)
 }
 
+/// Refuse a split that cannot be evaluated (no relevant judgment, or no judged document in the
+/// corpus) and warn about judged documents missing from the corpus.
+fn check_judgments(a: &EvalArgs, data: &beir::BeirData) -> Result<()> {
+    let qrels = a.data.join("qrels").join(format!("{}.tsv", a.split));
+    if !data
+        .qrels
+        .values()
+        .any(|judged| judged.values().any(|&r| r >= 1))
+    {
+        return Err(Error::format(
+            &qrels,
+            format!(
+                "no query has a relevant judgment (score >= 1) among the {} judged queries: \
+                 every query would be skipped, nothing to evaluate",
+                data.qrels.len()
+            ),
+        ));
+    }
+    let (missing, judged) = beir::judged_docs_missing(&data.qrels, &data.corpus);
+    if missing.len() == judged {
+        return Err(Error::format(
+            &qrels,
+            format!(
+                "none of its {judged} judged document ids is in {} (e.g. {:?}): wrong corpus \
+                 or split?",
+                a.data.join("corpus.jsonl").display(),
+                &missing[..missing.len().min(3)]
+            ),
+        ));
+    }
+    if !missing.is_empty() {
+        eprintln!(
+            "retrom3: warning: {} of the {judged} judged document ids in {} are not in the \
+             corpus (e.g. {:?}); they count as never retrieved",
+            missing.len(),
+            qrels.display(),
+            &missing[..missing.len().min(3)]
+        );
+    }
+    Ok(())
+}
+
 pub fn run(a: EvalArgs) -> Result<()> {
     let modes = parse_modes(&a.modes)?;
-    let weights = parse_weights(&a.weights)?;
+    let weights = parse_weights(&a.weights, &modes)?;
     if a.depth == 0 {
         return Err(Error::invalid("--depth must be >= 1"));
     }
     let data = beir::load(&a.data, &a.split)?;
+    check_judgments(&a, &data)?;
+    warn_empty_docs(&data.corpus);
     let model = M3Model::load(&a.model, a.device)?;
     let mut parts = IndexParts::default();
     for m in &modes {

@@ -31,8 +31,27 @@ pub struct IndexArgs {
     pub device: Device,
 }
 
+/// One warning on stderr for the documents with no text (empty title and text): they are
+/// indexed as the special tokens only (real BEIR corpora hold a few), not refused.
+pub fn warn_empty_docs(corpus: &[beir::Doc]) {
+    let empty = beir::empty_docs(corpus);
+    if empty.is_empty() {
+        return;
+    }
+    const SHOWN: usize = 5;
+    eprintln!(
+        "retrom3: warning: {} document{} with empty title and text (indexed anyway, encoded as \
+         the special tokens only): {:?}{}",
+        empty.len(),
+        if empty.len() == 1 { "" } else { "s" },
+        &empty[..empty.len().min(SHOWN)],
+        if empty.len() > SHOWN { " …" } else { "" }
+    );
+}
+
 pub fn run(a: IndexArgs) -> Result<()> {
     let corpus = beir::read_corpus(&a.corpus)?;
+    warn_empty_docs(&corpus);
     let none = !(a.dense || a.sparse || a.colbert);
     let parts = IndexParts {
         dense: a.dense || none,

@@ -2,7 +2,7 @@
 //! run file).
 
 use clap::Args;
-use retrom3::retrieval::hybrid::encode_queries;
+use retrom3::retrieval::hybrid::{check_weights, encode_queries};
 use retrom3::retrieval::{beir, Hit, Index, Mode, ModelFingerprint, SearchOptions};
 use retrom3::{Device, Error, M3Model, Result};
 use std::io::Write;
@@ -29,22 +29,32 @@ pub struct SearchArgs {
     /// index has every part, else hybrid, dense or sparse).
     #[arg(long)]
     pub mode: Option<Mode>,
-    /// Hits per query.
-    #[arg(long, default_value_t = 10)]
+    /// Hits per query (>= 1).
+    #[arg(long, default_value_t = 10, value_parser = at_least_one)]
     pub k: usize,
     /// Fusion weights w_dense,w_sparse[,w_colbert].
     #[arg(long, default_value = "1,0.3,1")]
     pub weights: String,
-    /// Candidates from each of dense and sparse for hybrid / all / colbert (K).
-    #[arg(long, default_value_t = 100)]
+    /// Candidates from each of dense and sparse for hybrid / all / colbert (K, >= 1).
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     pub candidates: usize,
     /// cpu or cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }
 
-/// Parse "w_d,w_s" or "w_d,w_s,w_c" (w_c defaults to 1).
-pub fn parse_weights(s: &str) -> Result<[f32; 3]> {
+/// clap value parser of a count that must be >= 1 (a usage error otherwise).
+pub fn at_least_one(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("must be >= 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e} (expected an integer >= 1)")),
+    }
+}
+
+/// Parse "w_d,w_s" or "w_d,w_s,w_c" (w_c defaults to 1) and check them for `modes`
+/// ([`check_weights`], shared with `score`).
+pub fn parse_weights(s: &str, modes: &[Mode]) -> Result<[f32; 3]> {
     let v: Vec<f32> = s
         .split(',')
         .map(|x| x.trim().parse::<f32>())
@@ -59,12 +69,19 @@ pub fn parse_weights(s: &str) -> Result<[f32; 3]> {
             )))
         }
     };
-    if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
-        return Err(Error::invalid(format!(
-            "--weights {s:?}: need non-negative numbers"
-        )));
-    }
+    check_weights(w, modes).map_err(|m| Error::invalid(format!("--weights {s:?}: {m}")))?;
     Ok(w)
+}
+
+/// One TREC run field (query or document id): whitespace would split it into other columns.
+fn trec_field<'a>(what: &str, id: &'a str) -> std::io::Result<&'a str> {
+    if id.is_empty() || id.chars().any(char::is_whitespace) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{what} id {id:?} is empty or contains whitespace: a TREC run cannot carry it"),
+        ));
+    }
+    Ok(id)
 }
 
 /// One TREC run line.
@@ -76,14 +93,20 @@ pub fn trec_line(
     score: f32,
     mode: Mode,
 ) -> std::io::Result<()> {
+    let (qid, doc) = (trec_field("query", qid)?, trec_field("document", doc)?);
     writeln!(out, "{qid} Q0 {doc} {rank} {score} retrom3-{}", mode.name())
 }
 
 pub fn run(a: SearchArgs) -> Result<()> {
-    let weights = parse_weights(&a.weights)?;
+    let weights = parse_weights(&a.weights, a.mode.as_slice())?;
     if a.query.is_none() && a.queries.is_none() {
         return Err(Error::invalid(
             "give --query TEXT or --queries queries.jsonl",
+        ));
+    }
+    if a.query.as_deref().is_some_and(|q| q.trim().is_empty()) {
+        return Err(Error::invalid(
+            "--query: empty text (nothing to search with)",
         ));
     }
     let queries: Vec<beir::Doc> = match (&a.query, &a.queries) {
@@ -113,6 +136,10 @@ pub fn run(a: SearchArgs) -> Result<()> {
         }
     });
     index.require(mode.parts(), &format!("mode {mode}"))?;
+    if a.mode.is_none() {
+        // The default mode is known only now; check the weights for it too.
+        parse_weights(&a.weights, &[mode])?;
+    }
     let opts = SearchOptions {
         k: a.k,
         candidates: a.candidates,

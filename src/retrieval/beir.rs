@@ -36,6 +36,14 @@ fn id_field(
 ) -> Result<Option<String>> {
     match obj.get("_id") {
         None => Ok(None),
+        Some(Value::String(s)) if s.chars().any(char::is_whitespace) => Err(input(
+            path,
+            line,
+            format!(
+                "id {s:?} contains whitespace: a TREC run or qrels line (whitespace-separated) \
+                 cannot carry it"
+            ),
+        )),
         Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
         Some(_) => Err(input(
@@ -111,7 +119,8 @@ pub fn read_corpus(path: &Path) -> Result<Vec<Doc>> {
     Ok(docs)
 }
 
-/// Read queries (`{"_id", "text"}`; without `_id` the line number is the id).
+/// Read queries (`{"_id", "text"}`; without `_id` the line number is the id). An empty or
+/// whitespace-only query text is an error (there is nothing to search with), as in `encode`.
 pub fn read_queries(path: &Path) -> Result<Vec<Doc>> {
     let rows = objects(path)?;
     let qs = rows
@@ -122,6 +131,13 @@ pub fn read_queries(path: &Path) -> Result<Vec<Doc>> {
             let id = id_field(path, line, o)?.unwrap_or_else(|| line.to_string());
             let text = str_field(path, line, o, "text")?
                 .ok_or_else(|| input(path, line, "field \"text\": missing"))?;
+            if text.trim().is_empty() {
+                return Err(input(
+                    path,
+                    line,
+                    format!("query {id:?}: empty text (nothing to search with)"),
+                ));
+            }
             Ok(Doc { id, text })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -170,6 +186,30 @@ pub fn read_qrels(path: &Path) -> Result<Qrels> {
         return Err(Error::format(path, "no judgments"));
     }
     Ok(q)
+}
+
+/// The ids of the documents with no text (empty or whitespace-only title and text). They are
+/// indexed anyway (as the special tokens only; real BEIR corpora hold a few), and the command
+/// line warns about them.
+pub fn empty_docs(corpus: &[Doc]) -> Vec<&str> {
+    corpus
+        .iter()
+        .filter(|d| d.text.trim().is_empty())
+        .map(|d| d.id.as_str())
+        .collect()
+}
+
+/// The distinct judged document ids of `qrels` that are not in `corpus` (sorted), and the number
+/// of distinct judged document ids.
+pub fn judged_docs_missing<'a>(qrels: &'a Qrels, corpus: &[Doc]) -> (Vec<&'a str>, usize) {
+    let have: HashSet<&str> = corpus.iter().map(|d| d.id.as_str()).collect();
+    let judged: std::collections::BTreeSet<&str> = qrels
+        .values()
+        .flat_map(|j| j.keys().map(String::as_str))
+        .collect();
+    let n = judged.len();
+    let missing = judged.into_iter().filter(|d| !have.contains(d)).collect();
+    (missing, n)
 }
 
 /// A BEIR directory with one split loaded.

@@ -32,6 +32,34 @@ impl Default for SearchOptions {
     }
 }
 
+/// The largest fusion weight accepted. Base scores are inner products of unit vectors or sums of
+/// term-weight products, far below 1e30, so this keeps every fused score far from f32 overflow
+/// (a weight of 1e38 made `inf` scores) while allowing any sensible ratio.
+pub const MAX_FUSION_WEIGHT: f32 = 1e6;
+
+/// Check fusion weights `[w_dense, w_sparse, w_colbert]` for the modes that fuse with them
+/// (`dense+sparse`, `all`; `compute_score`'s two fusions are the same pair). Every weight must be
+/// finite, in `[0, MAX_FUSION_WEIGHT]`, and not all zero; with `dense+sparse` among `modes`,
+/// `w_dense + w_sparse` must be positive too (otherwise every fused score is 0). Returns the
+/// reason on failure; callers prefix the flag or field that held the weights.
+pub fn check_weights(w: [f32; 3], modes: &[Mode]) -> std::result::Result<(), String> {
+    if w.iter()
+        .any(|x| !x.is_finite() || *x < 0.0 || *x > MAX_FUSION_WEIGHT)
+    {
+        return Err(format!(
+            "each weight must be a finite number in [0, {MAX_FUSION_WEIGHT:e}] (larger weights \
+             overflow the fused score)"
+        ));
+    }
+    if w.iter().all(|&x| x == 0.0) {
+        return Err("all weights are 0: every fused score would be 0".into());
+    }
+    if modes.contains(&Mode::DenseSparse) && w[0] + w[1] == 0.0 {
+        return Err("w_dense + w_sparse is 0: every dense+sparse score would be 0".into());
+    }
+    Ok(())
+}
+
 /// One encoded query (the representations the mode needs).
 #[derive(Clone, Debug, Default)]
 pub struct QueryRep {
@@ -105,10 +133,8 @@ impl Index {
     ) -> Result<Vec<Vec<Hit>>> {
         self.require(mode.parts(), &format!("mode {mode}"))?;
         let w = opts.weights;
-        if w.iter().any(|x| !x.is_finite() || *x < 0.0) {
-            return Err(Error::invalid(format!(
-                "weights {w:?}: need finite non-negative numbers"
-            )));
+        if matches!(mode, Mode::DenseSparse | Mode::All) {
+            check_weights(w, &[mode]).map_err(|m| Error::invalid(format!("weights {w:?}: {m}")))?;
         }
         let kc = opts.candidates.max(opts.k);
         let dense_top = |k: usize| -> Result<Vec<Vec<Hit>>> {
@@ -199,6 +225,14 @@ impl Index {
                                 score: w[0] * ds[i] + w[1] * ss[i] + w[2] * cs[i],
                             })
                             .collect();
+                        if let Some(h) = hits.iter().find(|h| !h.score.is_finite()) {
+                            return Err(Error::NonFinite(format!(
+                                "the {mode} fused score of document {:?} ({}) with weights \
+                                 {w:?}",
+                                self.doc_id(h.doc),
+                                h.score
+                            )));
+                        }
                         sort_hits(&mut hits);
                         hits.truncate(opts.k);
                         Ok(hits)
