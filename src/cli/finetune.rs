@@ -170,6 +170,20 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             a.drop_threshold
         );
     }
+    // Teacher scores apply to a batch only when every row of it has them (SPEC §4.5).
+    let with_scores: usize = files
+        .datasets
+        .iter()
+        .flat_map(|d| &d.examples)
+        .filter(|e| e.pos_scores.is_some() && e.neg_scores.is_some())
+        .count();
+    let rows: usize = files.datasets.iter().map(|d| d.examples.len()).sum();
+    if a.knowledge_distillation && with_scores > 0 && with_scores < rows {
+        eprintln!(
+            "warning: {with_scores} of {rows} training rows have teacher scores (pos_scores and \
+             neg_scores); a batch with any row without them trains without distillation"
+        );
+    }
     let data = M3TrainData::new(files.datasets, &spec, &tok)?;
     // Each dataset and length bucket is batched on its own and incomplete batches are dropped
     // (SPEC §5.2): say which parts of the data never reach a batch.

@@ -23,7 +23,7 @@ pub struct MaskingVocab {
     pub word_start: Vec<bool>,
     /// Per id: a special token (never masked in the encoder; its own word).
     pub special: Vec<bool>,
-    /// Per id: the token string is literally "[CLS]" or "[SEP]", the tokens the reference's
+    /// Per id: the token string is literally "\[CLS\]" or "\[SEP\]", the tokens the reference's
     /// whole-word masking skips (`reference_compat`; XLM-R's `<s>`/`</s>` are not among them).
     pub ref_skip: Vec<bool>,
     /// Per id: the token string starts with "##", which the reference joins to the previous
@@ -127,7 +127,7 @@ pub struct MaskingConfig {
     /// Decoder mask ratio (paper 0.5-0.7; default 0.5).
     pub p_dec: f64,
     /// Reproduce the reference code (HF `_whole_word_mask`): every token but a literal
-    /// "[CLS]"/"[SEP]" is a candidate, "##" tokens join the previous word and nothing else groups
+    /// "\[CLS\]"/"\[SEP\]" is a candidate, "##" tokens join the previous word and nothing else groups
     /// tokens (token level for XLM-R), specials are removed from the encoder mask afterwards and
     /// stay maskable in the decoder matrix, at most 512 masked tokens, K = min(L, 128)
     /// pre-sampled decoder masks with a fixed count each.
@@ -189,7 +189,7 @@ fn candidate_words(words: &[u32], candidate: &[bool]) -> Vec<Vec<usize>> {
 }
 
 /// The candidate words of the reference (HF `_whole_word_mask` on the token strings): every
-/// position but a literal "[CLS]"/"[SEP]", a "##" token joining the previous candidate word.
+/// position but a literal "\[CLS\]"/"\[SEP\]", a "##" token joining the previous candidate word.
 fn reference_words(ids: &[u32], v: &MaskingVocab) -> Vec<Vec<usize>> {
     let mut groups: Vec<Vec<usize>> = Vec::new();
     for (i, &id) in ids.iter().enumerate() {
@@ -576,5 +576,26 @@ mod tests {
         // A draw of 4 of the 12 positions misses both specials with probability C(10,4)/C(12,4)
         // = 0.42, so about 23 of the 40 draws come out short.
         assert!((10..36).contains(&short_draws), "{short_draws}");
+    }
+
+    #[test]
+    fn reference_words_of_the_fixture_tokenizers() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        let bert = TextTokenizer::from_dir(dir.join("tiny-bert")).unwrap();
+        let v = MaskingVocab::from_tokenizer(&bert).unwrap();
+        let skipped: Vec<u32> = (0..v.vocab_size as u32)
+            .filter(|&i| MaskingVocab::flag(&v.ref_skip, i))
+            .collect();
+        assert_eq!(skipped, vec![v.cls, v.eos], "[CLS] and [SEP] only");
+        assert!(
+            v.ref_continues.iter().any(|&c| c),
+            "WordPiece has ## pieces"
+        );
+        let xlmr = TextTokenizer::from_dir(dir.join("tiny-xlmr")).unwrap();
+        let v = MaskingVocab::from_tokenizer(&xlmr).unwrap();
+        assert!(
+            !v.ref_skip.iter().any(|&c| c),
+            "<s> and </s> are candidates"
+        );
     }
 }
