@@ -111,3 +111,26 @@ fn ties_break_by_doc_id_descending() {
     let m = evaluate_query(&judged, &run);
     assert!((m.mrr_10 - 0.5).abs() < 1e-12);
 }
+
+#[test]
+fn the_pytrec_mean_is_pytrec_evals_own() {
+    // BEIR's convention: pytrec_eval's mean over the judged queries it evaluated (q3 and q9,
+    // without relevant documents, count 0; q_noresults, not in the run, is left out).
+    let v = fixture();
+    let (qrels, run) = qrels_run(&v);
+    let (_, summary) = evaluate(&qrels, &run);
+    let evaluated = v["evaluated_queries"].as_array().unwrap().len();
+    assert_eq!(summary.pytrec_queries, evaluated);
+    for (name, ours) in [
+        ("ndcg_cut_10", summary.pytrec_mean.ndcg_10),
+        ("recall_100", summary.pytrec_mean.recall_100),
+        ("map", summary.pytrec_mean.map),
+        ("mrr_10", summary.pytrec_mean.mrr_10),
+    ] {
+        let want = v["mean"][name].as_f64().unwrap();
+        assert!(
+            (ours - want).abs() < 1e-6,
+            "{name}: ours {ours}, pytrec_eval {want}"
+        );
+    }
+}

@@ -159,11 +159,13 @@ impl Default for R3ScoreOptions {
 }
 
 impl R3ScoreOptions {
-    /// The Rust options for `model` (0 lengths resolve to the model's default max length).
+    /// The Rust options for `model` (0 lengths resolve to FlagEmbedding's `compute_score`
+    /// default, 512, capped at the model's max length, as the library and `retrom3 score`).
     pub(crate) fn to_rust(self, model: &M3Model) -> ScoreOptions {
+        let default = 512.min(model.max_length);
         ScoreOptions {
-            max_query_length: nonzero_or(self.max_query_length, model.max_length),
-            max_passage_length: nonzero_or(self.max_passage_length, model.max_length),
+            max_query_length: nonzero_or(self.max_query_length, default),
+            max_passage_length: nonzero_or(self.max_passage_length, default),
             weights: self.weights,
             batch_size: nonzero_or(self.batch_size, DEFAULT_BATCH_SIZE),
         }

@@ -32,9 +32,10 @@ pub struct EvalArgs {
     /// Retrieved documents per query (the depth of MAP and Recall).
     #[arg(long, default_value_t = 100)]
     pub depth: usize,
-    /// Candidates from each of dense and sparse for the fused / re-rank modes (K, >= 1).
-    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
-    pub candidates: usize,
+    /// Candidates from each of dense and sparse for the fused / re-rank modes (K, >= 1; default:
+    /// the paper protocol, dense top-200 for colbert, top-1000 of each for dense+sparse and all).
+    #[arg(long, value_parser = at_least_one)]
+    pub candidates: Option<usize>,
     /// Fusion weights w_dense,w_sparse[,w_colbert].
     #[arg(long, default_value = "1,0.3,1")]
     pub weights: String,
@@ -130,7 +131,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let reps = encode_queries_for(&model, &texts, &modes)?;
     let opts = SearchOptions {
         k: a.depth,
-        candidates: a.candidates,
+        candidates: a.candidates.unwrap_or(0),
         weights,
     };
     if let Some(d) = &a.run_dir {
@@ -184,6 +185,18 @@ pub fn run(a: EvalArgs) -> Result<()> {
         index.n_docs(),
         s0.skipped_no_relevant
     );
+    if s0.skipped_no_relevant > 0 || s0.empty_runs > 0 {
+        // The other convention, to compare with BEIR's published numbers.
+        for (m, s) in &results {
+            println!(
+                "{:<14} nDCG@10 {:.4} over {} queries (BEIR / pytrec_eval mean: queries without a \
+                 relevant judgment count 0, queries without hits are left out)",
+                m.name(),
+                s.pytrec_mean.ndcg_10,
+                s.pytrec_queries
+            );
+        }
+    }
     if let Some(out) = &a.output {
         let mut by_mode = serde_json::Map::new();
         for (m, s) in &results {
@@ -202,7 +215,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "skipped_no_relevant": s0.skipped_no_relevant,
             "settings": {
                 "depth": a.depth,
-                "candidates": a.candidates,
+                "candidates": a.candidates.map_or_else(
+                    || json!({"colbert": 200, "dense+sparse": 1000, "all": 1000}),
+                    |c| json!(c)
+                ),
                 "weights": weights,
                 "bm25": {"k1": index.bm25_params.k1, "b": index.bm25_params.b},
             },

@@ -35,9 +35,10 @@ pub struct SearchArgs {
     /// Fusion weights w_dense,w_sparse[,w_colbert].
     #[arg(long, default_value = "1,0.3,1")]
     pub weights: String,
-    /// Candidates from each of dense and sparse for hybrid / all / colbert (K, >= 1).
-    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
-    pub candidates: usize,
+    /// Candidates from each of dense and sparse for hybrid / all / colbert (K, >= 1; default: the
+    /// paper protocol, dense top-200 for colbert, top-1000 of each for dense+sparse and all).
+    #[arg(long, value_parser = at_least_one)]
+    pub candidates: Option<usize>,
     /// cpu or cuda[:N].
     #[arg(long, default_value = "cpu")]
     pub device: Device,
@@ -142,7 +143,7 @@ pub fn run(a: SearchArgs) -> Result<()> {
     }
     let opts = SearchOptions {
         k: a.k,
-        candidates: a.candidates,
+        candidates: a.candidates.unwrap_or(0),
         weights,
     };
     let texts: Vec<&str> = queries.iter().map(|q| q.text.as_str()).collect();

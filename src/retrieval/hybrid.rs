@@ -16,7 +16,8 @@ use crate::model::m3::M3Model;
 pub struct SearchOptions {
     /// Hits returned per query.
     pub k: usize,
-    /// Candidates taken from each of dense and sparse for the fused / re-rank modes (K).
+    /// Candidates taken from each of dense and sparse for the fused / re-rank modes (K); 0 =
+    /// the paper's protocol ([`protocol_candidates`]).
     pub candidates: usize,
     /// [w_dense, w_sparse, w_colbert].
     pub weights: [f32; 3],
@@ -26,9 +27,19 @@ impl Default for SearchOptions {
     fn default() -> Self {
         SearchOptions {
             k: 10,
-            candidates: 100,
+            candidates: 0,
             weights: [1.0, 0.3, 1.0],
         }
+    }
+}
+
+/// The candidate depth of the BGE-M3 paper's evaluation protocol (SPEC §3.4): ColBERT re-ranks
+/// the dense top-200; dense+sparse (and `all`, which re-ranks those with all three) retrieve the
+/// top-1000 of each.
+pub fn protocol_candidates(mode: Mode) -> usize {
+    match mode {
+        Mode::Colbert => 200,
+        _ => 1000,
     }
 }
 
@@ -136,7 +147,11 @@ impl Index {
         if matches!(mode, Mode::DenseSparse | Mode::All) {
             check_weights(w, &[mode]).map_err(|m| Error::invalid(format!("weights {w:?}: {m}")))?;
         }
-        let kc = opts.candidates.max(opts.k);
+        let kc = match opts.candidates {
+            0 => protocol_candidates(mode),
+            c => c,
+        }
+        .max(opts.k);
         let dense_top = |k: usize| -> Result<Vec<Vec<Hit>>> {
             let qs = queries
                 .iter()

@@ -13,6 +13,9 @@
 //! Averages: queries with no relevant judgment are skipped and counted (trec_eval reports 0 for
 //! them and pytrec_eval users usually average those zeros in; we leave them out of the mean and
 //! say how many there were). A judged query missing from the run scores 0 (trec_eval's `-c`).
+//! [`Summary::pytrec_mean`] is the other convention, the one BEIR's `EvaluateRetrieval` reports:
+//! pytrec_eval's mean over the queries both judged and retrieved for, the zeros of queries without
+//! a relevant judgment included, queries without a retrieved document left out.
 
 use super::beir::Qrels;
 use std::collections::BTreeMap;
@@ -43,6 +46,11 @@ pub struct Summary {
     pub skipped_no_relevant: usize,
     /// Judged queries with relevant documents but no retrieved document (scored 0).
     pub empty_runs: usize,
+    /// pytrec_eval's (and BEIR's) mean: over the judged queries with a non-empty run, those
+    /// without a relevant judgment counting 0.
+    pub pytrec_mean: QueryMetrics,
+    /// Queries in [`Summary::pytrec_mean`].
+    pub pytrec_queries: usize,
 }
 
 /// trec_eval's ranking of a run: score desc, then doc id desc.
@@ -99,16 +107,34 @@ pub fn evaluate_query(judged: &BTreeMap<String, i32>, run: &[(String, f64)]) -> 
 pub fn evaluate(qrels: &Qrels, run: &Run) -> (BTreeMap<String, QueryMetrics>, Summary) {
     let mut per = BTreeMap::new();
     let mut s = Summary::default();
+    let mut pytrec: Vec<QueryMetrics> = Vec::new();
     for (qid, judged) in qrels {
+        let r = run.get(qid).map(Vec::as_slice).unwrap_or(&[]);
         if !judged.values().any(|&r| r >= 1) {
             s.skipped_no_relevant += 1;
+            if !r.is_empty() {
+                pytrec.push(QueryMetrics::default());
+            }
             continue;
         }
-        let r = run.get(qid).map(Vec::as_slice).unwrap_or(&[]);
         if r.is_empty() {
             s.empty_runs += 1;
         }
-        per.insert(qid.clone(), evaluate_query(judged, r));
+        let m = evaluate_query(judged, r);
+        if !r.is_empty() {
+            pytrec.push(m);
+        }
+        per.insert(qid.clone(), m);
+    }
+    s.pytrec_queries = pytrec.len();
+    if !pytrec.is_empty() {
+        let n = pytrec.len() as f64;
+        for m in &pytrec {
+            s.pytrec_mean.ndcg_10 += m.ndcg_10 / n;
+            s.pytrec_mean.recall_100 += m.recall_100 / n;
+            s.pytrec_mean.mrr_10 += m.mrr_10 / n;
+            s.pytrec_mean.map += m.map / n;
+        }
     }
     s.queries = per.len();
     if s.queries > 0 {
