@@ -82,3 +82,72 @@ fn max_batch_search_finds_the_memory_bound_and_sub_batches_lift_it() {
         "{split:?}"
     );
 }
+
+/// `encode` on a device backs off on out-of-memory (FlagEmbedding's 3/4 rule) and gives the same
+/// vectors as with room to spare: the binary on the emulated device with `R3EMU_MEMORY_LIMIT`.
+#[test]
+fn encode_backs_off_on_out_of_memory() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let d = std::env::temp_dir().join(format!("retrom3-oom-encode-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    let model = d.join("model");
+    // Head dim 32 (the device attention kernels' smallest); the tiny XLM-R tokenizer.
+    let cfg = EncoderConfig::new_xlmr(1000, 64, 2, 2, 128, 40).unwrap();
+    let enc = Encoder::init_random(cfg, 3).unwrap();
+    retrom3::io::write_backbone(&model, &enc.params.to_map()).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        enc.config.to_hf_json().to_string(),
+    )
+    .unwrap();
+    retrom3::io::copy_tokenizer_files(&fixtures.join("tiny-xlmr"), &model).unwrap();
+    let input = d.join("texts.jsonl");
+    let texts: String = (0..32)
+        .map(|i| {
+            let words: Vec<String> = (0..8 + i % 5)
+                .map(|j| format!("word{j} alpha beta"))
+                .collect();
+            format!("{{\"text\": \"{}\"}}\n", words.join(" "))
+        })
+        .collect();
+    std::fs::write(&input, texts).unwrap();
+    let run = |limit: Option<usize>, out: &str| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"));
+        c.args(["encode", "--device", "emu", "--batch-size", "32", "--model"])
+            .arg(&model)
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(d.join(out));
+        if let Some(l) = limit {
+            c.env("R3EMU_MEMORY_LIMIT", l.to_string());
+        }
+        let o = c.output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (ok, err) = run(None, "free.jsonl");
+    assert!(ok, "{err}");
+    let free = std::fs::read_to_string(d.join("free.jsonl")).unwrap();
+    // Lower the limit until the batch of 32 no longer fits: the encode backs off (and says so)
+    // and gives the same output, until even one text does not fit.
+    let mut backed_off = false;
+    let mut limit = 4_000_000usize;
+    loop {
+        let (ok, err) = run(Some(limit), "tight.jsonl");
+        if !ok {
+            assert!(err.contains("out of memory"), "{limit}: {err}");
+            break;
+        }
+        assert_eq!(
+            std::fs::read_to_string(d.join("tight.jsonl")).unwrap(),
+            free,
+            "{limit}"
+        );
+        backed_off |= err.contains("batches of");
+        limit = limit * 3 / 4;
+    }
+    assert!(backed_off, "no limit exercised the back-off (last {limit})");
+}

@@ -107,6 +107,12 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
     let pb = progress(refs.len(), "encode");
     let out = model.encode_with_progress(&refs, &opts, &mut |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
+    if out.batch_size < a.batch_size {
+        eprintln!(
+            "note: out of device memory at --batch-size {}: batches of {} texts were used",
+            a.batch_size, out.batch_size
+        );
+    }
     let rows = (0..texts.len()).map(|i| {
         let mut obj = Map::new();
         if let Some(d) = &out.dense {

@@ -146,6 +146,15 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     if a.batch_size == 0 {
         return Err(Error::invalid("--batch-size 0: must be >= 1"));
     }
+    if let (Ok(o), Ok(m)) = (a.output.canonicalize(), a.model.canonicalize()) {
+        if o == m {
+            return Err(Error::invalid(format!(
+                "--output {}: the same directory as --model (the run would overwrite its base \
+                 model); write to another directory",
+                a.output.display()
+            )));
+        }
+    }
     if let Some(r) = &a.resume {
         retrom3::train::check_resume_dir(r)?;
         retrom3::train::check_resume_model(r, &a.model.join("config.json"))?;
@@ -219,7 +228,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     }
     let (mut model, resume) = match &a.resume {
         Some(dir) => {
-            let model = M3Student::load_dir(dir, a.seed)?;
+            let model = M3Student::load_dir_heads_from(dir, &a.model, a.seed)?;
             let state = TrainState::load(dir)?;
             let mut opt = AdamW::new(
                 model.params.specs(),

@@ -296,7 +296,23 @@ pub fn shuffle_text(text: &str, ratio: f64, rng: &mut Rng) -> String {
 /// `prompt` goes before the query, and for `type` `symmetric_sts` / `symmetric_clustering` before
 /// every passage as well (\[ABS\]).
 pub fn sample_group(ex: &TrainExample, group: usize, rng: &mut Rng) -> SampledGroup {
+    sample_group_shuffled(ex, group, 0.0, rng)
+}
+
+/// [`sample_group`] with SPEC §4.2's augmentation: the positive (only it, before any
+/// instruction is put in front) goes through [`shuffle_text`] with `shuffle_ratio`.
+pub fn sample_group_shuffled(
+    ex: &TrainExample,
+    group: usize,
+    shuffle_ratio: f64,
+    rng: &mut Rng,
+) -> SampledGroup {
     let pi = rng.below(ex.pos.len());
+    let pos = if shuffle_ratio > 0.0 {
+        shuffle_text(&ex.pos[pi], shuffle_ratio, rng)
+    } else {
+        ex.pos[pi].clone()
+    };
     let want = group.saturating_sub(1);
     let n = ex.neg.len();
     let mut pool: Vec<usize> = if n >= want {
@@ -322,7 +338,7 @@ pub fn sample_group(ex: &TrainExample, group: usize, rng: &mut Rng) -> SampledGr
         None => t.to_string(),
     };
     let query = instruct(&ex.query);
-    let mut passages = vec![ex.pos[pi].clone()];
+    let mut passages = vec![pos];
     passages.extend(negs.iter().map(|&i| ex.neg[i].clone()));
     if instructs_passages(ex.kind.as_deref()) {
         passages = passages.iter().map(|p| instruct(p)).collect();

@@ -35,6 +35,18 @@ enum WordScheme {
     PreTokenizer,
 }
 
+/// Whether the pre-tokenizer ends every word at an ASCII space (a piece never crosses one).
+fn splits_at_spaces(p: &tokenizers::PreTokenizerWrapper) -> bool {
+    use tokenizers::PreTokenizerWrapper as P;
+    match p {
+        P::BertPreTokenizer(_) | P::Whitespace(_) | P::WhitespaceSplit(_) => true,
+        P::Metaspace(m) => m.get_split(),
+        P::ByteLevel(b) => b.use_regex,
+        P::Sequence(s) => s.as_ref().iter().any(splits_at_spaces),
+        _ => false,
+    }
+}
+
 /// Texts longer than this (bytes) are tokenized from a prefix first
 /// (`TextTokenizer::encode_content`).
 pub const PREFIX_BYTES: usize = 1 << 16;
@@ -235,6 +247,15 @@ impl TextTokenizer {
     /// text (a 60 MB line took 12 GB of tokenizer state).
     fn encode_content(&self, text: &str, max_length: usize) -> Result<Encoding> {
         let mut cut = PREFIX_BYTES.max(max_length.saturating_mul(64));
+        // Only where words end at spaces (BERT, XLM-R, byte-level BPE, whitespace splitters):
+        // a model whose pieces may cross a space tokenizes the whole text.
+        if !self
+            .tokenizer
+            .get_pre_tokenizer()
+            .is_some_and(splits_at_spaces)
+        {
+            cut = usize::MAX;
+        }
         while cut < text.len() {
             let mut end = cut;
             while !text.is_char_boundary(end) {
@@ -246,7 +267,7 @@ impl TextTokenizer {
                     .tokenizer
                     .encode_fast(prefix, false)
                     .map_err(|e| self.tok_err(e))?;
-                if enc.len() > max_length {
+                if enc.len() > max_length + 8 {
                     return Ok(enc);
                 }
             }

@@ -72,6 +72,9 @@ pub struct EncodeOutput {
     pub dense: Option<Vec<Vec<f32>>>,
     pub sparse: Option<Vec<LexicalWeights>>,
     pub colbert: Option<Vec<ColbertVecs>>,
+    /// The batch size the encode ended with: smaller than requested when a batch ran out of
+    /// device memory and was retried with 3/4 of its texts.
+    pub batch_size: usize,
 }
 
 /// Insert MCLS tokens into one tokenized text (`<s> c… </s>`): `cls` before content tokens
@@ -264,13 +267,25 @@ impl M3Model {
         let mut dense = vec![Vec::new(); if opts.dense { n } else { 0 }];
         let mut sparse = vec![Vec::new(); if opts.sparse { n } else { 0 }];
         let mut colbert = vec![Vec::new(); if opts.colbert { n } else { 0 }];
-        for chunk in order.chunks(opts.batch_size) {
+        // Out of device memory on a batch: retry it with 3/4 of the texts (FlagEmbedding's
+        // back-off), down to one text; the smaller size is kept for the rest.
+        let (mut bs, mut pos) = (opts.batch_size, 0);
+        while pos < n {
+            let chunk = &order[pos..(pos + bs).min(n)];
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].clone()).collect();
             let input = EncoderInput::pad(&batch, pad);
-            let out = match mcls {
-                None => self.forward_heads(&input, req)?,
-                Some(cls) => self.forward_mcls(&input, req, cls)?,
+            let result = match mcls {
+                None => self.forward_heads(&input, req),
+                Some(cls) => self.forward_mcls(&input, req, cls),
             };
+            let out = match result {
+                Err(Error::OutOfMemory { .. }) if chunk.len() > 1 => {
+                    bs = (chunk.len() * 3 / 4).max(1);
+                    continue;
+                }
+                r => r?,
+            };
+            pos += chunk.len();
             for (k, &i) in chunk.iter().enumerate() {
                 let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
                 let bad = if opts.dense && !finite(&out.dense[k]) {
@@ -302,6 +317,7 @@ impl M3Model {
             progress(chunk.len());
         }
         Ok(EncodeOutput {
+            batch_size: bs,
             dense: opts.dense.then_some(dense),
             sparse: opts.sparse.then_some(sparse),
             colbert: opts.colbert.then_some(colbert),

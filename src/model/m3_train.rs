@@ -114,12 +114,26 @@ impl M3Student {
     /// A model directory as a student: backbone + heads, or fresh heads
     /// ([`fresh_heads`] with `seed`) when the directory has no colbert/sparse .pt files.
     pub fn load_dir(dir: &std::path::Path, seed: u64) -> Result<M3Student> {
+        M3Student::load_dir_heads_from(dir, dir, seed)
+    }
+
+    /// The backbone of `dir` with the heads of `dir`, else of `heads_dir` (a dense-only run's
+    /// checkpoint has none: the run's base model has them, whatever their width), else fresh.
+    pub fn load_dir_heads_from(
+        dir: &std::path::Path,
+        heads_dir: &std::path::Path,
+        seed: u64,
+    ) -> Result<M3Student> {
         let cfg = crate::model::config::EncoderConfig::from_file(dir.join("config.json"))?;
         let (map, path) = crate::io::read_backbone(dir)?;
         let enc = Encoder::from_tensors(cfg, &map, &path)?;
-        let heads = match crate::io::read_heads(dir, enc.config.hidden_size)? {
+        let hidden = enc.config.hidden_size;
+        let heads = match crate::io::read_heads(dir, hidden)? {
             Some(h) => h,
-            None => fresh_heads(enc.config.hidden_size, seed)?,
+            None => match crate::io::read_heads(heads_dir, hidden)? {
+                Some(h) => h,
+                None => fresh_heads(hidden, seed)?,
+            },
         };
         M3Student::new(enc, &heads)
     }

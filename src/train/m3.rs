@@ -11,8 +11,8 @@ use super::start_or_resume;
 use super::GradAccumulator;
 use crate::autograd::Tape;
 use crate::data::m3_data::{
-    batches_per_epoch, epoch_plan, example_max_len, plan_units, sample_group, shuffle_text,
-    BucketSpec, PlanUnit, PlannedBatch, TrainDataset, TrainExample,
+    batches_per_epoch, epoch_plan, example_max_len, plan_units, sample_group_shuffled, BucketSpec,
+    PlanUnit, PlannedBatch, TrainDataset, TrainExample,
 };
 use crate::data::rng::Rng;
 use crate::data::tokenizer::TextTokenizer;
@@ -164,9 +164,14 @@ fn run_args(cfg: &FinetuneConfig, data: &M3TrainData, world: usize) -> serde_jso
             let mut h = crate::data::corpus::Fnv64::new();
             for e in &d.examples {
                 h.str(&e.query);
-                e.pos.iter().chain(&e.neg).for_each(|t| h.str(t));
-                for s in e.pos_scores.iter().chain(&e.neg_scores).flatten() {
-                    h.bytes(&s.to_le_bytes());
+                for list in [&e.pos, &e.neg] {
+                    h.bytes(&(list.len() as u64).to_le_bytes());
+                    list.iter().for_each(|t| h.str(t));
+                }
+                for s in [&e.pos_scores, &e.neg_scores] {
+                    let s = s.as_deref().unwrap_or(&[]);
+                    h.bytes(&(s.len() as u64).to_le_bytes());
+                    s.iter().for_each(|x| h.bytes(&x.to_le_bytes()));
                 }
                 h.str(e.prompt.as_deref().unwrap_or(""));
             }
@@ -184,17 +189,19 @@ fn run_args(cfg: &FinetuneConfig, data: &M3TrainData, world: usize) -> serde_jso
         "group_size": cfg.group_size,
         "query_max_len": cfg.query_max_len,
         "passage_max_len": cfg.passage_max_len,
-        "temperature": cfg.loss.temperature,
+        // Floats as their shortest decimal form: a JSON round trip of the number could move
+        // it by one ulp and refuse a legitimate resume.
+        "temperature": cfg.loss.temperature.to_string(),
         "unified": cfg.loss.unified,
         "self_distill": cfg.loss.self_distill,
         "self_distill_start_step": cfg.self_distill_start_step,
         "kd_loss": format!("{:?}", cfg.loss.kd),
         "knowledge_distillation": cfg.knowledge_distillation,
-        "shuffle_ratio": cfg.shuffle_ratio,
-        "lr": cfg.lr,
-        "warmup_ratio": cfg.warmup_ratio,
-        "weight_decay": cfg.weight_decay,
-        "max_grad_norm": cfg.max_grad_norm,
+        "shuffle_ratio": cfg.shuffle_ratio.to_string(),
+        "lr": cfg.lr.to_string(),
+        "warmup_ratio": cfg.warmup_ratio.to_string(),
+        "weight_decay": cfg.weight_decay.to_string(),
+        "max_grad_norm": cfg.max_grad_norm.map(|c| c.to_string()),
         "fix_encoder": cfg.fix_encoder,
         "fix_position_embedding": cfg.fix_position_embedding,
         "dropout": cfg.dropout,
@@ -215,8 +222,8 @@ pub fn make_m3_batch(
     let groups: Vec<_> = examples
         .iter()
         .map(|&e| {
-            let mut g = if cfg.knowledge_distillation {
-                sample_group(e, cfg.group_size, rng)
+            if cfg.knowledge_distillation {
+                sample_group_shuffled(e, cfg.group_size, cfg.shuffle_ratio, rng)
             } else {
                 // FlagEmbedding drops the score columns: no teacher, no re-sorted negatives.
                 let plain = TrainExample {
@@ -224,12 +231,8 @@ pub fn make_m3_batch(
                     neg_scores: None,
                     ..e.clone()
                 };
-                sample_group(&plain, cfg.group_size, rng)
-            };
-            if cfg.shuffle_ratio > 0.0 {
-                g.passages[0] = shuffle_text(&g.passages[0], cfg.shuffle_ratio, rng);
+                sample_group_shuffled(&plain, cfg.group_size, cfg.shuffle_ratio, rng)
             }
-            g
         })
         .collect();
     let queries: Vec<&str> = groups.iter().map(|g| g.query.as_str()).collect();

@@ -125,14 +125,15 @@ fn run_args(cfg: &PretrainConfig, docs: &dyn DocSource) -> serde_json::Value {
     serde_json::json!({
         "batch_size": cfg.batch_size,
         "max_len": cfg.max_len,
-        "lr": cfg.lr,
-        "warmup_ratio": cfg.warmup_ratio,
-        "weight_decay": cfg.weight_decay,
+        // Floats as their shortest decimal form (a JSON round trip could move them by an ulp).
+        "lr": cfg.lr.to_string(),
+        "warmup_ratio": cfg.warmup_ratio.to_string(),
+        "weight_decay": cfg.weight_decay.to_string(),
         "grad_accum": cfg.grad_accum,
-        "enc_mask": cfg.masking.p_enc,
-        "dec_mask": cfg.masking.p_dec,
+        "enc_mask": cfg.masking.p_enc.to_string(),
+        "dec_mask": cfg.masking.p_dec.to_string(),
         "reference_compat": cfg.masking.reference_compat,
-        "max_grad_norm": cfg.max_grad_norm,
+        "max_grad_norm": cfg.max_grad_norm.map(|c| c.to_string()),
         "dropout": cfg.dropout,
         "corpus": {
             "documents": n,
