@@ -11,6 +11,20 @@ fn run(args: &[&str]) -> Output {
         .expect("run retrom3")
 }
 
+/// `retrom3 search --model MODEL --index IDX` + `extra`.
+fn search(model: &str, idx: &Path, extra: &[&str]) -> Output {
+    let mut a = vec!["search", "--model", model, "--index", idx.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    run(&a)
+}
+
+/// `retrom3 eval --model MODEL --data DATA` + `extra`.
+fn eval(model: &str, data: &Path, extra: &[&str]) -> Output {
+    let mut a = vec!["eval", "--model", model, "--data", data.to_str().unwrap()];
+    a.extend_from_slice(extra);
+    run(&a)
+}
+
 fn tiny() -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/tiny-xlmr")
@@ -95,39 +109,37 @@ fn index_search_eval_end_to_end() {
     ]));
     assert!(out.contains("indexed 4 documents"), "{out}");
 
-    let out = ok(&run(&[
-        "search",
-        "--model",
+    let out = ok(&search(
         &model,
-        "--index",
-        idx.to_str().unwrap(),
-        "--query",
-        "capital of France",
-        "--mode",
-        "hybrid",
-        "--k",
-        "3",
-    ]));
+        &idx,
+        &[
+            "--query",
+            "capital of France",
+            "--mode",
+            "hybrid",
+            "--k",
+            "3",
+        ],
+    ));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 4, "{out}");
     assert!(lines[1].starts_with("1\t"));
 
     let runf = d.join("run.trec");
-    ok(&run(&[
-        "search",
-        "--model",
+    ok(&search(
         &model,
-        "--index",
-        idx.to_str().unwrap(),
-        "--queries",
-        data.join("queries.jsonl").to_str().unwrap(),
-        "--run",
-        runf.to_str().unwrap(),
-        "--mode",
-        "all",
-        "--k",
-        "2",
-    ]));
+        &idx,
+        &[
+            "--queries",
+            data.join("queries.jsonl").to_str().unwrap(),
+            "--run",
+            runf.to_str().unwrap(),
+            "--mode",
+            "all",
+            "--k",
+            "2",
+        ],
+    ));
     let trec = std::fs::read_to_string(&runf).unwrap();
     let rows: Vec<Vec<&str>> = trec.lines().map(|l| l.split(' ').collect()).collect();
     assert_eq!(rows.len(), 8);
@@ -137,15 +149,7 @@ fn index_search_eval_end_to_end() {
     assert_eq!(rows[0][3], "1");
 
     let res = d.join("results.json");
-    let out = ok(&run(&[
-        "eval",
-        "--model",
-        &model,
-        "--data",
-        data.to_str().unwrap(),
-        "--output",
-        res.to_str().unwrap(),
-    ]));
+    let out = ok(&eval(&model, &data, &["--output", res.to_str().unwrap()]));
     for m in ["bm25", "dense", "sparse", "colbert", "dense+sparse", "all"] {
         assert!(
             out.lines().any(|l| l.starts_with(m)),
@@ -190,28 +194,12 @@ fn index_search_eval_end_to_end() {
     b[n - 100] ^= 0xff;
     std::fs::write(&f, &b).unwrap();
     err(
-        &run(&[
-            "search",
-            "--model",
-            &model,
-            "--index",
-            idx.to_str().unwrap(),
-            "--query",
-            "x",
-        ]),
+        &search(&model, &idx, &["--query", "x"]),
         &["index.r3i", "section", "checksum"],
     );
     std::fs::write(&f, &b[..n / 3]).unwrap();
     err(
-        &run(&[
-            "search",
-            "--model",
-            &model,
-            "--index",
-            idx.to_str().unwrap(),
-            "--query",
-            "x",
-        ]),
+        &search(&model, &idx, &["--query", "x"]),
         &["index.r3i", "truncated"],
     );
 }
@@ -223,15 +211,7 @@ fn eval_refuses_missing_qrels_and_empty_corpus() {
     beir(&data);
     let model = tiny();
     err(
-        &run(&[
-            "eval",
-            "--model",
-            &model,
-            "--data",
-            data.to_str().unwrap(),
-            "--split",
-            "dev",
-        ]),
+        &eval(&model, &data, &["--split", "dev"]),
         &["dev.tsv", "missing qrels", "test"],
     );
     std::fs::write(data.join("corpus.jsonl"), "").unwrap();
@@ -252,15 +232,7 @@ fn eval_refuses_missing_qrels_and_empty_corpus() {
         &["empty corpus"],
     );
     err(
-        &run(&[
-            "eval",
-            "--model",
-            &model,
-            "--data",
-            data.to_str().unwrap(),
-            "--modes",
-            "dense,bogus",
-        ]),
+        &eval(&model, &data, &["--modes", "dense,bogus"]),
         &["unknown mode"],
     );
 }
@@ -310,19 +282,18 @@ fn fusion_weights_are_validated_alike_in_search_eval_and_score() {
     let idx = build_index(&d, &data);
     let model = tiny();
     let search = |w: &str, mode: &str| {
-        run(&[
-            "search",
-            "--model",
+        search(
             &model,
-            "--index",
-            idx.to_str().unwrap(),
-            "--query",
-            "capital of France",
-            "--mode",
-            mode,
-            "--weights",
-            w,
-        ])
+            &idx,
+            &[
+                "--query",
+                "capital of France",
+                "--mode",
+                mode,
+                "--weights",
+                w,
+            ],
+        )
     };
     for (w, mode, why) in [
         ("0,0,0", "all", "all weights are 0"),
@@ -340,27 +311,11 @@ fn fusion_weights_are_validated_alike_in_search_eval_and_score() {
     ok(&search("1e6,1e6,1e6", "all"));
 
     err(
-        &run(&[
-            "eval",
-            "--model",
-            &model,
-            "--data",
-            data.to_str().unwrap(),
-            "--weights",
-            "1e38,1e38,1e38",
-        ]),
+        &eval(&model, &data, &["--weights", "1e38,1e38,1e38"]),
         &["--weights", "finite number in [0, 1e6]"],
     );
     err(
-        &run(&[
-            "eval",
-            "--model",
-            &model,
-            "--data",
-            data.to_str().unwrap(),
-            "--weights",
-            "0,0,0",
-        ]),
+        &eval(&model, &data, &["--weights", "0,0,0"]),
         &["--weights", "all weights are 0"],
     );
 
@@ -423,17 +378,16 @@ fn ids_with_whitespace_are_refused_where_read() {
     let q = d.join("queries.jsonl");
     std::fs::write(&q, "{\"_id\": \"q 1\", \"text\": \"capital of France\"}\n").unwrap();
     err(
-        &run(&[
-            "search",
-            "--model",
+        &search(
             &model,
-            "--index",
-            idx.to_str().unwrap(),
-            "--queries",
-            q.to_str().unwrap(),
-            "--run",
-            d.join("r.trec").to_str().unwrap(),
-        ]),
+            &idx,
+            &[
+                "--queries",
+                q.to_str().unwrap(),
+                "--run",
+                d.join("r.trec").to_str().unwrap(),
+            ],
+        ),
         &["queries.jsonl:1", "\"q 1\"", "whitespace"],
     );
     std::fs::write(
@@ -453,17 +407,7 @@ fn eval_refuses_unevaluable_qrels_and_warns_about_missing_docs() {
     let data = d.join("beir");
     beir(&data);
     let model = tiny();
-    let eval = || {
-        run(&[
-            "eval",
-            "--model",
-            &model,
-            "--data",
-            data.to_str().unwrap(),
-            "--modes",
-            "bm25",
-        ])
-    };
+    let eval = || eval(&model, &data, &["--modes", "bm25"]);
     // Every judgment non-relevant: nothing to evaluate.
     std::fs::write(
         data.join("qrels/test.tsv"),
@@ -553,15 +497,7 @@ fn empty_texts_are_refused_but_empty_corpus_docs_are_indexed_with_a_warning() {
     // search: an empty or blank --query, an empty query text in a file.
     for q in ["", "   "] {
         err(
-            &run(&[
-                "search",
-                "--model",
-                &model,
-                "--index",
-                idx.to_str().unwrap(),
-                "--query",
-                q,
-            ]),
+            &search(&model, &idx, &["--query", q]),
             &["--query", "empty text"],
         );
     }
@@ -572,15 +508,7 @@ fn empty_texts_are_refused_but_empty_corpus_docs_are_indexed_with_a_warning() {
     )
     .unwrap();
     err(
-        &run(&[
-            "search",
-            "--model",
-            &model,
-            "--index",
-            idx.to_str().unwrap(),
-            "--queries",
-            qf.to_str().unwrap(),
-        ]),
+        &search(&model, &idx, &["--queries", qf.to_str().unwrap()]),
         &["q.jsonl:2", "\"q2\"", "empty text"],
     );
     // eval: the same for its queries file.
@@ -599,29 +527,11 @@ fn k_and_candidates_must_be_at_least_one() {
     let idx = build_index(&d, &data);
     let model = tiny();
     for flag in ["--k", "--candidates"] {
-        let o = run(&[
-            "search",
-            "--model",
-            &model,
-            "--index",
-            idx.to_str().unwrap(),
-            "--query",
-            "capital",
-            flag,
-            "0",
-        ]);
+        let o = search(&model, &idx, &["--query", "capital", flag, "0"]);
         assert_eq!(o.status.code(), Some(2), "usage error expected for {flag}");
         err(&o, &[flag, "must be >= 1"]);
     }
-    let o = run(&[
-        "eval",
-        "--model",
-        &model,
-        "--data",
-        data.to_str().unwrap(),
-        "--candidates",
-        "0",
-    ]);
+    let o = eval(&model, &data, &["--candidates", "0"]);
     assert_eq!(o.status.code(), Some(2));
     err(&o, &["--candidates", "must be >= 1"]);
 }
