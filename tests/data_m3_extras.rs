@@ -84,11 +84,6 @@ fn malformed_rows_name_file_line_and_field() {
             &["\"pos\"", "empty list"],
         ),
         (
-            "empty_neg",
-            r#"{"query": "q", "pos": ["p"], "neg": []}"#,
-            &["\"neg\"", "empty list", "len(neg)"],
-        ),
-        (
             "empty_pos_text",
             r#"{"query": "q", "pos": [""], "neg": ["n"]}"#,
             &["\"pos\"", "element 1 is an empty text"],

@@ -165,7 +165,11 @@ fn malformed_training_rows_name_the_line() {
     std::fs::create_dir_all(&d).unwrap();
     let cases = [
         ("{\"query\": \"q\", \"pos\": [], \"neg\": [\"n\"]}", "pos"),
-        ("{\"query\": \"q\", \"pos\": [\"p\"], \"neg\": []}", "neg"),
+        // (An empty "neg" is checked by the trainer: an_empty_neg_is_for_group_size_one.)
+        (
+            "{\"query\": \"q\", \"pos\": [\"p\"], \"neg\": [\" \"]}",
+            "neg",
+        ),
         (
             "{\"query\": \"q\", \"pos\": [\"p\"], \"neg\": [\"n\"], \"neg_scores\": [0.1, 0.2]}",
             "neg_scores",
@@ -295,6 +299,14 @@ fn run(
     examples: Vec<retrom3::data::m3_data::TrainExample>,
     out: &Path,
 ) -> Vec<retrom3::train::m3::StepLosses> {
+    try_run(cfg, examples, out).unwrap()
+}
+
+fn try_run(
+    cfg: &FinetuneConfig,
+    examples: Vec<retrom3::data::m3_data::TrainExample>,
+    out: &Path,
+) -> retrom3::Result<Vec<retrom3::train::m3::StepLosses>> {
     let dir = fixture("tiny-xlmr");
     let tok = TextTokenizer::from_dir(&dir).unwrap();
     let mut m = student(&dir);
@@ -308,7 +320,6 @@ fn run(
         None,
         &mut |_, _, _| {},
     )
-    .unwrap()
 }
 
 #[test]
@@ -396,4 +407,39 @@ fn dense_only_runs_save_no_heads() {
         .encode(&["capital of China?"], &EncodeOptions::default())
         .unwrap();
     assert_eq!(o.dense.unwrap()[0].len(), 32);
+}
+
+#[test]
+fn an_empty_neg_is_for_group_size_one() {
+    // Pairs without negatives (unsupervised data) train with G = 1; with G > 1 the row is an
+    // error naming its line.
+    let d = tmp("emptyneg");
+    std::fs::create_dir_all(&d).unwrap();
+    let src = std::fs::read_to_string(fixture("m3-train/train.jsonl")).unwrap();
+    let mut rows: Vec<serde_json::Value> = src
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    for r in &mut rows[1..] {
+        r["neg"] = serde_json::json!([]);
+        r.as_object_mut().unwrap().remove("neg_scores");
+        r.as_object_mut().unwrap().remove("pos_scores");
+    }
+    let p = d.join("pairs.jsonl");
+    let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    std::fs::write(&p, text).unwrap();
+    let ex = read_train_file(&p).unwrap();
+    assert_eq!(ex[1].line, 2);
+    let mut cfg = config(2, KdLoss::M3KdLoss);
+    cfg.save_every = None;
+    let e = try_run(&cfg, ex.clone(), &tmp("emptyneg-g4"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(":2:") && e.contains("\"neg\"") && e.contains("--group-size 1"),
+        "{e}"
+    );
+    cfg.group_size = 1;
+    let r = run(&cfg, ex, &tmp("emptyneg-g1"));
+    assert!(r.iter().all(|s| s.1.is_finite()));
 }

@@ -59,6 +59,10 @@ pub struct TrainExample {
     /// as in FlagEmbedding).
     #[serde(default)]
     pub train_group_size: Option<usize>,
+    /// The row's 1-based line in its file (0 for a row built in code): a check that needs the
+    /// run's group size (an empty `neg`) names it.
+    #[serde(skip)]
+    pub line: usize,
 }
 
 impl TrainExample {
@@ -74,6 +78,7 @@ impl TrainExample {
             kind: None,
             batch_size: None,
             train_group_size: None,
+            line: 0,
         }
     }
 }
@@ -111,14 +116,11 @@ fn parse_row(obj: &Map<String, Value>) -> std::result::Result<TrainExample, Stri
                 json_kind(v)
             ));
         };
-        if a.is_empty() {
-            let why = if k == "neg" {
-                " (FlagEmbedding divides by len(neg))"
-            } else {
-                ""
-            };
+        // An empty `neg` is valid with a group size of 1 (in-batch pairs); the trainer refuses
+        // it, naming the line, when the group needs negatives.
+        if a.is_empty() && k != "neg" {
             return Err(format!(
-                "field \"{k}\": empty list, needs at least one {what}{why}"
+                "field \"{k}\": empty list, needs at least one {what}"
             ));
         }
         a.iter()
@@ -203,6 +205,7 @@ fn parse_row(obj: &Map<String, Value>) -> std::result::Result<TrainExample, Stri
         kind: string("type")?,
         batch_size: count("batch_size")?,
         train_group_size: count("train_group_size")?,
+        line: 0,
     })
 }
 
@@ -210,7 +213,7 @@ fn parse_row(obj: &Map<String, Value>) -> std::result::Result<TrainExample, Stri
 /// line: invalid JSON, a line that is not an object, a missing or mistyped field (`query`
 /// string; `pos`, `neg` lists of strings; `pos_scores`, `neg_scores` lists of numbers;
 /// `prompt`, `type` strings; `batch_size`, `train_group_size` positive integers), an empty
-/// query, an empty `pos` or `neg`, a score list whose length differs from its text list, a
+/// query, an empty `pos` (an empty `neg` is checked by the trainer against the group size), a score list whose length differs from its text list, a
 /// non-finite score, and a per-file setting (`type`, `batch_size`, `train_group_size`) that
 /// differs from the first row's. A file without any row is an error too.
 pub fn read_train_file(path: &Path) -> Result<Vec<TrainExample>> {
@@ -225,7 +228,8 @@ pub fn read_train_file(path: &Path) -> Result<Vec<TrainExample>> {
                 format!("expected a JSON object, got {}", json_kind(v)),
             ));
         };
-        let r = parse_row(obj).map_err(|m| input_err(path, line, m))?;
+        let mut r = parse_row(obj).map_err(|m| input_err(path, line, m))?;
+        r.line = line;
         if let Some(first) = out.first() {
             let same = |field: &str, a: String, b: String| {
                 if a == b {
@@ -315,6 +319,8 @@ pub fn sample_group_shuffled(
     };
     let want = group.saturating_sub(1);
     let n = ex.neg.len();
+    // No negatives (the trainer allows it only when the group needs none).
+    let want = if n == 0 { 0 } else { want };
     let mut pool: Vec<usize> = if n >= want {
         (0..n).collect()
     } else {

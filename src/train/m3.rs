@@ -380,6 +380,26 @@ pub fn finetune_dist(
             d.source.display()
         )));
     }
+    // Rows without negatives only where no group needs one (group size 1; `symmetric_class`
+    // files whose rows all lack them).
+    for d in &data.datasets {
+        let g = d.group_size(&[], cfg.group_size);
+        let needs = match d.files.first().and_then(|f| f.1.kind.as_deref()) {
+            Some("symmetric_class") => g > 1 && d.examples.iter().any(|e| !e.neg.is_empty()),
+            _ => g > 1,
+        };
+        if let Some(e) = d.examples.iter().find(|e| needs && e.neg.is_empty()) {
+            return Err(Error::Input {
+                path: d.source.clone(),
+                line: e.line,
+                msg: format!(
+                    "field \"neg\": empty list, but a group of {g} passages needs at least one \
+                     negative (FlagEmbedding divides by len(neg)); an empty \"neg\" is for \
+                     --group-size 1"
+                ),
+            });
+        }
+    }
     let per_epoch = batches_per_epoch(&data.units, world) as u64;
     if per_epoch == 0 {
         let n: usize = data.datasets.iter().map(|d| d.examples.len()).sum();
