@@ -923,3 +923,56 @@ fn an_output_that_is_a_directory_fails_before_reading() {
         .collect();
     assert_eq!(left.len(), 2, "no work files left: {left:?}");
 }
+
+#[test]
+fn a_huge_line_tokenizes_as_the_whole_text() {
+    // Lines over 64 KiB are tokenized in pieces cut at single spaces: the documents are those of
+    // the whole text, packed or truncated.
+    let tok = tokenizer();
+    let d = tmpdir("huge");
+    let input = d.join("in.jsonl");
+    let words = ["alpha", "Beta", "gamma42", "Größe", "北京", "x", "end."];
+    let mut huge = String::new();
+    let mut i = 0;
+    while huge.len() < 400_000 {
+        huge.push_str(words[i % words.len()]);
+        huge.push_str(if i % 11 == 0 { "  " } else { " " });
+        i += 1;
+    }
+    let all = vec![
+        "short text".to_string(),
+        huge.clone(),
+        "another".to_string(),
+    ];
+    write_jsonl(&input, &all);
+    let whole = tok.inner().encode_fast(huge.as_str(), false).unwrap();
+    for pack in [false, true] {
+        let out = d.join(format!("c{pack}.r3tok"));
+        run(&tok, &input, &out, &opts(64, pack, 2)).unwrap();
+        let c = TokenCorpus::open(&out).unwrap();
+        let got: Vec<u32> = docs(&c).concat();
+        let short = |t: &str| {
+            tok.inner()
+                .encode_fast(t, false)
+                .unwrap()
+                .get_ids()
+                .to_vec()
+        };
+        let want: Vec<u32> = if pack {
+            [
+                short("short text"),
+                whole.get_ids().to_vec(),
+                short("another"),
+            ]
+            .concat()
+        } else {
+            [
+                short("short text"),
+                whole.get_ids()[..62].to_vec(),
+                short("another"),
+            ]
+            .concat()
+        };
+        assert_eq!(got, want, "pack {pack}");
+    }
+}

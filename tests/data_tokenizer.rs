@@ -488,6 +488,12 @@ fn long_texts_tokenize_as_the_whole_text() {
                 assert_eq!(batch[1], got, "{dir} m={m}: batch");
                 assert_eq!(batch[0], tok.encode("short", m).unwrap());
             }
+            // All ids, tokenized piece by piece (`retrom3 tokenize`): the whole text's.
+            assert_eq!(
+                tok.content_ids(t).unwrap(),
+                full.get_ids(),
+                "{dir}: content_ids"
+            );
         }
     }
 }

@@ -35,6 +35,20 @@ enum WordScheme {
     PreTokenizer,
 }
 
+/// Whether a text cut at a single space between two words tokenizes as its two parts, one after
+/// the other (the space dropped): the pre-tokenizer drops spaces (BERT, whitespace splitters) or
+/// turns the space into the next word's "▁" that it also puts before a text's first word
+/// (Metaspace splitting with prepend scheme `always` / `first`, XLM-R).
+fn joins_at_spaces(p: &tokenizers::PreTokenizerWrapper) -> bool {
+    use tokenizers::pre_tokenizers::metaspace::PrependScheme;
+    use tokenizers::PreTokenizerWrapper as P;
+    match p {
+        P::BertPreTokenizer(_) | P::Whitespace(_) | P::WhitespaceSplit(_) => true,
+        P::Metaspace(m) => m.get_split() && m.get_prepend_scheme() != PrependScheme::Never,
+        _ => false,
+    }
+}
+
 /// Whether the pre-tokenizer ends every word at an ASCII space (a piece never crosses one).
 fn splits_at_spaces(p: &tokenizers::PreTokenizerWrapper) -> bool {
     use tokenizers::PreTokenizerWrapper as P;
@@ -276,6 +290,55 @@ impl TextTokenizer {
         self.tokenizer
             .encode_fast(text, false)
             .map_err(|e| self.tok_err(e))
+    }
+
+    /// All content ids (no specials, no truncation) of `text`, as `inner().encode_fast(text,
+    /// false)` gives them. A text of over [`PREFIX_BYTES`] is tokenized in pieces of about that
+    /// size, cut at a single space between two words, where the tokenizer allows it
+    /// (`joins_at_spaces`: the pieces' ids, one after the other, are the whole text's), so a huge
+    /// line takes memory for one piece at a time, not the whole line (`retrom3 tokenize`).
+    pub fn content_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let pieces = self
+            .tokenizer
+            .get_pre_tokenizer()
+            .is_some_and(joins_at_spaces)
+            && text.len() > PREFIX_BYTES;
+        if !pieces {
+            let enc = self.guard(|| {
+                self.tokenizer
+                    .encode_fast(text, false)
+                    .map_err(|e| self.tok_err(e))
+            })?;
+            return Ok(enc.get_ids().to_vec());
+        }
+        let b = text.as_bytes();
+        let mut ids = Vec::new();
+        let mut start = 0;
+        while start < text.len() {
+            // The first single space between two ASCII letters or digits after PREFIX_BYTES
+            // more bytes (no normalisation rule spans such a boundary).
+            let mut end = text.len();
+            let mut i = start + PREFIX_BYTES;
+            while i + 1 < b.len() {
+                if b[i] == b' '
+                    && b[i - 1].is_ascii_alphanumeric()
+                    && b[i + 1].is_ascii_alphanumeric()
+                {
+                    end = i;
+                    break;
+                }
+                i += 1;
+            }
+            let piece = &text[start..end];
+            let enc = self.guard(|| {
+                self.tokenizer
+                    .encode_fast(piece, false)
+                    .map_err(|e| self.tok_err(e))
+            })?;
+            ids.extend_from_slice(enc.get_ids());
+            start = if end < text.len() { end + 1 } else { end };
+        }
+        Ok(ids)
     }
 
     /// [`TextTokenizer::encode`] of every text, in order (tokenized on the crate's thread pool).

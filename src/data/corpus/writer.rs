@@ -384,13 +384,27 @@ pub fn tokenize_corpus(
         }
         let at_end = texts.len() < opts.batch;
         if !texts.is_empty() {
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let encodings = tok
+            // Long texts piece by piece (`TextTokenizer::content_ids`: same ids, memory for one
+            // piece), the rest as one batch.
+            let long = |t: &str| t.len() > crate::data::tokenizer::PREFIX_BYTES;
+            let short: Vec<&str> = texts
+                .iter()
+                .map(String::as_str)
+                .filter(|t| !long(t))
+                .collect();
+            let mut encodings = tok
                 .inner()
-                .encode_batch_fast(refs, false)
-                .map_err(tok_err)?;
-            for enc in &encodings {
-                let ids = enc.get_ids();
+                .encode_batch_fast(short, false)
+                .map_err(tok_err)?
+                .into_iter();
+            for t in &texts {
+                let ids: Vec<u32> = if long(t) {
+                    tok.content_ids(t)?
+                } else {
+                    let enc = encodings.next().expect("one encoding per short text");
+                    enc.get_ids().to_vec()
+                };
+                let ids = ids.as_slice();
                 if ids.is_empty() {
                     stats.skipped_empty += 1;
                     continue;
