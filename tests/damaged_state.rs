@@ -143,9 +143,20 @@ fn run_ft(
     out: &Path,
     resume: Option<&Path>,
 ) -> retrom3::Result<Vec<retrom3::train::m3::StepLosses>> {
+    run_ft_edited(cfg, out, resume, |_| {})
+}
+
+/// [`run_ft`] on the fixture's rows after `edit`.
+fn run_ft_edited(
+    cfg: &FinetuneConfig,
+    out: &Path,
+    resume: Option<&Path>,
+    edit: impl Fn(&mut Vec<retrom3::data::m3_data::TrainExample>),
+) -> retrom3::Result<Vec<retrom3::train::m3::StepLosses>> {
     let dir = fixture("tiny-xlmr");
     let tok = TextTokenizer::from_dir(&dir).unwrap();
-    let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    let mut ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    edit(&mut ex);
     let (mut m, state) = match resume {
         Some(ck) => {
             let m = M3Student::load_dir(ck, cfg.seed).unwrap();
@@ -221,6 +232,16 @@ fn a_resume_with_other_settings_or_past_its_end_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("lr: checkpoint"), "{e}");
+    // Other data: one text moved from a row's negatives to its positives.
+    let e = run_ft_edited(&ft_config(4), &tmp("resume-data"), Some(&ck), |ex| {
+        let n = ex[0].neg.pop().unwrap();
+        ex[0].pos.push(n);
+        ex[0].pos_scores = None;
+        ex[0].neg_scores = None;
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("data: checkpoint"), "{e}");
     // Fewer steps than the checkpoint has done.
     let e = run_ft(&ft_config(1), &tmp("resume-end"), Some(&ck))
         .unwrap_err()
