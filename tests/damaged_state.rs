@@ -4,7 +4,7 @@
 
 use retrom3::data::m3_data::read_train_file;
 use retrom3::data::TextTokenizer;
-use retrom3::model::m3_train::{KdLoss, M3LossConfig, M3Student};
+use retrom3::model::m3_train::M3Student;
 use retrom3::model::retromae::RetroMae;
 use retrom3::tensor::Tensor;
 use retrom3::train::m3::{finetune, FinetuneConfig, M3TrainData};
@@ -108,33 +108,18 @@ fn more_layers_in_the_weights_than_in_the_config() {
 fn ft_config(steps: u64) -> FinetuneConfig {
     FinetuneConfig {
         steps: Some(steps),
-        epochs: None,
         batch_size: 3,
-        sub_batch: 0,
         group_size: 4,
         query_max_len: 16,
         passage_max_len: 24,
-        loss: M3LossConfig {
-            temperature: 0.02,
-            unified: true,
-            self_distill: true,
-            kd: KdLoss::M3KdLoss,
-        },
         self_distill_start_step: 0,
-        knowledge_distillation: true,
-        shuffle_ratio: 0.0,
         lr: 5e-4,
-        warmup_ratio: 0.1,
         // 0.03 as f32 does not survive a JSON round trip as a number: the recorded settings
         // must still match on resume.
         weight_decay: 0.03,
-        max_grad_norm: Some(1.0),
         seed: 3,
         save_every: Some(2),
-        fix_encoder: false,
-        fix_position_embedding: false,
-        dropout: true,
-        negatives_cross_device: true,
+        ..Default::default()
     }
 }
 

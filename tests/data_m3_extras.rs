@@ -10,7 +10,7 @@ use retrom3::data::m3_data::{
 use retrom3::data::rng::Rng;
 use retrom3::data::TextTokenizer;
 use retrom3::model::encoder::Encoder;
-use retrom3::model::m3_train::{KdLoss, M3LossConfig, M3Student};
+use retrom3::model::m3_train::{M3LossConfig, M3Student};
 use retrom3::train::m3::{finetune, FinetuneConfig, M3TrainData};
 use retrom3::{EncoderConfig, Error};
 use std::path::{Path, PathBuf};
@@ -428,32 +428,20 @@ fn trainer_uses_per_file_settings() {
     let heads = retrom3::io::read_heads(&fx, 32).unwrap().unwrap();
     let mut model = M3Student::new(enc, &heads).unwrap();
     let fcfg = FinetuneConfig {
-        steps: None,
         epochs: Some(1),
-        batch_size: 4,
-        sub_batch: 0,
-        group_size: 8,
         query_max_len: 16,
         passage_max_len: 16,
         loss: M3LossConfig {
             temperature: 0.05,
-            unified: true,
-            self_distill: true,
-            kd: KdLoss::M3KdLoss,
+            ..Default::default()
         },
         self_distill_start_step: 0,
-        knowledge_distillation: true,
-        shuffle_ratio: 0.0,
         lr: 1e-4,
         warmup_ratio: 0.0,
         weight_decay: 0.0,
-        max_grad_norm: Some(1.0),
         seed: 1,
-        save_every: None,
-        fix_encoder: false,
-        fix_position_embedding: false,
         dropout: false,
-        negatives_cross_device: true,
+        ..Default::default()
     };
     let report = finetune(
         &mut model,

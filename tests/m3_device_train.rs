@@ -10,7 +10,7 @@ use common::{fixture, rel_err};
 use retrom3::data::m3_data::read_train_file;
 use retrom3::data::TextTokenizer;
 use retrom3::model::encoder::Encoder;
-use retrom3::model::m3_train::{fresh_heads, KdLoss, M3LossConfig, M3Student};
+use retrom3::model::m3_train::{fresh_heads, M3LossConfig, M3Student};
 use retrom3::train::m3::{finetune_on, FinetuneConfig, M3TrainData};
 use retrom3::train::{AdamW, TrainState};
 use retrom3::{Device, EncoderConfig};
@@ -32,21 +32,15 @@ fn student() -> M3Student {
 fn config() -> FinetuneConfig {
     FinetuneConfig {
         steps: Some(4),
-        epochs: None,
         batch_size: 3,
-        sub_batch: 0,
         group_size: 4,
         query_max_len: 16,
         passage_max_len: 24,
         loss: M3LossConfig {
             temperature: 0.05,
-            unified: true,
-            self_distill: true,
-            kd: KdLoss::M3KdLoss,
+            ..Default::default()
         },
         self_distill_start_step: 0,
-        knowledge_distillation: true,
-        shuffle_ratio: 0.0,
         lr: 1e-3,
         warmup_ratio: 0.25,
         weight_decay: 0.1,
@@ -54,10 +48,9 @@ fn config() -> FinetuneConfig {
         max_grad_norm: Some(0.05),
         seed: 9,
         save_every: Some(2),
-        fix_encoder: false,
         fix_position_embedding: true,
         dropout: false,
-        negatives_cross_device: true,
+        ..Default::default()
     }
 }
 

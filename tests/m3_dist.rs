@@ -199,31 +199,23 @@ fn cross_device_negatives_equal_the_global_batch() {
 fn ft_config(batch_size: usize) -> FinetuneConfig {
     FinetuneConfig {
         steps: Some(3),
-        epochs: None,
         batch_size,
-        sub_batch: 0,
         group_size: 6,
         query_max_len: 16,
         passage_max_len: 24,
         loss: M3LossConfig {
-            temperature: 0.02,
             unified: false,
             self_distill: false,
-            kd: KdLoss::M3KdLoss,
+            ..Default::default()
         },
         self_distill_start_step: 0,
-        knowledge_distillation: true,
-        shuffle_ratio: 0.0,
         lr: 1e-3,
         warmup_ratio: 0.0,
-        weight_decay: 0.01,
         max_grad_norm: None,
         seed: 5,
         save_every: Some(2),
-        fix_encoder: false,
-        fix_position_embedding: false,
         dropout: false,
-        negatives_cross_device: true,
+        ..Default::default()
     }
 }
 

@@ -36,31 +36,19 @@ fn student(dir: &Path) -> M3Student {
 fn config(steps: u64, kd: KdLoss) -> FinetuneConfig {
     FinetuneConfig {
         steps: Some(steps),
-        epochs: None,
         batch_size: 3,
-        sub_batch: 0,
         group_size: 4,
         query_max_len: 16,
         passage_max_len: 24,
         loss: M3LossConfig {
-            temperature: 0.02,
-            unified: true,
-            self_distill: true,
             kd,
+            ..Default::default()
         },
         self_distill_start_step: 0,
-        knowledge_distillation: true,
-        shuffle_ratio: 0.0,
         lr: 5e-4,
-        warmup_ratio: 0.1,
-        weight_decay: 0.01,
-        max_grad_norm: Some(1.0),
         seed: 3,
         save_every: Some(4),
-        fix_encoder: false,
-        fix_position_embedding: false,
-        dropout: true,
-        negatives_cross_device: true,
+        ..Default::default()
     }
 }
 

@@ -26,7 +26,7 @@
 use retrom3::data::m3_data::read_train_file;
 use retrom3::data::TextTokenizer;
 use retrom3::model::encoder::Encoder;
-use retrom3::model::m3_train::{fresh_heads, KdLoss, M3LossConfig, M3Student};
+use retrom3::model::m3_train::{fresh_heads, M3LossConfig, M3Student};
 use retrom3::quickstart::{default_data_dir, evaluate_modes, MODEL_MODES};
 use retrom3::retrieval::beir;
 use retrom3::retrieval::Mode;
@@ -205,31 +205,19 @@ fn finetuning_raises_held_out_ndcg_for_every_head_and_hybrid() {
     let mut student = M3Student::new(enc0, &heads0).unwrap();
     let fcfg = FinetuneConfig {
         steps: Some(steps),
-        epochs: None,
         batch_size: BATCH,
-        sub_batch: 0,
         group_size: GROUP,
         query_max_len: QUERY_MAX_LEN,
         passage_max_len: MAX_LEN,
         loss: M3LossConfig {
             temperature: TEMPERATURE,
-            unified: true,
-            self_distill: true,
-            kd: KdLoss::M3KdLoss,
+            ..Default::default()
         },
         self_distill_start_step: 0,
-        knowledge_distillation: true,
-        shuffle_ratio: 0.0,
         lr,
-        warmup_ratio: 0.1,
-        weight_decay: 0.01,
-        max_grad_norm: Some(1.0),
         seed: SEED,
-        save_every: None,
-        fix_encoder: false,
-        fix_position_embedding: false,
         dropout: false,
-        negatives_cross_device: true,
+        ..Default::default()
     };
     let ft_dir = out.join("finetuned");
     let losses = finetune(

@@ -52,26 +52,18 @@ fn batch(teacher: bool, no_in_batch: bool) -> (M3Batch, Vec<u32>) {
     }
     let cfg = FinetuneConfig {
         steps: Some(1),
-        epochs: None,
         batch_size: 3,
-        sub_batch: 0,
         group_size: 4,
         query_max_len: 16,
         passage_max_len: 24,
         loss: lcfg(KdLoss::M3KdLoss, true),
         self_distill_start_step: 0,
-        knowledge_distillation: true,
-        shuffle_ratio: 0.0,
         lr: 1e-4,
         warmup_ratio: 0.0,
         weight_decay: 0.0,
         max_grad_norm: None,
         seed: 1,
-        save_every: None,
-        fix_encoder: false,
-        fix_position_embedding: false,
-        dropout: true,
-        negatives_cross_device: true,
+        ..Default::default()
     };
     let exs: Vec<_> = [0, 4, 9].iter().map(|&i| &ex[i]).collect();
     let mut b = make_m3_batch(&exs, &tok, &cfg, 1, &mut Rng::new(5, 0)).unwrap();

@@ -134,22 +134,12 @@ fn corpus() -> Vec<Vec<u32>> {
 fn config(steps: u64, save_every: Option<u64>) -> PretrainConfig {
     PretrainConfig {
         steps: Some(steps),
-        epochs: None,
-        batch_size: 8,
         max_len: 16,
         lr: 3e-3,
-        warmup_ratio: 0.1,
-        weight_decay: 0.01,
         grad_accum: 2,
-        masking: MaskingConfig {
-            p_enc: 0.3,
-            p_dec: 0.5,
-            reference_compat: false,
-        },
         seed: 7,
         save_every,
-        max_grad_norm: Some(1.0),
-        dropout: true,
+        ..Default::default()
     }
 }
 

@@ -151,18 +151,12 @@ fn retromae_learns_real_text_and_beats_unigram_on_held_out() {
 
     let pcfg = PretrainConfig {
         steps: Some(STEPS),
-        epochs: None,
         batch_size: BATCH,
         max_len: MAX_LEN,
         lr: LR,
-        warmup_ratio: 0.1,
-        weight_decay: 0.01,
-        grad_accum: 1,
         masking: MASKING,
         seed: SEED,
-        save_every: None,
-        max_grad_norm: Some(1.0),
-        dropout: true,
+        ..Default::default()
     };
     let t_train = Instant::now();
     let report = pretrain(

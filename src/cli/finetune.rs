@@ -111,6 +111,38 @@ pub struct FinetuneArgs {
     pub max_grad_norm: f32,
 }
 
+/// The run's settings from the flags (`kd` parsed from `--kd-loss`; `seed` the resumed run's).
+fn finetune_config(a: &FinetuneArgs, kd: KdLoss, seed: u64) -> FinetuneConfig {
+    FinetuneConfig {
+        steps: a.steps,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        sub_batch: a.sub_batch,
+        group_size: a.group_size,
+        query_max_len: a.query_max_len,
+        passage_max_len: a.passage_max_len,
+        loss: M3LossConfig {
+            temperature: a.temperature,
+            unified: a.unified,
+            self_distill: a.self_distill && a.unified,
+            kd,
+        },
+        self_distill_start_step: a.self_distill_start_step,
+        knowledge_distillation: a.knowledge_distillation,
+        shuffle_ratio: a.shuffle_ratio,
+        lr: a.lr,
+        warmup_ratio: a.warmup_ratio,
+        weight_decay: a.weight_decay,
+        max_grad_norm: clip(a.max_grad_norm),
+        seed,
+        save_every: a.save_every,
+        fix_encoder: a.fix_encoder,
+        fix_position_embedding: a.fix_position_embedding,
+        dropout: true,
+        negatives_cross_device: a.negatives_cross_device,
+    }
+}
+
 pub fn run(a: FinetuneArgs) -> Result<()> {
     a.device.ensure_available()?;
     // Launched as one rank of several (torchrun-style variables): rank r trains on GPU
@@ -259,34 +291,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             return Err(Error::invalid(format!("{flag} {v}: must be in 2..={max}")));
         }
     }
-    let cfg = FinetuneConfig {
-        steps: a.steps,
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        sub_batch: a.sub_batch,
-        group_size: a.group_size,
-        query_max_len: a.query_max_len,
-        passage_max_len: a.passage_max_len,
-        loss: M3LossConfig {
-            temperature: a.temperature,
-            unified: a.unified,
-            self_distill: a.self_distill && a.unified,
-            kd,
-        },
-        self_distill_start_step: a.self_distill_start_step,
-        knowledge_distillation: a.knowledge_distillation,
-        shuffle_ratio: a.shuffle_ratio,
-        lr: a.lr,
-        warmup_ratio: a.warmup_ratio,
-        weight_decay: a.weight_decay,
-        max_grad_norm: clip(a.max_grad_norm),
-        seed: resume.as_ref().map_or(a.seed, |(s, _)| s.seed),
-        save_every: a.save_every,
-        fix_encoder: a.fix_encoder,
-        fix_position_embedding: a.fix_position_embedding,
-        dropout: true,
-        negatives_cross_device: a.negatives_cross_device,
-    };
+    let cfg = finetune_config(&a, kd, resume.as_ref().map_or(a.seed, |(s, _)| s.seed));
     let pb = ProgressBar::new(0);
     pb.set_style(
         ProgressStyle::with_template("finetune [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
@@ -336,4 +341,48 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         _ => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        a: FinetuneArgs,
+    }
+
+    /// The library's `FinetuneConfig::default()` is what the command runs with no flags, so a
+    /// program that links the library trains as the CLI does (a drift fails here).
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let w =
+            Wrap::try_parse_from(["x", "--model", "m", "--train", "t", "--output", "o"]).unwrap();
+        assert_eq!(w.a.kd_loss, "m3_kd_loss");
+        assert_eq!(
+            finetune_config(&w.a, KdLoss::M3KdLoss, w.a.seed),
+            FinetuneConfig::default()
+        );
+        let w = Wrap::try_parse_from([
+            "x",
+            "--model",
+            "m",
+            "--train",
+            "t",
+            "--output",
+            "o",
+            "--unified",
+            "false",
+            "--max-grad-norm",
+            "0",
+            "--steps",
+            "7",
+        ])
+        .unwrap();
+        let c = finetune_config(&w.a, KdLoss::KlDiv, 5);
+        assert!(!c.loss.unified && !c.loss.self_distill);
+        assert_eq!((c.max_grad_norm, c.steps, c.seed), (None, Some(7), 5));
+    }
 }

@@ -109,6 +109,29 @@ fn load_text_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Vec<Vec<u32>>
         .collect())
 }
 
+/// The run's settings from the flags (`seed`: the resumed run's).
+fn pretrain_config(a: &PretrainArgs, seed: u64) -> PretrainConfig {
+    PretrainConfig {
+        steps: a.steps,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        max_len: a.max_len,
+        lr: a.lr,
+        warmup_ratio: a.warmup_ratio,
+        weight_decay: a.weight_decay,
+        grad_accum: a.grad_accum,
+        masking: MaskingConfig {
+            p_enc: a.enc_mask,
+            p_dec: a.dec_mask,
+            reference_compat: a.reference_compat,
+        },
+        seed,
+        save_every: a.save_every,
+        max_grad_norm: clip(a.max_grad_norm),
+        dropout: true,
+    }
+}
+
 pub fn run(a: PretrainArgs) -> Result<()> {
     a.device.ensure_available()?;
     for (name, p) in [("--enc-mask", a.enc_mask), ("--dec-mask", a.dec_mask)] {
@@ -179,25 +202,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         )));
     }
     let docs = load_docs(&a, &tok)?;
-    let cfg = PretrainConfig {
-        steps: a.steps,
-        epochs: a.epochs,
-        batch_size: a.batch_size,
-        max_len: a.max_len,
-        lr: a.lr,
-        warmup_ratio: a.warmup_ratio,
-        weight_decay: a.weight_decay,
-        grad_accum: a.grad_accum,
-        masking: MaskingConfig {
-            p_enc: a.enc_mask,
-            p_dec: a.dec_mask,
-            reference_compat: a.reference_compat,
-        },
-        seed: resume.as_ref().map_or(a.seed, |(s, _)| s.seed),
-        save_every: a.save_every,
-        max_grad_norm: clip(a.max_grad_norm),
-        dropout: true,
-    };
+    let cfg = pretrain_config(&a, resume.as_ref().map_or(a.seed, |(s, _)| s.seed));
     let pb = ProgressBar::new(0);
     pb.set_style(
         ProgressStyle::with_template("pretrain [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
@@ -242,4 +247,37 @@ pub fn run(a: PretrainArgs) -> Result<()> {
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        a: PretrainArgs,
+    }
+
+    /// The library's `PretrainConfig::default()` is what the command runs with no flags (a
+    /// drift fails here).
+    #[test]
+    fn flag_defaults_are_the_library_defaults() {
+        let base = ["x", "--tokenizer", "t", "--data", "d", "--output", "o"];
+        let w = Wrap::try_parse_from(base).unwrap();
+        assert_eq!(pretrain_config(&w.a, w.a.seed), PretrainConfig::default());
+        let w = Wrap::try_parse_from(base.iter().copied().chain([
+            "--enc-mask",
+            "0.15",
+            "--reference-compat",
+            "--max-grad-norm",
+            "0",
+        ]))
+        .unwrap();
+        let c = pretrain_config(&w.a, 9);
+        assert_eq!(c.masking.p_enc, 0.15);
+        assert!(c.masking.reference_compat);
+        assert_eq!((c.max_grad_norm, c.seed), (None, 9));
+    }
 }

@@ -118,8 +118,8 @@ impl MaskingVocab {
     }
 }
 
-/// Masking settings.
-#[derive(Clone, Copy, Debug)]
+/// Masking settings; the default is `pretrain`'s (p_enc 0.3, p_dec 0.5, paper semantics).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MaskingConfig {
     /// Encoder mask ratio (paper 0.15-0.3; default 0.3). A double, as the reference's Python
     /// float: the mask count round(L·p) must round the same.
@@ -132,6 +132,16 @@ pub struct MaskingConfig {
     /// stay maskable in the decoder matrix, at most 512 masked tokens, K = min(L, 128)
     /// pre-sampled decoder masks with a fixed count each.
     pub reference_compat: bool,
+}
+
+impl Default for MaskingConfig {
+    fn default() -> Self {
+        MaskingConfig {
+            p_enc: 0.3,
+            p_dec: 0.5,
+            reference_compat: false,
+        }
+    }
 }
 
 /// One RetroMAE training batch.

@@ -23,16 +23,18 @@ pub const HEAD_NAMES: [&str; 4] = [
 ];
 
 /// How teacher scores enter the per-head loss.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KdLoss {
-    /// FlagEmbedding's Plackett-Luce-like listwise loss (the M3 scripts' choice).
+    /// FlagEmbedding's Plackett-Luce-like listwise loss (the M3 scripts' choice; the default).
+    #[default]
     M3KdLoss,
     /// KL to the teacher over the group + in-batch CE.
     KlDiv,
 }
 
-/// Loss settings.
-#[derive(Clone, Copy, Debug)]
+/// Loss settings; the default is `finetune`'s (temperature 0.02, unified, self-distillation,
+/// `m3_kd_loss`).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct M3LossConfig {
     pub temperature: f32,
     /// Sparse and ColBERT heads (and the ensemble) on top of dense.
@@ -40,6 +42,17 @@ pub struct M3LossConfig {
     /// Self-knowledge distillation from the ensemble score (when `unified`).
     pub self_distill: bool,
     pub kd: KdLoss,
+}
+
+impl Default for M3LossConfig {
+    fn default() -> Self {
+        M3LossConfig {
+            temperature: 0.02,
+            unified: true,
+            self_distill: true,
+            kd: KdLoss::M3KdLoss,
+        }
+    }
 }
 
 /// The student: encoder + heads in one [`ParamSet`] (`[encoder][colbert w, b][sparse w, b]`).

@@ -27,8 +27,9 @@ use crate::tensor::Tensor;
 use std::path::Path;
 use std::time::Instant;
 
-/// Settings of a fine-tuning run.
-#[derive(Clone, Debug)]
+/// Settings of a fine-tuning run. The default is `retrom3 finetune`'s with no flags (one
+/// epoch; override what differs: `FinetuneConfig { steps: Some(100), ..Default::default() }`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct FinetuneConfig {
     pub steps: Option<u64>,
     pub epochs: Option<u64>,
@@ -64,6 +65,34 @@ pub struct FinetuneConfig {
     /// Gather the dense vectors of every rank for the dense loss (FlagEmbedding's
     /// `negatives_cross_device`; no effect on one process).
     pub negatives_cross_device: bool,
+}
+
+impl Default for FinetuneConfig {
+    fn default() -> Self {
+        FinetuneConfig {
+            steps: None,
+            epochs: None,
+            batch_size: 4,
+            sub_batch: 0,
+            group_size: 8,
+            query_max_len: 512,
+            passage_max_len: 512,
+            loss: M3LossConfig::default(),
+            self_distill_start_step: -1,
+            knowledge_distillation: true,
+            shuffle_ratio: 0.0,
+            lr: 1e-5,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            max_grad_norm: Some(1.0),
+            seed: 42,
+            save_every: None,
+            fix_encoder: false,
+            fix_position_embedding: false,
+            dropout: true,
+            negatives_cross_device: true,
+        }
+    }
 }
 
 /// The training data: datasets (one per file) split into length-bucket units (SPEC §5.1-5.2).

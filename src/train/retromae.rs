@@ -47,8 +47,9 @@ impl DocSource for Vec<Vec<u32>> {
     }
 }
 
-/// Settings of a pre-training run.
-#[derive(Clone, Debug)]
+/// Settings of a pre-training run. The default is `retrom3 pretrain`'s with no flags (one
+/// epoch; override what differs: `PretrainConfig { steps: Some(100), ..Default::default() }`).
+#[derive(Clone, Debug, PartialEq)]
 pub struct PretrainConfig {
     /// Optimizer steps (takes precedence over `epochs`).
     pub steps: Option<u64>,
@@ -66,6 +67,26 @@ pub struct PretrainConfig {
     pub max_grad_norm: Option<f32>,
     /// Use the config's dropout (true for real training; tests may switch it off).
     pub dropout: bool,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        PretrainConfig {
+            steps: None,
+            epochs: None,
+            batch_size: 8,
+            max_len: 512,
+            lr: 1e-4,
+            warmup_ratio: 0.1,
+            weight_decay: 0.01,
+            grad_accum: 1,
+            masking: MaskingConfig::default(),
+            seed: 42,
+            save_every: None,
+            max_grad_norm: Some(1.0),
+            dropout: true,
+        }
+    }
 }
 
 /// What a finished run reports.
