@@ -640,7 +640,9 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                     if (threadIdx.x < kTcKeys)
                         tc_key_state(ma, b, lk, j0 + kTcKeys + threadIdx.x, nst, nwm);
 #ifdef R3_MUTANT_ATTN
-                    cp_async_wait<2>();  // emulator mutation test only: tile t may be in flight
+                    // Emulator mutation test only: the plain kernel may read tile t in flight.
+                    if (TS) cp_async_wait<1>();
+                    else cp_async_wait<2>();
 #else
                     cp_async_wait<1>();  // tile t's copies (this thread's) have landed
 #endif
@@ -774,7 +776,13 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                     skey[(buf ^ 1) * kTcKeys + threadIdx.x] = nst;
                     if (TS) sword[(buf ^ 1) * kTcKeys + threadIdx.x] = nwm;
                 }
+#ifdef R3_MUTANT_ATTN
+                // Emulator mutation test only: the two-stream kernel refills a buffer other
+                // warps may still be reading (caught under the warp-serial schedules).
+                if (!TS) __syncthreads();
+#else
                 __syncthreads();  // this buffer's readers are done before it is refilled
+#endif
             }
         }
 #pragma unroll

@@ -2,11 +2,12 @@
 //! agree with the CPU reference on the quick selftest shapes; and the harness must catch broken
 //! kernels (a mutant built from kernels/loss.cu with the block reductions' __syncthreads removed,
 //! one of kernels/attention.cu that skips the last partial key tile, one that reads a cp.async
-//! tile before its wait, one of kernels/maxsim.cu that skips the last partial passage tile, and
-//! launches the GPU would refuse are errors).
+//! tile before its wait, one that refills a cp.async buffer other warps still read (caught under
+//! the warp-serial schedules), one of kernels/maxsim.cu that skips the last partial passage tile,
+//! and launches the GPU would refuse are errors).
 #![cfg(feature = "emu")]
 
-use retrom3::device::emu::{self, EmuDevice};
+use retrom3::device::emu::{self, EmuDevice, Schedule};
 use retrom3::device::launch::{KernelArgs, LaunchConfig, Launcher};
 use retrom3::selftest;
 
@@ -65,7 +66,20 @@ fn missing_syncthreads_is_caught() {
 /// Runs the quick selftest with `kernel` replaced by its `mutant_<tag>_` build: the mutant must
 /// fail some row, and only the rows of `kernel` or of `also` (whole steps that run it) may fail.
 fn only_the_mutant_fails(kernel: &str, tag: &str, seed: u64, also: &[&str]) {
-    let dev = EmuDevice::new().substitute(kernel, &format!("mutant_{tag}_{kernel}"));
+    only_the_mutant_fails_under(Schedule::Lockstep, kernel, tag, seed, also)
+}
+
+/// [`only_the_mutant_fails`] with the block's threads taking turns as `schedule` says.
+fn only_the_mutant_fails_under(
+    schedule: Schedule,
+    kernel: &str,
+    tag: &str,
+    seed: u64,
+    also: &[&str],
+) {
+    let dev = EmuDevice::new()
+        .with_schedule(schedule)
+        .substitute(kernel, &format!("mutant_{tag}_{kernel}"));
     let report = selftest::run_on(&dev, true, seed).unwrap();
     let bad: Vec<_> = report.failures();
     assert!(
@@ -93,6 +107,35 @@ fn reading_a_tile_still_in_flight_is_caught() {
     // from the second key tile on it reads a tile whose copies have not landed (the emulator
     // holds NaN there until the wait), which every case with more than one key tile exposes.
     only_the_mutant_fails("attention_fwd_tcdb_d32_bf16", "attn", 17, &[]);
+}
+
+#[test]
+fn refilling_a_buffer_still_being_read_is_caught() {
+    // The mutant drops the double-buffered two-stream forward's trailing barrier: a warp that
+    // finishes tile t issues tile t + 2's copies into the buffer the other warps still read for
+    // tile t. In lockstep the warps advance together and it passes; each warp-serial schedule
+    // lets one warp run a whole tile ahead (the copy's NaN fill lands in the readers' tile).
+    for schedule in [Schedule::WarpSerial, Schedule::WarpSerialReverse] {
+        only_the_mutant_fails_under(
+            schedule,
+            "attention_fwd_tcdb_twostream_d32_bf16",
+            "attn",
+            17,
+            &[],
+        );
+    }
+}
+
+/// Every kernel passes under every schedule (a race between warps that one order hides,
+/// another shows).
+#[test]
+fn quick_selftest_passes_under_every_schedule() {
+    for schedule in [Schedule::WarpSerial, Schedule::WarpSerialReverse] {
+        let dev = EmuDevice::new().with_schedule(schedule);
+        let report = selftest::run_on(&dev, true, 23).unwrap();
+        let bad: Vec<_> = report.failures().iter().map(|r| r.kernel.clone()).collect();
+        assert!(bad.is_empty(), "{schedule:?}: {bad:?}");
+    }
 }
 
 #[test]

@@ -50,12 +50,17 @@
 
 extern "C" {
 /// One emulated launch (mirrors cuLaunchKernel's shape arguments). `workers`: OS threads the
-/// blocks are spread over (0: one). Shared with Rust (src/device/emu/mod.rs, #[repr(C)]).
+/// blocks are spread over (0: one). `schedule`: how a block's warps take turns (0 lockstep:
+/// every thread runs to its next barrier or warp op in thread order, so warps advance together;
+/// 1 warp-serial: each warp in turn runs as far as it can, i.e. to its next __syncthreads, warp
+/// 0 first; 2 the same from the last warp down). Shared with Rust (src/device/emu/mod.rs,
+/// #[repr(C)]).
 struct r3emu_launch {
     unsigned grid[3];
     unsigned block[3];
     unsigned shared_bytes;
     unsigned workers;
+    unsigned schedule;
 };
 /// The message of the last failed launch on this OS thread (deadlock, bad shape).
 const char* r3emu_last_error(void);

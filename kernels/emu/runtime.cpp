@@ -2,7 +2,12 @@
 //
 // Blocks are dealt round-robin to `workers` OS threads. On a worker, a block's threads are fibers
 // (own stack each, cooperative switching): a fiber runs until it waits at a barrier
-// (__syncthreads, a warp exchange) or ends; the worker then resumes the next fiber in thread order.
+// (__syncthreads, a warp exchange) or ends; the worker then resumes the next fiber in thread order
+// (the lockstep schedule: warps advance together, one warp op at a time), or, in the warp-serial
+// schedules, the next fiber of the same warp until that warp can go no further (it waits at a
+// __syncthreads or has ended), then the next warp (ascending or descending). Warp-serial lets a
+// warp run a whole barrier interval ahead of the others, which exposes a write into shared memory
+// (or a cp.async into a buffer) that another warp has yet to read when no barrier separates them.
 // A barrier completes when every live thread it waits for has arrived; a full pass over the fibers
 // in which nothing arrived, completed or ended is a deadlock (e.g. __syncthreads in divergent code,
 // a shuffle whose mask names a lane that never joins), reported as a launch error.
@@ -252,14 +257,32 @@ void run_blocks(const r3emu_launch& cfg, unsigned first, unsigned stride, void (
         w.live = int(n);
         w.bar_arrived = 0;
         w.bar_gen = 0;
-        while (w.live > 0) {
-            uint64_t before = w.epoch;
-            for (unsigned t = 0; t < n; t++) {
+        // Resumes the live fibers of threads [lo, hi) once each, in thread order.
+        auto pass = [&](unsigned lo, unsigned hi) {
+            for (unsigned t = lo; t < hi; t++) {
                 Fiber& f = w.fibers[t];
                 if (f.done) continue;
                 w.cur = int(t);
                 threadIdx = f.idx;
                 r3emu_switch(&w.sched_sp, f.sp);
+            }
+        };
+        const unsigned nw = unsigned(w.warps.size());
+        while (w.live > 0) {
+            uint64_t before = w.epoch;
+            if (cfg.schedule == 0) {
+                pass(0, n);
+            } else {
+                for (unsigned k = 0; k < nw; k++) {
+                    unsigned wi = cfg.schedule == 2 ? nw - 1 - k : k;
+                    // This warp runs until a pass over it changes nothing: every lane waits at
+                    // __syncthreads (or for a lane of another warp, which no warp op allows) or
+                    // has ended.
+                    for (uint64_t e = w.epoch - 1; e != w.epoch;) {
+                        e = w.epoch;
+                        pass(32 * wi, std::min(n, 32 * wi + 32));
+                    }
+                }
             }
             if (w.live > 0 && w.epoch == before) {
                 char msg[256];

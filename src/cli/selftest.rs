@@ -58,7 +58,11 @@ pub fn run(a: SelftestArgs) -> Result<()> {
             Err(e) => unavailable(e),
         }
     }
-    eprintln!("selftest on {} (seed {seed})", a.device);
+    let schedule = match (a.device, std::env::var("R3EMU_SCHEDULE")) {
+        (Device::Emu, Ok(v)) if !v.is_empty() => format!(", emulator schedule {v}"),
+        _ => String::new(),
+    };
+    eprintln!("selftest on {} (seed {seed}{schedule})", a.device);
     let report = match retrom3::selftest::run_with_seed(a.device, a.quick, seed) {
         Ok(r) => r,
         Err(e) if is_unavailable(&e) => unavailable(e),

@@ -40,7 +40,7 @@ pub fn open(device: Device) -> Result<Box<Gpu>> {
 
 #[cfg(feature = "emu")]
 fn open_emu() -> Result<Box<Gpu>> {
-    Ok(Box::new(crate::device::emu::EmuDevice::new()))
+    Ok(Box::new(crate::device::emu::EmuDevice::try_new()?))
 }
 
 #[cfg(not(feature = "emu"))]

@@ -258,7 +258,7 @@ fn run_cuda(_ordinal: usize, _quick: bool, _seed: u64) -> Result<SelftestReport>
 
 #[cfg(feature = "emu")]
 fn run_emu(quick: bool, seed: u64) -> Result<SelftestReport> {
-    run_on(&crate::device::emu::EmuDevice::new(), quick, seed)
+    run_on(&crate::device::emu::EmuDevice::try_new()?, quick, seed)
 }
 
 #[cfg(not(feature = "emu"))]

@@ -203,7 +203,7 @@ pub fn l2_normalize_bwd<T: Elem>(
     unsafe { kernels::l2_normalize_bwd(dev, T::DT, p(x), p(dy), pm(dx), rows, dim, eps) }
 }
 
-/// Cross-entropy forward: fills lse [rows] and returns (mean loss, counted rows).
+/// Cross-entropy forward: fills lse `[rows]` and returns (mean loss, counted rows).
 pub fn cross_entropy_fwd<T: Elem>(
     dev: &EmuDevice,
     logits: &[T],

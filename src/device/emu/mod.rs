@@ -21,6 +21,53 @@ pub struct EmuLaunch {
     block: [u32; 3],
     shared_bytes: u32,
     workers: u32,
+    schedule: u32,
+}
+
+/// How the threads of an emulated block take turns (kernels/emu/runtime.cpp).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Schedule {
+    /// Every thread runs to its next barrier or warp operation, in thread order: the warps of a
+    /// block advance together (the default).
+    #[default]
+    Lockstep = 0,
+    /// Each warp in turn, warp 0 first, runs as far as it can (to its next `__syncthreads`):
+    /// a warp is a whole barrier interval ahead of the later ones, so a shared-memory write
+    /// (or a `cp.async`) into data another warp has yet to read shows up without a barrier.
+    WarpSerial = 1,
+    /// The same, from the last warp down (readers ahead of writers the other way round).
+    WarpSerialReverse = 2,
+}
+
+impl Schedule {
+    /// All schedules, for sweeps.
+    pub const ALL: [Schedule; 3] = [
+        Schedule::Lockstep,
+        Schedule::WarpSerial,
+        Schedule::WarpSerialReverse,
+    ];
+
+    /// The name `R3EMU_SCHEDULE` takes: `lockstep`, `warp`, `warp-reverse`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Schedule::Lockstep => "lockstep",
+            Schedule::WarpSerial => "warp",
+            Schedule::WarpSerialReverse => "warp-reverse",
+        }
+    }
+
+    /// Parses a name of [`Schedule::name`].
+    pub fn parse(s: &str) -> Result<Schedule> {
+        Schedule::ALL
+            .into_iter()
+            .find(|x| x.name() == s)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "emulator schedule {s:?}: expected lockstep, warp or warp-reverse"
+                ))
+            })
+    }
 }
 
 /// An emulated kernel entry point: `r3emu_<kernel>(cfg, args)`, 0 on success.
@@ -56,6 +103,7 @@ fn entry(name: &str) -> Option<EmuEntry> {
 #[derive(Clone, Debug)]
 pub struct EmuDevice {
     workers: u32,
+    schedule: Schedule,
     substitutes: Vec<(String, String)>,
     /// Bytes that may be live at once (`R3EMU_MEMORY_LIMIT`; None: no limit), and the live count
     /// shared by every buffer of this device: lets tests drive the out-of-memory paths.
@@ -86,8 +134,29 @@ impl Default for EmuDevice {
 }
 
 impl EmuDevice {
-    /// Workers from `R3EMU_WORKERS`, else the machine's parallelism (at most 8).
+    /// Workers from `R3EMU_WORKERS`, else the machine's parallelism (at most 8); the schedule
+    /// from `R3EMU_SCHEDULE` (lockstep when unset; a name it does not know is reported on stderr
+    /// once and lockstep used: [`EmuDevice::try_new`] refuses it instead).
     pub fn new() -> EmuDevice {
+        EmuDevice::try_new().unwrap_or_else(|e| {
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| eprintln!("warning: {e}; using lockstep"));
+            EmuDevice::with_env_schedule(Schedule::Lockstep)
+        })
+    }
+
+    /// [`EmuDevice::new`], with an unknown `R3EMU_SCHEDULE` an error.
+    pub fn try_new() -> Result<EmuDevice> {
+        let schedule = match std::env::var("R3EMU_SCHEDULE") {
+            Ok(v) if !v.is_empty() => {
+                Schedule::parse(&v).map_err(|e| Error::invalid(format!("R3EMU_SCHEDULE: {e}")))?
+            }
+            _ => Schedule::Lockstep,
+        };
+        Ok(EmuDevice::with_env_schedule(schedule))
+    }
+
+    fn with_env_schedule(schedule: Schedule) -> EmuDevice {
         let workers = std::env::var("R3EMU_WORKERS")
             .ok()
             .and_then(|v| v.parse().ok())
@@ -96,6 +165,7 @@ impl EmuDevice {
             });
         EmuDevice {
             workers: workers.max(1),
+            schedule,
             substitutes: Vec::new(),
             limit: std::env::var("R3EMU_MEMORY_LIMIT")
                 .ok()
@@ -134,6 +204,17 @@ impl EmuDevice {
                 live: self.live.clone(),
             },
         ))
+    }
+
+    /// Take turns between a block's threads this way.
+    pub fn with_schedule(mut self, schedule: Schedule) -> EmuDevice {
+        self.schedule = schedule;
+        self
+    }
+
+    /// The schedule launches use.
+    pub fn schedule(&self) -> Schedule {
+        self.schedule
     }
 
     /// Run blocks on `n` OS threads (1: deterministic order of atomics).
@@ -180,6 +261,7 @@ impl Launcher for EmuDevice {
             block: cfg.block,
             shared_bytes: cfg.shared_bytes,
             workers: self.workers,
+            schedule: self.schedule as u32,
         };
         // SAFETY: `f` is an r3emu_ entry generated for this kernel; `args` holds one pointer per
         // kernel parameter (the wrappers in device::kernels push them in the .cu order), and the
