@@ -130,7 +130,11 @@ fn refilling_a_buffer_still_being_read_is_caught() {
 /// another shows).
 #[test]
 fn quick_selftest_passes_under_every_schedule() {
-    for schedule in [Schedule::WarpSerial, Schedule::WarpSerialReverse] {
+    for schedule in [
+        Schedule::Reverse,
+        Schedule::WarpSerial,
+        Schedule::WarpSerialReverse,
+    ] {
         let dev = EmuDevice::new().with_schedule(schedule);
         let report = selftest::run_on(&dev, true, 23).unwrap();
         let bad: Vec<_> = report.failures().iter().map(|r| r.kernel.clone()).collect();

@@ -50,11 +50,11 @@
 
 extern "C" {
 /// One emulated launch (mirrors cuLaunchKernel's shape arguments). `workers`: OS threads the
-/// blocks are spread over (0: one). `schedule`: how a block's warps take turns (0 lockstep:
+/// blocks are spread over (0: one). `schedule`: how a block's threads take turns (0 lockstep:
 /// every thread runs to its next barrier or warp op in thread order, so warps advance together;
 /// 1 warp-serial: each warp in turn runs as far as it can, i.e. to its next __syncthreads, warp
-/// 0 first; 2 the same from the last warp down). Shared with Rust (src/device/emu/mod.rs,
-/// #[repr(C)]).
+/// 0 first; 2 the same from the last warp and lane down; 3 lockstep in descending thread
+/// order). Shared with Rust (src/device/emu/mod.rs, #[repr(C)]).
 struct r3emu_launch {
     unsigned grid[3];
     unsigned block[3];

@@ -3,11 +3,13 @@
 // Blocks are dealt round-robin to `workers` OS threads. On a worker, a block's threads are fibers
 // (own stack each, cooperative switching): a fiber runs until it waits at a barrier
 // (__syncthreads, a warp exchange) or ends; the worker then resumes the next fiber in thread order
-// (the lockstep schedule: warps advance together, one warp op at a time), or, in the warp-serial
-// schedules, the next fiber of the same warp until that warp can go no further (it waits at a
-// __syncthreads or has ended), then the next warp (ascending or descending). Warp-serial lets a
-// warp run a whole barrier interval ahead of the others, which exposes a write into shared memory
-// (or a cp.async into a buffer) that another warp has yet to read when no barrier separates them.
+// (the lockstep schedule: warps advance together, one warp op at a time; or in descending order),
+// or, in the warp-serial schedules, the next fiber of the same warp until that warp can go no
+// further (it waits at a __syncthreads or has ended), then the next warp (ascending, or descending
+// with the lanes descending too). Warp-serial lets a warp run a whole barrier interval ahead of
+// the others, which exposes a write into shared memory (or a cp.async into a buffer) that another
+// warp has yet to read when no barrier separates them; the descending orders expose a lane (or
+// warp) that reads what a lower one writes with no __syncwarp / __syncthreads between them.
 // A barrier completes when every live thread it waits for has arrived; a full pass over the fibers
 // in which nothing arrived, completed or ended is a deadlock (e.g. __syncthreads in divergent code,
 // a shuffle whose mask names a lane that never joins), reported as a launch error.
@@ -257,9 +259,12 @@ void run_blocks(const r3emu_launch& cfg, unsigned first, unsigned stride, void (
         w.live = int(n);
         w.bar_arrived = 0;
         w.bar_gen = 0;
-        // Resumes the live fibers of threads [lo, hi) once each, in thread order.
+        // Resumes the live fibers of threads [lo, hi) once each, in thread order (descending in
+        // the reversed schedules).
+        const bool rev = cfg.schedule == 2 || cfg.schedule == 3;
         auto pass = [&](unsigned lo, unsigned hi) {
-            for (unsigned t = lo; t < hi; t++) {
+            for (unsigned i = lo; i < hi; i++) {
+                unsigned t = rev ? lo + hi - 1 - i : i;
                 Fiber& f = w.fibers[t];
                 if (f.done) continue;
                 w.cur = int(t);
@@ -270,7 +275,7 @@ void run_blocks(const r3emu_launch& cfg, unsigned first, unsigned stride, void (
         const unsigned nw = unsigned(w.warps.size());
         while (w.live > 0) {
             uint64_t before = w.epoch;
-            if (cfg.schedule == 0) {
+            if (cfg.schedule == 0 || cfg.schedule == 3) {
                 pass(0, n);
             } else {
                 for (unsigned k = 0; k < nw; k++) {

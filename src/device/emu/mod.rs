@@ -36,22 +36,28 @@ pub enum Schedule {
     /// a warp is a whole barrier interval ahead of the later ones, so a shared-memory write
     /// (or a `cp.async`) into data another warp has yet to read shows up without a barrier.
     WarpSerial = 1,
-    /// The same, from the last warp down (readers ahead of writers the other way round).
+    /// The same from the last warp down, each warp's lanes from the last down (readers ahead of
+    /// writers the other way round).
     WarpSerialReverse = 2,
+    /// Lockstep in descending thread order: a lane (or warp) that reads what a lower one wrote
+    /// with no `__syncwarp` / `__syncthreads` between them reads it before it is written.
+    Reverse = 3,
 }
 
 impl Schedule {
     /// All schedules, for sweeps.
-    pub const ALL: [Schedule; 3] = [
+    pub const ALL: [Schedule; 4] = [
         Schedule::Lockstep,
+        Schedule::Reverse,
         Schedule::WarpSerial,
         Schedule::WarpSerialReverse,
     ];
 
-    /// The name `R3EMU_SCHEDULE` takes: `lockstep`, `warp`, `warp-reverse`.
+    /// The name `R3EMU_SCHEDULE` takes: `lockstep`, `reverse`, `warp`, `warp-reverse`.
     pub fn name(self) -> &'static str {
         match self {
             Schedule::Lockstep => "lockstep",
+            Schedule::Reverse => "reverse",
             Schedule::WarpSerial => "warp",
             Schedule::WarpSerialReverse => "warp-reverse",
         }
@@ -64,7 +70,8 @@ impl Schedule {
             .find(|x| x.name() == s)
             .ok_or_else(|| {
                 Error::invalid(format!(
-                    "emulator schedule {s:?}: expected lockstep, warp or warp-reverse"
+                    "emulator schedule (R3EMU_SCHEDULE) {s:?}: expected lockstep, reverse, warp \
+                     or warp-reverse"
                 ))
             })
     }
@@ -148,9 +155,7 @@ impl EmuDevice {
     /// [`EmuDevice::new`], with an unknown `R3EMU_SCHEDULE` an error.
     pub fn try_new() -> Result<EmuDevice> {
         let schedule = match std::env::var("R3EMU_SCHEDULE") {
-            Ok(v) if !v.is_empty() => {
-                Schedule::parse(&v).map_err(|e| Error::invalid(format!("R3EMU_SCHEDULE: {e}")))?
-            }
+            Ok(v) if !v.is_empty() => Schedule::parse(&v)?,
             _ => Schedule::Lockstep,
         };
         Ok(EmuDevice::with_env_schedule(schedule))
