@@ -19,6 +19,10 @@
  *   - r3_output: immutable; its accessors may run from many threads at once. r3_output_free must
  *     not race with any other use of that output.
  *   - r3_last_error is per thread: a call on one thread never changes another thread's message.
+ *   - fork(): the library's worker threads live in the process that first encoded or scored. A
+ *     child forked after that gets R3_ERR_UNSUPPORTED from r3_encode / r3_score (it would
+ *     otherwise wait for threads it does not have): encode in the parent only, or in children
+ *     only (the parent may load models before forking), or start children with spawn.
  *
  * Ownership
  *   - r3_model_load / r3_encode create handles the caller owns; free them with r3_model_free /
@@ -104,7 +108,8 @@ typedef struct r3_encode_options {
 
 /* Options of r3_score. Fill with r3_score_options_init, then change fields. */
 typedef struct r3_score_options {
-    float weights[3];          /* w_dense, w_sparse, w_colbert: finite, >= 0 (init: 1, 1, 1) */
+    float weights[3];          /* w_dense, w_sparse, w_colbert: finite, >= 0, w_dense + w_sparse
+                                  > 0 (init: 1, 1, 1) */
     size_t max_query_length;   /* max tokens per query; 0: 512 (or the model's max if lower) */
     size_t max_passage_length; /* max tokens per passage; 0: 512 (or the model's max if lower) */
     size_t batch_size;         /* texts per forward pass; 0: 32 */
@@ -126,18 +131,20 @@ const char* r3_status_name(r3_status status);
 /* Fill *opts with the defaults (dense only, model defaults, batch 32). Thread-safe. */
 r3_status r3_encode_options_init(r3_encode_options* opts);
 
-/* Fill *opts with the defaults (weights 1,1,1; model's max length; batch 32). Thread-safe. */
+/* Fill *opts with the defaults (weights 1,1,1; lengths 0: 512 or the model's max if lower;
+ * batch 32). Thread-safe. */
 r3_status r3_score_options_init(r3_score_options* opts);
 
 /* ---- Model ---------------------------------------------------------------------------------- */
 
 /* Load a model directory (Hugging Face / FlagEmbedding layout: config.json, model.safetensors or
  * pytorch_model.bin, tokenizer.json, optional colbert_linear.pt + sparse_linear.pt).
- * device: "cpu", "cuda" or "cuda:N"; NULL means "cpu".
+ * device: "cpu", "cuda" or "cuda:N" ("emu" in builds with the emulator); NULL means "cpu".
  * On success *out is a new handle owned by the caller (free with r3_model_free); on failure
  * *out is NULL. Errors: R3_ERR_NULL_POINTER (dir, out), R3_ERR_INVALID_UTF8,
- * R3_ERR_INVALID_ARGUMENT (device name), R3_ERR_IO (missing directory or file),
- * R3_ERR_FORMAT (bad model files), R3_ERR_UNSUPPORTED (cuda not built / no driver).
+ * R3_ERR_INVALID_ARGUMENT (device name), R3_ERR_IO (missing or unreadable directory,
+ * config.json or tokenizer.json), R3_ERR_FORMAT (bad model files, no weights file, one head
+ * file without the other), R3_ERR_UNSUPPORTED (cuda not built / no driver).
  * Thread-safe (each call creates an independent handle). */
 r3_status r3_model_load(const char* dir, const char* device, r3_model** out);
 
@@ -164,7 +171,8 @@ r3_status r3_output_count(const r3_output* output, size_t* n);
 r3_status r3_output_dense(const r3_output* output, const float** data, size_t* n, size_t* dim);
 
 /* Sparse lexical weights of texts[i]: *len pairs (*ids)[k], (*weights)[k]; ids ascending,
- * weights > 0, special tokens dropped; both NULL when *len is 0.
+ * weights > 0, the tokenizer's cls, eos, pad and unk ids dropped (as FlagEmbedding); both NULL
+ * when *len is 0.
  * Errors: R3_ERR_NULL_POINTER, R3_ERR_NOT_REQUESTED, R3_ERR_OUT_OF_RANGE (i >= n). */
 r3_status r3_output_sparse(const r3_output* output, size_t i, const uint32_t** ids,
                            const float** weights, size_t* len);

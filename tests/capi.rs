@@ -193,6 +193,8 @@ fn c_program_output() -> &'static str {
             String::from_utf8_lossy(&out.stderr)
         );
         assert!(stdout.lines().any(|l| l == "done"), "{stdout}");
+        // A child forked after the parent encoded got R3_ERR_UNSUPPORTED, not a hang.
+        assert!(stdout.lines().any(|l| l == "fork ok"), "{stdout}");
         // The executable embeds the whole library (~100 MB); kept only when a check failed.
         let _ = std::fs::remove_dir_all(exe.parent().unwrap());
         stdout
@@ -954,6 +956,10 @@ fn rust_bad_inputs_through_the_abi() {
     let (s, m) = load(Path::new("/nonexistent/retrom3"));
     expect(s, R3Status::Io, "/nonexistent/retrom3");
     assert!(m.is_null());
+    // The message stays one line when it echoes a path with a line break in it.
+    let (s, _) = load(Path::new("/nonexistent\nINJECTED line"));
+    expect(s, R3Status::Io, "/nonexistent\\nINJECTED line");
+    assert!(!last_error().contains('\n'), "{:?}", last_error());
 
     // A plain BERT without the M3 heads: sparse and scores are refused with a clear reason.
     let (s, bert) = load(&fixture("tiny-bert"));
@@ -1063,7 +1069,7 @@ fn rust_bad_inputs_through_the_abi() {
                 out5.as_mut_ptr(),
             ),
             R3Status::InvalidArgument,
-            "weights",
+            "r3_score_options_init",
         );
         expect(
             r3_score(

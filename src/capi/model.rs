@@ -2,7 +2,9 @@
 //! `r3_score`, and their option structs.
 
 use super::output::R3Output;
-use super::status::{guard, guard_void, str_arg, str_array_arg, write_out, FfiError, R3Status};
+use super::status::{
+    fork_check, guard, guard_void, str_arg, str_array_arg, write_out, FfiError, R3Status,
+};
 use crate::device::Device;
 use crate::infer::{EncodeOptions, ScoreOptions};
 use crate::model::config::Pooling;
@@ -137,11 +139,13 @@ impl R3EncodeOptions {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct R3ScoreOptions {
-    /// Fusion weights `[w_dense, w_sparse, w_colbert]`: finite, non-negative, positive sums.
+    /// Fusion weights `[w_dense, w_sparse, w_colbert]`: finite, non-negative, `w_dense +
+    /// w_sparse > 0` (the sparse+dense score divides by it).
     pub weights: [f32; 3],
-    /// Max tokens per query, specials included; 0: the model's default max length.
+    /// Max tokens per query, specials included; 0: 512 (FlagEmbedding's `compute_score`), or
+    /// the model's max length if lower.
     pub max_query_length: usize,
-    /// Max tokens per passage, specials included; 0: the model's default max length.
+    /// Max tokens per passage, specials included; 0: as `max_query_length`.
     pub max_passage_length: usize,
     /// Texts per forward pass; 0: 32.
     pub batch_size: usize,
@@ -202,8 +206,8 @@ pub unsafe extern "C" fn r3_encode_options_init(opts: *mut R3EncodeOptions) -> R
     guard(|| unsafe { write_out(opts, R3EncodeOptions::default(), "opts") })
 }
 
-/// Fill `opts` with the defaults: weights [1, 1, 1], the model's max length for queries and
-/// passages, 32 texts per batch.
+/// Fill `opts` with the defaults: weights [1, 1, 1], lengths 0 (512, or the model's max length
+/// if lower), 32 texts per batch.
 ///
 /// # Safety
 /// `opts` is NULL or valid for a write of `r3_score_options`.
@@ -214,7 +218,7 @@ pub unsafe extern "C" fn r3_score_options_init(opts: *mut R3ScoreOptions) -> R3S
 }
 
 /// Load a model directory (Hugging Face / FlagEmbedding layout) on `device` ("cpu", "cuda",
-/// "cuda:N"; NULL means "cpu"). On success `*out` owns a new handle (free it with
+/// "cuda:N", or "emu" in builds with the emulator; NULL means "cpu"). On success `*out` owns a new handle (free it with
 /// `r3_model_free`); on failure `*out` is NULL.
 ///
 /// # Safety
@@ -286,6 +290,7 @@ pub unsafe extern "C" fn r3_encode(
             .copied()
             .unwrap_or_default()
             .to_rust()?;
+        fork_check()?;
         let enc = model.encode(&texts, &opts)?;
         let output = R3Output::from_encode(model, texts.len(), enc)?;
         // SAFETY: `out` was checked non-null and writable above.
@@ -328,11 +333,16 @@ pub unsafe extern "C" fn r3_score(
             .filter(|&l| l <= isize::MAX as usize / std::mem::size_of::<f32>())
             .ok_or_else(|| FfiError::invalid(format!("n {n} is too large")))?;
         // SAFETY: NULL or a readable r3_score_options per the contract (plain data, Copy).
-        let opts = unsafe { options.as_ref() }
-            .copied()
-            .unwrap_or_default()
-            .to_rust(model);
+        let raw = unsafe { options.as_ref() }.copied().unwrap_or_default();
+        if raw.weights == [0.0; 3] {
+            return Err(FfiError::invalid(
+                "r3_score_options.weights are all 0 (a zero-filled struct?): fill the options \
+                 with r3_score_options_init first, then change fields",
+            ));
+        }
+        let opts = raw.to_rust(model);
         let pairs: Vec<(&str, &str)> = queries.into_iter().zip(passages).collect();
+        fork_check()?;
         let scores = model.compute_score(&pairs, &opts)?;
         if len == 0 {
             return Ok(());

@@ -136,14 +136,49 @@ thread_local! {
 /// Store `msg` as this thread's last error. Never panics: interior NULs become spaces, and a
 /// thread-local that is already torn down (thread exit) is skipped.
 pub(crate) fn set_last_error(msg: &str) {
-    let bytes: Vec<u8> = msg.bytes().map(|b| if b == 0 { b' ' } else { b }).collect();
-    // The NULs were replaced above, so `CString::new` cannot fail; the default is unreachable.
-    let c = CString::new(bytes).unwrap_or_default();
+    // One line, as documented, whatever the message echoes (a path or text with a newline): line
+    // breaks and other control characters are written as escapes (`\n`), NULs included.
+    let mut line = String::with_capacity(msg.len());
+    for ch in msg.chars() {
+        if ch.is_control() {
+            line.extend(ch.escape_default());
+        } else {
+            line.push(ch);
+        }
+    }
+    // No NUL is left, so `CString::new` cannot fail; the default is unreachable.
+    let c = CString::new(line).unwrap_or_default();
     let _ = LAST_ERROR.try_with(|e| {
         if let Ok(mut slot) = e.try_borrow_mut() {
             *slot = c;
         }
     });
+}
+
+/// The process that first ran a computation through this API (0: none yet). The CPU backend's
+/// worker threads (rayon's pool, started by that first computation) exist only there: a child
+/// made by `fork()` afterwards inherits the pool's state but not its threads, and would wait for
+/// them forever.
+static COMPUTING_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Refuses to compute in a child forked after the parent computed (instead of hanging); marks
+/// this process as the one computing otherwise.
+pub(crate) fn fork_check() -> FfiResult<()> {
+    use std::sync::atomic::Ordering;
+    let me = std::process::id();
+    match COMPUTING_PID.compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst) {
+        Ok(_) => Ok(()),
+        Err(pid) if pid == me => Ok(()),
+        Err(pid) => Err(FfiError::new(
+            R3Status::Unsupported,
+            format!(
+                "this process was forked from process {pid} after that one encoded or scored: \
+                 the library's worker threads do not survive fork(); load and use models only \
+                 in the child (or only in the parent), or start children with spawn (Python: \
+                 multiprocessing.get_context(\"spawn\"))"
+            ),
+        )),
+    }
 }
 
 /// Clear this thread's last error (every status-returning call does this on entry).
@@ -296,9 +331,10 @@ mod tests {
 
     #[test]
     fn errors_map_to_their_status_and_nuls_are_kept_out() {
-        let s = guard(|| Err(Error::invalid("a\0b").into()));
+        let s = guard(|| Err(Error::invalid("a\0b\nc\td").into()));
         assert_eq!(s, R3Status::InvalidArgument);
-        assert_eq!(last(), "invalid argument: a b");
+        // One line, no NUL to cut it short: control characters are written as escapes.
+        assert_eq!(last(), "invalid argument: a\\u{0}b\\nc\\td");
         let s = guard(|| Err(Error::FeatureMissing("cuda").into()));
         assert_eq!(s, R3Status::Unsupported);
     }

@@ -81,15 +81,18 @@ pub fn colbert_score(q: &ColbertVecs, p: &ColbertVecs) -> f32 {
 }
 
 impl PairScores {
-    /// Combine the three base scores with weights [dense, sparse, colbert].
+    /// Combine the three base scores with weights [dense, sparse, colbert], in double precision
+    /// as FlagEmbedding's Python floats do (weights near f32's limits neither overflow the sum
+    /// nor lose their ratio).
     pub fn fuse(dense: f32, sparse: f32, colbert: f32, w: [f32; 3]) -> PairScores {
+        let [wd, ws, wc] = w.map(f64::from);
+        let (d, s, c) = (f64::from(dense), f64::from(sparse), f64::from(colbert));
         PairScores {
             dense,
             sparse,
             colbert,
-            sparse_dense: (w[1] * sparse + w[0] * dense) / (w[0] + w[1]),
-            colbert_sparse_dense: (w[2] * colbert + w[1] * sparse + w[0] * dense)
-                / (w[0] + w[1] + w[2]),
+            sparse_dense: ((ws * s + wd * d) / (wd + ws)) as f32,
+            colbert_sparse_dense: ((wc * c + ws * s + wd * d) / (wd + ws + wc)) as f32,
         }
     }
 }
@@ -112,15 +115,24 @@ impl M3Model {
         progress: &mut dyn FnMut(usize),
     ) -> Result<Vec<PairScores>> {
         let w = opts.weights;
-        if w.iter().any(|x| !x.is_finite() || *x < 0.0)
-            || w[0] + w[1] <= 0.0
-            || w[0] + w[1] + w[2] <= 0.0
-        {
+        if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w[0] + w[1] <= 0.0 {
+            // dense + sparse is one of the five scores: its two weights may not both be 0.
             return Err(Error::invalid(format!(
-                "weights {w:?}: need three finite non-negative numbers with positive sums"
+                "weights {w:?}: need three finite non-negative numbers [dense, sparse, colbert], \
+                 dense + sparse > 0 (FlagEmbedding's default is [0.4, 0.2, 0.4])"
             )));
         }
         self.require_heads("compute_score")?;
+        // Checked here so that the error names the field the caller set.
+        for (field, m) in [
+            ("max_query_length", opts.max_query_length),
+            ("max_passage_length", opts.max_passage_length),
+        ] {
+            self.resolve_max_length(Some(m)).map_err(|e| match e {
+                Error::Invalid(msg) => Error::invalid(format!("{field}: {msg}")),
+                e => e,
+            })?;
+        }
         let base = EncodeOptions {
             batch_size: opts.batch_size,
             ..EncodeOptions::all()
@@ -157,5 +169,35 @@ impl M3Model {
                 )
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PairScores;
+
+    /// The weighted scores are weighted means: any positive scale of the weights gives the same
+    /// value, at f32's largest and smallest (subnormal) weights too.
+    #[test]
+    fn fused_scores_do_not_depend_on_the_weights_scale() {
+        let want = PairScores::fuse(0.9946, 0.2, 0.8, [0.4, 0.2, 0.4]);
+        // 3e38 each: their f32 sum overflows; 1.4e-45 is the least subnormal.
+        let tiny = f32::from_bits(1);
+        for w in [
+            [3e38, 1.5e38, 3e38],
+            [2.0 * tiny, tiny, 2.0 * tiny],
+            [4.0, 2.0, 4.0],
+        ] {
+            let got = PairScores::fuse(0.9946, 0.2, 0.8, w);
+            assert!(got.sparse_dense.is_finite() && got.colbert_sparse_dense.is_finite());
+            assert!(
+                (got.sparse_dense - want.sparse_dense).abs() < 1e-6,
+                "{w:?}: {got:?}"
+            );
+            assert!(
+                (got.colbert_sparse_dense - want.colbert_sparse_dense).abs() < 1e-6,
+                "{w:?}: {got:?}"
+            );
+        }
     }
 }

@@ -15,6 +15,7 @@
  *   score I s0 s1 s2 s3 s4                    one pair's five scores
  *   bad CASE STATUS_NAME MESSAGE              one bad-input case (the message is one line)
  *   threads ok
+ *   fork ok
  *   done
  * Checks that need no Rust reference (status codes of bad input, NULL outputs after failure, the
  * per-thread error message, results from several threads) are made here; any failure prints
@@ -30,6 +31,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 static int failures = 0;
 
@@ -351,6 +355,34 @@ static void threads(const r3_model* model) {
     printf("threads ok\n");
 }
 
+/* ---- fork(): a child of a process that computed gets an error, not a hang -------------------- */
+
+static void forked_child(const r3_model* model) {
+    /* The parent has encoded (its worker threads exist there only). */
+    pid_t pid = fork();
+    CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        alarm(60); /* a hang would otherwise stall the test: SIGALRM fails it */
+        r3_output* out = NULL;
+        r3_status s = r3_encode(model, TEXTS, 1, NULL, &out);
+        const char* msg = r3_last_error();
+        int ok = s == R3_ERR_UNSUPPORTED && out == NULL && strstr(msg, "fork()") != NULL;
+        float out5[5];
+        s = r3_score(model, QUERIES, PASSAGES, 1, NULL, out5);
+        ok = ok && s == R3_ERR_UNSUPPORTED;
+        if (!ok) fprintf(stderr, "FAIL child: %s: %s\n", r3_status_name(s), r3_last_error());
+        _exit(ok ? 0 : 1);
+    }
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid, "waitpid");
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "forked child: status %d", status);
+    /* The parent goes on computing. */
+    r3_output* out = NULL;
+    MUST(r3_encode(model, TEXTS, 1, NULL, &out));
+    r3_output_free(out);
+    printf("fork ok\n");
+}
+
 int main(int argc, char** argv) {
     if (argc != 2) {
         fprintf(stderr, "usage: %s MODEL_DIR\n", argv[0]);
@@ -369,6 +401,7 @@ int main(int argc, char** argv) {
     score(model);
     bad_inputs(model, argv[1]);
     threads(model);
+    forked_child(model);
     r3_model_free(model);
 
     if (failures) {
