@@ -105,6 +105,67 @@ fn more_layers_in_the_weights_than_in_the_config() {
     );
 }
 
+/// A config that promises more layers than the weights hold is refused before the parameter
+/// list is sized from it: one more layer names the count held, and a typo'd 10^12 (which used to
+/// abort the process on the allocation) is refused by the config check.
+#[test]
+fn more_layers_in_the_config_than_in_the_weights() {
+    let d = model_copy("fewer-layers");
+    let p = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let n = cfg["num_hidden_layers"].as_u64().unwrap();
+    for (layers, want) in [
+        (n + 1, format!("holds {n} encoder layers")),
+        (1_000_000_000_000, "more than 4096 layers".to_string()),
+    ] {
+        cfg["num_hidden_layers"] = layers.into();
+        std::fs::write(&p, cfg.to_string()).unwrap();
+        let e = M3Model::load(&d, Device::Cpu).unwrap_err().to_string();
+        assert!(e.contains("num_hidden_layers") && e.contains(&want), "{e}");
+    }
+}
+
+/// A sentence-transformers max_seq_length that leaves no room for the two special tokens is a
+/// format error at load (it used to load, then fail every default encode blaming max_length).
+#[test]
+fn sentence_transformers_max_length_below_two() {
+    let d = model_copy("st-max0");
+    std::fs::write(
+        d.join("sentence_bert_config.json"),
+        r#"{"max_seq_length": 0}"#,
+    )
+    .unwrap();
+    let e = M3Model::load(&d, Device::Cpu).unwrap_err();
+    assert!(matches!(e, Error::Format { .. }), "{e}");
+    let e = e.to_string();
+    assert!(
+        e.contains("sentence_bert_config.json") && e.contains(">= 2"),
+        "{e}"
+    );
+}
+
+/// Score lengths over the model's are refused naming the option that was set.
+#[test]
+fn score_lengths_name_their_field() {
+    let m = M3Model::load(fixture("tiny-xlmr"), Device::Cpu).unwrap();
+    for (field, q, p) in [
+        ("max_query_length", m.max_length + 1, 8),
+        ("max_passage_length", 8, 1),
+    ] {
+        let opts = retrom3::ScoreOptions {
+            max_query_length: q,
+            max_passage_length: p,
+            ..Default::default()
+        };
+        let e = m
+            .compute_score(&[("q", "p")], &opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(field), "{e}");
+    }
+}
+
 fn ft_config(steps: u64) -> FinetuneConfig {
     FinetuneConfig {
         steps: Some(steps),

@@ -61,6 +61,9 @@ fn unsupported_model_type(model_type: &str) -> String {
     )
 }
 
+/// The most encoder layers a config may declare.
+pub const MAX_LAYERS: usize = 4096;
+
 /// The encoder hyper-parameters of a BERT / XLM-RoBERTa `config.json` (SPEC §1.1).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EncoderConfig {
@@ -223,7 +226,8 @@ impl EncoderConfig {
         Ok(config)
     }
 
-    /// Checks every invariant the model relies on; errors name the field.
+    /// Checks every invariant the model relies on; errors name the field (at most
+    /// [`MAX_LAYERS`] layers).
     pub fn validate(&self) -> Result<()> {
         self.validate_at(Path::new("<EncoderConfig>"))
     }
@@ -239,6 +243,16 @@ impl EncoderConfig {
                 "num_hidden_layers",
                 self.num_hidden_layers > 0,
                 "must be > 0".into(),
+            ),
+            (
+                // A typo'd count would otherwise size the parameter list before any tensor is
+                // read (10^12 layers: an allocation abort, not an error).
+                "num_hidden_layers",
+                self.num_hidden_layers <= MAX_LAYERS,
+                format!(
+                    "{} is more than {MAX_LAYERS} layers (no BERT / XLM-RoBERTa has that many)",
+                    self.num_hidden_layers
+                ),
             ),
             (
                 "num_attention_heads",
@@ -565,8 +579,12 @@ pub fn read_sentence_transformers_info(dir: &Path) -> Result<SentenceTransformer
             let len = n
                 .as_u64()
                 .and_then(|n| usize::try_from(n).ok())
+                .filter(|&n| n >= 2)
                 .ok_or_else(|| {
-                    let msg = format!("max_seq_length: expected a non-negative integer, got {n}");
+                    let msg = format!(
+                        "max_seq_length: expected an integer >= 2 (it counts the 2 special \
+                         tokens), got {n}"
+                    );
                     Error::format(&sbert_path, msg)
                 })?;
             info.max_seq_length = Some(len);

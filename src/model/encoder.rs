@@ -251,6 +251,22 @@ impl Encoder {
                 ),
             });
         }
+        // Fewer layers in the weights than the config says: said before the parameter list is
+        // built (its size follows the config).
+        let held = map
+            .keys()
+            .filter_map(|k| k.strip_prefix("encoder.layer.")?.split('.').next())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        if held < n {
+            return Err(Error::Config {
+                field: "num_hidden_layers".into(),
+                msg: format!(
+                    "{n}, but {} holds {held} encoder layers: config and weights disagree",
+                    path.display()
+                ),
+            });
+        }
         let params = ParamSet::from_map(encoder_param_specs(&config), map, path)?;
         Ok(Encoder { config, params })
     }
