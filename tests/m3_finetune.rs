@@ -431,3 +431,61 @@ fn an_empty_neg_is_for_group_size_one() {
     let r = run(&cfg, ex, &tmp("emptyneg-g1"));
     assert!(r.iter().all(|s| s.1.is_finite()));
 }
+
+/// Both trainers save the source checkpoint's `pooler.*` tensors back unchanged (outside every
+/// loss, as in PyTorch), so transformers loads their output without re-initialising a pooler.
+#[test]
+fn trainers_carry_the_pooler_through() {
+    let src = fixture("tiny-bge-m3-layout");
+    let (map, _) = retrom3::io::read_backbone(&src).unwrap();
+    let pooler: Vec<_> = map.keys().filter(|k| k.starts_with("pooler.")).collect();
+    assert_eq!(pooler.len(), 2, "the fixture has a pooler");
+    let d = tmp("pooler");
+    std::fs::create_dir_all(&d).unwrap();
+    let train = std::fs::read_to_string(fixture("m3-train/train.jsonl")).unwrap();
+    std::fs::write(d.join("t.jsonl"), train).unwrap();
+    let bin = env!("CARGO_BIN_EXE_retrom3");
+    let ft = std::process::Command::new(bin)
+        .arg("finetune")
+        .arg("--model")
+        .arg(&src)
+        .arg("--train")
+        .arg(d.join("t.jsonl"))
+        .arg("--output")
+        .arg(d.join("ft"))
+        .args(["--group-size", "2", "--batch-size", "2", "--steps", "1"])
+        .args(["--query-max-len", "16", "--passage-max-len", "16"])
+        .output()
+        .unwrap();
+    assert!(
+        ft.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ft.stderr)
+    );
+    let pt = std::process::Command::new(bin)
+        .arg("pretrain")
+        .arg("--model")
+        .arg(&src)
+        .arg("--tokenizer")
+        .arg(&src)
+        .arg("--data")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("data/demo/pretrain.txt"))
+        .arg("--output")
+        .arg(d.join("pt"))
+        .args(["--steps", "1", "--batch-size", "2", "--max-len", "16"])
+        .output()
+        .unwrap();
+    assert!(
+        pt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pt.stderr)
+    );
+    for out in ["ft", "pt"] {
+        let (saved, _) = retrom3::io::read_backbone(&d.join(out)).unwrap();
+        for k in &pooler {
+            let want = map[*k].to_f32().into_f32_vec().unwrap();
+            let got = saved[*k].to_f32().into_f32_vec().unwrap();
+            assert_eq!(got, want, "{out}: {k}");
+        }
+    }
+}

@@ -155,7 +155,8 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             let (map, path) = retrom3::io::read_backbone(dir)?;
             let enc = Encoder::from_tensors(cfg, &map, &path)?;
             let heads = RetroMae::read_heads(dir, &enc.config)?;
-            let model = RetroMae::new(enc, &heads, a.dec_mask as f32, a.seed)?;
+            let mut model = RetroMae::new(enc, &heads, a.dec_mask as f32, a.seed)?;
+            model.extra_tensors = retrom3::io::model_dir::passthrough_tensors(&map);
             let state = TrainState::load(dir)?;
             let mut opt = AdamW::new(
                 model.params.specs(),
@@ -169,7 +170,9 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             let cfg = EncoderConfig::from_file(dir.join("config.json"))?;
             let (map, path) = retrom3::io::read_backbone(dir)?;
             let enc = Encoder::from_tensors(cfg, &map, &path)?;
-            (RetroMae::new(enc, &map, a.dec_mask as f32, a.seed)?, None)
+            let mut model = RetroMae::new(enc, &map, a.dec_mask as f32, a.seed)?;
+            model.extra_tensors = retrom3::io::model_dir::passthrough_tensors(&map);
+            (model, None)
         }
         (None, None, Some(cfg)) => {
             let cfg = EncoderConfig::from_file(cfg)?;

@@ -250,3 +250,16 @@ fn module_dirs(modules: &Path) -> Result<Vec<PathBuf>> {
     }
     Ok(dirs)
 }
+
+/// The checkpoint tensors a faithful copy keeps although the encoder does not use them
+/// (`pooler.*`: transformers' `BertModel` / `XLMRobertaModel` expect them and would initialise
+/// them randomly, with a warning, if a saved directory lacked them). The trainers carry them
+/// through unchanged, as PyTorch does for parameters outside the loss.
+pub fn passthrough_tensors(
+    map: &std::collections::BTreeMap<String, crate::tensor::Tensor>,
+) -> std::collections::BTreeMap<String, crate::tensor::Tensor> {
+    map.iter()
+        .filter(|(k, _)| k.starts_with("pooler."))
+        .map(|(k, v)| (k.clone(), v.to_f32()))
+        .collect()
+}

@@ -74,11 +74,7 @@ impl M3Model {
         let config = EncoderConfig::from_file(dir.join("config.json"))?;
         let (map, path) = model_dir::read_backbone(dir)?;
         let encoder = Encoder::from_tensors(config, &map, &path)?;
-        let extra_tensors = map
-            .iter()
-            .filter(|(k, _)| k.starts_with("pooler."))
-            .map(|(k, v)| (k.clone(), v.to_f32()))
-            .collect();
+        let extra_tensors = model_dir::passthrough_tensors(&map);
         let heads = model_dir::read_heads(dir, encoder.config.hidden_size)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         if tokenizer.vocab_size() > encoder.config.vocab_size {

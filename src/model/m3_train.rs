@@ -60,6 +60,9 @@ impl Default for M3LossConfig {
 pub struct M3Student {
     pub encoder_config: crate::model::config::EncoderConfig,
     pub params: ParamSet,
+    /// Tensors of the loaded checkpoint outside the model (`pooler.*`), saved back unchanged
+    /// ([`crate::io::model_dir::passthrough_tensors`]).
+    pub extra_tensors: std::collections::BTreeMap<String, Tensor>,
 }
 
 /// One batch: B queries and B·G passages (query-major groups, positive first).
@@ -121,6 +124,7 @@ impl M3Student {
         Ok(M3Student {
             encoder_config: encoder.config,
             params: ParamSet::from_values(specs, values)?,
+            extra_tensors: Default::default(),
         })
     }
 
@@ -148,7 +152,9 @@ impl M3Student {
                 None => fresh_heads(hidden, seed)?,
             },
         };
-        M3Student::new(enc, &heads)
+        let mut student = M3Student::new(enc, &heads)?;
+        student.extra_tensors = crate::io::model_dir::passthrough_tensors(&map);
+        Ok(student)
     }
 
     fn n_encoder(&self) -> usize {

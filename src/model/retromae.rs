@@ -34,6 +34,9 @@ pub struct RetroMae {
     pub params: ParamSet,
     /// Decoder mask ratio.
     pub p_dec: f32,
+    /// Tensors of the loaded checkpoint outside the model (`pooler.*`), saved back unchanged
+    /// with the encoder ([`crate::io::model_dir::passthrough_tensors`]).
+    pub extra_tensors: std::collections::BTreeMap<String, Tensor>,
 }
 
 /// The loss of one batch.
@@ -84,6 +87,7 @@ impl RetroMae {
             params: ParamSet::from_values(RetroMae::specs(&c), values)?,
             config: c,
             p_dec,
+            extra_tensors: Default::default(),
         })
     }
 

@@ -151,7 +151,9 @@ fn write_run_files(
 ) -> Result<()> {
     super::ensure_params_finite(&model.params, state.step)?;
     let enc = model.encoder()?;
-    crate::io::write_backbone(dir, &enc.params.to_map())?;
+    let mut tensors = enc.params.to_map();
+    tensors.extend(model.extra_tensors.clone());
+    crate::io::write_backbone(dir, &tensors)?;
     if heads {
         crate::io::write_heads(dir, &model.heads())?;
     } else {

@@ -21,30 +21,27 @@ impl MetricsLog {
     /// the checkpoint, or an older run in the same directory) are dropped from the file, which is
     /// then appended to.
     pub fn open(path: &Path, step: u64) -> Result<MetricsLog> {
-        let (rows, dropped) = match std::fs::read_to_string(path) {
+        let rows = match std::fs::read_to_string(path) {
             Ok(s) => {
-                let all: Vec<Value> = s
+                // Each kept row with its line as written (re-serialising the parsed value could
+                // move a float by an ulp: the file must read as an uninterrupted run's).
+                let keep: Vec<(Value, &str)> = s
                     .lines()
-                    .filter_map(|l| serde_json::from_str(l).ok())
-                    .collect();
-                let n = all.len();
-                let keep: Vec<Value> = all
-                    .into_iter()
-                    .filter(|r: &Value| {
+                    .filter_map(|l| Some((serde_json::from_str::<Value>(l).ok()?, l)))
+                    .filter(|(r, _)| {
                         r.get("step")
                             .and_then(Value::as_u64)
                             .is_some_and(|s| (1..=step).contains(&s))
                     })
                     .collect();
-                let dropped = keep.len() != n || s.lines().count() != n;
-                (keep, dropped)
+                if keep.len() != s.lines().count() {
+                    let text: String = keep.iter().map(|(_, l)| format!("{l}\n")).collect();
+                    crate::io::write_atomic(path, |w| w.write_all(text.as_bytes()))?;
+                }
+                keep.into_iter().map(|(r, _)| r).collect()
             }
-            Err(_) => (Vec::new(), false),
+            Err(_) => Vec::new(),
         };
-        if dropped {
-            let text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-            crate::io::write_atomic(path, |w| w.write_all(text.as_bytes()))?;
-        }
         let file = OpenOptions::new()
             .create(true)
             .append(true)
@@ -185,4 +182,30 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MetricsLog;
+
+    /// A resume keeps the rows up to its step exactly as they were written (a float that
+    /// serde_json would print one ulp apart after a parse included) and drops the later ones.
+    #[test]
+    fn resume_keeps_earlier_rows_byte_for_byte() {
+        let dir = std::env::temp_dir().join(format!("retrom3-metrics-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("metrics.jsonl");
+        let rows = [
+            r#"{"step":1,"loss":59.655338287353516}"#,
+            r#"{"step":2,"loss":21.627803802490234}"#,
+            r#"{"step":3,"loss":1.5}"#,
+        ];
+        std::fs::write(&path, rows.join("\n") + "\n").unwrap();
+        let log = MetricsLog::open(&path, 2).unwrap();
+        assert_eq!(log.rows().len(), 2);
+        drop(log);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, format!("{}\n{}\n", rows[0], rows[1]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -109,7 +109,9 @@ fn write_run_files(
 ) -> Result<()> {
     super::ensure_params_finite(&model.params, state.step)?;
     let enc = model.encoder()?;
-    crate::io::write_backbone(dir, &enc.params.to_map())?;
+    let mut tensors = enc.params.to_map();
+    tensors.extend(model.extra_tensors.clone());
+    crate::io::write_backbone(dir, &tensors)?;
     let cfg = serde_json::to_string_pretty(&model.config.to_hf_json())
         .map_err(|e| Error::invalid(e.to_string()))?;
     crate::io::write_atomic(&dir.join("config.json"), |w| {
