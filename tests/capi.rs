@@ -333,8 +333,8 @@ fn c_scores_match_the_rust_api() {
         .collect();
     let model = tiny_model();
     let opts = ScoreOptions {
-        max_query_length: model.max_length,
-        max_passage_length: 16,
+        max_query_length: Some(model.max_length),
+        max_passage_length: Some(16),
         weights: [0.4, 0.2, 0.4],
         batch_size: 32,
     };
@@ -1176,8 +1176,8 @@ fn rust_round_trip_through_the_abi_matches_the_rust_api() {
         let pairs: Vec<(&str, &str)> = texts.iter().map(|t| (*t, *t)).collect();
         let m = tiny_model();
         let ropts = ScoreOptions {
-            max_query_length: m.max_length,
-            max_passage_length: m.max_length,
+            max_query_length: Some(m.max_length),
+            max_passage_length: Some(m.max_length),
             ..Default::default()
         };
         let want: Vec<f32> = m

@@ -154,8 +154,8 @@ fn score_lengths_name_their_field() {
         ("max_passage_length", 8, 1),
     ] {
         let opts = retrom3::ScoreOptions {
-            max_query_length: q,
-            max_passage_length: p,
+            max_query_length: Some(q),
+            max_passage_length: Some(p),
             ..Default::default()
         };
         let e = m

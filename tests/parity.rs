@@ -217,8 +217,8 @@ fn check_m3_outputs(name: &str) {
         .collect();
     let w = floats(&exp["weights"]);
     let sopts = ScoreOptions {
-        max_query_length: exp["max_query_length"].as_u64().unwrap() as usize,
-        max_passage_length: exp["max_passage_length"].as_u64().unwrap() as usize,
+        max_query_length: Some(exp["max_query_length"].as_u64().unwrap() as usize),
+        max_passage_length: Some(exp["max_passage_length"].as_u64().unwrap() as usize),
         weights: [w[0], w[1], w[2]],
         batch_size: 3,
     };

@@ -165,11 +165,10 @@ impl Default for R3ScoreOptions {
 impl R3ScoreOptions {
     /// The Rust options for `model` (0 lengths resolve to FlagEmbedding's `compute_score`
     /// default, 512, capped at the model's max length, as the library and `retrom3 score`).
-    pub(crate) fn to_rust(self, model: &M3Model) -> ScoreOptions {
-        let default = 512.min(model.max_length);
+    pub(crate) fn to_rust(self) -> ScoreOptions {
         ScoreOptions {
-            max_query_length: nonzero_or(self.max_query_length, default),
-            max_passage_length: nonzero_or(self.max_passage_length, default),
+            max_query_length: (self.max_query_length != 0).then_some(self.max_query_length),
+            max_passage_length: (self.max_passage_length != 0).then_some(self.max_passage_length),
             weights: self.weights,
             batch_size: nonzero_or(self.batch_size, DEFAULT_BATCH_SIZE),
         }
@@ -340,7 +339,7 @@ pub unsafe extern "C" fn r3_score(
                  with r3_score_options_init first, then change fields",
             ));
         }
-        let opts = raw.to_rust(model);
+        let opts = raw.to_rust();
         let pairs: Vec<(&str, &str)> = queries.into_iter().zip(passages).collect();
         fork_check()?;
         let scores = model.compute_score(&pairs, &opts)?;

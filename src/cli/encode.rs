@@ -166,16 +166,15 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         }
     }
     let model = M3Model::load(&a.model, a.device)?;
-    // As encode: the default never exceeds the model's max length (an explicit value above the
-    // model's maximum is an error, as encode's --max-length).
-    let default_len = 512.min(model.max_length);
+    // As encode: the default (None) never exceeds the model's max length (an explicit value above
+    // the model's maximum is an error, as encode's --max-length).
     let refs: Vec<(&str, &str)> = pairs
         .iter()
         .map(|p| (p.query.as_str(), p.passage.as_str()))
         .collect();
     let opts = ScoreOptions {
-        max_query_length: a.max_query_length.unwrap_or(default_len),
-        max_passage_length: a.max_passage_length.unwrap_or(default_len),
+        max_query_length: a.max_query_length,
+        max_passage_length: a.max_passage_length,
         weights,
         batch_size: a.batch_size,
     };

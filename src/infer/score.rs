@@ -8,8 +8,12 @@ use crate::model::m3::M3Model;
 /// Options of [`M3Model::compute_score`].
 #[derive(Clone, Debug)]
 pub struct ScoreOptions {
-    pub max_query_length: usize,
-    pub max_passage_length: usize,
+    /// Max tokens per query, specials included (None: FlagEmbedding's `compute_score` default,
+    /// 512, or the model's max length if that is lower). A value over the model's maximum is an
+    /// error.
+    pub max_query_length: Option<usize>,
+    /// Max tokens per passage, as `max_query_length`.
+    pub max_passage_length: Option<usize>,
     /// [w_dense, w_sparse, w_colbert] of the fused scores.
     pub weights: [f32; 3],
     pub batch_size: usize,
@@ -18,8 +22,8 @@ pub struct ScoreOptions {
 impl Default for ScoreOptions {
     fn default() -> Self {
         ScoreOptions {
-            max_query_length: 512,
-            max_passage_length: 512,
+            max_query_length: None,
+            max_passage_length: None,
             weights: [1.0, 1.0, 1.0],
             batch_size: 32,
         }
@@ -124,14 +128,18 @@ impl M3Model {
         }
         self.require_heads("compute_score")?;
         // Checked here so that the error names the field the caller set.
-        for (field, m) in [
+        let default_len = 512.min(self.max_length);
+        let mut lens = [0; 2];
+        for (len, (field, m)) in lens.iter_mut().zip([
             ("max_query_length", opts.max_query_length),
             ("max_passage_length", opts.max_passage_length),
-        ] {
-            self.resolve_max_length(Some(m)).map_err(|e| match e {
-                Error::Invalid(msg) => Error::invalid(format!("{field}: {msg}")),
-                e => e,
-            })?;
+        ]) {
+            *len = self
+                .resolve_max_length(Some(m.unwrap_or(default_len)))
+                .map_err(|e| match e {
+                    Error::Invalid(msg) => Error::invalid(format!("{field}: {msg}")),
+                    e => e,
+                })?;
         }
         let base = EncodeOptions {
             batch_size: opts.batch_size,
@@ -140,11 +148,11 @@ impl M3Model {
         let queries: Vec<&str> = pairs.iter().map(|p| p.0).collect();
         let passages: Vec<&str> = pairs.iter().map(|p| p.1).collect();
         let qo = EncodeOptions {
-            max_length: Some(opts.max_query_length),
+            max_length: Some(lens[0]),
             ..base.clone()
         };
         let po = EncodeOptions {
-            max_length: Some(opts.max_passage_length),
+            max_length: Some(lens[1]),
             ..base
         };
         let q = self.encode_with_progress(&queries, &qo, progress)?;
