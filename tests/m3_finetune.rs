@@ -489,3 +489,71 @@ fn trainers_carry_the_pooler_through() {
         }
     }
 }
+
+/// Rows and settings built in code get the checks the file reader and the CLI make: a clear
+/// error naming the field (a row without a positive, or with a score list of the wrong length,
+/// used to index out of bounds in the sampler).
+#[test]
+fn rows_and_settings_built_in_code_are_checked() {
+    let out = tmp("checked");
+    let cfg = config(1, KdLoss::M3KdLoss);
+    let rows = || {
+        (0..6)
+            .map(|i| {
+                retrom3::data::m3_data::TrainExample::new(
+                    format!("query {i}"),
+                    vec![format!("passage {i}")],
+                    vec![format!("other {i}"); 3],
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut no_pos = rows();
+    no_pos[2].pos.clear();
+    let mut bad_scores = rows();
+    bad_scores[4].pos_scores = Some(vec![]);
+    for (examples, want) in [
+        (no_pos, "field \"pos\": empty list"),
+        (bad_scores, "0 scores for 1 texts"),
+    ] {
+        let e = try_run(&cfg, examples, &out).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    for (cfg, want) in [
+        (
+            FinetuneConfig {
+                loss: M3LossConfig {
+                    temperature: 0.0,
+                    ..cfg.loss
+                },
+                ..cfg.clone()
+            },
+            "temperature 0",
+        ),
+        (
+            FinetuneConfig {
+                query_max_len: 512,
+                ..cfg.clone()
+            },
+            "query_max_len 512",
+        ),
+        (
+            FinetuneConfig {
+                shuffle_ratio: 5.0,
+                ..cfg.clone()
+            },
+            "shuffle_ratio 5",
+        ),
+        (
+            FinetuneConfig {
+                save_every: Some(0),
+                ..cfg.clone()
+            },
+            "save_every 0",
+        ),
+    ] {
+        let e = try_run(&cfg, rows(), &out).unwrap_err().to_string();
+        assert!(e.contains(want), "{e}");
+    }
+    assert!(try_run(&cfg, rows(), &out).is_ok());
+}

@@ -175,3 +175,32 @@ fn encode_cli_mcls_flag() {
     assert!(cli.iter().zip(&plain).any(|(a, b)| (a - b).abs() > 1e-4));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Token-id input that cannot be a tokenized text is refused naming the sequence: empty (it used
+/// to panic under MCLS and fail with "select_rows: row 0 of 0" without), and, under MCLS, not
+/// starting with the CLS id (the dense vector would silently be zeros).
+#[test]
+fn encode_ids_refuses_sequences_that_are_not_tokenized_texts() {
+    let m = model();
+    let cls = m.tokenizer.encode("", 2).unwrap()[0];
+    for mcls in [false, true] {
+        let opts = EncodeOptions {
+            mcls,
+            ..EncodeOptions::all()
+        };
+        let e = m
+            .encode_ids(vec![vec![cls, 7, 2], vec![]], &opts, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("sequence 1: no token ids"), "{e}");
+    }
+    let opts = EncodeOptions {
+        mcls: true,
+        ..EncodeOptions::all()
+    };
+    let e = m
+        .encode_ids(vec![vec![7, 8, 2]], &opts, &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sequence 0: starts with id 7"), "{e}");
+}

@@ -316,6 +316,36 @@ fn bad_corpora_are_clear_errors() {
     let _ = std::fs::remove_dir_all(&out);
 }
 
+/// Settings a program builds in code get the CLI's checks, named by field.
+#[test]
+fn bad_settings_are_named() {
+    let out = tmp("settings");
+    let mut m = tiny_model(4);
+    let base = config(2, None);
+    let mut enc2 = base.clone();
+    enc2.masking.p_enc = 2.0;
+    let mut dec0 = base.clone();
+    dec0.masking.p_dec = 0.0;
+    let long = PretrainConfig {
+        max_len: 512,
+        ..base.clone()
+    };
+    let save0 = PretrainConfig {
+        save_every: Some(0),
+        ..base.clone()
+    };
+    for (cfg, want) in [
+        (enc2, "masking.p_enc 2"),
+        (dec0, "masking.p_dec 0"),
+        (long, "max_len 512"),
+        (save0, "save_every 0"),
+    ] {
+        let e = err_of(run_pretrain(&mut m, &corpus(), &cfg, &out));
+        assert!(e.contains(want), "{e}");
+    }
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     diverge_and_check(retrom3::Device::Cpu, model_of(5, 32, 0.0), "nan");

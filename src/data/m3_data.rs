@@ -81,6 +81,47 @@ impl TrainExample {
             line: 0,
         }
     }
+
+    /// The invariants [`read_train_file`] checks, for rows built in code: a non-blank query, at
+    /// least one positive, no blank text, one finite teacher score per text, positive counts.
+    /// The message names the field as the file reader's do.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.query.trim().is_empty() {
+            return Err("field \"query\": empty text".into());
+        }
+        if self.pos.is_empty() {
+            return Err("field \"pos\": empty list, needs at least one positive".into());
+        }
+        for (k, list) in [("pos", &self.pos), ("neg", &self.neg)] {
+            if let Some(i) = list.iter().position(|t| t.trim().is_empty()) {
+                return Err(format!("field \"{k}\": element {} is an empty text", i + 1));
+            }
+        }
+        for (k, scores, of, n) in [
+            ("pos_scores", &self.pos_scores, "pos", self.pos.len()),
+            ("neg_scores", &self.neg_scores, "neg", self.neg.len()),
+        ] {
+            let Some(s) = scores else { continue };
+            if s.len() != n {
+                return Err(format!(
+                    "field \"{k}\": {} scores for {n} texts in \"{of}\" (one score per text)",
+                    s.len()
+                ));
+            }
+            if let Some(i) = s.iter().position(|x| !x.is_finite()) {
+                return Err(format!("field \"{k}\": element {} is not finite", i + 1));
+            }
+        }
+        for (k, v) in [
+            ("batch_size", self.batch_size),
+            ("train_group_size", self.train_group_size),
+        ] {
+            if v == Some(0) {
+                return Err(format!("field \"{k}\": expected a positive integer, got 0"));
+            }
+        }
+        Ok(())
+    }
 }
 
 fn json_kind(v: &Value) -> &'static str {

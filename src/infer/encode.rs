@@ -252,6 +252,29 @@ impl M3Model {
         } else {
             None
         };
+        // Tokenized texts start with <s> / [CLS] (the dense vector, and MCLS's chunk vectors, are
+        // read there) and hold at most the model's positions.
+        let cap = self.encoder.config.max_tokens();
+        for (i, s) in seqs.iter().enumerate() {
+            if s.is_empty() {
+                return Err(Error::invalid(format!(
+                    "sequence {i}: no token ids (a tokenized text holds at least its specials)"
+                )));
+            }
+            if let Some(cls) = mcls.filter(|&c| s[0] != c) {
+                return Err(Error::invalid(format!(
+                    "sequence {i}: starts with id {}, not the <s> / [CLS] id {cls} that MCLS \
+                     repeats (encode_ids takes tokenized texts, specials included)",
+                    s[0]
+                )));
+            }
+            if s.len() > cap {
+                return Err(Error::invalid(format!(
+                    "sequence {i}: {} tokens exceed the model's maximum of {cap}",
+                    s.len()
+                )));
+            }
+        }
         let req = HeadRequest {
             dense: opts.dense,
             sparse: opts.sparse,

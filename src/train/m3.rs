@@ -67,6 +67,41 @@ pub struct FinetuneConfig {
     pub negatives_cross_device: bool,
 }
 
+impl FinetuneConfig {
+    /// The settings a run cannot start with, named by field: a temperature that is not > 0, a
+    /// shuffle ratio outside [0, 1], `save_every` 0, max lengths under 2 or over the model's
+    /// `max_tokens` (the trainer checks the schedule, batch and group sizes itself).
+    pub fn check(&self, max_tokens: usize) -> Result<()> {
+        let t = self.loss.temperature;
+        let bad = |msg: String| Err(Error::invalid(msg));
+        if !(t > 0.0 && t.is_finite()) {
+            return bad(format!("temperature {t}: must be > 0"));
+        }
+        if !(0.0..=1.0).contains(&self.shuffle_ratio) {
+            return bad(format!(
+                "shuffle_ratio {}: must be in [0, 1]",
+                self.shuffle_ratio
+            ));
+        }
+        if self.save_every == Some(0) {
+            return bad(
+                "save_every 0: must be >= 1 (None saves no intermediate checkpoint)".into(),
+            );
+        }
+        for (k, v) in [
+            ("query_max_len", self.query_max_len),
+            ("passage_max_len", self.passage_max_len),
+        ] {
+            if !(2..=max_tokens).contains(&v) {
+                return bad(format!(
+                    "{k} {v}: must be in 2..={max_tokens} (specials included; the model's maximum)"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for FinetuneConfig {
     fn default() -> Self {
         FinetuneConfig {
@@ -399,6 +434,29 @@ pub fn finetune_dist(
     )?;
     if cfg.group_size == 0 || data.units.iter().any(|u| u.batch_size == 0) {
         return Err(Error::invalid("batch size and group size must be >= 1"));
+    }
+    cfg.check(model.encoder_config.max_tokens())?;
+    if tok.vocab_size() > model.encoder_config.vocab_size {
+        return Err(Error::Config {
+            field: "vocab_size".into(),
+            msg: format!(
+                "the tokenizer has {} tokens but the model's embedding table only {}: another \
+                 model's tokenizer?",
+                tok.vocab_size(),
+                model.encoder_config.vocab_size
+            ),
+        });
+    }
+    // Rows built in code get the checks the file reader makes (a row without a positive, or
+    // with a score list of the wrong length, would index out of bounds in the sampler).
+    for d in &data.datasets {
+        for e in &d.examples {
+            e.check().map_err(|msg| Error::Input {
+                path: d.source.clone(),
+                line: e.line,
+                msg,
+            })?;
+        }
     }
     if let Some(d) = data
         .datasets

@@ -69,6 +69,32 @@ pub struct PretrainConfig {
     pub dropout: bool,
 }
 
+impl PretrainConfig {
+    /// The settings a run cannot start with, named by field: mask ratios outside (0, 1),
+    /// `save_every` 0, `max_len` under 3 or over the model's `max_tokens` (the trainer checks
+    /// the schedule and batch sizes itself).
+    pub fn check(&self, max_tokens: usize) -> Result<()> {
+        let m = &self.masking;
+        for (k, p) in [("masking.p_enc", m.p_enc), ("masking.p_dec", m.p_dec)] {
+            if !(p > 0.0 && p < 1.0) {
+                return Err(Error::invalid(format!("{k} {p}: must be in (0, 1)")));
+            }
+        }
+        if self.save_every == Some(0) {
+            return Err(Error::invalid(
+                "save_every 0: must be >= 1 (None saves no intermediate checkpoint)",
+            ));
+        }
+        if !(3..=max_tokens).contains(&self.max_len) {
+            return Err(Error::invalid(format!(
+                "max_len {}: must be in 3..={max_tokens} (specials included; the model's maximum)",
+                self.max_len
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl Default for PretrainConfig {
     fn default() -> Self {
         PretrainConfig {
@@ -236,6 +262,7 @@ pub fn pretrain_on(
             "batch size and grad accumulation must be >= 1",
         ));
     }
+    cfg.check(model.config.max_tokens())?;
     let per_epoch = (docs.len() / cfg.batch_size) as u64;
     if per_epoch == 0 {
         return Err(Error::invalid(format!(
