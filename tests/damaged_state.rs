@@ -126,6 +126,15 @@ fn more_layers_in_the_config_than_in_the_weights() {
     }
 }
 
+/// A model path that is a file is named as such (it used to say "model directory not found").
+#[test]
+fn a_file_given_as_the_model_directory() {
+    let e = M3Model::load(fixture("tiny-xlmr").join("config.json"), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a directory"), "{e}");
+}
+
 /// A sentence-transformers max_seq_length that leaves no room for the two special tokens is a
 /// format error at load (it used to load, then fail every default encode blaming max_length).
 #[test]

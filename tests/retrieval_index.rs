@@ -330,3 +330,23 @@ fn beir_reader_refuses_whitespace_ids_and_empty_queries() {
     let (missing, judged) = beir::judged_docs_missing(&qrels, &corpus);
     assert_eq!((missing, judged), (vec!["zz"], 2));
 }
+
+/// Document numbers past a part, a query of another dimension, and an id listed twice in one
+/// document are errors naming them (they used to panic, or build an index that would not load).
+#[test]
+fn out_of_range_documents_and_repeated_ids_are_errors() {
+    let dense = DenseIndex::build(&[vec![1.0, 0.0], vec![0.0, 1.0]]).unwrap();
+    assert_eq!(dense.score_docs(&[1.0, 0.0], &[1, 0]).unwrap(), [0.0, 1.0]);
+    let e = dense.score_docs(&[1.0, 0.0], &[5]).unwrap_err().to_string();
+    assert!(e.contains("document number 5"), "{e}");
+    assert!(dense.score_docs(&[1.0], &[0]).is_err());
+    let store = ColbertStore::build(&[vec![vec![1.0, 0.0]], vec![vec![0.0, 1.0]]]).unwrap();
+    let q = [vec![1.0, 0.0]];
+    assert_eq!(store.maxsim(&q, &[0]).unwrap(), [1.0]);
+    let e = store.maxsim(&q, &[3]).unwrap_err().to_string();
+    assert!(e.contains("document number 3"), "{e}");
+    let e = ImpactIndex::build(&[vec![(1, 0.5)], vec![(2, 0.5), (2, 0.3)]], 10)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("document 1 lists token id 2 twice"), "{e}");
+}

@@ -103,6 +103,18 @@ fn means_skip_queries_without_relevant_documents() {
     }
 }
 
+/// A document listed twice counts once, at its best rank: every metric stays within [0, 1] and
+/// equals the run without the repeat.
+#[test]
+fn a_repeated_document_counts_once() {
+    let judged: BTreeMap<String, i32> = [("d1".to_string(), 1)].into();
+    let twice = vec![("d1".to_string(), 1.0), ("d1".to_string(), 0.5)];
+    let once = vec![("d1".to_string(), 1.0)];
+    let m = evaluate_query(&judged, &twice);
+    assert_eq!(m, evaluate_query(&judged, &once));
+    assert_eq!((m.ndcg_10, m.recall_100, m.map), (1.0, 1.0, 1.0));
+}
+
 #[test]
 fn ties_break_by_doc_id_descending() {
     let judged: BTreeMap<String, i32> = [("a".to_string(), 1)].into();

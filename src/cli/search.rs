@@ -125,7 +125,7 @@ pub fn run(a: SearchArgs) -> Result<()> {
         index.attach_device(dev)?;
     }
     let mode = a.mode.unwrap_or({
-        let p = index.parts;
+        let p = index.parts();
         if p.dense && p.sparse && p.colbert {
             Mode::All
         } else if p.dense && p.sparse {

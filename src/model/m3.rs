@@ -66,10 +66,15 @@ impl M3Model {
         let dir = dir.as_ref();
         device.ensure_available()?;
         if !dir.is_dir() {
-            return Err(Error::io(
-                dir,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "model directory not found"),
-            ));
+            let (kind, what) = if dir.exists() {
+                (
+                    std::io::ErrorKind::InvalidInput,
+                    "not a directory (a model is the directory holding config.json)",
+                )
+            } else {
+                (std::io::ErrorKind::NotFound, "model directory not found")
+            };
+            return Err(Error::io(dir, std::io::Error::new(kind, what)));
         }
         let config = EncoderConfig::from_file(dir.join("config.json"))?;
         let (map, path) = model_dir::read_backbone(dir)?;

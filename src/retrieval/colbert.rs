@@ -70,6 +70,12 @@ impl ColbertStore {
 
     /// MaxSim score of each candidate document for one query (`q`: the query's vectors).
     pub fn maxsim(&self, q: &[Vec<f32>], docs: &[u32]) -> Result<Vec<f32>> {
+        if let Some(&d) = docs.iter().find(|&&d| d as usize >= self.n_docs()) {
+            return Err(Error::invalid(format!(
+                "document number {d} is outside the store's {} documents",
+                self.n_docs()
+            )));
+        }
         if q.is_empty() {
             return Ok(vec![0.0; docs.len()]);
         }

@@ -59,11 +59,22 @@ impl DenseIndex {
         &self.vecs[doc as usize * self.dim..(doc as usize + 1) * self.dim]
     }
 
-    /// Inner products of `q` with the given documents.
-    pub fn score_docs(&self, q: &[f32], docs: &[u32]) -> Vec<f32> {
-        docs.iter()
+    /// Inner products of `q` with the given documents (a query of another dimension, or a
+    /// document number past the index, is an error).
+    pub fn score_docs(&self, q: &[f32], docs: &[u32]) -> Result<Vec<f32>> {
+        if q.len() != self.dim {
+            return Err(Error::shape("dense query vector", &[self.dim], &[q.len()]));
+        }
+        if let Some(&d) = docs.iter().find(|&&d| d as usize >= self.n_docs()) {
+            return Err(Error::invalid(format!(
+                "document number {d} is outside the index's {} documents",
+                self.n_docs()
+            )));
+        }
+        Ok(docs
+            .iter()
             .map(|&d| crate::infer::dense_score(q, self.vector(d)))
-            .collect()
+            .collect())
     }
 
     /// Exact top-k per query (score desc, then document number asc).

@@ -223,7 +223,7 @@ impl Index {
                         docs.dedup();
                         let qd = q.dense.as_ref().ok_or_else(|| missing("dense"))?;
                         let qs = q.sparse.as_ref().ok_or_else(|| missing("sparse"))?;
-                        let ds = dense.score_docs(qd, &docs);
+                        let ds = dense.score_docs(qd, &docs)?;
                         let ss = sparse.score_docs(qs, &docs);
                         let cs = if mode == Mode::All {
                             let qc = q.colbert.as_ref().ok_or_else(|| missing("colbert"))?;

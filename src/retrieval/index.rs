@@ -89,7 +89,6 @@ struct Meta {
 pub struct Index {
     doc_ids: Vec<String>,
     pub fingerprint: ModelFingerprint,
-    pub parts: IndexParts,
     pub dense: Option<DenseIndex>,
     pub sparse: Option<ImpactIndex>,
     pub colbert: Option<ColbertStore>,
@@ -182,7 +181,6 @@ impl Index {
         Ok(Index {
             doc_ids: corpus.iter().map(|d| d.id.clone()).collect(),
             fingerprint,
-            parts,
             dense: parts
                 .dense
                 .then(|| DenseIndex::build(&dense_vecs))
@@ -223,7 +221,7 @@ impl Index {
             model: self.fingerprint.model.clone(),
             fingerprint: format!("{:016x}", self.fingerprint.hash),
             n_docs: self.n_docs(),
-            parts: self.parts,
+            parts: self.parts(),
             dense_dim: self.dense.as_ref().map_or(0, DenseIndex::dim),
             colbert_dim: self.colbert.as_ref().map_or(0, ColbertStore::dim),
             sparse_scale: self.sparse.as_ref().map_or(1.0, ImpactIndex::scale),
@@ -333,7 +331,6 @@ impl Index {
         Ok(Index {
             doc_ids,
             fingerprint: stored,
-            parts: p,
             dense,
             sparse,
             colbert,
@@ -355,15 +352,25 @@ impl Index {
         Ok(())
     }
 
+    /// The parts this index holds (the `Some` of its part fields).
+    pub fn parts(&self) -> IndexParts {
+        IndexParts {
+            dense: self.dense.is_some(),
+            sparse: self.sparse.is_some(),
+            colbert: self.colbert.is_some(),
+            bm25: self.bm25.is_some(),
+        }
+    }
+
     /// An error when the index lacks a part `need` asks for.
     pub fn require(&self, need: IndexParts, what: &str) -> Result<()> {
-        if self.parts.covers(need) {
+        if self.parts().covers(need) {
             Ok(())
         } else {
             Err(Error::invalid(format!(
                 "{what} needs index parts [{}], this index has [{}] (rebuild with the missing --dense/--sparse/--colbert)",
                 need.names(),
-                self.parts.names()
+                self.parts().names()
             )))
         }
     }

@@ -58,7 +58,9 @@ pub fn trec_sort(run: &mut [(String, f64)]) {
     run.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| b.0.cmp(&a.0)));
 }
 
-/// Metrics of one query. `run` need not be sorted.
+/// Metrics of one query. `run` need not be sorted; a document listed more than once counts once,
+/// at its best rank (a run is a set of documents, as pytrec_eval's dict; counting repeats gave
+/// metrics above 1).
 pub fn evaluate_query(judged: &BTreeMap<String, i32>, run: &[(String, f64)]) -> QueryMetrics {
     let num_rel = judged.values().filter(|&&r| r >= 1).count();
     if num_rel == 0 {
@@ -66,6 +68,8 @@ pub fn evaluate_query(judged: &BTreeMap<String, i32>, run: &[(String, f64)]) -> 
     }
     let mut ranked = run.to_vec();
     trec_sort(&mut ranked);
+    let mut seen = std::collections::HashSet::new();
+    ranked.retain(|(doc, _)| seen.insert(doc.clone()));
     let mut dcg = 0f64;
     let mut found = 0usize;
     let mut ap = 0f64;

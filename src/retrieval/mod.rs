@@ -130,7 +130,7 @@ fn better(a: (f32, u32), b: (f32, u32)) -> bool {
 }
 
 /// Entry of the bounded heap, ordered so that the heap's top is the worst kept hit.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Worst(f32, u32);
 impl Eq for Worst {}
 impl PartialOrd for Worst {
@@ -146,6 +146,7 @@ impl Ord for Worst {
 }
 
 /// A bounded top-k collector (score desc, then document number asc). NaN scores are dropped.
+#[derive(Debug)]
 pub struct TopK {
     k: usize,
     heap: BinaryHeap<Worst>,

@@ -210,13 +210,22 @@ impl ImpactIndex {
         }
         let mut counts = vec![0u64; vocab + 1];
         let mut max_w = 0f32;
-        for d in docs {
+        // 1 + the last document that listed each id: a repeat within a document would make two
+        // postings of one (term, document), which the index format refuses on load.
+        let mut seen = vec![0u32; vocab];
+        for (i, d) in docs.iter().enumerate() {
             for &(t, w) in d {
                 if (t as usize) >= vocab {
                     return Err(crate::Error::invalid(format!(
                         "token id {t} outside the vocabulary ({vocab})"
                     )));
                 }
+                if seen[t as usize] == i as u32 + 1 {
+                    return Err(crate::Error::invalid(format!(
+                        "document {i} lists token id {t} twice (one weight per id)"
+                    )));
+                }
+                seen[t as usize] = i as u32 + 1;
                 if w > 0.0 && w.is_finite() {
                     counts[t as usize + 1] += 1;
                     max_w = max_w.max(w);

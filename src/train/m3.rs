@@ -389,6 +389,7 @@ pub fn finetune_on(
 }
 
 /// How a fine-tuning process joins its data-parallel group.
+#[derive(Debug)]
 pub enum DistSetup {
     /// A group made by the caller (one process, or a TCP group; tests run ranks as threads).
     Group(Group),

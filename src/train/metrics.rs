@@ -9,6 +9,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// An append-only metrics file.
+#[derive(Debug)]
 pub struct MetricsLog {
     path: PathBuf,
     file: File,

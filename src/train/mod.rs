@@ -197,6 +197,7 @@ pub fn start_or_resume(
 }
 
 /// Per-parameter gradient sums over micro-batches (None: no gradient reached it yet).
+#[derive(Debug)]
 pub struct GradAccumulator(Vec<Option<Vec<f32>>>);
 
 impl GradAccumulator {
