@@ -349,4 +349,8 @@ fn out_of_range_documents_and_repeated_ids_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("document 1 lists token id 2 twice"), "{e}");
+    let e = ColbertStore::build(&[vec![vec![1e6, 0.0]]])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside f16's range"), "{e}");
 }

@@ -42,7 +42,9 @@ pub struct PairScores {
     pub colbert_sparse_dense: f32,
 }
 
-/// Dot product (cosine for normalised vectors), f64 accumulation.
+/// Dot product (cosine for normalised vectors), f64 accumulation. Both vectors have the same
+/// length (one model's outputs); with different lengths the longer one's tail is ignored, so
+/// programs that mix models check lengths first (the index search does).
 pub fn dense_score(q: &[f32], p: &[f32]) -> f32 {
     q.iter()
         .zip(p)
@@ -50,7 +52,8 @@ pub fn dense_score(q: &[f32], p: &[f32]) -> f32 {
         .sum::<f64>() as f32
 }
 
-/// Σ over shared token ids of w_q · w_p (both sorted by id).
+/// Σ over shared token ids of w_q · w_p. Both lists are sorted by id with one weight per id, as
+/// every encode output is; unsorted input misses shared ids.
 pub fn lexical_score(q: &LexicalWeights, p: &LexicalWeights) -> f32 {
     let (mut i, mut j, mut acc) = (0, 0, 0.0f64);
     while i < q.len() && j < p.len() {
@@ -69,6 +72,7 @@ pub fn lexical_score(q: &LexicalWeights, p: &LexicalWeights) -> f32 {
 
 /// ColBERT late interaction: (1/n_q) Σ_i max_j ⟨q_i, p_j⟩ over the real vectors (no padding
 /// enters the max; FlagEmbedding's batched compute_score lets padded zero rows in, SPEC §3.3).
+/// All vectors have one dimension (one model's outputs), as for [`dense_score`].
 pub fn colbert_score(q: &ColbertVecs, p: &ColbertVecs) -> f32 {
     if q.is_empty() || p.is_empty() {
         return 0.0;

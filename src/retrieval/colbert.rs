@@ -17,7 +17,8 @@ pub struct ColbertStore {
 }
 
 impl ColbertStore {
-    /// Build from each document's vectors.
+    /// Build from each document's vectors (stored as f16: a value outside f16's range, or not
+    /// finite, is an error, not an infinite score later).
     pub fn build(docs: &[Vec<Vec<f32>>]) -> Result<ColbertStore> {
         let dim = docs.iter().flatten().next().map_or(0, Vec::len);
         let mut offsets = Vec::with_capacity(docs.len() + 1);
@@ -31,6 +32,12 @@ impl ColbertStore {
                         &[dim],
                         &[v.len()],
                     ));
+                }
+                if let Some(x) = v.iter().find(|x| !f16::from_f32(**x).is_finite()) {
+                    return Err(Error::NonFinite(format!(
+                        "ColBERT vector of document {i}: {x} is outside f16's range (vectors \
+                         are stored as f16; the model's are normalised)"
+                    )));
                 }
                 vecs.extend(v.iter().map(|&x| f16::from_f32(x)));
             }

@@ -208,9 +208,15 @@ impl Index {
         self.doc_ids.len()
     }
 
-    /// The corpus id of a document number.
+    /// The corpus id of a document number (one of this index's hits; panics past
+    /// [`Index::n_docs`], as slice indexing; [`Index::try_doc_id`] does not).
     pub fn doc_id(&self, doc: u32) -> &str {
         &self.doc_ids[doc as usize]
+    }
+
+    /// The corpus id of a document number, None past [`Index::n_docs`].
+    pub fn try_doc_id(&self, doc: u32) -> Option<&str> {
+        self.doc_ids.get(doc as usize).map(String::as_str)
     }
 
     /// Write `dir/index.r3i` (creating `dir`).
