@@ -22,7 +22,8 @@
  *   - fork(): the library's worker threads live in the process that first encoded or scored. A
  *     child forked after that gets R3_ERR_UNSUPPORTED from r3_encode / r3_score (it would
  *     otherwise wait for threads it does not have): encode in the parent only, or in children
- *     only (the parent may load models before forking), or start children with spawn.
+ *     only (the parent may load CPU models before forking; a CUDA context never survives a
+ *     fork, so load "cuda" models in the child), or start children with spawn.
  *
  * Ownership
  *   - r3_model_load / r3_encode create handles the caller owns; free them with r3_model_free /

@@ -544,13 +544,6 @@ fn rows_and_settings_built_in_code_are_checked() {
             },
             "shuffle_ratio 5",
         ),
-        (
-            FinetuneConfig {
-                save_every: Some(0),
-                ..cfg.clone()
-            },
-            "save_every 0",
-        ),
     ] {
         let e = try_run(&cfg, rows(), &out).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");

@@ -349,6 +349,8 @@ fn out_of_range_documents_and_repeated_ids_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("document 1 lists token id 2 twice"), "{e}");
+    // A weight <= 0 is dropped, as documented, so it does not count as a repeat.
+    assert!(ImpactIndex::build(&[vec![(2, 0.0), (2, 0.5)]], 10).is_ok());
     let e = ColbertStore::build(&[vec![vec![1e6, 0.0]]])
         .unwrap_err()
         .to_string();

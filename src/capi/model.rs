@@ -3,7 +3,7 @@
 
 use super::output::R3Output;
 use super::status::{
-    fork_check, guard, guard_void, str_arg, str_array_arg, write_out, FfiError, R3Status,
+    fork_check, fork_mark, guard, guard_void, str_arg, str_array_arg, write_out, FfiError, R3Status,
 };
 use crate::device::Device;
 use crate::infer::{EncodeOptions, ScoreOptions};
@@ -290,7 +290,9 @@ pub unsafe extern "C" fn r3_encode(
             .unwrap_or_default()
             .to_rust()?;
         fork_check()?;
-        let enc = model.encode(&texts, &opts)?;
+        let enc = model.encode(&texts, &opts);
+        fork_mark(&enc);
+        let enc = enc?;
         let output = R3Output::from_encode(model, texts.len(), enc)?;
         // SAFETY: `out` was checked non-null and writable above.
         unsafe { out.write(Box::into_raw(Box::new(output))) };
@@ -342,7 +344,9 @@ pub unsafe extern "C" fn r3_score(
         let opts = raw.to_rust();
         let pairs: Vec<(&str, &str)> = queries.into_iter().zip(passages).collect();
         fork_check()?;
-        let scores = model.compute_score(&pairs, &opts)?;
+        let scores = model.compute_score(&pairs, &opts);
+        fork_mark(&scores);
+        let scores = scores?;
         if len == 0 {
             return Ok(());
         }

@@ -161,23 +161,37 @@ pub(crate) fn set_last_error(msg: &str) {
 /// them forever.
 static COMPUTING_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// Refuses to compute in a child forked after the parent computed (instead of hanging); marks
-/// this process as the one computing otherwise.
+/// Refuses to compute in a child forked after the parent computed (instead of hanging).
 pub(crate) fn fork_check() -> FfiResult<()> {
     use std::sync::atomic::Ordering;
-    let me = std::process::id();
-    match COMPUTING_PID.compare_exchange(0, me, Ordering::SeqCst, Ordering::SeqCst) {
-        Ok(_) => Ok(()),
-        Err(pid) if pid == me => Ok(()),
-        Err(pid) => Err(FfiError::new(
+    match COMPUTING_PID.load(Ordering::SeqCst) {
+        0 => Ok(()),
+        pid if pid == std::process::id() => Ok(()),
+        pid => Err(FfiError::new(
             R3Status::Unsupported,
             format!(
                 "this process was forked from process {pid} after that one encoded or scored: \
-                 the library's worker threads do not survive fork(); load and use models only \
-                 in the child (or only in the parent), or start children with spawn (Python: \
+                 the library's worker threads do not survive fork(); encode and score only in \
+                 the children (loading a CPU model before the fork is fine) or only in the \
+                 parent, or start children with spawn (Python: \
                  multiprocessing.get_context(\"spawn\"))"
             ),
         )),
+    }
+}
+
+/// Marks this process as the one whose worker threads exist, once a computation may have
+/// started them: any call but one refused before any work (an invalid option), which leaves a
+/// later fork usable. (A call with no text still runs the tokenizer's batch, which starts them.)
+pub(crate) fn fork_mark<T>(outcome: &crate::error::Result<T>) {
+    use std::sync::atomic::Ordering;
+    if !matches!(outcome, Err(crate::error::Error::Invalid(_))) {
+        let _ = COMPUTING_PID.compare_exchange(
+            0,
+            std::process::id(),
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
     }
 }
 

@@ -59,8 +59,8 @@ pub fn trec_sort(run: &mut [(String, f64)]) {
 }
 
 /// Metrics of one query. `run` need not be sorted; a document listed more than once counts once,
-/// at its best rank (a run is a set of documents, as pytrec_eval's dict; counting repeats gave
-/// metrics above 1).
+/// at its best rank (a run is a set of documents: pytrec_eval's run is a dict with one score per
+/// document; counting repeats gave metrics above 1).
 pub fn evaluate_query(judged: &BTreeMap<String, i32>, run: &[(String, f64)]) -> QueryMetrics {
     let num_rel = judged.values().filter(|&&r| r >= 1).count();
     if num_rel == 0 {

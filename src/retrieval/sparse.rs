@@ -220,13 +220,13 @@ impl ImpactIndex {
                         "token id {t} outside the vocabulary ({vocab})"
                     )));
                 }
-                if seen[t as usize] == i as u32 + 1 {
-                    return Err(crate::Error::invalid(format!(
-                        "document {i} lists token id {t} twice (one weight per id)"
-                    )));
-                }
-                seen[t as usize] = i as u32 + 1;
                 if w > 0.0 && w.is_finite() {
+                    if seen[t as usize] == i as u32 + 1 {
+                        return Err(crate::Error::invalid(format!(
+                            "document {i} lists token id {t} twice (one weight per id)"
+                        )));
+                    }
+                    seen[t as usize] = i as u32 + 1;
                     counts[t as usize + 1] += 1;
                     max_w = max_w.max(w);
                 }

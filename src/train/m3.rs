@@ -69,8 +69,8 @@ pub struct FinetuneConfig {
 
 impl FinetuneConfig {
     /// The settings a run cannot start with, named by field: a temperature that is not > 0, a
-    /// shuffle ratio outside [0, 1], `save_every` 0, max lengths under 2 or over the model's
-    /// `max_tokens` (the trainer checks the schedule, batch and group sizes itself).
+    /// shuffle ratio outside [0, 1], max lengths under 2 or over the model's `max_tokens` (the
+    /// trainer checks the schedule, batch and group sizes itself).
     pub fn check(&self, max_tokens: usize) -> Result<()> {
         let t = self.loss.temperature;
         let bad = |msg: String| Err(Error::invalid(msg));
@@ -82,11 +82,6 @@ impl FinetuneConfig {
                 "shuffle_ratio {}: must be in [0, 1]",
                 self.shuffle_ratio
             ));
-        }
-        if self.save_every == Some(0) {
-            return bad(
-                "save_every 0: must be >= 1 (None saves no intermediate checkpoint)".into(),
-            );
         }
         for (k, v) in [
             ("query_max_len", self.query_max_len),

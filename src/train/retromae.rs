@@ -71,19 +71,14 @@ pub struct PretrainConfig {
 
 impl PretrainConfig {
     /// The settings a run cannot start with, named by field: mask ratios outside (0, 1),
-    /// `save_every` 0, `max_len` under 3 or over the model's `max_tokens` (the trainer checks
-    /// the schedule and batch sizes itself).
+    /// `max_len` under 3 or over the model's `max_tokens` (the trainer checks the schedule and
+    /// batch sizes itself).
     pub fn check(&self, max_tokens: usize) -> Result<()> {
         let m = &self.masking;
         for (k, p) in [("masking.p_enc", m.p_enc), ("masking.p_dec", m.p_dec)] {
             if !(p > 0.0 && p < 1.0) {
                 return Err(Error::invalid(format!("{k} {p}: must be in (0, 1)")));
             }
-        }
-        if self.save_every == Some(0) {
-            return Err(Error::invalid(
-                "save_every 0: must be >= 1 (None saves no intermediate checkpoint)",
-            ));
         }
         if !(3..=max_tokens).contains(&self.max_len) {
             return Err(Error::invalid(format!(

@@ -357,6 +357,34 @@ static void threads(const r3_model* model) {
 
 /* ---- fork(): a child of a process that computed gets an error, not a hang -------------------- */
 
+/* Before the parent computes (loading and calls refused before any work start no worker thread),
+ * a forked child encodes normally. */
+static void fork_before_computing(const r3_model* model) {
+    r3_encode_options eo;
+    MUST(r3_encode_options_init(&eo));
+    eo.max_length = 1000000; /* refused before any work */
+    r3_output* out = NULL;
+    CHECK(r3_encode(model, TEXTS, 1, &eo, &out) == R3_ERR_INVALID_ARGUMENT, "huge max_length");
+    r3_score_options so;
+    MUST(r3_score_options_init(&so));
+    so.weights[0] = so.weights[1] = 0.0f; /* refused before any work */
+    float out5[5];
+    CHECK(r3_score(model, QUERIES, PASSAGES, 1, &so, out5) == R3_ERR_INVALID_ARGUMENT, "weights");
+    pid_t pid = fork();
+    CHECK(pid >= 0, "fork");
+    if (pid == 0) {
+        alarm(60);
+        r3_output* o = NULL;
+        r3_status s = r3_encode(model, TEXTS, 2, NULL, &o);
+        if (s != R3_OK) fprintf(stderr, "FAIL early child: %s: %s\n", r3_status_name(s), r3_last_error());
+        r3_output_free(o);
+        _exit(s == R3_OK ? 0 : 1);
+    }
+    int status = 0;
+    CHECK(waitpid(pid, &status, 0) == pid, "waitpid");
+    CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0, "early forked child: status %d", status);
+}
+
 static void forked_child(const r3_model* model) {
     /* The parent has encoded (its worker threads exist there only). */
     pid_t pid = fork();
@@ -396,6 +424,7 @@ int main(int argc, char** argv) {
 
     r3_model* model = NULL;
     MUST(r3_model_load(argv[1], "cpu", &model));
+    fork_before_computing(model);
     encode_all(model);
     encode_options(model);
     score(model);
