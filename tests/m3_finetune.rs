@@ -550,3 +550,19 @@ fn rows_and_settings_built_in_code_are_checked() {
     }
     assert!(try_run(&cfg, rows(), &out).is_ok());
 }
+
+/// A loaded model becomes the same student as its directory does.
+#[test]
+fn student_from_a_loaded_model_equals_the_directorys() {
+    let dir = fixture("tiny-bge-m3-layout");
+    let a = M3Student::from_model(&M3Model::load(&dir, Device::Cpu).unwrap(), 1).unwrap();
+    let b = M3Student::load_dir(&dir, 1).unwrap();
+    assert_eq!(a.params.specs(), b.params.specs());
+    for (x, y) in a.params.values().iter().zip(b.params.values()) {
+        assert_eq!(x.f32s().unwrap(), y.f32s().unwrap());
+    }
+    assert_eq!(
+        a.extra_tensors.keys().collect::<Vec<_>>(),
+        ["pooler.dense.bias", "pooler.dense.weight"]
+    );
+}

@@ -128,6 +128,19 @@ impl M3Student {
         })
     }
 
+    /// A loaded model as a student (its encoder, its heads or fresh ones drawn from `seed`, and
+    /// its pass-through tensors), without reading the directory again.
+    pub fn from_model(model: &crate::model::m3::M3Model, seed: u64) -> Result<M3Student> {
+        let hidden = model.encoder.config.hidden_size;
+        let heads = match &model.heads {
+            Some(h) => h.clone(),
+            None => fresh_heads(hidden, seed)?,
+        };
+        let mut student = M3Student::new(model.encoder.clone(), &heads)?;
+        student.extra_tensors = model.extra_tensors.clone();
+        Ok(student)
+    }
+
     /// A model directory as a student: backbone + heads, or fresh heads
     /// ([`fresh_heads`] with `seed`) when the directory has no colbert/sparse .pt files.
     pub fn load_dir(dir: &std::path::Path, seed: u64) -> Result<M3Student> {
