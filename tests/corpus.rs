@@ -478,6 +478,18 @@ fn damaged_partial_files_are_errors() {
         other => panic!("{other:?}"),
     }
 
+    // A token id changed inside the checkpointed part of the data file.
+    let out = d.join("e.r3tok");
+    assert!(interrupted_run(&tok, &input, &out, &o, 6));
+    let p = partial(&out, ".partial");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[HEADER_LEN] ^= 1;
+    std::fs::write(&p, bytes).unwrap();
+    match run(&tok, &input, &out, &o) {
+        Err(e @ Error::Format { .. }) => assert!(e.to_string().contains("checksum"), "{e}"),
+        other => panic!("{other:?}"),
+    }
+
     // Partial files without a state (crash before the first checkpoint): a fresh start.
     let out = d.join("c.r3tok");
     assert!(interrupted_run(&tok, &input, &out, &o, 6));

@@ -291,6 +291,37 @@ fn resume(work: &WorkFiles, job: &Job, cap: u64) -> Result<(Sink, ReaderState, T
             .and_then(|()| file.seek(SeekFrom::End(0)).map(drop))
             .map_err(|e| Error::io(path, e))?;
     }
+    // The tokens up to the checkpoint must be the ones the checkpoint hashed: a partial file
+    // changed since would otherwise be finished under a checksum it does not match (caught only
+    // when a trainer verifies the corpus). One sequential read of what was written.
+    tokens
+        .seek(SeekFrom::Start(HEADER_LEN as u64))
+        .map_err(|e| Error::io(&work.partial, e))?;
+    let mut hash = MIX_SEED;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = n_tokens * 4;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        tokens
+            .read_exact(&mut buf[..n])
+            .map_err(|e| Error::io(&work.partial, e))?;
+        for c in buf[..n].chunks_exact(4) {
+            hash = super::mix(
+                hash,
+                u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        left -= n as u64;
+    }
+    if hash != state.tokens_hash {
+        return Err(broken(format!(
+            "{} changed since the checkpoint (token checksum mismatch)",
+            work.partial.display()
+        )));
+    }
+    tokens
+        .seek(SeekFrom::End(0))
+        .map_err(|e| Error::io(&work.partial, e))?;
     // The last offset must be where the recorded counts put it.
     let mut last = [0u8; 8];
     offsets
