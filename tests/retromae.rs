@@ -338,6 +338,20 @@ fn bad_settings_are_named() {
         let e = err_of(run_pretrain(&mut m, &corpus(), &cfg, &out));
         assert!(e.contains(want), "{e}");
     }
+    // A masking vocabulary (tokenizer) bigger than the model's embedding table.
+    let r = retrom3::train::retromae::pretrain_on(
+        retrom3::Device::Cpu,
+        &mut m,
+        &corpus(),
+        &vocab(50),
+        &base,
+        &tok_dir(),
+        &out,
+        None,
+        &mut |_, _, _, _, _| {},
+    );
+    let e = err_of(r);
+    assert!(e.contains("the tokenizer has 50 tokens"), "{e}");
     let _ = std::fs::remove_dir_all(&out);
 }
 

@@ -258,6 +258,33 @@ pub fn pretrain_on(
         ));
     }
     cfg.check(model.config.max_tokens())?;
+    // The masking vocabulary is the tokenizer's: no bigger than the model's embedding table, its
+    // special ids inside it (another model's tokenizer would train on ids the model misreads).
+    let v = model.config.vocab_size;
+    if vocab.vocab_size == 0 || vocab.vocab_size > v {
+        return Err(Error::Config {
+            field: "vocab_size".into(),
+            msg: format!(
+                "the tokenizer has {} tokens but the model's embedding table {v}: another \
+                 model's tokenizer?",
+                vocab.vocab_size
+            ),
+        });
+    }
+    if let Some((name, id)) = [
+        ("cls", vocab.cls),
+        ("eos", vocab.eos),
+        ("pad", vocab.pad),
+        ("mask", vocab.mask),
+    ]
+    .into_iter()
+    .find(|&(_, id)| id as usize >= vocab.vocab_size)
+    {
+        return Err(Error::invalid(format!(
+            "masking vocabulary: the {name} id {id} is outside its {} ids",
+            vocab.vocab_size
+        )));
+    }
     let per_epoch = (docs.len() / cfg.batch_size) as u64;
     if per_epoch == 0 {
         return Err(Error::invalid(format!(
