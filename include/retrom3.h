@@ -109,8 +109,8 @@ typedef struct r3_encode_options {
 
 /* Options of r3_score. Fill with r3_score_options_init, then change fields. */
 typedef struct r3_score_options {
-    float weights[3];          /* w_dense, w_sparse, w_colbert: finite, >= 0, w_dense + w_sparse
-                                  > 0 (init: 1, 1, 1) */
+    float weights[3];          /* w_dense, w_sparse, w_colbert: each in [0, 1e6], w_dense +
+                                  w_sparse > 0 (init: 1, 1, 1) */
     size_t max_query_length;   /* max tokens per query; 0: 512 (or the model's max if lower) */
     size_t max_passage_length; /* max tokens per passage; 0: 512 (or the model's max if lower) */
     size_t batch_size;         /* texts per forward pass; 0: 32 */

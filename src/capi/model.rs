@@ -139,8 +139,8 @@ impl R3EncodeOptions {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct R3ScoreOptions {
-    /// Fusion weights `[w_dense, w_sparse, w_colbert]`: finite, non-negative, `w_dense +
-    /// w_sparse > 0` (the sparse+dense score divides by it).
+    /// Fusion weights `[w_dense, w_sparse, w_colbert]`: each in [0, 1e6], `w_dense + w_sparse >
+    /// 0` (the sparse+dense score divides by it); the rules of `retrom3 score` / search.
     pub weights: [f32; 3],
     /// Max tokens per query, specials included; 0: 512 (FlagEmbedding's `compute_score`), or
     /// the model's max length if lower.

@@ -123,13 +123,10 @@ impl M3Model {
         progress: &mut dyn FnMut(usize),
     ) -> Result<Vec<PairScores>> {
         let w = opts.weights;
-        if w.iter().any(|x| !x.is_finite() || *x < 0.0) || w[0] + w[1] <= 0.0 {
-            // dense + sparse is one of the five scores: its two weights may not both be 0.
-            return Err(Error::invalid(format!(
-                "weights {w:?}: need three finite non-negative numbers [dense, sparse, colbert], \
-                 dense + sparse > 0 (FlagEmbedding's default is [0.4, 0.2, 0.4])"
-            )));
-        }
+        // The rules of search / eval and `retrom3 score`: the two fusions are dense+sparse and all.
+        use crate::retrieval::{hybrid::check_weights, Mode};
+        check_weights(w, &[Mode::DenseSparse, Mode::All])
+            .map_err(|m| Error::invalid(format!("weights {w:?}: {m}")))?;
         self.require_heads("compute_score")?;
         // Checked here so that the error names the field the caller set.
         let default_len = 512.min(self.max_length);
