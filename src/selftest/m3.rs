@@ -647,8 +647,19 @@ fn sparse<T: Store>(
         c.cmp(&k, &shape, "dh", &got, &dh, T::TOL);
         let got = c.down::<f32>(&bdws, hidden)?;
         c.cmp(&k, &shape, "dws+=", &got, &dws, TOL_F32);
+        // db is one sum over every row, which cancels far below its terms (|db| ~ 4e-3 from
+        // 2400 terms of ~1 on an H200, seed 20261128): its rounding scales with Σ|terms|, not
+        // with |db|, so the absolute floor does (a dropped or flipped row moves it by ~1).
+        let l1: f64 = dw.iter().map(|x| f64::from(x.abs())).sum();
         let got = c.down::<f32>(&bdb, 1)?;
-        c.cmp(&k, &shape, "db+=", &got, &[db], TOL_F32);
+        c.cmp(
+            &k,
+            &shape,
+            "db+=",
+            &got,
+            &[db],
+            TOL_F32.with_floor(1e-7 * l1),
+        );
         Ok(())
     });
 }
