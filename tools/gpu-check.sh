@@ -244,7 +244,7 @@ for tool in memcheck racecheck; do
   if [ -z "$SANITIZER" ]; then
     row "$tool" SKIP 0 "compute-sanitizer not found"; continue
   fi
-  run_step "$tool" 60 "$SANITIZER" --tool "$tool" --error-exitcode 97 --print-limit 20 \
+  run_step "$tool" "${SAN_LIMIT:-60}" "$SANITIZER" --tool "$tool" --error-exitcode 97 --print-limit 20 \
     "$BIN" selftest --device cuda --quick --seed "$SEED"
   finish_step "$tool" "$(last_match 'ERROR SUMMARY|RACECHECK SUMMARY|rows passed|rows FAILED' "$OUT/$tool.log")"
 done

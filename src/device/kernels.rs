@@ -717,8 +717,8 @@ pub enum AttnImpl {
     TensorCoresHeads(usize),
     /// `attention_fwd_tcdb_d{D}_bf16`: the tensor-core forward with two K/V tile buffers, the
     /// next tile arriving by cp.async during this one's products; head dims 32 and 64 (heads
-    /// per block as [`tc_heads_per_block_for`] with `pipelined`). Not the default until a GPU
-    /// run compares it with [`AttnImpl::TensorCores`] ([`TC_PIPELINED_BY_DEFAULT`]).
+    /// per block as [`tc_heads_per_block_for`] with `pipelined`). The default where it applies
+    /// ([`TC_PIPELINED_BY_DEFAULT`]).
     TensorCoresPipelined,
     /// [`AttnImpl::TensorCoresPipelined`] with this many heads per block (as
     /// [`AttnImpl::TensorCoresHeads`]; above 1 with a two-stream mask, Lk <= 1024 at head dim 64).
@@ -726,9 +726,11 @@ pub enum AttnImpl {
 }
 
 /// Whether [`attention_fwd`] takes the double-buffered tensor-core forward where it applies
-/// (head dims 32 and 64). Off until `bench kernels` on a GPU (rows `attention_fwd_tcdb*` beside
-/// `attention_fwd_tc*`, same call) shows it ahead; the selftest checks it either way.
-pub const TC_PIPELINED_BY_DEFAULT: bool = false;
+/// (head dims 32 and 64). On since session 9's H200 call: `bench kernels` (rows
+/// `attention_fwd_tcdb*` beside `attention_fwd_tc*`, same call) measured it 2.2x / 2.0x the
+/// single-buffered plain / two-stream forward at S512 and its selftest rows passed there; the
+/// selftest checks both either way.
+pub const TC_PIPELINED_BY_DEFAULT: bool = true;
 
 /// Keys of one tensor-core tile (kTcKeys in kernels/attention.cu).
 const TC_KEYS: usize = 64;
@@ -922,14 +924,12 @@ pub unsafe fn attention_fwd_with(
     }
 }
 
-/// Whether [`attention_bwd`] runs the tensor-core kernels for bf16 at head dims 32 and 64. They
-/// pass every selftest row on the emulated device (which runs their .cu source with mma.sync and
-/// ldmatrix emulated from the same registers and addresses) but have not yet run on a GPU (the
-/// session that wrote them lost its device loan before the call): the training paths keep the
-/// CUDA-core backward until `selftest --device cuda` has shown their rows pass
-/// (docs/gpu-log.md). The selftest and `bench kernels` run both regardless; the environment
-/// variable `RETROM3_ATTN_BWD=tc` (or `cc`) overrides the default for a run ([`tc_backward`]).
-pub const TC_BACKWARD_BY_DEFAULT: bool = false;
+/// Whether [`attention_bwd`] runs the tensor-core kernels for bf16 at head dims 32 and 64. On
+/// since session 9's H200 call: their 30 `selftest --device cuda` rows passed and `bench kernels`
+/// measured forward + backward 4.9x the CUDA-core backward's at S512 (docs/gpu-log.md). The
+/// selftest and `bench kernels` run both regardless; the environment variable
+/// `RETROM3_ATTN_BWD=tc` (or `cc`) overrides the default for a run ([`tc_backward`]).
+pub const TC_BACKWARD_BY_DEFAULT: bool = true;
 
 /// Whether [`attention_bwd`] takes the tensor-core kernels where they apply:
 /// `RETROM3_ATTN_BWD` = `tc` or `cc` when set (read once per process), else

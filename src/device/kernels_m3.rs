@@ -140,9 +140,10 @@ pub enum MaxSimImpl {
     TensorCoresPipelined,
 }
 
-/// Whether [`MaxSimImpl::Auto`] takes the pipelined tensor-core scan where it applies. Off until
-/// a GPU run compares the two (`bench kernels`: rows `maxsim_docs_tc` and `maxsim_docs_tcp`).
-pub const MAXSIM_PIPELINED_BY_DEFAULT: bool = false;
+/// Whether [`MaxSimImpl::Auto`] takes the pipelined tensor-core scan where it applies. On since
+/// session 9's H200 call (`bench kernels`, same call, q8 / q32 x 20k documents of 128 x 1024):
+/// 92% / 84% of copy bandwidth against the single-pass scan's 68% / 58% (docs/perf.md).
+pub const MAXSIM_PIPELINED_BY_DEFAULT: bool = true;
 
 /// Query tokens per launch of `maxsim_docs_tc_bf16`.
 const MD_TC_QUERY_TILE: usize = 32;
