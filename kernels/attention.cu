@@ -10,7 +10,8 @@
 // 1 = real, NULL = no padding); mode 1 = the RetroMAE two-stream decoder mask (SPEC §10.3,
 // cpu::attention::two_stream_visible): a row never sees itself nor padding, slot 0 is visible to
 // rows != 0, otherwise key j is hidden from row i when vis_unit(vis_row_key(seed, b, i),
-// words[b, j]) < p (words [B, Lk] u32, whole-word index; a 32-bit mix, common.cuh). Attention-
+// words[b, j]) < p (words [B, Lk] u32, whole-word index; per score one folded 32 x 32-bit product
+// of an odd row key and an odd word key, common.cuh). Attention-
 // probability dropout (drop_p > 0): p_ij is kept when drop_unit(drop_row_key(drop_seed,
 // drop_stream, (b H + h) Lq + i), j) >= drop_p, scaled 1/(1-p) (a row key once per row, one
 // 32-bit mix per score). Both draws are cpu::elementwise's bit for bit, so CPU and GPU see
@@ -517,12 +518,12 @@ __device__ __forceinline__ void tc_issue_tile(unsigned short* dst, const unsigne
 }
 
 // One key's state for the tensor-core forward: 0 visible, 1 padding, 2 past Lk; and (two-stream)
-// its word's multiplier.
+// its word's key (vis_word_key).
 __device__ __forceinline__ void tc_key_state(const AttnMaskArgs& ma, int b, int lk, int j,
                                              unsigned char& st, unsigned& wm) {
     const long long bj = (long long)b * lk + j;
     st = j >= lk ? 2 : (ma.key_mask && !ma.key_mask[bj]) ? 1 : 0;
-    wm = ma.mode == 1 && j < lk ? ma.words[bj] * 0x85EBCA6Bu : 0u;
+    wm = ma.mode == 1 && j < lk ? vis_word_key(ma.words[bj]) : 0u;
 }
 // The key states of the 64-key tile from j0 into skey / sword (sword only when TS).
 template <bool TS>
@@ -538,7 +539,7 @@ __device__ __forceinline__ void tc_fill_key_state(const AttnMaskArgs& ma, int b,
 // The two-stream visibility of a thread's 32 C-fragment scores of a 64-key tile: bit nt * 4 + e is
 // (row e < 2 ? r0 : r0 + 8, key j0 + nt * 8 + 2 qd + (e & 1)). Padding and keys past Lk are the
 // caller's (its key state). Every score is drawn without a branch (sword: the tile's word
-// multipliers; a short-circuit test compiled to one branch region per score); the two rules that
+// keys; a short-circuit test compiled to one branch region per score); the two rules that
 // touch single keys run in tile-uniform branches: key 0 is visible to the other rows (tile 0) and
 // a row never sees itself (the tile that overlaps the rows [row_base, row_base + kTcRows)).
 template <int NT>
@@ -590,7 +591,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     alignas(16) __shared__ unsigned short sk[NB * kTcKeys * LDS];
     alignas(16) __shared__ unsigned short sv[NB * kTcKeys * LDS];
     // Per key of the tile: 0 = visible, 1 = masked (padding), 2 = past Lk; two-stream mode also
-    // its word's multiplier (vis_keep), so the per-score test reads shared memory only.
+    // its word's key (vis_keep), so the per-score test reads shared memory only.
     __shared__ unsigned char skey[NB * kTcKeys];
     __shared__ unsigned sword[TS ? NB * kTcKeys : 1];
     // [tile][thread]: 32 bits
@@ -678,14 +679,21 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                 }
             }
             float mt[2] = {-INFINITY, -INFINITY};
-            // Two-stream visibility of this thread's 32 scores (bit nt * 4 + e): drawn (a
-            // warp-uniform branch around the whole draw, so the heads that read the cached bits
-            // do not issue it predicated off) or read back.
+            const bool clean = tc_tile_clean(skeyt, lane);
+            // Direct draw: a head that draws for itself alone (no cache to fill), in a clean
+            // tile that holds neither key 0 nor any of the block's own rows (the two single-key
+            // rules), with p < 1: each score's draw goes straight into its select, no bits.
+            // Block-uniform.
+            const int row_base = blockIdx.x * kTcRows;
+            const bool direct = TS && draw && !cache && clean && vd.all != 0u && j0 != 0 &&
+                                !(j0 < row_base + kTcRows && row_base < j0 + kTcKeys);
+            // Otherwise the two-stream visibility of this thread's 32 scores (bit nt * 4 + e):
+            // drawn (a warp-uniform branch around the whole draw, so the heads that read the
+            // cached bits do not issue it predicated off) or read back.
             unsigned bits = 0u;
-            if (TS) {
+            if (TS && !direct) {
                 if (draw) {
-                    bits = ts_fragment_bits<NT>(swordt, rk0, rk1, vd, qd, j0, r0,
-                                                blockIdx.x * kTcRows);
+                    bits = ts_fragment_bits<NT>(swordt, rk0, rk1, vd, qd, j0, r0, row_base);
                     if (cache) mbits[t * (kTcRows * 2) + threadIdx.x] = bits;
                 } else {
                     bits = mbits[t * (kTcRows * 2) + threadIdx.x];
@@ -693,8 +701,19 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             }
             // Scale and mask. A clean tile (no padding, no key past Lk: most tiles) needs no key
             // state: the plain kernel leaves its scores as they are, the two-stream one masks
-            // by the bits alone.
-            if (tc_tile_clean(skeyt, lane)) {
+            // by the draws or the bits alone.
+            if (direct) {
+#pragma unroll
+                for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) {
+                        const unsigned wk = swordt[nt * 8 + 2 * qd + (e & 1)];
+                        float x = s[nt][e] * sl2;
+                        if (mum32(e < 2 ? rk0 : rk1, wk) < vd.thr8) x = kMasked;
+                        s[nt][e] = x;
+                        mt[e >> 1] = fmaxf(mt[e >> 1], x);
+                    }
+            } else if (clean) {
 #pragma unroll
                 for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
@@ -985,7 +1004,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
     unsigned ka[KS][4], va[KS][4];
     tc_load_a<D>(ka, k16, b, h, heads, lk, r0, qd);
     tc_load_a<D>(va, v16, b, h, heads, lk, r0, qd);
-    // Per key of this thread: in range and not padding; the two-stream word multiplier.
+    // Per key of this thread: in range and not padding; the two-stream word key.
     bool kok[2];
     unsigned wm[2];
 #pragma unroll
@@ -993,7 +1012,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
         const int j = r0 + 8 * rr;
         const long long bj = (long long)b * lk + j;
         kok[rr] = j < lk && !(ma.key_mask && !ma.key_mask[bj]);
-        wm[rr] = (ma.mode == 1 && j < lk) ? ma.words[bj] * 0x85EBCA6Bu : 0u;
+        wm[rr] = (ma.mode == 1 && j < lk) ? vis_word_key(ma.words[bj]) : 0u;
     }
     const VisDraw vd = vis_draw(ma.p);
     const DropDraw dd = attn_drop_draw(ma);

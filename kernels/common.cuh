@@ -155,9 +155,11 @@ __device__ __forceinline__ float hash_unit(unsigned long long seed, unsigned lon
     return (float)(hash_u32(seed, a, b) >> 8) * (1.0f / 16777216.0f);
 }
 
-// cpu::elementwise::mix32 / vis_row_key / vis_unit, bit for bit: the RetroMAE decoder mask's draw
-// per (row, word) in 32-bit arithmetic (two 32-bit multiplies per draw once the row key is known;
-// hash_u32 needs four emulated 64-bit multiplies).
+// cpu::elementwise::mix32 / vis_row_key / vis_word_key / mum32 / vis_unit, bit for bit: the
+// RetroMAE decoder mask's draw per (row, word) in 32-bit arithmetic: an odd key per row and one
+// per word (each a few mix32 once), then per score one 32 x 32 -> 64-bit product folded to 32
+// bits (IMAD.WIDE + LOP3; a mix32 per score was ten integer instructions, and they bound the
+// two-stream attention: docs/perf.md).
 __device__ __forceinline__ unsigned mix32(unsigned x) {
     x ^= x >> 16;
     x *= 0x7FEB352Du;
@@ -166,10 +168,16 @@ __device__ __forceinline__ unsigned mix32(unsigned x) {
     return x ^ (x >> 16);
 }
 __device__ __forceinline__ unsigned vis_row_key(unsigned long long seed, unsigned b, unsigned i) {
-    return mix32((unsigned)seed ^ mix32((unsigned)(seed >> 32) ^ mix32(b * 0x9E3779B9u ^ i)));
+    return mix32((unsigned)seed ^ mix32((unsigned)(seed >> 32) ^ mix32(b * 0x9E3779B9u ^ i))) | 1u;
+}
+__device__ __forceinline__ unsigned vis_word_key(unsigned word) {
+    return mix32(word ^ 0x85EBCA6Bu) | 1u;
+}
+__device__ __forceinline__ unsigned mum32(unsigned a, unsigned b) {
+    return (a * b) ^ __umulhi(a, b);  // (a 64-bit product compiled to a 64 x 32 one)
 }
 __device__ __forceinline__ float vis_unit(unsigned row_key, unsigned word) {
-    return (float)(mix32(row_key ^ (word * 0x85EBCA6Bu)) >> 8) * (1.0f / 16777216.0f);
+    return (float)(mum32(row_key, vis_word_key(word)) >> 8) * (1.0f / 16777216.0f);
 }
 // vis_unit(k, w) >= p as an integer compare: vis_unit is u * 2^-24 with u = mix32(..) >> 8 an
 // integer below 2^24 (exact in float), so the test is u >= ceil(p * 2^24) (exact: scaling by a
@@ -180,9 +188,9 @@ __device__ __forceinline__ unsigned vis_threshold(float p) {
     if (p >= 1.f) return 1u << 24;
     return (unsigned)ceilf(p * 16777216.0f);
 }
-// vis_unit(row_key, w) >= p with word_mul = w * 0x85EBCA6B and thr = vis_threshold(p).
-__device__ __forceinline__ bool vis_keep(unsigned row_key, unsigned word_mul, unsigned thr) {
-    return (mix32(row_key ^ word_mul) >> 8) >= thr;
+// vis_unit(row_key, w) >= p with word_key = vis_word_key(w) and thr = vis_threshold(p).
+__device__ __forceinline__ bool vis_keep(unsigned row_key, unsigned word_key, unsigned thr) {
+    return (mum32(row_key, word_key) >> 8) >= thr;
 }
 // cpu::elementwise::drop_row_key, bit for bit: attention dropout's key of score row
 // (b H + h) Lq + i; each (row, key j) draw is then one mix32 (attention.cu attn_drop_at).
@@ -206,9 +214,9 @@ __device__ __forceinline__ VisDraw vis_draw(float p) {
     d.all = thr < (1u << 24) ? 0xFFFFFFFFu : 0u;
     return d;
 }
-__device__ __forceinline__ unsigned vis_draw_bit(unsigned row_key, unsigned word_mul,
+__device__ __forceinline__ unsigned vis_draw_bit(unsigned row_key, unsigned word_key,
                                                  unsigned thr8) {
-    return mix32(row_key ^ word_mul) >= thr8 ? 1u : 0u;
+    return mum32(row_key, word_key) >= thr8 ? 1u : 0u;
 }
 
 // ---- tensor cores ------------------------------------------------------------------------------

@@ -12,6 +12,7 @@
 #   racecheck  compute-sanitizer --tool racecheck on the quick selftest (idem)
 #   kernels    retrom3 bench kernels --device cuda: attention D=64 S=512..8192, GEMM, LayerNorm,
 #              cross-entropy, AdamW vs the card's peak / the measured copy bandwidth
+#   attn       (only when ONLY names it) the attention rows of `bench kernels` alone
 #   model      retrom3 bench model --device cuda: bge-m3-sized random encoder (24 x 1024, vocab
 #              250002), S=512, batch 32: encode, training forward+backward, one M3 step and one
 #              RetroMAE step (the whole pre-training step on the device), tokens/s
@@ -126,17 +127,34 @@ finish_step selftest "$(last_match 'rows passed|rows FAILED|error' "$OUT/selftes
 # ---- kernel microbenchmarks and the bge-m3-sized encoder ------------------------------------------
 run_step kernels 90 "$BIN" bench kernels --device cuda --iters 10 --json "$OUT/kernels.jsonl"
 finish_step kernels "$(grep -E 'attention_fwd_bf16_b32_s512|copy' "$OUT/kernels.log" | awk '{printf "%s %s %s; ", $1, $3, $4}' | cut -c1-140)"
+# The attention rows alone (a short call that measures a kernel change: ONLY=version,selftest,attn).
+if [[ ",${ONLY:-}," == *",attn,"* ]]; then
+  run_step attn 60 "$BIN" bench kernels --device cuda --attention-only --iters 10 \
+    --json "$OUT/attn.jsonl"
+  finish_step attn "$(grep -cE '^cuda_attention' "$OUT/attn.log" 2>/dev/null) attention rows"
+fi
 # Issue 4's target: the two-stream (RetroMAE decoder) attention at >= 85% of the plain one's
-# throughput at the same shapes; the ratio is plain time / two-stream time (plain: no mask, and
-# "keypad": a key-padding mask of ones, the issue's padding-mask attention).
+# throughput at the same shapes, as plain time / two-stream time. "keypad" is the plain kernel
+# reading a key-padding mask of ones (the issue's padding-mask attention), "plain" reads none;
+# tcdb the double-buffered forward (the default at D 32 / 64), tc the single-buffered one; the
+# plain rows name each kernel's default heads per block, hpbN the others (the two-stream mask
+# drawn once per block of N heads; kernels::TC_MASK_CACHE_BY_DEFAULT).
+for LOG in "$OUT/attn.log" "$OUT/kernels.log"; do
+  [ -s "$LOG" ] || continue
+  TS=$(awk '{ if ($1 ~ /attention_fwd_/ && match($1, /_s[0-9]+_h/)) {
+        s = substr($1, RSTART + 2, RLENGTH - 4); v = $1; sub(/.*attention_fwd_/, "", v); sub(/_bf16_.*/, "", v);
+        t[v, s] = $2; if (!(s in seen)) { seen[s] = 1; order[++n] = s } } }
+    function r(a, b, s) { return (t[a, s] > 0 && t[b, s] > 0) ? sprintf("%.2f", t[a, s] / t[b, s]) : "-" }
+    END { for (k = 1; k <= n; k++) { s = order[k];
+        printf "S=%s: tcdb keypad/2s %s (plain/2s %s; hpb1 %s, hpb2 %s, hpb4 %s), tc keypad/2s %s (hpb1 %s, hpb2 %s, hpb4 %s), f+b %s; ", s,
+          r("tcdb_keypad", "tcdb_twostream", s), r("tcdb", "tcdb_twostream", s), r("tcdb_keypad", "tcdb_twostream_hpb1", s),
+          r("tcdb_keypad", "tcdb_twostream_hpb2", s), r("tcdb_keypad", "tcdb_twostream_hpb4", s), r("tc_keypad", "tc_twostream", s),
+          r("tc_keypad", "tc_twostream_hpb1", s), r("tc_keypad", "tc_twostream_hpb2", s), r("tc_keypad", "tc_twostream_hpb4", s),
+          r("tc_bwd", "tc_bwd_twostream", s) } }' "$LOG")
+  row two_stream INFO 0 "two-stream / plain throughput (target >= 0.85), $(basename "$LOG"): ${TS:-no rows}"
+  break
+done
 if [ -f "$OUT/kernels.log" ]; then
-  TS=$(awk '{ if (match($1, /_s[0-9]+_h/)) { s = substr($1, RSTART + 2, RLENGTH - 4);
-      if ($1 ~ /attention_fwd_tc_bf16_/) p[s] = $2; if ($1 ~ /attention_fwd_tc_twostream_bf16_/) t[s] = $2;
-      if ($1 ~ /attention_fwd_tc_keypad_bf16_/) kp[s] = $2;
-      if ($1 ~ /attention_fwd_tcdb_bf16_/) dp[s] = $2; if ($1 ~ /attention_fwd_tcdb_twostream_bf16_/) dt[s] = $2;
-      if ($1 ~ /attention_fwd_tc_bwd_bf16_/) pb[s] = $2; if ($1 ~ /attention_fwd_tc_bwd_twostream_bf16_/) tb[s] = $2 } }
-    END { for (s in p) if ((s in t) && (s in tb) && t[s] > 0 && tb[s] > 0 && dp[s] > 0 && dt[s] > 0) printf "S=%s fwd %.2f (keypad %.2f) f+b %.2f, double-buffered: %.2f (tc/tcdb time %.2f plain, %.2f two-stream); ", s, p[s] / t[s], kp[s] / t[s], pb[s] / tb[s], dp[s] / dt[s], p[s] / dp[s], t[s] / dt[s] }' "$OUT/kernels.log")
-  row two_stream INFO 0 "two-stream / plain throughput (target >= 0.85): ${TS:-no rows}"
   # Issue 5's target: the ColBERT inference scan (maxsim_docs) at >= 75% of HBM bandwidth.
   MS=$(awk '$1 ~ /_maxsim_docs_/ {printf "%s %s GB/s %s; ", $1, $4, $5}' "$OUT/kernels.log" | sed 's/cuda_maxsim_docs_bf16_//g')
   row maxsim INFO 0 "maxsim_docs GB/s and of copy bandwidth (target >= 75%): ${MS:-no rows}"

@@ -777,27 +777,62 @@ pub fn attention_fwd_default(
     }
 }
 
+/// Whether the two-stream tensor-core forward shares each drawn visibility between several heads
+/// of a block by default ([`tc_heads_per_block_for`]), for the single-buffered and the
+/// double-buffered kernel. Measured side by side on an H200 (session 10, `bench kernels`, two-stream
+/// / key-padding throughput at S512 / 1024, B·S = 16k, 16 heads of 64; the draw one folded product
+/// per score): double-buffered 0.84 / 0.84 with one head per block, 0.89 / 0.87 with 4 (that
+/// kernel is bound by its instruction issue, so the draw it saves counts); single-buffered 0.93 /
+/// 0.93 with one head, 0.85 / 0.84 with 4 (that one waits on its loads, and the 4x longer blocks
+/// lose more to the last wave of the grid than the shared draw saves). A head that draws for
+/// itself puts each draw straight into its select (no bits stored or read back).
+pub const TC_MASK_CACHE_BY_DEFAULT: [bool; 2] = [false, true];
+
 /// Heads per block of the tensor-core forward ([`tc_heads_per_block_for`], single-buffered).
 pub fn tc_heads_per_block(mask: AttnKernelMask, d: &AttnDims) -> usize {
     tc_heads_per_block_for(mask, d, false)
 }
 
-/// Heads per block of the tensor-core forward: with the two-stream mask one block draws each
-/// (row, key) visibility once for up to 4 heads (the mask does not depend on the head), as long
-/// as the grid keeps >= 1024 blocks (~8 per SM of an H100/H200) and the key tiles' bits fit
-/// (Lk <= 2048, 1024 at head dim 128 or double-buffered at 64); otherwise, and for key
-/// padding, one head per block.
+/// Heads per block of the tensor-core forward: with [`TC_MASK_CACHE_BY_DEFAULT`] for this kernel
+/// the largest the mask cache allows and the grid affords ([`tc_heads_per_block_cached`]), else 1.
 pub fn tc_heads_per_block_for(mask: AttnKernelMask, d: &AttnDims, pipelined: bool) -> usize {
+    if TC_MASK_CACHE_BY_DEFAULT[usize::from(pipelined)] {
+        tc_heads_per_block_cached(mask, d, pipelined)
+    } else {
+        1
+    }
+}
+
+/// With the mask cache: for the two-stream mask one block draws each (row, key) visibility once
+/// for up to 4 heads (the mask does not depend on the head), as long as the grid keeps >= 1024
+/// blocks (~8 per SM of an H100/H200) and the key tiles' bits fit
+/// ([`tc_heads_per_block_options`]); otherwise, and for key padding, one head per block.
+pub fn tc_heads_per_block_cached(mask: AttnKernelMask, d: &AttnDims, pipelined: bool) -> usize {
+    let blocks = d.q_len.div_ceil(64) * d.batch * d.heads;
+    tc_heads_per_block_options(mask, d, pipelined)
+        .into_iter()
+        .rev()
+        .find(|&n| n == 1 || blocks / n >= 1024)
+        .unwrap_or(1)
+}
+
+/// The heads per block the tensor-core forward can run at these dims (ascending): 1, and for the
+/// two-stream mask 2 and 4 where they divide the heads and the key tiles' bits fit the mask
+/// cache (Lk <= 2048; 1024 at head dim 128 or double-buffered at 64).
+pub fn tc_heads_per_block_options(
+    mask: AttnKernelMask,
+    d: &AttnDims,
+    pipelined: bool,
+) -> Vec<usize> {
     if !matches!(mask, AttnKernelMask::TwoStream { .. })
         || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles(d.head_dim, pipelined)
     {
-        return 1;
+        return vec![1];
     }
-    let blocks = d.q_len.div_ceil(64) * d.batch * d.heads;
-    [4, 2]
+    [1, 2, 4]
         .into_iter()
-        .find(|&n| d.heads.is_multiple_of(n) && blocks / n >= 1024)
-        .unwrap_or(1)
+        .filter(|&n| d.heads.is_multiple_of(n))
+        .collect()
 }
 
 /// Fused attention forward (`cpu::attention::attention_fwd`): q [B, Lq, H*D], k, v [B, Lk, H*D],

@@ -263,48 +263,71 @@ pub fn kernels_streaming(
             s_c,
             flops,
         ));
-        // The plain kernel with a key-padding mask of ones: the issue's "padding-mask
-        // attention" (it reads the mask; the row without one reads nothing per key).
+        // The plain kernels with a key-padding mask of ones: the issue's "padding-mask
+        // attention" (they read the mask; the rows without one read nothing per key), single-
+        // and double-buffered.
         let key_pad = AttnKernelMask::KeyPadding { key_mask: ones.ptr };
-        let s_p = time(dev, 1, it, || fwd_with(k::AttnImpl::TensorCores, key_pad))?;
-        rows.push(flop_row(
-            format!("{devname}_attention_fwd_tc_keypad_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
-            s_p,
-            flops,
-        ));
-        // The double-buffered forward (cp.async) beside the single-buffered one, both masks.
-        for (tag, mask) in [("", plain), ("_twostream", two_stream)] {
-            let s_db = time(dev, 1, it, || {
-                fwd_with(k::AttnImpl::TensorCoresPipelined, mask)
-            })?;
+        for (tag, imp) in [
+            ("tc", k::AttnImpl::TensorCores),
+            ("tcdb", k::AttnImpl::TensorCoresPipelined),
+        ] {
+            let s_p = time(dev, 1, it, || fwd_with(imp, key_pad))?;
             rows.push(flop_row(
-                format!("{devname}_attention_fwd_tcdb{tag}_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
-                s_db,
+                format!("{devname}_attention_fwd_{tag}_keypad_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
+                s_p,
                 flops,
             ));
         }
-        for (tag, mask) in [("", plain), ("_twostream", two_stream)] {
-            let s_f = time(dev, 1, it, || fwd_with(k::AttnImpl::TensorCores, mask))?;
-            rows.push(flop_row(
-                format!("{devname}_attention_fwd_tc{tag}_bf16_b{batch}_s{sl}_h{heads}_d{d}"),
-                s_f,
-                flops,
-            ));
-            let hpb = k::tc_heads_per_block(mask, &dims);
-            // The same kernel with fewer heads per block (1: every head draws the mask): the
-            // mask drawn once per block against the tail of the last wave of blocks.
-            for n in [1, 2].into_iter().filter(|&n| n < hpb) {
-                let s1 = time(dev, 1, it, || {
-                    fwd_with(k::AttnImpl::TensorCoresHeads(n), mask)
-                })?;
+        // Both forwards with both masks, each with its default heads per block; the two-stream
+        // one also with the other head counts (1, 2, 4: the mask drawn once per block for 2 or 4
+        // heads where its bits fit, against the tail of the last wave of the 2-4x longer blocks;
+        // k::TC_MASK_CACHE_BY_DEFAULT).
+        // The forward that the fwd + bwd rows below add (the default, double-buffered one), by mask.
+        let mut fwd_default = [0.0f64; 2];
+        for (db, pipelined) in [("db", true), ("", false)] {
+            let (imp, heads_imp): (k::AttnImpl, fn(usize) -> k::AttnImpl) = if pipelined {
+                (
+                    k::AttnImpl::TensorCoresPipelined,
+                    k::AttnImpl::TensorCoresPipelinedHeads,
+                )
+            } else {
+                (k::AttnImpl::TensorCores, k::AttnImpl::TensorCoresHeads)
+            };
+            for (m, (tag, mask)) in [("", plain), ("_twostream", two_stream)]
+                .into_iter()
+                .enumerate()
+            {
+                let s_f = time(dev, 1, it, || fwd_with(imp, mask))?;
+                if pipelined {
+                    fwd_default[m] = s_f;
+                }
                 rows.push(flop_row(
                     format!(
-                        "{devname}_attention_fwd_tc{tag}_hpb{n}_bf16_b{batch}_s{sl}_h{heads}_d{d}"
+                        "{devname}_attention_fwd_tc{db}{tag}_bf16_b{batch}_s{sl}_h{heads}_d{d}"
                     ),
-                    s1,
+                    s_f,
                     flops,
                 ));
+                let default = k::tc_heads_per_block_for(mask, &dims, pipelined);
+                for n in k::tc_heads_per_block_options(mask, &dims, pipelined)
+                    .into_iter()
+                    .filter(|&n| n != default)
+                {
+                    let s_n = time(dev, 1, it, || fwd_with(heads_imp(n), mask))?;
+                    rows.push(flop_row(
+                        format!(
+                            "{devname}_attention_fwd_tc{db}{tag}_hpb{n}_bf16_b{batch}_s{sl}_h{heads}_d{d}"
+                        ),
+                        s_n,
+                        flops,
+                    ));
+                }
             }
+        }
+        for (s_f, (tag, mask)) in fwd_default
+            .into_iter()
+            .zip([("", plain), ("_twostream", two_stream)])
+        {
             // The backward: tensor cores at every length; the CUDA-core one (~6 TFLOP/s, for
             // comparison in the same run) at the two shortest only, the longer ones would take
             // most of a lease's minutes.
@@ -339,7 +362,8 @@ pub fn kernels_streaming(
                     }
                 })?;
                 // FlashAttention's convention: the backward does 2.5x the forward's matmul
-                // FLOPs; the row is the tensor-core forward plus this backward.
+                // FLOPs; the row is the default (double-buffered tensor-core) forward plus this
+                // backward.
                 rows.push(flop_row(
                     format!(
                         "{devname}_attention_fwd_tc_{bwd}{tag}_bf16_b{batch}_s{sl}_h{heads}_d{d}"

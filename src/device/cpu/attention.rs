@@ -573,14 +573,17 @@ mod tests {
         assert!((frac - 0.3).abs() < 0.03, "hidden fraction {frac}");
     }
 
-    /// The 32-bit visibility draw: the right rate, and no visible correlation between
-    /// neighbouring rows, words, examples or seeds (each pair agrees half the time at p = 0.5).
+    /// The visibility draw (one folded product of a row key and a word key): the right rate, and
+    /// no visible correlation between neighbouring rows, words, examples or seeds (each pair
+    /// agrees half the time at p = 0.5), nor in a 2 x 2 square of rows and words (a draw linear in
+    /// the keys, e.g. their xor's top bit, would make the four draws' parity always even).
     #[test]
     fn two_stream_draws_are_uniform_and_independent() {
         use crate::device::cpu::elementwise::{vis_row_key, vis_unit};
         let hide =
             |seed: u64, b: u32, i: u32, w: u32, p: f32| vis_unit(vis_row_key(seed, b, i), w) < p;
-        let (mut n, mut rate, mut rows, mut words, mut exs, mut seeds) = (0, 0, 0, 0, 0, 0);
+        let (mut n, mut rate, mut rows, mut words, mut exs, mut seeds, mut squares) =
+            (0, 0, 0, 0, 0, 0, 0);
         for b in 0..4u32 {
             for i in 0..64u32 {
                 for w in 0..256u32 {
@@ -591,6 +594,12 @@ mod tests {
                     words += usize::from(h == hide(5, b, i, w + 1, 0.5));
                     exs += usize::from(h == hide(5, b + 1, i, w, 0.5));
                     seeds += usize::from(h == hide(6, b, i, w, 0.5));
+                    let (r, c, d) = (
+                        hide(5, b, i + 3, w, 0.5),
+                        hide(5, b, i, w + 5, 0.5),
+                        hide(5, b, i + 3, w + 5, 0.5),
+                    );
+                    squares += usize::from(h ^ r ^ c ^ d);
                 }
             }
         }
@@ -601,6 +610,7 @@ mod tests {
             ("words", words),
             ("examples", exs),
             ("seeds", seeds),
+            ("2 x 2 squares", squares),
         ] {
             assert!((f(c) - 0.5).abs() < 0.015, "{what}: agreement {}", f(c));
         }

@@ -156,16 +156,33 @@ pub fn mix32(mut x: u32) -> u32 {
 }
 
 /// The RetroMAE decoder mask's per-row key: (seed, example b, row i) mixed to 32 bits once per
-/// row, so each (row, key) draw is one more [`mix32`] ([`vis_unit`]).
+/// row and forced odd, so each (row, key) draw is one 32 x 32 -> 64-bit product ([`vis_unit`]).
 #[inline]
 pub fn vis_row_key(seed: u64, b: u32, i: u32) -> u32 {
-    mix32(seed as u32 ^ mix32((seed >> 32) as u32 ^ mix32(b.wrapping_mul(0x9E37_79B9) ^ i)))
+    mix32(seed as u32 ^ mix32((seed >> 32) as u32 ^ mix32(b.wrapping_mul(0x9E37_79B9) ^ i))) | 1
+}
+
+/// The decoder mask's per-word key: the word index mixed to 32 bits and forced odd (computed once
+/// per key, not per score).
+#[inline]
+pub fn vis_word_key(word: u32) -> u32 {
+    mix32(word ^ 0x85EB_CA6B) | 1
+}
+
+/// The 64-bit product of two 32-bit keys folded to 32 bits (its low half xor its high half, as
+/// wyhash's `mum`): the per-score draw of the decoder mask. One wide multiply and one xor, where
+/// a [`mix32`] per score cost ten integer instructions (the GPU's two-stream attention was bound by
+/// them, docs/perf.md). Both keys odd: the product is never 0.
+#[inline]
+pub fn mum32(a: u32, b: u32) -> u32 {
+    let p = u64::from(a) * u64::from(b);
+    p as u32 ^ (p >> 32) as u32
 }
 
 /// Uniform in [0, 1) for (row key, word): the draw that hides `word` from the row when < p.
 #[inline]
 pub fn vis_unit(row_key: u32, word: u32) -> f32 {
-    (mix32(row_key ^ word.wrapping_mul(0x85EB_CA6B)) >> 8) as f32 * (1.0 / 16_777_216.0)
+    (mum32(row_key, vis_word_key(word)) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
 /// Attention dropout's per-row key: (seed, stream, score row r = (b·H + h)·Lq + i) mixed to 32
