@@ -453,17 +453,11 @@ __device__ __forceinline__ void attention_bwd_dkdv_impl(
 //
 // Heads per block: gridDim.y = heads / hpb and a block runs hpb heads one after the other. The
 // two-stream mask depends on (b, row, key) only, so with hpb > 1 the first head draws it and keeps
-// each thread's 32 visibility bits per key tile in shared memory (at most kTcMaskTiles<D> tiles:
-// Lk <= 2048 for D <= 64, 1024 for D = 128 within the 48 KB of static shared memory; the
-// launcher's rule); the other heads read the bits instead of hashing again.
+// each thread's 32 visibility bits per key tile in dynamic shared memory (the launch's
+// shared_bytes: ceil(Lk / 64) x 512 bytes; how many tiles a block may hold is the launcher's
+// rule, device::kernels::tc_mask_tiles); the other heads read the bits instead of drawing again.
 constexpr int kTcRows = 64;  // query rows per block (4 warps x 16)
 constexpr int kTcKeys = 64;  // keys per shared tile
-template <int D>
-constexpr int kTcMaskTiles = D >= 128 ? 16 : 32;
-// The double-buffered forward (DB) holds two K/V tiles: at D = 64 its mask bits get 16 tiles
-// (Lk <= 1024 for the head-group cache) to stay within 48 KB of static shared memory.
-template <int D, bool DB>
-constexpr int kTcMaskTilesFor = DB ? (D >= 64 ? 16 : 32) : kTcMaskTiles<D>;
 
 // 16 rows (r0 = row g, r1 = row g + 8 of the warp's 16) of head h of a [B, n, H*D] bf16 tensor as
 // mma A fragments (zeros past n).
@@ -594,8 +588,8 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     // its word's key (vis_keep), so the per-score test reads shared memory only.
     __shared__ unsigned char skey[NB * kTcKeys];
     __shared__ unsigned sword[TS ? NB * kTcKeys : 1];
-    // [tile][thread]: 32 bits
-    __shared__ unsigned mbits[TS ? kTcMaskTilesFor<D, DB> * kTcRows * 2 : 1];
+    // The mask cache (hpb > 1): [key tile][thread], 32 bits each, in dynamic shared memory.
+    R3_DYN_SMEM(unsigned, mbits);
     const VisDraw vd = vis_draw(ma.p);
     const DropDraw dd = attn_drop_draw(ma);
     const int hpb = heads / (int)gridDim.y;

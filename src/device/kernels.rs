@@ -735,14 +735,47 @@ pub const TC_PIPELINED_BY_DEFAULT: bool = true;
 /// Keys of one tensor-core tile (kTcKeys in kernels/attention.cu).
 const TC_KEYS: usize = 64;
 
-/// Key tiles whose two-stream mask bits a tensor-core block can keep (kTcMaskTilesFor in
-/// kernels/attention.cu): 32 (Lk <= 2048) for head dims up to 64, 16 for 128; the
-/// double-buffered forward 16 at head dim 64.
-fn tc_mask_tiles(head_dim: usize, pipelined: bool) -> usize {
+/// Bytes of the two-stream mask cache per key tile of a tensor-core forward block: 32 bits for
+/// each of its 128 threads (kernels/attention.cu, dynamic shared memory).
+const TC_MASK_TILE_BYTES: usize = 512;
+
+/// The largest static shared memory of the tensor-core forward kernels (ptxas 13.0: 37,504 bytes,
+/// the double-buffered two-stream one at head dim 64), rounded up.
+const TC_FWD_STATIC_SMEM: usize = 38 << 10;
+
+/// Key tiles whose two-stream mask bits a tensor-core forward block can keep on a device with
+/// `smem_per_sm` bytes of shared memory per SM: as many as leave the kernel's resident blocks per
+/// SM (3 at head dims up to 64, 2 at 128: their registers' limit) each its static memory, the
+/// cache and the 1 KB the driver reserves; at most 128 (Lk 8192). H100 / H200 (228 KB): 74
+/// tiles (Lk <= 4736) at head dims up to 64.
+pub fn tc_mask_tiles(head_dim: usize, smem_per_sm: usize) -> usize {
+    let blocks = if head_dim >= 128 { 2 } else { 3 };
+    (smem_per_sm / blocks)
+        .saturating_sub(1024 + TC_FWD_STATIC_SMEM)
+        .min(128 * TC_MASK_TILE_BYTES)
+        / TC_MASK_TILE_BYTES
+}
+
+/// Key tiles up to which the mask cache is the default ([`tc_heads_per_block_cached`]): what
+/// session 10's H200 call measured (Lk <= 1024 for the double-buffered kernel at head dim 64;
+/// 2048 single-buffered up to head dim 64, 1024 at 128: the static bits' limits of the kernels
+/// measured then). Longer keys run one head per block until `bench kernels`' `_hpb` rows at
+/// S >= 2048 show the cache ahead there ([`tc_heads_per_block_options`] lets them run).
+fn tc_mask_tiles_default(head_dim: usize, pipelined: bool) -> usize {
     if head_dim >= 128 || (pipelined && head_dim >= 64) {
         16
     } else {
         32
+    }
+}
+
+/// Dynamic shared memory of a tensor-core forward launch: the mask cache's bits when a block
+/// runs several heads of the two-stream mask, else none.
+fn tc_fwd_shared_bytes(two_stream: bool, hpb: usize, k_len: usize) -> usize {
+    if two_stream && hpb > 1 {
+        k_len.div_ceil(TC_KEYS) * TC_MASK_TILE_BYTES
+    } else {
+        0
     }
 }
 
@@ -808,24 +841,28 @@ pub fn tc_heads_per_block_for(mask: AttnKernelMask, d: &AttnDims, pipelined: boo
 /// blocks (~8 per SM of an H100/H200) and the key tiles' bits fit
 /// ([`tc_heads_per_block_options`]); otherwise, and for key padding, one head per block.
 pub fn tc_heads_per_block_cached(mask: AttnKernelMask, d: &AttnDims, pipelined: bool) -> usize {
+    if !matches!(mask, AttnKernelMask::TwoStream { .. })
+        || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles_default(d.head_dim, pipelined)
+    {
+        return 1;
+    }
     let blocks = d.q_len.div_ceil(64) * d.batch * d.heads;
-    tc_heads_per_block_options(mask, d, pipelined)
+    [4, 2]
         .into_iter()
-        .rev()
-        .find(|&n| n == 1 || blocks / n >= 1024)
+        .find(|&n| d.heads.is_multiple_of(n) && blocks / n >= 1024)
         .unwrap_or(1)
 }
 
-/// The heads per block the tensor-core forward can run at these dims (ascending): 1, and for the
-/// two-stream mask 2 and 4 where they divide the heads and the key tiles' bits fit the mask
-/// cache (Lk <= 2048; 1024 at head dim 128 or double-buffered at 64).
+/// The heads per block the tensor-core forward can run at these dims on a device with
+/// `smem_per_sm` bytes of shared memory per SM (ascending): 1, and for the two-stream mask 2 and 4
+/// where they divide the heads and the key tiles' bits fit the mask cache ([`tc_mask_tiles`]).
 pub fn tc_heads_per_block_options(
     mask: AttnKernelMask,
     d: &AttnDims,
-    pipelined: bool,
+    smem_per_sm: usize,
 ) -> Vec<usize> {
     if !matches!(mask, AttnKernelMask::TwoStream { .. })
-        || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles(d.head_dim, pipelined)
+        || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles(d.head_dim, smem_per_sm)
     {
         return vec![1];
     }
@@ -934,7 +971,7 @@ pub unsafe fn attention_fwd_with(
                 _ => tc_heads_per_block_for(mask, d, pipelined),
             };
             let two_stream = matches!(mask, AttnKernelMask::TwoStream { .. });
-            let tiles = tc_mask_tiles(d.head_dim, pipelined);
+            let tiles = tc_mask_tiles(d.head_dim, l.shared_memory_per_multiprocessor());
             if hpb == 0
                 || !d.heads.is_multiple_of(hpb)
                 || (hpb > 1 && two_stream && d.k_len.div_ceil(TC_KEYS) > tiles)
@@ -950,6 +987,8 @@ pub unsafe fn attention_fwd_with(
             // 4 warps x 16 query rows per block (kernels/attention.cu, kTcRows); hpb heads each.
             cfg.grid[0] = blocks(d.q_len, 64, u32::MAX);
             cfg.grid[1] = (d.heads / hpb) as u32;
+            // At most 128 tiles x 512 bytes (the check above).
+            cfg.shared_bytes = tc_fwd_shared_bytes(two_stream, hpb, d.k_len) as u32;
             l.launch(
                 &tc_fwd_kernel(two_stream, d.head_dim, pipelined),
                 &cfg,

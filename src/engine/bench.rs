@@ -309,9 +309,13 @@ pub fn kernels_streaming(
                     flops,
                 ));
                 let default = k::tc_heads_per_block_for(mask, &dims, pipelined);
-                for n in k::tc_heads_per_block_options(mask, &dims, pipelined)
-                    .into_iter()
-                    .filter(|&n| n != default)
+                for n in k::tc_heads_per_block_options(
+                    mask,
+                    &dims,
+                    dev.shared_memory_per_multiprocessor(),
+                )
+                .into_iter()
+                .filter(|&n| n != default)
                 {
                     let s_n = time(dev, 1, it, || fwd_with(heads_imp(n), mask))?;
                     rows.push(flop_row(

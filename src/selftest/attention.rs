@@ -98,6 +98,9 @@ const QUICK: &[Case] = &[
     // Key padding over several key tiles (the double-buffered forward's pipeline, padded keys
     // in a later tile).
     case(2, 70, 130, 2, 32, false, true, false),
+    // The mask cache over more key tiles than 48 KB of shared memory held (18 tiles: its bits
+    // in dynamic shared memory), padded keys in the last one.
+    case(1, 65, 1100, 2, 64, true, true, false),
 ];
 
 /// Added to [`QUICK`] in the full selftest.

@@ -12,33 +12,41 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-/// Dynamic shared memory a kernel may use without opting in (cuFuncSetAttribute).
-const DEFAULT_SMEM: u32 = 48 * 1024;
-
 /// One resolved kernel.
 pub struct KernelFn {
     pub func: CudaFunction,
     /// The kernels/*.cu file stem it comes from.
     pub module: &'static str,
-    /// Largest dynamic shared memory opted in so far (above 48 KiB needs the attribute).
+    /// Dynamic shared memory known to be allowed (0 until a launch asks for some).
     smem_opt_in: AtomicU32,
 }
 
 impl KernelFn {
-    /// Opt in to `bytes` of dynamic shared memory when that is above the default 48 KiB.
+    /// Make sure a launch may use `bytes` of dynamic shared memory: the driver's default limit is
+    /// 48 KiB less the kernel's static shared memory (CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+    /// read once), and more needs the attribute raised (up to the device's opt-in maximum less
+    /// the static part; the driver refuses beyond, and the error names the kernel and the size).
     pub fn ensure_shared(&self, name: &str, bytes: u32) -> Result<()> {
-        if bytes <= DEFAULT_SMEM || bytes <= self.smem_opt_in.load(Ordering::Relaxed) {
+        if bytes == 0 || bytes <= self.smem_opt_in.load(Ordering::Relaxed) {
             return Ok(());
         }
-        self.func
-            .set_attribute(
-                FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                bytes as i32,
-            )
-            .map_err(|e| {
-                driver_error(&format!("opt-in to {bytes} B shared memory for {name}"), e)
-            })?;
-        self.smem_opt_in.fetch_max(bytes, Ordering::Relaxed);
+        let allowed = self
+            .func
+            .get_attribute(FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES)
+            .map_err(|e| driver_error(&format!("dynamic shared memory limit of {name}"), e))?
+            .max(0) as u32;
+        if bytes > allowed {
+            self.func
+                .set_attribute(
+                    FnAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    bytes as i32,
+                )
+                .map_err(|e| {
+                    driver_error(&format!("opt-in to {bytes} B shared memory for {name}"), e)
+                })?;
+        }
+        self.smem_opt_in
+            .fetch_max(bytes.max(allowed), Ordering::Relaxed);
         Ok(())
     }
 }
@@ -77,7 +85,7 @@ impl KernelRegistry {
                 let entry = KernelFn {
                     func,
                     module: stem,
-                    smem_opt_in: AtomicU32::new(DEFAULT_SMEM),
+                    smem_opt_in: AtomicU32::new(0),
                 };
                 if let Some(prev) = functions.insert(name, entry) {
                     return Err(Error::CudaUnavailable(format!(
