@@ -991,7 +991,9 @@ impl MaxBatchRow {
 
 /// The search of [`max_batch`] for the largest B in 1..=cap whose step fits: `probe(B)` runs one
 /// step and gives its peak bytes (Some) or None when it ran out of memory; `over()` ends the
-/// search early. Returns (largest B that fitted, smallest B that did not if one was probed).
+/// search early, and no probe after the first two is larger than `afford()` (the largest B whose
+/// step the time left can pay for; the search ends when that is no more than the largest fit, a
+/// lower bound then). Returns (largest B that fitted, smallest B that did not if one was probed).
 ///
 /// A step's peak grows with B close to linearly (activations and their gradients; the resident
 /// weights and optimizer state are the constant). With the device's `capacity` known, each next
@@ -1005,6 +1007,7 @@ pub fn search_max_batch(
     cap: usize,
     capacity: Option<usize>,
     over: &dyn Fn() -> bool,
+    afford: &dyn Fn() -> usize,
     probe: &mut dyn FnMut(usize) -> Result<Option<usize>>,
 ) -> Result<(usize, Option<usize>)> {
     let cap = cap.max(1);
@@ -1027,7 +1030,7 @@ pub fn search_max_batch(
                     }
                     _ => None,
                 };
-                match (bad, secant) {
+                let next = match (bad, secant) {
                     (None, Some(e)) => (e.floor().max(0.0) as usize).clamp(good + 1, good * 64),
                     (None, None) => good * 2,
                     (Some(hi), Some(e)) if !bisect => {
@@ -1035,7 +1038,12 @@ pub fn search_max_batch(
                     }
                     (Some(hi), _) => (good + hi) / 2,
                 }
-                .min(cap)
+                .min(cap);
+                let can = afford();
+                if can <= good {
+                    break;
+                }
+                next.min(can)
             }
         };
         let width = bad.map(|hi| hi - good);
@@ -1063,8 +1071,10 @@ pub fn search_max_batch(
 /// them, with all three heads and the unified loss with self-distillation (their outputs and
 /// gradients live on the device too). The search is [`search_max_batch`] (B = 1 and 2, a guess
 /// from their peak bytes and the device's capacity, a bracket, a bisection); a cell stops early
-/// at `cap` or after `budget_s` seconds (a lower bound then). Any error other than
-/// out-of-memory is returned.
+/// at `cap` or after `budget_s` seconds (a lower bound then), and no probe is larger than the
+/// time left can pay for, reckoning a step's time to grow with B² from the largest fitting probe
+/// (the in-batch score matrices are B x B: a sub-batched B = 1024 step at S = 1024 took 144 s of
+/// a 20 s budget on an H200 before this rule). Any error other than out-of-memory is returned.
 pub fn max_batch(
     dev: &dyn KernelDevice,
     config: EncoderConfig,
@@ -1116,6 +1126,8 @@ pub fn max_batch_logged(
             // The most bytes a step may take (measured now, after the last cell's buffers went
             // back to the allocator).
             let capacity = dev.memory().and_then(|m| m.capacity);
+            // The largest fitting probe so far: (B, seconds).
+            let last_fit = std::cell::Cell::new(None::<(usize, f64)>);
             let mut probe = |b: usize| -> Result<Option<usize>> {
                 probes += 1;
                 let tp = Instant::now();
@@ -1153,16 +1165,31 @@ pub fn max_batch_logged(
                 };
                 // Peak bytes of the step (weights, gradients and optimizer state included).
                 let peak = dev.memory().map_or(0, |m| m.peak_live);
+                let secs = tp.elapsed().as_secs_f64();
+                if fits && last_fit.get().is_none_or(|(lb, _)| b > lb) {
+                    last_fit.set(Some((b, secs)));
+                }
                 log(&format!(
                     "seq {seq} sub {sub}: B = {b} {} ({:.1} s, peak {:.1} MiB)",
                     if fits { "fits" } else { "out of memory" },
-                    tp.elapsed().as_secs_f64(),
+                    secs,
                     peak as f64 / (1u64 << 20) as f64
                 ));
                 Ok(fits.then_some(peak))
             };
             let over = || t0.elapsed().as_secs_f64() > budget_s;
-            let (good, bad) = search_max_batch(cap, capacity, &over, &mut probe)?;
+            let afford = || match last_fit.get() {
+                Some((b, secs)) if secs > 0.0 => {
+                    let left = budget_s - t0.elapsed().as_secs_f64();
+                    if left <= 0.0 {
+                        0
+                    } else {
+                        (b as f64 * (left / secs).sqrt()).floor() as usize
+                    }
+                }
+                _ => usize::MAX,
+            };
+            let (good, bad) = search_max_batch(cap, capacity, &over, &afford, &mut probe)?;
             let lower_bound = match bad {
                 Some(hi) => hi - good > 1,
                 None => true,
@@ -1201,9 +1228,44 @@ mod tests {
             let p = peak(b);
             Ok((p <= limit).then_some(p))
         };
-        let (good, bad) =
-            search_max_batch(cap, known.then_some(limit), &|| false, &mut probe).unwrap();
+        let (good, bad) = search_max_batch(
+            cap,
+            known.then_some(limit),
+            &|| false,
+            &|| usize::MAX,
+            &mut probe,
+        )
+        .unwrap();
         (good, bad, seen.into_inner())
+    }
+
+    /// A time budget that cannot pay for the memory bound: no probe after the first two exceeds
+    /// what `afford` allows at that moment, and the answer is the largest affordable fit, a
+    /// lower bound (no failing B found).
+    #[test]
+    fn probes_stay_within_what_the_time_affords() {
+        let peak = |b: usize| 5_000 + 37 * b;
+        let limit = 2_000_000; // memory bound ~53,900
+                               // Time left shrinks with every probe: afford = 40 * (probes left).
+        let seen = RefCell::new(Vec::<usize>::new());
+        let afford = || 40 * 6usize.saturating_sub(seen.borrow().len());
+        let mut probe = |b: usize| {
+            assert!(
+                seen.borrow().len() < 2 || b <= afford(),
+                "probe {b} over {} after {:?}",
+                afford(),
+                seen.borrow()
+            );
+            seen.borrow_mut().push(b);
+            let p = peak(b);
+            Ok((p <= limit).then_some(p))
+        };
+        let (good, bad) =
+            search_max_batch(100_000, Some(limit), &|| false, &afford, &mut probe).unwrap();
+        let seen = seen.into_inner();
+        assert_eq!(bad, None, "{seen:?}");
+        assert_eq!(good, *seen.iter().max().unwrap(), "{seen:?}");
+        assert!(good < 200 && seen.len() <= 6, "{seen:?}");
     }
 
     /// The true answer: the largest B <= cap with peak(B) <= limit.
