@@ -13,8 +13,8 @@
 // words[b, j]) < p (words [B, Lk] u32, whole-word index; per score one folded 32 x 32-bit product
 // of an odd row key and an odd word key, common.cuh). Attention-
 // probability dropout (drop_p > 0): p_ij is kept when drop_unit(drop_row_key(drop_seed,
-// drop_stream, (b H + h) Lq + i), j) >= drop_p, scaled 1/(1-p) (a row key once per row, one
-// 32-bit mix per score). Both draws are cpu::elementwise's bit for bit, so CPU and GPU see
+// drop_stream, (b H + h) Lq + i), j) >= drop_p, scaled 1/(1-p) (a row key once per row, a key
+// key once per key, one 32 x 32-bit product per score). Both draws are cpu::elementwise's bit for bit, so CPU and GPU see
 // identical masks.
 //
 // Launch (kWarps = 4 warps = 128 threads, R = rows_per_warp<D>() = 4, or 2 for D = 128):
@@ -92,8 +92,9 @@ __device__ __forceinline__ unsigned attn_row_key(const AttnMaskArgs& a, int b, i
 
 // cpu::attention::AttnDropout / DropRow, bit for bit: p_ij is kept (factor 1/(1-p), else 0)
 // when drop_unit(drop_row_key(drop_seed, drop_stream, bh Lq + i), j) >= drop_p. The row key is
-// computed once per row (attn_drop_row; 0 without dropout), each score's draw is one mix32 and
-// an integer compare (attn_drop_at; 1 without dropout).
+// computed once per row (attn_drop_row; 0 without dropout), each score's draw is one folded
+// product with its key's drop_key, a xor and an integer compare (attn_drop_at; 1 without
+// dropout).
 struct DropDraw {
     bool on;
     unsigned thr8, all;
@@ -115,7 +116,10 @@ __device__ __forceinline__ unsigned attn_drop_row(const AttnMaskArgs& a, int bh,
 }
 __device__ __forceinline__ float attn_drop_at(const DropDraw& d, unsigned row_key, int j) {
     if (!d.on) return 1.f;
-    return (mix32(row_key ^ (unsigned)j * 0xC2B2AE35u) >= d.thr8) && d.all ? d.scale : 0.f;
+    // drop_key(j) is the same for every row of a key: the compiler shares it between the rows a
+    // thread draws for (and hoists it where a thread keeps its keys).
+    const unsigned k = drop_key((unsigned)j);
+    return ((mum32(row_key, k) ^ k) >= d.thr8) && d.all ? d.scale : 0.f;
 }
 
 __device__ __forceinline__ float dot4(float4 a, float4 b) {

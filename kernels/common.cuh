@@ -176,6 +176,10 @@ __device__ __forceinline__ unsigned vis_word_key(unsigned word) {
 __device__ __forceinline__ unsigned mum32(unsigned a, unsigned b) {
     return (a * b) ^ __umulhi(a, b);  // (a 64-bit product compiled to a 64 x 32 one)
 }
+// cpu::elementwise::drop_key: attention dropout's per-key key (the draw: attention.cu attn_drop_at).
+__device__ __forceinline__ unsigned drop_key(unsigned j) {
+    return mix32(j ^ 0xC2B2AE35u) | 1u;
+}
 __device__ __forceinline__ float vis_unit(unsigned row_key, unsigned word) {
     return (float)(mum32(row_key, vis_word_key(word)) >> 8) * (1.0f / 16777216.0f);
 }
@@ -193,7 +197,8 @@ __device__ __forceinline__ bool vis_keep(unsigned row_key, unsigned word_key, un
     return (mum32(row_key, word_key) >> 8) >= thr;
 }
 // cpu::elementwise::drop_row_key, bit for bit: attention dropout's key of score row
-// (b H + h) Lq + i; each (row, key j) draw is then one mix32 (attention.cu attn_drop_at).
+// (b H + h) Lq + i; each (row, key j) draw is then one product with drop_key(j) (attention.cu
+// attn_drop_at).
 __device__ __forceinline__ unsigned drop_row_key(unsigned long long seed, unsigned long long stream,
                                                  unsigned long long row) {
     const unsigned s = mix32((unsigned)seed ^ mix32((unsigned)(seed >> 32) ^

@@ -90,7 +90,7 @@ const QUICK: &[Case] = &[
     case(2, 33, 33, 2, 64, true, true, true),
     case(1, 130, 130, 1, 128, true, false, false),
     case(2, 9, 9, 1, 128, false, true, true),
-    case(2, 20, 20, 2, 32, true, true, false),
+    case(2, 20, 20, 2, 32, true, true, true),
     // Two-stream on tensor cores, forward and backward, over whole 64-key tiles (no key state
     // per score), the tiles with key 0 and the diagonal, a partial last tile, and two heads
     // sharing the drawn mask (hpb2).

@@ -616,9 +616,9 @@ mod tests {
         }
     }
 
-    /// The 32-bit attention-dropout draw: the right rate, and no visible correlation between
+    /// The attention-dropout draw: the right rate, and no visible correlation between
     /// neighbouring rows, keys, heads, seeds or streams (each pair agrees half the time at
-    /// p = 0.5); distinct rows never share a row key.
+    /// p = 0.5) nor within 2 x 2 squares of rows and keys; distinct rows never share a row key.
     #[test]
     fn dropout_draws_are_uniform_and_independent() {
         let d = AttnDims {
@@ -634,6 +634,7 @@ mod tests {
         };
         let (mut n, mut rate, mut rows, mut keys, mut heads, mut seeds, mut streams) =
             (0, 0, 0, 0, 0, 0, 0);
+        let (mut squares, mut sq_n) = (0, 0);
         let mut row_keys = std::collections::HashSet::new();
         let half = drop(5, 1, 0.5);
         for b in 0..d.batch {
@@ -649,6 +650,14 @@ mod tests {
                         heads += usize::from(k == kept(half, b, h + 1, i, j));
                         seeds += usize::from(k == kept(drop(6, 1, 0.5), b, h, i, j));
                         streams += usize::from(k == kept(drop(5, 2, 0.5), b, h, i, j));
+                        if i + 2 < d.q_len && j + 3 < d.k_len {
+                            sq_n += 1;
+                            squares += usize::from(
+                                k ^ kept(half, b, h, i + 2, j)
+                                    ^ kept(half, b, h, i, j + 3)
+                                    ^ kept(half, b, h, i + 2, j + 3),
+                            );
+                        }
                     }
                 }
             }
@@ -665,6 +674,10 @@ mod tests {
         ] {
             assert!((f(c) - 0.5).abs() < 0.01, "{what}: agreement {}", f(c));
         }
+        // A 2 x 2 square of rows and keys: the parity of its four draws is odd half the time (a
+        // draw linear in the keys would make it always even).
+        let odd = squares as f64 / sq_n as f64;
+        assert!((odd - 0.5).abs() < 0.01, "2 x 2 squares: odd parity {odd}");
         // Kept scores are scaled by 1/(1-p).
         let r = drop(5, 1, 0.2).row(&d, 0, 0, 0);
         assert!((0..64).all(|j| [0.0, 1.25].contains(&r.factor(j))));

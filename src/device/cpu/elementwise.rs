@@ -187,7 +187,7 @@ pub fn vis_unit(row_key: u32, word: u32) -> f32 {
 
 /// Attention dropout's per-row key: (seed, stream, score row r = (b·H + h)·Lq + i) mixed to 32
 /// bits once per row (a bijection of r below 2^32 for each seed and stream, so no two rows share
-/// a key), so each (row, key) draw is one more [`mix32`] ([`drop_unit`]).
+/// a key); each (row, key) draw is then one product with the key's [`drop_key`] ([`drop_unit`]).
 #[inline]
 pub fn drop_row_key(seed: u64, stream: u64, row: u64) -> u32 {
     let s = mix32(
@@ -197,10 +197,20 @@ pub fn drop_row_key(seed: u64, stream: u64, row: u64) -> u32 {
     mix32(s ^ mix32(row as u32 ^ mix32((row >> 32) as u32 ^ s)))
 }
 
-/// Uniform in [0, 1) for (row key, key j): attention dropout keeps p_ij when this is >= p.
+/// Attention dropout's per-key key: the key index j mixed to 32 bits and forced odd (once per key,
+/// shared by every row that draws for it).
+#[inline]
+pub fn drop_key(j: u32) -> u32 {
+    mix32(j ^ 0xC2B2_AE35) | 1
+}
+
+/// Uniform in [0, 1) for (row key, key j): attention dropout keeps p_ij when this is >= p. The
+/// draw is [`mum32`] of the row key and [`drop_key`]`(j)`, xor the key's key (one three-input xor
+/// on a GPU; the row key may be 0, and the xor keeps that row's draws apart).
 #[inline]
 pub fn drop_unit(row_key: u32, j: u32) -> f32 {
-    (mix32(row_key ^ j.wrapping_mul(0xC2B2_AE35)) >> 8) as f32 * (1.0 / 16_777_216.0)
+    let k = drop_key(j);
+    ((mum32(row_key, k) ^ k) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
 /// Inverted dropout: element i is kept when hash_unit(seed, stream, i) >= p, and scaled by 1/(1-p).
