@@ -158,7 +158,7 @@ __device__ __forceinline__ void attention_fwd_impl(const T* __restrict__ q,
     const int b = blockIdx.z, h = blockIdx.y, bh = b * heads + h;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int row0 = blockIdx.x * BQ, wrow = row0 + warp * R;
-    // Scores in the log2 domain: exp2f is one MUFU instruction.
+    // Scores in the log2 domain: exp2_ftz is one MUFU instruction.
     attn_load_tile<T, D>(sq, D, q, b, h, heads, lq, row0, BQ, scale * kLog2e);
     const DropDraw dd = attn_drop_draw(ma);
     float m[R], l[R], acc[R][C];
@@ -195,8 +195,8 @@ __device__ __forceinline__ void attention_fwd_impl(const T* __restrict__ q,
             else if (!attn_visible_key(ma, vrk[r], i, j, (long long)b * lk + j)) s[r] = kMasked;
             const float mt = warp_max(s[r]);  // >= kMasked: lane 0's key j0 < lk
             const float mn = fmaxf(m[r], mt);
-            const float corr = exp2f(m[r] - mn);
-            float pj = exp2f(s[r] - mn);
+            const float corr = exp2_ftz(m[r] - mn);
+            float pj = exp2_ftz(s[r] - mn);
             l[r] = l[r] * corr + warp_sum(pj);
             m[r] = mn;
             if (j < lk) pj *= attn_drop_at(dd, drk[r], j);
@@ -297,7 +297,7 @@ __device__ __forceinline__ void attention_bwd_dq_impl(
             const int i = wrow + r;
             float ds = 0.f;
             if (j < lk && !full[r] && attn_visible_key(ma, vrk[r], i, j, (long long)b * lk + j)) {
-                const float p = exp2f(s[r] - lse2[r]);
+                const float p = exp2_ftz(s[r] - lse2[r]);
                 ds = p * (attn_drop_at(dd, drk[r], j) * dp[r] - di[r]) * scale;
             }
             sds[warp][r][lane] = ds;
@@ -402,7 +402,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_impl(
                 if (full) {
                     pm = inv_lk * mdrop;
                 } else if (attn_visible_key(ma, vrk, i, j, (long long)b * lk + j)) {
-                    const float p = exp2f(s[r] * qmul - l2);
+                    const float p = exp2_ftz(s[r] * qmul - l2);
                     pm = p * mdrop;
                     ds = p * (mdrop * dp[r] - dii) * scale;
                 }
@@ -741,7 +741,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                 mt[rr] = fmaxf(mt[rr], __shfl_xor_sync(kFullMask, mt[rr], 1));
                 mt[rr] = fmaxf(mt[rr], __shfl_xor_sync(kFullMask, mt[rr], 2));
                 const float mn = fmaxf(m[rr], mt[rr]);  // >= kMasked: key j0 < lk is in every tile
-                corr[rr] = exp2f(m[rr] - mn);
+                corr[rr] = exp2_ftz(m[rr] - mn);
                 m[rr] = mn;
             }
             float rs[2] = {0.f, 0.f};
@@ -749,7 +749,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
                 for (int e = 0; e < 4; ++e) {
-                    const float pj = exp2f(s[nt][e] - m[e >> 1]);
+                    const float pj = exp2_ftz(s[nt][e] - m[e >> 1]);
                     rs[e >> 1] += pj;
                     if (dd.on) {
                         const int j = j0 + nt * 8 + 2 * qd + (e & 1);
@@ -969,7 +969,7 @@ __device__ __forceinline__ void attention_bwd_dq_tc_impl(
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int rr = e >> 1;
-                const float p = exp2f(s[nt][e] * sl2 - l2[rr]);
+                const float p = exp2_ftz(s[nt][e] * sl2 - l2[rr]);
                 const float md = attn_drop_at(dd, rr == 0 ? drk0 : drk1, j0 + nt * 8 + 2 * qd + (e & 1));
                 const float ds = p * (md * dp[nt][e] - di[rr]) * scale;
                 s[nt][e] = (ok >> (nt * 4 + e)) & 1u ? ds : 0.f;
@@ -1059,7 +1059,7 @@ __device__ __forceinline__ void attention_bwd_dkdv_tc_impl(
                     vis &= (j != i ? 1u : 0u) &
                            ((j == 0 ? 1u : 0u) | (vis_draw_bit(srk[c], wm[rr], vd.thr8) & vd.all));
                 const bool dead = l2 == INFINITY;
-                const float p = exp2f(st[nt][e] * qmul - l2);
+                const float p = exp2_ftz(st[nt][e] * qmul - l2);
                 const float pm = i >= lq || j >= lk ? 0.f : dead ? inv_lk * md : vis ? p * md : 0.f;
                 const float ds = vis && !dead ? p * (md * dpt[nt][e] - sdi[c]) * scale : 0.f;
                 st[nt][e] = pm;

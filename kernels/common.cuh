@@ -155,6 +155,21 @@ __device__ __forceinline__ float hash_unit(unsigned long long seed, unsigned lon
     return (float)(hash_u32(seed, a, b) >> 8) * (1.0f / 16777216.0f);
 }
 
+// 2^x on the special-function unit alone (ex2.approx.ftz: results below 2^-126 become 0). exp2f
+// without fast-math wraps the same instruction in a denormal-range fix-up (FSETP and two
+// predicated FMULs per call); softmax terms that small are 0 to f32 sums of terms near 1 anyway.
+// -inf gives 0, 0 gives 1. The emulator computes exp2 and flushes the same way.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#ifdef R3_EMU
+    const float y = exp2f(x);
+    return y < 1.17549435e-38f ? 0.f : y;
+#else
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#endif
+}
+
 // cpu::elementwise::mix32 / vis_row_key / vis_word_key / mum32 / vis_unit, bit for bit: the
 // RetroMAE decoder mask's draw per (row, word) in 32-bit arithmetic: an odd key per row and one
 // per word (each a few mix32 once), then per score one 32 x 32 -> 64-bit product folded to 32
