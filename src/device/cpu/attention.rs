@@ -38,8 +38,9 @@ pub struct TwoStreamMask<'a> {
 
 /// visible(b, i, j) of the decoder mask: never the row itself, never padding; the sentence
 /// embedding slot 0 always (for rows i != 0); otherwise the word of key j is hidden from row i when
-/// `vis_unit(vis_row_key(seed, b, i), word(j)) < p` (a 32-bit counter-based mix, SPEC 10.3). Each
-/// row thus draws its own whole-word mask.
+/// `vis_unit(vis_row_key(seed, b, i), word(j)) < p` (counter-based: a row key, a word key, and one
+/// folded 32 x 32-bit product of the two per draw; SPEC 10.3). Each row thus draws its own
+/// whole-word mask.
 #[inline]
 pub fn two_stream_visible(m: &TwoStreamMask<'_>, b: usize, i: usize, j: usize, lk: usize) -> bool {
     if j == i || m.key_mask[b * lk + j] == 0 {
@@ -103,8 +104,9 @@ impl AttnDims {
 
 /// Dropout on the attention probabilities: p_ij is kept when
 /// `drop_unit(drop_row_key(seed, stream, (b * H + h) * Lq + i), j) >= p` and scaled by 1/(1-p)
-/// (32-bit draws, one row key per score row: a few integer ops per score on a GPU, where the
-/// 64-bit `hash_unit` of every (row, key) index cost several emulated 64-bit multiplies).
+/// (32-bit draws: one row key per score row and one key per key j, then one folded 32 x 32-bit
+/// product per score: a few integer ops on a GPU, where the 64-bit `hash_unit` of every
+/// (row, key) index cost several emulated 64-bit multiplies).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttnDropout {
     pub p: f32,
