@@ -713,7 +713,8 @@ pub enum AttnImpl {
     /// (bf16 storage only), heads per block chosen by [`tc_heads_per_block`].
     TensorCores,
     /// [`AttnImpl::TensorCores`] with this many heads per block (a divisor of the heads; above 1
-    /// with a two-stream mask, Lk <= 2048, 1024 at head dim 128): selftest and benchmarks.
+    /// with a two-stream mask, at most [`tc_mask_tiles`] key tiles of 64): selftest and
+    /// benchmarks.
     TensorCoresHeads(usize),
     /// `attention_fwd_tcdb_d{D}_bf16`: the tensor-core forward with two K/V tile buffers, the
     /// next tile arriving by cp.async during this one's products; head dims 32 and 64 (heads
@@ -721,7 +722,7 @@ pub enum AttnImpl {
     /// ([`TC_PIPELINED_BY_DEFAULT`]).
     TensorCoresPipelined,
     /// [`AttnImpl::TensorCoresPipelined`] with this many heads per block (as
-    /// [`AttnImpl::TensorCoresHeads`]; above 1 with a two-stream mask, Lk <= 1024 at head dim 64).
+    /// [`AttnImpl::TensorCoresHeads`]).
     TensorCoresPipelinedHeads(usize),
 }
 
