@@ -5,7 +5,9 @@
 //! Without a GPU the CUDA group says why it is skipped.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use retrom3::device::cpu::attention::{attention_fwd, AttnDims, AttnMask};
+use retrom3::device::cpu::attention::{
+    attention_fwd, AttnDims, AttnDropout, AttnMask, TwoStreamMask,
+};
 use retrom3::device::cpu::{elementwise, gemm, layernorm};
 
 fn data(n: usize) -> Vec<f32> {
@@ -80,6 +82,38 @@ fn bench(c: &mut Criterion) {
             )
         })
     });
+    // The RetroMAE decoder's attention: the two-stream mask drawn per score, with attention
+    // dropout 0.1 (both draws counter-based, CPU twins of the kernels').
+    let words: Vec<u32> = (0..256u32).map(|i| i / 2).collect();
+    let ts = TwoStreamMask {
+        key_mask: &mask,
+        words: &words,
+        p: 0.5,
+        seed: 7,
+    };
+    let drop = AttnDropout {
+        p: 0.1,
+        seed: 3,
+        stream: 1,
+    };
+    g.bench_function(
+        "cpu_attention_fwd_f32_b1_h4_s256_d64_twostream_drop",
+        |bch| {
+            bch.iter(|| {
+                attention_fwd(
+                    &q,
+                    &kk,
+                    &v,
+                    AttnMask::TwoStream(ts),
+                    d,
+                    0.125,
+                    Some(drop),
+                    &mut o,
+                    &mut lse,
+                )
+            })
+        },
+    );
     g.finish();
 }
 

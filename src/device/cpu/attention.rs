@@ -8,7 +8,9 @@
 //! [`AttnMask`], a pure function, so masks can be generated, never stored. `attention_ref.rs` is the
 //! scalar oracle this file is tested against.
 
-use super::elementwise::{drop_row_key, drop_unit, exp_f32, vis_row_key, vis_unit};
+use super::elementwise::{
+    drop_key, drop_row_key, exp_f32, mum32, vis_row_key, vis_unit, vis_word_key,
+};
 use super::gemm::sgemm_strided;
 
 /// Which keys a query row may see.
@@ -53,15 +55,46 @@ pub fn two_stream_visible(m: &TwoStreamMask<'_>, b: usize, i: usize, j: usize, l
 }
 
 impl AttnMask<'_> {
+    /// What [`AttnMask::hide_row_with`] takes for every row of example `b`: the two-stream
+    /// mask's word key of each key ([`vis_word_key`], one mix per key instead of one per score);
+    /// empty for the other masks.
+    pub fn row_keys(&self, b: usize, lk: usize) -> Vec<u32> {
+        match self {
+            AttnMask::TwoStream(t) => t.words[b * lk..(b + 1) * lk]
+                .iter()
+                .map(|&w| vis_word_key(w))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Set the entries of score row `i` of example `b` (\[Lk\]) that it may not see to `fill`
     /// (key padding as one select per entry, so the loop vectorises).
     #[inline(always)]
     pub fn hide_row(&self, b: usize, i: usize, row: &mut [f32], fill: f32) {
+        let keys = self.row_keys(b, row.len());
+        self.hide_row_with(b, i, row, fill, &keys);
+    }
+
+    /// [`AttnMask::hide_row`] with `keys` = [`AttnMask::row_keys`]`(b, Lk)` computed once for
+    /// the example's rows: the two-stream draw is then one product per score, the row key once
+    /// per row (the same function as [`two_stream_visible`]).
+    #[inline(always)]
+    pub fn hide_row_with(&self, b: usize, i: usize, row: &mut [f32], fill: f32, keys: &[u32]) {
         let lk = row.len();
         match self {
             AttnMask::KeyPadding(m) => {
                 for (x, &m) in row.iter_mut().zip(&m[b * lk..(b + 1) * lk]) {
                     *x = if m != 0 { *x } else { fill };
+                }
+            }
+            AttnMask::TwoStream(t) => {
+                let rk = vis_row_key(t.seed, b as u32, i as u32);
+                let km = &t.key_mask[b * lk..(b + 1) * lk];
+                for (j, ((x, &m), &wk)) in row.iter_mut().zip(km).zip(keys).enumerate() {
+                    let u = (mum32(rk, wk) >> 8) as f32 * (1.0 / 16_777_216.0);
+                    let vis = j != i && m != 0 && (j == 0 || u >= t.p);
+                    *x = if vis { *x } else { fill };
                 }
             }
             _ => {
@@ -155,7 +188,14 @@ impl DropRow {
     /// The factor of p_ij: 0 (dropped) or 1/(1-p), kept when drop_unit(row key, j) >= p.
     #[inline]
     pub fn factor(&self, j: usize) -> f32 {
-        if drop_unit(self.key, j as u32) >= self.p {
+        self.factor_keyed(drop_key(j as u32))
+    }
+
+    /// [`DropRow::factor`] from key j's [`drop_key`] (computed once for all rows).
+    #[inline(always)]
+    pub fn factor_keyed(&self, jkey: u32) -> f32 {
+        let u = ((mum32(self.key, jkey) ^ jkey) >> 8) as f32 * (1.0 / 16_777_216.0);
+        if u >= self.p {
             self.scale
         } else {
             0.0
@@ -180,8 +220,9 @@ crate::multiversion! {
         b: usize,
         lse: &mut [f32],
     ) {
+        let keys = mask.row_keys(b, d.k_len);
         for (i, row) in s.chunks_exact_mut(d.k_len).enumerate() {
-            mask.hide_row(b, i, row, f32::NEG_INFINITY);
+            mask.hide_row_with(b, i, row, f32::NEG_INFINITY, &keys);
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             if max == f32::NEG_INFINITY {
                 row.fill(1.0 / d.k_len as f32);
@@ -216,6 +257,11 @@ fn scores(q: &[f32], k: &[f32], d: &AttnDims, b: usize, h: usize, scale: f32, s:
     );
 }
 
+/// [`drop_key`] of keys 0..lk: the per-key half of every dropout draw, computed once per block.
+fn drop_keys(lk: usize) -> Vec<u32> {
+    (0..lk as u32).map(drop_key).collect()
+}
+
 crate::multiversion! {
     /// Attention dropout on one (b, h) block of probabilities [Lq, Lk].
     fn apply_dropout / apply_dropout_at(
@@ -226,10 +272,11 @@ crate::multiversion! {
         h: usize,
     ) {
         let Some(drop) = drop else { return };
+        let jkeys = drop_keys(d.k_len);
         for (i, row) in p.chunks_exact_mut(d.k_len).enumerate() {
             let dr = drop.row(d, b, h, i);
-            for (j, x) in row.iter_mut().enumerate() {
-                *x *= dr.factor(j);
+            for (x, &jk) in row.iter_mut().zip(&jkeys) {
+                *x *= dr.factor_keyed(jk);
             }
         }
     }
@@ -245,13 +292,14 @@ crate::multiversion! {
         b: usize,
         lk: usize,
     ) {
+        let keys = mask.row_keys(b, lk);
         for (i, row) in p.chunks_exact_mut(lk).enumerate() {
             let l = row_lse[i];
             if l == f32::INFINITY {
                 row.fill(1.0 / lk as f32);
             } else {
                 row.iter_mut().for_each(|x| *x = exp_f32(*x - l));
-                mask.hide_row(b, i, row, 0.0);
+                mask.hide_row_with(b, i, row, 0.0, &keys);
             }
         }
     }
@@ -275,6 +323,7 @@ crate::multiversion! {
         drop: Option<AttnDropout>,
     ) {
         let (lk, hd, w) = (d.k_len, d.head_dim, d.width());
+        let jkeys = if drop.is_some() { drop_keys(lk) } else { Vec::new() };
         for (i, (prow, dprow)) in p.chunks_exact_mut(lk).zip(dp.chunks_exact_mut(lk)).enumerate() {
             let di: f64 = dout[i * w..i * w + hd]
                 .iter()
@@ -287,7 +336,9 @@ crate::multiversion! {
                 dprow.fill(0.0);
                 if let Some(a) = drop {
                     let dr = a.row(d, b, h, i);
-                    prow.iter_mut().enumerate().for_each(|(j, x)| *x *= dr.factor(j));
+                    for (x, &jk) in prow.iter_mut().zip(&jkeys) {
+                        *x *= dr.factor_keyed(jk);
+                    }
                 }
                 continue;
             }
@@ -299,8 +350,8 @@ crate::multiversion! {
                 }
                 Some(a) => {
                     let dr = a.row(d, b, h, i);
-                    for (j, (x, g)) in prow.iter_mut().zip(dprow.iter_mut()).enumerate() {
-                        let m = dr.factor(j);
+                    for ((x, g), &jk) in prow.iter_mut().zip(dprow.iter_mut()).zip(&jkeys) {
+                        let m = dr.factor_keyed(jk);
                         *g = *x * (m * *g - di) * scale;
                         *x *= m;
                     }
@@ -716,23 +767,33 @@ mod tests {
             let mut m = vec![1u8; 2 * lk];
             m[2 * lk - 1] = 0;
             m[2 * lk - 2] = 0;
-            let mask = AttnMask::KeyPadding(&m);
-            let (mut o1, mut o2) = (vec![0.0; 2 * lq * w], vec![0.0; 2 * lq * w]);
-            let (mut l1, mut l2) = (vec![0.0; 2 * 3 * lq], vec![0.0; 2 * 3 * lq]);
-            attention_fwd(&q, &k, &v, mask, d, 0.5, drop, &mut o1, &mut l1);
-            attention_fwd_ref(&q, &k, &v, mask, d, 0.5, drop, &mut o2, &mut l2);
-            for (a, b) in o1.iter().zip(&o2).chain(l1.iter().zip(&l2)) {
-                assert!((a - b).abs() < 1e-5, "forward {a} vs {b}");
-            }
-            let dout = data(2 * lq * w, 4);
-            let mut g1 = [vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]];
-            let mut g2 = g1.clone();
-            let [a1, b1, c1] = &mut g1;
-            attention_bwd(&q, &k, &v, &o1, &l1, &dout, mask, d, 0.5, drop, a1, b1, c1);
-            let [a2, b2, c2] = &mut g2;
-            attention_bwd_ref(&q, &k, &v, &o2, &l2, &dout, mask, d, 0.5, drop, a2, b2, c2);
-            for (x, y) in g1.iter().flatten().zip(g2.iter().flatten()) {
-                assert!((x - y).abs() < 1e-5, "backward {x} vs {y}");
+            // The decoder mask over the same padding: words of two tokens (its per-example word
+            // keys and per-row keys are computed once per block, the oracle draws per score).
+            let words: Vec<u32> = (0..2 * lk as u32).map(|t| t / 2).collect();
+            let two_stream = TwoStreamMask {
+                key_mask: &m,
+                words: &words,
+                p: 0.4,
+                seed: 9,
+            };
+            for mask in [AttnMask::KeyPadding(&m), AttnMask::TwoStream(two_stream)] {
+                let (mut o1, mut o2) = (vec![0.0; 2 * lq * w], vec![0.0; 2 * lq * w]);
+                let (mut l1, mut l2) = (vec![0.0; 2 * 3 * lq], vec![0.0; 2 * 3 * lq]);
+                attention_fwd(&q, &k, &v, mask, d, 0.5, drop, &mut o1, &mut l1);
+                attention_fwd_ref(&q, &k, &v, mask, d, 0.5, drop, &mut o2, &mut l2);
+                for (a, b) in o1.iter().zip(&o2).chain(l1.iter().zip(&l2)) {
+                    assert!((a - b).abs() < 1e-5, "forward {a} vs {b}");
+                }
+                let dout = data(2 * lq * w, 4);
+                let mut g1 = [vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]];
+                let mut g2 = g1.clone();
+                let [a1, b1, c1] = &mut g1;
+                attention_bwd(&q, &k, &v, &o1, &l1, &dout, mask, d, 0.5, drop, a1, b1, c1);
+                let [a2, b2, c2] = &mut g2;
+                attention_bwd_ref(&q, &k, &v, &o2, &l2, &dout, mask, d, 0.5, drop, a2, b2, c2);
+                for (x, y) in g1.iter().flatten().zip(g2.iter().flatten()) {
+                    assert!((x - y).abs() < 1e-5, "backward {x} vs {y}");
+                }
             }
         }
     }
