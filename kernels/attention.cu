@@ -11,11 +11,11 @@
 // cpu::attention::two_stream_visible): a row never sees itself nor padding, slot 0 is visible to
 // rows != 0, otherwise key j is hidden from row i when vis_unit(vis_row_key(seed, b, i),
 // words[b, j]) < p (words [B, Lk] u32, whole-word index; per score one folded 32 x 32-bit product
-// of an odd row key and an odd word key, common.cuh). Attention-
-// probability dropout (drop_p > 0): p_ij is kept when drop_unit(drop_row_key(drop_seed,
-// drop_stream, (b H + h) Lq + i), j) >= drop_p, scaled 1/(1-p) (a row key once per row, a key
-// key once per key, one 32 x 32-bit product per score). Both draws are cpu::elementwise's bit for bit, so CPU and GPU see
-// identical masks.
+// of an odd row key and an odd word key, common.cuh). Attention-probability dropout
+// (drop_p > 0): p_ij is kept when drop_unit(drop_row_key(drop_seed, drop_stream,
+// (b H + h) Lq + i), j) >= drop_p, scaled 1/(1-p) (a row key once per row, a drop_key once per
+// key, one 32 x 32-bit product per score). Both draws are cpu::elementwise's
+// bit for bit, so CPU and GPU see identical masks.
 //
 // Launch (kWarps = 4 warps = 128 threads, R = rows_per_warp<D>() = 4, or 2 for D = 128):
 //   attention_fwd_d{D}_{T}:       grid (ceil(Lq / 4R), H, B); each warp owns R query rows.

@@ -191,7 +191,7 @@ __device__ __forceinline__ unsigned vis_word_key(unsigned word) {
 __device__ __forceinline__ unsigned mum32(unsigned a, unsigned b) {
     return (a * b) ^ __umulhi(a, b);  // (a 64-bit product compiled to a 64 x 32 one)
 }
-// cpu::elementwise::drop_key: attention dropout's per-key key (the draw: attention.cu attn_drop_at).
+// cpu::elementwise::drop_key: attention dropout's per-key key (the draw: attn_drop_at).
 __device__ __forceinline__ unsigned drop_key(unsigned j) {
     return mix32(j ^ 0xC2B2AE35u) | 1u;
 }
