@@ -63,6 +63,27 @@ impl Fnv64 {
     }
 }
 
+/// Reads the next `len` bytes of `r` in pieces of at most `chunk` bytes (a multiple of the word
+/// size the caller walks), handing each to `f`; a failed read names `path`.
+pub(crate) fn read_chunks(
+    r: &mut impl std::io::Read,
+    len: u64,
+    chunk: usize,
+    path: &std::path::Path,
+    mut f: impl FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let mut buf = vec![0u8; chunk];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(chunk as u64) as usize;
+        r.read_exact(&mut buf[..n])
+            .map_err(|e| Error::io(path, e))?;
+        f(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
 /// Start value of the word checksums ([`mix`]).
 pub(crate) const MIX_SEED: u64 = 0x243F_6A88_85A3_08D3;
 

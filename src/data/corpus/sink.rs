@@ -3,11 +3,11 @@
 //! offsets after the tokens and writes the header.
 
 use std::fs::File;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 
 use super::format::{Header, HEADER_LEN};
-use super::{mix, MIX_SEED};
+use super::{mix, read_chunks, MIX_SEED};
 use crate::error::{Error, Result};
 
 /// The output being built: tokens into `<output>.partial`, offsets into the side file.
@@ -134,21 +134,22 @@ impl Sink {
             .map_err(|e| Error::io(&self.offsets_path, e))?;
         // Exactly n_docs + 1 offsets were written; read them back in chunks.
         let mut offsets_hash = MIX_SEED;
-        let mut buf = vec![0u8; 1 << 16];
-        let mut left = 8 * (self.n_docs + 1);
-        while left > 0 {
-            let n = left.min(buf.len() as u64) as usize;
-            offsets
-                .read_exact(&mut buf[..n])
-                .map_err(|e| Error::io(&self.offsets_path, e))?;
-            for w in buf[..n].chunks_exact(8) {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(w);
-                offsets_hash = mix(offsets_hash, u64::from_le_bytes(b));
-            }
-            self.tokens.write_all(&buf[..n]).map_err(tokens_err)?;
-            left -= n as u64;
-        }
+        let tokens = &mut self.tokens;
+        let n_offsets = 8 * (self.n_docs + 1);
+        read_chunks(
+            &mut offsets,
+            n_offsets,
+            1 << 16,
+            &self.offsets_path,
+            |piece| {
+                for w in piece.chunks_exact(8) {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(w);
+                    offsets_hash = mix(offsets_hash, u64::from_le_bytes(b));
+                }
+                tokens.write_all(piece).map_err(tokens_err)
+            },
+        )?;
         header.n_docs = self.n_docs;
         header.n_tokens = self.n_tokens;
         header.tokens_hash = self.tokens_hash;

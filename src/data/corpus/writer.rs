@@ -298,21 +298,15 @@ fn resume(work: &WorkFiles, job: &Job, cap: u64) -> Result<(Sink, ReaderState, T
         .seek(SeekFrom::Start(HEADER_LEN as u64))
         .map_err(|e| Error::io(&work.partial, e))?;
     let mut hash = MIX_SEED;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = n_tokens * 4;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        tokens
-            .read_exact(&mut buf[..n])
-            .map_err(|e| Error::io(&work.partial, e))?;
-        for c in buf[..n].chunks_exact(4) {
+    super::read_chunks(&mut tokens, n_tokens * 4, 1 << 20, &work.partial, |piece| {
+        for c in piece.chunks_exact(4) {
             hash = super::mix(
                 hash,
                 u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             );
         }
-        left -= n as u64;
-    }
+        Ok(())
+    })?;
     if hash != state.tokens_hash {
         return Err(broken(format!(
             "{} changed since the checkpoint (token checksum mismatch)",
