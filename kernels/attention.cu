@@ -10,8 +10,8 @@
 // 1 = real, NULL = no padding); mode 1 = the RetroMAE two-stream decoder mask (SPEC §10.3,
 // cpu::attention::two_stream_visible): a row never sees itself nor padding, slot 0 is visible to
 // rows != 0, otherwise key j is hidden from row i when vis_unit(vis_row_key(seed, b, i),
-// words[b, j]) < p (words [B, Lk] u32, whole-word index; per score one folded 32 x 32-bit product
-// of an odd row key and an odd word key, common.cuh). Attention-probability dropout
+// words[b, j]) < p (words [B, Lk] u32, whole-word index; per score one 32-bit product of an odd
+// row key and an odd word key, common.cuh vis_u32). Attention-probability dropout
 // (drop_p > 0): p_ij is kept when drop_unit(drop_row_key(drop_seed, drop_stream,
 // (b H + h) Lq + i), j) >= drop_p, scaled 1/(1-p) (a row key once per row, a drop_key once per
 // key, one 32 x 32-bit product per score). Both draws are cpu::elementwise's
@@ -540,19 +540,21 @@ __device__ __forceinline__ void tc_fill_key_state(const AttnMaskArgs& ma, int b,
 // keys; a short-circuit test compiled to one branch region per score); the two rules that
 // touch single keys run in tile-uniform branches: key 0 is visible to the other rows (tile 0) and
 // a row never sees itself (the tile that overlaps the rows [row_base, row_base + kTcRows)).
+// The bits are set in ascending order: ptxas then packs the compares' predicates 7 at a time
+// (P2R); in the order (nt, key, row) it selected and or-ed each bit (SEL + LOP3, ~60 more
+// instructions per tile: tools/sass-counts.sh).
 template <int NT>
 __device__ __forceinline__ unsigned ts_fragment_bits(const unsigned* sword, unsigned rk0,
                                                      unsigned rk1, VisDraw vd, int qd, int j0,
                                                      int r0, int row_base) {
     unsigned bits = 0u;
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
+    for (int nt = 0; nt < NT; ++nt) {
+        const unsigned w0 = sword[nt * 8 + 2 * qd], w1 = sword[nt * 8 + 2 * qd + 1];
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-            const unsigned wm = sword[nt * 8 + 2 * qd + h];
-            bits |= vis_draw_bit(rk0, wm, vd.thr8) << (nt * 4 + h);
-            bits |= vis_draw_bit(rk1, wm, vd.thr8) << (nt * 4 + 2 + h);
-        }
+        for (int e = 0; e < 4; ++e)
+            bits |= vis_draw_bit(e < 2 ? rk0 : rk1, (e & 1) ? w1 : w0, vd.thr8) << (nt * 4 + e);
+    }
     bits &= vd.all;
     if (j0 == 0 && qd == 0) bits |= 0x5u;  // key 0: (nt 0, e 0) and (nt 0, e 2)
     if (j0 < row_base + kTcRows && row_base < j0 + NT * 8) {
@@ -707,7 +709,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
                     for (int e = 0; e < 4; ++e) {
                         const unsigned wk = swordt[nt * 8 + 2 * qd + (e & 1)];
                         float x = s[nt][e] * sl2;
-                        if (mum32(e < 2 ? rk0 : rk1, wk) < vd.thr8) x = kMasked;
+                        if (vis_u32(e < 2 ? rk0 : rk1, wk) < vd.thr8) x = kMasked;
                         s[nt][e] = x;
                         mt[e >> 1] = fmaxf(mt[e >> 1], x);
                     }

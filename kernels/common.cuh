@@ -170,11 +170,11 @@ __device__ __forceinline__ float exp2_ftz(float x) {
 #endif
 }
 
-// cpu::elementwise::mix32 / vis_row_key / vis_word_key / mum32 / vis_unit, bit for bit: the
+// cpu::elementwise::mix32 / vis_row_key / vis_word_key / vis_u32 / vis_unit, bit for bit: the
 // RetroMAE decoder mask's draw per (row, word) in 32-bit arithmetic: an odd key per row and one
-// per word (each a few mix32 once), then per score one 32 x 32 -> 64-bit product folded to 32
-// bits (IMAD.WIDE + LOP3; a mix32 per score was ten integer instructions, and they bound the
-// two-stream attention: docs/perf.md).
+// per word (each a few mix32 once), then per score their 32-bit product (one IMAD; a mix32 per
+// score was ten integer instructions and bound the two-stream attention, the 64-bit product folded
+// to 32 bits one more LOP3: docs/perf.md). mum32 (the folded product) is attention dropout's.
 __device__ __forceinline__ unsigned mix32(unsigned x) {
     x ^= x >> 16;
     x *= 0x7FEB352Du;
@@ -188,6 +188,9 @@ __device__ __forceinline__ unsigned vis_row_key(unsigned long long seed, unsigne
 __device__ __forceinline__ unsigned vis_word_key(unsigned word) {
     return mix32(word ^ 0x85EBCA6Bu) | 1u;
 }
+__device__ __forceinline__ unsigned vis_u32(unsigned row_key, unsigned word_key) {
+    return row_key * word_key;
+}
 __device__ __forceinline__ unsigned mum32(unsigned a, unsigned b) {
     return (a * b) ^ __umulhi(a, b);  // (a 64-bit product compiled to a 64 x 32 one)
 }
@@ -196,7 +199,7 @@ __device__ __forceinline__ unsigned drop_key(unsigned j) {
     return mix32(j ^ 0xC2B2AE35u) | 1u;
 }
 __device__ __forceinline__ float vis_unit(unsigned row_key, unsigned word) {
-    return (float)(mum32(row_key, vis_word_key(word)) >> 8) * (1.0f / 16777216.0f);
+    return (float)(vis_u32(row_key, vis_word_key(word)) >> 8) * (1.0f / 16777216.0f);
 }
 // vis_unit(k, w) >= p as an integer compare: vis_unit is u * 2^-24 with u = mix32(..) >> 8 an
 // integer below 2^24 (exact in float), so the test is u >= ceil(p * 2^24) (exact: scaling by a
@@ -209,7 +212,7 @@ __device__ __forceinline__ unsigned vis_threshold(float p) {
 }
 // vis_unit(row_key, w) >= p with word_key = vis_word_key(w) and thr = vis_threshold(p).
 __device__ __forceinline__ bool vis_keep(unsigned row_key, unsigned word_key, unsigned thr) {
-    return (mum32(row_key, word_key) >> 8) >= thr;
+    return (vis_u32(row_key, word_key) >> 8) >= thr;
 }
 // cpu::elementwise::drop_row_key, bit for bit: attention dropout's key of score row
 // (b H + h) Lq + i; each (row, key j) draw is then one product with drop_key(j) (attention.cu
@@ -236,7 +239,7 @@ __device__ __forceinline__ VisDraw vis_draw(float p) {
 }
 __device__ __forceinline__ unsigned vis_draw_bit(unsigned row_key, unsigned word_key,
                                                  unsigned thr8) {
-    return mum32(row_key, word_key) >= thr8 ? 1u : 0u;
+    return vis_u32(row_key, word_key) >= thr8 ? 1u : 0u;
 }
 
 // ---- tensor cores ------------------------------------------------------------------------------

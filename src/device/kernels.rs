@@ -713,7 +713,7 @@ pub enum AttnImpl {
     /// (bf16 storage only), heads per block chosen by [`tc_heads_per_block`].
     TensorCores,
     /// [`AttnImpl::TensorCores`] with this many heads per block (a divisor of the heads; above 1
-    /// with a two-stream mask, at most [`tc_mask_tiles`] key tiles of 64): selftest and
+    /// with a two-stream mask, at most [`tc_mask_tiles_limit`] key tiles of 64): selftest and
     /// benchmarks.
     TensorCoresHeads(usize),
     /// `attention_fwd_tcdb_d{D}_bf16`: the tensor-core forward with two K/V tile buffers, the
@@ -745,12 +745,24 @@ const TC_MASK_TILE_BYTES: usize = 512;
 const TC_FWD_STATIC_SMEM: usize = 38 << 10;
 
 /// Key tiles whose two-stream mask bits a tensor-core forward block can keep on a device with
-/// `smem_per_sm` bytes of shared memory per SM: as many as leave the kernel's resident blocks per
-/// SM (3 at head dims up to 64, 2 at 128: their registers' limit) each its static memory, the
-/// cache and the 1 KB the driver reserves; at most 128 (Lk 8192). H100 / H200 (228 KB): 74
-/// tiles (Lk <= 4736) at head dims up to 64.
+/// `smem_per_sm` bytes of shared memory per SM without losing occupancy: as many as leave the
+/// kernel's resident blocks per SM (3 at head dims up to 64, 2 at 128: their registers' limit)
+/// each its static memory, the cache and the 1 KB the driver reserves; at most 128 (Lk 8192).
+/// H100 / H200 (228 KB): 74 tiles (Lk <= 4736) at head dims up to 64.
 pub fn tc_mask_tiles(head_dim: usize, smem_per_sm: usize) -> usize {
-    let blocks = if head_dim >= 128 { 2 } else { 3 };
+    mask_tiles_for_blocks(if head_dim >= 128 { 2 } else { 3 }, smem_per_sm)
+}
+
+/// The most key tiles a block may cache at all (the launch check, and the variants `bench
+/// kernels` times): as [`tc_mask_tiles`] with one resident block fewer per SM (2 at head dims up
+/// to 64, 1 at 128). H100 / H200: 128 tiles (Lk 8192), 64 KB of bits, at every head dim. Past
+/// [`tc_mask_tiles`] the shared draw costs a third of the resident warps at head dim 64; whether
+/// it still wins is for the `_hpb` rows to show.
+pub fn tc_mask_tiles_limit(head_dim: usize, smem_per_sm: usize) -> usize {
+    mask_tiles_for_blocks(if head_dim >= 128 { 1 } else { 2 }, smem_per_sm)
+}
+
+fn mask_tiles_for_blocks(blocks: usize, smem_per_sm: usize) -> usize {
     (smem_per_sm / blocks)
         .saturating_sub(1024 + TC_FWD_STATIC_SMEM)
         .min(128 * TC_MASK_TILE_BYTES)
@@ -856,14 +868,15 @@ pub fn tc_heads_per_block_cached(mask: AttnKernelMask, d: &AttnDims, pipelined: 
 
 /// The heads per block the tensor-core forward can run at these dims on a device with
 /// `smem_per_sm` bytes of shared memory per SM (ascending): 1, and for the two-stream mask 2 and 4
-/// where they divide the heads and the key tiles' bits fit the mask cache ([`tc_mask_tiles`]).
+/// where they divide the heads and the key tiles' bits fit the mask cache
+/// ([`tc_mask_tiles_limit`]).
 pub fn tc_heads_per_block_options(
     mask: AttnKernelMask,
     d: &AttnDims,
     smem_per_sm: usize,
 ) -> Vec<usize> {
     if !matches!(mask, AttnKernelMask::TwoStream { .. })
-        || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles(d.head_dim, smem_per_sm)
+        || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles_limit(d.head_dim, smem_per_sm)
     {
         return vec![1];
     }
@@ -972,7 +985,7 @@ pub unsafe fn attention_fwd_with(
                 _ => tc_heads_per_block_for(mask, d, pipelined),
             };
             let two_stream = matches!(mask, AttnKernelMask::TwoStream { .. });
-            let tiles = tc_mask_tiles(d.head_dim, l.shared_memory_per_multiprocessor());
+            let tiles = tc_mask_tiles_limit(d.head_dim, l.shared_memory_per_multiprocessor());
             if hpb == 0
                 || !d.heads.is_multiple_of(hpb)
                 || (hpb > 1 && two_stream && d.k_len.div_ceil(TC_KEYS) > tiles)
@@ -1179,4 +1192,63 @@ pub unsafe fn topk_rows(
         .arg(out_scores)
         .arg(out_idx);
     l.launch("topk_rows_f32", &cfg, &mut a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The mask cache's tile rules on an H100 / H200 (228 KiB per SM) and an A100 (164 KiB):
+    /// the full-occupancy bound, and the launch limit one resident block fewer.
+    #[test]
+    fn mask_cache_tiles() {
+        let (h100, a100) = (228 << 10, 164 << 10);
+        // (228 KiB / 3 - 1 KiB - 38 KiB) / 512 B.
+        assert_eq!(tc_mask_tiles(64, h100), 74);
+        assert_eq!(tc_mask_tiles(32, h100), 74);
+        // 2 blocks at head dim 128: capped at 128 tiles (Lk 8192).
+        assert_eq!(tc_mask_tiles(128, h100), 128);
+        assert_eq!(tc_mask_tiles_limit(64, h100), 128);
+        assert_eq!(tc_mask_tiles_limit(128, h100), 128);
+        assert_eq!(tc_mask_tiles(64, a100), 31);
+        assert_eq!(tc_mask_tiles_limit(64, a100), 86);
+        // No room at all: none.
+        assert_eq!(tc_mask_tiles(64, 64 << 10), 0);
+    }
+
+    /// Heads per block: the two-stream variants stop where the bits no longer fit, key padding
+    /// has only 1, and the default shares the draw only up to the measured lengths.
+    #[test]
+    fn heads_per_block_rules() {
+        let ts = AttnKernelMask::TwoStream {
+            key_mask: DevPtr(0),
+            words: DevPtr(0),
+            p: 0.5,
+            seed: 1,
+        };
+        let dims = |l: usize| AttnDims {
+            batch: 8,
+            q_len: l,
+            k_len: l,
+            heads: 16,
+            head_dim: 64,
+        };
+        let h100 = 228 << 10;
+        assert_eq!(tc_heads_per_block_options(ts, &dims(8192), h100), [1, 2, 4]);
+        assert_eq!(tc_heads_per_block_options(ts, &dims(8193), h100), [1]);
+        let pad = AttnKernelMask::KeyPadding {
+            key_mask: DevPtr(0),
+        };
+        assert_eq!(tc_heads_per_block_options(pad, &dims(512), h100), [1]);
+        // B 8 x 16 heads x 8 row blocks = 1024 blocks at S512: 4 heads per block would leave
+        // 256, under the 1024 the rule keeps; at S 8192 (16k blocks) the bits exceed the
+        // measured default (16 tiles, double-buffered).
+        assert_eq!(tc_heads_per_block_cached(ts, &dims(512), true), 1);
+        assert_eq!(tc_heads_per_block_cached(ts, &dims(8192), true), 1);
+        let long = AttnDims {
+            batch: 64,
+            ..dims(1024)
+        };
+        assert_eq!(tc_heads_per_block_cached(ts, &long, true), 4);
+    }
 }

@@ -9,7 +9,7 @@
 //! scalar oracle this file is tested against.
 
 use super::elementwise::{
-    drop_key, drop_row_key, exp_f32, mum32, vis_row_key, vis_unit, vis_word_key,
+    drop_key, drop_row_key, exp_f32, mum32, vis_row_key, vis_u32, vis_unit, vis_word_key,
 };
 use super::gemm::sgemm_strided;
 
@@ -41,7 +41,7 @@ pub struct TwoStreamMask<'a> {
 /// visible(b, i, j) of the decoder mask: never the row itself, never padding; the sentence
 /// embedding slot 0 always (for rows i != 0); otherwise the word of key j is hidden from row i when
 /// `vis_unit(vis_row_key(seed, b, i), word(j)) < p` (counter-based: a row key, a word key, and one
-/// folded 32 x 32-bit product of the two per draw; SPEC 10.3). Each row thus draws its own
+/// 32-bit product of the two per draw, [`vis_u32`]; SPEC 10.3). Each row thus draws its own
 /// whole-word mask.
 #[inline]
 pub fn two_stream_visible(m: &TwoStreamMask<'_>, b: usize, i: usize, j: usize, lk: usize) -> bool {
@@ -92,7 +92,7 @@ impl AttnMask<'_> {
                 let rk = vis_row_key(t.seed, b as u32, i as u32);
                 let km = &t.key_mask[b * lk..(b + 1) * lk];
                 for (j, ((x, &m), &wk)) in row.iter_mut().zip(km).zip(keys).enumerate() {
-                    let u = (mum32(rk, wk) >> 8) as f32 * (1.0 / 16_777_216.0);
+                    let u = (vis_u32(rk, wk) >> 8) as f32 * (1.0 / 16_777_216.0);
                     let vis = j != i && m != 0 && (j == 0 || u >= t.p);
                     *x = if vis { *x } else { fill };
                 }
@@ -626,7 +626,7 @@ mod tests {
         assert!((frac - 0.3).abs() < 0.03, "hidden fraction {frac}");
     }
 
-    /// The visibility draw (one folded product of a row key and a word key): the right rate, and
+    /// The visibility draw (one 32-bit product of a row key and a word key): the right rate, and
     /// no visible correlation between neighbouring rows, words, examples or seeds (each pair
     /// agrees half the time at p = 0.5), nor in a 2 x 2 square of rows and words (a draw linear in
     /// the keys, e.g. their xor's top bit, would make the four draws' parity always even).

@@ -156,7 +156,7 @@ pub fn mix32(mut x: u32) -> u32 {
 }
 
 /// The RetroMAE decoder mask's per-row key: (seed, example b, row i) mixed to 32 bits once per
-/// row and forced odd, so each (row, key) draw is one 32 x 32 -> 64-bit product ([`vis_unit`]).
+/// row and forced odd, so each (row, word) draw is one 32-bit product ([`vis_u32`]).
 #[inline]
 pub fn vis_row_key(seed: u64, b: u32, i: u32) -> u32 {
     mix32(seed as u32 ^ mix32((seed >> 32) as u32 ^ mix32(b.wrapping_mul(0x9E37_79B9) ^ i))) | 1
@@ -170,19 +170,29 @@ pub fn vis_word_key(word: u32) -> u32 {
 }
 
 /// The 64-bit product of two 32-bit keys folded to 32 bits (its low half xor its high half, as
-/// wyhash's `mum`): the per-score draw of the decoder mask. One wide multiply and one xor, where
-/// a [`mix32`] per score cost ten integer instructions (the GPU's two-stream attention was bound by
-/// them, docs/perf.md). Both keys odd: the product is never 0.
+/// wyhash's `mum`): attention dropout's per-score draw ([`drop_unit`]). One wide multiply and one
+/// xor, where a [`mix32`] per score cost ten integer instructions on a GPU.
 #[inline]
 pub fn mum32(a: u32, b: u32) -> u32 {
     let p = u64::from(a) * u64::from(b);
     p as u32 ^ (p >> 32) as u32
 }
 
+/// The decoder mask's 32 random bits for (row key, word key): their product modulo 2^32 (both
+/// odd, so for a fixed row key it permutes the odd word keys, and the reverse; the draw takes its
+/// top 24 bits). One multiply per score on a GPU: the folded 64-bit product ([`mum32`], which
+/// attention dropout keeps) spent one more instruction per score on its xor, an eighth of the
+/// two-stream attention's per-score work (docs/perf.md), and its draws were no more independent
+/// by the tests here (rows, words, examples, seeds, 2 x 2 squares).
+#[inline]
+pub fn vis_u32(row_key: u32, word_key: u32) -> u32 {
+    row_key.wrapping_mul(word_key)
+}
+
 /// Uniform in [0, 1) for (row key, word): the draw that hides `word` from the row when < p.
 #[inline]
 pub fn vis_unit(row_key: u32, word: u32) -> f32 {
-    (mum32(row_key, vis_word_key(word)) >> 8) as f32 * (1.0 / 16_777_216.0)
+    (vis_u32(row_key, vis_word_key(word)) >> 8) as f32 * (1.0 / 16_777_216.0)
 }
 
 /// Attention dropout's per-row key: (seed, stream, score row r = (b·H + h)·Lq + i) mixed to 32
