@@ -457,9 +457,10 @@ __device__ __forceinline__ void attention_bwd_dkdv_impl(
 //
 // Heads per block: gridDim.y = heads / hpb and a block runs hpb heads one after the other. The
 // two-stream mask depends on (b, row, key) only, so with hpb > 1 the first head draws it and keeps
-// each thread's 32 visibility bits per key tile in dynamic shared memory (the launch's
-// shared_bytes: ceil(Lk / 64) x 512 bytes; how many tiles a block may hold is the launcher's
-// rule, device::kernels::tc_mask_tiles); the other heads read the bits instead of drawing again.
+// each thread's 32 visibility bits per key tile in dynamic shared memory (512 bytes per tile, for
+// as many tiles from the first as the launch's shared_bytes hold: the launcher's rule,
+// device::kernels::tc_mask_tiles, keeps the resident blocks per SM); the other heads read the
+// bits instead of drawing again, and draw for themselves past the cached tiles.
 constexpr int kTcRows = 64;  // query rows per block (4 warps x 16)
 constexpr int kTcKeys = 64;  // keys per shared tile
 
@@ -594,12 +595,14 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     // its word's key (vis_keep), so the per-score test reads shared memory only.
     __shared__ unsigned char skey[NB * kTcKeys];
     __shared__ unsigned sword[TS ? NB * kTcKeys : 1];
-    // The mask cache (hpb > 1): [key tile][thread], 32 bits each, in dynamic shared memory.
+    // The mask cache (hpb > 1): [key tile][thread], 32 bits each, in dynamic shared memory, for
+    // the first cache_tiles key tiles (as many as the launch gave it bytes for: the launcher's
+    // rule, device::kernels::tc_mask_tiles); the tiles past them every head draws for itself.
     R3_DYN_SMEM(unsigned, mbits);
     const VisDraw vd = vis_draw(ma.p);
     const DropDraw dd = attn_drop_draw(ma);
     const int hpb = heads / (int)gridDim.y;
-    const bool cache = TS && hpb > 1;
+    const int cache_tiles = TS && hpb > 1 ? (int)(dyn_smem_bytes() / (kTcRows * 2 * 4)) : 0;
     const int b = blockIdx.z;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
     const int r0 = blockIdx.x * kTcRows + warp * 16 + g, r1 = r0 + 8;
@@ -610,7 +613,6 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
     const unsigned short* v16 = reinterpret_cast<const unsigned short*>(v);
     for (int hh = 0; hh < hpb; ++hh) {
         const int h = blockIdx.y * hpb + hh, bh = b * heads + h;
-        const bool draw = !cache || hh == 0;  // this head draws the two-stream mask
         unsigned qa[KS][4];
         tc_load_a<D>(qa, q16, b, h, heads, lq, r0, qd);
         const unsigned drk0 = attn_drop_row(ma, bh, r0, lq), drk1 = attn_drop_row(ma, bh, r1, lq);
@@ -680,12 +682,15 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             }
             float mt[2] = {-INFINITY, -INFINITY};
             const bool clean = tc_tile_clean(skeyt, lane);
+            // This tile's mask bits live in the cache (the block's first head draws them, the
+            // others read them), or every head draws for itself.
+            const bool cached = t < cache_tiles, draw = !cached || hh == 0;
             // Direct draw: a head that draws for itself alone (no cache to fill), in a clean
             // tile that holds neither key 0 nor any of the block's own rows (the two single-key
             // rules), with p < 1: each score's draw goes straight into its select, no bits.
             // Block-uniform.
             const int row_base = blockIdx.x * kTcRows;
-            const bool direct = TS && draw && !cache && clean && vd.all != 0u && j0 != 0 &&
+            const bool direct = TS && !cached && clean && vd.all != 0u && j0 != 0 &&
                                 !(j0 < row_base + kTcRows && row_base < j0 + kTcKeys);
             // Otherwise the two-stream visibility of this thread's 32 scores (bit nt * 4 + e):
             // drawn (a warp-uniform branch around the whole draw, so the heads that read the
@@ -694,7 +699,7 @@ __device__ __forceinline__ void attention_fwd_tc_impl(const bf16* __restrict__ q
             if (TS && !direct) {
                 if (draw) {
                     bits = ts_fragment_bits<NT>(swordt, rk0, rk1, vd, qd, j0, r0, row_base);
-                    if (cache) mbits[t * (kTcRows * 2) + threadIdx.x] = bits;
+                    if (cached) mbits[t * (kTcRows * 2) + threadIdx.x] = bits;
                 } else {
                     bits = mbits[t * (kTcRows * 2) + threadIdx.x];
                 }

@@ -417,3 +417,16 @@ __device__ __forceinline__ void cp_async_wait() {
     extern __shared__ __align__(16) unsigned char r3_dyn_smem_[]; \
     T* name = reinterpret_cast<T*>(r3_dyn_smem_)
 #endif
+
+namespace r3 {
+// The launch's dynamic shared memory in bytes (its shared_bytes).
+__device__ __forceinline__ unsigned dyn_smem_bytes() {
+#ifdef R3_EMU
+    return (unsigned)r3emu::dyn_smem_bytes();
+#else
+    unsigned r;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+    return r;
+#endif
+}
+}  // namespace r3

@@ -80,6 +80,7 @@ uint64_t warp_exchange(unsigned mask, uint64_t value, int src_lane);  // src_lan
 unsigned warp_ballot(unsigned mask, bool pred);
 void syncwarp(unsigned mask);
 unsigned char* dyn_smem();
+std::size_t dyn_smem_bytes();  // the launch's shared_bytes
 int run(const r3emu_launch* cfg, void (*body)(void*), void* ctx);
 
 template <class T>

@@ -354,6 +354,7 @@ unsigned warp_ballot(unsigned mask, bool pred) {
 void syncwarp(unsigned mask) { warp_barrier(mask); }
 
 unsigned char* dyn_smem() { return tw->smem; }
+std::size_t dyn_smem_bytes() { return tw->smem_bytes; }
 
 int run(const r3emu_launch* cfg, void (*body)(void*), void* ctx) {
     unsigned n = cfg->block[0] * cfg->block[1] * cfg->block[2];

@@ -712,9 +712,8 @@ pub enum AttnImpl {
     /// `attention_fwd_tc_d{D}_bf16`: mma.sync bf16 tensor cores, FlashAttention-2's forward
     /// (bf16 storage only), heads per block chosen by [`tc_heads_per_block`].
     TensorCores,
-    /// [`AttnImpl::TensorCores`] with this many heads per block (a divisor of the heads; above 1
-    /// with a two-stream mask, at most [`tc_mask_tiles_limit`] key tiles of 64): selftest and
-    /// benchmarks.
+    /// [`AttnImpl::TensorCores`] with this many heads per block (a divisor of the heads):
+    /// selftest and benchmarks.
     TensorCoresHeads(usize),
     /// `attention_fwd_tcdb_d{D}_bf16`: the tensor-core forward with two K/V tile buffers, the
     /// next tile arriving by cp.async during this one's products; head dims 32 and 64 (heads
@@ -744,29 +743,14 @@ const TC_MASK_TILE_BYTES: usize = 512;
 /// the double-buffered two-stream one at head dim 64), rounded up.
 const TC_FWD_STATIC_SMEM: usize = 38 << 10;
 
-/// Key tiles whose two-stream mask bits a tensor-core forward block can keep on a device with
-/// `smem_per_sm` bytes of shared memory per SM without losing occupancy: as many as leave the
-/// kernel's resident blocks per SM (3 at head dims up to 64, 2 at 128: their registers' limit)
-/// each its static memory, the cache and the 1 KB the driver reserves; at most 128 (Lk 8192).
-/// H100 / H200 (228 KB): 74 tiles (Lk <= 4736) at head dims up to 64.
+/// Key tiles whose two-stream mask bits a tensor-core forward block keeps (the first ones; the
+/// block's heads draw for themselves past them) on a device with `smem_per_sm` bytes of shared
+/// memory per SM: as many as leave the kernel's resident blocks per SM (3 at head dims up to 64,
+/// 2 at 128: their registers' limit) each its static memory, the cache and the 1 KB the driver
+/// reserves. H100 / H200 (228 KB): 74 tiles (Lk 4736) at head dims up to 64, 150 at 128.
 pub fn tc_mask_tiles(head_dim: usize, smem_per_sm: usize) -> usize {
-    mask_tiles_for_blocks(if head_dim >= 128 { 2 } else { 3 }, smem_per_sm)
-}
-
-/// The most key tiles a block may cache at all (the launch check, and the variants `bench
-/// kernels` times): as [`tc_mask_tiles`] with one resident block fewer per SM (2 at head dims up
-/// to 64, 1 at 128). H100 / H200: 128 tiles (Lk 8192), 64 KB of bits, at every head dim. Past
-/// [`tc_mask_tiles`] the shared draw costs a third of the resident warps at head dim 64; whether
-/// it still wins is for the `_hpb` rows to show.
-pub fn tc_mask_tiles_limit(head_dim: usize, smem_per_sm: usize) -> usize {
-    mask_tiles_for_blocks(if head_dim >= 128 { 1 } else { 2 }, smem_per_sm)
-}
-
-fn mask_tiles_for_blocks(blocks: usize, smem_per_sm: usize) -> usize {
-    (smem_per_sm / blocks)
-        .saturating_sub(1024 + TC_FWD_STATIC_SMEM)
-        .min(128 * TC_MASK_TILE_BYTES)
-        / TC_MASK_TILE_BYTES
+    let blocks = if head_dim >= 128 { 2 } else { 3 };
+    (smem_per_sm / blocks).saturating_sub(1024 + TC_FWD_STATIC_SMEM) / TC_MASK_TILE_BYTES
 }
 
 /// Key tiles up to which the mask cache is the default ([`tc_heads_per_block_cached`]): what
@@ -783,10 +767,11 @@ fn tc_mask_tiles_default(head_dim: usize, pipelined: bool) -> usize {
 }
 
 /// Dynamic shared memory of a tensor-core forward launch: the mask cache's bits when a block
-/// runs several heads of the two-stream mask, else none.
-fn tc_fwd_shared_bytes(two_stream: bool, hpb: usize, k_len: usize) -> usize {
+/// runs several heads of the two-stream mask (for at most `cache_tiles` key tiles, the first;
+/// the kernel reads how many from the launch), else none.
+fn tc_fwd_shared_bytes(two_stream: bool, hpb: usize, k_len: usize, cache_tiles: usize) -> usize {
     if two_stream && hpb > 1 {
-        k_len.div_ceil(TC_KEYS) * TC_MASK_TILE_BYTES
+        k_len.div_ceil(TC_KEYS).min(cache_tiles) * TC_MASK_TILE_BYTES
     } else {
         0
     }
@@ -851,8 +836,8 @@ pub fn tc_heads_per_block_for(mask: AttnKernelMask, d: &AttnDims, pipelined: boo
 
 /// With the mask cache: for the two-stream mask one block draws each (row, key) visibility once
 /// for up to 4 heads (the mask does not depend on the head), as long as the grid keeps >= 1024
-/// blocks (~8 per SM of an H100/H200) and the key tiles' bits fit
-/// ([`tc_heads_per_block_options`]); otherwise, and for key padding, one head per block.
+/// blocks (~8 per SM of an H100/H200) and Lk is within the lengths measured so far (1024 for
+/// the double-buffered kernel at head dim 64); otherwise, and for key padding, one head per block.
 pub fn tc_heads_per_block_cached(mask: AttnKernelMask, d: &AttnDims, pipelined: bool) -> usize {
     if !matches!(mask, AttnKernelMask::TwoStream { .. })
         || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles_default(d.head_dim, pipelined)
@@ -866,18 +851,11 @@ pub fn tc_heads_per_block_cached(mask: AttnKernelMask, d: &AttnDims, pipelined: 
         .unwrap_or(1)
 }
 
-/// The heads per block the tensor-core forward can run at these dims on a device with
-/// `smem_per_sm` bytes of shared memory per SM (ascending): 1, and for the two-stream mask 2 and 4
-/// where they divide the heads and the key tiles' bits fit the mask cache
-/// ([`tc_mask_tiles_limit`]).
-pub fn tc_heads_per_block_options(
-    mask: AttnKernelMask,
-    d: &AttnDims,
-    smem_per_sm: usize,
-) -> Vec<usize> {
-    if !matches!(mask, AttnKernelMask::TwoStream { .. })
-        || d.k_len.div_ceil(TC_KEYS) > tc_mask_tiles_limit(d.head_dim, smem_per_sm)
-    {
+/// The heads per block worth timing for the tensor-core forward at these dims (ascending): 1,
+/// and for the two-stream mask 2 and 4 where they divide the heads (the mask cache then holds
+/// the first [`tc_mask_tiles`] key tiles, all of them up to Lk 4736 on an H100 / H200).
+pub fn tc_heads_per_block_options(mask: AttnKernelMask, d: &AttnDims) -> Vec<usize> {
+    if !matches!(mask, AttnKernelMask::TwoStream { .. }) {
         return vec![1];
     }
     [1, 2, 4]
@@ -985,24 +963,18 @@ pub unsafe fn attention_fwd_with(
                 _ => tc_heads_per_block_for(mask, d, pipelined),
             };
             let two_stream = matches!(mask, AttnKernelMask::TwoStream { .. });
-            let tiles = tc_mask_tiles_limit(d.head_dim, l.shared_memory_per_multiprocessor());
-            if hpb == 0
-                || !d.heads.is_multiple_of(hpb)
-                || (hpb > 1 && two_stream && d.k_len.div_ceil(TC_KEYS) > tiles)
-            {
+            if hpb == 0 || !d.heads.is_multiple_of(hpb) {
                 return Err(Error::invalid(format!(
-                    "tensor-core attention: {hpb} heads per block for {} heads and {} keys (a \
-                     divisor of the heads; above 1 with the two-stream mask at most {} keys)",
-                    d.heads,
-                    d.k_len,
-                    TC_KEYS * tiles
+                    "tensor-core attention: {hpb} heads per block for {} heads (a divisor of \
+                     the heads)",
+                    d.heads
                 )));
             }
             // 4 warps x 16 query rows per block (kernels/attention.cu, kTcRows); hpb heads each.
             cfg.grid[0] = blocks(d.q_len, 64, u32::MAX);
             cfg.grid[1] = (d.heads / hpb) as u32;
-            // At most 128 tiles x 512 bytes (the check above).
-            cfg.shared_bytes = tc_fwd_shared_bytes(two_stream, hpb, d.k_len) as u32;
+            let cache_tiles = tc_mask_tiles(d.head_dim, l.shared_memory_per_multiprocessor());
+            cfg.shared_bytes = tc_fwd_shared_bytes(two_stream, hpb, d.k_len, cache_tiles) as u32;
             l.launch(
                 &tc_fwd_kernel(two_stream, d.head_dim, pipelined),
                 &cfg,
@@ -1198,26 +1170,27 @@ pub unsafe fn topk_rows(
 mod tests {
     use super::*;
 
-    /// The mask cache's tile rules on an H100 / H200 (228 KiB per SM) and an A100 (164 KiB):
-    /// the full-occupancy bound, and the launch limit one resident block fewer.
+    /// The mask cache's tiles on an H100 / H200 (228 KiB per SM) and an A100 (164 KiB), and the
+    /// launch's bytes for them: all of Lk's tiles while they fit, the first ones past that.
     #[test]
     fn mask_cache_tiles() {
         let (h100, a100) = (228 << 10, 164 << 10);
         // (228 KiB / 3 - 1 KiB - 38 KiB) / 512 B.
         assert_eq!(tc_mask_tiles(64, h100), 74);
         assert_eq!(tc_mask_tiles(32, h100), 74);
-        // 2 blocks at head dim 128: capped at 128 tiles (Lk 8192).
-        assert_eq!(tc_mask_tiles(128, h100), 128);
-        assert_eq!(tc_mask_tiles_limit(64, h100), 128);
-        assert_eq!(tc_mask_tiles_limit(128, h100), 128);
+        // 2 blocks at head dim 128.
+        assert_eq!(tc_mask_tiles(128, h100), 150);
         assert_eq!(tc_mask_tiles(64, a100), 31);
-        assert_eq!(tc_mask_tiles_limit(64, a100), 86);
-        // No room at all: none.
+        // No room at all: none (every head then draws for itself).
         assert_eq!(tc_mask_tiles(64, 64 << 10), 0);
+        assert_eq!(tc_fwd_shared_bytes(true, 4, 1100, 74), 18 * 512);
+        assert_eq!(tc_fwd_shared_bytes(true, 4, 8192, 74), 74 * 512);
+        assert_eq!(tc_fwd_shared_bytes(true, 1, 8192, 74), 0);
+        assert_eq!(tc_fwd_shared_bytes(false, 4, 8192, 74), 0);
     }
 
-    /// Heads per block: the two-stream variants stop where the bits no longer fit, key padding
-    /// has only 1, and the default shares the draw only up to the measured lengths.
+    /// Heads per block: the two-stream variants are the divisors of the heads up to 4, key
+    /// padding has only 1, and the default shares the draw only up to the measured lengths.
     #[test]
     fn heads_per_block_rules() {
         let ts = AttnKernelMask::TwoStream {
@@ -1233,13 +1206,16 @@ mod tests {
             heads: 16,
             head_dim: 64,
         };
-        let h100 = 228 << 10;
-        assert_eq!(tc_heads_per_block_options(ts, &dims(8192), h100), [1, 2, 4]);
-        assert_eq!(tc_heads_per_block_options(ts, &dims(8193), h100), [1]);
+        assert_eq!(tc_heads_per_block_options(ts, &dims(8192)), [1, 2, 4]);
+        let six = AttnDims {
+            heads: 6,
+            ..dims(512)
+        };
+        assert_eq!(tc_heads_per_block_options(ts, &six), [1, 2]);
         let pad = AttnKernelMask::KeyPadding {
             key_mask: DevPtr(0),
         };
-        assert_eq!(tc_heads_per_block_options(pad, &dims(512), h100), [1]);
+        assert_eq!(tc_heads_per_block_options(pad, &dims(512)), [1]);
         // B 8 x 16 heads x 8 row blocks = 1024 blocks at S512: 4 heads per block would leave
         // 256, under the 1024 the rule keeps; at S 8192 (16k blocks) the bits exceed the
         // measured default (16 tiles, double-buffered).

@@ -280,8 +280,8 @@ pub fn kernels_streaming(
         }
         // Both forwards with both masks, each with its default heads per block; the two-stream
         // one also with the other head counts (1, 2, 4: the mask drawn once per block for 2 or 4
-        // heads where its bits fit, against the tail of the last wave of the 2-4x longer blocks;
-        // k::TC_MASK_CACHE_BY_DEFAULT).
+        // heads over the key tiles its cache holds, against the tail of the last wave of the
+        // 2-4x longer blocks; k::TC_MASK_CACHE_BY_DEFAULT, k::tc_mask_tiles).
         // The forward that the fwd + bwd rows below add (the default, double-buffered one), by mask.
         let mut fwd_default = [0.0f64; 2];
         for (db, pipelined) in [("db", true), ("", false)] {
@@ -309,13 +309,9 @@ pub fn kernels_streaming(
                     flops,
                 ));
                 let default = k::tc_heads_per_block_for(mask, &dims, pipelined);
-                for n in k::tc_heads_per_block_options(
-                    mask,
-                    &dims,
-                    dev.shared_memory_per_multiprocessor(),
-                )
-                .into_iter()
-                .filter(|&n| n != default)
+                for n in k::tc_heads_per_block_options(mask, &dims)
+                    .into_iter()
+                    .filter(|&n| n != default)
                 {
                     let name = format!(
                         "{devname}_attention_fwd_tc{db}{tag}_hpb{n}_bf16_b{batch}_s{sl}_h{heads}_d{d}"
