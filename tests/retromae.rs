@@ -330,10 +330,14 @@ fn bad_settings_are_named() {
         max_len: 512,
         ..base.clone()
     };
+    // The model's decoder rate (0.5) and the config's must be one value.
+    let mut dec7 = base.clone();
+    dec7.masking.p_dec = 0.7;
     for (cfg, want) in [
         (enc2, "masking.p_enc 2"),
         (dec0, "masking.p_dec 0"),
         (long, "max_len 512"),
+        (dec7, "the model's p_dec 0.5 differs from masking.p_dec 0.7"),
     ] {
         let e = err_of(run_pretrain(&mut m, &corpus(), &cfg, &out));
         assert!(e.contains(want), "{e}");
@@ -438,7 +442,10 @@ fn pretrain_cli_rejects_bad_input_in_one_line() {
     // Empty corpus (only blank lines).
     let blank = d.join("blank.txt");
     std::fs::write(&blank, "\n  \n\n").unwrap();
-    expect_cli_error(&cli_pretrain(&config, &blank, &out), &["no document"]);
+    expect_cli_error(
+        &cli_pretrain(&config, &blank, &out),
+        &["blank.txt", "no document"],
+    );
     // A model whose embedding table is smaller than the tokenizer's vocabulary.
     let text = d.join("t.txt");
     std::fs::write(&text, "hello world\nsecond text here\nthird\n").unwrap();
@@ -498,6 +505,113 @@ fn pretrain_cli_rejects_bad_input_in_one_line() {
     let o = cli_pretrain(&config, &good, &out);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(out.join("model.safetensors").is_file());
+    // The same command with some flags given (the others as above).
+    let pretrain = |extra: &[&str], data: &Path| {
+        let tok = tok_dir();
+        let defaults = [
+            ("--config", config.to_str().unwrap()),
+            ("--tokenizer", tok.to_str().unwrap()),
+            ("--steps", "1"),
+            ("--batch-size", "2"),
+            ("--max-len", "16"),
+        ];
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"));
+        cmd.arg("pretrain")
+            .arg("--data")
+            .arg(data)
+            .arg("--output")
+            .arg(d.join("out2"));
+        for (flag, value) in defaults {
+            let model_given = flag == "--config" && extra.contains(&"--model");
+            if !(extra.contains(&flag) || model_given) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.args(extra).output().expect("run retrom3")
+    };
+    // A corpus packed into longer blocks than the run's --max-len.
+    let packed = d.join("packed.r3tok");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .args(["tokenize", "--pack", "--max-len", "64", "--tokenizer"])
+        .arg(tok_dir())
+        .arg("--input")
+        .arg(&text)
+        .arg("--output")
+        .arg(&packed)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    expect_cli_error(
+        &pretrain(&["--batch-size", "1"], &packed),
+        &["packed.r3tok", "packed with --max-len 64", "--max-len 16"],
+    );
+    // Another model's tokenizer (BERT's, padding with id 0, for an XLM-R model padding with 1),
+    // even though its vocabulary is the smaller one.
+    expect_cli_error(
+        &pretrain(
+            &[
+                "--tokenizer",
+                Path::new(env!("CARGO_MANIFEST_DIR"))
+                    .join("tests/fixtures/tiny-bert")
+                    .to_str()
+                    .unwrap(),
+            ],
+            &text,
+        ),
+        &["pad_token_id", "pads with id 0", "config.json with 1"],
+    );
+    // --max-len below 3, named, for a text corpus too.
+    expect_cli_error(&pretrain(&["--max-len", "2"], &text), &["--max-len 2"]);
+    // Fewer documents than one batch, with the file named.
+    expect_cli_error(
+        &pretrain(&["--batch-size", "9"], &text),
+        &["t.txt", "fewer than one batch of 9"],
+    );
+    // `--model` a previous run's output continues its LM head and decoder: after one step at a
+    // negligible learning rate they are (almost) the previous run's, not a fresh draw.
+    let o = pretrain(
+        &[
+            "--model",
+            out.to_str().unwrap(),
+            "--lr",
+            "1e-12",
+            "--seed",
+            "5",
+        ],
+        &good,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let heads = |dir: &Path| {
+        retrom3::io::read_safetensors(&dir.join("retromae_heads.safetensors")).unwrap()
+    };
+    let (before, after) = (heads(&out), heads(&d.join("out2")));
+    assert_eq!(before.len(), after.len());
+    for (name, t) in &before {
+        let (a, b) = (t.to_f32(), after[name].to_f32());
+        let dev = a
+            .f32s()
+            .unwrap()
+            .iter()
+            .zip(b.f32s().unwrap())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(dev < 1e-5, "{name}: moved by {dev}");
+    }
+    // A resumed run keeps its seed.
+    expect_cli_error(
+        &pretrain(
+            &[
+                "--resume",
+                out.to_str().unwrap(),
+                "--seed",
+                "7",
+                "--steps",
+                "2",
+            ],
+            &good,
+        ),
+        &["--seed 7 differs from the resumed run's 42"],
+    );
     let _ = std::fs::remove_dir_all(&d);
 }
 

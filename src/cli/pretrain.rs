@@ -55,8 +55,9 @@ pub struct PretrainArgs {
     /// Decoder mask ratio.
     #[arg(long, default_value_t = 0.5, allow_negative_numbers = true)]
     pub dec_mask: f64,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    /// Seed of every random draw (default 42; a resumed run keeps its own).
+    #[arg(long)]
+    pub seed: Option<u64>,
     #[arg(long)]
     pub save_every: Option<u64>,
     /// Continue from a checkpoint directory written by this command.
@@ -72,10 +73,16 @@ pub struct PretrainArgs {
     pub max_grad_norm: f32,
 }
 
+/// `--seed` when not given.
+const DEFAULT_SEED: u64 = 42;
+
 /// The corpus: a memory-mapped .r3tok file (checked against this tokenizer), or a text file
 /// tokenized in memory (fine for small corpora).
 fn load_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Box<dyn DocSource>> {
-    if a.data.extension().is_some_and(|e| e == "r3tok") {
+    if a.data
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("r3tok"))
+    {
         let corpus = TokenCorpus::open(&a.data)?;
         let fp = tokenizer_fingerprint(tok)?;
         if corpus.fingerprint() != fp {
@@ -89,6 +96,23 @@ fn load_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Box<dyn DocSource>
             ));
         }
         corpus.verify_tokens()?;
+        // A corpus packed into longer blocks than this run takes would lose every block's tail
+        // (an unpacked one only loses the tails of its longer texts, as a text file does).
+        if corpus.is_packed() && corpus.max_len() > a.max_len {
+            return Err(Error::format(
+                &a.data,
+                format!(
+                    "packed with --max-len {} (blocks of {} tokens); --max-len {} would cut \
+                     every block: pass --max-len {} or re-run `retrom3 tokenize --pack \
+                     --max-len {}`",
+                    corpus.max_len(),
+                    corpus.max_len().saturating_sub(2),
+                    a.max_len,
+                    corpus.max_len(),
+                    a.max_len
+                ),
+            ));
+        }
         return Ok(Box::new(corpus));
     }
     Ok(Box::new(load_text_docs(a, tok)?))
@@ -139,6 +163,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             return Err(Error::invalid(format!("{name} {p}: must be in (0, 1)")));
         }
     }
+    let seed = a.seed.unwrap_or(DEFAULT_SEED);
     let tok = TextTokenizer::from_dir(&a.tokenizer)?;
     let vocab = MaskingVocab::from_tokenizer(&tok)?;
     if let Some(r) = &a.resume {
@@ -155,7 +180,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             let (map, path) = retrom3::io::read_backbone(dir)?;
             let enc = Encoder::from_tensors(cfg, &map, &path)?;
             let heads = RetroMae::read_heads(dir, &enc.config)?;
-            let mut model = RetroMae::new(enc, &heads, a.dec_mask as f32, a.seed)?;
+            let mut model = RetroMae::new(enc, &heads, a.dec_mask as f32, seed)?;
             model.extra_tensors = retrom3::io::model_dir::passthrough_tensors(&map);
             let state = TrainState::load(dir)?;
             let mut opt = AdamW::new(
@@ -170,15 +195,23 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             let cfg = EncoderConfig::from_file(dir.join("config.json"))?;
             let (map, path) = retrom3::io::read_backbone(dir)?;
             let enc = Encoder::from_tensors(cfg, &map, &path)?;
-            let mut model = RetroMae::new(enc, &map, a.dec_mask as f32, a.seed)?;
+            // A previous pretrain run's output keeps its LM head and decoder beside the
+            // encoder: continue from them (a Hugging Face model's own LM head, if any, is in
+            // `map`; otherwise they start fresh).
+            let heads = if dir.join("retromae_heads.safetensors").is_file() {
+                RetroMae::read_heads(dir, &enc.config)?
+            } else {
+                map.clone()
+            };
+            let mut model = RetroMae::new(enc, &heads, a.dec_mask as f32, seed)?;
             model.extra_tensors = retrom3::io::model_dir::passthrough_tensors(&map);
             (model, None)
         }
         (None, None, Some(cfg)) => {
             let cfg = EncoderConfig::from_file(cfg)?;
-            let enc = Encoder::init_random(cfg, a.seed)?;
+            let enc = Encoder::init_random(cfg, seed)?;
             (
-                RetroMae::new(enc, &Default::default(), a.dec_mask as f32, a.seed)?,
+                RetroMae::new(enc, &Default::default(), a.dec_mask as f32, seed)?,
                 None,
             )
         }
@@ -197,15 +230,54 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             ),
         });
     }
-    if a.max_len > model.config.max_tokens() {
+    // The tokenizer must be the model's: its padding id is the one the model's position ids
+    // count from (a BERT tokenizer on an XLM-R model would train on ids the model misreads).
+    if vocab.pad != model.config.pad_token_id {
+        return Err(Error::Config {
+            field: "pad_token_id".into(),
+            msg: format!(
+                "the tokenizer {} pads with id {}, the model's config.json with {}: another \
+                 model's tokenizer",
+                a.tokenizer.display(),
+                vocab.pad,
+                model.config.pad_token_id
+            ),
+        });
+    }
+    if !(3..=model.config.max_tokens()).contains(&a.max_len) {
         return Err(Error::invalid(format!(
-            "--max-len {} exceeds the model's {} positions",
+            "--max-len {}: must be in 3..={} (specials included; the model's positions)",
             a.max_len,
             model.config.max_tokens()
         )));
     }
+    if let Some((state, _)) = &resume {
+        if let Some(s) = a.seed.filter(|&s| s != state.seed) {
+            return Err(Error::invalid(format!(
+                "--seed {s} differs from the resumed run's {} (a resumed run keeps its seed: \
+                 drop --seed)",
+                state.seed
+            )));
+        }
+    }
     let docs = load_docs(&a, &tok)?;
-    let cfg = pretrain_config(&a, resume.as_ref().map_or(a.seed, |(s, _)| s.seed));
+    if docs.is_empty() {
+        return Err(Error::format(
+            &a.data,
+            "no document with a content token (empty corpus, or every text empty)",
+        ));
+    }
+    if docs.len() < a.batch_size {
+        return Err(Error::format(
+            &a.data,
+            format!(
+                "{} documents are fewer than one batch of {} (--batch-size)",
+                docs.len(),
+                a.batch_size
+            ),
+        ));
+    }
+    let cfg = pretrain_config(&a, resume.as_ref().map_or(seed, |(s, _)| s.seed));
     let pb = ProgressBar::new(0);
     pb.set_style(
         ProgressStyle::with_template("pretrain [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
@@ -269,7 +341,10 @@ mod tests {
     fn flag_defaults_are_the_library_defaults() {
         let base = ["x", "--tokenizer", "t", "--data", "d", "--output", "o"];
         let w = Wrap::try_parse_from(base).unwrap();
-        assert_eq!(pretrain_config(&w.a, w.a.seed), PretrainConfig::default());
+        assert_eq!(
+            pretrain_config(&w.a, w.a.seed.unwrap_or(DEFAULT_SEED)),
+            PretrainConfig::default()
+        );
         let w = Wrap::try_parse_from(base.iter().copied().chain([
             "--enc-mask",
             "0.15",

@@ -49,8 +49,12 @@ impl MaskingVocab {
         }
     }
 
-    /// Derive from a tokenizer: WordPiece vocabularies (some token starts with "##") mark
-    /// continuations by "##"; otherwise SentencePiece-style "▁" marks word starts.
+    /// Derive from a tokenizer, whose model says how its tokens form words
+    /// ([`TextTokenizer::token_starts_word`]): WordPiece continuations carry "##", SentencePiece
+    /// pieces start a word with "▁" (XLM-R's vocabulary also has a piece "###", a word start of
+    /// its own there: guessing WordPiece from any "##" token made every XLM-R piece a word). Where
+    /// the model gives no per-token answer (byte-level BPE, WordLevel) every token is its own
+    /// word.
     pub fn from_tokenizer(tok: &TextTokenizer) -> Result<MaskingVocab> {
         let need = |v: Option<u32>, what: &str| {
             v.ok_or_else(|| {
@@ -70,7 +74,6 @@ impl MaskingVocab {
         let tokens: Vec<String> = (0..n as u32)
             .map(|i| tok.id_to_token(i).unwrap_or_default())
             .collect();
-        let wordpiece = tokens.iter().any(|t| t.starts_with("##"));
         let mut special = vec![false; n];
         for id in tok.special_ids().into_iter().chain([mask]) {
             if (id as usize) < n {
@@ -80,14 +83,7 @@ impl MaskingVocab {
         let word_start = tokens
             .iter()
             .enumerate()
-            .map(|(i, t)| {
-                special[i]
-                    || if wordpiece {
-                        !t.starts_with("##")
-                    } else {
-                        t.starts_with('\u{2581}')
-                    }
-            })
+            .map(|(i, t)| special[i] || tok.token_starts_word(t).unwrap_or(true))
             .collect();
         Ok(MaskingVocab {
             cls,
@@ -607,5 +603,66 @@ mod tests {
             !v.ref_skip.iter().any(|&c| c),
             "<s> and </s> are candidates"
         );
+    }
+
+    /// The words the masking groups by token id are the tokenizer's own words (its model's
+    /// scheme), for the WordPiece and SentencePiece fixtures and for a SentencePiece vocabulary
+    /// that also holds a "###" piece (as XLM-R's 250,002 do: any "##" token once made every
+    /// XLM-R piece a word of its own).
+    #[test]
+    fn masking_words_are_the_tokenizers_words() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        // tiny-xlmr plus a likely "###" piece, written beside the test's other temporaries.
+        let mut json: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("tiny-xlmr/tokenizer.json")).unwrap(),
+        )
+        .unwrap();
+        json["model"]["vocab"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!(["###", -1.0]));
+        let hashes = std::env::temp_dir().join(format!("r3-masking-words-{}", std::process::id()));
+        std::fs::create_dir_all(&hashes).unwrap();
+        std::fs::write(hashes.join("tokenizer.json"), json.to_string()).unwrap();
+        let texts = [
+            "the unbelievably long sentences, again!",
+            "a### b ### c##d and ##e",
+            "Zwei Wörter; drei? vier.",
+        ];
+        for name in [dir.join("tiny-bert"), dir.join("tiny-xlmr"), hashes.clone()] {
+            let tok = TextTokenizer::from_dir(&name).unwrap();
+            let v = MaskingVocab::from_tokenizer(&tok).unwrap();
+            let (mut pairs, mut joins) = (0, 0);
+            for text in texts {
+                let (ids, words) = tok.encode_with_words(text, 128).unwrap();
+                let ours = word_ids(&ids, &v, false);
+                for i in 1..ids.len() {
+                    if let (Some(a), Some(b)) = (words[i - 1], words[i]) {
+                        pairs += 1;
+                        joins += usize::from(a == b);
+                        assert_eq!(
+                            a != b,
+                            ours[i - 1] != ours[i],
+                            "{}: {text:?} at token {i} ({:?})",
+                            name.display(),
+                            tok.id_to_token(ids[i])
+                        );
+                    }
+                }
+            }
+            assert!(
+                joins > 0 && joins < pairs,
+                "{}: words of several tokens",
+                name.display()
+            );
+            if name == hashes {
+                let id = tok.token_to_id("###").unwrap();
+                assert!(
+                    !v.starts_word(id),
+                    "\"###\" continues a word in SentencePiece"
+                );
+            }
+        }
+        std::fs::remove_dir_all(&hashes).ok();
     }
 }

@@ -452,6 +452,19 @@ impl TextTokenizer {
         out
     }
 
+    /// Whether vocabulary token `token` starts a word, by this tokenizer's own word scheme (its
+    /// model, not a guess from the vocabulary): SentencePiece / Unigram pieces by their "▁",
+    /// WordPiece ones by not carrying the continuation prefix ("##"). `None` where words come
+    /// from the pre-tokenizer's split of a text (e.g. byte-level BPE, WordLevel): a token alone
+    /// does not say.
+    pub fn token_starts_word(&self, token: &str) -> Option<bool> {
+        match &self.words {
+            WordScheme::WordStart(c) => Some(token.starts_with(*c)),
+            WordScheme::Continuation(prefix) => Some(!token.starts_with(prefix.as_str())),
+            WordScheme::PreTokenizer => None,
+        }
+    }
+
     /// The sentence-start / classification token (`<s>` or `[CLS]`).
     pub fn cls_id(&self) -> Option<u32> {
         self.cls

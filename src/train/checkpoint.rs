@@ -72,3 +72,93 @@ pub fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
     }
     Ok(())
 }
+
+/// Write a run's files into `dir`, which holds other things too (its checkpoint-N directories,
+/// metrics) and may hold the files of the run being resumed: `fill` writes them into a fresh
+/// temporary subdirectory first, so a failure there leaves `dir` as it was; then
+/// trainer_state.json is removed, every other file renamed over its old copy, and the new
+/// trainer_state.json renamed in last. A crash during those renames leaves no trainer state,
+/// which `--resume` refuses, never old and new files mixed under a trainer state that vouches
+/// for them. The files named in `stale` are removed from `dir` with the old trainer state (a
+/// run's files that this one does not write and no loader may pair with its new ones).
+pub fn replace_files(
+    dir: &Path,
+    stale: &[&str],
+    fill: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let tmp = dir.join(format!(".final.tmp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Err(e) = fill(&tmp) {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    const STATE: &str = "trainer_state.json";
+    for name in std::iter::once(STATE).chain(stale.iter().copied()) {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(dir.join(name), e)),
+        }
+    }
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
+        names.push(entry.map_err(|e| Error::io(&tmp, e))?.file_name());
+    }
+    // trainer_state.json last.
+    names.sort_by_key(|n| n == STATE);
+    for name in names {
+        let (from, to) = (tmp.join(&name), dir.join(&name));
+        std::fs::rename(&from, &to).map_err(|e| Error::io(&to, e))?;
+    }
+    std::fs::remove_dir(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    if let Ok(f) = std::fs::File::open(dir) {
+        let _ = f.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fill that fails leaves the directory's files as they were; one that succeeds replaces
+    /// them, trainer state included, and leaves no temporary behind.
+    #[test]
+    fn replace_files_is_all_or_nothing() {
+        let dir = std::env::temp_dir().join(format!("r3-replace-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("checkpoint-3")).unwrap();
+        std::fs::write(dir.join("model.safetensors"), "old").unwrap();
+        std::fs::write(dir.join("trainer_state.json"), "old state").unwrap();
+        std::fs::write(dir.join("sparse_linear.pt"), "old head").unwrap();
+        let e = replace_files(&dir, &["sparse_linear.pt"], |t| {
+            std::fs::write(t.join("model.safetensors"), "new").unwrap();
+            Err(Error::invalid("tokenizer copy failed"))
+        });
+        assert!(e.is_err());
+        let read = |n: &str| std::fs::read_to_string(dir.join(n)).unwrap();
+        assert_eq!(read("model.safetensors"), "old");
+        assert_eq!(read("trainer_state.json"), "old state");
+        assert_eq!(read("sparse_linear.pt"), "old head");
+        replace_files(&dir, &["sparse_linear.pt"], |t| {
+            std::fs::write(t.join("model.safetensors"), "new").unwrap();
+            std::fs::write(t.join("trainer_state.json"), "new state").unwrap();
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(read("model.safetensors"), "new");
+        assert_eq!(read("trainer_state.json"), "new state");
+        let mut left: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["checkpoint-3", "model.safetensors", "trainer_state.json"]
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -714,7 +714,18 @@ pub fn finetune_dist(
     }
     group.check_in_sync(model.params.values(), "at the end")?;
     if let Some(metrics) = metrics {
-        write_run_files(out, model, &opt, &state, tokenizer_dir, cfg.loss.unified)?;
+        // A dense-only run leaves no heads from an earlier run beside its backbone.
+        let stale: &[&str] = if cfg.loss.unified {
+            &[]
+        } else {
+            &[
+                crate::io::model_dir::COLBERT_FILE,
+                crate::io::model_dir::SPARSE_FILE,
+            ]
+        };
+        super::replace_files(out, stale, |tmp| {
+            write_run_files(tmp, model, &opt, &state, tokenizer_dir, cfg.loss.unified)
+        })?;
         metrics.write_svg(
             &out.join("metrics.svg"),
             "M3 fine-tuning",

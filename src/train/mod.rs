@@ -9,7 +9,7 @@ pub mod optim;
 pub mod retromae;
 pub mod schedule;
 
-pub use checkpoint::{atomic_dir, TrainState};
+pub use checkpoint::{atomic_dir, replace_files, TrainState};
 pub use metrics::MetricsLog;
 pub use optim::AdamW;
 pub use schedule::linear_warmup_decay;

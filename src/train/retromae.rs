@@ -258,6 +258,16 @@ pub fn pretrain_on(
         ));
     }
     cfg.check(model.config.max_tokens())?;
+    // The decoder's in-kernel mask takes the model's rate, the reference-compat collator and the
+    // checkpoint's fingerprint the config's: one value, or a run would train on one and record
+    // the other.
+    if model.p_dec != cfg.masking.p_dec as f32 {
+        return Err(Error::invalid(format!(
+            "decoder mask rate: the model's p_dec {} differs from masking.p_dec {} (set both \
+             from one value, as `retrom3 pretrain --dec-mask` does)",
+            model.p_dec, cfg.masking.p_dec
+        )));
+    }
     // The masking vocabulary is the tokenizer's: no bigger than the model's embedding table, its
     // special ids inside it (another model's tokenizer would train on ids the model misreads).
     let v = model.config.vocab_size;
@@ -295,7 +305,13 @@ pub fn pretrain_on(
     }
     let total = match (cfg.steps, cfg.epochs) {
         (Some(s), _) => s,
-        (None, Some(e)) => e * per_epoch / cfg.grad_accum as u64,
+        (None, Some(e)) => {
+            e.checked_mul(per_epoch).ok_or_else(|| {
+                Error::invalid(format!(
+                    "{e} epochs of {per_epoch} micro-batches overflow the step count"
+                ))
+            })? / cfg.grad_accum as u64
+        }
         (None, None) => per_epoch / cfg.grad_accum as u64,
     }
     .max(1);
@@ -309,6 +325,17 @@ pub fn pretrain_on(
         total,
     );
     super::check_resume_step(&state, total)?;
+    // Every optimizer step consumed grad_accum micro-batches: a trainer state that says
+    // otherwise was edited or mixed with another run's, and its data cursor cannot be trusted.
+    if state.batches_seen != state.step.saturating_mul(cfg.grad_accum as u64) {
+        return Err(Error::invalid(format!(
+            "resumed trainer state: {} micro-batches seen in {} steps of {} (expected {})",
+            state.batches_seen,
+            state.step,
+            cfg.grad_accum,
+            state.step.saturating_mul(cfg.grad_accum as u64)
+        )));
+    }
     let args = run_args(cfg, docs);
     super::check_resume_args(&state.args, &args)?;
     state.args = args;
@@ -499,7 +526,10 @@ pub fn pretrain_on(
     if let (Some((dev, _)), Some(ds)) = (&engine, &dstate) {
         ds.sync_to_host(&**dev, &mut model.params, &mut opt)?;
     }
-    write_run_files(out, model, &opt, &state, tokenizer_dir)?;
+    // The final files replace the resumed run's (if `out` is its directory) all together.
+    super::replace_files(out, &[], |tmp| {
+        write_run_files(tmp, model, &opt, &state, tokenizer_dir)
+    })?;
     metrics.write_svg(
         &out.join("metrics.svg"),
         "RetroMAE pre-training",
