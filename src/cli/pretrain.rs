@@ -198,12 +198,14 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             // A previous pretrain run's output keeps its LM head and decoder beside the
             // encoder: continue from them (a Hugging Face model's own LM head, if any, is in
             // `map`; otherwise they start fresh).
+            let saved;
             let heads = if dir.join("retromae_heads.safetensors").is_file() {
-                RetroMae::read_heads(dir, &enc.config)?
+                saved = RetroMae::read_heads(dir, &enc.config)?;
+                &saved
             } else {
-                map.clone()
+                &map
             };
-            let mut model = RetroMae::new(enc, &heads, a.dec_mask as f32, seed)?;
+            let mut model = RetroMae::new(enc, heads, a.dec_mask as f32, seed)?;
             model.extra_tensors = retrom3::io::model_dir::passthrough_tensors(&map);
             (model, None)
         }
@@ -227,20 +229,6 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             msg: format!(
                 "tokenizer has {} tokens, the model's embedding table {}",
                 vocab.vocab_size, model.config.vocab_size
-            ),
-        });
-    }
-    // The tokenizer must be the model's: its padding id is the one the model's position ids
-    // count from (a BERT tokenizer on an XLM-R model would train on ids the model misreads).
-    if vocab.pad != model.config.pad_token_id {
-        return Err(Error::Config {
-            field: "pad_token_id".into(),
-            msg: format!(
-                "the tokenizer {} pads with id {}, the model's config.json with {}: another \
-                 model's tokenizer",
-                a.tokenizer.display(),
-                vocab.pad,
-                model.config.pad_token_id
             ),
         });
     }

@@ -295,6 +295,20 @@ pub fn pretrain_on(
             vocab.vocab_size
         )));
     }
+    // Its padding id is the one the model's position ids count from: a BERT tokenizer on an
+    // XLM-R model (smaller vocabulary, pad 0 against 1) would train on ids the model misreads.
+    if vocab.pad != model.config.pad_token_id {
+        return Err(Error::Config {
+            field: "pad_token_id".into(),
+            msg: format!(
+                "the tokenizer {} pads with id {}, the model's config.json with {}: another \
+                 model's tokenizer",
+                tokenizer_dir.display(),
+                vocab.pad,
+                model.config.pad_token_id
+            ),
+        });
+    }
     let per_epoch = (docs.len() / cfg.batch_size) as u64;
     if per_epoch == 0 {
         return Err(Error::invalid(format!(
