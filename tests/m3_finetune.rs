@@ -145,6 +145,26 @@ fn resume_is_bit_identical() {
     for (x, y) in a.params.values().iter().zip(b.params.values()) {
         assert_eq!(x.f32s().unwrap(), y.f32s().unwrap());
     }
+    // A trainer state whose data cursor disagrees with its step count (edited, or mixed with
+    // another run's) is refused before any step.
+    let mut state = TrainState::load(&ckpt).unwrap();
+    state.batches_seen += 1;
+    let mut c = student(&ckpt);
+    let mut opt = AdamW::new(c.params.specs(), hyper, cfg.max_grad_norm);
+    opt.load_dir(&ckpt, c.params.specs(), state.step).unwrap();
+    let e = finetune(
+        &mut c,
+        &data,
+        &tok,
+        &cfg,
+        &dir,
+        &tmp("c"),
+        Some((state, opt)),
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("5 batches seen in 4 steps"), "{e}");
 }
 
 #[test]
@@ -549,6 +569,25 @@ fn rows_and_settings_built_in_code_are_checked() {
         assert!(e.contains(want), "{e}");
     }
     assert!(try_run(&cfg, rows(), &out).is_ok());
+    // Another model's tokenizer: BERT's pads with id 0, the XLM-R model with 1, although its
+    // vocabulary is the smaller one.
+    let bert = fixture("tiny-bert");
+    let e = finetune(
+        &mut student(&fixture("tiny-xlmr")),
+        &M3TrainData::single(rows(), 3),
+        &TextTokenizer::from_dir(&bert).unwrap(),
+        &cfg,
+        &bert,
+        &out,
+        None,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("pads with id 0") && e.contains("config.json with 1"),
+        "{e}"
+    );
 }
 
 /// A loaded model becomes the same student as its directory does.

@@ -443,6 +443,23 @@ pub fn finetune_dist(
             ),
         });
     }
+    // The padding id is the one the model's position ids count from (XLM-R) and the sparse head
+    // drops: a BERT tokenizer on an XLM-R model (smaller vocabulary, [PAD] 0 against <pad> 1)
+    // passes the size check above but would train on ids the model misreads.
+    if let Some(p) = tok
+        .pad_id()
+        .filter(|&p| p != model.encoder_config.pad_token_id)
+    {
+        return Err(Error::Config {
+            field: "pad_token_id".into(),
+            msg: format!(
+                "the tokenizer {} pads with id {p}, the model's config.json with {}: another \
+                 model's tokenizer",
+                tokenizer_dir.display(),
+                model.encoder_config.pad_token_id
+            ),
+        });
+    }
     // Rows built in code get the checks the file reader makes (a row without a positive, or
     // with a score list of the wrong length, would index out of bounds in the sampler).
     for d in &data.datasets {
@@ -493,10 +510,18 @@ pub fn finetune_dist(
              (each dataset and length bucket is batched on its own)"
         )));
     }
-    let total = cfg
-        .steps
-        .unwrap_or(cfg.epochs.unwrap_or(1) * per_epoch)
-        .max(1);
+    let total = match cfg.steps {
+        Some(s) => s,
+        None => {
+            let e = cfg.epochs.unwrap_or(1);
+            e.checked_mul(per_epoch).ok_or_else(|| {
+                Error::invalid(format!(
+                    "{e} epochs of {per_epoch} batches overflow the step count"
+                ))
+            })?
+        }
+    }
+    .max(1);
     let warmup = warmup_steps(total, cfg.warmup_ratio);
     let (mut state, mut opt) = start_or_resume(
         resume,
@@ -507,6 +532,14 @@ pub fn finetune_dist(
         total,
     );
     super::check_resume_step(&state, total)?;
+    // One batch per step: a trainer state that says otherwise was edited or mixed with another
+    // run's, and its data cursor cannot be trusted.
+    if state.batches_seen != state.step {
+        return Err(Error::invalid(format!(
+            "resumed trainer state: {} batches seen in {} steps (one batch a step)",
+            state.batches_seen, state.step
+        )));
+    }
     let args = run_args(cfg, data, world);
     super::check_resume_args(&state.args, &args)?;
     state.args = args;
