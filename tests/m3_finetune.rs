@@ -300,6 +300,26 @@ fn cli_with_length_buckets_no_in_batch_files_and_sub_batches() {
         .unwrap();
     assert!(!st.status.success());
     assert!(String::from_utf8_lossy(&st.stderr).contains("bucket-batch-sizes"));
+    // A resumed run keeps its seed: another --seed is refused, not silently ignored.
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .arg("finetune")
+        .arg("--model")
+        .arg(fixture("tiny-xlmr"))
+        .arg("--train")
+        .arg(d.join("a.jsonl"))
+        .arg("--output")
+        .arg(d.join("out3"))
+        .arg("--resume")
+        .arg(&out)
+        .args(["--seed", "7", "--steps", "6"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success());
+    assert!(
+        err.contains("--seed 7 differs from the resumed run's 42"),
+        "{err}"
+    );
 }
 
 fn run(

@@ -95,8 +95,9 @@ pub struct FinetuneArgs {
     /// scheme: activations of one sub-batch at a time, same gradients. 0 = off.
     #[arg(long, default_value_t = 0)]
     pub sub_batch: usize,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
+    /// Seed of every random draw (default 42; a resumed run keeps its own).
+    #[arg(long)]
+    pub seed: Option<u64>,
     #[arg(long)]
     pub save_every: Option<u64>,
     #[arg(long)]
@@ -110,6 +111,9 @@ pub struct FinetuneArgs {
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f32,
 }
+
+/// `--seed` when not given.
+const DEFAULT_SEED: u64 = 42;
 
 /// The run's settings from the flags (`kd` parsed from `--kd-loss`; `seed` the resumed run's).
 fn finetune_config(a: &FinetuneArgs, kd: KdLoss, seed: u64) -> FinetuneConfig {
@@ -258,10 +262,18 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             );
         }
     }
+    let seed = a.seed.unwrap_or(DEFAULT_SEED);
     let (mut model, resume) = match &a.resume {
         Some(dir) => {
-            let model = M3Student::load_dir_heads_from(dir, &a.model, a.seed)?;
             let state = TrainState::load(dir)?;
+            if let Some(s) = a.seed.filter(|&s| s != state.seed) {
+                return Err(Error::invalid(format!(
+                    "--seed {s} differs from the resumed run's {} (a resumed run keeps its \
+                     seed: drop --seed)",
+                    state.seed
+                )));
+            }
+            let model = M3Student::load_dir_heads_from(dir, &a.model, state.seed)?;
             let mut opt = AdamW::new(
                 model.params.specs(),
                 adamw_hyper(a.lr, a.weight_decay),
@@ -270,7 +282,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             opt.load_dir(dir, model.params.specs(), state.step)?;
             (model, Some((state, opt)))
         }
-        None => (M3Student::load_dir(&a.model, a.seed)?, None),
+        None => (M3Student::load_dir(&a.model, seed)?, None),
     };
     if tok.vocab_size() > model.encoder_config.vocab_size {
         return Err(Error::Config {
@@ -291,7 +303,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             return Err(Error::invalid(format!("{flag} {v}: must be in 2..={max}")));
         }
     }
-    let cfg = finetune_config(&a, kd, resume.as_ref().map_or(a.seed, |(s, _)| s.seed));
+    let cfg = finetune_config(&a, kd, resume.as_ref().map_or(seed, |(s, _)| s.seed));
     let pb = ProgressBar::new(0);
     pb.set_style(
         ProgressStyle::with_template("finetune [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
@@ -362,7 +374,7 @@ mod tests {
             Wrap::try_parse_from(["x", "--model", "m", "--train", "t", "--output", "o"]).unwrap();
         assert_eq!(w.a.kd_loss, "m3_kd_loss");
         assert_eq!(
-            finetune_config(&w.a, KdLoss::M3KdLoss, w.a.seed),
+            finetune_config(&w.a, KdLoss::M3KdLoss, w.a.seed.unwrap_or(DEFAULT_SEED)),
             FinetuneConfig::default()
         );
         let w = Wrap::try_parse_from([
