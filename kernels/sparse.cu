@@ -98,11 +98,14 @@ __device__ __forceinline__ void sparse_fwd_impl(
     // 1. Term weights (a warp per position) and the sort keys.
     for (int l = warp; l < L; l += nwarps) {
         const long long row = text * L + l;
-        const float w = fmaxf(warp_dot(h + row * hidden, ws, hidden) + b, 0.f);
+        // ReLU keeping NaN (fmaxf would make it 0), as the CPU twin and PyTorch: a broken
+        // model's NaN reaches the callers' finite checks.
+        const float x = warp_dot(h + row * hidden, ws, hidden) + b;
+        const float w = x <= 0.f ? 0.f : x;
         if (lane == 0) {
             weights[row] = w;
             const unsigned id = ids[row];
-            bool keep = w > 0.f;
+            bool keep = !(w <= 0.f);
             for (int k = 0; k < ndrop; ++k) keep = keep && id != drop[k];
             const unsigned long long key = ((unsigned long long)id << pb) | (unsigned)l;
             keys[l] = keep && key < kNoKey ? (unsigned)key : kNoKey;
@@ -144,7 +147,8 @@ __device__ __forceinline__ void sparse_fwd_impl(
         for (int j = i + 1; j < P2 && keys[j] != kNoKey && (keys[j] >> pb) == id; ++j) {
             const int pos = (int)(keys[j] & (P2 - 1));
             const float w = weights[base + pos];
-            if (w > best) {  // positions ascend: ties keep the first
+            // Positions ascend: ties keep the first; a NaN wins (cpu::sparse::max_by_token_id).
+            if (w > best || (w != w && best == best)) {
                 best = w;
                 best_pos = pos;
             }

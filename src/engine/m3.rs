@@ -198,7 +198,7 @@ pub fn encode_heads(
             let ws: Vec<f32> = s
                 .to_f32(dev)?
                 .into_iter()
-                .map(|x| (x + heads.sparse_b).max(0.0))
+                .map(|x| crate::device::cpu::elementwise::relu(x + heads.sparse_b))
                 .collect();
             for bi in 0..b {
                 let ids = &input.ids[bi * l..(bi + 1) * l];

@@ -124,11 +124,18 @@ pub fn read_heads(dir: &Path, hidden: usize) -> Result<Option<M3Heads>> {
     let (colbert_weight, colbert_bias) = read_linear(&colbert)?;
     let (sparse_weight, sparse_bias) = read_linear(&sparse)?;
     let what = |p: &Path, k: &str| format!("{} {k}", p.display());
+    // Any output dimension d >= 1 (bge-m3: d = hidden); d = 0 would give ColBERT vectors
+    // without components.
     let d = match colbert_weight.dims() {
-        &[d, h] if h == hidden => d,
+        &[d, h] if h == hidden && d > 0 => d,
         got => {
-            let w = format!("{} ([d, hidden], any d; 0 shown)", what(&colbert, "weight"));
-            return Err(Error::shape(w, &[0, hidden], got));
+            return Err(Error::format(
+                &colbert,
+                format!(
+                    "tensor weight has shape {got:?}, expected [d, {hidden}] (d >= 1 ColBERT \
+                     dimensions by the model's hidden size {hidden})"
+                ),
+            ));
         }
     };
     colbert_bias.expect_dims(&what(&colbert, "bias"), &[d])?;

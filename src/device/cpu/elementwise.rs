@@ -112,10 +112,21 @@ crate::multiversion! {
     }
 }
 
-/// ReLU forward.
+/// ReLU forward. NaN stays NaN, as in PyTorch (`f32::max` would turn it into 0 and hide a
+/// broken model behind plausible zeros).
 pub fn relu_fwd(x: &[f32], y: &mut [f32]) {
     for (o, &v) in y.iter_mut().zip(x) {
-        *o = v.max(0.0);
+        *o = relu(v);
+    }
+}
+
+/// ReLU of one value: 0 for v <= 0, v otherwise (NaN included).
+#[inline]
+pub fn relu(v: f32) -> f32 {
+    if v <= 0.0 {
+        0.0
+    } else {
+        v
     }
 }
 

@@ -15,19 +15,21 @@ pub struct LexEntry {
 }
 
 /// Max term weight per token id for one text: `weights[l]` belongs to `ids[l]`. Ids in `drop` and
-/// weights <= 0 are left out. The result is sorted by id.
+/// weights <= 0 are left out. The result is sorted by id. A NaN weight is kept and wins its id's
+/// max (as PyTorch's amax propagates it), so a broken model's output fails the callers' finite
+/// checks instead of vanishing from the list.
 pub fn max_by_token_id(weights: &[f32], ids: &[u32], drop: &[u32]) -> Vec<LexEntry> {
     let mut order: Vec<usize> = (0..ids.len()).collect();
     order.sort_by_key(|&l| (ids[l], l));
     let mut out: Vec<LexEntry> = Vec::new();
     for l in order {
         let (id, w) = (ids[l], weights[l]);
-        if drop.contains(&id) || w.is_nan() || w <= 0.0 {
+        if drop.contains(&id) || w <= 0.0 {
             continue;
         }
         match out.last_mut() {
             Some(e) if e.id == id => {
-                if w > e.weight {
+                if w > e.weight || (w.is_nan() && !e.weight.is_nan()) {
                     e.weight = w;
                     e.pos = l as u32;
                 }
@@ -80,7 +82,7 @@ pub fn term_weights_fwd(h: &[f32], ws: &[f32], b: f32, w: &mut [f32]) {
     for (r, out) in w.iter_mut().enumerate() {
         let row = &h[r * hidden..(r + 1) * hidden];
         let s: f64 = row.iter().zip(ws).map(|(&a, &c)| a as f64 * c as f64).sum();
-        *out = ((s + b as f64) as f32).max(0.0);
+        *out = super::elementwise::relu((s + b as f64) as f32);
     }
 }
 
@@ -133,6 +135,35 @@ mod tests {
                 pos: 3
             }]
         );
+    }
+
+    #[test]
+    fn nan_weights_survive_the_relu_and_the_max() {
+        // A broken model's NaN must reach the callers' finite checks (f32::max and fmaxf drop
+        // it: encode wrote `{}` and score 0 for a sparse head that overflowed).
+        let mut w = [0.0f32; 4];
+        term_weights_fwd(
+            &[
+                1.0,
+                f32::NAN,
+                2.0,
+                1.0,
+                -1.0,
+                0.0,
+                f32::INFINITY,
+                -f32::INFINITY,
+            ],
+            &[1.0, 1.0],
+            0.0,
+            &mut w,
+        );
+        assert!(w[0].is_nan() && w[1] == 3.0 && w[2] == 0.0 && w[3].is_nan());
+        let e = max_by_token_id(&[0.5, f32::NAN, 0.7, 0.2], &[4, 4, 4, 6], &[]);
+        assert_eq!(e.len(), 2);
+        assert!(e[0].weight.is_nan() && e[0].pos == 1 && e[1].weight == 0.2);
+        let mut y = [0.0f32; 3];
+        crate::device::cpu::elementwise::relu_fwd(&[f32::NAN, -1.0, 2.0], &mut y);
+        assert!(y[0].is_nan() && y[1] == 0.0 && y[2] == 2.0);
     }
 
     #[test]
