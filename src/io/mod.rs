@@ -84,10 +84,26 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Write `path` atomically: `write` fills a temporary file in the same directory, which is then
 /// flushed, `fsync`ed and renamed over `path`; the directory is `fsync`ed too (best effort).
 /// On any error the temporary file is removed and `path` is left untouched.
+///
+/// A symbolic link is followed (the file it names is replaced, the link stays), and an existing
+/// path that is not a regular file (`/dev/stdout`, a FIFO, a device) is written in place: a rename
+/// would replace the device or pipe by a plain file.
 pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<()> {
+    let path = &resolve_links(path)?;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_file() && !meta.is_dir() {
+            let result = (|| -> std::io::Result<()> {
+                let file = File::options().write(true).open(path)?;
+                let mut out = BufWriter::with_capacity(1 << 20, file);
+                write(&mut out)?;
+                out.flush()
+            })();
+            return result.map_err(|e| Error::io(path, e));
+        }
+    }
     let name = path
         .file_name()
         .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
@@ -101,8 +117,26 @@ pub fn write_atomic(
         std::process::id(),
         TEMP_COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
+    // The temporary file lives in the directory: when it cannot be made there, say so (the
+    // output file itself may well be writable).
+    let file = File::options()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| {
+            Error::io(
+                &dir,
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot create a temporary file for {} in this directory (outputs are \
+                         written beside their final name, then renamed): {e}",
+                        name.to_string_lossy()
+                    ),
+                ),
+            )
+        })?;
     let result = (|| -> std::io::Result<()> {
-        let file = File::options().write(true).create_new(true).open(&tmp)?;
         let mut out = BufWriter::with_capacity(1 << 20, file);
         write(&mut out)?;
         out.flush()?;
@@ -120,4 +154,82 @@ pub fn write_atomic(
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// `path` with its symbolic links followed (a link to a missing file gives that file's path);
+/// other paths as they are. At most 40 links, as Linux's own limit.
+fn resolve_links(path: &Path) -> Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let target = std::fs::read_link(&p).map_err(|e| Error::io(&p, e))?;
+                p = match p.parent() {
+                    Some(dir) if target.is_relative() => dir.join(target),
+                    _ => target,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(Error::invalid(format!(
+        "{}: too many levels of symbolic links",
+        path.display()
+    )))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("retrom3-io-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn write_atomic_follows_links_and_writes_pipes_in_place() {
+        let d = dir("links");
+        // A link (relative, through a second link) to an existing file: the file is replaced,
+        // the links stay links.
+        std::fs::create_dir_all(d.join("real")).unwrap();
+        std::fs::write(d.join("real/t.jsonl"), "OLD").unwrap();
+        std::os::unix::fs::symlink("real/t.jsonl", d.join("a")).unwrap();
+        std::os::unix::fs::symlink("a", d.join("b")).unwrap();
+        write_atomic(&d.join("b"), |w| w.write_all(b"NEW")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.join("real/t.jsonl")).unwrap(),
+            "NEW"
+        );
+        for l in ["a", "b"] {
+            let m = std::fs::symlink_metadata(d.join(l)).unwrap();
+            assert!(m.file_type().is_symlink(), "{l}");
+        }
+        // A dangling link: its target is created.
+        std::os::unix::fs::symlink("real/new.jsonl", d.join("c")).unwrap();
+        write_atomic(&d.join("c"), |w| w.write_all(b"C")).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(d.join("real/new.jsonl")).unwrap(),
+            "C"
+        );
+        // A link cycle is an error, not a hang.
+        std::os::unix::fs::symlink("y", d.join("x")).unwrap();
+        std::os::unix::fs::symlink("x", d.join("y")).unwrap();
+        let e = write_atomic(&d.join("x"), |w| w.write_all(b"X")).unwrap_err();
+        assert!(e.to_string().contains("symbolic links"), "{e}");
+        // A FIFO is written in place: the reader gets the bytes, the FIFO stays a FIFO.
+        let fifo = d.join("fifo");
+        let st = std::process::Command::new("mkfifo").arg(&fifo).status();
+        if st.is_ok_and(|s| s.success()) {
+            let f2 = fifo.clone();
+            let reader = std::thread::spawn(move || std::fs::read_to_string(f2).unwrap());
+            write_atomic(&fifo, |w| w.write_all(b"through the pipe")).unwrap();
+            assert_eq!(reader.join().unwrap(), "through the pipe");
+            use std::os::unix::fs::FileTypeExt;
+            assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+        }
+        let _ = std::fs::remove_dir_all(&d);
+    }
 }
