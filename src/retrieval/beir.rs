@@ -174,10 +174,24 @@ pub fn read_qrels(path: &Path) -> Result<Qrels> {
                 ))
             }
         };
+        // An integer label (pytrec_eval's); "1.0" is accepted as 1, "1.5", NaN, inf or a value
+        // past i32 are refused rather than cut.
         let rel: i32 = rel
             .parse::<i32>()
-            .or_else(|_| rel.parse::<f64>().map(|x| x as i32))
-            .map_err(|_| input(path, i + 1, format!("score {rel:?} is not a number")))?;
+            .ok()
+            .or_else(|| {
+                rel.parse::<f64>()
+                    .ok()
+                    .filter(|x| x.fract() == 0.0 && x.abs() <= i32::MAX as f64)
+                    .map(|x| x as i32)
+            })
+            .ok_or_else(|| {
+                input(
+                    path,
+                    i + 1,
+                    format!("score {rel:?} is not an integer relevance label"),
+                )
+            })?;
         q.entry(qid.to_string())
             .or_default()
             .insert(did.to_string(), rel);
@@ -251,10 +265,34 @@ pub fn load(dir: &Path, split: &str) -> Result<BeirData> {
     }
     let qrels = read_qrels(&qrels_path)?;
     let corpus = read_corpus(&dir.join("corpus.jsonl"))?;
-    let queries: Vec<Doc> = read_queries(&dir.join("queries.jsonl"))?
+    let queries_path = dir.join("queries.jsonl");
+    let queries: Vec<Doc> = read_queries(&queries_path)?
         .into_iter()
         .filter(|q| qrels.contains_key(&q.id))
         .collect();
+    // Every judged query must have its text (BEIR's loader fails with a KeyError): one left out
+    // would be scored 0 in every metric, or dropped, without a word.
+    if queries.len() < qrels.len() {
+        let have: HashSet<&str> = queries.iter().map(|q| q.id.as_str()).collect();
+        let mut missing: Vec<&str> = qrels
+            .keys()
+            .map(String::as_str)
+            .filter(|q| !have.contains(q))
+            .collect();
+        missing.sort_unstable();
+        let n = missing.len();
+        missing.truncate(5);
+        return Err(Error::format(
+            &qrels_path,
+            format!(
+                "{n} judged quer{} not in {}: {}{}",
+                if n == 1 { "y is" } else { "ies are" },
+                queries_path.display(),
+                missing.join(", "),
+                if n > 5 { ", ..." } else { "" }
+            ),
+        ));
+    }
     if queries.is_empty() {
         return Err(Error::format(
             &qrels_path,
