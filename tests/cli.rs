@@ -403,6 +403,37 @@ fn convert_bin_layout_to_safetensors_keeps_outputs() {
     assert_eq!(a.dense, b.dense);
     assert_eq!(a.sparse, b.sparse);
     assert_eq!(a.colbert, b.colbert);
+    // Into a non-empty directory (another model's files would be left to load with this one)
+    // or onto a file: refused, the directory untouched.
+    let again = run(&[
+        "convert",
+        "--model",
+        src.to_str().unwrap(),
+        "--output",
+        out_dir.to_str().unwrap(),
+    ]);
+    expect_error(&again, &["converted", "exists and is not empty"]);
+    assert!(out_dir.join("colbert_linear.pt").is_file());
+    let file = d.join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let onto = run(&[
+        "convert",
+        "--model",
+        src.to_str().unwrap(),
+        "--output",
+        file.to_str().unwrap(),
+    ]);
+    expect_error(&onto, &["a-file", "not a directory"]);
+    // The library's save of a model without heads drops the heads a directory held.
+    let mut m = retrom3::M3Model::load(&out_dir, retrom3::Device::Cpu).unwrap();
+    m.heads = None;
+    m.save(&out_dir).unwrap();
+    assert!(!out_dir.join("colbert_linear.pt").exists());
+    assert!(!out_dir.join("sparse_linear.pt").exists());
+    assert!(retrom3::M3Model::load(&out_dir, retrom3::Device::Cpu)
+        .unwrap()
+        .heads
+        .is_none());
 }
 
 #[test]

@@ -11,7 +11,7 @@ pub struct ConvertArgs {
     /// Source model directory (safetensors or pytorch_model.bin).
     #[arg(long)]
     pub model: PathBuf,
-    /// Destination directory (created; must not be the source).
+    /// Destination directory (created; must not be the source, nor a non-empty directory).
     #[arg(long)]
     pub output: PathBuf,
 }
@@ -24,8 +24,30 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
     if same {
         return Err(Error::invalid("--output must differ from --model"));
     }
+    // A fresh directory only: writing over another model's files would leave the ones this
+    // model does not have (heads, a pytorch_model.bin, tokenizer files) to be loaded with it.
+    match std::fs::read_dir(&a.output).map(|mut d| d.next().is_some()) {
+        Ok(true) => {
+            return Err(Error::invalid(format!(
+                "--output {}: the directory exists and is not empty (convert writes a fresh \
+                 model directory: remove it or choose another)",
+                a.output.display()
+            )));
+        }
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            if a.output.exists() && !a.output.is_dir() {
+                return Err(Error::invalid(format!(
+                    "--output {}: a file, not a directory",
+                    a.output.display()
+                )));
+            }
+            return Err(Error::io(&a.output, e));
+        }
+        _ => {}
+    }
     let model = M3Model::load(&a.model, Device::Cpu)?;
-    model.save(&a.output)?;
+    // Built beside it and renamed: a failure part way leaves no half-written model.
+    retrom3::train::atomic_dir(&a.output, |tmp| model.save(tmp))?;
     eprintln!(
         "wrote {} ({} parameters{})",
         a.output.display(),

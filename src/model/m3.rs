@@ -131,7 +131,8 @@ impl M3Model {
     }
 
     /// Write the model directory (model.safetensors, config.json, heads, tokenizer files) so that
-    /// transformers and FlagEmbedding load it unchanged.
+    /// transformers and FlagEmbedding load it unchanged. A model without heads removes the head
+    /// files `out` may hold (another model's heads must not load with this encoder).
     pub fn save(&self, out: impl AsRef<Path>) -> Result<()> {
         let out = out.as_ref();
         std::fs::create_dir_all(out).map_err(|e| Error::io(out, e))?;
@@ -147,8 +148,18 @@ impl M3Model {
         crate::io::write_atomic(&out.join("config.json"), |w| {
             std::io::Write::write_all(w, cfg.as_bytes())
         })?;
-        if let Some(h) = &self.heads {
-            model_dir::write_heads(out, h)?;
+        match &self.heads {
+            Some(h) => model_dir::write_heads(out, h)?,
+            None => {
+                for f in [model_dir::COLBERT_FILE, model_dir::SPARSE_FILE] {
+                    match std::fs::remove_file(out.join(f)) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                            return Err(Error::io(out.join(f), e))
+                        }
+                        _ => {}
+                    }
+                }
+            }
         }
         if self.dir != out {
             model_dir::copy_tokenizer_files(&self.dir, out)?;
