@@ -204,6 +204,29 @@ fn malformed_files_are_errors_naming_the_file() {
         r#"[{"idx":1,"name":"1","path":"../elsewhere","type":"sentence_transformers.models.Pooling"}]"#,
     );
     assert_names_file(read_sentence_transformers_info(&dir), &dir, "modules.json");
+
+    // A module this engine does not run (a Dense projection after the pooling): an error naming
+    // it, not vectors of the wrong width.
+    let dir = temp_dir("dense-module");
+    write(
+        &dir,
+        "modules.json",
+        r#"[{"idx":0,"name":"0","path":"","type":"sentence_transformers.models.Transformer"},
+            {"idx":1,"name":"1","path":"1_Pooling","type":"sentence_transformers.models.Pooling"},
+            {"idx":2,"name":"2","path":"2_Dense","type":"sentence_transformers.models.Dense"}]"#,
+    );
+    write(
+        &dir,
+        "1_Pooling/config.json",
+        r#"{"pooling_mode_cls_token": true}"#,
+    );
+    let e = read_sentence_transformers_info(&dir)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("modules.json") && e.contains("module 2") && e.contains("models.Dense"),
+        "{e}"
+    );
 }
 
 #[test]

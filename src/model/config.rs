@@ -627,7 +627,18 @@ pub fn read_sentence_transformers_info(dir: &Path) -> Result<SentenceTransformer
                 })?;
                 info.pooling = Some(pooling);
             }
-            _ => {}
+            // The backbone itself (this engine's encoder).
+            Some("Transformer") => {}
+            // Dense, LayerNorm, WordEmbeddings, a custom class...: sentence-transformers would
+            // run it, and dropping it would give other vectors without a word.
+            _ => {
+                let msg = format!(
+                    "module {i}: type {:?} is not supported (retrom3 runs Transformer, Pooling \
+                     and Normalize modules; its vectors would differ from sentence-transformers')",
+                    field("type")?
+                );
+                return Err(Error::format(&modules_path, msg));
+            }
         }
     }
     info.normalize = Some(normalize);
