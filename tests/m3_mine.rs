@@ -180,6 +180,14 @@ fn mine_cli_names_the_file_and_line_of_a_bad_row() {
         (r#"{"query": "q", "pos": [], "neg": ["b"]}"#, "\"pos\""),
         (r#"{"query": "q", "pos": [""], "neg": ["b"]}"#, "\"pos\""),
         (r#"{"pos": ["a"], "neg": ["b"]}"#, "\"query\": missing"),
+        (
+            r#"{"query": "q", "pos": ["a"], "neg": [1, 2]}"#,
+            "\"neg\": not a list of strings",
+        ),
+        (
+            r#"{"query": "q", "pos": ["a"], "neg": "b"}"#,
+            "\"neg\": not a list of strings",
+        ),
     ] {
         let input = d.join("in.jsonl");
         std::fs::write(&input, format!("{good}\n{row}\n")).unwrap();

@@ -442,6 +442,43 @@ fn eval_refuses_unevaluable_qrels_and_warns_about_missing_docs() {
         e.contains("warning: 1 of the 3 judged document ids") && e.contains("zz1"),
         "{e}"
     );
+    // A judged query without its text in queries.jsonl (BEIR's loader raises a KeyError):
+    // refused, not scored 0.
+    std::fs::write(
+        data.join("qrels/test.tsv"),
+        "query-id\tcorpus-id\tscore\nq1\td1\t2\nq7\td1\t1\nq2\t4\t1\n",
+    )
+    .unwrap();
+    err(
+        &eval(),
+        &["test.tsv", "1 judged query is not in", "queries.jsonl: q7"],
+    );
+    // Labels are integers: "1.0" is 1, "1.5", NaN, inf and past i32 are refused.
+    for (label, good) in [
+        ("1.0", true),
+        ("1.5", false),
+        ("nan", false),
+        ("inf", false),
+        ("1e300", false),
+        ("99999999999", false),
+    ] {
+        std::fs::write(
+            data.join("qrels/test.tsv"),
+            format!("query-id\tcorpus-id\tscore\nq1\td1\t{label}\nq2\t4\t1\n"),
+        )
+        .unwrap();
+        if good {
+            ok(&eval());
+        } else {
+            err(
+                &eval(),
+                &[
+                    "test.tsv:2",
+                    &format!("score \"{label}\" is not an integer"),
+                ],
+            );
+        }
+    }
 }
 
 #[test]
@@ -534,6 +571,24 @@ fn k_and_candidates_must_be_at_least_one() {
     let o = eval(&model, &data, &["--candidates", "0"]);
     assert_eq!(o.status.code(), Some(2));
     err(&o, &["--candidates", "must be >= 1"]);
+    // --run with a single --query: refused, not ignored (no file was written).
+    let run = d.join("one.trec");
+    let o = search(
+        &model,
+        &idx,
+        &["--query", "capital", "--run", run.to_str().unwrap()],
+    );
+    err(&o, &["--run", "--queries"]);
+    assert!(!run.exists());
+    // An output path that cannot be written is refused before the index is built.
+    let o = eval(&model, &data, &["--output", d.to_str().unwrap()]);
+    err(&o, &["--output", "a directory, not a file"]);
+    let o = eval(
+        &model,
+        &data,
+        &["--output", d.join("no/such/dir/e.json").to_str().unwrap()],
+    );
+    err(&o, &["--output", "does not exist"]);
 }
 
 #[test]

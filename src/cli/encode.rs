@@ -82,6 +82,7 @@ pub struct ScoreArgs {
 }
 
 pub fn encode(a: EncodeArgs) -> Result<()> {
+    super::output::check_output_path("--output", &a.output)?;
     let texts = read_texts(&a.input)?;
     if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
         return Err(Error::Input {
@@ -152,6 +153,7 @@ fn parse_weights(s: &str) -> Result<[f32; 3]> {
 }
 
 pub fn score(a: ScoreArgs) -> Result<()> {
+    super::output::check_output_path("--output", &a.output)?;
     let weights = parse_weights(&a.weights)?;
     let pairs = read_pairs(&a.pairs)?;
     for (i, p) in pairs.iter().enumerate() {

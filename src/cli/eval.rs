@@ -104,6 +104,9 @@ fn check_judgments(a: &EvalArgs, data: &beir::BeirData) -> Result<()> {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    if let Some(out) = &a.output {
+        super::output::check_output_path("--output", out)?;
+    }
     let modes = parse_modes(&a.modes)?;
     let weights = parse_weights(&a.weights, &modes)?;
     if a.depth == 0 {

@@ -56,6 +56,7 @@ fn parse_range(s: &str) -> Result<(usize, usize)> {
 }
 
 pub fn run(a: MineArgs) -> Result<()> {
+    super::output::check_output_path("--output", &a.output)?;
     let range = parse_range(&a.range)?;
     let mut rows: Vec<Value> = read_jsonl(&a.input)?;
     let pool = match &a.candidate_pool {

@@ -2,7 +2,7 @@
 //! progress bar.
 
 use indicatif::{ProgressBar, ProgressStyle};
-use retrom3::Result;
+use retrom3::{Error, Result};
 use serde_json::Value;
 use std::io::Write;
 use std::path::Path;
@@ -16,6 +16,30 @@ pub fn write_jsonl(path: &Path, rows: impl Iterator<Item = Value>) -> Result<()>
         }
         Ok(())
     })
+}
+
+/// Check an output file's path before the work that fills it (an index build, a mining pass):
+/// not a directory, in a directory that exists. Other failures (permissions, a full disk) are
+/// still reported when the file is written.
+pub fn check_output_path(flag: &str, path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::invalid(format!(
+            "{flag} {}: a directory, not a file",
+            path.display()
+        )));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !parent.is_dir() {
+        return Err(Error::invalid(format!(
+            "{flag} {}: the directory {} does not exist",
+            path.display(),
+            parent.display()
+        )));
+    }
+    Ok(())
 }
 
 /// A progress bar on stderr, hidden for short inputs or when stderr is not a terminal.

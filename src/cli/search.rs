@@ -105,6 +105,15 @@ pub fn run(a: SearchArgs) -> Result<()> {
             "give --query TEXT or --queries queries.jsonl",
         ));
     }
+    // (clap's `requires` on --run does not fire when the conflicting --query is given.)
+    if a.run.is_some() && a.queries.is_none() {
+        return Err(Error::invalid(
+            "--run writes the run of a --queries file; a single --query prints its hits",
+        ));
+    }
+    if let Some(run) = &a.run {
+        super::output::check_output_path("--run", run)?;
+    }
     if a.query.as_deref().is_some_and(|q| q.trim().is_empty()) {
         return Err(Error::invalid(
             "--query: empty text (nothing to search with)",

@@ -174,7 +174,7 @@ impl Index {
                 .expect("checked by require")
                 .search(s, k))
         };
-        match mode {
+        let hits: Vec<Vec<Hit>> = match mode {
             Mode::Dense => dense_top(opts.k),
             Mode::Sparse => queries.iter().map(|q| sparse_top(q, opts.k)).collect(),
             Mode::Bm25 => queries
@@ -254,6 +254,16 @@ impl Index {
                     })
                     .collect()
             }
+        }?;
+        // A single mode's scores too (an index whose impact scale overflows its sums, a model
+        // whose outputs do): an error, not `inf` in a ranking.
+        if let Some(h) = hits.iter().flatten().find(|h| !h.score.is_finite()) {
+            return Err(Error::NonFinite(format!(
+                "the {mode} score of document {:?} ({})",
+                self.doc_id(h.doc),
+                h.score
+            )));
         }
+        Ok(hits)
     }
 }

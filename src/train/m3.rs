@@ -864,27 +864,7 @@ pub fn mine_hard_negatives(
             "range {start}-{end}: the start must be below the end"
         )));
     }
-    // De-duplicated, first occurrence kept (the reference's set of candidates): a text repeated
-    // in the pool must not become two of a row's negatives.
-    let mut seen = std::collections::HashSet::new();
-    let pool: Vec<&str> = pool
-        .iter()
-        .map(String::as_str)
-        .filter(|t| seen.insert(*t))
-        .collect();
-    // Blank texts cannot be negatives (counted in the report).
-    let n_all = pool.len();
-    let pool: Vec<&str> = pool.into_iter().filter(|t| !t.trim().is_empty()).collect();
-    let blank_pool = n_all - pool.len();
-    if pool.is_empty() {
-        return Err(Error::invalid("the candidate pool is empty"));
-    }
-    if cfg.negatives == 0 || cfg.batch_size == 0 {
-        return Err(Error::invalid(format!(
-            "--negatives {} / --batch-size {}: both must be >= 1",
-            cfg.negatives, cfg.batch_size
-        )));
-    }
+    // The rows first: a malformed one is named before any pool rule.
     let row_err = |i: usize, msg: String| match &cfg.source {
         Some(path) => Error::Input {
             path: path.clone(),
@@ -918,8 +898,37 @@ pub fn mine_hard_negatives(
                 "field \"pos\": an empty list or an empty text".into(),
             ));
         }
+        // "neg" is replaced, but its texts join the default pool: a list of strings or absent.
+        if !r["neg"].is_null()
+            && !r["neg"]
+                .as_array()
+                .is_some_and(|a| a.iter().all(serde_json::Value::is_string))
+        {
+            return Err(row_err(i, "field \"neg\": not a list of strings".into()));
+        }
         queries.push(q.to_string());
         positives.push(pos);
+    }
+    // De-duplicated, first occurrence kept (the reference's set of candidates): a text repeated
+    // in the pool must not become two of a row's negatives.
+    let mut seen = std::collections::HashSet::new();
+    let pool: Vec<&str> = pool
+        .iter()
+        .map(String::as_str)
+        .filter(|t| seen.insert(*t))
+        .collect();
+    // Blank texts cannot be negatives (counted in the report).
+    let n_all = pool.len();
+    let pool: Vec<&str> = pool.into_iter().filter(|t| !t.trim().is_empty()).collect();
+    let blank_pool = n_all - pool.len();
+    if pool.is_empty() {
+        return Err(Error::invalid("the candidate pool is empty"));
+    }
+    if cfg.negatives == 0 || cfg.batch_size == 0 {
+        return Err(Error::invalid(format!(
+            "--negatives {} / --batch-size {}: both must be >= 1",
+            cfg.negatives, cfg.batch_size
+        )));
     }
     let opts = crate::EncodeOptions {
         max_length: Some(cfg.max_length),
