@@ -320,6 +320,36 @@ fn cli_with_length_buckets_no_in_batch_files_and_sub_batches() {
         err.contains("--seed 7 differs from the resumed run's 42"),
         "{err}"
     );
+    // A unified run's checkpoint without its heads: refused (the base model's untrained heads
+    // would have been paired with the checkpoint's optimizer moments).
+    let ck = d.join("no-heads");
+    std::fs::create_dir_all(&ck).unwrap();
+    for f in std::fs::read_dir(&out).unwrap() {
+        let f = f.unwrap().path();
+        let name = f.file_name().unwrap().to_str().unwrap().to_string();
+        if f.is_file() && !name.ends_with("_linear.pt") {
+            std::fs::copy(&f, ck.join(&name)).unwrap();
+        }
+    }
+    let st = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .arg("finetune")
+        .arg("--model")
+        .arg(fixture("tiny-xlmr"))
+        .arg("--train")
+        .arg(d.join("a.jsonl"))
+        .arg("--output")
+        .arg(d.join("out4"))
+        .arg("--resume")
+        .arg(&ck)
+        .args(["--steps", "6"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&st.stderr);
+    assert!(!st.status.success());
+    assert!(
+        err.contains("no-heads") && err.contains("keeps its trained heads"),
+        "{err}"
+    );
 }
 
 fn run(
@@ -584,11 +614,43 @@ fn rows_and_settings_built_in_code_are_checked() {
             },
             "shuffle_ratio 5",
         ),
+        (
+            FinetuneConfig {
+                group_size: 5000,
+                ..cfg.clone()
+            },
+            "group_size 5000: above 4096",
+        ),
     ] {
         let e = try_run(&cfg, rows(), &out).unwrap_err().to_string();
         assert!(e.contains(want), "{e}");
     }
     assert!(try_run(&cfg, rows(), &out).is_ok());
+    // A row asking for a group past the limit (a typo would allocate without bound).
+    let mut big = rows();
+    big[0].train_group_size = Some(1 << 40);
+    let e = try_run(&cfg, big, &out).unwrap_err().to_string();
+    assert!(
+        e.contains("\"train_group_size\": 1099511627776 is above 4096"),
+        "{e}"
+    );
+    // One query per batch and one passage per query: no negative anywhere, loss always 0.
+    let e = finetune(
+        &mut student(&fixture("tiny-xlmr")),
+        &M3TrainData::single(rows(), 1),
+        &TextTokenizer::from_dir(fixture("tiny-xlmr")).unwrap(),
+        &FinetuneConfig {
+            group_size: 1,
+            ..cfg.clone()
+        },
+        &fixture("tiny-xlmr"),
+        &out,
+        None,
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("identically 0"), "{e}");
     // Another model's tokenizer: BERT's pads with id 0, the XLM-R model with 1, although its
     // vocabulary is the smaller one.
     let bert = fixture("tiny-bert");

@@ -273,6 +273,17 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
                     state.seed
                 )));
             }
+            // A unified run trains the heads, and its checkpoints keep them: without them the
+            // base model's untrained heads would pair with the checkpoint's moments. (A
+            // dense-only run's checkpoint has none: the base model's are its heads.)
+            let heads = ["colbert_linear.pt", "sparse_linear.pt"];
+            if a.unified && !heads.iter().all(|f| dir.join(f).is_file()) {
+                return Err(Error::format(
+                    dir,
+                    "colbert_linear.pt / sparse_linear.pt missing: a unified run's checkpoint \
+                     keeps its trained heads",
+                ));
+            }
             let model = M3Student::load_dir_heads_from(dir, &a.model, state.seed)?;
             let mut opt = AdamW::new(
                 model.params.specs(),

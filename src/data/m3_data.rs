@@ -11,6 +11,10 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
 
+/// The largest group (1 positive + negatives per query) a file or `--group-size` may ask for:
+/// FlagEmbedding's are 2-16; a larger one is a typo that would allocate without bound.
+pub const MAX_GROUP_SIZE: usize = 4096;
+
 /// One training line (FlagEmbedding's format, SPEC §4.1).
 ///
 /// Required: `query` (non-empty string), `pos` and `neg` (non-empty lists of strings). Optional:
@@ -119,6 +123,11 @@ impl TrainExample {
             if v == Some(0) {
                 return Err(format!("field \"{k}\": expected a positive integer, got 0"));
             }
+        }
+        if let Some(g) = self.train_group_size.filter(|&g| g > MAX_GROUP_SIZE) {
+            return Err(format!(
+                "field \"train_group_size\": {g} is above {MAX_GROUP_SIZE} passages per query"
+            ));
         }
         Ok(())
     }

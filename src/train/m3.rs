@@ -77,6 +77,13 @@ impl FinetuneConfig {
         if !(t > 0.0 && t.is_finite()) {
             return bad(format!("temperature {t}: must be > 0"));
         }
+        if self.group_size > crate::data::m3_data::MAX_GROUP_SIZE {
+            return bad(format!(
+                "group_size {}: above {} passages per query",
+                self.group_size,
+                crate::data::m3_data::MAX_GROUP_SIZE
+            ));
+        }
         if !(0.0..=1.0).contains(&self.shuffle_ratio) {
             return bad(format!(
                 "shuffle_ratio {}: must be in [0, 1]",
@@ -480,6 +487,17 @@ pub fn finetune_dist(
             "{}: no-in-batch mode with a group size of 1 leaves one passage per query (the loss \
              would be identically 0); use --group-size 2 or more",
             d.source.display()
+        )));
+    }
+    // One query per global batch and one passage per query: no negative at all, in the group
+    // or the batch, and every loss identically 0.
+    if let Some(u) = data.units.iter().find(|u| {
+        u.batch_size * world == 1 && data.datasets[u.dataset].group_size(&[], cfg.group_size) == 1
+    }) {
+        return Err(Error::invalid(format!(
+            "{}: a batch of 1 query with a group size of 1 has no negative (the loss would be \
+             identically 0); use a larger batch or group",
+            data.datasets[u.dataset].source.display()
         )));
     }
     // Rows without negatives only where no group needs one (group size 1; `symmetric_class`
