@@ -523,7 +523,8 @@ fn pretrain_cli_rejects_bad_input_in_one_line() {
             .arg(d.join("out2"));
         for (flag, value) in defaults {
             let model_given = flag == "--config" && extra.contains(&"--model");
-            if !(extra.contains(&flag) || model_given) {
+            let epochs_given = flag == "--steps" && extra.contains(&"--epochs");
+            if !(extra.contains(&flag) || model_given || epochs_given) {
                 cmd.args([flag, value]);
             }
         }
@@ -611,6 +612,18 @@ fn pretrain_cli_rejects_bad_input_in_one_line() {
             &good,
         ),
         &["--seed 7 differs from the resumed run's 42"],
+    );
+    // --output the --model directory: the run would overwrite its base model.
+    let out2 = d.join("out2");
+    expect_cli_error(
+        &pretrain(&["--model", out2.to_str().unwrap()], &good),
+        &["--output", "the same directory as --model"],
+    );
+    // More micro-batches per step than the epochs asked for hold (a huge accumulation never
+    // ended; a smaller one trained on more epochs than asked).
+    expect_cli_error(
+        &pretrain(&["--epochs", "1", "--grad-accum", "1000"], &good),
+        &["grad accumulation 1000", "1 epoch"],
     );
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -163,6 +163,17 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             return Err(Error::invalid(format!("{name} {p}: must be in (0, 1)")));
         }
     }
+    if let Some(m) = &a.model {
+        if let (Ok(o), Ok(m)) = (a.output.canonicalize(), m.canonicalize()) {
+            if o == m {
+                return Err(Error::invalid(format!(
+                    "--output {}: the same directory as --model (the run would overwrite its \
+                     base model); write to another directory",
+                    a.output.display()
+                )));
+            }
+        }
+    }
     let seed = a.seed.unwrap_or(DEFAULT_SEED);
     let tok = TextTokenizer::from_dir(&a.tokenizer)?;
     let vocab = MaskingVocab::from_tokenizer(&tok)?;

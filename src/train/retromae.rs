@@ -319,16 +319,27 @@ pub fn pretrain_on(
     }
     let total = match (cfg.steps, cfg.epochs) {
         (Some(s), _) => s,
-        (None, Some(e)) => {
-            e.checked_mul(per_epoch).ok_or_else(|| {
+        (None, e) => {
+            let e = e.unwrap_or(1);
+            let micro = e.checked_mul(per_epoch).ok_or_else(|| {
                 Error::invalid(format!(
                     "{e} epochs of {per_epoch} micro-batches overflow the step count"
                 ))
-            })? / cfg.grad_accum as u64
+            })?;
+            // One step takes grad_accum micro-batches: fewer than that in the epochs asked for
+            // would train on more data than asked (or never end, for a huge accumulation).
+            if micro < cfg.grad_accum as u64 {
+                return Err(Error::invalid(format!(
+                    "grad accumulation {}: more micro-batches per step than the {micro} of {e} \
+                     epoch(s) ({} documents in batches of {})",
+                    cfg.grad_accum,
+                    docs.len(),
+                    cfg.batch_size
+                )));
+            }
+            micro / cfg.grad_accum as u64
         }
-        (None, None) => per_epoch / cfg.grad_accum as u64,
-    }
-    .max(1);
+    };
     let warmup = warmup_steps(total, cfg.warmup_ratio);
     let (mut state, mut opt) = start_or_resume(
         resume,
