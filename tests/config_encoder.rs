@@ -350,3 +350,22 @@ fn head_dim_never_divides_by_zero() {
     assert_eq!(c.head_dim(), 0);
     assert!(c.validate().is_err());
 }
+
+/// Sizes whose parameter count overflows, or is past any real encoder, are refused when parsed
+/// (a wrapped size sliced out of bounds, a huge one aborted on allocation).
+#[test]
+fn absurd_sizes_are_refused_before_any_allocation() {
+    assert_config_err(
+        parse(&bge_with("vocab_size", Some(json!(1_000_000_000_000u64)))),
+        "vocab_size",
+    );
+    let mut c: Value =
+        serde_json::from_str(&bge_with("vocab_size", Some(json!(1u64 << 34)))).unwrap();
+    c["hidden_size"] = json!(2147483648u64);
+    let e = parse(&c.to_string()).unwrap_err().to_string();
+    assert!(e.contains("more than 2^64 parameters"), "{e}");
+    // bge-m3 itself: 568M parameters, well inside.
+    let c = parse(&bge_with("vocab_size", Some(json!(250002)))).unwrap();
+    let n = c.parameter_count().unwrap();
+    assert!((560_000_000..580_000_000).contains(&n), "{n}");
+}

@@ -988,3 +988,27 @@ fn a_huge_line_tokenizes_as_the_whole_text() {
         assert_eq!(got, want, "pack {pack}");
     }
 }
+
+/// An output that exists and is not a regular file (a FIFO, a device) is refused before any
+/// work: the token file is renamed into place (which would replace it) and memory-mapped.
+#[cfg(unix)]
+#[test]
+fn an_output_that_is_a_fifo_is_refused() {
+    let d = tmpdir("fifo-out");
+    let input = d.join("in.txt");
+    std::fs::write(&input, "hello world\nsecond text\n").unwrap();
+    let out = d.join("fifo");
+    let made = std::process::Command::new("mkfifo").arg(&out).status();
+    if !made.is_ok_and(|s| s.success()) {
+        return;
+    }
+    let e = run(&tokenizer(), &input, &out, &opts(16, false, 4))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("fifo") && e.contains("not a regular file"),
+        "{e}"
+    );
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&out).unwrap().file_type().is_fifo());
+}

@@ -4,7 +4,7 @@
 use clap::{Args, Subcommand};
 use retrom3::device::launch::KDType;
 use retrom3::engine::{self, bench};
-use retrom3::{Device, EncodeOptions, EncoderConfig, M3Model, Result};
+use retrom3::{Device, EncodeOptions, EncoderConfig, Error, M3Model, Result};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -300,6 +300,22 @@ fn model(a: BenchModelArgs) -> Result<()> {
 
 fn encode(a: BenchEncodeArgs) -> Result<()> {
     let model = M3Model::load(&a.model, a.device)?;
+    // Before the synthetic texts are built (a huge --max-length or --texts would overflow or
+    // exhaust memory there).
+    let max = model.encoder.config.max_tokens();
+    if !(2..=max).contains(&a.max_length) {
+        return Err(Error::invalid(format!(
+            "--max-length {}: must be in 2..={max} (the model's positions)",
+            a.max_length
+        )));
+    }
+    if !(1..=1 << 20).contains(&a.texts) {
+        return Err(Error::invalid(format!(
+            "--texts {}: must be in 1..={}",
+            a.texts,
+            1 << 20
+        )));
+    }
     let texts = synthetic_texts(a.texts, a.max_length * 2);
     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
     let opts = EncodeOptions {

@@ -9,6 +9,15 @@ use retrom3::data::TextTokenizer;
 use retrom3::Result;
 use std::path::PathBuf;
 
+/// clap value parser of `--batch`: 1..=65536 texts (more only costs memory).
+fn batch_size(s: &str) -> std::result::Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=65536).contains(&n) => Ok(n),
+        Ok(n) => Err(format!("{n}: must be in 1..=65536")),
+        Err(e) => Err(format!("{e} (expected an integer in 1..=65536)")),
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
     /// Tokenizer directory (holding tokenizer.json).
@@ -27,8 +36,8 @@ pub struct TokenizeArgs {
     /// the next block) instead of one truncated document per text.
     #[arg(long)]
     pub pack: bool,
-    /// Texts per tokenizer batch.
-    #[arg(long, default_value_t = 1024)]
+    /// Texts per tokenizer batch (1..=65536).
+    #[arg(long, default_value_t = 1024, value_parser = batch_size)]
     pub batch: usize,
 }
 

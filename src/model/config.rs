@@ -61,6 +61,9 @@ fn unsupported_model_type(model_type: &str) -> String {
     )
 }
 
+/// The most parameters a config may describe (2^34, 17e9): past it a size is a typo.
+pub const MAX_PARAMETERS: u64 = 1 << 34;
+
 /// The most encoder layers a config may declare.
 pub const MAX_LAYERS: usize = 4096;
 
@@ -226,8 +229,29 @@ impl EncoderConfig {
         Ok(config)
     }
 
+    /// The encoder's parameter count (embeddings, layers, pooler), `None` when it overflows.
+    pub fn parameter_count(&self) -> Option<u64> {
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let rows = (self.vocab_size as u64)
+            .checked_add(self.max_position_embeddings as u64)?
+            .checked_add(self.type_vocab_size as u64)?;
+        let emb = rows.checked_mul(h)?.checked_add(h.checked_mul(2)?)?;
+        // Q, K, V, O (+ biases), FFN in and out (+ biases), two LayerNorms.
+        let layer = h
+            .checked_mul(h)?
+            .checked_mul(4)?
+            .checked_add(h.checked_mul(i)?.checked_mul(2)?)?
+            .checked_add(h.checked_mul(9)?)?
+            .checked_add(i)?;
+        let pooler = h.checked_mul(h)?.checked_add(h)?;
+        layer
+            .checked_mul(self.num_hidden_layers as u64)?
+            .checked_add(emb)?
+            .checked_add(pooler)
+    }
+
     /// Checks every invariant the model relies on; errors name the field (at most
-    /// [`MAX_LAYERS`] layers).
+    /// [`MAX_LAYERS`] layers and [`MAX_PARAMETERS`] parameters).
     pub fn validate(&self) -> Result<()> {
         self.validate_at(Path::new("<EncoderConfig>"))
     }
@@ -236,8 +260,26 @@ impl EncoderConfig {
         let (eps, init) = (self.layer_norm_eps, self.initializer_range);
         let prob = |p: f32| (0.0..1.0).contains(&p);
         // (field, holds, message), checked in order; every check is safe to evaluate on any values.
+        let params = self.parameter_count();
         let checks = [
             ("vocab_size", self.vocab_size > 0, "must be > 0".to_string()),
+            (
+                // Sizes whose tensors overflow (or would take terabytes) are typos: an error
+                // here, not a wrapped size or an allocation abort when the model is built.
+                "vocab_size",
+                params.is_some_and(|n| n <= MAX_PARAMETERS),
+                format!(
+                    "vocab_size {}, hidden_size {}, intermediate_size {}, \
+                     max_position_embeddings {}, {} layers: {} parameters, above {MAX_PARAMETERS} \
+                     (the largest XLM-R has 10.7e9)",
+                    self.vocab_size,
+                    self.hidden_size,
+                    self.intermediate_size,
+                    self.max_position_embeddings,
+                    self.num_hidden_layers,
+                    params.map_or("more than 2^64".to_string(), |n| n.to_string())
+                ),
+            ),
             ("hidden_size", self.hidden_size > 0, "must be > 0".into()),
             (
                 "num_hidden_layers",

@@ -370,6 +370,21 @@ pub fn tokenize_corpus(
     progress: &mut dyn FnMut(u64),
 ) -> Result<TokenizeStats> {
     check_options(opts)?;
+    // The token file is memory-mapped by its readers and renamed into place: a FIFO, a device
+    // or a directory at its name would be replaced (or fail at the very end).
+    if let Ok(m) = std::fs::metadata(output) {
+        if !m.is_file() {
+            return Err(Error::invalid(format!(
+                "{}: {} (the output is a memory-mapped token file)",
+                output.display(),
+                if m.is_dir() {
+                    "is a directory"
+                } else {
+                    "exists and is not a regular file"
+                }
+            )));
+        }
+    }
     let job = describe_job(tok, input, opts)?;
     if let Ok(out) = output.canonicalize() {
         if out == job.input {
