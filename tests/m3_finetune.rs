@@ -165,6 +165,29 @@ fn resume_is_bit_identical() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("5 batches seen in 4 steps"), "{e}");
+    // A file setting changed since the checkpoint (a row's train_group_size): refused by name.
+    let mut ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    ex.iter_mut().for_each(|e| e.train_group_size = Some(3));
+    let state = TrainState::load(&ckpt).unwrap();
+    let mut c = student(&ckpt);
+    let mut opt = AdamW::new(c.params.specs(), hyper, cfg.max_grad_norm);
+    opt.load_dir(&ckpt, c.params.specs(), state.step).unwrap();
+    let e = finetune(
+        &mut c,
+        &M3TrainData::single(ex, 3),
+        &tok,
+        &cfg,
+        &dir,
+        &tmp("d"),
+        Some((state, opt)),
+        &mut |_, _, _| {},
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("per-file type/batch_size/train_group_size"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -252,6 +252,35 @@ fn run_args(cfg: &FinetuneConfig, data: &M3TrainData, world: usize) -> serde_jso
         })
         .collect();
     let batch_sizes: Vec<usize> = data.units.iter().map(|u| u.batch_size).collect();
+    // The rows' per-file settings (`type`, `batch_size`, `train_group_size`) and the batching
+    // units (dataset, length bucket, batch size, the examples in each): the epoch plan and the
+    // groups follow from them, so a changed file setting or --length-buckets must not resume.
+    // (Keys of their own: a checkpoint written before them resumes as it did.)
+    let mut rows = crate::data::corpus::Fnv64::new();
+    for d in &data.datasets {
+        rows.bytes(&(d.examples.len() as u64).to_le_bytes());
+        for e in &d.examples {
+            rows.str(e.kind.as_deref().unwrap_or("\u{0}"));
+            for n in [e.batch_size, e.train_group_size] {
+                rows.bytes(&n.map_or(u64::MAX, |n| n as u64).to_le_bytes());
+            }
+        }
+    }
+    let mut plan = crate::data::corpus::Fnv64::new();
+    for u in &data.units {
+        for n in [
+            u.dataset,
+            u.bucket,
+            u.batch_size,
+            usize::from(u.no_in_batch),
+        ] {
+            plan.bytes(&(n as u64).to_le_bytes());
+        }
+        plan.bytes(&(u.examples.len() as u64).to_le_bytes());
+        u.examples
+            .iter()
+            .for_each(|&i| plan.bytes(&(i as u64).to_le_bytes()));
+    }
     serde_json::json!({
         "batch_sizes": batch_sizes,
         "group_size": cfg.group_size,
@@ -276,6 +305,8 @@ fn run_args(cfg: &FinetuneConfig, data: &M3TrainData, world: usize) -> serde_jso
         "negatives_cross_device": cfg.negatives_cross_device,
         "world": world,
         "data": datasets,
+        "per-file type/batch_size/train_group_size": format!("{:016x}", rows.finish()),
+        "batching (--length-buckets, batch sizes)": format!("{:016x}", plan.finish()),
     })
 }
 
