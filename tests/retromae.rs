@@ -613,8 +613,39 @@ fn pretrain_cli_rejects_bad_input_in_one_line() {
         ),
         &["--seed 7 differs from the resumed run's 42"],
     );
-    // --output the --model directory: the run would overwrite its base model.
+    // A corpus edited since the checkpoint with the same counts, first and last documents (two
+    // middle texts swapped): refused by the whole-corpus hash.
+    let four = d.join("four.txt");
+    std::fs::write(
+        &four,
+        "alpha beta gamma
+delta epsilon
+zeta eta theta
+iota kappa
+",
+    )
+    .unwrap();
+    let o = pretrain(&["--batch-size", "2"], &four);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let swapped = d.join("swapped.txt");
+    std::fs::write(
+        &swapped,
+        "alpha beta gamma
+zeta eta theta
+delta epsilon
+iota kappa
+",
+    )
+    .unwrap();
     let out2 = d.join("out2");
+    expect_cli_error(
+        &pretrain(
+            &["--batch-size", "2", "--resume", out2.to_str().unwrap()],
+            &swapped,
+        ),
+        &["corpus_tokens_hash"],
+    );
+    // --output the --model directory: the run would overwrite its base model.
     expect_cli_error(
         &pretrain(&["--model", out2.to_str().unwrap()], &good),
         &["--output", "the same directory as --model"],
