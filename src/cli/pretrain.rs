@@ -2,7 +2,7 @@
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use retrom3::data::corpus::{tokenizer_fingerprint, TokenCorpus};
+use retrom3::data::corpus::TokenCorpus;
 use retrom3::data::masking::{MaskingConfig, MaskingVocab};
 use retrom3::data::TextTokenizer;
 use retrom3::model::encoder::Encoder;
@@ -84,17 +84,7 @@ fn load_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Box<dyn DocSource>
         .is_some_and(|e| e.eq_ignore_ascii_case("r3tok"))
     {
         let corpus = TokenCorpus::open(&a.data)?;
-        let fp = tokenizer_fingerprint(tok)?;
-        if corpus.fingerprint() != fp {
-            return Err(Error::format(
-                &a.data,
-                format!(
-                    "tokenized with another tokenizer (fingerprint {:016x}, {} has {fp:016x}): re-run `retrom3 tokenize`",
-                    corpus.fingerprint(),
-                    a.tokenizer.display()
-                ),
-            ));
-        }
+        corpus.check_tokenizer(tok, &a.tokenizer)?;
         corpus.verify_tokens()?;
         // A corpus packed into longer blocks than this run takes would lose every block's tail
         // (an unpacked one only loses the tails of its longer texts, as a text file does).

@@ -26,6 +26,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::{mix, MIX_SEED};
+use crate::data::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
 
 /// The first 8 bytes of every `.r3tok` file.
@@ -367,6 +368,37 @@ impl TokenCorpus {
             .map(move |w| &tokens[w[0] as usize..w[1] as usize])
     }
 
+    /// Whether this file was written by `tok` (`tok_dir` names it in the errors): the tokenizer
+    /// fingerprint, and the header's vocabulary (it bounds [`TokenCorpus::verify_tokens`]'
+    /// id check: one edited upward would let ids past the model's table through).
+    pub fn check_tokenizer(&self, tok: &TextTokenizer, tok_dir: &Path) -> Result<()> {
+        let fp = super::tokenizer_fingerprint(tok)?;
+        if self.fingerprint() != fp {
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "tokenized with another tokenizer (fingerprint {:016x}, {} has {fp:016x}): \
+                     re-run `retrom3 tokenize`",
+                    self.fingerprint(),
+                    tok_dir.display()
+                ),
+            ));
+        }
+        if self.vocab_size() != tok.vocab_size() {
+            return Err(Error::format(
+                &self.path,
+                format!(
+                    "its header says {} token ids, the tokenizer {} has {}: re-run `retrom3 \
+                     tokenize`",
+                    self.vocab_size(),
+                    tok_dir.display(),
+                    tok.vocab_size()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// One pass over every token: the tokens checksum must match the header and every id must be
     /// below the vocabulary size. Not part of [`TokenCorpus::open`] because it reads the whole
     /// file (seconds for gigabytes); a trainer calls it once before the first epoch.
@@ -389,5 +421,41 @@ impl TokenCorpus {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header whose vocabulary was edited (its checksum recomputed) no longer matches the
+    /// tokenizer: refused by name, while the file as written passes.
+    #[test]
+    fn check_tokenizer_refuses_an_edited_header_vocabulary() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-xlmr");
+        let tok = TextTokenizer::from_dir(&dir).unwrap();
+        let d = std::env::temp_dir().join(format!("retrom3-hdr-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let (input, out) = (d.join("in.txt"), d.join("c.r3tok"));
+        std::fs::write(&input, "hello world\nsecond text here\n").unwrap();
+        let opts = crate::data::corpus::TokenizeOptions::default();
+        crate::data::corpus::tokenize_corpus(&tok, &input, &out, &opts, &mut |_| {}).unwrap();
+        TokenCorpus::open(&out)
+            .unwrap()
+            .check_tokenizer(&tok, &dir)
+            .unwrap();
+        let mut bytes = std::fs::read(&out).unwrap();
+        let mut h = Header::parse(&out, &bytes).unwrap();
+        h.vocab_size += 1000;
+        bytes[..HEADER_LEN].copy_from_slice(&h.to_bytes());
+        std::fs::write(&out, &bytes).unwrap();
+        let c = TokenCorpus::open(&out).unwrap();
+        let e = c.check_tokenizer(&tok, &dir).unwrap_err().to_string();
+        assert!(
+            e.contains("c.r3tok") && e.contains("header says 2000 token ids"),
+            "{e}"
+        );
+        let _ = std::fs::remove_dir_all(&d);
     }
 }
