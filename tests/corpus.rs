@@ -490,6 +490,41 @@ fn damaged_partial_files_are_errors() {
         other => panic!("{other:?}"),
     }
 
+    // An offset changed inside the checkpointed part of the offsets file (a document boundary
+    // moved by one token): the offsets checksum.
+    let out = d.join("f.r3tok");
+    assert!(interrupted_run(&tok, &input, &out, &o, 6));
+    let p = partial(&out, ".partial.offsets");
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[16] = bytes[16].wrapping_sub(1);
+    std::fs::write(&p, bytes).unwrap();
+    match run(&tok, &input, &out, &o) {
+        Err(e @ Error::Format { .. }) => {
+            assert!(e.to_string().contains("offsets checksum"), "{e}")
+        }
+        other => panic!("{other:?}"),
+    }
+
+    // The input position moved in the state (forward to the input's end, or into a line): the
+    // texts between would be dropped, or a broken character blamed on the input.
+    for (tag, edit) in [("g", 0usize), ("h", 1)] {
+        let out = d.join(format!("{tag}.r3tok"));
+        assert!(interrupted_run(&tok, &input, &out, &o, 6));
+        let p = partial(&out, ".partial.state");
+        let mut state: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        let len = std::fs::metadata(&input).unwrap().len();
+        let pos = state["reader"]["pos"].as_u64().unwrap();
+        state["reader"]["pos"] = serde_json::json!(if edit == 0 { len } else { pos + 1 });
+        std::fs::write(&p, serde_json::to_vec(&state).unwrap()).unwrap();
+        match run(&tok, &input, &out, &o) {
+            Err(e @ Error::Format { .. }) => {
+                assert!(e.to_string().contains("is not the start of line"), "{e}")
+            }
+            other => panic!("{tag}: {other:?}"),
+        }
+    }
+
     // Partial files without a state (crash before the first checkpoint): a fresh start.
     let out = d.join("c.r3tok");
     assert!(interrupted_run(&tok, &input, &out, &o, 6));

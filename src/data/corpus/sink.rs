@@ -21,6 +21,8 @@ pub(super) struct Sink {
     /// Offset (in tokens) of the end of the last complete document.
     last_offset: u64,
     pub tokens_hash: u64,
+    /// Running checksum of the offsets written (the leading 0 included).
+    pub offsets_hash: u64,
     /// Content tokens per document: max_len - 2.
     cap: u64,
     scratch: Vec<u8>,
@@ -28,12 +30,13 @@ pub(super) struct Sink {
 
 impl Sink {
     /// Continues `tokens` (`<output>.partial`) and `offsets` (the side file), both positioned at
-    /// their end, holding `(n_tokens, n_docs, last_offset)` so far and the running `tokens_hash`.
+    /// their end, holding `(n_tokens, n_docs, last_offset)` so far and the running
+    /// `(tokens_hash, offsets_hash)`.
     pub fn new(
         tokens: (File, PathBuf),
         offsets: (File, PathBuf),
         (n_tokens, n_docs, last_offset): (u64, u64, u64),
-        tokens_hash: u64,
+        (tokens_hash, offsets_hash): (u64, u64),
         cap: u64,
     ) -> Sink {
         Sink {
@@ -45,6 +48,7 @@ impl Sink {
             n_docs,
             last_offset,
             tokens_hash,
+            offsets_hash,
             cap,
             scratch: Vec::new(),
         }
@@ -67,6 +71,7 @@ impl Sink {
         self.offsets
             .write_all(&self.n_tokens.to_le_bytes())
             .map_err(|e| Error::io(&self.offsets_path, e))?;
+        self.offsets_hash = mix(self.offsets_hash, self.n_tokens);
         self.n_docs += 1;
         self.last_offset = self.n_tokens;
         Ok(())

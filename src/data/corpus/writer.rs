@@ -16,7 +16,7 @@
 //! is tokenized on its own, so batching never changes the output).
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -108,6 +108,9 @@ struct State {
     offsets_len: u64,
     /// Running checksum of the tokens written.
     tokens_hash: u64,
+    /// Running checksum of the offsets written (absent in a state written before it).
+    #[serde(default)]
+    offsets_hash: Option<u64>,
 }
 
 /// The three working files beside the output.
@@ -231,7 +234,7 @@ fn start_fresh(work: &WorkFiles, cap: u64) -> Result<(Sink, ReaderState, Tokeniz
         (tokens, work.partial.clone()),
         (offsets, work.offsets.clone()),
         (0, 0, 0),
-        MIX_SEED,
+        (MIX_SEED, super::mix(MIX_SEED, 0)),
         cap,
     );
     Ok((sink, ReaderState::start(), TokenizeStats::default()))
@@ -256,6 +259,33 @@ fn resume(work: &WorkFiles, job: &Job, cap: u64) -> Result<(Sink, ReaderState, T
             work.state.display(),
             job_difference(&state.job, job),
             work.delete_hint()
+        )));
+    }
+    // The input position must be a line start inside the input, after as many lines as the
+    // state says were read (a position edited forward would silently drop the texts between;
+    // one mid-line would blame the input for a broken character). One pass counting newlines.
+    let (pos, line) = (state.reader.pos, state.reader.line);
+    if pos > job.input_len {
+        return Err(broken(format!(
+            "input position {pos} is past the input's {} bytes",
+            job.input_len
+        )));
+    }
+    let mut input = File::open(&job.input).map_err(|e| Error::io(&job.input, e))?;
+    let (mut newlines, mut last) = (0u64, b'\n');
+    super::read_chunks(&mut input, pos, 1 << 20, &job.input, |piece| {
+        newlines += piece.iter().filter(|&&b| b == b'\n').count() as u64;
+        last = *piece.last().unwrap_or(&last);
+        Ok(())
+    })?;
+    let at_end = pos == job.input_len;
+    if !(last == b'\n' || at_end)
+        || !(newlines == line || (at_end && last != b'\n' && newlines + 1 == line))
+    {
+        return Err(broken(format!(
+            "input position {pos} is not the start of line {} of {}",
+            line + 1,
+            job.input.display()
         )));
     }
     // The counts implied by the recorded lengths.
@@ -316,13 +346,34 @@ fn resume(work: &WorkFiles, job: &Job, cap: u64) -> Result<(Sink, ReaderState, T
     tokens
         .seek(SeekFrom::End(0))
         .map_err(|e| Error::io(&work.partial, e))?;
-    // The last offset must be where the recorded counts put it.
-    let mut last = [0u8; 8];
+    // Every offset up to the checkpoint must be the ones it hashed (a changed one would shift
+    // document boundaries under a final checksum computed afresh), the last where the recorded
+    // counts put it. One read of 8 bytes a document.
     offsets
-        .seek(SeekFrom::End(-8))
-        .and_then(|_| offsets.read_exact(&mut last))
+        .seek(SeekFrom::Start(0))
         .map_err(|e| Error::io(&work.offsets, e))?;
-    let last_offset = u64::from_le_bytes(last);
+    let (mut offsets_hash, mut last_offset) = (MIX_SEED, 0u64);
+    super::read_chunks(
+        &mut offsets,
+        state.offsets_len,
+        1 << 16,
+        &work.offsets,
+        |piece| {
+            for w in piece.chunks_exact(8) {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(w);
+                last_offset = u64::from_le_bytes(b);
+                offsets_hash = super::mix(offsets_hash, last_offset);
+            }
+            Ok(())
+        },
+    )?;
+    if state.offsets_hash.is_some_and(|h| h != offsets_hash) {
+        return Err(broken(format!(
+            "{} changed since the checkpoint (offsets checksum mismatch)",
+            work.offsets.display()
+        )));
+    }
     let expected_last = if job.pack {
         n_docs.checked_mul(cap)
     } else {
@@ -338,7 +389,7 @@ fn resume(work: &WorkFiles, job: &Job, cap: u64) -> Result<(Sink, ReaderState, T
         (tokens, work.partial.clone()),
         (offsets, work.offsets.clone()),
         (n_tokens, n_docs, last_offset),
-        state.tokens_hash,
+        (state.tokens_hash, offsets_hash),
         cap,
     );
     let mut stats = state.stats;
@@ -481,6 +532,7 @@ pub fn tokenize_corpus(
                 tokens_len: sink.tokens_len(),
                 offsets_len: sink.offsets_len(),
                 tokens_hash: sink.tokens_hash,
+                offsets_hash: Some(sink.offsets_hash),
             };
             crate::io::write_atomic(&work.state, |w| {
                 serde_json::to_writer_pretty(&mut *w, &state)?;
