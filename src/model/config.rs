@@ -263,23 +263,6 @@ impl EncoderConfig {
         let params = self.parameter_count();
         let checks = [
             ("vocab_size", self.vocab_size > 0, "must be > 0".to_string()),
-            (
-                // Sizes whose tensors overflow (or would take terabytes) are typos: an error
-                // here, not a wrapped size or an allocation abort when the model is built.
-                "vocab_size",
-                params.is_some_and(|n| n <= MAX_PARAMETERS),
-                format!(
-                    "vocab_size {}, hidden_size {}, intermediate_size {}, \
-                     max_position_embeddings {}, {} layers: {} parameters, above {MAX_PARAMETERS} \
-                     (the largest XLM-R has 10.7e9)",
-                    self.vocab_size,
-                    self.hidden_size,
-                    self.intermediate_size,
-                    self.max_position_embeddings,
-                    self.num_hidden_layers,
-                    params.map_or("more than 2^64".to_string(), |n| n.to_string())
-                ),
-            ),
             ("hidden_size", self.hidden_size > 0, "must be > 0".into()),
             (
                 "num_hidden_layers",
@@ -315,6 +298,23 @@ impl EncoderConfig {
                 "type_vocab_size",
                 self.type_vocab_size > 0,
                 "must be > 0".into(),
+            ),
+            (
+                // Sizes whose tensors overflow (or would take terabytes) are typos: an error
+                // here, not a wrapped size or an allocation abort when the model is built.
+                "vocab_size",
+                params.is_some_and(|n| n <= MAX_PARAMETERS),
+                format!(
+                    "vocab_size {}, hidden_size {}, intermediate_size {}, \
+                     max_position_embeddings {}, {} layers: {} parameters, above {MAX_PARAMETERS} \
+                     (the largest XLM-R has 10.7e9)",
+                    self.vocab_size,
+                    self.hidden_size,
+                    self.intermediate_size,
+                    self.max_position_embeddings,
+                    self.num_hidden_layers,
+                    params.map_or("more than 2^64".to_string(), |n| n.to_string())
+                ),
             ),
             (
                 "num_attention_heads",

@@ -37,6 +37,23 @@ impl TrainState {
     }
 }
 
+/// Before a run at step `step` writes into `out`: a trainer_state.json there from a run that
+/// went further (an earlier run into the same directory, or this one before it was resumed from
+/// an earlier checkpoint) no longer vouches for the directory, whose metrics are cut back to
+/// `step` and whose files this run rewrites: it is removed, so that `--resume out` is refused
+/// until this run saves its own, instead of resuming over a gap in the metrics.
+pub fn retire_later_state(out: &Path, step: u64) -> Result<()> {
+    let p = out.join("trainer_state.json");
+    if !p.is_file() {
+        return Ok(());
+    }
+    // An unreadable one vouches for nothing either.
+    if TrainState::load(out).map_or(true, |s| s.step != step) {
+        std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
+}
+
 /// Build a directory atomically: `fill` writes into a fresh temporary sibling, which then replaces
 /// `dir` (the previous `dir`, if any, is moved aside first and removed only after the rename), so
 /// a crash at any point leaves either the old or the new checkpoint complete, never a mix.
@@ -125,6 +142,29 @@ mod tests {
 
     /// A fill that fails leaves the directory's files as they were; one that succeeds replaces
     /// them, trainer state included, and leaves no temporary behind.
+    #[test]
+    fn a_later_trainer_state_is_retired() {
+        let d = std::env::temp_dir().join(format!("retrom3-retire-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let state = |step| TrainState {
+            step,
+            total_steps: 300,
+            batches_seen: step,
+            seed: 1,
+            args: serde_json::Value::Null,
+        };
+        state(300).save(&d).unwrap();
+        // Resumed from the directory itself (same step): kept.
+        retire_later_state(&d, 300).unwrap();
+        assert!(d.join("trainer_state.json").is_file());
+        // Resumed from checkpoint-100 into it, or a fresh run: removed.
+        retire_later_state(&d, 100).unwrap();
+        assert!(!d.join("trainer_state.json").exists());
+        retire_later_state(&d, 0).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
     #[test]
     fn replace_files_is_all_or_nothing() {
         let dir = std::env::temp_dir().join(format!("r3-replace-files-{}", std::process::id()));

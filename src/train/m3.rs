@@ -596,6 +596,7 @@ pub fn finetune_dist(
     let main = group.is_main();
     let mut metrics = if main {
         super::create_output_dir(out)?;
+        super::checkpoint::retire_later_state(out, state.step)?;
         Some(MetricsLog::open(&out.join("metrics.jsonl"), state.step)?)
     } else {
         None

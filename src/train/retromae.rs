@@ -418,6 +418,7 @@ pub fn pretrain_on(
         None => None,
     };
     super::create_output_dir(out)?;
+    super::checkpoint::retire_later_state(out, state.step)?;
     let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
     let mut report = PretrainReport {
