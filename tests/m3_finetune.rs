@@ -120,8 +120,6 @@ fn resume_is_bit_identical() {
     )
     .unwrap();
     let ckpt = a_out.join("checkpoint-4");
-    let state = TrainState::load(&ckpt).unwrap();
-    let mut b = student(&ckpt);
     let hyper = AdamWHyper {
         lr: cfg.lr,
         beta1: 0.9,
@@ -129,61 +127,43 @@ fn resume_is_bit_identical() {
         eps: 1e-8,
         weight_decay: cfg.weight_decay,
     };
-    let mut opt = AdamW::new(b.params.specs(), hyper, cfg.max_grad_norm);
-    opt.load_dir(&ckpt, b.params.specs(), state.step).unwrap();
-    finetune(
-        &mut b,
-        &data,
-        &tok,
-        &cfg,
-        &dir,
-        &b_out,
-        Some((state, opt)),
-        &mut |_, _, _| {},
-    )
-    .unwrap();
+    // The checkpoint's model resumed on `data` with its state as `edit` leaves it.
+    let resume = |data: &M3TrainData, edit: &dyn Fn(&mut TrainState), out: &Path| {
+        let mut state = TrainState::load(&ckpt).unwrap();
+        edit(&mut state);
+        let mut m = student(&ckpt);
+        let mut opt = AdamW::new(m.params.specs(), hyper, cfg.max_grad_norm);
+        opt.load_dir(&ckpt, m.params.specs(), state.step).unwrap();
+        let r = finetune(
+            &mut m,
+            data,
+            &tok,
+            &cfg,
+            &dir,
+            out,
+            Some((state, opt)),
+            &mut |_, _, _| {},
+        );
+        r.map(|_| m)
+    };
+    let b = resume(&data, &|_| {}, &b_out).unwrap();
     for (x, y) in a.params.values().iter().zip(b.params.values()) {
         assert_eq!(x.f32s().unwrap(), y.f32s().unwrap());
     }
     // A trainer state whose data cursor disagrees with its step count (edited, or mixed with
     // another run's) is refused before any step.
-    let mut state = TrainState::load(&ckpt).unwrap();
-    state.batches_seen += 1;
-    let mut c = student(&ckpt);
-    let mut opt = AdamW::new(c.params.specs(), hyper, cfg.max_grad_norm);
-    opt.load_dir(&ckpt, c.params.specs(), state.step).unwrap();
-    let e = finetune(
-        &mut c,
-        &data,
-        &tok,
-        &cfg,
-        &dir,
-        &tmp("c"),
-        Some((state, opt)),
-        &mut |_, _, _| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let e = resume(&data, &|s| s.batches_seen += 1, &tmp("c"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("5 batches seen in 4 steps"), "{e}");
     // A file setting changed since the checkpoint (a row's train_group_size): refused by name.
     let mut ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
     ex.iter_mut().for_each(|e| e.train_group_size = Some(3));
-    let state = TrainState::load(&ckpt).unwrap();
-    let mut c = student(&ckpt);
-    let mut opt = AdamW::new(c.params.specs(), hyper, cfg.max_grad_norm);
-    opt.load_dir(&ckpt, c.params.specs(), state.step).unwrap();
-    let e = finetune(
-        &mut c,
-        &M3TrainData::single(ex, 3),
-        &tok,
-        &cfg,
-        &dir,
-        &tmp("d"),
-        Some((state, opt)),
-        &mut |_, _, _| {},
-    )
-    .unwrap_err()
-    .to_string();
+    let e = resume(&M3TrainData::single(ex, 3), &|_| {}, &tmp("d"))
+        .err()
+        .unwrap()
+        .to_string();
     assert!(
         e.contains("per-file type/batch_size/train_group_size"),
         "{e}"
@@ -323,22 +303,26 @@ fn cli_with_length_buckets_no_in_batch_files_and_sub_batches() {
         .unwrap();
     assert!(!st.status.success());
     assert!(String::from_utf8_lossy(&st.stderr).contains("bucket-batch-sizes"));
+    // `finetune --resume DIR` into a fresh output with the given flags: its stderr, on failure.
+    let resume_fails = |dir: &Path, output: &str, extra: &[&str]| {
+        let st = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+            .arg("finetune")
+            .arg("--model")
+            .arg(fixture("tiny-xlmr"))
+            .arg("--train")
+            .arg(d.join("a.jsonl"))
+            .arg("--output")
+            .arg(d.join(output))
+            .arg("--resume")
+            .arg(dir)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(!st.status.success());
+        String::from_utf8_lossy(&st.stderr).to_string()
+    };
     // A resumed run keeps its seed: another --seed is refused, not silently ignored.
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
-        .arg("finetune")
-        .arg("--model")
-        .arg(fixture("tiny-xlmr"))
-        .arg("--train")
-        .arg(d.join("a.jsonl"))
-        .arg("--output")
-        .arg(d.join("out3"))
-        .arg("--resume")
-        .arg(&out)
-        .args(["--seed", "7", "--steps", "6"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&st.stderr);
-    assert!(!st.status.success());
+    let err = resume_fails(&out, "out3", &["--seed", "7", "--steps", "6"]);
     assert!(
         err.contains("--seed 7 differs from the resumed run's 42"),
         "{err}"
@@ -354,21 +338,7 @@ fn cli_with_length_buckets_no_in_batch_files_and_sub_batches() {
             std::fs::copy(&f, ck.join(&name)).unwrap();
         }
     }
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
-        .arg("finetune")
-        .arg("--model")
-        .arg(fixture("tiny-xlmr"))
-        .arg("--train")
-        .arg(d.join("a.jsonl"))
-        .arg("--output")
-        .arg(d.join("out4"))
-        .arg("--resume")
-        .arg(&ck)
-        .args(["--steps", "6"])
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&st.stderr);
-    assert!(!st.status.success());
+    let err = resume_fails(&ck, "out4", &["--steps", "6"]);
     assert!(
         err.contains("no-heads") && err.contains("keeps its trained heads"),
         "{err}"
