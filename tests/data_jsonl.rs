@@ -171,9 +171,23 @@ fn pairs_errors_name_line_and_field() {
         "pairs-missing.jsonl",
         b"{\"query\": \"q1\", \"passage\": \"p1\"}\n{\"query\": \"q2\"}\n",
     );
-    assert_input_err(read_pairs(&p), &p, 2, &["missing field `passage`"]);
+    assert_input_err(read_pairs(&p), &p, 2, &["field \"passage\": missing"]);
     let p = file("pairs-type.jsonl", b"{\"query\": 5, \"passage\": \"p1\"}\n");
-    assert_input_err(read_pairs(&p), &p, 1, &["invalid type", "column"]);
+    assert_input_err(
+        read_pairs(&p),
+        &p,
+        1,
+        &["field \"query\": expected a string, got a number"],
+    );
+    let p = file(
+        "pairs-list.jsonl",
+        b"{\"query\": \"q\", \"passage\": [\"p\"]}\n",
+    );
+    assert_input_err(read_pairs(&p), &p, 1, &["field \"passage\"", "an array"]);
+    let p = file("pairs-text.jsonl", b"just some text\n");
+    assert_input_err(read_pairs(&p), &p, 1, &["invalid JSON"]);
+    let p = file("pairs-array.jsonl", b"[\"q\", \"p\"]\n");
+    assert_input_err(read_pairs(&p), &p, 1, &["expected a JSON object"]);
     // The serde message must not point at "line 1" of the one-line parse.
     match read_pairs(&p) {
         Err(e) => assert!(!e.to_string().contains("at line 1"), "{e}"),

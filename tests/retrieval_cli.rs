@@ -453,6 +453,19 @@ fn eval_refuses_unevaluable_qrels_and_warns_about_missing_docs() {
         &eval(),
         &["test.tsv", "1 judged query is not in", "queries.jsonl: q7"],
     );
+    // Invalid UTF-8 is named with its line; a byte-order mark before the header is dropped.
+    std::fs::write(
+        data.join("qrels/test.tsv"),
+        b"query-id\tcorpus-id\tscore\nq1\td1\t1\nq2\t\xc04\t1\n",
+    )
+    .unwrap();
+    err(&eval(), &["test.tsv:3", "invalid UTF-8"]);
+    std::fs::write(
+        data.join("qrels/test.tsv"),
+        "\u{feff}query-id\tcorpus-id\tscore\nq1\td1\t2\nq2\t4\t1\n",
+    )
+    .unwrap();
+    ok(&eval());
     // Labels are integers: "1.0" is 1, "1.5", NaN, inf and past i32 are refused.
     for (label, good) in [
         ("1.0", true),
@@ -572,14 +585,14 @@ fn k_and_candidates_must_be_at_least_one() {
     assert_eq!(o.status.code(), Some(2));
     err(&o, &["--candidates", "must be >= 1"]);
     // --run with a single --query: refused, not ignored (no file was written).
-    let run = d.join("one.trec");
+    let trec = d.join("one.trec");
     let o = search(
         &model,
         &idx,
-        &["--query", "capital", "--run", run.to_str().unwrap()],
+        &["--query", "capital", "--run", trec.to_str().unwrap()],
     );
     err(&o, &["--run", "--queries"]);
-    assert!(!run.exists());
+    assert!(!trec.exists());
     // An output path that cannot be written is refused before the index is built.
     let o = eval(&model, &data, &["--output", d.to_str().unwrap()]);
     err(&o, &["--output", "a directory, not a file"]);
@@ -589,6 +602,21 @@ fn k_and_candidates_must_be_at_least_one() {
         &["--output", d.join("no/such/dir/e.json").to_str().unwrap()],
     );
     err(&o, &["--output", "does not exist"]);
+    // An index of ColBERT vectors and BM25 only: the default mode is bm25 (ColBERT needs dense
+    // candidates), not a sparse mode the index cannot serve.
+    let colb = d.join("colb");
+    ok(&run(&[
+        "index",
+        "--model",
+        &model,
+        "--corpus",
+        data.join("corpus.jsonl").to_str().unwrap(),
+        "--output",
+        colb.to_str().unwrap(),
+        "--colbert",
+    ]));
+    let o = search(&model, &colb, &["--query", "capital of France"]);
+    assert!(ok(&o).contains("score (bm25)"));
 }
 
 #[test]

@@ -26,7 +26,7 @@ pub struct SearchArgs {
     #[arg(long, requires = "queries")]
     pub run: Option<PathBuf>,
     /// dense | sparse | hybrid (= dense+sparse) | colbert | all | bm25 (default: all when the
-    /// index has every part, else hybrid, dense or sparse).
+    /// index has every part, else hybrid, dense, sparse or bm25).
     #[arg(long)]
     pub mode: Option<Mode>,
     /// Hits per query (>= 1).
@@ -141,8 +141,11 @@ pub fn run(a: SearchArgs) -> Result<()> {
             Mode::DenseSparse
         } else if p.dense {
             Mode::Dense
-        } else {
+        } else if p.sparse || !p.bm25 {
             Mode::Sparse
+        } else {
+            // An index of ColBERT vectors (which need dense candidates) and BM25.
+            Mode::Bm25
         }
     });
     index.require(mode.parts(), &format!("mode {mode}"))?;

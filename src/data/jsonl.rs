@@ -230,6 +230,42 @@ pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
 }
 
 /// Reads a JSONL file of `{"query": ..., "passage": ...}` pairs (other fields are ignored).
+/// Errors name the line and the field (a missing or non-string `query` / `passage`), or say that
+/// the line is not a JSON object.
 pub fn read_pairs(path: &Path) -> Result<Vec<QueryPassage>> {
-    read_jsonl(path)
+    let mut out = Vec::new();
+    let mut blanks = TrailingBlanks::default();
+    each_line(path, |line, bytes| {
+        if blanks.skip(path, line, bytes)? {
+            return Ok(());
+        }
+        let s = utf8(path, line, bytes)?;
+        let value: Value = serde_json::from_str(s)
+            .map_err(|e| input_err(path, line, format!("invalid JSON, {}", json_msg(&e))))?;
+        let Value::Object(mut obj) = value else {
+            return Err(input_err(
+                path,
+                line,
+                "expected a JSON object with \"query\" and \"passage\" fields",
+            ));
+        };
+        let mut field = |k: &str| match obj.remove(k) {
+            Some(Value::String(t)) => Ok(t),
+            None => Err(input_err(path, line, format!("field \"{k}\": missing"))),
+            Some(other) => Err(input_err(
+                path,
+                line,
+                format!(
+                    "field \"{k}\": expected a string, got {}",
+                    json_kind(&other)
+                ),
+            )),
+        };
+        out.push(QueryPassage {
+            query: field("query")?,
+            passage: field("passage")?,
+        });
+        Ok(())
+    })?;
+    Ok(out)
 }

@@ -148,10 +148,17 @@ pub fn read_queries(path: &Path) -> Result<Vec<Doc>> {
 /// Read a qrels TSV (`query-id<TAB>corpus-id<TAB>score`; a first line starting with `query-id`
 /// is the header). Also accepts the 4-column TREC form `qid 0 docid rel` (whitespace separated).
 pub fn read_qrels(path: &Path) -> Result<Qrels> {
-    let text = std::fs::read_to_string(path).map_err(|e| match e.kind() {
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => Error::format(path, "qrels file not found"),
         _ => Error::io(path, e),
     })?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = 1 + e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count();
+        input(path, line, "invalid UTF-8")
+    })?;
+    // A byte-order mark would hide the header (BEIR skips the first line whatever it holds).
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let mut q = Qrels::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
