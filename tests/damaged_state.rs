@@ -376,6 +376,43 @@ fn a_resume_directory_must_be_the_named_model_and_complete() {
         e.contains("optimizer.safetensors") && e.contains(&key),
         "{e}"
     );
+    // A negative second moment (its square root is NaN a step later), and a moment of another
+    // shape: both name the file and the tensor.
+    let edit = |f: &dyn Fn(&str, Tensor) -> Tensor| {
+        let mut map = retrom3::io::read_safetensors(&p).unwrap();
+        map.insert(key.clone(), f(&key, map[&key].clone()));
+        let sq = map
+            .keys()
+            .find(|k| k.starts_with("exp_avg_sq."))
+            .unwrap()
+            .clone();
+        map.insert(sq.clone(), f(&sq, map[&sq].clone()));
+        retrom3::io::write_safetensors(&p, &map, None).unwrap();
+        let mut opt = AdamW::new(m.params.specs(), adamw_hyper(1e-4, 0.0), None);
+        let e = opt
+            .load_dir(&out, m.params.specs(), 2)
+            .unwrap_err()
+            .to_string();
+        (e, sq)
+    };
+    let (e, sq) = edit(&|k: &str, t: Tensor| {
+        let dims = t.dims().to_vec();
+        let mut v = t.to_f32().into_f32_vec().unwrap();
+        v.iter_mut().for_each(|x| {
+            *x = if k.starts_with("exp_avg_sq.") {
+                -1.0
+            } else {
+                0.0
+            }
+        });
+        Tensor::from_vec(v, &dims).unwrap()
+    });
+    assert!(
+        e.contains("optimizer.safetensors") && e.contains(&sq) && e.contains("negative"),
+        "{e}"
+    );
+    let (e, _) = edit(&|_: &str, _: Tensor| Tensor::from_vec(vec![0.0f32; 3], &[3]).unwrap());
+    assert!(e.contains("optimizer.safetensors"), "{e}");
 }
 
 #[test]

@@ -598,6 +598,22 @@ fn pretrain_cli_rejects_bad_input_in_one_line() {
             .fold(0f32, f32::max);
         assert!(dev < 1e-5, "{name}: moved by {dev}");
     }
+    // A NaN in the heads file is named with the file, not only the tensor.
+    let bad = d.join("bad-heads");
+    std::fs::create_dir_all(&bad).unwrap();
+    let mut map = before.clone();
+    let name = map.keys().next().unwrap().clone();
+    let t = map[&name].to_f32();
+    let mut v = t.clone().into_f32_vec().unwrap();
+    v[0] = f32::NAN;
+    map.insert(name.clone(), Tensor::from_vec(v, t.dims()).unwrap());
+    retrom3::io::write_safetensors(&bad.join("retromae_heads.safetensors"), &map, None).unwrap();
+    let cfg = EncoderConfig::from_file(out.join("config.json")).unwrap();
+    let e = RetroMae::read_heads(&bad, &cfg).unwrap_err().to_string();
+    assert!(
+        e.contains("bad-heads/retromae_heads.safetensors") && e.contains(&name),
+        "{e}"
+    );
     // A resumed run keeps its seed.
     expect_cli_error(
         &pretrain(

@@ -250,12 +250,28 @@ impl RetroMae {
             .into_iter()
             .chain(layer_param_specs(DECODER_PREFIX, config))
         {
-            if !map.contains_key(&s.name) {
+            let Some(t) = map.get(&s.name) else {
                 return Err(Error::MissingTensor {
                     path: p.clone(),
                     name: s.name,
                 });
+            };
+            // Shape and values checked here, where the file is known (the model that takes the
+            // map would report the tensor alone).
+            if t.dims() != s.dims.as_slice() {
+                return Err(Error::format(
+                    &p,
+                    format!(
+                        "tensor {} has shape {:?}, expected {:?}",
+                        s.name,
+                        t.dims(),
+                        s.dims
+                    ),
+                ));
             }
+            t.to_f32()
+                .ensure_finite(&s.name)
+                .map_err(|e| Error::format(&p, e.to_string()))?;
         }
         Ok(map)
     }

@@ -181,6 +181,7 @@ impl AdamW {
         self.load_state(specs, &map, step).map_err(|e| match e {
             Error::NonFinite(m) => Error::NonFinite(format!("{}: {m}", p.display())),
             Error::Invalid(m) => Error::format(&p, m),
+            e @ Error::Shape { .. } => Error::format(&p, e.to_string()),
             e => e,
         })
     }
@@ -201,6 +202,16 @@ impl AdamW {
                 t.expect_dims(&name, &s.dims)?;
                 t.ensure_finite(&format!("optimizer state {name}"))?;
                 *dst = t.to_f32().into_f32_vec()?;
+                // A second moment is a mean of squares: a negative one makes the update's square
+                // root NaN a step later.
+                if key == "exp_avg_sq" {
+                    if let Some(j) = dst.iter().position(|&x| x < 0.0) {
+                        return Err(Error::invalid(format!(
+                            "optimizer state {name}: element {j} is negative ({})",
+                            dst[j]
+                        )));
+                    }
+                }
             }
         }
         self.step = step;
