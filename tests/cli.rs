@@ -424,6 +424,28 @@ fn convert_bin_layout_to_safetensors_keeps_outputs() {
         file.to_str().unwrap(),
     ]);
     expect_error(&onto, &["a-file", "not a directory"]);
+    // An existing empty directory (a mount point, say) is kept and filled.
+    let empty = d.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let into = run(&[
+        "convert",
+        "--model",
+        src.to_str().unwrap(),
+        "--output",
+        empty.to_str().unwrap(),
+    ]);
+    assert!(
+        into.status.success(),
+        "{}",
+        String::from_utf8_lossy(&into.stderr)
+    );
+    assert!(empty.join("model.safetensors").is_file() && empty.join("colbert_linear.pt").is_file());
+    let left: Vec<_> = std::fs::read_dir(&empty)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
     // The library's save of a model without heads drops the heads a directory held.
     let mut m = retrom3::M3Model::load(&out_dir, retrom3::Device::Cpu).unwrap();
     m.heads = None;

@@ -357,7 +357,7 @@ fn head_dim_never_divides_by_zero() {
 fn absurd_sizes_are_refused_before_any_allocation() {
     assert_config_err(
         parse(&bge_with("vocab_size", Some(json!(1_000_000_000_000u64)))),
-        "vocab_size",
+        "parameters",
     );
     let mut c: Value =
         serde_json::from_str(&bge_with("vocab_size", Some(json!(1u64 << 34)))).unwrap();

@@ -46,8 +46,14 @@ pub fn convert(a: ConvertArgs) -> Result<()> {
         _ => {}
     }
     let model = M3Model::load(&a.model, Device::Cpu)?;
-    // Built beside it and renamed: a failure part way leaves no half-written model.
-    retrom3::train::atomic_dir(&a.output, |tmp| model.save(tmp))?;
+    // Built in a temporary directory and renamed: a failure part way leaves no half-written
+    // model. A new output is built beside it; an existing empty one (a mount point, a link to a
+    // directory, `.`) is kept and filled from a temporary directory inside it.
+    if a.output.exists() {
+        retrom3::train::replace_files(&a.output, &[], |tmp| model.save(tmp))?;
+    } else {
+        retrom3::train::atomic_dir(&a.output, |tmp| model.save(tmp))?;
+    }
     eprintln!(
         "wrote {} ({} parameters{})",
         a.output.display(),

@@ -85,24 +85,35 @@ static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// flushed, `fsync`ed and renamed over `path`; the directory is `fsync`ed too (best effort).
 /// On any error the temporary file is removed and `path` is left untouched.
 ///
-/// A symbolic link is followed (the file it names is replaced, the link stays), and an existing
-/// path that is not a regular file (`/dev/stdout`, a FIFO, a device) is written in place: a rename
-/// would replace the device or pipe by a plain file.
+/// A symbolic link is followed (the file it names is replaced, the link stays; that file may lie
+/// in another directory). An existing path that is not a regular file (a FIFO, a device), and a
+/// process's own descriptors (`/dev/stdout`, `/dev/fd/N`, `/proc/self/fd/N`, whatever they lead
+/// to), are written in place: a rename would replace the device or pipe by a plain file, or the
+/// file behind a redirected stdout by another (the shell keeps writing to the old one).
 pub fn write_atomic(
     path: &Path,
     write: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>,
 ) -> Result<()> {
-    let path = &resolve_links(path)?;
-    if let Ok(meta) = std::fs::metadata(path) {
-        if !meta.is_file() && !meta.is_dir() {
-            let result = (|| -> std::io::Result<()> {
-                let file = File::options().write(true).open(path)?;
-                let mut out = BufWriter::with_capacity(1 << 20, file);
-                write(&mut out)?;
-                out.flush()
-            })();
-            return result.map_err(|e| Error::io(path, e));
-        }
+    let descriptor = ["/dev/stdout", "/dev/stderr", "/dev/fd/", "/proc/self/fd/"]
+        .iter()
+        .any(|p| path.to_string_lossy().starts_with(p));
+    // The kernel follows the links of the original path (those under /proc included).
+    let special = std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir());
+    let path = &if descriptor || special {
+        path.to_path_buf()
+    } else {
+        resolve_links(path)?
+    };
+    if descriptor || special {
+        // Appending: a redirected stdout reopened through /proc starts at offset 0, and must
+        // neither overwrite what was printed before nor the file a `>>` appends to.
+        let result = (|| -> std::io::Result<()> {
+            let file = File::options().append(true).open(path)?;
+            let mut out = BufWriter::with_capacity(1 << 20, file);
+            write(&mut out)?;
+            out.flush()
+        })();
+        return result.map_err(|e| Error::io(path, e));
     }
     let name = path
         .file_name()
@@ -226,10 +237,23 @@ mod tests {
             let f2 = fifo.clone();
             let reader = std::thread::spawn(move || std::fs::read_to_string(f2).unwrap());
             write_atomic(&fifo, |w| w.write_all(b"through the pipe")).unwrap();
-            assert_eq!(reader.join().unwrap(), "through the pipe");
+            // Checked before joining: a FIFO replaced by a file would leave the reader blocked.
             use std::os::unix::fs::FileTypeExt;
             assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+            assert_eq!(reader.join().unwrap(), "through the pipe");
         }
+        // A descriptor path is written in place, appending (a stdout redirected to a file by
+        // `>>` keeps what it holds).
+        let log = d.join("log");
+        std::fs::write(&log, "kept\n").unwrap();
+        let f = std::fs::File::options().append(true).open(&log).unwrap();
+        use std::os::fd::AsRawFd;
+        let p = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        if p.exists() {
+            write_atomic(&p, |w| w.write_all(b"new\n")).unwrap();
+            assert_eq!(std::fs::read_to_string(&log).unwrap(), "kept\nnew\n");
+        }
+        drop(f);
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -302,7 +302,7 @@ impl EncoderConfig {
             (
                 // Sizes whose tensors overflow (or would take terabytes) are typos: an error
                 // here, not a wrapped size or an allocation abort when the model is built.
-                "vocab_size",
+                "parameters",
                 params.is_some_and(|n| n <= MAX_PARAMETERS),
                 format!(
                     "vocab_size {}, hidden_size {}, intermediate_size {}, \
