@@ -115,27 +115,50 @@ impl TrailingBlanks {
 
 /// The `"text"` string of one JSONL line (shared with the streaming corpus reader).
 pub(crate) fn text_field(path: &Path, line: usize, s: &str) -> Result<String> {
+    let [text] = string_fields(path, line, s, ["text"])?;
+    Ok(text)
+}
+
+/// The string fields `keys` of one JSONL line, which must be an object (other fields ignored).
+/// Errors name the line and the field that is missing or not a string.
+fn string_fields<const N: usize>(
+    path: &Path,
+    line: usize,
+    s: &str,
+    keys: [&str; N],
+) -> Result<[String; N]> {
     let value: Value = serde_json::from_str(s)
         .map_err(|e| input_err(path, line, format!("invalid JSON, {}", json_msg(&e))))?;
     let Value::Object(mut obj) = value else {
+        let names: Vec<String> = keys.iter().map(|k| format!("\"{k}\"")).collect();
         return Err(input_err(
             path,
             line,
-            "expected a JSON object with a \"text\" field",
+            format!(
+                "expected a JSON object with {} field{}",
+                names.join(" and "),
+                if N == 1 { "" } else { "s" }
+            ),
         ));
     };
-    match obj.remove("text") {
-        Some(Value::String(t)) => Ok(t),
-        None => Err(input_err(path, line, "field \"text\": missing")),
-        Some(other) => Err(input_err(
-            path,
-            line,
-            format!(
-                "field \"text\": expected a string, got {}",
-                json_kind(&other)
-            ),
-        )),
+    let mut out: [String; N] = std::array::from_fn(|_| String::new());
+    for (k, slot) in keys.iter().zip(&mut out) {
+        *slot = match obj.remove(*k) {
+            Some(Value::String(t)) => t,
+            None => return Err(input_err(path, line, format!("field \"{k}\": missing"))),
+            Some(other) => {
+                return Err(input_err(
+                    path,
+                    line,
+                    format!(
+                        "field \"{k}\": expected a string, got {}",
+                        json_kind(&other)
+                    ),
+                ))
+            }
+        };
     }
+    Ok(out)
 }
 
 fn json_kind(v: &Value) -> &'static str {
@@ -215,56 +238,34 @@ pub fn read_texts(path: &Path) -> Result<Vec<String>> {
 /// Errors name the line and carry serde's message (which names a missing or mistyped field);
 /// blank lines are allowed only at the end of the file.
 pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
-    let mut out = Vec::new();
-    let mut blanks = TrailingBlanks::default();
-    each_line(path, |line, bytes| {
-        if blanks.skip(path, line, bytes)? {
-            return Ok(());
-        }
-        let s = utf8(path, line, bytes)?;
-        let record = serde_json::from_str(s).map_err(|e| input_err(path, line, json_msg(&e)))?;
-        out.push(record);
-        Ok(())
-    })?;
-    Ok(out)
+    read_lines_as(path, |line, s| {
+        serde_json::from_str(s).map_err(|e| input_err(path, line, json_msg(&e)))
+    })
 }
 
 /// Reads a JSONL file of `{"query": ..., "passage": ...}` pairs (other fields are ignored).
 /// Errors name the line and the field (a missing or non-string `query` / `passage`), or say that
 /// the line is not a JSON object.
 pub fn read_pairs(path: &Path) -> Result<Vec<QueryPassage>> {
+    read_lines_as(path, |line, s| {
+        let [query, passage] = string_fields(path, line, s, ["query", "passage"])?;
+        Ok(QueryPassage { query, passage })
+    })
+}
+
+/// One record per non-blank line (`parse` gets its 1-based number and UTF-8 text); blank lines
+/// are allowed only at the end of the file.
+fn read_lines_as<T>(
+    path: &Path,
+    mut parse: impl FnMut(usize, &str) -> Result<T>,
+) -> Result<Vec<T>> {
     let mut out = Vec::new();
     let mut blanks = TrailingBlanks::default();
     each_line(path, |line, bytes| {
         if blanks.skip(path, line, bytes)? {
             return Ok(());
         }
-        let s = utf8(path, line, bytes)?;
-        let value: Value = serde_json::from_str(s)
-            .map_err(|e| input_err(path, line, format!("invalid JSON, {}", json_msg(&e))))?;
-        let Value::Object(mut obj) = value else {
-            return Err(input_err(
-                path,
-                line,
-                "expected a JSON object with \"query\" and \"passage\" fields",
-            ));
-        };
-        let mut field = |k: &str| match obj.remove(k) {
-            Some(Value::String(t)) => Ok(t),
-            None => Err(input_err(path, line, format!("field \"{k}\": missing"))),
-            Some(other) => Err(input_err(
-                path,
-                line,
-                format!(
-                    "field \"{k}\": expected a string, got {}",
-                    json_kind(&other)
-                ),
-            )),
-        };
-        out.push(QueryPassage {
-            query: field("query")?,
-            passage: field("passage")?,
-        });
+        out.push(parse(line, utf8(path, line, bytes)?)?);
         Ok(())
     })?;
     Ok(out)
