@@ -3,7 +3,8 @@
 // the dense search's GEMM output.
 //
 // Layout: scores [rows, n] f32; out_scores [rows, k] f32, out_idx [rows, k] i32. k <= kTopkMax
-// (2048) and k <= n (the wrapper checks). NaN ranks below every number.
+// (2048) and k <= n (the wrapper checks). NaN ranks above every number (so that the caller's
+// finiteness check sees it rather than a ranking without it).
 //
 // Launch: block 256 threads, one block per row (grid = rows), no dynamic shared memory.
 //
@@ -27,7 +28,7 @@ constexpr int kTopkThreads = 256;
 constexpr int kTopkMax = 2048;
 
 __device__ __forceinline__ unsigned score_key(float x) {
-    if (x != x) return 0u;  // NaN: below everything
+    if (x != x) return 0xFFFFFFFFu;  // NaN (either sign): above everything, +inf included
     const unsigned u = __float_as_uint(x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }

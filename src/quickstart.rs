@@ -420,6 +420,23 @@ pub fn run_with_settings(
         lines.truncate(s.pretrain_lines);
     }
     let corpus = beir::read_corpus(&data_dir.join("corpus.jsonl"))?;
+    // The fine-tuning rows are read (and checked) now, not after pre-training.
+    let mut examples = read_train_file(&data_dir.join("train.jsonl"))?;
+    if s.train_examples > 0 {
+        examples.truncate(s.train_examples);
+    }
+    if examples.len() < s.finetune_batch {
+        return Err(Error::format(
+            data_dir.join("train.jsonl"),
+            format!(
+                "{} training examples, fewer than one fine-tuning batch of {}",
+                examples.len(),
+                s.finetune_batch
+            ),
+        ));
+    }
+    // So is the test split (queries, qrels, the evaluated corpus).
+    let data = test_data(data_dir, &s)?;
     let mut tok_texts = lines.clone();
     let n_corpus = if s.corpus_docs > 0 {
         s.corpus_docs
@@ -456,6 +473,17 @@ pub fn run_with_settings(
         .map(|d| d[1..d.len().saturating_sub(1)].to_vec())
         .filter(|d| !d.is_empty())
         .collect();
+    // Too little text is the data directory's fault: named by file, before the trainer's check.
+    if docs.len() < s.pretrain_batch {
+        return Err(Error::format(
+            data_dir.join("pretrain.txt"),
+            format!(
+                "{} non-empty lines, fewer than one pre-training batch of {}",
+                docs.len(),
+                s.pretrain_batch
+            ),
+        ));
+    }
     let mvocab = MaskingVocab::from_tokenizer(&tok)?;
     let mut mae = RetroMae::new(enc0.clone(), &Default::default(), 0.5, s.seed)?;
     let pcfg = PretrainConfig {
@@ -500,10 +528,6 @@ pub fn run_with_settings(
 
     // 4. M3 fine-tuning (unified + self-distillation) from the pre-trained encoder.
     let t = Instant::now();
-    let mut examples = read_train_file(&data_dir.join("train.jsonl"))?;
-    if s.train_examples > 0 {
-        examples.truncate(s.train_examples);
-    }
     let mut student = M3Student::new(mae.encoder()?, &heads0)?;
     let fcfg = FinetuneConfig {
         steps: Some(s.finetune_steps),
@@ -555,7 +579,6 @@ pub fn run_with_settings(
 
     // 5. Evaluation on the held-out test split.
     let t = Instant::now();
-    let data = test_data(data_dir, &s)?;
     let m0 = load_model(&untrained_dir, device, s.max_len)?;
     let untrained = evaluate_modes(&m0, &data, &MODEL_MODES)?;
     let m1 = load_model(&ft_dir, device, s.max_len)?;

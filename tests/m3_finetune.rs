@@ -170,6 +170,61 @@ fn resume_is_bit_identical() {
     );
 }
 
+/// A divergent run stops at the first non-finite loss or gradient, names the step, and keeps the
+/// last good checkpoint whole (no later checkpoint, no final model).
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let dir = fixture("tiny-xlmr");
+    let tok = TextTokenizer::from_dir(&dir).unwrap();
+    let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    let out = tmp("diverge");
+    // The first update makes the weights huge; a later loss or gradient is not finite.
+    let cfg = FinetuneConfig {
+        lr: 1e36,
+        warmup_ratio: 0.0,
+        max_grad_norm: None,
+        save_every: Some(1),
+        ..config(6, KdLoss::M3KdLoss)
+    };
+    let mut m = student(&dir);
+    let e = finetune(
+        &mut m,
+        &M3TrainData::single(ex, 3),
+        &tok,
+        &cfg,
+        &dir,
+        &out,
+        None,
+        &mut |_, _, _| {},
+    )
+    .expect_err("a divergent run fails")
+    .to_string();
+    let rows = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let done = rows.lines().count() as u64;
+    assert!((1..6).contains(&done), "{done} steps logged: {e}");
+    eprintln!("stopped after {done} good steps: {e}");
+    assert!(e.starts_with("non-finite value in "), "{e}");
+    // Either the op that met the value or the trainer's loss check names the failing step.
+    let step = done + 1;
+    assert!(
+        e.contains(&format!("M3 step {step}")) || e.contains(&format!("at step {step}")),
+        "{e}"
+    );
+    let ckpt = out.join(format!("checkpoint-{done}"));
+    assert_eq!(TrainState::load(&ckpt).unwrap().step, done);
+    let kept = student(&ckpt);
+    for (spec, t) in kept.params.specs().iter().zip(kept.params.values()) {
+        assert!(
+            t.f32s().unwrap().iter().all(|x| x.is_finite()),
+            "{} in checkpoint-{done} is not finite",
+            spec.name
+        );
+    }
+    assert!(!out.join(format!("checkpoint-{step}")).exists());
+    assert!(!out.join("model.safetensors").exists());
+    let _ = std::fs::remove_dir_all(&out);
+}
+
 #[test]
 fn malformed_training_rows_name_the_line() {
     let d = tmp("bad");

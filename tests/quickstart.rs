@@ -86,3 +86,54 @@ fn trained_tokenizer_has_xlmr_layout() {
     assert_eq!(mask, vec![0, 1999, 2]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Data too small to train on is an error naming the file, found before any training (the
+/// fine-tuning rows and the test split are read first).
+#[test]
+fn too_little_data_names_the_file() {
+    let base = std::env::temp_dir().join(format!("retrom3-qs-data-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let demo = default_data_dir();
+    let copy = |tag: &str| {
+        let d = base.join(tag);
+        std::fs::create_dir_all(d.join("qrels")).unwrap();
+        for f in [
+            "corpus.jsonl",
+            "queries.jsonl",
+            "pretrain.txt",
+            "train.jsonl",
+        ] {
+            std::fs::copy(demo.join(f), d.join(f)).unwrap();
+        }
+        std::fs::copy(demo.join("qrels/test.tsv"), d.join("qrels/test.tsv")).unwrap();
+        d
+    };
+    let first_lines = |p: &std::path::Path, n: usize| {
+        let t = std::fs::read_to_string(p).unwrap();
+        let head: Vec<&str> = t.lines().take(n).collect();
+        std::fs::write(p, head.join("\n") + "\n").unwrap();
+    };
+    let run_on = |d: &std::path::Path| {
+        let out = d.join("out");
+        match run(QuickstartSize::Small, Device::Cpu, d, &out, &mut |_| {}) {
+            Ok(_) => panic!("{} trained", d.display()),
+            Err(e) => e.to_string(),
+        }
+    };
+    let d = copy("pre");
+    first_lines(&d.join("pretrain.txt"), 3);
+    let e = run_on(&d);
+    assert!(e.contains("pretrain.txt: 3 non-empty lines"), "{e}");
+    assert!(!d.join("out/pretrain").exists(), "{e}");
+    let d = copy("train");
+    first_lines(&d.join("train.jsonl"), 1);
+    let e = run_on(&d);
+    assert!(e.contains("train.jsonl: 1 training examples"), "{e}");
+    assert!(!d.join("out/tokenizer").exists(), "{e}");
+    let d = copy("queries");
+    std::fs::write(d.join("queries.jsonl"), "").unwrap();
+    let e = run_on(&d);
+    assert!(e.contains("queries.jsonl"), "{e}");
+    assert!(!d.join("out/tokenizer").exists(), "{e}");
+    let _ = std::fs::remove_dir_all(&base);
+}

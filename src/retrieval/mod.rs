@@ -124,9 +124,10 @@ impl std::fmt::Display for Mode {
     }
 }
 
-/// Is `a` ranked before `b`: higher score, then lower document number.
+/// Is `a` ranked before `b`: higher score, then lower document number (scores in IEEE total
+/// order, the heap's: a positive NaN above `inf`).
 fn better(a: (f32, u32), b: (f32, u32)) -> bool {
-    a.0 > b.0 || (a.0 == b.0 && a.1 < b.1)
+    a.0.total_cmp(&b.0).then(b.1.cmp(&a.1)) == std::cmp::Ordering::Greater
 }
 
 /// Entry of the bounded heap, ordered so that the heap's top is the worst kept hit.
@@ -145,7 +146,8 @@ impl Ord for Worst {
     }
 }
 
-/// A bounded top-k collector (score desc, then document number asc). NaN scores are dropped.
+/// A bounded top-k collector (score desc, then document number asc). A NaN score ranks first, so
+/// that it reaches the caller's finiteness check instead of vanishing from the ranking.
 #[derive(Debug)]
 pub struct TopK {
     k: usize,
@@ -163,9 +165,11 @@ impl TopK {
     /// Offer a hit.
     #[inline]
     pub fn push(&mut self, doc: u32, score: f32) {
-        if self.k == 0 || score.is_nan() {
+        if self.k == 0 {
             return;
         }
+        // One NaN (whatever its sign bit) above every number.
+        let score = if score.is_nan() { f32::NAN } else { score };
         if self.heap.len() < self.k {
             self.heap.push(Worst(score, doc));
         } else if let Some(w) = self.heap.peek() {
@@ -196,4 +200,34 @@ pub fn top_k_of(scores: &[f32], k: usize) -> Vec<Hit> {
         t.push(d as u32, s);
     }
     t.into_sorted()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_k_orders_by_score_then_document_and_keeps_nan_first() {
+        let ranked = |scores: &[f32], k| -> Vec<(u32, f32)> {
+            top_k_of(scores, k)
+                .into_iter()
+                .map(|h| (h.doc, h.score))
+                .collect()
+        };
+        assert_eq!(
+            ranked(&[1.0, 3.0, 2.0, 3.0, f32::NEG_INFINITY], 3),
+            vec![(1, 3.0), (3, 3.0), (2, 2.0)]
+        );
+        assert!(ranked(&[1.0, 2.0], 0).is_empty());
+        // A NaN of either sign is kept, first, where a caller's finiteness check sees it; the
+        // bounded heap does not evict it for a later, larger number.
+        let neg_nan = -f32::NAN;
+        for nan in [f32::NAN, neg_nan] {
+            let r = ranked(&[1.0, nan, 2.0, f32::INFINITY, 5.0], 2);
+            assert_eq!(r.len(), 2);
+            assert_eq!(r[0].0, 1);
+            assert!(r[0].1.is_nan());
+            assert_eq!(r[1], (3, f32::INFINITY));
+        }
+    }
 }

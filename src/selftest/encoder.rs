@@ -372,7 +372,8 @@ pub fn model_rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<
 }
 
 /// Rows for kernels/topk.cu against `cpu::topk`: heavy ties (8 distinct values), k = 1, k = n,
-/// k at the kernel's maximum.
+/// k at the kernel's maximum; about one score in 150 is a NaN of either sign or an infinity (a
+/// NaN ranks above `inf`, so the columns show where the kernel put it).
 pub fn topk_rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<SelftestRow>> {
     let mut rng = Rng::new(seed ^ 0x70_9C);
     let mut cases: Vec<(usize, usize, usize)> = vec![(3, 1000, 10), (4, 33, 1), (2, 257, 257)];
@@ -384,7 +385,13 @@ pub fn topk_rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<S
     for (r, n, kk) in cases {
         let shape = format!("{r}x{n} k{kk}");
         let s: Vec<f32> = (0..r * n)
-            .map(|_| (rng.below(8) as f32 - 3.5) * 0.25 + 0.001 * rng.below(3) as f32)
+            .map(|_| match rng.below(600) {
+                0 => f32::NAN,
+                1 => -f32::NAN,
+                2 => f32::INFINITY,
+                3 => f32::NEG_INFINITY,
+                _ => (rng.below(8) as f32 - 3.5) * 0.25 + 0.001 * rng.below(3) as f32,
+            })
             .collect();
         let sb = DBuf::from_f32(dev, &s, KDType::F32)?;
         let (os, oi) = (

@@ -666,34 +666,42 @@ pub fn finetune_dist(
             ..cfg.loss
         };
         let sum_over = (world > 1).then_some(&group);
-        let (loss, mut grads) = if let (Some((dev, denc)), Some(dopt)) = (&engine, &dopt) {
-            // Encoder gradients stay on the device (summed over the group there).
-            let (loss, heads) = model.device_grads_resident(
-                &**dev,
-                denc,
-                dopt.grads(),
-                &batch,
-                &lcfg,
-                drop,
-                &drop_ids,
-                sum_over,
-                cfg.sub_batch,
-            )?;
-            let mut grads: Vec<Option<Tensor>> = (0..n_enc).map(|_| None).chain(heads).collect();
-            group.average_grads(&mut grads)?;
-            (loss, grads)
-        } else if cfg.sub_batch > 0 {
-            model.sub_batch_grads(&batch, &lcfg, drop, &drop_ids, cfg.sub_batch)?
-        } else {
-            let mut tape = Tape::new();
-            let p = model.params.bind(&mut tape);
-            let loss = model.loss(&mut tape, &p, &batch, &lcfg, drop, &drop_ids)?;
-            let values = loss.values()?;
-            let g = tape.backward(&loss.total)?;
-            let mut acc = GradAccumulator::new(p.len());
-            acc.add(&g, &p)?;
-            (values, acc.into_tensors(model.params.specs(), |_| false)?)
-        };
+        // A non-finite value met in the forward or backward pass names the step it happened at.
+        let computed = (|| -> Result<(M3LossValues, Vec<Option<Tensor>>)> {
+            Ok(if let (Some((dev, denc)), Some(dopt)) = (&engine, &dopt) {
+                // Encoder gradients stay on the device (summed over the group there).
+                let (loss, heads) = model.device_grads_resident(
+                    &**dev,
+                    denc,
+                    dopt.grads(),
+                    &batch,
+                    &lcfg,
+                    drop,
+                    &drop_ids,
+                    sum_over,
+                    cfg.sub_batch,
+                )?;
+                let mut grads: Vec<Option<Tensor>> =
+                    (0..n_enc).map(|_| None).chain(heads).collect();
+                group.average_grads(&mut grads)?;
+                (loss, grads)
+            } else if cfg.sub_batch > 0 {
+                model.sub_batch_grads(&batch, &lcfg, drop, &drop_ids, cfg.sub_batch)?
+            } else {
+                let mut tape = Tape::new();
+                let p = model.params.bind(&mut tape);
+                let loss = model.loss(&mut tape, &p, &batch, &lcfg, drop, &drop_ids)?;
+                let values = loss.values()?;
+                let g = tape.backward(&loss.total)?;
+                let mut acc = GradAccumulator::new(p.len());
+                acc.add(&g, &p)?;
+                (values, acc.into_tensors(model.params.specs(), |_| false)?)
+            })
+        })();
+        let (loss, mut grads) = computed.map_err(|e| match e {
+            Error::NonFinite(m) => Error::NonFinite(format!("{m} (M3 step {})", state.step + 1)),
+            e => e,
+        })?;
         if engine.is_none() {
             group.average_grads(&mut grads)?;
         }
@@ -733,8 +741,13 @@ pub fn finetune_dist(
         let lv = loss.total;
         if !lv.is_finite() {
             return Err(Error::NonFinite(format!(
-                "M3 loss at step {}",
-                state.step + 1
+                "M3 loss at step {} (dense {}, sparse {}, colbert {}, ensemble {}, self-distill {})",
+                state.step + 1,
+                loss.dense,
+                loss.sparse,
+                loss.colbert,
+                loss.ensemble,
+                loss.self_distill
             )));
         }
         let row = (
