@@ -196,6 +196,14 @@ pub fn compare(
     let abs_tol = (tol.atol * scale).max(tol.floor).max(f64::MIN_POSITIVE);
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         if !w.is_finite() {
+            // A non-finite reference value must be met exactly: NaN by a NaN (either sign), an
+            // infinity by the same infinity.
+            if !(w.is_nan() && g.is_nan() || w == g) {
+                row.mismatches += 1;
+                if row.first_mismatch.is_none() {
+                    row.first_mismatch = Some(format!("[{i}] got {g:.6e} want {w:.6e}"));
+                }
+            }
             continue;
         }
         let (g, w) = (g as f64, w as f64);
