@@ -94,3 +94,15 @@ pub(crate) const MIX_SEED: u64 = 0x243F_6A88_85A3_08D3;
 pub(crate) fn mix(h: u64, w: u64) -> u64 {
     (h ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29)
 }
+
+/// [`mix`] over a piece of an offsets file (little-endian u64 words; a piece holds whole words):
+/// the new hash and the piece's last offset (`None` for an empty piece).
+pub(crate) fn mix_offsets(mut h: u64, piece: &[u8]) -> (u64, Option<u64>) {
+    let mut last = None;
+    for w in piece.chunks_exact(8) {
+        let o = u64::from_le_bytes(w.try_into().expect("chunks_exact(8)"));
+        h = mix(h, o);
+        last = Some(o);
+    }
+    (h, last)
+}

@@ -147,11 +147,7 @@ impl Sink {
             1 << 16,
             &self.offsets_path,
             |piece| {
-                for w in piece.chunks_exact(8) {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(w);
-                    offsets_hash = mix(offsets_hash, u64::from_le_bytes(b));
-                }
+                offsets_hash = super::mix_offsets(offsets_hash, piece).0;
                 tokens.write_all(piece).map_err(tokens_err)
             },
         )?;

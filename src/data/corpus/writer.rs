@@ -359,12 +359,9 @@ fn resume(work: &WorkFiles, job: &Job, cap: u64) -> Result<(Sink, ReaderState, T
         1 << 16,
         &work.offsets,
         |piece| {
-            for w in piece.chunks_exact(8) {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(w);
-                last_offset = u64::from_le_bytes(b);
-                offsets_hash = super::mix(offsets_hash, last_offset);
-            }
+            let (h, last) = super::mix_offsets(offsets_hash, piece);
+            offsets_hash = h;
+            last_offset = last.unwrap_or(last_offset);
             Ok(())
         },
     )?;
