@@ -425,16 +425,22 @@ pub fn run_with_settings(
     if s.train_examples > 0 {
         examples.truncate(s.train_examples);
     }
-    if examples.len() < s.finetune_batch {
-        return Err(Error::format(
-            data_dir.join("train.jsonl"),
-            format!(
-                "{} training examples, fewer than one fine-tuning batch of {}",
-                examples.len(),
-                s.finetune_batch
-            ),
-        ));
-    }
+    // Too little data is the data directory's fault: named by file, before the trainers' checks.
+    let too_few = |file: &str, have: usize, what: &str, batch: usize| -> Result<()> {
+        if have < batch {
+            return Err(Error::format(
+                data_dir.join(file),
+                format!("{have} {what}, fewer than one {batch}-row batch"),
+            ));
+        }
+        Ok(())
+    };
+    too_few(
+        "train.jsonl",
+        examples.len(),
+        "training examples",
+        s.finetune_batch,
+    )?;
     // So is the test split (queries, qrels, the evaluated corpus).
     let data = test_data(data_dir, &s)?;
     let mut tok_texts = lines.clone();
@@ -473,17 +479,12 @@ pub fn run_with_settings(
         .map(|d| d[1..d.len().saturating_sub(1)].to_vec())
         .filter(|d| !d.is_empty())
         .collect();
-    // Too little text is the data directory's fault: named by file, before the trainer's check.
-    if docs.len() < s.pretrain_batch {
-        return Err(Error::format(
-            data_dir.join("pretrain.txt"),
-            format!(
-                "{} non-empty lines, fewer than one pre-training batch of {}",
-                docs.len(),
-                s.pretrain_batch
-            ),
-        ));
-    }
+    too_few(
+        "pretrain.txt",
+        docs.len(),
+        "non-empty lines",
+        s.pretrain_batch,
+    )?;
     let mvocab = MaskingVocab::from_tokenizer(&tok)?;
     let mut mae = RetroMae::new(enc0.clone(), &Default::default(), 0.5, s.seed)?;
     let pcfg = PretrainConfig {
