@@ -602,21 +602,163 @@ fn k_and_candidates_must_be_at_least_one() {
         &["--output", d.join("no/such/dir/e.json").to_str().unwrap()],
     );
     err(&o, &["--output", "does not exist"]);
-    // An index of ColBERT vectors and BM25 only: the default mode is bm25 (ColBERT needs dense
-    // candidates), not a sparse mode the index cannot serve.
+    // ColBERT vectors without dense ones: a part no mode could use (it re-ranks the dense
+    // candidates), refused before anything is encoded.
     let colb = d.join("colb");
-    ok(&run(&[
-        "index",
-        "--model",
+    let index_to = |out: &Path, part: &str| {
+        run(&[
+            "index",
+            "--model",
+            &model,
+            "--corpus",
+            data.join("corpus.jsonl").to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+            part,
+        ])
+    };
+    err(&index_to(&colb, "--colbert"), &["--colbert needs --dense"]);
+    assert!(!colb.exists());
+    // An --output / --run-dir that cannot be a directory is refused before the encoding.
+    let file = d.join("afile");
+    std::fs::write(&file, "keep").unwrap();
+    err(
+        &index_to(&file, "--dense"),
+        &["--output", "exists and is not a directory"],
+    );
+    err(
+        &index_to(&file.join("sub"), "--dense"),
+        &["--output", "afile is not a directory"],
+    );
+    err(
+        &eval(&model, &data, &["--run-dir", file.to_str().unwrap()]),
+        &["--run-dir", "exists and is not a directory"],
+    );
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    // A --k / --candidates / --depth far above the corpus is the whole corpus (it used to size
+    // a buffer: an abort on a failed allocation).
+    let huge = "1000000000000";
+    let n_docs = std::fs::read_to_string(data.join("corpus.jsonl"))
+        .unwrap()
+        .lines()
+        .count();
+    for mode in ["dense", "sparse", "bm25", "colbert", "all"] {
+        let o = ok(&search(
+            &model,
+            &idx,
+            &["--query", "capital", "--mode", mode, "--k", huge],
+        ));
+        let n = o
+            .lines()
+            .filter(|l| l.trim_start().starts_with(char::is_numeric))
+            .count();
+        assert!((1..=n_docs).contains(&n), "{mode}: {o}");
+    }
+    let o = search(&model, &idx, &["--query", "capital", "--candidates", huge]);
+    ok(&o);
+    let res = d.join("r.json");
+    ok(&eval(
         &model,
-        "--corpus",
-        data.join("corpus.jsonl").to_str().unwrap(),
-        "--output",
-        colb.to_str().unwrap(),
-        "--colbert",
-    ]));
-    let o = search(&model, &colb, &["--query", "capital of France"]);
-    assert!(ok(&o).contains("score (bm25)"));
+        &data,
+        &[
+            "--modes",
+            "colbert,all",
+            "--depth",
+            huge,
+            "--output",
+            res.to_str().unwrap(),
+        ],
+    ));
+    // results.json records the candidate depth each mode ran with (at least --depth, at most
+    // the corpus), and f32 settings as written.
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&res).unwrap()).unwrap();
+    let s = &doc["settings"];
+    assert_eq!(
+        s["candidates"],
+        serde_json::json!({"colbert": n_docs, "all": n_docs}),
+        "{s}"
+    );
+    assert_eq!(s["weights"], serde_json::json!([1.0, 0.3, 1.0]), "{s}");
+    assert_eq!(s["bm25"], serde_json::json!({"k1": 0.9, "b": 0.4}), "{s}");
+}
+
+/// A model whose sentence-transformers files pool otherwise than the index's model (mean, or no
+/// Normalize) is another model to the index; the plain model's fingerprint is unchanged.
+#[test]
+fn pooling_changes_are_another_model_to_an_index() {
+    let d = tmpdir("pool");
+    let data = d.join("beir");
+    beir(&data);
+    let idx = build_index(&d, &data);
+    let m = d.join("model");
+    std::fs::create_dir_all(&m).unwrap();
+    for e in std::fs::read_dir(tiny()).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), m.join(e.file_name())).unwrap();
+        }
+    }
+    let model = m.to_str().unwrap();
+    ok(&search(model, &idx, &["--query", "capital"]));
+    std::fs::create_dir_all(m.join("1_Pooling")).unwrap();
+    std::fs::write(
+        m.join("1_Pooling/config.json"),
+        r#"{"pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        m.join("modules.json"),
+        r#"[{"path": "", "type": "sentence_transformers.models.Transformer"},
+            {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]"#,
+    )
+    .unwrap();
+    err(
+        &search(model, &idx, &["--query", "capital"]),
+        &["index built with model"],
+    );
+    // CLS pooling again, but no Normalize module: still not the indexed model.
+    std::fs::write(
+        m.join("1_Pooling/config.json"),
+        r#"{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        m.join("modules.json"),
+        r#"[{"path": "", "type": "sentence_transformers.models.Transformer"},
+            {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]"#,
+    )
+    .unwrap();
+    err(
+        &search(model, &idx, &["--query", "capital"]),
+        &["index built with model"],
+    );
+}
+
+/// A closed stdout (`| head`, `| true`) is an error naming it (exit 1), not a panic, and eval
+/// writes its --output before printing the table.
+#[test]
+fn a_closed_stdout_is_an_error_after_the_results_file() {
+    use std::process::Stdio;
+    let d = tmpdir("epipe");
+    let data = d.join("beir");
+    beir(&data);
+    let res = d.join("r.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .args(["eval", "--model", &tiny(), "--data"])
+        .arg(&data)
+        .arg("--output")
+        .arg(&res)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    err(&o, &["<stdout>"]);
+    assert!(res.is_file());
 }
 
 #[test]

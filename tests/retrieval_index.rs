@@ -321,6 +321,17 @@ fn beir_reader_refuses_whitespace_ids_and_empty_queries() {
     let model = M3Model::load(tiny(), Device::Cpu).unwrap();
     let ix = Index::build(&model, &corpus, IndexParts::all(), &mut |_| {}).unwrap();
     assert_eq!(ix.n_docs(), 3);
+    // The blank document is the empty one: the same dense vector, and no sparse or BM25
+    // postings (whitespace used to become a "▁" piece that any query could match).
+    assert_eq!(corpus[2].text, "");
+    let d = ix.dense.as_ref().unwrap();
+    assert_eq!(d.vector(0), d.vector(2));
+    let q = retrom3::retrieval::hybrid::encode_queries_for(&model, &["capital"], &[Mode::Bm25])
+        .unwrap();
+    let hits = ix
+        .search(&q, Mode::Bm25, &SearchOptions::default())
+        .unwrap();
+    assert!(hits[0].iter().all(|h| h.doc != 2), "{:?}", hits[0]);
 
     let mut qrels = beir::Qrels::new();
     qrels

@@ -185,17 +185,23 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     }
 }
 
-fn print_header() {
-    println!(
+fn print_header() -> Result<()> {
+    outln!(
         "{:<58} {:>12} {:>10} {:>10} {:>8} {:>12}",
-        "op", "s/iter", "TFLOP/s", "GB/s", "of peak", "tokens/s"
+        "op",
+        "s/iter",
+        "TFLOP/s",
+        "GB/s",
+        "of peak",
+        "tokens/s"
     );
+    Ok(())
 }
 
 /// One table row, flushed at once (a run stopped by a time limit keeps what it printed).
-fn print_row(r: &bench::BenchRow) {
+fn print_row(r: &bench::BenchRow) -> Result<()> {
     let opt = |v: Option<f64>, p: usize| v.map_or("-".to_string(), |x| format!("{x:.p$}"));
-    println!(
+    outln!(
         "{:<58} {:>12.4e} {:>10} {:>10} {:>8} {:>12}",
         r.name,
         r.seconds_per_iter,
@@ -205,13 +211,14 @@ fn print_row(r: &bench::BenchRow) {
             .map_or("-".to_string(), |x| format!("{:.0}%", 100.0 * x)),
         opt(r.tokens_per_s, 0)
     );
-    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::io::Write::flush(&mut std::io::stdout()).map_err(|e| retrom3::Error::io("<stdout>", e))
 }
 
 fn report(rows: &[bench::BenchRow], json: Option<&PathBuf>) -> Result<()> {
-    print_header();
-    rows.iter().for_each(print_row);
-    write_json(rows, json)
+    // The JSON first: a closed stdout does not lose it.
+    write_json(rows, json)?;
+    print_header()?;
+    rows.iter().try_for_each(print_row)
 }
 
 fn write_json(rows: &[bench::BenchRow], json: Option<&PathBuf>) -> Result<()> {
@@ -225,7 +232,7 @@ fn write_json(rows: &[bench::BenchRow], json: Option<&PathBuf>) -> Result<()> {
 fn kernels(a: BenchKernelsArgs) -> Result<()> {
     let dev = engine::open(a.device)?;
     let card = dev.name();
-    println!("device: {card}");
+    outln!("device: {card}");
     let cfg = bench::KernelBenchCfg {
         quick: a.quick,
         iters: a.iters,
@@ -233,9 +240,16 @@ fn kernels(a: BenchKernelsArgs) -> Result<()> {
         attention_only: a.attention_only,
         seq_lens: a.seq_lens,
     };
-    print_header();
-    let rows = bench::kernels_streaming(&*dev, &cfg, &mut print_row)?;
-    write_json(&rows, a.json.as_ref())
+    print_header()?;
+    // A closed stdout stops the printing, not the run: the rows still reach --json.
+    let mut printed = Ok(());
+    let rows = bench::kernels_streaming(&*dev, &cfg, &mut |r| {
+        if printed.is_ok() {
+            printed = print_row(r);
+        }
+    })?;
+    write_json(&rows, a.json.as_ref())?;
+    printed
 }
 
 fn dtype(s: &str) -> Result<KDType> {
@@ -258,7 +272,7 @@ fn max_batch(a: BenchMaxBatchArgs) -> Result<()> {
     }
     let cfg = a.model.config(longest)?;
     let dev = engine::open(a.model.device)?;
-    println!("device: {}", dev.name());
+    outln!("device: {}", dev.name());
     let rows = bench::max_batch_logged(
         &*dev,
         cfg,
@@ -269,16 +283,24 @@ fn max_batch(a: BenchMaxBatchArgs) -> Result<()> {
         dt,
         &mut |l| eprintln!("  {l}"),
     )?;
-    println!(
+    outln!(
         "{:>8} {:>10} {:>10} {:>7} {:>8}",
-        "seq_len", "sub_batch", "max_batch", "probes", "seconds"
+        "seq_len",
+        "sub_batch",
+        "max_batch",
+        "probes",
+        "seconds"
     );
     let mut json = String::new();
     for r in &rows {
         let b = format!("{}{}", if r.lower_bound { ">=" } else { "" }, r.max_batch);
-        println!(
+        outln!(
             "{:>8} {:>10} {:>10} {:>7} {:>8.1}",
-            r.seq_len, r.sub_batch, b, r.probes, r.seconds
+            r.seq_len,
+            r.sub_batch,
+            b,
+            r.probes,
+            r.seconds
         );
         json.push_str(&r.to_json().to_string());
         json.push('\n');
@@ -293,7 +315,7 @@ fn model(a: BenchModelArgs) -> Result<()> {
     let dt = dtype(&a.dtype)?;
     let cfg = a.model.config(a.seq)?;
     let dev = engine::open(a.model.device)?;
-    println!("device: {}", dev.name());
+    outln!("device: {}", dev.name());
     let rows = bench::model(&*dev, cfg, a.batch, a.seq, a.iters, dt, &a.rows)?;
     report(&rows, a.json.as_ref())
 }
@@ -340,7 +362,7 @@ fn encode(a: BenchEncodeArgs) -> Result<()> {
         model.encode(&refs, &opts)?;
         best = best.min(t.elapsed().as_secs_f64());
     }
-    println!(
+    outln!(
         "{}",
         serde_json::json!({
             "engine": "retrom3",

@@ -5,7 +5,7 @@ use super::index::warn_empty_docs;
 use super::output::progress;
 use super::search::{at_least_one, parse_weights, trec_line};
 use clap::Args;
-use retrom3::retrieval::hybrid::encode_queries_for;
+use retrom3::retrieval::hybrid::{effective_candidates, encode_queries_for};
 use retrom3::retrieval::metrics::{evaluate, Run, Summary};
 use retrom3::retrieval::{beir, Index, IndexParts, Mode, SearchOptions};
 use retrom3::{Device, Error, M3Model, Result};
@@ -107,6 +107,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if let Some(out) = &a.output {
         super::output::check_output_path("--output", out)?;
     }
+    if let Some(d) = &a.run_dir {
+        super::output::check_output_dir("--run-dir", d)?;
+    }
     let modes = parse_modes(&a.modes)?;
     let weights = parse_weights(&a.weights, &modes)?;
     if a.depth == 0 {
@@ -166,41 +169,16 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let (_, summary) = evaluate(&data.qrels, &run);
         results.push((mode, summary));
     }
-    println!(
-        "{:<14} {:>8} {:>10} {:>8} {:>8}",
-        "mode", "nDCG@10", "Recall@100", "MRR@10", "MAP"
-    );
-    for (m, s) in &results {
-        println!(
-            "{:<14} {:>8.4} {:>10.4} {:>8.4} {:>8.4}",
-            m.name(),
-            s.mean.ndcg_10,
-            s.mean.recall_100,
-            s.mean.mrr_10,
-            s.mean.map
-        );
-    }
     let s0 = &results[0].1;
-    println!(
-        "{} queries evaluated on split {:?} over {} documents; {} skipped (no relevant judgment)",
-        s0.queries,
-        a.split,
-        index.n_docs(),
-        s0.skipped_no_relevant
-    );
-    if s0.skipped_no_relevant > 0 || s0.empty_runs > 0 {
-        // The other convention, to compare with BEIR's published numbers.
-        for (m, s) in &results {
-            println!(
-                "{:<14} nDCG@10 {:.4} over {} queries (BEIR / pytrec_eval mean: queries without a \
-                 relevant judgment count 0, queries without hits are left out)",
-                m.name(),
-                s.pytrec_mean.ndcg_10,
-                s.pytrec_queries
-            );
-        }
-    }
+    // The results file first: a closed stdout (`| head`) does not lose it.
     if let Some(out) = &a.output {
+        let mut candidates = serde_json::Map::new();
+        for m in [Mode::Colbert, Mode::DenseSparse, Mode::All] {
+            if modes.contains(&m) {
+                let k = effective_candidates(m, opts.candidates, opts.k).min(index.n_docs());
+                candidates.insert(m.name().into(), json!(k));
+            }
+        }
         let mut by_mode = serde_json::Map::new();
         for (m, s) in &results {
             by_mode.insert(
@@ -218,12 +196,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "skipped_no_relevant": s0.skipped_no_relevant,
             "settings": {
                 "depth": a.depth,
-                "candidates": a.candidates.map_or_else(
-                    || json!({"colbert": 200, "dense+sparse": 1000, "all": 1000}),
-                    |c| json!(c)
-                ),
-                "weights": weights,
-                "bm25": {"k1": index.bm25_params.k1, "b": index.bm25_params.b},
+                // The depth each re-ranking mode ran with (at least --depth).
+                "candidates": candidates,
+                "weights": weights.map(short_f64),
+                "bm25": {
+                    "k1": short_f64(index.bm25_params.k1),
+                    "b": short_f64(index.bm25_params.b),
+                },
             },
             "modes": modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
             "results": by_mode,
@@ -231,5 +210,47 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::invalid(e.to_string()))?;
         retrom3::io::write_atomic(out, |w| std::io::Write::write_all(w, text.as_bytes()))?;
     }
+    outln!(
+        "{:<14} {:>8} {:>10} {:>8} {:>8}",
+        "mode",
+        "nDCG@10",
+        "Recall@100",
+        "MRR@10",
+        "MAP"
+    );
+    for (m, s) in &results {
+        outln!(
+            "{:<14} {:>8.4} {:>10.4} {:>8.4} {:>8.4}",
+            m.name(),
+            s.mean.ndcg_10,
+            s.mean.recall_100,
+            s.mean.mrr_10,
+            s.mean.map
+        );
+    }
+    outln!(
+        "{} queries evaluated on split {:?} over {} documents; {} skipped (no relevant judgment)",
+        s0.queries,
+        a.split,
+        index.n_docs(),
+        s0.skipped_no_relevant
+    );
+    if s0.skipped_no_relevant > 0 || s0.empty_runs > 0 {
+        // The other convention, to compare with BEIR's published numbers.
+        for (m, s) in &results {
+            outln!(
+                "{:<14} nDCG@10 {:.4} over {} queries (BEIR / pytrec_eval mean: queries without a \
+                 relevant judgment count 0, queries without hits are left out)",
+                m.name(),
+                s.pytrec_mean.ndcg_10,
+                s.pytrec_queries
+            );
+        }
+    }
     Ok(())
+}
+
+/// An f32 setting as the decimal it was written as (0.3, not 0.30000001192092896).
+fn short_f64(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
 }

@@ -50,6 +50,13 @@ pub fn warn_empty_docs(corpus: &[beir::Doc]) {
 }
 
 pub fn run(a: IndexArgs) -> Result<()> {
+    super::output::check_output_dir("--output", &a.output)?;
+    if a.colbert && !a.dense {
+        // ColBERT re-ranks the dense top-K: alone it is a part no mode can use.
+        return Err(retrom3::Error::invalid(
+            "--colbert needs --dense (the colbert mode re-ranks the dense candidates)",
+        ));
+    }
     let corpus = beir::read_corpus(&a.corpus)?;
     warn_empty_docs(&corpus);
     let none = !(a.dense || a.sparse || a.colbert);
@@ -78,7 +85,7 @@ pub fn run(a: IndexArgs) -> Result<()> {
     if let Some(b) = &index.bm25 {
         what.push(format!("bm25 {} postings", b.n_postings()));
     }
-    println!(
+    outln!(
         "indexed {} documents ({}) into {}",
         index.n_docs(),
         what.join(", "),

@@ -1,5 +1,15 @@
 //! Subcommand definitions (clap) and dispatch.
 
+/// `println!` for a command's results: a closed or full stdout (`| head`, `| true`) is an error
+/// naming `<stdout>` (exit 1), not a panic. The caller returns `Result`.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+            .map_err(|e| retrom3::Error::io("<stdout>", e))?
+    }};
+}
+
 mod bench;
 mod convert;
 mod encode;

@@ -42,6 +42,32 @@ pub fn check_output_path(flag: &str, path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Check an output directory's path before the work that fills it: a directory, or a path that
+/// `create_dir_all` can make (its nearest existing ancestor is a directory).
+pub fn check_output_dir(flag: &str, path: &Path) -> Result<()> {
+    let mut p = path;
+    loop {
+        if p.as_os_str().is_empty() || p.is_dir() {
+            return Ok(());
+        }
+        if p.exists() {
+            return Err(Error::invalid(if p == path {
+                format!("{flag} {}: exists and is not a directory", path.display())
+            } else {
+                format!(
+                    "{flag} {}: {} is not a directory",
+                    path.display(),
+                    p.display()
+                )
+            }));
+        }
+        match p.parent() {
+            Some(q) => p = q,
+            None => return Ok(()),
+        }
+    }
+}
+
 /// A progress bar on stderr, hidden for short inputs or when stderr is not a terminal.
 pub fn progress(total: usize, what: &str) -> ProgressBar {
     if total < 64 {

@@ -56,8 +56,8 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
     let report = run_with_settings(settings, size, a.device, &data, &a.output, &mut |l| {
         eprintln!("  {l}")
     })?;
-    println!("{}", table(&report));
-    println!(
+    outln!("{}", table(&report));
+    outln!(
         "{} test queries; {:.0} s; report in {}/summary.md",
         report.bm25.queries,
         report.seconds,

@@ -54,7 +54,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
         // What was loaded, from where, before any kernel runs (so it is in the log even when a
         // kernel faults): device, driver and libcuda, libcublas, kernel build.
         match describe_cuda(ordinal) {
-            Ok(text) => println!("{text}"),
+            Ok(text) => outln!("{text}"),
             Err(e) => unavailable(e),
         }
     }
@@ -68,7 +68,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
         Err(e) if is_unavailable(&e) => unavailable(e),
         Err(e) => return Err(e),
     };
-    println!("{report}");
+    outln!("{report}");
     if !report.all_passed() {
         std::process::exit(1);
     }

@@ -109,13 +109,16 @@ fn check_chunk(chunk: usize) -> Result<()> {
 }
 
 impl M3Model {
-    /// Encoder forward with MCLS: dense = (normalised) mean of the hidden states at every `cls`
-    /// position; sparse as usual (special ids are dropped); ColBERT without the inserted `cls`.
+    /// Encoder forward with MCLS: dense = (normalised) mean of the hidden states at position 0
+    /// and every position [`insert_mcls`] put a `cls` at (found by place, not by id: a literal
+    /// `<s>` in the text is a token like any other); sparse as usual (special ids are dropped);
+    /// ColBERT without the inserted `cls`.
     fn forward_mcls(
         &self,
         input: &EncoderInput,
         req: HeadRequest,
         cls: u32,
+        chunk: usize,
     ) -> Result<crate::model::m3::HeadOutputs> {
         let mut tape = crate::autograd::Tape::no_grad();
         let hs = match &self.engine {
@@ -145,35 +148,60 @@ impl M3Model {
         };
         let (b, l) = (input.batch, input.len);
         let h = self.encoder.config.hidden_size;
-        let ids = |bi: usize| &input.ids[bi * l..(bi + 1) * l];
-        let real = |bi: usize, li: usize| input.mask[bi * l + li] != 0;
+        // The marker positions of each text: 0, then every (chunk + 1)-th before its `</s>`.
+        let markers: Vec<Vec<usize>> = (0..b)
+            .map(|bi| {
+                let ids = &input.ids[bi * l..(bi + 1) * l];
+                let len = input.mask[bi * l..(bi + 1) * l]
+                    .iter()
+                    .filter(|&&m| m != 0)
+                    .count();
+                let at: Vec<usize> = std::iter::once(0)
+                    .chain((1..).map(|k| k * (chunk + 1)).take_while(|&p| p + 1 < len))
+                    .collect();
+                match at.iter().find(|&&p| ids[p] != cls) {
+                    Some(&p) => Err(Error::invalid(format!(
+                        "MCLS: position {p} of text {bi} holds id {}, not the <s> id {cls}:                          the ids must come from insert_mcls with chunk {chunk}",
+                        ids[p]
+                    ))),
+                    None => Ok(at),
+                }
+            })
+            .collect::<Result<_>>()?;
         if req.colbert {
             // Vector j of a text is position j + 1: drop the inserted CLS positions.
-            for (bi, vecs) in out.colbert.iter_mut().enumerate() {
-                let keep: Vec<bool> = (1..=vecs.len()).map(|li| ids(bi)[li] != cls).collect();
-                let mut k = keep.iter();
-                vecs.retain(|_| *k.next().unwrap_or(&true));
+            for (vecs, at) in out.colbert.iter_mut().zip(&markers) {
+                let mut li = 0;
+                vecs.retain(|_| {
+                    li += 1;
+                    at.binary_search(&li).is_err()
+                });
             }
         }
         if req.dense {
             let v = hs.value().f32s()?;
-            out.dense = (0..b)
-                .map(|bi| {
+            out.dense = markers
+                .iter()
+                .enumerate()
+                .map(|(bi, at)| {
                     let mut acc = vec![0f64; h];
-                    let mut n = 0usize;
-                    for li in (0..l).filter(|&li| real(bi, li) && ids(bi)[li] == cls) {
+                    for &li in at {
                         let row = &v[(bi * l + li) * h..(bi * l + li + 1) * h];
                         acc.iter_mut().zip(row).for_each(|(a, &x)| *a += x as f64);
-                        n += 1;
                     }
-                    let mut d: Vec<f32> =
-                        acc.iter().map(|&a| (a / n.max(1) as f64) as f32).collect();
-                    if req.normalize {
-                        let norm = d.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt();
-                        let norm = norm.max(1e-12) as f32;
-                        d.iter_mut().for_each(|x| *x /= norm);
+                    let d: Vec<f32> = acc.iter().map(|&a| (a / at.len() as f64) as f32).collect();
+                    if !req.normalize {
+                        return d;
                     }
-                    d
+                    // The dense head's own normalisation: one chunk encodes as without MCLS.
+                    let mut y = vec![0f32; h];
+                    crate::device::cpu::normalize::l2_normalize_fwd(
+                        &d,
+                        h,
+                        crate::model::m3::NORM_EPS,
+                        &mut y,
+                    );
+                    y
                 })
                 .collect();
         }
@@ -299,7 +327,7 @@ impl M3Model {
             let input = EncoderInput::pad(&batch, pad);
             let result = match mcls {
                 None => self.forward_heads(&input, req),
-                Some(cls) => self.forward_mcls(&input, req, cls),
+                Some(cls) => self.forward_mcls(&input, req, cls, opts.mcls_chunk),
             };
             let out = match result {
                 Err(Error::OutOfMemory { .. }) if chunk.len() > 1 => {

@@ -81,6 +81,41 @@ pub(crate) fn storage_le_bytes(storage: &Storage) -> Cow<'_, [u8]> {
 
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// `/dev/stdout`, `/dev/stderr`, `/dev/fd/N`, `/proc/self/fd/N`: a duplicate of that descriptor
+/// of this process (an error when it is not open); `None` for any other path.
+fn own_descriptor(path: &Path) -> Option<std::io::Result<File>> {
+    let s = path.to_str()?;
+    let n: i32 = match s {
+        "/dev/stdout" => 1,
+        "/dev/stderr" => 2,
+        _ => s
+            .strip_prefix("/dev/fd/")
+            .or_else(|| s.strip_prefix("/proc/self/fd/"))?
+            .parse()
+            .ok()?,
+    };
+    #[cfg(unix)]
+    {
+        use std::os::fd::{AsFd, BorrowedFd};
+        // Open? (`borrow_raw` needs an open descriptor.)
+        if n < 0 || !Path::new(&format!("/proc/self/fd/{n}")).exists() {
+            return Some(Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("descriptor {n} is not open"),
+            )));
+        }
+        // SAFETY: descriptor n is open (checked just above); the borrow ends with this
+        // expression, which duplicates it.
+        let fd = unsafe { BorrowedFd::borrow_raw(n) };
+        Some(fd.as_fd().try_clone_to_owned().map(File::from))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = n;
+        None
+    }
+}
+
 /// Write `path` atomically: `write` fills a temporary file in the same directory, which is then
 /// flushed, `fsync`ed and renamed over `path`; the directory is `fsync`ed too (best effort).
 /// On any error the temporary file is removed and `path` is left untouched.
@@ -108,7 +143,13 @@ pub fn write_atomic(
         // Appending: a redirected stdout reopened through /proc starts at offset 0, and must
         // neither overwrite what was printed before nor the file a `>>` appends to.
         let result = (|| -> std::io::Result<()> {
-            let file = File::options().append(true).open(path)?;
+            // One of our own descriptors is written through itself (a copy of it shares the
+            // file offset): a reopened file would keep its own offset, and the next write to the
+            // redirected file (the shell's, a later command's) would overwrite ours.
+            let file = match own_descriptor(path) {
+                Some(fd) => fd?,
+                None => File::options().append(true).open(path)?,
+            };
             let mut out = BufWriter::with_capacity(1 << 20, file);
             write(&mut out)?;
             out.flush()
@@ -254,6 +295,24 @@ mod tests {
             assert_eq!(std::fs::read_to_string(&log).unwrap(), "kept\nnew\n");
         }
         drop(f);
+        // Written through the descriptor itself, so that its offset moves: what the process
+        // (a shell) writes to it next comes after ours, not over it.
+        let shared = d.join("shared");
+        let mut g = std::fs::File::create(&shared).unwrap();
+        g.write_all(b"first\n").unwrap();
+        let p = PathBuf::from(format!("/dev/fd/{}", g.as_raw_fd()));
+        if p.exists() {
+            write_atomic(&p, |w| w.write_all(b"ours\n")).unwrap();
+            g.write_all(b"after\n").unwrap();
+            assert_eq!(
+                std::fs::read_to_string(&shared).unwrap(),
+                "first\nours\nafter\n"
+            );
+            let e = write_atomic(Path::new("/dev/fd/987654"), |w| w.write_all(b"x"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("descriptor 987654 is not open"), "{e}");
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -112,6 +112,13 @@ pub fn read_corpus(path: &Path) -> Result<Vec<Doc>> {
             } else {
                 format!("{title} {text}")
             };
+            // A blank document is an empty one (the special tokens only): whitespace would
+            // otherwise become a "▁" piece with postings of its own.
+            let text = if text.trim().is_empty() {
+                String::new()
+            } else {
+                text
+            };
             Ok(Doc { id, text })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -34,12 +34,25 @@ fn read_all(path: &Path) -> Result<Vec<u8>> {
 
 impl ModelFingerprint {
     /// Fingerprint of a loaded model (its directory and tokenizer file).
+    /// The dense settings a sentence-transformers layout can change (`1_Pooling/config.json`,
+    /// a `modules.json` without Normalize) are part of it when they are not bge-m3's (CLS,
+    /// normalised): queries pooled otherwise than the indexed documents would rank garbage.
+    /// With the defaults it is [`ModelFingerprint::of_files`]'s, as indexes built before
+    /// carry.
     pub fn of_model(model: &M3Model) -> Result<ModelFingerprint> {
-        Self::of_files(&model.dir, model.tokenizer.path())
+        let dense = match (model.pooling, model.normalize) {
+            (crate::Pooling::Cls, true) => None,
+            (p, n) => Some(format!("dense:{p:?}:normalize={n}")),
+        };
+        Self::of_parts(&model.dir, model.tokenizer.path(), dense.as_deref())
     }
 
     /// Fingerprint of a model directory given its tokenizer file.
     pub fn of_files(dir: &Path, tokenizer: &Path) -> Result<ModelFingerprint> {
+        Self::of_parts(dir, tokenizer, None)
+    }
+
+    fn of_parts(dir: &Path, tokenizer: &Path, dense: Option<&str>) -> Result<ModelFingerprint> {
         let mut buf: Vec<u8> = Vec::new();
         let mut part = |tag: &str, bytes: &[u8]| {
             buf.extend_from_slice(tag.as_bytes());
@@ -73,6 +86,9 @@ impl ModelFingerprint {
             if p.is_file() {
                 part(h, &read_all(&p)?);
             }
+        }
+        if let Some(d) = dense {
+            part(d, &[]);
         }
         Ok(ModelFingerprint {
             hash: xxh64(&buf, 0),

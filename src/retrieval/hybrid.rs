@@ -130,6 +130,16 @@ fn missing(what: &str) -> Error {
     ))
 }
 
+/// The candidate depth a re-ranking mode uses: `candidates` (0: the protocol's for `mode`), at
+/// least `k`.
+pub fn effective_candidates(mode: Mode, candidates: usize, k: usize) -> usize {
+    match candidates {
+        0 => protocol_candidates(mode),
+        c => c,
+    }
+    .max(k)
+}
+
 fn sort_hits(hits: &mut [Hit]) {
     hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.doc.cmp(&b.doc)));
 }
@@ -147,11 +157,13 @@ impl Index {
         if matches!(mode, Mode::DenseSparse | Mode::All) {
             check_weights(w, &[mode]).map_err(|m| Error::invalid(format!("weights {w:?}: {m}")))?;
         }
-        let kc = match opts.candidates {
-            0 => protocol_candidates(mode),
-            c => c,
-        }
-        .max(opts.k);
+        // No more hits than documents (a huge --k must not size a buffer).
+        let n_docs = self.n_docs();
+        let opts = &SearchOptions {
+            k: opts.k.min(n_docs),
+            ..opts.clone()
+        };
+        let kc = effective_candidates(mode, opts.candidates, opts.k).min(n_docs);
         let dense_top = |k: usize| -> Result<Vec<Vec<Hit>>> {
             let qs = queries
                 .iter()

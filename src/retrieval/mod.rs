@@ -158,7 +158,8 @@ impl TopK {
     pub fn new(k: usize) -> TopK {
         TopK {
             k,
-            heap: BinaryHeap::with_capacity(k + 1),
+            // Grows past this only as hits arrive (a k far above the documents is harmless).
+            heap: BinaryHeap::with_capacity(k.min(1 << 16) + 1),
         }
     }
 

@@ -161,7 +161,7 @@ impl TopK {
     fn new(k: usize) -> TopK {
         TopK {
             k,
-            heap: BinaryHeap::with_capacity(k + 1),
+            heap: BinaryHeap::with_capacity(k.min(1 << 16) + 1),
         }
     }
 
@@ -499,7 +499,8 @@ impl ImpactIndex {
         let lists: Vec<(&[u32], &[u16])> = terms.iter().map(|t| self.list(t.term)).collect();
         let mut pos = vec![0usize; n];
         // Min-heap of the current top-k by (score, Reverse(doc)) — its top is the worst entry.
-        let mut heap: BinaryHeap<Reverse<(u64, Reverse<u32>)>> = BinaryHeap::with_capacity(k + 1);
+        let mut heap: BinaryHeap<Reverse<(u64, Reverse<u32>)>> =
+            BinaryHeap::with_capacity(k.min(1 << 16) + 1);
         let mut theta = 0u64; // meaningful only when the heap is full
         let mut first_essential = 0usize;
         loop {
