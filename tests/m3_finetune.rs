@@ -500,13 +500,26 @@ fn dense_only_runs_save_no_heads() {
     for f in ["colbert_linear.pt", "sparse_linear.pt"] {
         std::fs::copy(fixture("tiny-xlmr").join(f), out.join(f)).unwrap();
     }
-    run(&cfg, ex, &out);
+    // A RetroMAE run's decoder there too (`pretrain --model` would continue from it).
+    std::fs::write(out.join("retromae_heads.safetensors"), "stale").unwrap();
+    run(&cfg, ex.clone(), &out);
     for d in [out.clone(), out.join("checkpoint-2")] {
         assert!(d.join("config.json").exists());
-        for f in ["colbert_linear.pt", "sparse_linear.pt"] {
+        for f in [
+            "colbert_linear.pt",
+            "sparse_linear.pt",
+            "retromae_heads.safetensors",
+        ] {
             assert!(!d.join(f).exists(), "{}", d.join(f).display());
         }
     }
+    // A unified run removes a RetroMAE decoder too.
+    let out2 = tmp("unified-stale");
+    std::fs::create_dir_all(&out2).unwrap();
+    std::fs::write(out2.join("retromae_heads.safetensors"), "stale").unwrap();
+    run(&config(2, KdLoss::M3KdLoss), ex, &out2);
+    assert!(out2.join("sparse_linear.pt").is_file());
+    assert!(!out2.join("retromae_heads.safetensors").exists());
     // The dense model loads and encodes.
     let model = M3Model::load(&out, Device::Cpu).unwrap();
     let o = model
@@ -734,4 +747,30 @@ fn student_from_a_loaded_model_equals_the_directorys() {
         a.extra_tensors.keys().collect::<Vec<_>>(),
         ["pooler.dense.bias", "pooler.dense.weight"]
     );
+}
+
+/// `--output` may not be a `--train` directory: the run's own JSON files would be read back as
+/// training data by the next run or a resume.
+#[test]
+fn output_into_a_train_directory_is_refused() {
+    let d = tmp("train-out");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(fixture("m3-train/train.jsonl"), d.join("train.jsonl")).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .arg("finetune")
+        .arg("--model")
+        .arg(fixture("tiny-xlmr"))
+        .arg("--train")
+        .arg(&d)
+        .arg("--output")
+        .arg(&d)
+        .args(["--steps", "1", "--batch-size", "2"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("the same directory as --train"), "{e}");
+    let files: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
+    assert_eq!(files.len(), 1, "the run wrote into the data directory");
+    let _ = std::fs::remove_dir_all(&d);
 }

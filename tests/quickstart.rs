@@ -137,3 +137,47 @@ fn too_little_data_names_the_file() {
     assert!(!d.join("out/tokenizer").exists(), "{e}");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// A step count of 0 is refused as the trainers refuse it (it used to become 1 silently), and
+/// an --output that is a file is named before any work.
+#[test]
+fn quickstart_cli_refuses_zero_steps_and_a_file_output() {
+    let d = std::env::temp_dir().join(format!("retrom3-qs-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    let file = d.join("afile");
+    std::fs::write(&file, "keep").unwrap();
+    let run = |args: &[&str], out: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+            .args(["quickstart", "--small", "--output"])
+            .arg(out)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    for (args, out, want) in [
+        (
+            ["--pretrain-steps", "0"],
+            d.join("o"),
+            "--pretrain-steps 0: must be >= 1",
+        ),
+        (
+            ["--finetune-steps", "0"],
+            d.join("o"),
+            "--finetune-steps 0: must be >= 1",
+        ),
+        (
+            ["--finetune-steps", "1"],
+            file.clone(),
+            "exists and is not a directory",
+        ),
+    ] {
+        let o = run(&args, &out);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{e}");
+        assert!(e.contains(want), "{e}");
+    }
+    assert!(!d.join("o").exists());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -738,3 +738,30 @@ fn device_run_resumes_from_its_checkpoint() {
     let _ = std::fs::remove_dir_all(&a_out);
     let _ = std::fs::remove_dir_all(&b_out);
 }
+
+/// A pre-training run's output holds no M3 heads of an earlier fine-tuning run there (every
+/// loader would pair them with the new encoder), and a dead run's partial save is cleared.
+#[test]
+fn pretrain_output_drops_stale_heads_and_dead_saves() {
+    let d = tmp("stale");
+    let out = d.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    for f in ["colbert_linear.pt", "sparse_linear.pt"] {
+        std::fs::write(out.join(f), "from a fine-tuning run").unwrap();
+    }
+    // No process has a pid above the kernel's pid_max (at most 2^22).
+    let dead = out.join(format!(".checkpoint-3.tmp-{}", 1u32 << 23));
+    std::fs::create_dir_all(&dead).unwrap();
+    let text = d.join("t.txt");
+    std::fs::write(&text, "hello world\nsecond text here\nthird one\nfourth\n").unwrap();
+    let o = cli_pretrain(&tok_dir().join("config.json"), &text, &out);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(out.join("model.safetensors").is_file());
+    for f in ["colbert_linear.pt", "sparse_linear.pt"] {
+        assert!(!out.join(f).exists(), "{f}");
+    }
+    if Path::new("/proc/self").exists() {
+        assert!(!dead.exists());
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -191,6 +191,21 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             )));
         }
     }
+    // A --train directory as --output: the run's own JSON files (config, trainer state,
+    // metrics, tokenizer) would be read back as training data by the next run or resume.
+    if let Ok(o) = a.output.canonicalize() {
+        if let Some(t) = a
+            .train
+            .iter()
+            .find(|t| t.canonicalize().is_ok_and(|t| t == o))
+        {
+            return Err(Error::invalid(format!(
+                "--output {}: the same directory as --train {} (its .json/.jsonl files are                  training data); write to another directory",
+                a.output.display(),
+                t.display()
+            )));
+        }
+    }
     if let Some(r) = &a.resume {
         retrom3::train::check_resume_dir(r)?;
         retrom3::train::check_resume_model(r, &a.model.join("config.json"))?;

@@ -46,12 +46,27 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         data.display(),
         a.output.display()
     );
+    super::output::check_output_dir("--output", &a.output)?;
     let mut settings = QuickstartSettings::of(size);
-    if let Some(n) = a.pretrain_steps {
-        settings.pretrain_steps = n.max(1);
-    }
-    if let Some(n) = a.finetune_steps {
-        settings.finetune_steps = n.max(1);
+    for (flag, n, to) in [
+        (
+            "--pretrain-steps",
+            a.pretrain_steps,
+            &mut settings.pretrain_steps,
+        ),
+        (
+            "--finetune-steps",
+            a.finetune_steps,
+            &mut settings.finetune_steps,
+        ),
+    ] {
+        match n {
+            Some(0) => {
+                return Err(retrom3::Error::invalid(format!("{flag} 0: must be >= 1")));
+            }
+            Some(n) => *to = n,
+            None => {}
+        }
     }
     let report = run_with_settings(settings, size, a.device, &data, &a.output, &mut |l| {
         eprintln!("  {l}")

@@ -26,6 +26,9 @@ pub const DECODER_SEED_XOR: u64 = 0x5EED_DEC0_DE00_0001;
 /// Prefix of the decoder layer's tensors (FlagEmbedding's name for it).
 pub const DECODER_PREFIX: &str = "c_head.";
 
+/// The LM head and decoder file of a RetroMAE run directory, beside the encoder's backbone.
+pub const HEADS_FILE: &str = "retromae_heads.safetensors";
+
 /// Encoder + LM head + decoder layer, all trainable, in one [`ParamSet`]:
 /// `[encoder tensors][LM head (5)][c_head layer (16)]`.
 #[derive(Clone, Debug)]
@@ -238,7 +241,7 @@ impl RetroMae {
     /// `dir/retromae_heads.safetensors`: the file and every tensor of `config`'s head and decoder
     /// must be there (a resume never re-initialises part of the model).
     pub fn read_heads(dir: &Path, config: &EncoderConfig) -> Result<BTreeMap<String, Tensor>> {
-        let p = dir.join("retromae_heads.safetensors");
+        let p = dir.join(HEADS_FILE);
         if !p.is_file() {
             return Err(Error::format(
                 &p,

@@ -17,6 +17,10 @@ pub struct TrainState {
     pub seed: u64,
     /// The command-line settings of the run, for the record and for resume checks.
     pub args: serde_json::Value,
+    /// Checksum of the run's metrics.jsonl up to this step (absent in older checkpoints): a
+    /// resume keeps the rows of a log that matches it only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_checksum: Option<String>,
 }
 
 impl TrainState {
@@ -50,6 +54,49 @@ pub fn retire_later_state(out: &Path, step: u64) -> Result<()> {
     // An unreadable one vouches for nothing either.
     if TrainState::load(out).map_or(true, |s| s.step != step) {
         std::fs::remove_file(&p).map_err(|e| Error::io(&p, e))?;
+    }
+    Ok(())
+}
+
+/// Clear what runs killed mid-save left in `out`: `.checkpoint-N.tmp-PID` / `.final.tmp-PID`
+/// directories (partial copies; at a large model's size, gigabytes each) of processes no longer
+/// running. A `.checkpoint-N.old-PID` is the complete previous checkpoint-N of a run killed
+/// between its two renames: put back when checkpoint-N is missing, else removed. Only where
+/// `/proc` tells which processes run (elsewhere nothing is touched).
+pub fn clear_dead_saves(out: &Path) -> Result<()> {
+    let proc = Path::new("/proc/self");
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return Ok(());
+    };
+    if !proc.exists() {
+        return Ok(());
+    }
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix('.') else {
+            continue;
+        };
+        let parsed = [".tmp-", ".old-"].iter().find_map(|sep| {
+            let (base, pid) = rest.rsplit_once(sep)?;
+            let pid: u32 = pid.parse().ok()?;
+            let ours = base == "final" && *sep == ".tmp-"
+                || base
+                    .strip_prefix("checkpoint-")
+                    .is_some_and(|n| n.parse::<u64>().is_ok());
+            ours.then_some((base.to_string(), *sep == ".old-", pid))
+        });
+        let Some((base, old, pid)) = parsed else {
+            continue;
+        };
+        if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
+            continue; // a live run's (or this one's) save in progress
+        }
+        let path = e.path();
+        if old && !out.join(&base).exists() {
+            std::fs::rename(&path, out.join(&base)).map_err(|e| Error::io(&path, e))?;
+        } else {
+            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        }
     }
     Ok(())
 }
@@ -153,6 +200,7 @@ mod tests {
             batches_seen: step,
             seed: 1,
             args: serde_json::Value::Null,
+            metrics_checksum: None,
         };
         state(300).save(&d).unwrap();
         // Resumed from the directory itself (same step): kept.
@@ -162,6 +210,53 @@ mod tests {
         retire_later_state(&d, 100).unwrap();
         assert!(!d.join("trainer_state.json").exists());
         retire_later_state(&d, 0).unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// Saves of dead processes are cleared (an interrupted rename's complete checkpoint put
+    /// back), a live process's are kept, other dot-files are not touched.
+    #[test]
+    fn saves_of_dead_runs_are_cleared() {
+        let d = std::env::temp_dir().join(format!("retrom3-dead-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        // No process has a pid above the kernel's pid_max (at most 2^22).
+        let dead = 1u32 << 23;
+        let me = std::process::id();
+        for n in [
+            format!(".checkpoint-5.tmp-{dead}"),
+            format!(".final.tmp-{dead}"),
+            format!(".checkpoint-7.old-{dead}"),
+            format!(".checkpoint-9.old-{dead}"),
+            "checkpoint-9".to_string(),
+            format!(".checkpoint-3.tmp-{me}"),
+            format!(".notes.tmp-{dead}"),
+        ] {
+            std::fs::create_dir_all(d.join(&n)).unwrap();
+            std::fs::write(d.join(&n).join("f"), &n).unwrap();
+        }
+        clear_dead_saves(&d).unwrap();
+        let mut left: Vec<String> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        if Path::new("/proc/self").exists() {
+            let mut want = vec![
+                format!(".checkpoint-3.tmp-{me}"),
+                format!(".notes.tmp-{dead}"),
+                "checkpoint-7".to_string(),
+                "checkpoint-9".to_string(),
+            ];
+            want.sort();
+            assert_eq!(left, want);
+            // The put-back checkpoint is the old one, whole.
+            let f = std::fs::read_to_string(d.join("checkpoint-7/f")).unwrap();
+            assert_eq!(f, format!(".checkpoint-7.old-{dead}"));
+            assert_eq!(
+                std::fs::read_to_string(d.join("checkpoint-9/f")).unwrap(),
+                "checkpoint-9"
+            );
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 

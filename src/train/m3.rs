@@ -597,7 +597,12 @@ pub fn finetune_dist(
     let mut metrics = if main {
         super::create_output_dir(out)?;
         super::checkpoint::retire_later_state(out, state.step)?;
-        Some(MetricsLog::open(&out.join("metrics.jsonl"), state.step)?)
+        super::checkpoint::clear_dead_saves(out)?;
+        Some(MetricsLog::open(
+            &out.join("metrics.jsonl"),
+            state.step,
+            state.metrics_checksum.as_deref(),
+        )?)
     } else {
         None
     };
@@ -797,11 +802,14 @@ pub fn finetune_dist(
                 model.params.values(),
                 &format!("at checkpoint {}", state.step),
             )?;
-            if main {
+            if let Some(metrics) = metrics.as_ref() {
+                state.metrics_checksum = Some(metrics.checksum());
                 let dir = out.join(format!("checkpoint-{}", state.step));
                 atomic_dir(&dir, |tmp| {
                     write_run_files(tmp, model, &opt, &state, tokenizer_dir, cfg.loss.unified)
                 })?;
+                // The plot follows the log (an interrupted run's is not the previous run's).
+                write_m3_svg(metrics, out)?;
             }
         }
     }
@@ -810,25 +818,32 @@ pub fn finetune_dist(
     }
     group.check_in_sync(model.params.values(), "at the end")?;
     if let Some(metrics) = metrics {
-        // A dense-only run leaves no heads from an earlier run beside its backbone.
+        state.metrics_checksum = Some(metrics.checksum());
+        // No heads of an earlier run beside the new backbone: a dense-only run's M3 heads, any
+        // run's RetroMAE decoder (`pretrain --model` would continue from it).
         let stale: &[&str] = if cfg.loss.unified {
-            &[]
+            &[crate::model::retromae::HEADS_FILE]
         } else {
             &[
                 crate::io::model_dir::COLBERT_FILE,
                 crate::io::model_dir::SPARSE_FILE,
+                crate::model::retromae::HEADS_FILE,
             ]
         };
         super::replace_files(out, stale, |tmp| {
             write_run_files(tmp, model, &opt, &state, tokenizer_dir, cfg.loss.unified)
         })?;
-        metrics.write_svg(
-            &out.join("metrics.svg"),
-            "M3 fine-tuning",
-            &["loss", "dense", "sparse", "colbert"],
-        )?;
+        write_m3_svg(&metrics, out)?;
     }
     Ok(report)
+}
+
+fn write_m3_svg(metrics: &MetricsLog, out: &Path) -> Result<()> {
+    metrics.write_svg(
+        &out.join("metrics.svg"),
+        "M3 fine-tuning",
+        &["loss", "dense", "sparse", "colbert"],
+    )
 }
 
 /// Join the group `env` describes: NCCL when this rank's encoder is on a CUDA device (the

@@ -14,14 +14,28 @@ pub struct MetricsLog {
     path: PathBuf,
     file: File,
     rows: Vec<Value>,
+    /// Checksum of the lines in the file, as written ([`MetricsLog::checksum`]).
+    hash: crate::data::corpus::Fnv64,
 }
 
 impl MetricsLog {
     /// Open `path` for a run at step `step` (0 = a fresh run): the rows already there up to that
     /// step (a resumed run's history) are kept, later ones (an earlier attempt that went on past
     /// the checkpoint, or an older run in the same directory) are dropped from the file, which is
-    /// then appended to.
-    pub fn open(path: &Path, step: u64) -> Result<MetricsLog> {
+    /// then appended to. With `checksum` (the resumed checkpoint's record of its log), the kept
+    /// rows must be that log: another run's rows in the directory are dropped too, and the log
+    /// starts after the checkpoint, as in a fresh directory.
+    pub fn open(path: &Path, step: u64, checksum: Option<&str>) -> Result<MetricsLog> {
+        let mut log = Self::open_keeping(path, step)?;
+        if checksum.is_some_and(|c| c != log.checksum()) {
+            crate::io::write_atomic(path, |_| Ok(()))?;
+            log = Self::open_keeping(path, 0)?;
+        }
+        Ok(log)
+    }
+
+    fn open_keeping(path: &Path, step: u64) -> Result<MetricsLog> {
+        let mut hash = crate::data::corpus::Fnv64::new();
         let rows = match std::fs::read_to_string(path) {
             Ok(s) => {
                 // Each kept row with its line as written (re-serialising the parsed value could
@@ -39,6 +53,10 @@ impl MetricsLog {
                     let text: String = keep.iter().map(|(_, l)| format!("{l}\n")).collect();
                     crate::io::write_atomic(path, |w| w.write_all(text.as_bytes()))?;
                 }
+                for (_, l) in &keep {
+                    hash.bytes(l.as_bytes());
+                    hash.bytes(b"\n");
+                }
                 keep.into_iter().map(|(r, _)| r).collect()
             }
             Err(_) => Vec::new(),
@@ -52,15 +70,26 @@ impl MetricsLog {
             path: path.to_path_buf(),
             file,
             rows,
+            hash,
         })
     }
 
     /// Append one row.
     pub fn log(&mut self, row: Value) -> Result<()> {
-        writeln!(self.file, "{row}").map_err(|e| Error::io(&self.path, e))?;
+        let line = format!("{row}\n");
+        self.file
+            .write_all(line.as_bytes())
+            .map_err(|e| Error::io(&self.path, e))?;
         self.file.flush().map_err(|e| Error::io(&self.path, e))?;
+        self.hash.bytes(line.as_bytes());
         self.rows.push(row);
         Ok(())
+    }
+
+    /// A checksum of the file's lines (FNV-1a, hex): a checkpoint records it, so that a resume
+    /// keeps only rows of its own run.
+    pub fn checksum(&self) -> String {
+        format!("{:016x}", self.hash.finish())
     }
 
     /// Rows logged so far (including those of a resumed run).
@@ -202,11 +231,26 @@ mod tests {
             r#"{"step":3,"loss":1.5}"#,
         ];
         std::fs::write(&path, rows.join("\n") + "\n").unwrap();
-        let log = MetricsLog::open(&path, 2).unwrap();
+        let log = MetricsLog::open(&path, 2, None).unwrap();
         assert_eq!(log.rows().len(), 2);
+        let sum = log.checksum();
         drop(log);
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(text, format!("{}\n{}\n", rows[0], rows[1]));
+        // The checkpoint's checksum of its log: the rows are kept; another's: dropped.
+        let mut log = MetricsLog::open(&path, 2, Some(&sum)).unwrap();
+        assert_eq!(log.rows().len(), 2);
+        log.log(serde_json::json!({"step": 3, "loss": 1.25}))
+            .unwrap();
+        let three = log.checksum();
+        drop(log);
+        let log = MetricsLog::open(&path, 3, Some(&three)).unwrap();
+        assert_eq!(log.rows().len(), 3);
+        drop(log);
+        let log = MetricsLog::open(&path, 2, Some("0123456789abcdef")).unwrap();
+        assert!(log.rows().is_empty());
+        drop(log);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

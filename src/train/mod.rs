@@ -188,6 +188,7 @@ pub fn start_or_resume(
                 batches_seen: 0,
                 seed,
                 args: serde_json::Value::Null,
+                metrics_checksum: None,
             },
             AdamW::new(specs, hyper, max_grad_norm),
         )

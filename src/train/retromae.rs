@@ -139,7 +139,7 @@ fn write_run_files(
         std::io::Write::write_all(w, cfg.as_bytes())
     })?;
     crate::io::write_safetensors(
-        &dir.join("retromae_heads.safetensors"),
+        &dir.join(crate::model::retromae::HEADS_FILE),
         &model.head_tensors(),
         None,
     )?;
@@ -419,7 +419,12 @@ pub fn pretrain_on(
     };
     super::create_output_dir(out)?;
     super::checkpoint::retire_later_state(out, state.step)?;
-    let mut metrics = MetricsLog::open(&out.join("metrics.jsonl"), state.step)?;
+    super::checkpoint::clear_dead_saves(out)?;
+    let mut metrics = MetricsLog::open(
+        &out.join("metrics.jsonl"),
+        state.step,
+        state.metrics_checksum.as_deref(),
+    )?;
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
     let mut report = PretrainReport {
         steps: total,
@@ -551,6 +556,7 @@ pub fn pretrain_on(
             if let (Some((dev, _)), Some(ds)) = (&engine, &dstate) {
                 ds.sync_to_host(&**dev, &mut model.params, &mut opt)?;
             }
+            state.metrics_checksum = Some(metrics.checksum());
             let dir = out.join(format!("checkpoint-{}", state.step));
             atomic_dir(&dir, |tmp| {
                 write_run_files(tmp, model, &opt, &state, tokenizer_dir)
@@ -565,8 +571,14 @@ pub fn pretrain_on(
     if let (Some((dev, _)), Some(ds)) = (&engine, &dstate) {
         ds.sync_to_host(&**dev, &mut model.params, &mut opt)?;
     }
-    // The final files replace the resumed run's (if `out` is its directory) all together.
-    super::replace_files(out, &[], |tmp| {
+    // The final files replace the resumed run's (if `out` is its directory) all together; an
+    // M3 run's heads there would be paired with this encoder by every loader: removed.
+    let stale = [
+        crate::io::model_dir::COLBERT_FILE,
+        crate::io::model_dir::SPARSE_FILE,
+    ];
+    state.metrics_checksum = Some(metrics.checksum());
+    super::replace_files(out, &stale, |tmp| {
         write_run_files(tmp, model, &opt, &state, tokenizer_dir)
     })?;
     metrics.write_svg(
