@@ -98,15 +98,7 @@ fn index_search_eval_end_to_end() {
     let idx = d.join("idx");
     let model = tiny();
     let corpus = data.join("corpus.jsonl");
-    let out = ok(&run(&[
-        "index",
-        "--model",
-        &model,
-        "--corpus",
-        corpus.to_str().unwrap(),
-        "--output",
-        idx.to_str().unwrap(),
-    ]));
+    let out = ok(&index_cmd(&corpus, &idx, &[]));
     assert!(out.contains("indexed 4 documents"), "{out}");
 
     let out = ok(&search(
@@ -220,15 +212,7 @@ fn eval_refuses_missing_qrels_and_empty_corpus() {
         &["corpus.jsonl", "empty corpus"],
     );
     err(
-        &run(&[
-            "index",
-            "--model",
-            &model,
-            "--corpus",
-            data.join("corpus.jsonl").to_str().unwrap(),
-            "--output",
-            d.join("i").to_str().unwrap(),
-        ]),
+        &index_cmd(&data.join("corpus.jsonl"), &d.join("i"), &[]),
         &["empty corpus"],
     );
     err(
@@ -238,17 +222,24 @@ fn eval_refuses_missing_qrels_and_empty_corpus() {
 }
 
 /// `index` of the tiny BEIR set into `d/idx`; returns the index directory.
+/// `retrom3 index --model tiny --corpus CORPUS --output OUT` + `extra`.
+fn index_cmd(corpus: &Path, out: &Path, extra: &[&str]) -> Output {
+    let mut a = vec![
+        "index".to_string(),
+        "--model".to_string(),
+        tiny(),
+        "--corpus".to_string(),
+        corpus.display().to_string(),
+        "--output".to_string(),
+        out.display().to_string(),
+    ];
+    a.extend(extra.iter().map(|s| s.to_string()));
+    run(&a.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 fn build_index(d: &Path, data: &Path) -> PathBuf {
     let idx = d.join("idx");
-    ok(&run(&[
-        "index",
-        "--model",
-        &tiny(),
-        "--corpus",
-        data.join("corpus.jsonl").to_str().unwrap(),
-        "--output",
-        idx.to_str().unwrap(),
-    ]));
+    ok(&index_cmd(&data.join("corpus.jsonl"), &idx, &[]));
     idx
 }
 
@@ -361,15 +352,7 @@ fn ids_with_whitespace_are_refused_where_read() {
         )
         .unwrap();
         err(
-            &run(&[
-                "index",
-                "--model",
-                &model,
-                "--corpus",
-                corpus.to_str().unwrap(),
-                "--output",
-                d.join("i").to_str().unwrap(),
-            ]),
+            &index_cmd(&corpus, &d.join("i"), &[]),
             &["corpus.jsonl:2", shown, "whitespace"],
         );
     }
@@ -524,15 +507,7 @@ fn empty_texts_are_refused_but_empty_corpus_docs_are_indexed_with_a_warning() {
     }
     std::fs::write(data.join("corpus.jsonl"), corpus).unwrap();
     let idx = d.join("idx");
-    let o = run(&[
-        "index",
-        "--model",
-        &model,
-        "--corpus",
-        data.join("corpus.jsonl").to_str().unwrap(),
-        "--output",
-        idx.to_str().unwrap(),
-    ]);
+    let o = index_cmd(&data.join("corpus.jsonl"), &idx, &[]);
     assert!(ok(&o).contains("indexed 11 documents"));
     let e = String::from_utf8_lossy(&o.stderr);
     assert_eq!(e.matches("warning").count(), 1, "{e}");
@@ -605,18 +580,7 @@ fn k_and_candidates_must_be_at_least_one() {
     // ColBERT vectors without dense ones: a part no mode could use (it re-ranks the dense
     // candidates), refused before anything is encoded.
     let colb = d.join("colb");
-    let index_to = |out: &Path, part: &str| {
-        run(&[
-            "index",
-            "--model",
-            &model,
-            "--corpus",
-            data.join("corpus.jsonl").to_str().unwrap(),
-            "--output",
-            out.to_str().unwrap(),
-            part,
-        ])
-    };
+    let index_to = |out: &Path, part: &str| index_cmd(&data.join("corpus.jsonl"), out, &[part]);
     err(&index_to(&colb, "--colbert"), &["--colbert needs --dense"]);
     assert!(!colb.exists());
     // An --output / --run-dir that cannot be a directory is refused before the encoding.
@@ -702,38 +666,31 @@ fn pooling_changes_are_another_model_to_an_index() {
     let model = m.to_str().unwrap();
     ok(&search(model, &idx, &["--query", "capital"]));
     std::fs::create_dir_all(m.join("1_Pooling")).unwrap();
-    std::fs::write(
-        m.join("1_Pooling/config.json"),
-        r#"{"pooling_mode_cls_token": false, "pooling_mode_mean_tokens": true}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        m.join("modules.json"),
-        r#"[{"path": "", "type": "sentence_transformers.models.Transformer"},
-            {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-            {"path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]"#,
-    )
-    .unwrap();
-    err(
-        &search(model, &idx, &["--query", "capital"]),
-        &["index built with model"],
-    );
-    // CLS pooling again, but no Normalize module: still not the indexed model.
-    std::fs::write(
-        m.join("1_Pooling/config.json"),
-        r#"{"pooling_mode_cls_token": true, "pooling_mode_mean_tokens": false}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        m.join("modules.json"),
-        r#"[{"path": "", "type": "sentence_transformers.models.Transformer"},
-            {"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]"#,
-    )
-    .unwrap();
-    err(
-        &search(model, &idx, &["--query", "capital"]),
-        &["index built with model"],
-    );
+    const TRANSFORMER: &str = r#"{"path": "", "type": "sentence_transformers.models.Transformer"}"#;
+    const POOLING: &str =
+        r#"{"path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}"#;
+    const NORMALIZE: &str =
+        r#"{"path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}"#;
+    // Mean pooling (normalised); then CLS pooling again but no Normalize module: neither is
+    // the indexed model.
+    for (cls, modules) in [
+        (false, vec![TRANSFORMER, POOLING, NORMALIZE]),
+        (true, vec![TRANSFORMER, POOLING]),
+    ] {
+        std::fs::write(
+            m.join("1_Pooling/config.json"),
+            format!(
+                r#"{{"pooling_mode_cls_token": {cls}, "pooling_mode_mean_tokens": {}}}"#,
+                !cls
+            ),
+        )
+        .unwrap();
+        std::fs::write(m.join("modules.json"), format!("[{}]", modules.join(","))).unwrap();
+        err(
+            &search(model, &idx, &["--query", "capital"]),
+            &["index built with model"],
+        );
+    }
 }
 
 /// A closed stdout (`| head`, `| true`) is an error naming it (exit 1), not a panic, and eval
