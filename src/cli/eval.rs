@@ -208,7 +208,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             "results": by_mode,
         });
         let text = serde_json::to_string_pretty(&doc).map_err(|e| Error::invalid(e.to_string()))?;
-        retrom3::io::write_atomic(out, |w| std::io::Write::write_all(w, text.as_bytes()))?;
+        retrom3::io::write_atomic(out, |w| {
+            std::io::Write::write_all(w, format!("{text}\n").as_bytes())
+        })?;
     }
     outln!(
         "{:<14} {:>8} {:>10} {:>8} {:>8}",

@@ -200,7 +200,8 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             .find(|t| t.canonicalize().is_ok_and(|t| t == o))
         {
             return Err(Error::invalid(format!(
-                "--output {}: the same directory as --train {} (its .json/.jsonl files are                  training data); write to another directory",
+                "--output {}: the same directory as --train {} (its .json/.jsonl files are \
+                 training data); write to another directory",
                 a.output.display(),
                 t.display()
             )));

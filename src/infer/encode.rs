@@ -161,7 +161,8 @@ impl M3Model {
                     .collect();
                 match at.iter().find(|&&p| ids[p] != cls) {
                     Some(&p) => Err(Error::invalid(format!(
-                        "MCLS: position {p} of text {bi} holds id {}, not the <s> id {cls}:                          the ids must come from insert_mcls with chunk {chunk}",
+                        "MCLS: position {p} of text {bi} holds id {}, not the <s> id {cls}: \
+                         the ids must come from insert_mcls with chunk {chunk}",
                         ids[p]
                     ))),
                     None => Ok(at),

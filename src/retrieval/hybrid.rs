@@ -140,8 +140,15 @@ pub fn effective_candidates(mode: Mode, candidates: usize, k: usize) -> usize {
     .max(k)
 }
 
+/// Score descending (a NaN of either sign first, as [`super::TopK`] ranks it, so that the
+/// finiteness check after the cut sees it), then document number.
 fn sort_hits(hits: &mut [Hit]) {
-    hits.sort_by(|a, b| b.score.total_cmp(&a.score).then(a.doc.cmp(&b.doc)));
+    let key = |x: f32| if x.is_nan() { f32::NAN } else { x };
+    hits.sort_by(|a, b| {
+        key(b.score)
+            .total_cmp(&key(a.score))
+            .then(a.doc.cmp(&b.doc))
+    });
 }
 
 impl Index {

@@ -21,6 +21,10 @@ pub struct TrainState {
     /// resume keeps the rows of a log that matches it only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_checksum: Option<String>,
+    /// The checkpoint's copy of the metrics log (`metrics.jsonl` beside trainer_state.json, read
+    /// by [`TrainState::load`]): a resume restores the log from it.
+    #[serde(skip)]
+    pub log: Option<String>,
 }
 
 impl TrainState {
@@ -28,8 +32,11 @@ impl TrainState {
     pub fn load(dir: &Path) -> Result<TrainState> {
         let p = dir.join("trainer_state.json");
         let s = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
-        serde_json::from_str(&s)
-            .map_err(|e| Error::format(&p, format!("invalid trainer state: {e}")))
+        let mut state: TrainState = serde_json::from_str(&s)
+            .map_err(|e| Error::format(&p, format!("invalid trainer state: {e}")))?;
+        // An unreadable copy is no copy (the log then comes from the output directory).
+        state.log = std::fs::read_to_string(dir.join("metrics.jsonl")).ok();
+        Ok(state)
     }
 
     /// Write `dir/trainer_state.json` (atomically).
@@ -39,6 +46,14 @@ impl TrainState {
             std::io::Write::write_all(w, s.as_bytes())
         })
     }
+}
+
+/// A checkpoint's copy of the run's metrics log (`dir/metrics.jsonl`), from which a resume
+/// restores the log ([`TrainState::load`] reads it).
+pub fn write_log_copy(dir: &Path, text: &str) -> Result<()> {
+    crate::io::write_atomic(&dir.join("metrics.jsonl"), |w| {
+        std::io::Write::write_all(w, text.as_bytes())
+    })
 }
 
 /// Before a run at step `step` writes into `out`: a trainer_state.json there from a run that
@@ -60,42 +75,60 @@ pub fn retire_later_state(out: &Path, step: u64) -> Result<()> {
 
 /// Clear what runs killed mid-save left in `out`: `.checkpoint-N.tmp-PID` / `.final.tmp-PID`
 /// directories (partial copies; at a large model's size, gigabytes each) of processes no longer
-/// running. A `.checkpoint-N.old-PID` is the complete previous checkpoint-N of a run killed
-/// between its two renames: put back when checkpoint-N is missing, else removed. Only where
-/// `/proc` tells which processes run (elsewhere nothing is touched).
+/// running. A `.checkpoint-N.old-PID` means that run was killed between [`atomic_dir`]'s two
+/// renames: its `.checkpoint-N.tmp-PID` is then complete (filled before the first rename) and
+/// becomes checkpoint-N when that is missing (else the older `.old` copy does), the other copy
+/// is removed. Only directories are touched, and only where `/proc` tells which processes run.
 pub fn clear_dead_saves(out: &Path) -> Result<()> {
-    let proc = Path::new("/proc/self");
+    if !Path::new("/proc/self").exists() {
+        return Ok(());
+    }
     let Ok(entries) = std::fs::read_dir(out) else {
         return Ok(());
     };
-    if !proc.exists() {
-        return Ok(());
-    }
+    // (base, pid) -> (tmp, old) paths.
+    let mut saves: std::collections::BTreeMap<(String, u32), [Option<PathBuf>; 2]> =
+        Default::default();
     for e in entries.flatten() {
+        if !e.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(rest) = name.strip_prefix('.') else {
             continue;
         };
-        let parsed = [".tmp-", ".old-"].iter().find_map(|sep| {
-            let (base, pid) = rest.rsplit_once(sep)?;
-            let pid: u32 = pid.parse().ok()?;
-            let ours = base == "final" && *sep == ".tmp-"
-                || base
-                    .strip_prefix("checkpoint-")
-                    .is_some_and(|n| n.parse::<u64>().is_ok());
-            ours.then_some((base.to_string(), *sep == ".old-", pid))
-        });
-        let Some((base, old, pid)) = parsed else {
-            continue;
-        };
+        for (slot, sep) in [".tmp-", ".old-"].into_iter().enumerate() {
+            let Some((base, pid)) = rest.rsplit_once(sep) else {
+                continue;
+            };
+            let Ok(pid) = pid.parse::<u32>() else {
+                continue;
+            };
+            let checkpoint = base
+                .strip_prefix("checkpoint-")
+                .is_some_and(|n| n.parse::<u64>().is_ok());
+            if checkpoint || (base == "final" && slot == 0) {
+                saves.entry((base.to_string(), pid)).or_default()[slot] = Some(e.path());
+            }
+        }
+    }
+    let remove = |p: &Path| std::fs::remove_dir_all(p).map_err(|e| Error::io(p, e));
+    for ((base, pid), [tmp, old]) in saves {
         if pid == std::process::id() || Path::new("/proc").join(pid.to_string()).exists() {
             continue; // a live run's (or this one's) save in progress
         }
-        let path = e.path();
-        if old && !out.join(&base).exists() {
-            std::fs::rename(&path, out.join(&base)).map_err(|e| Error::io(&path, e))?;
-        } else {
-            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+        let target = out.join(&base);
+        let keep = match (&tmp, &old) {
+            (Some(t), Some(_)) => Some(t),
+            (None, Some(o)) => Some(o),
+            _ => None,
+        };
+        for p in [&tmp, &old].into_iter().flatten() {
+            if Some(p) == keep && !target.exists() {
+                std::fs::rename(p, &target).map_err(|e| Error::io(p, e))?;
+            } else {
+                remove(p)?;
+            }
         }
     }
     Ok(())
@@ -201,6 +234,7 @@ mod tests {
             seed: 1,
             args: serde_json::Value::Null,
             metrics_checksum: None,
+            log: None,
         };
         state(300).save(&d).unwrap();
         // Resumed from the directory itself (same step): kept.
@@ -228,12 +262,17 @@ mod tests {
             format!(".checkpoint-7.old-{dead}"),
             format!(".checkpoint-9.old-{dead}"),
             "checkpoint-9".to_string(),
+            // Killed between the renames: the complete new copy wins over the old one.
+            format!(".checkpoint-11.old-{dead}"),
+            format!(".checkpoint-11.tmp-{dead}"),
             format!(".checkpoint-3.tmp-{me}"),
             format!(".notes.tmp-{dead}"),
         ] {
             std::fs::create_dir_all(d.join(&n)).unwrap();
             std::fs::write(d.join(&n).join("f"), &n).unwrap();
         }
+        // A plain file of such a name is not ours to touch (nor an error).
+        std::fs::write(d.join(format!(".checkpoint-4.tmp-{dead}")), "notes").unwrap();
         clear_dead_saves(&d).unwrap();
         let mut left: Vec<String> = std::fs::read_dir(&d)
             .unwrap()
@@ -243,7 +282,9 @@ mod tests {
         if Path::new("/proc/self").exists() {
             let mut want = vec![
                 format!(".checkpoint-3.tmp-{me}"),
+                format!(".checkpoint-4.tmp-{dead}"),
                 format!(".notes.tmp-{dead}"),
+                "checkpoint-11".to_string(),
                 "checkpoint-7".to_string(),
                 "checkpoint-9".to_string(),
             ];
@@ -256,6 +297,8 @@ mod tests {
                 std::fs::read_to_string(d.join("checkpoint-9/f")).unwrap(),
                 "checkpoint-9"
             );
+            let f = std::fs::read_to_string(d.join("checkpoint-11/f")).unwrap();
+            assert_eq!(f, format!(".checkpoint-11.tmp-{dead}"));
         }
         let _ = std::fs::remove_dir_all(&d);
     }

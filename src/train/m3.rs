@@ -598,10 +598,11 @@ pub fn finetune_dist(
         super::create_output_dir(out)?;
         super::checkpoint::retire_later_state(out, state.step)?;
         super::checkpoint::clear_dead_saves(out)?;
-        Some(MetricsLog::open(
+        Some(MetricsLog::open_resumed(
             &out.join("metrics.jsonl"),
             state.step,
             state.metrics_checksum.as_deref(),
+            state.log.as_deref(),
         )?)
     } else {
         None
@@ -806,7 +807,8 @@ pub fn finetune_dist(
                 state.metrics_checksum = Some(metrics.checksum());
                 let dir = out.join(format!("checkpoint-{}", state.step));
                 atomic_dir(&dir, |tmp| {
-                    write_run_files(tmp, model, &opt, &state, tokenizer_dir, cfg.loss.unified)
+                    write_run_files(tmp, model, &opt, &state, tokenizer_dir, cfg.loss.unified)?;
+                    super::checkpoint::write_log_copy(tmp, metrics.text())
                 })?;
                 // The plot follows the log (an interrupted run's is not the previous run's).
                 write_m3_svg(metrics, out)?;

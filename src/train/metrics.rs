@@ -16,6 +16,40 @@ pub struct MetricsLog {
     rows: Vec<Value>,
     /// Checksum of the lines in the file, as written ([`MetricsLog::checksum`]).
     hash: crate::data::corpus::Fnv64,
+    /// The lines in the file, as written.
+    text: String,
+}
+
+/// Rows kept from a log's text, before the file is (re)written and opened.
+struct Kept {
+    rows: Vec<Value>,
+    text: String,
+    hash: crate::data::corpus::Fnv64,
+}
+
+impl Kept {
+    fn checksum(&self) -> String {
+        format!("{:016x}", self.hash.finish())
+    }
+
+    /// The log at `path` from these rows (`rewrite`: the file is replaced by them first).
+    fn start(self, path: &Path, rewrite: bool) -> Result<MetricsLog> {
+        if rewrite {
+            crate::io::write_atomic(path, |w| w.write_all(self.text.as_bytes()))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| Error::io(path, e))?;
+        Ok(MetricsLog {
+            path: path.to_path_buf(),
+            file,
+            rows: self.rows,
+            hash: self.hash,
+            text: self.text,
+        })
+    }
 }
 
 impl MetricsLog {
@@ -26,52 +60,57 @@ impl MetricsLog {
     /// rows must be that log: another run's rows in the directory are dropped too, and the log
     /// starts after the checkpoint, as in a fresh directory.
     pub fn open(path: &Path, step: u64, checksum: Option<&str>) -> Result<MetricsLog> {
-        let mut log = Self::open_keeping(path, step)?;
-        if checksum.is_some_and(|c| c != log.checksum()) {
-            crate::io::write_atomic(path, |_| Ok(()))?;
-            log = Self::open_keeping(path, 0)?;
-        }
-        Ok(log)
+        Self::open_resumed(path, step, checksum, None)
     }
 
-    fn open_keeping(path: &Path, step: u64) -> Result<MetricsLog> {
-        let mut hash = crate::data::corpus::Fnv64::new();
-        let rows = match std::fs::read_to_string(path) {
-            Ok(s) => {
-                // Each kept row with its line as written (re-serialising the parsed value could
-                // move a float by an ulp: the file must read as an uninterrupted run's).
-                let keep: Vec<(Value, &str)> = s
-                    .lines()
-                    .filter_map(|l| Some((serde_json::from_str::<Value>(l).ok()?, l)))
-                    .filter(|(r, _)| {
-                        r.get("step")
-                            .and_then(Value::as_u64)
-                            .is_some_and(|s| (1..=step).contains(&s))
-                    })
-                    .collect();
-                if keep.len() != s.lines().count() {
-                    let text: String = keep.iter().map(|(_, l)| format!("{l}\n")).collect();
-                    crate::io::write_atomic(path, |w| w.write_all(text.as_bytes()))?;
-                }
-                for (_, l) in &keep {
-                    hash.bytes(l.as_bytes());
-                    hash.bytes(b"\n");
-                }
-                keep.into_iter().map(|(r, _)| r).collect()
+    /// [`MetricsLog::open`] for a resumed run whose checkpoint holds its own copy of the log up
+    /// to its step (`log`, see [`TrainState::log`](super::TrainState::log)): when that copy is
+    /// the checkpoint's log (its checksum matches), it becomes the file, whatever `path` held.
+    pub fn open_resumed(
+        path: &Path,
+        step: u64,
+        checksum: Option<&str>,
+        log: Option<&str>,
+    ) -> Result<MetricsLog> {
+        if let Some(text) = log {
+            let copy = Self::keep_rows(text, step);
+            if checksum.is_none_or(|c| c == copy.checksum()) {
+                return copy.start(path, true);
             }
-            Err(_) => Vec::new(),
+        }
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut kept = Self::keep_rows(&text, step);
+        if checksum.is_some_and(|c| c != kept.checksum()) {
+            kept = Self::keep_rows("", 0);
+        }
+        let rewrite = kept.rows.len() != text.lines().count();
+        kept.start(path, rewrite)
+    }
+
+    /// The rows of `text` with steps 1..=step, each with its line as written (re-serialising the
+    /// parsed value could move a float by an ulp: the file must read as an uninterrupted run's).
+    fn keep_rows(text: &str, step: u64) -> Kept {
+        let mut kept = Kept {
+            rows: Vec::new(),
+            text: String::new(),
+            hash: crate::data::corpus::Fnv64::new(),
         };
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| Error::io(path, e))?;
-        Ok(MetricsLog {
-            path: path.to_path_buf(),
-            file,
-            rows,
-            hash,
-        })
+        for l in text.lines() {
+            let Ok(r) = serde_json::from_str::<Value>(l) else {
+                continue;
+            };
+            if r.get("step")
+                .and_then(Value::as_u64)
+                .is_some_and(|s| (1..=step).contains(&s))
+            {
+                kept.text.push_str(l);
+                kept.text.push('\n');
+                kept.hash.bytes(l.as_bytes());
+                kept.hash.bytes(b"\n");
+                kept.rows.push(r);
+            }
+        }
+        kept
     }
 
     /// Append one row.
@@ -82,6 +121,7 @@ impl MetricsLog {
             .map_err(|e| Error::io(&self.path, e))?;
         self.file.flush().map_err(|e| Error::io(&self.path, e))?;
         self.hash.bytes(line.as_bytes());
+        self.text.push_str(&line);
         self.rows.push(row);
         Ok(())
     }
@@ -90,6 +130,11 @@ impl MetricsLog {
     /// keeps only rows of its own run.
     pub fn checksum(&self) -> String {
         format!("{:016x}", self.hash.finish())
+    }
+
+    /// The file's text (every row as written): a checkpoint keeps a copy.
+    pub fn text(&self) -> &str {
+        &self.text
     }
 
     /// Rows logged so far (including those of a resumed run).
@@ -243,6 +288,7 @@ mod tests {
         log.log(serde_json::json!({"step": 3, "loss": 1.25}))
             .unwrap();
         let three = log.checksum();
+        let copy = log.text().to_string();
         drop(log);
         let log = MetricsLog::open(&path, 3, Some(&three)).unwrap();
         assert_eq!(log.rows().len(), 3);
@@ -251,6 +297,20 @@ mod tests {
         assert!(log.rows().is_empty());
         drop(log);
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+        // A checkpoint's own copy of its log (rows 1..=3 as written) restores the file, whatever
+        // it held (here nothing; a later attempt's rows; another run's).
+        for held in ["", "{\"step\":1,\"loss\":7.0}\n", &copy] {
+            std::fs::write(&path, held).unwrap();
+            let log = MetricsLog::open_resumed(&path, 3, Some(&three), Some(&copy)).unwrap();
+            assert_eq!(log.rows().len(), 3);
+            assert_eq!(log.checksum(), three);
+            drop(log);
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), copy);
+        }
+        // A copy that is not the checkpoint's log is not used.
+        std::fs::write(&path, "").unwrap();
+        let log = MetricsLog::open_resumed(&path, 3, Some(&three), Some(rows[0])).unwrap();
+        assert!(log.rows().is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

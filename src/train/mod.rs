@@ -189,6 +189,7 @@ pub fn start_or_resume(
                 seed,
                 args: serde_json::Value::Null,
                 metrics_checksum: None,
+                log: None,
             },
             AdamW::new(specs, hyper, max_grad_norm),
         )

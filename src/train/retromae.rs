@@ -420,10 +420,11 @@ pub fn pretrain_on(
     super::create_output_dir(out)?;
     super::checkpoint::retire_later_state(out, state.step)?;
     super::checkpoint::clear_dead_saves(out)?;
-    let mut metrics = MetricsLog::open(
+    let mut metrics = MetricsLog::open_resumed(
         &out.join("metrics.jsonl"),
         state.step,
         state.metrics_checksum.as_deref(),
+        state.log.as_deref(),
     )?;
     let mut order: (u64, Vec<usize>) = (u64::MAX, Vec::new());
     let mut report = PretrainReport {
@@ -559,7 +560,8 @@ pub fn pretrain_on(
             state.metrics_checksum = Some(metrics.checksum());
             let dir = out.join(format!("checkpoint-{}", state.step));
             atomic_dir(&dir, |tmp| {
-                write_run_files(tmp, model, &opt, &state, tokenizer_dir)
+                write_run_files(tmp, model, &opt, &state, tokenizer_dir)?;
+                super::checkpoint::write_log_copy(tmp, metrics.text())
             })?;
             metrics.write_svg(
                 &out.join("metrics.svg"),
