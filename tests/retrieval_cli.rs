@@ -149,8 +149,10 @@ fn index_search_eval_end_to_end() {
         );
     }
     assert!(out.contains("1 skipped"), "{out}");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&res).unwrap()).unwrap();
+    let text = std::fs::read_to_string(&res).unwrap();
+    // A text file: one trailing newline (`cat results.json` leaves the prompt on its own line).
+    assert!(text.ends_with("}\n") && !text.ends_with("\n\n"), "{text:?}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["queries"], 2);
     assert_eq!(v["skipped_no_relevant"], 1);
     let nd = v["results"]["bm25"]["ndcg@10"].as_f64().unwrap();

@@ -765,3 +765,70 @@ fn pretrain_output_drops_stale_heads_and_dead_saves() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// `pretrain --resume A/checkpoint-2 --output B` where B holds another run's log: B's log becomes
+/// A's rows up to the checkpoint (from the checkpoint's copy) and then the resumed steps, whose
+/// losses are the uninterrupted run's (not the other run's rows, nor a mix of both).
+#[test]
+fn pretrain_resumed_into_another_runs_directory_continues_its_own_log() {
+    let d = tmp("foreign");
+    std::fs::create_dir_all(&d).unwrap();
+    let text = d.join("t.txt");
+    std::fs::write(
+        &text,
+        "alpha beta gamma delta\nepsilon zeta eta\ntheta iota kappa lambda\nmu nu xi omicron\n",
+    )
+    .unwrap();
+    let run = |out: &Path, extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+            .arg("pretrain")
+            .arg("--config")
+            .arg(tok_dir().join("config.json"))
+            .arg("--tokenizer")
+            .arg(tok_dir())
+            .arg("--data")
+            .arg(&text)
+            .arg("--output")
+            .arg(out)
+            .args(["--steps", "4", "--batch-size", "2", "--max-len", "16"])
+            .args(extra)
+            .output()
+            .expect("run retrom3");
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let (a, b) = (d.join("a"), d.join("b"));
+    run(&a, &["--save-every", "2", "--seed", "1"]);
+    run(&b, &["--seed", "2"]);
+    let rows = |dir: &Path| -> Vec<String> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    };
+    let losses = |line: &str| {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        (
+            v["step"].clone(),
+            v["enc_loss"].clone(),
+            v["dec_loss"].clone(),
+        )
+    };
+    let (a_rows, b_rows) = (rows(&a), rows(&b));
+    assert_eq!(a_rows.len(), 4);
+    assert_ne!(
+        losses(&a_rows[0]),
+        losses(&b_rows[0]),
+        "the runs must differ"
+    );
+
+    run(&b, &["--resume", a.join("checkpoint-2").to_str().unwrap()]);
+    let resumed = rows(&b);
+    assert_eq!(resumed.len(), 4, "{resumed:#?}");
+    // Rows 1-2 as written by run A; rows 3-4 recomputed with A's losses.
+    assert_eq!(resumed[..2], a_rows[..2]);
+    for (x, y) in resumed[2..].iter().zip(&a_rows[2..]) {
+        assert_eq!(losses(x), losses(y));
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

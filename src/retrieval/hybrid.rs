@@ -143,10 +143,10 @@ pub fn effective_candidates(mode: Mode, candidates: usize, k: usize) -> usize {
 /// Score descending (a NaN of either sign first, as [`super::TopK`] ranks it, so that the
 /// finiteness check after the cut sees it), then document number.
 fn sort_hits(hits: &mut [Hit]) {
-    let key = |x: f32| if x.is_nan() { f32::NAN } else { x };
+    use crate::device::cpu::topk::rank_key;
     hits.sort_by(|a, b| {
-        key(b.score)
-            .total_cmp(&key(a.score))
+        rank_key(b.score)
+            .total_cmp(&rank_key(a.score))
             .then(a.doc.cmp(&b.doc))
     });
 }
@@ -284,5 +284,28 @@ impl Index {
             )));
         }
         Ok(hits)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sort_hits_ranks_nan_of_either_sign_first_then_by_document() {
+        let h = |doc: u32, score: f32| Hit { doc, score };
+        let mut hits = vec![
+            h(0, 1.0),
+            h(1, -f32::NAN),
+            h(2, f32::INFINITY),
+            h(3, 1.0),
+            h(4, f32::NAN),
+            h(5, -0.0),
+            h(6, 0.0),
+        ];
+        sort_hits(&mut hits);
+        let docs: Vec<u32> = hits.iter().map(|h| h.doc).collect();
+        // Both NaNs (the negative one too) above +inf, ties by document; +0 above -0.
+        assert_eq!(docs, [1, 4, 2, 0, 3, 6, 5]);
     }
 }

@@ -170,7 +170,7 @@ impl TopK {
             return;
         }
         // One NaN (whatever its sign bit) above every number.
-        let score = if score.is_nan() { f32::NAN } else { score };
+        let score = crate::device::cpu::topk::rank_key(score);
         if self.heap.len() < self.k {
             self.heap.push(Worst(score, doc));
         } else if let Some(w) = self.heap.peek() {

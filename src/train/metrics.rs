@@ -14,8 +14,6 @@ pub struct MetricsLog {
     path: PathBuf,
     file: File,
     rows: Vec<Value>,
-    /// Checksum of the lines in the file, as written ([`MetricsLog::checksum`]).
-    hash: crate::data::corpus::Fnv64,
     /// The lines in the file, as written.
     text: String,
 }
@@ -24,12 +22,18 @@ pub struct MetricsLog {
 struct Kept {
     rows: Vec<Value>,
     text: String,
-    hash: crate::data::corpus::Fnv64,
+}
+
+/// FNV-1a of a log's text, in hex ([`MetricsLog::checksum`]).
+fn checksum_of(text: &str) -> String {
+    let mut h = crate::data::corpus::Fnv64::new();
+    h.bytes(text.as_bytes());
+    format!("{:016x}", h.finish())
 }
 
 impl Kept {
     fn checksum(&self) -> String {
-        format!("{:016x}", self.hash.finish())
+        checksum_of(&self.text)
     }
 
     /// The log at `path` from these rows (`rewrite`: the file is replaced by them first).
@@ -46,7 +50,6 @@ impl Kept {
             path: path.to_path_buf(),
             file,
             rows: self.rows,
-            hash: self.hash,
             text: self.text,
         })
     }
@@ -93,7 +96,6 @@ impl MetricsLog {
         let mut kept = Kept {
             rows: Vec::new(),
             text: String::new(),
-            hash: crate::data::corpus::Fnv64::new(),
         };
         for l in text.lines() {
             let Ok(r) = serde_json::from_str::<Value>(l) else {
@@ -105,8 +107,6 @@ impl MetricsLog {
             {
                 kept.text.push_str(l);
                 kept.text.push('\n');
-                kept.hash.bytes(l.as_bytes());
-                kept.hash.bytes(b"\n");
                 kept.rows.push(r);
             }
         }
@@ -120,7 +120,6 @@ impl MetricsLog {
             .write_all(line.as_bytes())
             .map_err(|e| Error::io(&self.path, e))?;
         self.file.flush().map_err(|e| Error::io(&self.path, e))?;
-        self.hash.bytes(line.as_bytes());
         self.text.push_str(&line);
         self.rows.push(row);
         Ok(())
@@ -129,7 +128,7 @@ impl MetricsLog {
     /// A checksum of the file's lines (FNV-1a, hex): a checkpoint records it, so that a resume
     /// keeps only rows of its own run.
     pub fn checksum(&self) -> String {
-        format!("{:016x}", self.hash.finish())
+        checksum_of(&self.text)
     }
 
     /// The file's text (every row as written): a checkpoint keeps a copy.

@@ -1,6 +1,18 @@
 //! CPU twin of kernels/topk.cu: the k largest entries of each row of a score matrix, sorted by
 //! score descending, ties by column ascending (NaN above every number, ties among NaNs by column).
 
+/// The ranking key of a score, compared by `f32::total_cmp`: the number itself, and every NaN
+/// (either sign, any payload) the positive quiet NaN, one value above `+inf`. The kernel, the
+/// host heap ([`crate::retrieval::TopK`]) and the hybrid ranking all rank by it.
+#[inline]
+pub fn rank_key(x: f32) -> f32 {
+    if x.is_nan() {
+        f32::NAN
+    } else {
+        x
+    }
+}
+
 /// Per row of `scores` ([rows, n]): `k` (column, score) pairs; `k` is capped at `n`.
 pub fn topk_rows(scores: &[f32], n: usize, k: usize) -> Vec<Vec<(u32, f32)>> {
     let k = k.min(n);
@@ -8,11 +20,9 @@ pub fn topk_rows(scores: &[f32], n: usize, k: usize) -> Vec<Vec<(u32, f32)>> {
         .chunks(n.max(1))
         .map(|row| {
             let mut idx: Vec<u32> = (0..row.len() as u32).collect();
-            // The kernel's keys: IEEE total order with every NaN one value above +inf.
-            let key = |x: f32| if x.is_nan() { f32::NAN } else { x };
             idx.sort_by(|&a, &b| {
                 let (x, y) = (row[a as usize], row[b as usize]);
-                key(y).total_cmp(&key(x)).then(a.cmp(&b))
+                rank_key(y).total_cmp(&rank_key(x)).then(a.cmp(&b))
             });
             idx.truncate(k);
             idx.into_iter().map(|i| (i, row[i as usize])).collect()
