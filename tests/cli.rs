@@ -26,6 +26,51 @@ fn run(args: &[&str]) -> Output {
     bin().args(args).output().expect("run retrom3")
 }
 
+/// `retrom3 encode --model MODEL --input INPUT --output OUTPUT` + `extra`.
+fn encode(model: &Path, input: &Path, output: &Path, extra: &[&str]) -> Output {
+    bin()
+        .arg("encode")
+        .arg("--model")
+        .arg(model)
+        .arg("--input")
+        .arg(input)
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .output()
+        .expect("run retrom3")
+}
+
+/// `retrom3 convert --model SRC --output OUT`.
+fn convert(src: &Path, out: &Path) -> Output {
+    bin()
+        .arg("convert")
+        .arg("--model")
+        .arg(src)
+        .arg("--output")
+        .arg(out)
+        .output()
+        .expect("run retrom3")
+}
+
+/// A run that must have succeeded (its stderr on failure).
+fn expect_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A copy of a fixture model directory (flat) at `dst`, to damage.
+fn copy_model(name: &str, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in std::fs::read_dir(fixture(name)).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dst.join(f.file_name().unwrap())).unwrap();
+    }
+}
+
 fn read_jsonl(p: &Path) -> Vec<Value> {
     std::fs::read_to_string(p)
         .unwrap()
@@ -60,25 +105,12 @@ fn encode_jsonl_all_heads_matches_the_library() {
     .unwrap();
     let output = d.join("out.jsonl");
     let model = fixture("tiny-xlmr");
-    let out = run(&[
-        "encode",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-        "--dense",
-        "--sparse",
-        "--colbert",
-        "--max-length",
-        "16",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    expect_success(&encode(
+        &model,
+        &input,
+        &output,
+        &["--dense", "--sparse", "--colbert", "--max-length", "16"],
+    ));
     let rows = read_jsonl(&output);
     assert_eq!(rows.len(), 2);
     let lib = retrom3::M3Model::load(&model, retrom3::Device::Cpu).unwrap();
@@ -113,20 +145,7 @@ fn encode_plain_text_defaults_to_dense_only() {
     let input = d.join("in.txt");
     std::fs::write(&input, "first line\nsecond line\n").unwrap();
     let output = d.join("out.jsonl");
-    let out = run(&[
-        "encode",
-        "--model",
-        fixture("tiny-bert").to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        output.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    expect_success(&encode(&fixture("tiny-bert"), &input, &output, &[]));
     let rows = read_jsonl(&output);
     assert_eq!(rows.len(), 2);
     for r in rows {
@@ -167,11 +186,7 @@ fn score_writes_five_keys_per_pair() {
         "--max-passage-length",
         "20",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    expect_success(&out);
     let rows = read_jsonl(&output);
     assert_eq!(rows.len(), 2);
     for r in &rows {
@@ -207,125 +222,51 @@ fn bad_inputs_give_one_line_errors() {
     let broken = d.join("broken.jsonl");
     std::fs::write(&broken, "{\"text\": \"ok\"}\n{\"text\": oops}\n").unwrap();
     expect_error(
-        &run(&[
-            "encode",
-            "--model",
-            m,
-            "--input",
-            broken.to_str().unwrap(),
-            "--output",
-            o,
-        ]),
+        &encode(&model, &broken, &out_path, &[]),
         &["broken.jsonl:2"],
     );
 
     let empty = d.join("empty.jsonl");
     std::fs::write(&empty, "{\"text\": \"ok\"}\n{\"text\": \"\"}\n").unwrap();
     expect_error(
-        &run(&[
-            "encode",
-            "--model",
-            m,
-            "--input",
-            empty.to_str().unwrap(),
-            "--output",
-            o,
-        ]),
+        &encode(&model, &empty, &out_path, &[]),
         &["empty.jsonl:2", "empty text"],
     );
 
     let bad_utf8 = d.join("bytes.txt");
     std::fs::write(&bad_utf8, b"fine\nnot \xff utf8\n").unwrap();
     expect_error(
-        &run(&[
-            "encode",
-            "--model",
-            m,
-            "--input",
-            bad_utf8.to_str().unwrap(),
-            "--output",
-            o,
-        ]),
+        &encode(&model, &bad_utf8, &out_path, &[]),
         &["bytes.txt:2", "UTF-8"],
     );
 
     let good = d.join("good.jsonl");
     std::fs::write(&good, "{\"text\": \"ok\"}\n").unwrap();
-    let g = good.to_str().unwrap();
     expect_error(
-        &run(&[
-            "encode",
-            "--model",
-            m,
-            "--input",
-            g,
-            "--output",
-            o,
-            "--max-length",
-            "1",
-        ]),
+        &encode(&model, &good, &out_path, &["--max-length", "1"]),
         &["max_length"],
     );
     expect_error(
-        &run(&[
-            "encode",
-            "--model",
-            m,
-            "--input",
-            g,
-            "--output",
-            o,
-            "--max-length",
-            "100000",
-        ]),
+        &encode(&model, &good, &out_path, &["--max-length", "100000"]),
         &["max_length"],
     );
     expect_error(
-        &run(&[
-            "encode",
-            "--model",
-            "/nonexistent/model",
-            "--input",
-            g,
-            "--output",
-            o,
-        ]),
+        &encode(Path::new("/nonexistent/model"), &good, &out_path, &[]),
         &["/nonexistent/model"],
     );
     expect_error(
-        &run(&[
-            "encode",
-            "--model",
-            fixture("tiny-bert").to_str().unwrap(),
-            "--input",
-            g,
-            "--output",
-            o,
-            "--sparse",
-        ]),
+        &encode(&fixture("tiny-bert"), &good, &out_path, &["--sparse"]),
         &["sparse_linear.pt"],
     );
 
     // A truncated checkpoint in an otherwise valid model dir.
     let broken_model = d.join("model");
-    std::fs::create_dir_all(&broken_model).unwrap();
-    for f in std::fs::read_dir(&model).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, broken_model.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_model("tiny-xlmr", &broken_model);
     let st = broken_model.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
     expect_error(
-        &run(&[
-            "encode",
-            "--model",
-            broken_model.to_str().unwrap(),
-            "--input",
-            g,
-            "--output",
-            o,
-        ]),
+        &encode(&broken_model, &good, &out_path, &[]),
         &["model.safetensors"],
     );
     assert!(
@@ -369,18 +310,7 @@ fn convert_bin_layout_to_safetensors_keeps_outputs() {
     let d = tmpdir("convert");
     let out_dir = d.join("converted");
     let src = fixture("tiny-bge-m3-layout");
-    let out = run(&[
-        "convert",
-        "--model",
-        src.to_str().unwrap(),
-        "--output",
-        out_dir.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    expect_success(&convert(&src, &out_dir));
     for f in [
         "model.safetensors",
         "config.json",
@@ -405,40 +335,17 @@ fn convert_bin_layout_to_safetensors_keeps_outputs() {
     assert_eq!(a.colbert, b.colbert);
     // Into a non-empty directory (another model's files would be left to load with this one)
     // or onto a file: refused, the directory untouched.
-    let again = run(&[
-        "convert",
-        "--model",
-        src.to_str().unwrap(),
-        "--output",
-        out_dir.to_str().unwrap(),
-    ]);
+    let again = convert(&src, &out_dir);
     expect_error(&again, &["converted", "exists and is not empty"]);
     assert!(out_dir.join("colbert_linear.pt").is_file());
     let file = d.join("a-file");
     std::fs::write(&file, "x").unwrap();
-    let onto = run(&[
-        "convert",
-        "--model",
-        src.to_str().unwrap(),
-        "--output",
-        file.to_str().unwrap(),
-    ]);
+    let onto = convert(&src, &file);
     expect_error(&onto, &["a-file", "not a directory"]);
     // An existing empty directory (a mount point, say) is kept and filled.
     let empty = d.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let into = run(&[
-        "convert",
-        "--model",
-        src.to_str().unwrap(),
-        "--output",
-        empty.to_str().unwrap(),
-    ]);
-    assert!(
-        into.status.success(),
-        "{}",
-        String::from_utf8_lossy(&into.stderr)
-    );
+    expect_success(&convert(&src, &empty));
     assert!(empty.join("model.safetensors").is_file() && empty.join("colbert_linear.pt").is_file());
     let left: Vec<_> = std::fs::read_dir(&empty)
         .unwrap()
@@ -462,23 +369,11 @@ fn convert_bin_layout_to_safetensors_keeps_outputs() {
 fn malformed_tokenizer_is_a_one_line_error() {
     let d = tmpdir("badtok");
     let model = d.join("model");
-    std::fs::create_dir_all(&model).unwrap();
-    for f in std::fs::read_dir(fixture("tiny-xlmr")).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, model.join(f.file_name().unwrap())).unwrap();
-    }
+    copy_model("tiny-xlmr", &model);
     let tok = std::fs::read(model.join("tokenizer.json")).unwrap();
     std::fs::write(model.join("tokenizer.json"), &tok[..tok.len() - 300]).unwrap();
     let input = d.join("in.txt");
     std::fs::write(&input, "hello\n").unwrap();
-    let out = run(&[
-        "encode",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        input.to_str().unwrap(),
-        "--output",
-        d.join("o.jsonl").to_str().unwrap(),
-    ]);
+    let out = encode(&model, &input, &d.join("o.jsonl"), &[]);
     expect_error(&out, &["tokenizer.json"]);
 }
