@@ -634,6 +634,16 @@ fn bad_options_and_paths_are_errors() {
         run(&tok, &input, &input, &opts(16, false, 4)),
         Err(Error::Invalid(_))
     ));
+    // The input one of the output's working files (it was truncated and renamed into place).
+    for suffix in [".partial", ".partial.offsets", ".partial.state"] {
+        let work = d.join(format!("o.r3tok{suffix}"));
+        std::fs::copy(&input, &work).unwrap();
+        let e = run(&tok, &work, &out, &opts(16, false, 4)).unwrap_err();
+        assert!(e.to_string().contains("working file"), "{suffix}: {e}");
+        assert_eq!(std::fs::read(&work).unwrap(), b"a\nb\n", "{suffix}");
+        assert!(!out.exists());
+        std::fs::remove_file(&work).unwrap();
+    }
     assert!(matches!(
         run(
             &tok,
@@ -1046,4 +1056,44 @@ fn an_output_that_is_a_fifo_is_refused() {
     );
     use std::os::unix::fs::FileTypeExt;
     assert!(std::fs::metadata(&out).unwrap().file_type().is_fifo());
+}
+
+/// A token file is known by its name or by its magic (`pretrain --data corpus` with no extension
+/// read it as text and stopped on its first non-UTF-8 byte); a text file is not one.
+#[test]
+fn token_files_are_known_by_name_or_magic() {
+    let tok = tokenizer();
+    let d = tmpdir("magic");
+    let input = d.join("in.txt");
+    std::fs::write(&input, "alpha beta\ngamma delta\n").unwrap();
+    let out = d.join("c.r3tok");
+    run(&tok, &input, &out, &opts(16, false, 4)).unwrap();
+    let renamed = d.join("corpus");
+    std::fs::copy(&out, &renamed).unwrap();
+    assert!(TokenCorpus::is_token_file(&out));
+    assert!(TokenCorpus::is_token_file(&renamed));
+    assert!(TokenCorpus::is_token_file(&d.join("absent.R3TOK")));
+    assert!(!TokenCorpus::is_token_file(&input));
+    assert!(!TokenCorpus::is_token_file(&d.join("absent")));
+    // The CLI trains on the renamed file.
+    let config = fixture("tiny-xlmr").join("config.json");
+    let tokdir = fixture("tiny-xlmr");
+    let r = bin(&[
+        "pretrain",
+        "--config",
+        config.to_str().unwrap(),
+        "--tokenizer",
+        tokdir.to_str().unwrap(),
+        "--data",
+        renamed.to_str().unwrap(),
+        "--output",
+        d.join("run").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-len",
+        "16",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 }

@@ -42,15 +42,29 @@ pub struct RandomModelArgs {
 }
 
 impl RandomModelArgs {
-    /// The XLM-R config of this size with room for `max_tokens` tokens per text.
+    /// The XLM-R config of this size with room for `max_tokens` tokens per text (checked before
+    /// the device opens: a bad size costs no model upload).
     fn config(&self, max_tokens: usize) -> Result<EncoderConfig> {
+        if self.vocab < bench::MIN_VOCAB {
+            return Err(Error::invalid(format!(
+                "--vocab {}: at least {} (ids 0-4 are special tokens; the synthetic texts draw \
+                 from 5..vocab)",
+                self.vocab,
+                bench::MIN_VOCAB
+            )));
+        }
+        let too_large = |what: String| Error::invalid(format!("{what}: too large"));
+        let ffn = (self.hidden.checked_mul(4))
+            .ok_or_else(|| too_large(format!("--hidden {}", self.hidden)))?;
+        let positions = (max_tokens.checked_add(2))
+            .ok_or_else(|| too_large(format!("{max_tokens} tokens per text")))?;
         EncoderConfig::new_xlmr(
             self.vocab,
             self.hidden,
             self.layers,
             self.heads,
-            4 * self.hidden,
-            max_tokens + 2,
+            ffn,
+            positions,
         )
     }
 }
@@ -229,7 +243,31 @@ fn write_json(rows: &[bench::BenchRow], json: Option<&PathBuf>) -> Result<()> {
     Ok(())
 }
 
+/// `flag value` must be at least 1.
+fn positive(flag: &str, v: usize) -> Result<()> {
+    if v == 0 {
+        return Err(Error::invalid(format!("{flag} 0: must be at least 1")));
+    }
+    Ok(())
+}
+
+/// A --json path, checked before the run (a run of minutes must not end on a missing directory).
+fn check_json(json: Option<&PathBuf>) -> Result<()> {
+    json.map_or(Ok(()), |p| super::output::check_output_path("--json", p))
+}
+
 fn kernels(a: BenchKernelsArgs) -> Result<()> {
+    if a.device == Device::Emu && !a.quick {
+        return Err(Error::invalid(
+            "--device emu runs only with --quick (the emulator checks the code path, not speed; \
+             the full-size shapes take hours there)",
+        ));
+    }
+    positive("--iters", a.iters)?;
+    if let Some(seqs) = &a.seq_lens {
+        bench::check_attention_seq_lens(seqs, a.quick)?;
+    }
+    check_json(a.json.as_ref())?;
     let dev = engine::open(a.device)?;
     let card = dev.name();
     outln!("device: {card}");
@@ -264,12 +302,20 @@ fn dtype(s: &str) -> Result<KDType> {
 
 fn max_batch(a: BenchMaxBatchArgs) -> Result<()> {
     let dt = dtype(&a.dtype)?;
-    let longest = a.seq_lens.iter().copied().max().unwrap_or(0);
-    if longest < 3 {
-        return Err(retrom3::Error::invalid(
-            "--seq-lens: give lengths of at least 3 tokens",
-        ));
+    if let Some(s) = a.seq_lens.iter().find(|&&s| s < 3) {
+        return Err(Error::invalid(format!(
+            "--seq-lens: {s} tokens; give lengths of at least 3 tokens"
+        )));
     }
+    positive("--cap", a.cap)?;
+    if !(a.budget_s.is_finite() && a.budget_s > 0.0) {
+        return Err(Error::invalid(format!(
+            "--budget-s {}: must be a positive number of seconds",
+            a.budget_s
+        )));
+    }
+    check_json(a.json.as_ref())?;
+    let longest = a.seq_lens.iter().copied().max().unwrap_or(0);
     let cfg = a.model.config(longest)?;
     let dev = engine::open(a.model.device)?;
     outln!("device: {}", dev.name());
@@ -306,13 +352,23 @@ fn max_batch(a: BenchMaxBatchArgs) -> Result<()> {
         json.push('\n');
     }
     if let Some(p) = &a.json {
-        std::fs::write(p, json).map_err(|e| retrom3::Error::io(p, e))?;
+        retrom3::io::write_atomic(p, |w| std::io::Write::write_all(w, json.as_bytes()))?;
     }
     Ok(())
 }
 
 fn model(a: BenchModelArgs) -> Result<()> {
     let dt = dtype(&a.dtype)?;
+    positive("--batch", a.batch)?;
+    positive("--iters", a.iters)?;
+    if a.seq < 3 {
+        return Err(Error::invalid(format!(
+            "--seq {}: at least 3 tokens (the RetroMAE row's decoder rebuilds the tokens between \
+             the first and the last)",
+            a.seq
+        )));
+    }
+    check_json(a.json.as_ref())?;
     let cfg = a.model.config(a.seq)?;
     let dev = engine::open(a.model.device)?;
     outln!("device: {}", dev.name());

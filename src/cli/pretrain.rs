@@ -79,10 +79,7 @@ const DEFAULT_SEED: u64 = 42;
 /// The corpus: a memory-mapped .r3tok file (checked against this tokenizer), or a text file
 /// tokenized in memory (fine for small corpora).
 fn load_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Box<dyn DocSource>> {
-    if a.data
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("r3tok"))
-    {
+    if TokenCorpus::is_token_file(&a.data) {
         let corpus = TokenCorpus::open(&a.data)?;
         corpus.check_tokenizer(tok, &a.tokenizer)?;
         corpus.verify_tokens()?;

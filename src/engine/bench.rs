@@ -132,12 +132,43 @@ pub fn kernels(dev: &dyn KernelDevice, cfg: &KernelBenchCfg) -> Result<Vec<Bench
     kernels_streaming(dev, cfg, &mut |_| {})
 }
 
+/// The tokens of one attention batch in `bench kernels` (`quick`: the emulator's size).
+fn attention_tokens(quick: bool) -> usize {
+    if quick {
+        256
+    } else {
+        16384
+    }
+}
+
+/// Attention sequence lengths `bench kernels` can run: each divides the batch's tokens.
+pub fn check_attention_seq_lens(seqs: &[usize], quick: bool) -> Result<()> {
+    let tokens = attention_tokens(quick);
+    if let Some(&sl) = seqs.iter().find(|&&sl| sl == 0 || !tokens.is_multiple_of(sl)) {
+        return Err(Error::invalid(format!(
+            "attention sequence length {sl}: must divide the {tokens} tokens of a batch"
+        )));
+    }
+    Ok(())
+}
+
+/// The smallest vocabulary of the random models of [`model`] and [`max_batch`]: their synthetic
+/// texts draw ids from 5..vocab (0-4 are special tokens).
+pub const MIN_VOCAB: usize = 6;
+
 /// [`kernels`], handing each row to `on_row` as soon as it is measured.
 pub fn kernels_streaming(
     dev: &dyn KernelDevice,
     cfg: &KernelBenchCfg,
     on_row: &mut dyn FnMut(&BenchRow),
 ) -> Result<Vec<BenchRow>> {
+    // Checked before the first row (the copy row moves 2 GiB).
+    let seqs: &[usize] = match &cfg.seq_lens {
+        Some(s) => s,
+        None if cfg.quick => &[64, 128],
+        None => &[512, 1024, 2048, 4096, 8192],
+    };
+    check_attention_seq_lens(seqs, cfg.quick)?;
     let devname = devname(dev);
     let peak = cfg.card.as_deref().and_then(bf16_peak_tflops);
     let it = cfg.iters;
@@ -183,21 +214,8 @@ pub fn kernels_streaming(
         tokens_per_s: None,
     };
     // Attention, D = 64, 16 heads, B·S = 16k tokens (the targets of the CUDA issue).
-    let (tokens, heads, d) = if cfg.quick {
-        (256, 2, 64)
-    } else {
-        (16384, 16, 64)
-    };
-    let seqs: &[usize] = match &cfg.seq_lens {
-        Some(s) => s,
-        None if cfg.quick => &[64, 128],
-        None => &[512, 1024, 2048, 4096, 8192],
-    };
-    if let Some(&sl) = seqs.iter().find(|&&sl| sl == 0 || tokens % sl != 0) {
-        return Err(Error::invalid(format!(
-            "attention sequence length {sl}: must divide the {tokens} tokens of a batch"
-        )));
-    }
+    let tokens = attention_tokens(cfg.quick);
+    let (heads, d) = if cfg.quick { (2, 64) } else { (16, 64) };
     for &sl in seqs {
         let batch = tokens / sl;
         let w = heads * d;
@@ -712,6 +730,25 @@ pub fn fast_random_encoder(config: EncoderConfig, seed: u64) -> Result<Encoder> 
     })
 }
 
+/// The random model of [`model`] / [`max_batch`] and its texts: a vocabulary of at least
+/// [`MIN_VOCAB`] ids, texts of 3 tokens or more (the RetroMAE row rebuilds those between the
+/// first and the last) within the config's positions.
+fn check_random_model(config: &EncoderConfig, seqs: &[usize]) -> Result<()> {
+    if config.vocab_size < MIN_VOCAB {
+        return Err(Error::invalid(format!(
+            "vocab_size {}: the benchmark's synthetic texts need at least {MIN_VOCAB} ids",
+            config.vocab_size
+        )));
+    }
+    let max = config.max_tokens();
+    if let Some(s) = seqs.iter().find(|&&s| !(3..=max).contains(&s)) {
+        return Err(Error::invalid(format!(
+            "{s} tokens per text: must be in 3..={max} (the config's positions)"
+        )));
+    }
+    Ok(())
+}
+
 /// Encoder throughput on the device: tokens per second of the forward (inference) and of a
 /// training forward + backward, on `batch` random texts of `seq` tokens (no padding).
 pub fn model(
@@ -723,6 +760,10 @@ pub fn model(
     dt: KDType,
     only: &[ModelRow],
 ) -> Result<Vec<BenchRow>> {
+    check_random_model(&config, &[seq])?;
+    if batch == 0 {
+        return Err(Error::invalid("bench model: batch 0"));
+    }
     let want = |r: ModelRow| only.is_empty() || only.contains(&r);
     let devname = devname(dev);
     let shape = format!(
@@ -1097,6 +1138,10 @@ pub fn max_batch_logged(
     log: &mut dyn FnMut(&str),
 ) -> Result<Vec<MaxBatchRow>> {
     use crate::model::m3_train::{fresh_heads, KdLoss, M3Batch, M3LossConfig, M3Student};
+    check_random_model(&config, seq_lens)?;
+    if cap == 0 {
+        return Err(Error::invalid("bench max-batch: cap 0"));
+    }
     let hidden = config.hidden_size;
     let vocab = config.vocab_size;
     let student = M3Student::new(fast_random_encoder(config, 7)?, &fresh_heads(hidden, 1)?)?;

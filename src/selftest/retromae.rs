@@ -176,7 +176,7 @@ pub fn rows(dev: &dyn KernelDevice, quick: bool, seed: u64) -> Result<Vec<Selfte
                 if i % 4 == 1 {
                     -100
                 } else {
-                    (i * 37 + seed as i64 % 7) % v as i64
+                    (i * 37 + (seed % 7) as i64) % v as i64
                 }
             })
             .collect();

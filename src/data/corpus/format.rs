@@ -170,6 +170,22 @@ impl std::fmt::Debug for TokenCorpus {
 }
 
 impl TokenCorpus {
+    /// Whether `path` is a token file by its name (`.r3tok`, any case) or its first bytes (the
+    /// magic): what `retrom3 pretrain --data` opens with [`TokenCorpus::open`] rather than read as
+    /// text. An unreadable file is not (reading it as text names the error).
+    pub fn is_token_file(path: &Path) -> bool {
+        if path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("r3tok"))
+        {
+            return true;
+        }
+        let mut head = [0u8; 8];
+        std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+            .is_ok_and(|()| head == MAGIC)
+    }
+
     /// Memory-maps and validates `path`. A truncated, corrupt or foreign file is an
     /// [`Error::Format`] naming it.
     pub fn open(path: impl AsRef<Path>) -> Result<TokenCorpus> {

@@ -442,6 +442,17 @@ pub fn tokenize_corpus(
             )));
         }
     }
+    // Nor may the input be one of the output's working files (truncated and renamed into place).
+    let work = WorkFiles::new(output);
+    for f in [&work.partial, &work.offsets, &work.state] {
+        if f.canonicalize().is_ok_and(|f| f == job.input) {
+            return Err(Error::invalid(format!(
+                "{}: the input is a working file of the output {} (give another --output)",
+                input.display(),
+                output.display()
+            )));
+        }
+    }
     // Checked before the corpus is read (the final rename would fail only at the end).
     if output.is_dir() {
         return Err(Error::invalid(format!(
@@ -450,7 +461,6 @@ pub fn tokenize_corpus(
         )));
     }
     let cap = opts.max_len as u64 - 2;
-    let work = WorkFiles::new(output);
     let (mut sink, reader, mut stats) = if work.state.exists() {
         resume(&work, &job, cap)?
     } else {
