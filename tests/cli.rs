@@ -342,6 +342,16 @@ fn convert_bin_layout_to_safetensors_keeps_outputs() {
     std::fs::write(&file, "x").unwrap();
     let onto = convert(&src, &file);
     expect_error(&onto, &["a-file", "not a directory"]);
+    // A dangling symlink: an error, and no temporary copy of the model left beside it.
+    let link = d.join("dangling");
+    std::os::unix::fs::symlink(d.join("nowhere"), &link).unwrap();
+    expect_error(&convert(&src, &link), &["dangling"]);
+    let left: Vec<_> = std::fs::read_dir(&d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
     // An existing empty directory (a mount point, say) is kept and filled.
     let empty = d.join("empty");
     std::fs::create_dir_all(&empty).unwrap();

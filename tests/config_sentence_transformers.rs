@@ -250,3 +250,88 @@ fn unsupported_pooling_modes_are_errors() {
         );
     }
 }
+
+/// `do_lower_case` of sentence_bert_config.json lower-cases every text before the tokenizer, as
+/// sentence-transformers does (it was ignored: "Hello World" and "hello world" got other vectors
+/// than sentence-transformers gives); the index fingerprint sees it; a bad value names the file.
+#[test]
+fn do_lower_case_lowercases_before_the_tokenizer() {
+    use retrom3::{Device, EncodeOptions, M3Model};
+    let d = tiny_xlmr_copy("lower");
+    let texts = ["Hello World", "hello world"];
+    let opts = EncodeOptions::all();
+    let plain = M3Model::load(&d, Device::Cpu).unwrap();
+    assert!(!plain.tokenizer.lowercases());
+    let a = plain.encode(&texts, &opts).unwrap();
+    // The fixture's tokenizer keeps case: the two texts differ without the flag.
+    assert_ne!(a.dense.as_ref().unwrap()[0], a.dense.as_ref().unwrap()[1]);
+    let fp_plain = retrom3::retrieval::ModelFingerprint::of_model(&plain).unwrap();
+
+    write(
+        &d,
+        "sentence_bert_config.json",
+        r#"{"max_seq_length": 64, "do_lower_case": true}"#,
+    );
+    let lower = M3Model::load(&d, Device::Cpu).unwrap();
+    assert!(lower.tokenizer.lowercases());
+    let b = lower.encode(&texts, &opts).unwrap();
+    assert_eq!(b.dense.as_ref().unwrap()[0], b.dense.as_ref().unwrap()[1]);
+    assert_eq!(b.dense.as_ref().unwrap()[1], a.dense.as_ref().unwrap()[1]);
+    assert_eq!(b.sparse.as_ref().unwrap()[0], a.sparse.as_ref().unwrap()[1]);
+    assert_eq!(
+        b.colbert.as_ref().unwrap()[0],
+        a.colbert.as_ref().unwrap()[1]
+    );
+    assert_eq!(
+        lower.tokenizer.encode_pair("Q A", "P B", 16).unwrap(),
+        plain.tokenizer.encode_pair("q a", "p b", 16).unwrap()
+    );
+    let fp_lower = retrom3::retrieval::ModelFingerprint::of_model(&lower).unwrap();
+    assert_ne!(fp_plain, fp_lower);
+
+    write(
+        &d,
+        "sentence_bert_config.json",
+        r#"{"do_lower_case": "yes"}"#,
+    );
+    let e = M3Model::load(&d, Device::Cpu).unwrap_err().to_string();
+    assert!(
+        e.contains("sentence_bert_config.json") && e.contains("do_lower_case"),
+        "{e}"
+    );
+}
+
+/// A copy of the tiny XLM-R fixture (its files) in a fresh directory.
+fn tiny_xlmr_copy(name: &str) -> PathBuf {
+    let d = temp_dir(name);
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-xlmr");
+    for e in fs::read_dir(&src).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+    }
+    d
+}
+
+/// `compute_score`'s default lengths are 512 within the position table, as FlagEmbedding's: a
+/// max_seq_length of 8 in sentence_bert_config.json (encode's default) does not cut the pair.
+#[test]
+fn score_defaults_ignore_max_seq_length() {
+    use retrom3::{Device, M3Model};
+    let d = tiny_xlmr_copy("scorelen");
+    let pairs = [(
+        "what is the capital city of france",
+        "paris is the capital and largest city of france by population",
+    )];
+    let opts = retrom3::ScoreOptions::default();
+    let want = M3Model::load(&d, Device::Cpu)
+        .unwrap()
+        .compute_score(&pairs, &opts)
+        .unwrap();
+    write(&d, "sentence_bert_config.json", r#"{"max_seq_length": 8}"#);
+    let m = M3Model::load(&d, Device::Cpu).unwrap();
+    assert_eq!(m.max_length, 8);
+    let got = m.compute_score(&pairs, &opts).unwrap();
+    assert_eq!(got, want);
+}

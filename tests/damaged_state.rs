@@ -126,6 +126,42 @@ fn more_layers_in_the_config_than_in_the_weights() {
     }
 }
 
+/// Weights whose keys carry an unknown prefix (`module.`, a DataParallel save) are named as such,
+/// not blamed on config.json's layer count.
+#[test]
+fn an_unknown_key_prefix_is_named() {
+    let d = model_copy("module-prefix");
+    let p = d.join("model.safetensors");
+    let map = retrom3::io::read_safetensors(&p).unwrap();
+    let renamed = map
+        .into_iter()
+        .map(|(k, t)| (format!("module.{k}"), t))
+        .collect();
+    retrom3::io::write_safetensors(&p, &renamed, None).unwrap();
+    let e = M3Model::load(&d, Device::Cpu).unwrap_err().to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("prefix \"module.\""),
+        "{e}"
+    );
+}
+
+/// A post-processor special id past the embedding table is refused at load, naming
+/// tokenizer.json (every encode failed with "token id 1500 >= vocab size", naming no file).
+#[test]
+fn a_post_processor_id_outside_the_table_names_the_tokenizer() {
+    let d = model_copy("template-id");
+    let p = d.join("tokenizer.json");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    t["post_processor"]["special_tokens"]["</s>"]["ids"] = serde_json::json!([1500]);
+    std::fs::write(&p, t.to_string()).unwrap();
+    let e = M3Model::load(&d, Device::Cpu).unwrap_err().to_string();
+    assert!(
+        e.contains("tokenizer.json") && e.contains("token id 1500") && e.contains("vocab_size"),
+        "{e}"
+    );
+}
+
 /// A model path that is a file is named as such (it used to say "model directory not found").
 #[test]
 fn a_file_given_as_the_model_directory() {

@@ -50,11 +50,14 @@ fn mcls_short_text_equals_plain_cls() {
     // an MCLS marker (markers are found by place, not by id).
     let texts = ["short text", "another <s> one"];
     let a = m.encode(&texts, &opts(false, 256)).unwrap();
-    let b = m.encode(&texts, &opts(true, 256)).unwrap();
-    // Dense: the same vector, to the bit (the dense head's normalisation in both).
-    assert_eq!(a.dense, b.dense);
-    assert_eq!(a.sparse, b.sparse);
-    assert_eq!(a.colbert, b.colbert);
+    // A chunk past any length is one chunk too (the marker positions overflowed usize).
+    for chunk in [256, usize::MAX - 1, usize::MAX] {
+        let b = m.encode(&texts, &opts(true, chunk)).unwrap();
+        // Dense: the same vector, to the bit (the dense head's normalisation in both).
+        assert_eq!(a.dense, b.dense);
+        assert_eq!(a.sparse, b.sparse);
+        assert_eq!(a.colbert, b.colbert);
+    }
 }
 
 #[test]
@@ -201,4 +204,36 @@ fn encode_ids_refuses_sequences_that_are_not_tokenized_texts() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("sequence 0: starts with id 7"), "{e}");
+}
+
+/// MCLS pools [CLS] states: with mean pooling (the model's, or asked for) it is an error, not a
+/// silently different vector (a one-chunk text would not encode as without MCLS).
+#[test]
+fn mcls_with_mean_pooling_is_refused() {
+    let mean_model = retrom3::M3Model::load(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-bert"),
+        retrom3::Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(mean_model.pooling, retrom3::Pooling::Mean);
+    let o = EncodeOptions {
+        sparse: false,
+        colbert: false,
+        max_length: None,
+        ..opts(true, 256)
+    };
+    let e = mean_model
+        .encode(&["short text"], &o)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("MCLS") && e.contains("mean-pooled"), "{e}");
+    let asked = EncodeOptions {
+        pooling: Some(retrom3::Pooling::Mean),
+        ..opts(true, 256)
+    };
+    let e = model()
+        .encode(&["short text"], &asked)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--pooling mean"), "{e}");
 }

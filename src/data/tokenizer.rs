@@ -77,6 +77,8 @@ pub struct TextTokenizer {
     pad: Option<u32>,
     unk: Option<u32>,
     mask: Option<u32>,
+    /// Lower-case every text first (sentence-transformers' `do_lower_case`).
+    lowercase: bool,
 }
 
 impl fmt::Debug for TextTokenizer {
@@ -90,6 +92,7 @@ impl fmt::Debug for TextTokenizer {
             .field("pad", &self.pad)
             .field("unk", &self.unk)
             .field("mask", &self.mask)
+            .field("lowercase", &self.lowercase)
             .finish()
     }
 }
@@ -105,9 +108,28 @@ fn metaspace_of(pre: Option<&PreTokenizerWrapper>) -> Option<char> {
 }
 
 impl TextTokenizer {
-    /// Loads `dir/tokenizer.json`.
+    /// Loads `dir/tokenizer.json`, lower-casing every text first when the directory's
+    /// sentence_bert_config.json says `"do_lower_case": true` (as sentence-transformers does
+    /// before its tokenizer).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
-        Self::from_file(dir.as_ref().join("tokenizer.json"))
+        let dir = dir.as_ref();
+        let mut t = Self::from_file(dir.join("tokenizer.json"))?;
+        t.lowercase = crate::model::config::read_do_lower_case(dir)?;
+        Ok(t)
+    }
+
+    /// Whether every text is lower-cased before tokenizing ([`TextTokenizer::from_dir`]).
+    pub fn lowercases(&self) -> bool {
+        self.lowercase
+    }
+
+    /// The text the tokenizer sees.
+    fn prep<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        if self.lowercase {
+            std::borrow::Cow::Owned(text.to_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(text)
+        }
     }
 
     /// Loads a `tokenizer.json` file and disables its built-in padding and truncation.
@@ -191,6 +213,7 @@ impl TextTokenizer {
             pad,
             unk,
             mask,
+            lowercase: false,
         })
     }
 
@@ -247,8 +270,9 @@ impl TextTokenizer {
     /// tokens are kept). `max_length < 2` is an [`Error::Invalid`]. An empty text gives only the
     /// specials.
     pub fn encode(&self, text: &str, max_length: usize) -> Result<Vec<u32>> {
+        let text = self.prep(text);
         self.guard(|| {
-            let content = self.encode_content(text, max_length)?;
+            let content = self.encode_content(&text, max_length)?;
             Ok(self.finish(content, None, max_length)?.get_ids().to_vec())
         })
     }
@@ -298,6 +322,7 @@ impl TextTokenizer {
     /// (`joins_at_spaces`: the pieces' ids, one after the other, are the whole text's), so a huge
     /// line takes memory for one piece at a time, not the whole line (`retrom3 tokenize`).
     pub fn content_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let text = &*self.prep(text);
         let pieces = self
             .tokenizer
             .get_pre_tokenizer()
@@ -350,6 +375,8 @@ impl TextTokenizer {
                 "max_length {max_length} is too small: it counts the special tokens and must be at least {min}"
             )));
         }
+        let prepped: Vec<std::borrow::Cow<str>> = texts.iter().map(|t| self.prep(t)).collect();
+        let texts: Vec<&str> = prepped.iter().map(|t| &**t).collect();
         self.guard(|| {
             // Long texts one by one from a prefix (`encode_content`), the rest as one batch.
             let short: Vec<&str> = texts
@@ -376,11 +403,24 @@ impl TextTokenizer {
         })
     }
 
+    /// The ids the post-processor adds around one text and around a pair (`<s>`, `</s>`, ...),
+    /// as a model's embedding table must hold them.
+    pub fn post_processor_ids(&self) -> Result<Vec<u32>> {
+        let room = self.n_added(true).max(self.n_added(false)).max(2);
+        let mut ids = self.encode("", room)?;
+        ids.extend(self.encode_pair("", "", room)?);
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
     /// Ids of a text pair (`<s> A </s></s> B </s>` / `[CLS] A [SEP] B [SEP]`), truncated to
     /// `max_length` tokens specials included with HF's "longest_first" strategy (tokens are removed
     /// from the longer side; when both are too long each keeps half of the room, the first
     /// text the smaller half). `max_length` below the number of specials is an [`Error::Invalid`].
     pub fn encode_pair(&self, a: &str, b: &str, max_length: usize) -> Result<Vec<u32>> {
+        let (a, b) = (self.prep(a), self.prep(b));
+        let (a, b) = (&*a, &*b);
         self.guard(|| {
             let ea = self
                 .tokenizer
@@ -405,6 +445,7 @@ impl TextTokenizer {
         text: &str,
         max_length: usize,
     ) -> Result<(Vec<u32>, Vec<Option<u32>>)> {
+        let text = &*self.prep(text);
         self.guard(|| {
             let content = self
                 .tokenizer

@@ -144,7 +144,10 @@ fn attention_tokens(quick: bool) -> usize {
 /// Attention sequence lengths `bench kernels` can run: each divides the batch's tokens.
 pub fn check_attention_seq_lens(seqs: &[usize], quick: bool) -> Result<()> {
     let tokens = attention_tokens(quick);
-    if let Some(&sl) = seqs.iter().find(|&&sl| sl == 0 || !tokens.is_multiple_of(sl)) {
+    if let Some(&sl) = seqs
+        .iter()
+        .find(|&&sl| sl == 0 || !tokens.is_multiple_of(sl))
+    {
         return Err(Error::invalid(format!(
             "attention sequence length {sl}: must divide the {tokens} tokens of a batch"
         )));

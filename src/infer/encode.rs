@@ -29,7 +29,8 @@ pub struct EncodeOptions {
     /// MCLS for long inputs (SPEC §3.5, decision 10.7, our reading of the paper): a `<s>` is
     /// inserted before every `mcls_chunk` content tokens after the first chunk, and the dense
     /// vector is the mean of the last hidden states at every `<s>` (the first included), then
-    /// normalised as usual (the `pooling` option does not apply). The inserted tokens take
+    /// normalised as usual (a [CLS]-pooled model's; with mean pooling, the model's or the
+    /// option's, MCLS is an error: a one-chunk text would not encode as without it). The inserted tokens take
     /// positions and count toward `max_length` (content is truncated to fit). Sparse and ColBERT
     /// outputs are computed on the same sequence, without the inserted `<s>`: lexical weights
     /// drop special ids anyway, and the ColBERT vectors of the inserted positions are removed, so
@@ -148,7 +149,9 @@ impl M3Model {
         };
         let (b, l) = (input.batch, input.len);
         let h = self.encoder.config.hidden_size;
-        // The marker positions of each text: 0, then every (chunk + 1)-th before its `</s>`.
+        // The marker positions of each text: 0, then every (chunk + 1)-th before its `</s>` (a
+        // chunk past the padded length is that length: no marker, no overflow).
+        let step = chunk.min(l) + 1;
         let markers: Vec<Vec<usize>> = (0..b)
             .map(|bi| {
                 let ids = &input.ids[bi * l..(bi + 1) * l];
@@ -157,7 +160,7 @@ impl M3Model {
                     .filter(|&&m| m != 0)
                     .count();
                 let at: Vec<usize> = std::iter::once(0)
-                    .chain((1..).map(|k| k * (chunk + 1)).take_while(|&p| p + 1 < len))
+                    .chain((1..).map(|k| k * step).take_while(|&p| p + 1 < len))
                     .collect();
                 match at.iter().find(|&&p| ids[p] != cls) {
                     Some(&p) => Err(Error::invalid(format!(
@@ -277,6 +280,17 @@ impl M3Model {
         }
         let mcls = if opts.mcls {
             check_chunk(opts.mcls_chunk)?;
+            if opts.pooling.unwrap_or(self.pooling) == Pooling::Mean {
+                return Err(Error::invalid(format!(
+                    "MCLS pools the <s> states; {} dense vector is mean-pooled: encode it \
+                     without MCLS",
+                    if opts.pooling.is_some() {
+                        "the requested (--pooling mean)".to_string()
+                    } else {
+                        format!("the model's ({})", self.dir.display())
+                    }
+                )));
+            }
             Some(self.mcls_id()?)
         } else {
             None

@@ -9,8 +9,8 @@ use crate::model::m3::M3Model;
 #[derive(Clone, Debug)]
 pub struct ScoreOptions {
     /// Max tokens per query, specials included (None: FlagEmbedding's `compute_score` default,
-    /// 512, or the model's max length if that is lower). A value over the model's maximum is an
-    /// error.
+    /// 512, or the model's position table if that holds fewer; not sentence_bert_config.json's
+    /// max_seq_length). A value over the model's maximum is an error.
     pub max_query_length: Option<usize>,
     /// Max tokens per passage, as `max_query_length`.
     pub max_passage_length: Option<usize>,
@@ -129,7 +129,9 @@ impl M3Model {
             .map_err(|m| Error::invalid(format!("weights {w:?}: {m}")))?;
         self.require_heads("compute_score")?;
         // Checked here so that the error names the field the caller set.
-        let default_len = 512.min(self.max_length);
+        // 512 (FlagEmbedding's compute_score default for queries) within the position table,
+        // whatever sentence_bert_config.json's max_seq_length says (an encode default).
+        let default_len = 512.min(self.encoder.config.max_tokens());
         let mut lens = [0; 2];
         for (len, (field, m)) in lens.iter_mut().zip([
             ("max_query_length", opts.max_query_length),

@@ -605,6 +605,23 @@ fn read_pooling_config(path: &Path) -> Result<Option<Pooling>> {
     }
 }
 
+/// `do_lower_case` of a directory's sentence_bert_config.json (false when the file or the key is
+/// absent or null; anything but true / false is an error naming the file).
+pub fn read_do_lower_case(dir: &Path) -> Result<bool> {
+    let path = dir.join("sentence_bert_config.json");
+    let Some(v) = read_optional_json(&path)? else {
+        return Ok(false);
+    };
+    match v.get("do_lower_case") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(Error::format(
+            &path,
+            format!("do_lower_case: expected true or false, got {other}"),
+        )),
+    }
+}
+
 /// Reads the optional sentence-transformers files of a model directory: `sentence_bert_config.json`
 /// (`max_seq_length`), `modules.json` (the Pooling module's `config.json`, and whether a Normalize
 /// module follows). Without modules.json, `1_Pooling/config.json` is still consulted. Absent files

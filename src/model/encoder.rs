@@ -259,6 +259,21 @@ impl Encoder {
             .collect::<std::collections::BTreeSet<_>>()
             .len();
         if held < n {
+            // Layers under a key prefix the loader does not know (`module.` of a DataParallel
+            // save, say) are not missing layers: name the prefix rather than blame the config.
+            if let Some(k) = (held == 0)
+                .then(|| map.keys().find(|k| k.contains(".encoder.layer.")))
+                .flatten()
+            {
+                let prefix = &k[..k.find("encoder.layer.").unwrap_or(0)];
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "the encoder's keys carry the prefix {prefix:?} (e.g. {k}); known \
+                         prefixes are roberta., bert. and model. (rename the keys)"
+                    ),
+                ));
+            }
             return Err(Error::Config {
                 field: "num_hidden_layers".into(),
                 msg: format!(

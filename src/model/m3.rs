@@ -92,6 +92,20 @@ impl M3Model {
                 ),
             });
         }
+        // The specials the post-processor adds are read from the table too (a template id past
+        // it failed every encode as "token id N >= vocab size", naming neither file).
+        if let Some(&id) = (tokenizer.post_processor_ids()?.iter())
+            .find(|&&id| id as usize >= encoder.config.vocab_size)
+        {
+            return Err(Error::format(
+                tokenizer.path(),
+                format!(
+                    "the post-processor adds token id {id}, outside the model's embedding table \
+                     of {} rows (config.json vocab_size)",
+                    encoder.config.vocab_size
+                ),
+            ));
+        }
         let st = read_sentence_transformers_info(dir)?;
         let max_length = st
             .max_seq_length

@@ -40,10 +40,14 @@ impl ModelFingerprint {
     /// With the defaults it is [`ModelFingerprint::of_files`]'s, as indexes built before
     /// carry.
     pub fn of_model(model: &M3Model) -> Result<ModelFingerprint> {
-        let dense = match (model.pooling, model.normalize) {
+        let mut dense = match (model.pooling, model.normalize) {
             (crate::Pooling::Cls, true) => None,
             (p, n) => Some(format!("dense:{p:?}:normalize={n}")),
         };
+        // Lower-cased texts are other tokens (sentence_bert_config.json's do_lower_case).
+        if model.tokenizer.lowercases() {
+            dense = Some(format!("{}:lowercase", dense.unwrap_or_default()));
+        }
         Self::of_parts(&model.dir, model.tokenizer.path(), dense.as_deref())
     }
 

@@ -160,7 +160,15 @@ pub fn atomic_dir(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<
     if had_old {
         std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
     }
-    std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    if let Err(e) = std::fs::rename(&tmp, dir) {
+        // Nothing of this call stays behind (a dangling symlink `dir` fails here): the new copy
+        // goes, the old one comes back.
+        let _ = std::fs::remove_dir_all(&tmp);
+        if had_old {
+            let _ = std::fs::rename(&old, dir);
+        }
+        return Err(Error::io(dir, e));
+    }
     if had_old {
         let _ = std::fs::remove_dir_all(&old);
     }
