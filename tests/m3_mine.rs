@@ -97,6 +97,17 @@ fn mined_negatives_come_from_the_rank_range() {
     let mut far = rows.clone();
     let s = mine_hard_negatives(&model, &mut far, &pool, &cfg((500, 600), 3)).unwrap();
     assert_eq!((s.mined, s.random), (0, 3 * rows.len()));
+    assert_eq!((s.short_rows, s.rows_without_negatives), (0, 0));
+    // More negatives than the pool holds besides a row's query and positives: counted.
+    let mut short = rows.clone();
+    let s = mine_hard_negatives(&model, &mut short, &pool, &cfg((0, 600), pool.len())).unwrap();
+    assert_eq!(s.short_rows, rows.len());
+    assert_eq!(s.rows_without_negatives, 0);
+    let tiny = vec![rows[0]["pos"][0].as_str().unwrap().to_string()];
+    let mut one = vec![rows[0].clone()];
+    let s = mine_hard_negatives(&model, &mut one, &tiny, &cfg((0, 10), 2)).unwrap();
+    assert_eq!((s.short_rows, s.rows_without_negatives), (1, 1));
+    assert_eq!(one[0]["neg"], serde_json::json!([]));
 }
 
 #[test]
@@ -148,6 +159,25 @@ fn mine_cli_with_a_candidate_pool() {
             neg.iter().map(|n| n.as_str().unwrap()).collect();
         assert_eq!(distinct.len(), neg.len(), "{neg:?}");
     }
+    // More negatives than the 7 texts hold besides a row's own: written, with a warning.
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .args(["mine", "--model"])
+        .arg(fixture("tiny-xlmr"))
+        .arg("--input")
+        .arg(fixture("m3-train/train.jsonl"))
+        .arg("--output")
+        .arg(&out)
+        .args(["--negatives", "10", "--max-length", "40"])
+        .arg("--candidate-pool")
+        .arg(&pool)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("warning: 18 of 18 rows got fewer than --negatives 10"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -82,6 +82,13 @@ pub fn run(a: MineArgs) -> Result<()> {
             stats.blank_pool
         );
     }
+    if stats.short_rows > 0 {
+        eprintln!(
+            "warning: {} of {} rows got fewer than --negatives {} negatives ({} got none: \
+             finetune refuses those unless --group-size 1); the pool holds too few other texts",
+            stats.short_rows, stats.queries, a.negatives, stats.rows_without_negatives
+        );
+    }
     eprintln!(
         "mined {} queries over {} candidates: {} negatives from ranks {}-{}, {} random top-ups; written to {}",
         stats.queries,

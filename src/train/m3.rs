@@ -904,6 +904,10 @@ pub struct MineStats {
     pub random: usize,
     /// Blank texts left out of the candidate pool.
     pub blank_pool: usize,
+    /// Rows given fewer negatives than asked (the pool holds too few texts that are neither the
+    /// row's query nor its positives), and of those the rows given none.
+    pub short_rows: usize,
+    pub rows_without_negatives: usize,
 }
 
 /// The candidate pool of hn_mine.py when no pool file is given: every pos and neg text of the
@@ -1057,6 +1061,10 @@ pub fn mine_hard_negatives(
                 cand.push(d);
                 stats.random += 1;
             }
+        }
+        if cand.len() < cfg.negatives {
+            stats.short_rows += 1;
+            stats.rows_without_negatives += usize::from(cand.is_empty());
         }
         let obj = r
             .as_object_mut()
