@@ -1097,3 +1097,46 @@ fn token_files_are_known_by_name_or_magic() {
     ]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 }
+
+/// A tokenizer directory whose sentence_bert_config.json lower-cases texts: `tokenize` stores the
+/// lower-cased text's ids (short and long texts alike) under another fingerprint.
+#[test]
+fn a_lowercasing_tokenizer_tokenizes_lowercased_texts() {
+    let d = tmpdir("lower");
+    let tokdir = d.join("tok");
+    std::fs::create_dir_all(&tokdir).unwrap();
+    std::fs::copy(
+        fixture("tiny-xlmr").join("tokenizer.json"),
+        tokdir.join("tokenizer.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        tokdir.join("sentence_bert_config.json"),
+        r#"{"do_lower_case": true}"#,
+    )
+    .unwrap();
+    let lower = TextTokenizer::from_dir(&tokdir).unwrap();
+    let plain = tokenizer();
+    let long = "Word ".repeat(20_000);
+    let texts = ["Hello World".to_string(), long.clone()];
+    let input = d.join("in.jsonl");
+    write_jsonl(&input, &texts);
+    let out = d.join("c.r3tok");
+    run(&lower, &input, &out, &opts(16, false, 4)).unwrap();
+    let c = TokenCorpus::open(&out).unwrap();
+    assert_eq!(
+        docs(&c),
+        vec![
+            plain.content_ids("hello world").unwrap(),
+            plain.content_ids(&long.to_lowercase()).unwrap()[..14].to_vec(),
+        ]
+    );
+    assert_ne!(
+        retrom3::data::corpus::tokenizer_fingerprint(&lower).unwrap(),
+        retrom3::data::corpus::tokenizer_fingerprint(&plain).unwrap()
+    );
+    assert_ne!(
+        plain.content_ids("Hello").unwrap(),
+        plain.content_ids("hello").unwrap()
+    );
+}

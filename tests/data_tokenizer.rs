@@ -497,3 +497,39 @@ fn long_texts_tokenize_as_the_whole_text() {
         }
     }
 }
+
+/// A run of over `FORCED_CUT_BYTES` without a space (CJK text) is tokenized in pieces cut at a
+/// character boundary (the whole run took ~150 bytes of tokenizer state per byte: 2.4 GB for a
+/// 16 MB line). BERT isolates CJK characters, so its ids stay the whole text's; SentencePiece may
+/// differ next to each cut only. The truncating `encode` keeps the whole text's first tokens.
+#[test]
+fn space_free_runs_are_cut_at_character_boundaries() {
+    use retrom3::data::tokenizer::FORCED_CUT_BYTES;
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let cjk: String =
+        "北京是中国的首都。东京是日本的首都".repeat(FORCED_CUT_BYTES * 5 / 2 / 51 + 1);
+    assert!(cjk.len() > 2 * FORCED_CUT_BYTES && !cjk.contains(' '));
+    for dir in ["tiny-bert", "tiny-xlmr"] {
+        let tok = TextTokenizer::from_dir(root.join(dir)).unwrap();
+        let full = tok.inner().encode_fast(cjk.as_str(), false).unwrap();
+        let full = full.get_ids();
+        let got = tok.content_ids(&cjk).unwrap();
+        if dir == "tiny-bert" {
+            assert_eq!(got, full, "{dir}");
+        } else {
+            // Two cuts: a few ids around each may differ; the rest are the whole text's.
+            assert!(
+                got.len().abs_diff(full.len()) <= 8,
+                "{dir}: {} vs {}",
+                got.len(),
+                full.len()
+            );
+            assert_eq!(got[..1000], full[..1000], "{dir}");
+            assert_eq!(got[got.len() - 1000..], full[full.len() - 1000..], "{dir}");
+        }
+        for m in [8usize, 512, 8192] {
+            let ids = tok.encode(&cjk, m).unwrap();
+            assert_eq!(&ids[1..m - 1], &full[..m - 2], "{dir} m={m}");
+        }
+    }
+}

@@ -65,6 +65,12 @@ fn splits_at_spaces(p: &tokenizers::PreTokenizerWrapper) -> bool {
 /// (`TextTokenizer::encode_content`).
 pub const PREFIX_BYTES: usize = 1 << 16;
 
+/// [`TextTokenizer::content_ids`] cuts a run of this many bytes without a space between words at
+/// a character boundary (the tokenizer's state for one piece is ~150 bytes per input byte: a
+/// 16 MB line of CJK text took 2.4 GB). The ids next to such a cut may differ from the whole
+/// run's (a SentencePiece word split in two); everywhere else they are the whole text's.
+pub const FORCED_CUT_BYTES: usize = 1 << 20;
+
 /// A loaded `tokenizer.json` with truncation applied per call and padding left to the batcher.
 pub struct TextTokenizer {
     tokenizer: Tokenizer,
@@ -309,6 +315,11 @@ impl TextTokenizer {
                     return Ok(enc);
                 }
             }
+            // No space to cut at (a run of CJK text) late enough: memory follows max_length
+            // here too.
+            if let Some(enc) = self.stable_prefix(text, end, max_length)? {
+                return Ok(enc);
+            }
             cut = cut.saturating_mul(4);
         }
         self.tokenizer
@@ -316,11 +327,36 @@ impl TextTokenizer {
             .map_err(|e| self.tok_err(e))
     }
 
+    /// The tokens of `text[..end]` (`end` a character boundary, no space before it) when they
+    /// are more than `max_length` + 8 and their first `max_length` + 8 are those of a prefix
+    /// twice as long: a cut that changed the first tokens (a piece spanning the cut) would change
+    /// them in one of the two. `None`: take a longer prefix.
+    fn stable_prefix(&self, text: &str, end: usize, max_length: usize) -> Result<Option<Encoding>> {
+        let enc = |to: usize| {
+            self.tokenizer
+                .encode_fast(&text[..to], false)
+                .map_err(|e| self.tok_err(e))
+        };
+        let need = max_length + 8;
+        let a = enc(end)?;
+        if a.len() <= need {
+            return Ok(None);
+        }
+        let mut end2 = end.saturating_mul(2).min(text.len());
+        while !text.is_char_boundary(end2) {
+            end2 -= 1;
+        }
+        let b = enc(end2)?;
+        Ok((b.len() > need && a.get_ids()[..need] == b.get_ids()[..need]).then_some(a))
+    }
+
     /// All content ids (no specials, no truncation) of `text`, as `inner().encode_fast(text,
     /// false)` gives them. A text of over [`PREFIX_BYTES`] is tokenized in pieces of about that
     /// size, cut at a single space between two words, where the tokenizer allows it
     /// (`joins_at_spaces`: the pieces' ids, one after the other, are the whole text's), so a huge
-    /// line takes memory for one piece at a time, not the whole line (`retrom3 tokenize`).
+    /// line takes memory for one piece at a time, not the whole line (`retrom3 tokenize`). A run
+    /// of [`FORCED_CUT_BYTES`] without such a space is cut at a character boundary instead (the
+    /// one place where the ids may differ from the whole text's, next to the cut).
     pub fn content_ids(&self, text: &str) -> Result<Vec<u32>> {
         let text = &*self.prep(text);
         let pieces = self
@@ -341,14 +377,21 @@ impl TextTokenizer {
         let mut start = 0;
         while start < text.len() {
             // The first single space between two ASCII letters or digits after PREFIX_BYTES
-            // more bytes (no normalisation rule spans such a boundary).
+            // more bytes (no normalisation rule spans such a boundary); failing one within
+            // FORCED_CUT_BYTES (a run of CJK text, a giant token), the character boundary there.
             let mut end = text.len();
+            let mut skip = 0;
             let mut i = start + PREFIX_BYTES;
+            let force_at = start + FORCED_CUT_BYTES;
             while i + 1 < b.len() {
                 if b[i] == b' '
                     && b[i - 1].is_ascii_alphanumeric()
                     && b[i + 1].is_ascii_alphanumeric()
                 {
+                    (end, skip) = (i, 1);
+                    break;
+                }
+                if i >= force_at && text.is_char_boundary(i) {
                     end = i;
                     break;
                 }
@@ -361,9 +404,38 @@ impl TextTokenizer {
                     .map_err(|e| self.tok_err(e))
             })?;
             ids.extend_from_slice(enc.get_ids());
-            start = if end < text.len() { end + 1 } else { end };
+            start = end + skip;
         }
         Ok(ids)
+    }
+
+    /// [`TextTokenizer::content_ids`] of every text, in order (short texts as one batch on the
+    /// crate's thread pool): what `retrom3 tokenize` stores.
+    pub fn content_ids_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let long = |t: &str| t.len() > PREFIX_BYTES;
+        let prepped: Vec<std::borrow::Cow<str>> = texts
+            .iter()
+            .map(|t| if long(t) { (*t).into() } else { self.prep(t) })
+            .collect();
+        let short: Vec<&str> = prepped.iter().map(|t| &**t).filter(|t| !long(t)).collect();
+        let mut encodings = self
+            .guard(|| {
+                self.tokenizer
+                    .encode_batch_fast(short, false)
+                    .map_err(|e| self.tok_err(e))
+            })?
+            .into_iter();
+        prepped
+            .iter()
+            .map(|t| {
+                if long(t) {
+                    self.content_ids(t)
+                } else {
+                    let enc = encodings.next().expect("one encoding per short text");
+                    Ok(enc.get_ids().to_vec())
+                }
+            })
+            .collect()
     }
 
     /// [`TextTokenizer::encode`] of every text, in order (tokenized on the crate's thread pool).

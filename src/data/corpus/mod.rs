@@ -23,10 +23,15 @@ use crate::data::tokenizer::TextTokenizer;
 use crate::error::{Error, Result};
 
 /// The tokenizer fingerprint stored in a `.r3tok` header: the 64-bit FNV-1a hash of the bytes of
-/// the tokenizer's `tokenizer.json`. A trainer compares it with the file's
-/// [`TokenCorpus::fingerprint`] to refuse a corpus made with another tokenizer.
+/// the tokenizer's `tokenizer.json`, followed by the bytes `\0do_lower_case` when the tokenizer
+/// lower-cases its texts (sentence_bert_config.json; other tokens, so another corpus). A trainer
+/// compares it with the file's [`TokenCorpus::fingerprint`] to refuse a corpus made with another
+/// tokenizer.
 pub fn tokenizer_fingerprint(tok: &TextTokenizer) -> Result<u64> {
-    let bytes = std::fs::read(tok.path()).map_err(|e| Error::io(tok.path(), e))?;
+    let mut bytes = std::fs::read(tok.path()).map_err(|e| Error::io(tok.path(), e))?;
+    if tok.lowercases() {
+        bytes.extend_from_slice(b"\0do_lower_case");
+    }
     Ok(fnv1a64(&bytes))
 }
 

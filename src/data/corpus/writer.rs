@@ -469,7 +469,6 @@ pub fn tokenize_corpus(
     let mut source = TextSource::open(input, reader)?;
     progress(source.state().pos);
 
-    let tok_err = |e: tokenizers::Error| Error::Tokenizer(format!("{}: {e}", tok.path().display()));
     let mut texts: Vec<String> = Vec::with_capacity(opts.batch);
     let mut since_checkpoint = 0usize;
     loop {
@@ -482,26 +481,10 @@ pub fn tokenize_corpus(
         }
         let at_end = texts.len() < opts.batch;
         if !texts.is_empty() {
-            // Long texts piece by piece (`TextTokenizer::content_ids`: same ids, memory for one
-            // piece), the rest as one batch.
-            let long = |t: &str| t.len() > crate::data::tokenizer::PREFIX_BYTES;
-            let short: Vec<&str> = texts
-                .iter()
-                .map(String::as_str)
-                .filter(|t| !long(t))
-                .collect();
-            let mut encodings = tok
-                .inner()
-                .encode_batch_fast(short, false)
-                .map_err(tok_err)?
-                .into_iter();
-            for t in &texts {
-                let ids: Vec<u32> = if long(t) {
-                    tok.content_ids(t)?
-                } else {
-                    let enc = encodings.next().expect("one encoding per short text");
-                    enc.get_ids().to_vec()
-                };
+            // Long texts piece by piece (`TextTokenizer::content_ids`: memory for one piece),
+            // the rest as one batch.
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            for ids in tok.content_ids_batch(&refs)? {
                 let ids = ids.as_slice();
                 if ids.is_empty() {
                     stats.skipped_empty += 1;
