@@ -29,9 +29,10 @@ pub struct EncodeOptions {
     /// MCLS for long inputs (SPEC §3.5, decision 10.7, our reading of the paper): a `<s>` is
     /// inserted before every `mcls_chunk` content tokens after the first chunk, and the dense
     /// vector is the mean of the last hidden states at every `<s>` (the first included), then
-    /// normalised as usual (a [CLS]-pooled model's; with mean pooling, the model's or the
-    /// option's, MCLS is an error: a one-chunk text would not encode as without it). The inserted tokens take
-    /// positions and count toward `max_length` (content is truncated to fit). Sparse and ColBERT
+    /// normalised as usual (a \[CLS\]-pooled model's; with mean pooling, the model's or the
+    /// option's, MCLS is an error: a one-chunk text would not encode as without it). The
+    /// inserted tokens take positions and count toward `max_length` (content is truncated to
+    /// fit). Sparse and ColBERT
     /// outputs are computed on the same sequence, without the inserted `<s>`: lexical weights
     /// drop special ids anyway, and the ColBERT vectors of the inserted positions are removed, so
     /// a text has one vector per content token + `</s>` as without MCLS.
