@@ -644,6 +644,15 @@ fn bad_options_and_paths_are_errors() {
         assert!(!out.exists());
         std::fs::remove_file(&work).unwrap();
     }
+    // A hard link to a working file is that file too.
+    let work = d.join("o.r3tok.partial");
+    std::fs::copy(&input, &work).unwrap();
+    let link = d.join("hard.txt");
+    std::fs::hard_link(&work, &link).unwrap();
+    let e = run(&tok, &link, &out, &opts(16, false, 4)).unwrap_err();
+    assert!(e.to_string().contains("working file"), "{e}");
+    assert_eq!(std::fs::read(&link).unwrap(), b"a\nb\n");
+    std::fs::remove_file(&work).unwrap();
     assert!(matches!(
         run(
             &tok,

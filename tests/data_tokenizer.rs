@@ -502,6 +502,8 @@ fn long_texts_tokenize_as_the_whole_text() {
 /// character boundary (the whole run took ~150 bytes of tokenizer state per byte: 2.4 GB for a
 /// 16 MB line). BERT isolates CJK characters, so its ids stay the whole text's; SentencePiece may
 /// differ next to each cut only. The truncating `encode` keeps the whole text's first tokens.
+/// Text in other scripts with spaces (Cyrillic) is cut at its spaces: exact ids (it was cut
+/// mid-word when only spaces between ASCII letters counted).
 #[test]
 fn space_free_runs_are_cut_at_character_boundaries() {
     use retrom3::data::tokenizer::FORCED_CUT_BYTES;
@@ -531,5 +533,18 @@ fn space_free_runs_are_cut_at_character_boundaries() {
             let ids = tok.encode(&cjk, m).unwrap();
             assert_eq!(&ids[1..m - 1], &full[..m - 2], "{dir} m={m}");
         }
+    }
+    let words = ["привет", "мир", "данные", "Ελλάδα", "한국어", "тест"];
+    let mut spaced = String::new();
+    let mut i = 0;
+    while spaced.len() < FORCED_CUT_BYTES * 5 / 2 {
+        spaced.push_str(words[i % words.len()]);
+        spaced.push(' ');
+        i += 1;
+    }
+    for dir in ["tiny-bert", "tiny-xlmr"] {
+        let tok = TextTokenizer::from_dir(root.join(dir)).unwrap();
+        let full = tok.inner().encode_fast(spaced.as_str(), false).unwrap();
+        assert_eq!(tok.content_ids(&spaced).unwrap(), full.get_ids(), "{dir}");
     }
 }

@@ -236,4 +236,10 @@ fn mcls_with_mean_pooling_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("--pooling mean"), "{e}");
+    // Without a dense vector there is nothing mean-pooled: sparse / ColBERT with MCLS run.
+    let no_dense = EncodeOptions {
+        dense: false,
+        ..asked
+    };
+    model().encode(&["short text"], &no_dense).unwrap();
 }

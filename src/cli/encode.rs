@@ -42,7 +42,8 @@ pub struct EncodeArgs {
     #[arg(long)]
     pub no_normalize: bool,
     /// MCLS for long texts: a <s> every --mcls-chunk content tokens, dense = mean of their
-    /// hidden states (SPEC 3.5; replaces --pooling).
+    /// hidden states (SPEC 3.5; for [CLS]-pooled models: with mean pooling, the model's or
+    /// --pooling mean, a dense output is an error).
     #[arg(long)]
     pub mcls: bool,
     /// Content tokens per MCLS chunk.

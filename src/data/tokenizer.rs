@@ -65,8 +65,8 @@ fn splits_at_spaces(p: &tokenizers::PreTokenizerWrapper) -> bool {
 /// (`TextTokenizer::encode_content`).
 pub const PREFIX_BYTES: usize = 1 << 16;
 
-/// [`TextTokenizer::content_ids`] cuts a run of this many bytes without a space between words at
-/// a character boundary (the tokenizer's state for one piece is ~150 bytes per input byte: a
+/// [`TextTokenizer::content_ids`] cuts a run of this many bytes without a single space between
+/// two letters or digits at a character boundary (the tokenizer's state for one piece is ~150 bytes per input byte: a
 /// 16 MB line of CJK text took 2.4 GB). The ids next to such a cut may differ from the whole
 /// run's (a SentencePiece word split in two); everywhere else they are the whole text's.
 pub const FORCED_CUT_BYTES: usize = 1 << 20;
@@ -288,7 +288,9 @@ impl TextTokenizer {
     /// before an ASCII space): BERT's and XLM-R's pre-tokenizers split words at spaces, so the
     /// prefix's tokens are the whole text's first tokens. The prefix grows 4x until it gives
     /// more tokens than `max_length`, or is the text. Memory then follows `max_length`, not the
-    /// text (a 60 MB line took 12 GB of tokenizer state).
+    /// text (a 60 MB line took 12 GB of tokenizer state), except for a text without a space
+    /// late enough (CJK): it is tokenized whole, since a SentencePiece word's first pieces can
+    /// depend on where the word ends (~150 bytes of tokenizer state per byte).
     fn encode_content(&self, text: &str, max_length: usize) -> Result<Encoding> {
         let mut cut = PREFIX_BYTES.max(max_length.saturating_mul(64));
         // Only where words end at spaces (BERT, XLM-R, byte-level BPE, whitespace splitters):
@@ -315,39 +317,14 @@ impl TextTokenizer {
                     return Ok(enc);
                 }
             }
-            // No space to cut at (a run of CJK text) late enough: memory follows max_length
-            // here too.
-            if let Some(enc) = self.stable_prefix(text, end, max_length)? {
-                return Ok(enc);
-            }
+            // No space late enough (a run of CJK text): no exact cut, the prefix grows. A
+            // SentencePiece word's first pieces can depend on where the word ends, so a prefix
+            // cut inside it may start differently (the text is tokenized whole, as HF does).
             cut = cut.saturating_mul(4);
         }
         self.tokenizer
             .encode_fast(text, false)
             .map_err(|e| self.tok_err(e))
-    }
-
-    /// The tokens of `text[..end]` (`end` a character boundary, no space before it) when they
-    /// are more than `max_length` + 8 and their first `max_length` + 8 are those of a prefix
-    /// twice as long: a cut that changed the first tokens (a piece spanning the cut) would change
-    /// them in one of the two. `None`: take a longer prefix.
-    fn stable_prefix(&self, text: &str, end: usize, max_length: usize) -> Result<Option<Encoding>> {
-        let enc = |to: usize| {
-            self.tokenizer
-                .encode_fast(&text[..to], false)
-                .map_err(|e| self.tok_err(e))
-        };
-        let need = max_length + 8;
-        let a = enc(end)?;
-        if a.len() <= need {
-            return Ok(None);
-        }
-        let mut end2 = end.saturating_mul(2).min(text.len());
-        while !text.is_char_boundary(end2) {
-            end2 -= 1;
-        }
-        let b = enc(end2)?;
-        Ok((b.len() > need && a.get_ids()[..need] == b.get_ids()[..need]).then_some(a))
     }
 
     /// All content ids (no specials, no truncation) of `text`, as `inner().encode_fast(text,
@@ -376,17 +353,19 @@ impl TextTokenizer {
         let mut ids = Vec::new();
         let mut start = 0;
         while start < text.len() {
-            // The first single space between two ASCII letters or digits after PREFIX_BYTES
-            // more bytes (no normalisation rule spans such a boundary); failing one within
-            // FORCED_CUT_BYTES (a run of CJK text, a giant token), the character boundary there.
+            // The first single space between two letters or digits (any script) after
+            // PREFIX_BYTES more bytes (no normalisation rule spans such a boundary); failing one
+            // within FORCED_CUT_BYTES (a run of CJK text, a giant token), the character boundary
+            // there.
             let mut end = text.len();
             let mut skip = 0;
             let mut i = start + PREFIX_BYTES;
             let force_at = start + FORCED_CUT_BYTES;
+            let word_char = |c: Option<char>| c.is_some_and(char::is_alphanumeric);
             while i + 1 < b.len() {
                 if b[i] == b' '
-                    && b[i - 1].is_ascii_alphanumeric()
-                    && b[i + 1].is_ascii_alphanumeric()
+                    && word_char(text[..i].chars().next_back())
+                    && word_char(text[i + 1..].chars().next())
                 {
                     (end, skip) = (i, 1);
                     break;

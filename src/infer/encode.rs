@@ -29,8 +29,8 @@ pub struct EncodeOptions {
     /// MCLS for long inputs (SPEC §3.5, decision 10.7, our reading of the paper): a `<s>` is
     /// inserted before every `mcls_chunk` content tokens after the first chunk, and the dense
     /// vector is the mean of the last hidden states at every `<s>` (the first included), then
-    /// normalised as usual (a \[CLS\]-pooled model's; with mean pooling, the model's or the
-    /// option's, MCLS is an error: a one-chunk text would not encode as without it). The
+    /// normalised as usual (a \[CLS\]-pooled model's; a dense vector with mean pooling, the
+    /// model's or the option's, is an error: a one-chunk text would not encode as without it). The
     /// inserted tokens take positions and count toward `max_length` (content is truncated to
     /// fit). Sparse and ColBERT
     /// outputs are computed on the same sequence, without the inserted `<s>`: lexical weights
@@ -281,7 +281,7 @@ impl M3Model {
         }
         let mcls = if opts.mcls {
             check_chunk(opts.mcls_chunk)?;
-            if opts.pooling.unwrap_or(self.pooling) == Pooling::Mean {
+            if opts.dense && opts.pooling.unwrap_or(self.pooling) == Pooling::Mean {
                 return Err(Error::invalid(format!(
                     "MCLS pools the <s> states; {} dense vector is mean-pooled: encode it \
                      without MCLS",

@@ -113,6 +113,23 @@ struct State {
     offsets_hash: Option<u64>,
 }
 
+/// Whether two paths name one existing file: by device and inode on Unix (a hard link or a
+/// symlink to the input is the input), by canonical path elsewhere.
+fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    }
+}
+
 /// The three working files beside the output.
 struct WorkFiles {
     partial: PathBuf,
@@ -434,18 +451,16 @@ pub fn tokenize_corpus(
         }
     }
     let job = describe_job(tok, input, opts)?;
-    if let Ok(out) = output.canonicalize() {
-        if out == job.input {
-            return Err(Error::invalid(format!(
-                "{}: the output must differ from the input",
-                output.display()
-            )));
-        }
+    if same_file(output, input) {
+        return Err(Error::invalid(format!(
+            "{}: the output must differ from the input",
+            output.display()
+        )));
     }
     // Nor may the input be one of the output's working files (truncated and renamed into place).
     let work = WorkFiles::new(output);
     for f in [&work.partial, &work.offsets, &work.state] {
-        if f.canonicalize().is_ok_and(|f| f == job.input) {
+        if same_file(f, input) {
             return Err(Error::invalid(format!(
                 "{}: the input is a working file of the output {} (give another --output)",
                 input.display(),
