@@ -62,6 +62,16 @@ fn expect_success(out: &Output) {
     );
 }
 
+/// No temporary (dot) file or directory left in `dir`.
+fn assert_no_temporaries(dir: &Path) {
+    let left: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(left.is_empty(), "temporary files left: {left:?}");
+}
+
 /// A copy of a fixture model directory (flat) at `dst`, to damage.
 fn copy_model(name: &str, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
@@ -346,23 +356,13 @@ fn convert_bin_layout_to_safetensors_keeps_outputs() {
     let link = d.join("dangling");
     std::os::unix::fs::symlink(d.join("nowhere"), &link).unwrap();
     expect_error(&convert(&src, &link), &["dangling"]);
-    let left: Vec<_> = std::fs::read_dir(&d)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(left.is_empty(), "temporary files left: {left:?}");
+    assert_no_temporaries(&d);
     // An existing empty directory (a mount point, say) is kept and filled.
     let empty = d.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     expect_success(&convert(&src, &empty));
     assert!(empty.join("model.safetensors").is_file() && empty.join("colbert_linear.pt").is_file());
-    let left: Vec<_> = std::fs::read_dir(&empty)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .filter(|n| n.starts_with('.'))
-        .collect();
-    assert!(left.is_empty(), "temporary files left: {left:?}");
+    assert_no_temporaries(&empty);
     // The library's save of a model without heads drops the heads a directory held.
     let mut m = retrom3::M3Model::load(&out_dir, retrom3::Device::Cpu).unwrap();
     m.heads = None;

@@ -136,19 +136,25 @@ fn mine_cli_with_a_candidate_pool() {
     )
     .unwrap();
     let out = d.join("mined.jsonl");
-    let st = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
-        .args(["mine", "--model"])
-        .arg(fixture("tiny-xlmr"))
-        .arg("--input")
-        .arg(fixture("m3-train/train.jsonl"))
-        .arg("--output")
-        .arg(&out)
-        .args(["--range", "1-5", "--negatives", "3", "--max-length", "40"])
-        .arg("--candidate-pool")
-        .arg(&pool)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    // `retrom3 mine` on the fixture's rows with this pool + `extra`.
+    let mine = |extra: &[&str]| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+            .args(["mine", "--model"])
+            .arg(fixture("tiny-xlmr"))
+            .arg("--input")
+            .arg(fixture("m3-train/train.jsonl"))
+            .arg("--output")
+            .arg(&out)
+            .args(["--max-length", "40", "--candidate-pool"])
+            .arg(&pool)
+            .args(extra)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    mine(&["--range", "1-5", "--negatives", "3"]);
     let rows: Vec<Value> = read_jsonl(&out).unwrap();
     assert_eq!(rows.len(), 18);
     for r in &rows {
@@ -160,20 +166,7 @@ fn mine_cli_with_a_candidate_pool() {
         assert_eq!(distinct.len(), neg.len(), "{neg:?}");
     }
     // More negatives than the 7 texts hold besides a row's own: written, with a warning.
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
-        .args(["mine", "--model"])
-        .arg(fixture("tiny-xlmr"))
-        .arg("--input")
-        .arg(fixture("m3-train/train.jsonl"))
-        .arg("--output")
-        .arg(&out)
-        .args(["--negatives", "10", "--max-length", "40"])
-        .arg("--candidate-pool")
-        .arg(&pool)
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{err}");
+    let err = mine(&["--negatives", "10"]);
     assert!(
         err.contains("warning: 18 of 18 rows got fewer than --negatives 10"),
         "{err}"
