@@ -66,9 +66,10 @@ fn splits_at_spaces(p: &tokenizers::PreTokenizerWrapper) -> bool {
 pub const PREFIX_BYTES: usize = 1 << 16;
 
 /// [`TextTokenizer::content_ids`] cuts a run of this many bytes without a single space between
-/// two letters or digits at a character boundary (the tokenizer's state for one piece is ~150 bytes per input byte: a
-/// 16 MB line of CJK text took 2.4 GB). The ids next to such a cut may differ from the whole
-/// run's (a SentencePiece word split in two); everywhere else they are the whole text's.
+/// two letters or digits at a character boundary (the tokenizer's state for one piece is ~150
+/// bytes per input byte: a 16 MB line of CJK text took 2.4 GB). The ids next to such a cut may
+/// differ from the whole run's (a SentencePiece word split in two); elsewhere they are the
+/// whole text's.
 pub const FORCED_CUT_BYTES: usize = 1 << 20;
 
 /// A loaded `tokenizer.json` with truncation applied per call and padding left to the batcher.

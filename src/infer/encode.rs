@@ -30,12 +30,12 @@ pub struct EncodeOptions {
     /// inserted before every `mcls_chunk` content tokens after the first chunk, and the dense
     /// vector is the mean of the last hidden states at every `<s>` (the first included), then
     /// normalised as usual (a \[CLS\]-pooled model's; a dense vector with mean pooling, the
-    /// model's or the option's, is an error: a one-chunk text would not encode as without it). The
-    /// inserted tokens take positions and count toward `max_length` (content is truncated to
-    /// fit). Sparse and ColBERT
-    /// outputs are computed on the same sequence, without the inserted `<s>`: lexical weights
-    /// drop special ids anyway, and the ColBERT vectors of the inserted positions are removed, so
-    /// a text has one vector per content token + `</s>` as without MCLS.
+    /// model's or the option's, is an error: a one-chunk text would not encode as without it).
+    /// The inserted tokens take positions and count toward `max_length` (content is truncated
+    /// to fit). Sparse and ColBERT outputs are computed on the same sequence, without the
+    /// inserted `<s>`: lexical weights drop special ids anyway, and the ColBERT vectors of the
+    /// inserted positions are removed, so a text has one vector per content token + `</s>` as
+    /// without MCLS.
     pub mcls: bool,
     /// Content tokens per MCLS chunk (256 in the paper; smaller values are for tests).
     pub mcls_chunk: usize,

@@ -158,8 +158,7 @@ impl TopK {
     pub fn new(k: usize) -> TopK {
         TopK {
             k,
-            // Grows past this only as hits arrive (a k far above the documents is harmless).
-            heap: BinaryHeap::with_capacity(k.min(1 << 16) + 1),
+            heap: BinaryHeap::with_capacity(heap_capacity(k)),
         }
     }
 
@@ -192,6 +191,12 @@ impl TopK {
             })
             .collect()
     }
+}
+
+/// The initial capacity of a top-`k` heap: k + 1, at most 2^16 + 1 (the heap grows past it only
+/// as hits arrive, so a k far above the documents allocates nothing up front).
+pub(crate) fn heap_capacity(k: usize) -> usize {
+    k.min(1 << 16) + 1
 }
 
 /// The top-k of a full score vector (index = document number).

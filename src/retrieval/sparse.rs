@@ -161,7 +161,7 @@ impl TopK {
     fn new(k: usize) -> TopK {
         TopK {
             k,
-            heap: BinaryHeap::with_capacity(k.min(1 << 16) + 1),
+            heap: BinaryHeap::with_capacity(super::heap_capacity(k)),
         }
     }
 
@@ -500,7 +500,7 @@ impl ImpactIndex {
         let mut pos = vec![0usize; n];
         // Min-heap of the current top-k by (score, Reverse(doc)) — its top is the worst entry.
         let mut heap: BinaryHeap<Reverse<(u64, Reverse<u32>)>> =
-            BinaryHeap::with_capacity(k.min(1 << 16) + 1);
+            BinaryHeap::with_capacity(super::heap_capacity(k));
         let mut theta = 0u64; // meaningful only when the heap is full
         let mut first_essential = 0usize;
         loop {

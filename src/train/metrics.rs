@@ -26,9 +26,7 @@ struct Kept {
 
 /// FNV-1a of a log's text, in hex ([`MetricsLog::checksum`]).
 fn checksum_of(text: &str) -> String {
-    let mut h = crate::data::corpus::Fnv64::new();
-    h.bytes(text.as_bytes());
-    format!("{:016x}", h.finish())
+    format!("{:016x}", crate::data::corpus::fnv1a64(text.as_bytes()))
 }
 
 impl Kept {

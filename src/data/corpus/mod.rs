@@ -43,7 +43,6 @@ pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
 }
 
 /// FNV-1a, 64-bit, fed piece by piece ([`fnv1a64`] of the concatenation).
-#[derive(Clone, Copy, Debug)]
 pub(crate) struct Fnv64(u64);
 
 impl Fnv64 {
