@@ -229,6 +229,23 @@ fn invalid_values_name_the_field() {
         parse(&bge_with("max_position_embeddings", Some(json!(2)))),
         "max_position_embeddings",
     );
+    // Every input holds its two special tokens: a table with room for one token is refused at
+    // load (before: it loaded and every encode failed, blaming the caller's max_length).
+    assert_config_err(
+        parse(&bge_with("max_position_embeddings", Some(json!(3)))),
+        "max_position_embeddings",
+    );
+    assert_eq!(
+        parse(&bge_with("max_position_embeddings", Some(json!(4))))
+            .unwrap()
+            .max_tokens(),
+        2
+    );
+    let mut bert: Value = serde_json::from_str(BERT_MINIMAL).unwrap();
+    bert["max_position_embeddings"] = json!(1);
+    assert_config_err(parse(&bert.to_string()), "max_position_embeddings");
+    bert["max_position_embeddings"] = json!(2);
+    assert_eq!(parse(&bert.to_string()).unwrap().max_tokens(), 2);
     assert_config_err(
         parse(&bge_with("pad_token_id", Some(json!(250002)))),
         "pad_token_id",

@@ -72,6 +72,63 @@ fn overflowing_weights_are_an_error_not_nan_outputs() {
     }
 }
 
+/// A non-finite hidden state names an input text, not a row of the length-sorted batch: the
+/// batch is re-run one text at a time, longest first, so the first to fail here is the longest,
+/// input text 2.
+#[test]
+fn a_non_finite_hidden_state_names_the_input_text() {
+    let d = model_copy("overflow-named");
+    set_backbone(&d, "embeddings.LayerNorm.weight", |v| v.fill(1e30));
+    let m = M3Model::load(&d, Device::Cpu).unwrap();
+    let texts = ["a", "a much longer text than the first one", "short"];
+    for opts in [EncodeOptions::default(), EncodeOptions::all()] {
+        match m.encode(&texts, &opts) {
+            Err(e @ Error::NonFinite(_)) => {
+                let msg = e.to_string();
+                assert!(
+                    msg.contains("input text 2:") && msg.contains("batch row 1"),
+                    "{msg}"
+                );
+            }
+            other => panic!("expected a non-finite error, got {other:?}"),
+        }
+    }
+}
+
+/// Outputs that are finite but too large for a score: encode succeeds (sparse weights ~1e37),
+/// and the lexical score, a sum of their products, is refused as non-finite, naming the pair
+/// (it was returned as inf).
+#[test]
+fn scores_that_overflow_are_an_error() {
+    let d = model_copy("score-overflow");
+    set_backbone(&d, "encoder.layer.1.output.LayerNorm.weight", |v| {
+        v.iter_mut().for_each(|x| *x *= 1e37)
+    });
+    let m = M3Model::load(&d, Device::Cpu).unwrap();
+    let texts = ["hello world this is a test", "hello world"];
+    let enc = m
+        .encode(
+            &texts,
+            &EncodeOptions {
+                dense: false,
+                sparse: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let weights = enc.sparse.unwrap();
+    assert!(weights[1].iter().all(|&(_, w)| w.is_finite()));
+    assert!(weights[1].iter().any(|&(_, w)| w > 1e30), "{weights:?}");
+    let pairs = [("", texts[1]), (texts[0], texts[1])];
+    match m.compute_score(&pairs, &Default::default()) {
+        Err(e @ Error::NonFinite(_)) => {
+            let msg = e.to_string();
+            assert!(msg.contains("sparse score of input pair 2"), "{msg}");
+        }
+        other => panic!("expected a non-finite error, got {other:?}"),
+    }
+}
+
 #[test]
 fn a_nan_in_a_head_file_names_the_file() {
     let d = model_copy("nanhead");
@@ -153,13 +210,67 @@ fn a_post_processor_id_outside_the_table_names_the_tokenizer() {
     let p = d.join("tokenizer.json");
     let mut t: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
-    t["post_processor"]["special_tokens"]["</s>"]["ids"] = serde_json::json!([1500]);
+    // The pair template's middle separator is a token of its own, id 1500.
+    let pp = &mut t["post_processor"];
+    pp["special_tokens"]["<sep2>"] =
+        serde_json::json!({"id": "<sep2>", "ids": [1500], "tokens": ["<sep2>"]});
+    pp["pair"][3] = serde_json::json!({"SpecialToken": {"id": "<sep2>", "type_id": 0}});
     std::fs::write(&p, t.to_string()).unwrap();
     let e = M3Model::load(&d, Device::Cpu).unwrap_err().to_string();
     assert!(
         e.contains("tokenizer.json") && e.contains("token id 1500") && e.contains("vocab_size"),
         "{e}"
     );
+}
+
+/// A tokenizer.json whose post-processor does not wrap a text in `<s> ... </s>` is refused when
+/// it loads, naming the file: without it the first word became the dense vector and left the
+/// sparse and ColBERT outputs, and an empty text failed as a caller's error.
+#[test]
+fn a_post_processor_that_adds_no_specials_is_refused() {
+    let cases: [(&str, serde_json::Value); 3] = [
+        ("null", serde_json::Value::Null),
+        // Only the separator.
+        (
+            "no-cls",
+            serde_json::json!({"type": "TemplateProcessing",
+                "single": [{"Sequence": {"id": "A", "type_id": 0}},
+                           {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 0}}],
+                "special_tokens": {"</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}}),
+        ),
+        // Both, under the other's id.
+        (
+            "swapped",
+            serde_json::json!({"type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": "</s>", "type_id": 0}},
+                           {"Sequence": {"id": "A", "type_id": 0}},
+                           {"SpecialToken": {"id": "<s>", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 0}}],
+                "special_tokens": {"</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]},
+                                   "<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}}),
+        ),
+    ];
+    for (tag, pp) in cases {
+        let d = model_copy(&format!("no-specials-{tag}"));
+        let p = d.join("tokenizer.json");
+        let mut t: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        t["post_processor"] = pp;
+        std::fs::write(&p, t.to_string()).unwrap();
+        let e = M3Model::load(&d, Device::Cpu).unwrap_err();
+        let msg = e.to_string();
+        assert!(
+            matches!(e, Error::Format { .. })
+                && msg.contains("tokenizer.json")
+                && msg.contains("post_processor"),
+            "{tag}: {msg}"
+        );
+        let e = TextTokenizer::from_dir(&d).unwrap_err();
+        assert!(e.to_string().contains("post_processor"), "{tag}: {e}");
+    }
 }
 
 /// A model path that is a file is named as such (it used to say "model directory not found").

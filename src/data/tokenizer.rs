@@ -210,7 +210,7 @@ impl TextTokenizer {
         let unk = lookup("<unk>", "[UNK]");
         let mask = lookup("<mask>", "[MASK]");
 
-        Ok(TextTokenizer {
+        let t = TextTokenizer {
             tokenizer,
             path,
             added_ids,
@@ -221,7 +221,36 @@ impl TextTokenizer {
             unk,
             mask,
             lowercase: false,
-        })
+        };
+        t.check_wraps_texts()?;
+        Ok(t)
+    }
+
+    /// Every model here reads position 0 as the sentence slot and ends a text with its separator:
+    /// a post-processor that does not add `<s> … </s>` / `[CLS] … [SEP]` (`"post_processor":
+    /// null`, or a template without them) would silently make the first word the dense vector
+    /// and drop it from the sparse and ColBERT outputs.
+    fn check_wraps_texts(&self) -> Result<()> {
+        let ids = self.encode("", self.n_added(false).max(2))?;
+        let wraps =
+            ids.len() >= 2 && self.cls == Some(ids[0]) && self.eos == Some(ids[ids.len() - 1]);
+        if wraps {
+            return Ok(());
+        }
+        let name = |id: Option<u32>| match id.and_then(|i| self.id_to_token(i)) {
+            Some(t) => t,
+            None => "none".to_string(),
+        };
+        Err(Error::format(
+            &self.path,
+            format!(
+                "post_processor must add the sentence token before every text and the separator \
+                 after it (<s> ... </s> or [CLS] ... [SEP]; this vocabulary's are {} and {}), \
+                 but an empty text gives the ids {ids:?}",
+                name(self.cls),
+                name(self.eos)
+            ),
+        ))
     }
 
     fn tok_err(&self, e: impl fmt::Display) -> Error {

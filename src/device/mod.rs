@@ -74,12 +74,48 @@ impl FromStr for Device {
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
             "emu" => Ok(Device::Emu),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            // Digits only: `parse` also takes a sign ("cuda:+0").
+            _ => match s
+                .strip_prefix("cuda:")
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                .map(str::parse::<usize>)
+            {
                 Some(Ok(i)) => Ok(Device::Cuda(i)),
                 _ => Err(Error::invalid(format!(
                     "unknown device '{s}' (expected cpu, cuda, cuda:N or emu)"
                 ))),
             },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Device;
+
+    #[test]
+    fn device_names() {
+        for (s, d) in [
+            ("cpu", Device::Cpu),
+            ("emu", Device::Emu),
+            ("cuda", Device::Cuda(0)),
+            ("cuda:0", Device::Cuda(0)),
+            ("cuda:12", Device::Cuda(12)),
+        ] {
+            assert_eq!(s.parse::<Device>().unwrap(), d, "{s}");
+        }
+        // A sign, a space, no digits, an overflowing index, another name: refused.
+        for s in [
+            "cuda:+0",
+            "cuda:-1",
+            "cuda: 1",
+            "cuda:",
+            "cuda:99999999999999999999999",
+            "CPU",
+            "gpu",
+        ] {
+            let e = s.parse::<Device>().unwrap_err().to_string();
+            assert!(e.contains("unknown device"), "{s}: {e}");
         }
     }
 }

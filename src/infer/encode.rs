@@ -337,7 +337,15 @@ impl M3Model {
         // Out of device memory on a batch: retry it with 3/4 of the texts (FlagEmbedding's
         // back-off), down to one text; the smaller size is kept for the rest.
         let (mut bs, mut pos) = (opts.batch_size, 0);
+        // A batch with a non-finite hidden state is re-run one text at a time, to name the input
+        // text; (end of that batch, the batch size to return to).
+        let mut one_by_one: Option<(usize, usize)> = None;
         while pos < n {
+            if let Some((end, size)) = one_by_one.filter(|&(end, _)| pos >= end) {
+                debug_assert!(pos == end);
+                bs = size;
+                one_by_one = None;
+            }
             let chunk = &order[pos..(pos + bs).min(n)];
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| seqs[i].clone()).collect();
             let input = EncoderInput::pad(&batch, pad);
@@ -349,6 +357,17 @@ impl M3Model {
                 Err(Error::OutOfMemory { .. }) if chunk.len() > 1 => {
                     bs = (chunk.len() * 3 / 4).max(1);
                     continue;
+                }
+                Err(Error::NonFinite(_)) if chunk.len() > 1 => {
+                    one_by_one = Some((pos + chunk.len(), bs));
+                    bs = 1;
+                    continue;
+                }
+                Err(Error::NonFinite(m)) => {
+                    return Err(Error::NonFinite(format!(
+                        "input text {}: {m}",
+                        chunk[0] + 1
+                    )));
                 }
                 r => r?,
             };

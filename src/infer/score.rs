@@ -170,7 +170,7 @@ impl M3Model {
             p.sparse.unwrap_or_default(),
             p.colbert.unwrap_or_default(),
         );
-        Ok((0..pairs.len())
+        let scores: Vec<PairScores> = (0..pairs.len())
             .map(|i| {
                 PairScores::fuse(
                     dense_score(&qd[i], &pd[i]),
@@ -179,7 +179,26 @@ impl M3Model {
                     w,
                 )
             })
-            .collect())
+            .collect();
+        // Finite outputs can still give an infinite score (a lexical sum of 1e37-sized weights
+        // overflows f32, as can an unnormalised dense dot product).
+        for (i, s) in scores.iter().enumerate() {
+            let named = [
+                ("dense", s.dense),
+                ("sparse", s.sparse),
+                ("colbert", s.colbert),
+                ("sparse+dense", s.sparse_dense),
+                ("colbert+sparse+dense", s.colbert_sparse_dense),
+            ];
+            if let Some((name, v)) = named.iter().find(|(_, v)| !v.is_finite()) {
+                return Err(Error::NonFinite(format!(
+                    "the {name} score of input pair {} ({v}): the model's outputs are too large \
+                     for f32 scores",
+                    i + 1
+                )));
+            }
+        }
+        Ok(scores)
     }
 }
 

@@ -372,12 +372,15 @@ impl EncoderConfig {
                 ),
             ),
             (
-                // Real tokens start at row pad_token_id + 1; the table needs at least one such row.
+                // Real tokens start at row pad_token_id + 1; every input holds at least the two
+                // special tokens, so the table needs two such rows.
                 "max_position_embeddings",
-                self.max_position_embeddings > self.position_offset(),
+                self.max_tokens() >= 2,
                 format!(
-                    "{} leaves no position for real tokens (they start at row {})",
+                    "{} leaves {} position(s) for tokens (they start at row {}); every input \
+                     needs at least 2 (its special tokens)",
                     self.max_position_embeddings,
+                    self.max_tokens(),
                     self.position_offset()
                 ),
             ),

@@ -264,10 +264,10 @@ pub fn heads_on_hidden(
         if let Some(i) = hs.value().f32s()?.iter().position(|v| !v.is_finite()) {
             let per_text = (l * hidden).max(1);
             return Err(Error::NonFinite(format!(
-                "the encoder's last hidden state (text {} of the batch, position {}): the \
-                 model's weights overflow or hold NaN",
-                i / per_text + 1,
-                i % per_text / hidden.max(1)
+                "the encoder's last hidden state (position {} of batch row {}): the model's \
+                 weights overflow or hold NaN",
+                i % per_text / hidden.max(1),
+                i / per_text + 1
             )));
         }
         let mut out = HeadOutputs::default();
