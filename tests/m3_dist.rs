@@ -349,7 +349,70 @@ fn ranks_started_from_different_models_are_stopped() {
         e.contains("rank 1 holds different parameters from rank 0 at the start"),
         "{e}"
     );
-    assert!(res[0].is_err(), "rank 0 must not train on alone");
+    let e = res[0].as_ref().unwrap_err().to_string();
+    assert!(
+        e.contains("ranks [1] hold different parameters from rank 0 at the start"),
+        "{e}"
+    );
+}
+
+/// Ranks started with other settings than rank 0 (a flag, the seed, the data, the step count)
+/// are refused at the start on every rank, before any step: rank 1 names the settings, rank 0
+/// the rank, and no model is written (before, each of these trained to the end with exit 0).
+#[test]
+fn ranks_started_with_other_settings_are_stopped() {
+    let dir = fixture("tiny-xlmr");
+    let tok = Arc::new(TextTokenizer::from_dir(&dir).unwrap());
+    let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+    type Change = fn(&mut FinetuneConfig, &mut Vec<TrainExample>);
+    let cases: [(&str, Change, &str); 4] = [
+        ("lr", |c, _| c.lr *= 10.0, "lr: rank 0 "),
+        ("seed", |c, _| c.seed += 1, "seed: rank 0 "),
+        (
+            "steps",
+            |c, _| c.steps = Some(4),
+            "total_steps: rank 0 3, rank 1 4",
+        ),
+        ("data", |_, e| e.reverse(), "data: rank 0 "),
+    ];
+    for (tag, change, want) in cases {
+        let (tok, ex) = (tok.clone(), ex.clone());
+        let out = Arc::new(tmp(&format!("settings-{tag}")));
+        let out2 = out.clone();
+        let res = on_threads(2, move |group| {
+            let mut m = student();
+            let (mut cfg, mut ex) = (ft_config(2), ex.clone());
+            if group.rank() == 1 {
+                change(&mut cfg, &mut ex);
+            }
+            let data = M3TrainData::single(ex, 2);
+            finetune_dist(
+                Device::Cpu,
+                DistSetup::Group(group),
+                &mut m,
+                &data,
+                &tok,
+                &cfg,
+                &fixture("tiny-xlmr"),
+                &out2,
+                None,
+                &mut |_, _, _| {},
+            )
+            .map(|_| ())
+        });
+        let e1 = res[1].as_ref().unwrap_err().to_string();
+        assert!(
+            e1.contains("rank 1 was started with other settings than rank 0") && e1.contains(want),
+            "{tag}: {e1}"
+        );
+        let e0 = res[0].as_ref().unwrap_err().to_string();
+        assert!(
+            e0.contains("ranks [1] were started with other settings"),
+            "{tag}: {e0}"
+        );
+        assert!(!out.join("model.safetensors").exists(), "{tag}");
+        assert!(!out.join("metrics.jsonl").exists(), "{tag}");
+    }
 }
 
 #[test]
@@ -483,4 +546,45 @@ fn two_emulated_devices_follow_the_cpu_ranks() {
 
 fn tmp(tag: &str) -> PathBuf {
     common::tmp_dir(&format!("dist-{tag}"))
+}
+
+/// tools/launch.sh refuses process counts that are not whole numbers >= 1 (0 and -1 ran
+/// nothing and exited 0; "two" failed as an unbound variable), and gives each rank its variables.
+#[test]
+fn launch_script_checks_its_counts() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tools/launch.sh");
+    let run = |n: &str, envs: &[(&str, &str)], cmd: &[&str]| {
+        let mut c = std::process::Command::new("bash");
+        c.arg(&script).arg(n).arg("--").args(cmd);
+        c.env("LOG_DIR", std::env::temp_dir());
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    };
+    for (n, envs, want) in [
+        ("0", &[][..], "need NPROC >= 1"),
+        ("-1", &[], "NPROC must be a whole number, got '-1'"),
+        ("two", &[], "NPROC must be a whole number, got 'two'"),
+        (
+            "2",
+            &[("NNODES", "2"), ("NODE_RANK", "2")],
+            "NODE_RANK < NNODES",
+        ),
+    ] {
+        let o = run(n, envs, &["true"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{n}: {err}");
+        assert!(err.contains(want), "{n}: {err}");
+    }
+    let o = run(
+        "2",
+        &[("MASTER_PORT", "29777")],
+        &[
+            "sh",
+            "-c",
+            "[ \"$WORLD_SIZE\" = 2 ] && [ \"$RANK\" = \"$LOCAL_RANK\" ]",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

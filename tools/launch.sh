@@ -19,6 +19,17 @@ nproc="$1"
 shift 2
 nnodes="${NNODES:-1}"
 node="${NODE_RANK:-0}"
+# Whole numbers only (bash arithmetic would read "two" as an unset variable, 0 would run nothing).
+for v in "NPROC=$nproc" "NNODES=$nnodes" "NODE_RANK=$node"; do
+  if [[ ! "${v#*=}" =~ ^[0-9]+$ ]]; then
+    echo "launch.sh: ${v%%=*} must be a whole number, got '${v#*=}'" >&2
+    exit 2
+  fi
+done
+if ((nproc < 1 || nnodes < 1 || node >= nnodes)); then
+  echo "launch.sh: need NPROC >= 1, NNODES >= 1 and NODE_RANK < NNODES (got $nproc, $nnodes, $node)" >&2
+  exit 2
+fi
 export WORLD_SIZE=$((nproc * nnodes))
 export MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 export MASTER_PORT="${MASTER_PORT:-29500}"

@@ -211,8 +211,10 @@ impl Group {
     }
 
     /// Check that every rank holds the same parameters (they receive identical averaged
-    /// gradients and run the same optimizer, so they never should differ): rank 0's fingerprint
-    /// is broadcast and compared; a rank that differs stops with an error naming itself.
+    /// gradients and run the same optimizer, so they never should differ): every rank's
+    /// fingerprint is gathered and compared on every rank, so that all stop together (rank 0
+    /// must not write a checkpoint another rank refused). A rank that differs from rank 0 names
+    /// itself; the others name it.
     pub fn check_in_sync(&self, params: &[crate::Tensor], what: &str) -> Result<()> {
         if self.world == 1 {
             return Ok(());
@@ -223,20 +225,33 @@ impl Group {
                 h = (h ^ x.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
             }
         }
-        let mut bytes = h.to_le_bytes().to_vec();
-        self.broadcast(&mut bytes)?;
-        let theirs =
-            u64::from_le_bytes(bytes.as_slice().try_into().map_err(|_| {
-                Error::Dist("parameter fingerprint from rank 0 is not 8 bytes".into())
-            })?);
-        if theirs != h {
-            return Err(Error::Dist(format!(
-                "rank {} holds different parameters from rank 0 {what} (fingerprints {h:016x} vs \
-                 {theirs:016x}): the ranks were started from different models or flags",
-                self.rank
-            )));
+        // As four 16-bit pieces, each exact in an f32.
+        let pieces: Vec<f32> = (0..4).map(|i| ((h >> (16 * i)) & 0xffff) as f32).collect();
+        let all = self.all_gather(&pieces)?;
+        let prints: Vec<u64> = all
+            .chunks_exact(4)
+            .map(|c| (0..4).fold(0u64, |acc, i| acc | ((c[i] as u64) << (16 * i))))
+            .collect();
+        let differ: Vec<usize> = (1..prints.len())
+            .filter(|&r| prints[r] != prints[0])
+            .collect();
+        if differ.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let who = if differ.contains(&self.rank) {
+            format!("rank {} holds", self.rank)
+        } else {
+            format!("rank {}: ranks {differ:?} hold", self.rank)
+        };
+        Err(Error::Dist(format!(
+            "{who} different parameters from rank 0 {what} (fingerprints {}): the ranks \
+             were started from different models or flags",
+            prints
+                .iter()
+                .map(|p| format!("{p:016x}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )))
     }
 }
 
@@ -275,7 +290,20 @@ impl DistEnv {
                 "WORLD_SIZE=0: need at least one process".into(),
             ));
         }
+        tcp::check_world(world)?;
         if world == 1 {
+            // A process launched as rank 1 of a group whose WORLD_SIZE was lost would train
+            // alone and write its own model.
+            if let Some(rank) = num("RANK")?.filter(|&r| r > 0) {
+                return Err(Error::Dist(format!(
+                    "RANK={rank} but WORLD_SIZE is {}: a group needs WORLD_SIZE > RANK",
+                    if get("WORLD_SIZE").is_some() {
+                        "1"
+                    } else {
+                        "not set"
+                    }
+                )));
+            }
             return Ok(None);
         }
         let rank = num("RANK")?
@@ -341,6 +369,19 @@ mod tests {
             (vec![("WORLD_SIZE", "2"), ("RANK", "2")], "not below"),
             (vec![("WORLD_SIZE", "x")], "WORLD_SIZE=\"x\""),
             (vec![("WORLD_SIZE", "0")], "WORLD_SIZE=0"),
+            (
+                vec![("WORLD_SIZE", "18446744073709551615"), ("RANK", "0")],
+                "a group has 1 to 65536 processes",
+            ),
+            (
+                vec![("WORLD_SIZE", "4294967298"), ("RANK", "0")],
+                "a group has 1 to 65536 processes",
+            ),
+            (vec![("RANK", "1")], "RANK=1 but WORLD_SIZE is not set"),
+            (
+                vec![("WORLD_SIZE", "1"), ("RANK", "5")],
+                "RANK=5 but WORLD_SIZE is 1",
+            ),
             (
                 vec![("WORLD_SIZE", "2"), ("RANK", "1"), ("MASTER_PORT", "70000")],
                 "not a TCP port",

@@ -591,6 +591,15 @@ pub fn finetune_dist(
     }
     let args = run_args(cfg, data, world);
     super::check_resume_args(&state.args, &args)?;
+    // What every rank must share besides what a resume must: the schedule, the seed (each
+    // rank's slice of every batch follows from it), the step it starts at, the model's config.
+    let mut settings = args.clone();
+    settings["total_steps"] = total.into();
+    settings["seed"] = state.seed.into();
+    settings["start_step"] = state.step.into();
+    settings["save_every"] = cfg.save_every.into();
+    settings["model config"] = model.encoder_config.to_hf_json();
+    super::check_same_settings(&group, &settings)?;
     state.args = args;
     group.check_in_sync(model.params.values(), "at the start")?;
     let main = group.is_main();

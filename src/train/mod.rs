@@ -170,6 +170,57 @@ pub fn check_resume_args(recorded: &serde_json::Value, now: &serde_json::Value) 
     }
 }
 
+/// Every rank of a data-parallel run must train with rank 0's settings (`settings`: a JSON object
+/// of hyper-parameters, data fingerprint, model config, schedule): rank 0's are broadcast, each
+/// rank lists the keys where its own differ, and the verdicts are summed over the group, so that
+/// every rank stops together (rank 0 must not write a model that another rank refused). A rank
+/// that differs names the keys; the others name the ranks.
+pub fn check_same_settings(group: &crate::dist::Group, settings: &serde_json::Value) -> Result<()> {
+    if group.world() == 1 {
+        return Ok(());
+    }
+    let mut bytes = serde_json::to_vec(settings)
+        .map_err(|e| Error::Dist(format!("rank {}: settings: {e}", group.rank())))?;
+    group.broadcast(&mut bytes)?;
+    let theirs: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| Error::Dist(format!("settings broadcast by rank 0 are not JSON: {e}")))?;
+    let empty = serde_json::Map::new();
+    let (old, new) = (
+        theirs.as_object().unwrap_or(&empty),
+        settings.as_object().unwrap_or(&empty),
+    );
+    let me = group.rank();
+    let mut keys: Vec<&String> = old.keys().chain(new.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let null = serde_json::Value::Null;
+    let diffs: Vec<String> = keys
+        .into_iter()
+        .filter_map(|k| {
+            let (o, v) = (old.get(k).unwrap_or(&null), new.get(k).unwrap_or(&null));
+            (o != v).then(|| format!("{k}: rank 0 {o}, rank {me} {v}"))
+        })
+        .collect();
+    let mut flags = vec![0.0f32; group.world()];
+    flags[me] = if diffs.is_empty() { 0.0 } else { 1.0 };
+    group.all_reduce_sum(&mut flags)?;
+    let differ: Vec<usize> = (0..flags.len()).filter(|&r| flags[r] != 0.0).collect();
+    if !diffs.is_empty() {
+        return Err(Error::Dist(format!(
+            "rank {me} was started with other settings than rank 0 ({}): every rank needs the \
+             same flags, data and model",
+            diffs.join("; ")
+        )));
+    }
+    if !differ.is_empty() {
+        return Err(Error::Dist(format!(
+            "rank {me}: ranks {differ:?} were started with other settings than rank 0 (their \
+             errors name them); every rank needs the same flags, data and model"
+        )));
+    }
+    Ok(())
+}
+
 /// The state and optimizer of a run: the resumed ones, or fresh ones (step 0, AdamW with torch's
 /// defaults); `total` steps either way.
 pub fn start_or_resume(
