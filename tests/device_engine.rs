@@ -121,6 +121,23 @@ fn m3_encode_on_the_emulated_device_matches_the_cpu() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// The attention grid holds the batch in a dimension CUDA caps at 65,535, so the device path
+/// refused a `batch_size` of 65,536 with that many texts (the CPU ran it); the encode now cuts
+/// batches at `MAX_BATCH`. (The failing case takes minutes on the emulator; this checks the cut.)
+#[test]
+fn a_batch_size_over_the_grid_limit_is_cut() {
+    let dir = hd32_model_dir("grid-limit");
+    let emu = M3Model::load(&dir, Device::Emu).unwrap();
+    let opts = EncodeOptions {
+        batch_size: 1 << 20,
+        ..Default::default()
+    };
+    let out = emu.encode(&["a", "b c"], &opts).unwrap();
+    assert_eq!(out.batch_size, retrom3::infer::MAX_BATCH);
+    assert_eq!(out.dense.unwrap().len(), 2);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 /// A random M3 student with head dim 32 and a batch of 2 queries x 3 passages.
 fn m3_student_and_batch() -> (
     retrom3::model::m3_train::M3Student,

@@ -247,6 +247,7 @@ fn misaligned_attention_inputs_avoid_the_tensor_cores() {
             at(&bq),
             at(&bk),
             at(&bv),
+            out.ptr,
         ));
         // SAFETY: q [5, 32], k and v [7, 32] bf16 from the views; out [5, 32] bf16, lse [5] f32.
         let r = unsafe {
@@ -280,11 +281,16 @@ fn misaligned_attention_inputs_avoid_the_tensor_cores() {
     assert!(run(None, 0).is_ok());
     let (a, m) = (DevPtr(1 << 20), DevPtr((1 << 20) + 8));
     assert_ne!(
-        k::attention_fwd_default(KDType::BF16, 32, a, a, a),
+        k::attention_fwd_default(KDType::BF16, 32, a, a, a, m),
         AttnImpl::CudaCores
     );
     assert_eq!(
-        k::attention_fwd_default(KDType::BF16, 32, a, m, a),
+        k::attention_fwd_default(KDType::BF16, 32, a, m, a, a),
+        AttnImpl::CudaCores
+    );
+    // The output is stored a bf16 pair at a time: 4-byte aligned, or the CUDA cores.
+    assert_eq!(
+        k::attention_fwd_default(KDType::BF16, 32, a, a, a, DevPtr((1 << 20) + 2)),
         AttnImpl::CudaCores
     );
 }

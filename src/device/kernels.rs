@@ -795,9 +795,10 @@ pub fn attention_fwd_default(
     q: DevPtr,
     k: DevPtr,
     v: DevPtr,
+    out: DevPtr,
 ) -> AttnImpl {
     match dt {
-        KDType::BF16 if tc_aligned(&[q, k, v]) => {
+        KDType::BF16 if tc_aligned(&[q, k, v], &[out]) => {
             if TC_PIPELINED_BY_DEFAULT && matches!(head_dim, 32 | 64) {
                 AttnImpl::TensorCoresPipelined
             } else {
@@ -882,7 +883,7 @@ pub unsafe fn attention_fwd(
     scale: f32,
     drop: Option<AttnDropout>,
 ) -> Result<()> {
-    let imp = attention_fwd_default(dt, d.head_dim, q, k, v);
+    let imp = attention_fwd_default(dt, d.head_dim, q, k, v, out);
     // SAFETY: forwarded contract.
     unsafe { attention_fwd_with(l, imp, dt, q, k, v, out, lse, mask, d, scale, drop) }
 }
@@ -891,13 +892,16 @@ pub unsafe fn attention_fwd(
 /// the forward and dQ kernels, Q/dO tiles in the dK/dV kernel) start 16-byte aligned (their rows
 /// then are too: H·D bf16 with D % 8 == 0). Buffers of the device allocators are; a view at an
 /// odd row offset of a one-head D = 32 tensor could be 8-byte aligned only.
-fn tc_aligned(ptrs: &[DevPtr]) -> bool {
-    ptrs.iter().all(|p| p.0 % 16 == 0)
+/// The tensors they store (or, for the forward's `out` in the backward, load) a bf16 pair at a
+/// time, `words`, must start 4-byte aligned.
+fn tc_aligned(ptrs: &[DevPtr], words: &[DevPtr]) -> bool {
+    ptrs.iter().all(|p| p.0 % 16 == 0) && words.iter().all(|p| p.0 % 4 == 0)
 }
 
 fn tc_alignment_error(what: &str) -> Error {
     Error::invalid(format!(
-        "tensor-core attention {what}: q, k, v (and dout) must be 16-byte aligned"
+        "tensor-core attention {what}: q, k, v (and dout) must be 16-byte aligned, out (and dq, \
+         dk, dv) 4-byte aligned"
     ))
 }
 
@@ -942,7 +946,7 @@ pub unsafe fn attention_fwd_with(
                     device: "cuda/emu".into(),
                 });
             }
-            if !tc_aligned(&[q, k, v]) {
+            if !tc_aligned(&[q, k, v], &[out]) {
                 return Err(tc_alignment_error("forward"));
             }
             let pipelined = matches!(
@@ -1038,7 +1042,7 @@ pub unsafe fn attention_bwd(
 ) -> Result<()> {
     let imp = if dt == KDType::BF16
         && matches!(d.head_dim, 32 | 64)
-        && tc_aligned(&[q, k, v, dout])
+        && tc_aligned(&[q, k, v, dout], &[out, dq, dk, dv])
         && tc_backward()?
     {
         AttnImpl::TensorCores
@@ -1091,7 +1095,7 @@ pub unsafe fn attention_bwd_with(
             device: "cuda/emu".into(),
         });
     }
-    if tc && !tc_aligned(&[q, k, v, dout]) {
+    if tc && !tc_aligned(&[q, k, v, dout], &[out, dq, dk, dv]) {
         return Err(tc_alignment_error("backward"));
     }
     if d.q_len > 0 {

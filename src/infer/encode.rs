@@ -12,6 +12,10 @@ pub type LexicalWeights = Vec<(u32, f32)>;
 /// ColBERT vectors of one text: one normalised vector per real token after CLS (`</s>` included).
 pub type ColbertVecs = Vec<Vec<f32>>;
 
+/// The most texts one forward takes; a larger `batch_size` is cut to it (the attention kernels'
+/// grid holds the batch in a dimension CUDA caps at 65,535).
+pub const MAX_BATCH: usize = 65_535;
+
 /// What to compute and how.
 #[derive(Clone, Debug)]
 pub struct EncodeOptions {
@@ -75,7 +79,7 @@ pub struct EncodeOutput {
     pub sparse: Option<Vec<LexicalWeights>>,
     pub colbert: Option<Vec<ColbertVecs>>,
     /// The batch size the encode ended with: smaller than requested when a batch ran out of
-    /// device memory and was retried with 3/4 of its texts.
+    /// device memory and was retried with 3/4 of its texts, and at most [`MAX_BATCH`].
     pub batch_size: usize,
 }
 
@@ -336,7 +340,9 @@ impl M3Model {
         let mut colbert = vec![Vec::new(); if opts.colbert { n } else { 0 }];
         // Out of device memory on a batch: retry it with 3/4 of the texts (FlagEmbedding's
         // back-off), down to one text; the smaller size is kept for the rest.
-        let (mut bs, mut pos) = (opts.batch_size, 0);
+        // At most 65,535 texts a forward: the device kernels put the batch on a grid dimension
+        // CUDA caps there (the CPU engine's outputs do not depend on the batch size).
+        let (mut bs, mut pos) = (opts.batch_size.min(MAX_BATCH), 0);
         // A batch with a non-finite hidden state is re-run one text at a time, to name the input
         // text; (end of that batch, the batch size to return to).
         let mut one_by_one: Option<(usize, usize)> = None;

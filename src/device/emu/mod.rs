@@ -316,6 +316,16 @@ impl KernelDevice for EmuDevice {
         Ok(DevBuf::new(ptr, bytes, Box::new(alloc)))
     }
 
+    /// Filled with 0xFF bytes (NaN in f32 and bf16): CUDA's pool hands back old memory unzeroed,
+    /// so a kernel that reads (or accumulates into) a buffer nothing wrote would pass on zeroes
+    /// here and fail on a GPU; NaN makes it fail here too.
+    fn alloc(&self, bytes: usize) -> Result<DevBuf> {
+        let (ptr, alloc) = self.take(bytes)?;
+        // SAFETY: the allocation owns at least `bytes` bytes at ptr.
+        unsafe { std::ptr::write_bytes(ptr.0 as *mut u8, 0xFF, bytes) };
+        Ok(DevBuf::new(ptr, bytes, Box::new(alloc)))
+    }
+
     fn memory(&self) -> Option<DeviceMemory> {
         use std::sync::atomic::Ordering;
         Some(DeviceMemory {
