@@ -314,42 +314,54 @@ fn two_rank_trainer_follows_the_single_process_run() {
     assert!(!out1.exists());
 }
 
-#[test]
-fn ranks_started_from_different_models_are_stopped() {
-    let dir = fixture("tiny-xlmr");
-    let tok = Arc::new(TextTokenizer::from_dir(&dir).unwrap());
+/// A change a test makes on one rank before it trains.
+type Change = fn(&mut M3Student, &mut FinetuneConfig, &mut Vec<TrainExample>);
+
+/// Two ranks (threads) fine-tune the fixture with `ft_config(2)`, rank 1 after `change`; the
+/// ranks' results and rank 0's output directory.
+fn two_ranks_one_changed(tag: &str, change: Change) -> (Vec<Result<(), String>>, PathBuf) {
+    let tok = Arc::new(TextTokenizer::from_dir(fixture("tiny-xlmr")).unwrap());
     let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
-    let data = Arc::new(M3TrainData::single(ex, 2));
-    let out = Arc::new(tmp("diverged"));
+    let out = tmp(tag);
+    let out2 = out.clone();
     let res = on_threads(2, move |group| {
-        let mut m = student();
+        let (mut m, mut cfg, mut ex) = (student(), ft_config(2), ex.clone());
         if group.rank() == 1 {
-            let mut v = m.params.values()[0].f32s().unwrap().to_vec();
-            v[0] += 1.0;
-            let mut vals = m.params.values().to_vec();
-            vals[0] = Tensor::from_vec(v, vals[0].dims()).unwrap();
-            m.params.set_values(vals).unwrap();
+            change(&mut m, &mut cfg, &mut ex);
         }
         finetune_dist(
             Device::Cpu,
             DistSetup::Group(group),
             &mut m,
-            &data,
+            &M3TrainData::single(ex, 2),
             &tok,
-            &ft_config(2),
+            &cfg,
             &fixture("tiny-xlmr"),
-            &out,
+            &out2,
             None,
             &mut |_, _, _| {},
         )
         .map(|_| ())
+        .map_err(|e| e.to_string())
     });
-    let e = res[1].as_ref().unwrap_err().to_string();
+    (res, out)
+}
+
+#[test]
+fn ranks_started_from_different_models_are_stopped() {
+    let (res, _) = two_ranks_one_changed("diverged", |m, _, _| {
+        let mut v = m.params.values()[0].f32s().unwrap().to_vec();
+        v[0] += 1.0;
+        let mut vals = m.params.values().to_vec();
+        vals[0] = Tensor::from_vec(v, vals[0].dims()).unwrap();
+        m.params.set_values(vals).unwrap();
+    });
+    let e = res[1].as_ref().unwrap_err();
     assert!(
         e.contains("rank 1 holds different parameters from rank 0 at the start"),
         "{e}"
     );
-    let e = res[0].as_ref().unwrap_err().to_string();
+    let e = res[0].as_ref().unwrap_err();
     assert!(
         e.contains("ranks [1] hold different parameters from rank 0 at the start"),
         "{e}"
@@ -361,51 +373,24 @@ fn ranks_started_from_different_models_are_stopped() {
 /// the rank, and no model is written (before, each of these trained to the end with exit 0).
 #[test]
 fn ranks_started_with_other_settings_are_stopped() {
-    let dir = fixture("tiny-xlmr");
-    let tok = Arc::new(TextTokenizer::from_dir(&dir).unwrap());
-    let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
-    type Change = fn(&mut FinetuneConfig, &mut Vec<TrainExample>);
     let cases: [(&str, Change, &str); 4] = [
-        ("lr", |c, _| c.lr *= 10.0, "lr: rank 0 "),
-        ("seed", |c, _| c.seed += 1, "seed: rank 0 "),
+        ("lr", |_, c, _| c.lr *= 10.0, "lr: rank 0 "),
+        ("seed", |_, c, _| c.seed += 1, "seed: rank 0 "),
         (
             "steps",
-            |c, _| c.steps = Some(4),
+            |_, c, _| c.steps = Some(4),
             "total_steps: rank 0 3, rank 1 4",
         ),
-        ("data", |_, e| e.reverse(), "data: rank 0 "),
+        ("data", |_, _, e| e.reverse(), "data: rank 0 "),
     ];
     for (tag, change, want) in cases {
-        let (tok, ex) = (tok.clone(), ex.clone());
-        let out = Arc::new(tmp(&format!("settings-{tag}")));
-        let out2 = out.clone();
-        let res = on_threads(2, move |group| {
-            let mut m = student();
-            let (mut cfg, mut ex) = (ft_config(2), ex.clone());
-            if group.rank() == 1 {
-                change(&mut cfg, &mut ex);
-            }
-            let data = M3TrainData::single(ex, 2);
-            finetune_dist(
-                Device::Cpu,
-                DistSetup::Group(group),
-                &mut m,
-                &data,
-                &tok,
-                &cfg,
-                &fixture("tiny-xlmr"),
-                &out2,
-                None,
-                &mut |_, _, _| {},
-            )
-            .map(|_| ())
-        });
-        let e1 = res[1].as_ref().unwrap_err().to_string();
+        let (res, out) = two_ranks_one_changed(&format!("settings-{tag}"), change);
+        let e1 = res[1].as_ref().unwrap_err();
         assert!(
             e1.contains("rank 1 was started with other settings than rank 0") && e1.contains(want),
             "{tag}: {e1}"
         );
-        let e0 = res[0].as_ref().unwrap_err().to_string();
+        let e0 = res[0].as_ref().unwrap_err();
         assert!(
             e0.contains("ranks [1] were started with other settings"),
             "{tag}: {e0}"
