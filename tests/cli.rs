@@ -155,7 +155,16 @@ fn encode_plain_text_defaults_to_dense_only() {
     let input = d.join("in.txt");
     std::fs::write(&input, "first line\nsecond line\n").unwrap();
     let output = d.join("out.jsonl");
-    expect_success(&encode(&fixture("tiny-bert"), &input, &output, &[]));
+    // A batch size over encode's cap (65,535) is cut without the out-of-memory note.
+    let o = encode(
+        &fixture("tiny-bert"),
+        &input,
+        &output,
+        &["--batch-size", "70000"],
+    );
+    expect_success(&o);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("out of device memory"), "{err}");
     let rows = read_jsonl(&output);
     assert_eq!(rows.len(), 2);
     for r in rows {

@@ -127,6 +127,26 @@ fn scores_that_overflow_are_an_error() {
         }
         other => panic!("expected a non-finite error, got {other:?}"),
     }
+    // The CLI names the line of the pairs file.
+    let pairs = d.join("pairs.jsonl");
+    let line = serde_json::json!({"query": texts[0], "passage": texts[1]});
+    std::fs::write(&pairs, format!("{line}\n")).unwrap();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+        .args(["score", "--model"])
+        .arg(&d)
+        .arg("--pairs")
+        .arg(&pairs)
+        .arg("--output")
+        .arg(d.join("scores.jsonl"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("pairs.jsonl:1") && err.contains("not finite"),
+        "{err}"
+    );
+    assert!(!d.join("scores.jsonl").exists());
 }
 
 #[test]
@@ -228,7 +248,7 @@ fn a_post_processor_id_outside_the_table_names_the_tokenizer() {
 /// sparse and ColBERT outputs, and an empty text failed as a caller's error.
 #[test]
 fn a_post_processor_that_adds_no_specials_is_refused() {
-    let cases: [(&str, serde_json::Value); 3] = [
+    let cases: [(&str, serde_json::Value); 2] = [
         ("null", serde_json::Value::Null),
         // Only the separator.
         (
@@ -239,18 +259,6 @@ fn a_post_processor_that_adds_no_specials_is_refused() {
                 "pair": [{"Sequence": {"id": "A", "type_id": 0}},
                          {"Sequence": {"id": "B", "type_id": 0}}],
                 "special_tokens": {"</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]}}}),
-        ),
-        // Both, under the other's id.
-        (
-            "swapped",
-            serde_json::json!({"type": "TemplateProcessing",
-                "single": [{"SpecialToken": {"id": "</s>", "type_id": 0}},
-                           {"Sequence": {"id": "A", "type_id": 0}},
-                           {"SpecialToken": {"id": "<s>", "type_id": 0}}],
-                "pair": [{"Sequence": {"id": "A", "type_id": 0}},
-                         {"Sequence": {"id": "B", "type_id": 0}}],
-                "special_tokens": {"</s>": {"id": "</s>", "ids": [2], "tokens": ["</s>"]},
-                                   "<s>": {"id": "<s>", "ids": [0], "tokens": ["<s>"]}}}),
         ),
     ];
     for (tag, pp) in cases {
@@ -268,9 +276,50 @@ fn a_post_processor_that_adds_no_specials_is_refused() {
                 && msg.contains("post_processor"),
             "{tag}: {msg}"
         );
-        let e = TextTokenizer::from_dir(&d).unwrap_err();
+        // Fine-tuning refuses it too; tokenize and pretrain, which add the specials themselves,
+        // load it.
+        let tok = TextTokenizer::from_dir(&d).unwrap();
+        let e = tok.check_wraps_texts().unwrap_err();
+        assert!(e.to_string().contains("post_processor"), "{tag}: {e}");
+        let ex = read_train_file(&fixture("m3-train/train.jsonl")).unwrap();
+        let mut student = M3Student::load_dir(&fixture("tiny-xlmr"), 0).unwrap();
+        let e = finetune(
+            &mut student,
+            &M3TrainData::single(ex, 2),
+            &tok,
+            &FinetuneConfig {
+                steps: Some(1),
+                ..Default::default()
+            },
+            &d,
+            &tmp(&format!("no-specials-ft-{tag}")),
+            None,
+            &mut |_, _, _| {},
+        )
+        .unwrap_err();
         assert!(e.to_string().contains("post_processor"), "{tag}: {e}");
     }
+}
+
+/// A BERT vocabulary that also holds "<s>" and "</s>" as word pieces: the sentence token and the
+/// separator are the [CLS] / [SEP] its post-processor adds, not the pieces of those names.
+#[test]
+fn the_specials_are_the_post_processors() {
+    let d = tmp("bert-with-s-pieces");
+    let p = d.join("tokenizer.json");
+    std::fs::copy(fixture("tiny-bert").join("tokenizer.json"), &p).unwrap();
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    let vocab = t["model"]["vocab"].as_object_mut().unwrap();
+    let n = vocab.len() as u64;
+    vocab.insert("<s>".into(), n.into());
+    vocab.insert("</s>".into(), (n + 1).into());
+    std::fs::write(&p, t.to_string()).unwrap();
+    let tok = TextTokenizer::from_dir(&d).unwrap();
+    let ids = tok.encode("", 8).unwrap();
+    assert_eq!((tok.cls_id(), tok.eos_id()), (Some(ids[0]), Some(ids[1])));
+    assert_eq!(tok.id_to_token(ids[0]).as_deref(), Some("[CLS]"));
+    tok.check_wraps_texts().unwrap();
 }
 
 /// A model path that is a file is named as such (it used to say "model directory not found").

@@ -551,6 +551,7 @@ fn launch_script_checks_its_counts() {
         ("0", &[][..], "need NPROC >= 1"),
         ("-1", &[], "NPROC must be a whole number, got '-1'"),
         ("two", &[], "NPROC must be a whole number, got 'two'"),
+        ("08", &[], "NPROC must be a whole number, got '08'"),
         (
             "2",
             &[("NNODES", "2"), ("NODE_RANK", "2")],

@@ -21,7 +21,7 @@ nnodes="${NNODES:-1}"
 node="${NODE_RANK:-0}"
 # Whole numbers only (bash arithmetic would read "two" as an unset variable, 0 would run nothing).
 for v in "NPROC=$nproc" "NNODES=$nnodes" "NODE_RANK=$node"; do
-  if [[ ! "${v#*=}" =~ ^[0-9]+$ ]]; then
+  if [[ ! "${v#*=}" =~ ^(0|[1-9][0-9]*)$ ]]; then # no leading zeros: bash reads them as octal
     echo "launch.sh: ${v%%=*} must be a whole number, got '${v#*=}'" >&2
     exit 2
   fi

@@ -109,7 +109,7 @@ pub fn encode(a: EncodeArgs) -> Result<()> {
     let pb = progress(refs.len(), "encode");
     let out = model.encode_with_progress(&refs, &opts, &mut |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
-    if out.batch_size < a.batch_size {
+    if out.batch_size < a.batch_size.min(retrom3::infer::MAX_BATCH) {
         eprintln!(
             "note: out of device memory at --batch-size {}: batches of {} texts were used",
             a.batch_size, out.batch_size
@@ -182,20 +182,9 @@ pub fn score(a: ScoreArgs) -> Result<()> {
         batch_size: a.batch_size,
     };
     let pb = progress(2 * refs.len(), "score");
-    let scores = model.compute_score_with_progress(&refs, &opts, &mut |n| pb.inc(n as u64))?;
+    let scores = model.compute_score_unchecked(&refs, &opts, &mut |n| pb.inc(n as u64))?;
     pb.finish_and_clear();
-    let finite = |s: &retrom3::PairScores| {
-        [
-            s.dense,
-            s.sparse,
-            s.colbert,
-            s.sparse_dense,
-            s.colbert_sparse_dense,
-        ]
-        .iter()
-        .all(|x| x.is_finite())
-    };
-    if let Some(i) = scores.iter().position(|s| !finite(s)) {
+    if let Some(i) = scores.iter().position(|s| s.non_finite().is_some()) {
         return Err(Error::Input {
             path: a.pairs.clone(),
             line: i + 1,

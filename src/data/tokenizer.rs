@@ -210,7 +210,7 @@ impl TextTokenizer {
         let unk = lookup("<unk>", "[UNK]");
         let mask = lookup("<mask>", "[MASK]");
 
-        let t = TextTokenizer {
+        let mut t = TextTokenizer {
             tokenizer,
             path,
             added_ids,
@@ -222,33 +222,45 @@ impl TextTokenizer {
             mask,
             lowercase: false,
         };
-        t.check_wraps_texts()?;
+        // The sentence token and the separator are the ones the post-processor puts around a
+        // text when it puts special tokens there (a vocabulary may also hold "<s>" as a word
+        // piece of its own, and a BERT tokenizer's [CLS] must win then); else, by name.
+        if let Some((first, last)) = t.wrapping_ids()? {
+            t.cls = Some(first);
+            t.eos = Some(last);
+        }
         Ok(t)
     }
 
-    /// Every model here reads position 0 as the sentence slot and ends a text with its separator:
-    /// a post-processor that does not add `<s> … </s>` / `[CLS] … [SEP]` (`"post_processor":
-    /// null`, or a template without them) would silently make the first word the dense vector
-    /// and drop it from the sparse and ColBERT outputs.
-    fn check_wraps_texts(&self) -> Result<()> {
+    /// The special tokens the post-processor puts before and after every text, if it does.
+    fn wrapping_ids(&self) -> Result<Option<(u32, u32)>> {
         let ids = self.encode("", self.n_added(false).max(2))?;
-        let wraps =
-            ids.len() >= 2 && self.cls == Some(ids[0]) && self.eos == Some(ids[ids.len() - 1]);
-        if wraps {
+        Ok(match ids[..] {
+            [first, .., last]
+                if self.added_ids.contains(&first) && self.added_ids.contains(&last) =>
+            {
+                Some((first, last))
+            }
+            _ => None,
+        })
+    }
+
+    /// An encoder model reads position 0 as the sentence slot and ends a text with its
+    /// separator: a post-processor that does not add `<s> … </s>` / `[CLS] … [SEP]`
+    /// (`"post_processor": null`, or a template without them) would silently make the first word
+    /// the dense vector and drop it from the sparse and ColBERT outputs. Checked by the model
+    /// loader and the fine-tuning trainer (`tokenize` and `pretrain` add the specials
+    /// themselves).
+    pub fn check_wraps_texts(&self) -> Result<()> {
+        if self.wrapping_ids()?.is_some() {
             return Ok(());
         }
-        let name = |id: Option<u32>| match id.and_then(|i| self.id_to_token(i)) {
-            Some(t) => t,
-            None => "none".to_string(),
-        };
+        let ids = self.encode("", self.n_added(false).max(2))?;
         Err(Error::format(
             &self.path,
             format!(
-                "post_processor must add the sentence token before every text and the separator \
-                 after it (<s> ... </s> or [CLS] ... [SEP]; this vocabulary's are {} and {}), \
-                 but an empty text gives the ids {ids:?}",
-                name(self.cls),
-                name(self.eos)
+                "post_processor must add a special token before and after every text (<s> ... \
+                 </s> or [CLS] ... [SEP]), but an empty text gives the ids {ids:?}"
             ),
         ))
     }

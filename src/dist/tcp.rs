@@ -15,6 +15,9 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 const MAGIC: u32 = 0x5233_4447; // "R3DG"
+/// Rank 0's refusal starts with its own word, so that a rank of protocol version 1 (which took
+/// any reply starting with [`MAGIC`] as an acceptance) stops with "not a retrom3 rank 0".
+const REFUSAL: u32 = 0x5233_444e; // "R3DN"
 /// 2: rank 0's reply carries a refusal code and its reason.
 const VERSION: u32 = 2;
 /// The most processes a group may have (the handshake carries ranks as u32).
@@ -181,7 +184,7 @@ fn greet(
         };
     };
     // The refused process is told why (best effort: it may be gone).
-    let mut reply: Vec<u8> = [MAGIC, code, reason.len() as u32]
+    let mut reply: Vec<u8> = [REFUSAL, code, reason.len() as u32]
         .iter()
         .flat_map(|x| x.to_le_bytes())
         .collect();
@@ -297,10 +300,7 @@ impl TcpGroup {
             timeout,
         )?;
         let [magic, code] = read_u32s::<2>(&mut s, &what, timeout)?;
-        if magic != MAGIC {
-            return Err(Error::Dist(format!("{what}: not a retrom3 rank 0")));
-        }
-        if code != 0 {
+        if magic == REFUSAL {
             // The reason follows: its length, then the text.
             let reason = read_u32s::<1>(&mut s, &what, timeout).and_then(|[n]| {
                 let mut b = vec![0u8; (n as usize).min(4096)];
@@ -312,6 +312,9 @@ impl TcpGroup {
                 Ok(r) => format!("rank {rank}: refused by rank 0: {r}"),
                 Err(e) => format!("rank {rank}: refused by rank 0 (code {code}): {e}"),
             }));
+        }
+        if magic != MAGIC || code != 0 {
+            return Err(Error::Dist(format!("{what}: not a retrom3 rank 0")));
         }
         Ok(TcpGroup {
             rank,

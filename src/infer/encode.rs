@@ -409,7 +409,8 @@ impl M3Model {
             progress(chunk.len());
         }
         Ok(EncodeOutput {
-            batch_size: bs,
+            // The back-off size (a batch re-run one text at a time to name a text is not one).
+            batch_size: one_by_one.map_or(bs, |(_, size)| size),
             dense: opts.dense.then_some(dense),
             sparse: opts.sparse.then_some(sparse),
             colbert: opts.colbert.then_some(colbert),

@@ -89,6 +89,19 @@ pub fn colbert_score(q: &ColbertVecs, p: &ColbertVecs) -> f32 {
 }
 
 impl PairScores {
+    /// The first score that is not finite, by name, if any.
+    pub fn non_finite(&self) -> Option<(&'static str, f32)> {
+        [
+            ("dense", self.dense),
+            ("sparse", self.sparse),
+            ("colbert", self.colbert),
+            ("sparse+dense", self.sparse_dense),
+            ("colbert+sparse+dense", self.colbert_sparse_dense),
+        ]
+        .into_iter()
+        .find(|(_, v)| !v.is_finite())
+    }
+
     /// Combine the three base scores with weights [dense, sparse, colbert], in double precision
     /// as FlagEmbedding's Python floats do (weights near f32's limits neither overflow the sum
     /// nor lose their ratio).
@@ -115,8 +128,32 @@ impl M3Model {
         self.compute_score_with_progress(pairs, opts, &mut |_| {})
     }
 
-    /// [`M3Model::compute_score`] with a progress callback (texts encoded so far).
+    /// [`M3Model::compute_score`] with a progress callback (texts encoded so far). Finite
+    /// outputs can still give an infinite score (a lexical sum of 1e37-sized weights overflows
+    /// f32, as can an unnormalised dense dot product): a non-finite score is an
+    /// [`Error::NonFinite`] naming the pair.
     pub fn compute_score_with_progress(
+        &self,
+        pairs: &[(&str, &str)],
+        opts: &ScoreOptions,
+        progress: &mut dyn FnMut(usize),
+    ) -> Result<Vec<PairScores>> {
+        let scores = self.compute_score_unchecked(pairs, opts, progress)?;
+        for (i, s) in scores.iter().enumerate() {
+            if let Some((name, v)) = s.non_finite() {
+                return Err(Error::NonFinite(format!(
+                    "the {name} score of input pair {} ({v}): the model's outputs are too large \
+                     for f32 scores",
+                    i + 1
+                )));
+            }
+        }
+        Ok(scores)
+    }
+
+    /// [`M3Model::compute_score_with_progress`] without the finiteness check, for a caller that
+    /// names a bad pair its own way ([`PairScores::non_finite`]; `retrom3 score` names the line).
+    pub fn compute_score_unchecked(
         &self,
         pairs: &[(&str, &str)],
         opts: &ScoreOptions,
@@ -170,7 +207,7 @@ impl M3Model {
             p.sparse.unwrap_or_default(),
             p.colbert.unwrap_or_default(),
         );
-        let scores: Vec<PairScores> = (0..pairs.len())
+        Ok((0..pairs.len())
             .map(|i| {
                 PairScores::fuse(
                     dense_score(&qd[i], &pd[i]),
@@ -179,26 +216,7 @@ impl M3Model {
                     w,
                 )
             })
-            .collect();
-        // Finite outputs can still give an infinite score (a lexical sum of 1e37-sized weights
-        // overflows f32, as can an unnormalised dense dot product).
-        for (i, s) in scores.iter().enumerate() {
-            let named = [
-                ("dense", s.dense),
-                ("sparse", s.sparse),
-                ("colbert", s.colbert),
-                ("sparse+dense", s.sparse_dense),
-                ("colbert+sparse+dense", s.colbert_sparse_dense),
-            ];
-            if let Some((name, v)) = named.iter().find(|(_, v)| !v.is_finite()) {
-                return Err(Error::NonFinite(format!(
-                    "the {name} score of input pair {} ({v}): the model's outputs are too large \
-                     for f32 scores",
-                    i + 1
-                )));
-            }
-        }
-        Ok(scores)
+            .collect())
     }
 }
 

@@ -106,6 +106,7 @@ impl M3Model {
                 ),
             ));
         }
+        tokenizer.check_wraps_texts()?;
         let st = read_sentence_transformers_info(dir)?;
         let max_length = st
             .max_seq_length

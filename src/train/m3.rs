@@ -452,6 +452,7 @@ pub fn finetune_dist(
     progress: &mut dyn FnMut(u64, u64, f32),
 ) -> Result<Vec<StepLosses>> {
     device.ensure_available()?;
+    tok.check_wraps_texts()?;
     let engine = crate::engine::trainer_encoder(device, &model.encoder()?)?;
     let group = match dist {
         DistSetup::Group(g) => g,
