@@ -119,6 +119,20 @@ fn write_u32s(s: &mut TcpStream, v: &[u32], what: &str, timeout: Duration) -> Re
         .map_err(|e| Error::Dist(format!("{what}: {}", describe(&e, timeout))))
 }
 
+/// Whether the peer of `s` has closed it (a joined rank does not send before the first
+/// collective, so any byte waiting means it is alive).
+fn closed(s: &TcpStream) -> bool {
+    if s.set_nonblocking(true).is_err() {
+        return true;
+    }
+    let r = s.peek(&mut [0u8; 1]);
+    let _ = s.set_nonblocking(false);
+    match r {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+    }
+}
+
 /// What rank 0 makes of a new connection.
 enum Hello {
     /// A rank of this group: its rank.
@@ -217,6 +231,14 @@ impl TcpGroup {
                 Ok((mut s, addr)) => {
                     s.set_nonblocking(false)
                         .map_err(io_err(format!("rank 0: peer {addr}")))?;
+                    // A rank that joined and stopped before the group formed (and may be
+                    // restarting now) frees its slot.
+                    for slot in slots.iter_mut() {
+                        if slot.as_ref().is_some_and(closed) {
+                            *slot = None;
+                            joined -= 1;
+                        }
+                    }
                     let taken: Vec<bool> = slots.iter().map(Option::is_some).collect();
                     match greet(&mut s, &addr, world, &taken, timeout) {
                         Hello::Rank(rank) => {
@@ -619,6 +641,26 @@ mod tests {
         for p in peers {
             assert_eq!(p.join().unwrap().unwrap(), 3.0);
         }
+
+        // A rank that joined and stopped before the group formed can be restarted.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let host = std::thread::spawn(move || TcpGroup::host(listener, 3));
+        drop(TcpGroup::join(&addr, 1, 3).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+        let a = addr.clone();
+        let r1 = std::thread::spawn(move || TcpGroup::join(&a, 1, 3));
+        let g2 = TcpGroup::join(&addr, 2, 3).unwrap();
+        let mut g0 = host.join().unwrap().unwrap();
+        let mut g1 = r1.join().unwrap().unwrap();
+        let t = std::thread::spawn(move || {
+            let mut g2 = g2;
+            g2.all_gather(&[2.0])
+        });
+        let t1 = std::thread::spawn(move || g1.all_gather(&[1.0]));
+        assert_eq!(g0.all_gather(&[0.0]).unwrap(), [0.0, 1.0, 2.0]);
+        assert_eq!(t.join().unwrap().unwrap(), [0.0, 1.0, 2.0]);
+        assert_eq!(t1.join().unwrap().unwrap(), [0.0, 1.0, 2.0]);
 
         // Another WORLD_SIZE: rank 0 stops, the rank is told.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
