@@ -137,10 +137,10 @@ fn closed(s: &TcpStream) -> bool {
 enum Hello {
     /// A rank of this group: its rank.
     Rank(usize),
-    /// Not a retrom3 rank of this version (a port scanner, another program): dropped with a
-    /// warning, the rendezvous goes on.
+    /// Not a rank of this group (a port scanner, another program, a second claim on a rank that
+    /// is taken): dropped with a warning, the rendezvous goes on.
     Stray(String),
-    /// A retrom3 rank launched wrongly: it is told why, and the group fails.
+    /// A retrom3 rank of another version or `WORLD_SIZE`: it is told why, and the group fails.
     Fatal(Error),
 }
 
