@@ -189,16 +189,27 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
 /// `</s>`=2, `<unk>`=3, `<mask>` last; `<s> A </s>` template) on `texts` and write
 /// `dir/tokenizer.json`. The crate is built without `esaxx_fast`, so the Unigram trainer uses its
 /// pure-Rust suffix array.
+///
+/// Reproducible: the same texts give the same file, byte for byte. The crate's own
+/// `Tokenizer::train` is not (SPEC 11.9): it counts words in a randomly seeded hash map, runs the
+/// EM steps on its thread pool (float sums in a varying order) and gives the characters it adds
+/// at the end their ids and scores in hash order. Here the words are counted in sorted order,
+/// the trainer runs on one thread, and the vocabulary is put in a canonical order afterwards
+/// ([`canonical_unigram`]).
 pub fn train_tokenizer(texts: &[String], vocab_size: usize, dir: &Path) -> Result<()> {
     use tokenizers::decoders::DecoderWrapper;
     use tokenizers::models::unigram::{Unigram, UnigramTrainer};
-    use tokenizers::models::{ModelWrapper, TrainerWrapper};
+    use tokenizers::models::ModelWrapper;
     use tokenizers::normalizers::{unicode::NFKC, NormalizerWrapper};
     use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
     use tokenizers::pre_tokenizers::PreTokenizerWrapper;
     use tokenizers::processors::template::TemplateProcessing;
     use tokenizers::processors::PostProcessorWrapper;
-    use tokenizers::{AddedToken, TokenizerImpl};
+    use tokenizers::utils::parallelism::{get_parallelism, set_parallelism};
+    use tokenizers::{
+        AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType,
+        PreTokenizedString, PreTokenizer, TokenizerImpl,
+    };
     let terr = |e: tokenizers::Error| Error::invalid(format!("tokenizer training: {e}"));
     let specials: Vec<AddedToken> = ["<s>", "<pad>", "</s>", "<unk>"]
         .iter()
@@ -206,12 +217,11 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize, dir: &Path) -> Resul
         .collect();
     let trainer = UnigramTrainer::builder()
         .vocab_size(vocab_size as u32 - 1) // + <mask>
-        .special_tokens(specials)
+        .special_tokens(specials.clone())
         .unk_token(Some("<unk>".into()))
         .show_progress(false)
         .build()
         .map_err(|e| Error::invalid(format!("tokenizer trainer: {e}")))?;
-    let mut trainer = TrainerWrapper::UnigramTrainer(trainer);
     let meta = Metaspace::new('\u{2581}', PrependScheme::Always, true);
     let post = TemplateProcessing::builder()
         .try_single("<s> $A </s>")
@@ -220,26 +230,88 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize, dir: &Path) -> Resul
         .special_tokens(vec![("<s>", 0), ("</s>", 2)])
         .build()
         .map_err(|e| Error::invalid(format!("tokenizer template: {e}")))?;
+
+    // The words, as `Tokenizer::train` feeds them (normalised, then pre-tokenized; no added
+    // tokens exist yet), counted in sorted order.
+    let mut counts: std::collections::BTreeMap<String, u32> = Default::default();
+    for text in texts {
+        let mut normalized = NormalizedString::from(text.as_str());
+        NFKC.normalize(&mut normalized).map_err(terr)?;
+        let mut pre = PreTokenizedString::from(normalized);
+        meta.pre_tokenize(&mut pre).map_err(terr)?;
+        for (word, _, _) in pre.get_splits(OffsetReferential::Original, OffsetType::Byte) {
+            let n = counts.entry(word.to_owned()).or_insert(0);
+            *n = n.saturating_add(1);
+        }
+    }
+    let sentences: Vec<(String, u32)> = counts.into_iter().collect();
+    let mut model = Unigram::default();
+    // One thread: the E step's sums in one order. The setting is the process's; put it back.
+    let parallel = get_parallelism();
+    set_parallelism(false);
+    let trained = trainer.do_train(sentences, &mut model);
+    set_parallelism(parallel);
+    trained.map_err(terr)?;
+    let model = canonical_unigram(&model, specials.len())?;
+
     let mut tok: TokenizerImpl<
         ModelWrapper,
         NormalizerWrapper,
         PreTokenizerWrapper,
         PostProcessorWrapper,
         DecoderWrapper,
-    > = TokenizerImpl::new(ModelWrapper::Unigram(Unigram::default()));
+    > = TokenizerImpl::new(ModelWrapper::Unigram(model));
     tok.with_normalizer(Some(NormalizerWrapper::NFKC(NFKC)))
         .map_err(terr)?;
     tok.with_pre_tokenizer(Some(PreTokenizerWrapper::Metaspace(meta.clone())));
     tok.with_post_processor(Some(PostProcessorWrapper::Template(post)));
     tok.with_decoder(Some(DecoderWrapper::Metaspace(meta)));
-    // Not bit-reproducible: the crate's Unigram trainer iterates hash maps with random state,
-    // so piece scores (and a few pieces) vary slightly between runs, also single-threaded.
-    tok.train(&mut trainer, texts.iter()).map_err(terr)?;
+    tok.add_special_tokens(specials).map_err(terr)?;
     tok.add_special_tokens([AddedToken::from("<mask>".to_string(), true)])
         .map_err(terr)?;
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let json = tok.to_string(true).map_err(terr)?;
     write_text(&dir.join("tokenizer.json"), &json)
+}
+
+/// `model` (as the Unigram trainer leaves it: `n_special` special tokens first, then the pieces
+/// by descending score) with its pieces in a canonical order. The trainer adds the characters
+/// that its EM model lacks in hash-set order, with the scores `min + 0`, `min + 1e-4`,
+/// `min + 2e-4`, ... in that order, and sorts by score with a stable sort (equal scores stay
+/// in hash order). Here those characters get the same scores in character order, and equal
+/// scores are ordered by piece, so the ids follow from the pieces and their scores alone.
+fn canonical_unigram(
+    model: &tokenizers::models::unigram::Unigram,
+    n_special: usize,
+) -> Result<tokenizers::models::unigram::Unigram> {
+    let vocab: Vec<(String, f64)> = model.iter().cloned().collect();
+    let (specials, pieces) = vocab.split_at(n_special.min(vocab.len()));
+    let mut pieces = pieces.to_vec();
+    let min = pieces.iter().map(|p| p.1).fold(f64::INFINITY, f64::min);
+    // The trainer's series: its penalty is summed in f64 steps of 1e-4 from 0.
+    let single = |p: &(String, f64)| p.0.chars().count() == 1;
+    let n_single = pieces.iter().filter(|p| single(p)).count();
+    let mut series = Vec::with_capacity(n_single);
+    let mut penalty = 0.0f64;
+    for _ in 0..n_single {
+        series.push(min + penalty);
+        penalty += 0.0001;
+    }
+    let added: Vec<usize> = (0..pieces.len())
+        .filter(|&i| single(&pieces[i]) && series.contains(&pieces[i].1))
+        .collect();
+    let mut scores: Vec<f64> = added.iter().map(|&i| pieces[i].1).collect();
+    scores.sort_by(f64::total_cmp);
+    let mut chars: Vec<String> = added.iter().map(|&i| pieces[i].0.clone()).collect();
+    chars.sort();
+    for (&i, (c, s)) in added.iter().zip(chars.into_iter().zip(scores)) {
+        pieces[i] = (c, s);
+    }
+    pieces.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let unk = specials.iter().position(|p| p.0 == "<unk>");
+    let all: Vec<(String, f64)> = specials.iter().cloned().chain(pieces).collect();
+    tokenizers::models::unigram::Unigram::from(all, unk, model.byte_fallback())
+        .map_err(|e| Error::invalid(format!("tokenizer training: {e}")))
 }
 
 /// Index `data.corpus` with `model` and evaluate `modes` on `data`'s queries.

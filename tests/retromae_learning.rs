@@ -14,9 +14,9 @@
 //!   targets by a clear margin, i.e. the decoder uses the sentence embedding and its visible
 //!   context, not just token frequencies.
 //!
-//! Deterministic: the committed tokenizer (a tokenizer trained here with
-//! `retrom3::quickstart::train_tokenizer` is not reproducible, SPEC 11.9, and moved the held-out
-//! margin between 0.2 and 0.55 nats from run to run), fixed seeds. About 35 s in a debug build on
+//! Deterministic: the committed tokenizer, fixed seeds. (Each tokenizer gives its own margin:
+//! the tokenizers crate's own Unigram training, not reproducible (SPEC 11.9), moved it between
+//! 0.2 and 0.55 nats from run to run.) About 35 s in a debug build on
 //! 2 busy cores (`cargo test --test retromae_learning`); the numbers are printed with
 //! `-- --nocapture`.
 
