@@ -832,3 +832,95 @@ fn pretrain_resumed_into_another_runs_directory_continues_its_own_log() {
     }
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A copy of tokenizer `src`'s files in `dst` with the post-processor removed (no `<s> … </s>`
+/// around a text).
+fn without_post_processor(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        if src.join(f).is_file() {
+            std::fs::copy(src.join(f), dst.join(f)).unwrap();
+        }
+    }
+    let p = dst.join("tokenizer.json");
+    let mut t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    t["post_processor"] = serde_json::Value::Null;
+    std::fs::write(&p, t.to_string()).unwrap();
+}
+
+/// The losses of a run's metrics.jsonl, one (enc, dec, grad norm) per step.
+fn losses(out: &Path) -> Vec<(f64, f64, f64)> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let f = |k: &str| v[k].as_f64().unwrap_or_else(|| panic!("{k} in {l}"));
+            (f("enc_loss"), f("dec_loss"), f("grad_norm"))
+        })
+        .collect()
+}
+
+/// `pretrain --data corpus.jsonl` trains on the same documents as `pretrain --data
+/// corpus.r3tok` made by `tokenize` (the content ids, the first `max_len - 2` of each text),
+/// whatever the tokenizer's post-processor adds: without one, the text path used to drop each
+/// text's first and last token (taking them for `<s>` and `</s>`), and to panic on a text the
+/// normaliser empties.
+#[test]
+fn text_corpus_trains_like_its_token_file_without_a_post_processor() {
+    let d = tmp("nopp");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    for (model, text) in [
+        ("tiny-xlmr", "{\"text\": \"hello world\"}\n"),
+        ("tiny-bert", "{\"text\": \"\\u0001\"}\n"),
+    ] {
+        let tok = d.join(format!("{model}-tok"));
+        without_post_processor(&fixtures.join(model), &tok);
+        let corpus = d.join(format!("{model}.jsonl"));
+        let texts = std::fs::read_to_string(fixtures.join("texts.jsonl")).unwrap();
+        std::fs::write(&corpus, format!("{text}{texts}")).unwrap();
+        let run = |data: &Path, out: &Path| {
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+                .arg("pretrain")
+                .arg("--config")
+                .arg(fixtures.join(model).join("config.json"))
+                .arg("--tokenizer")
+                .arg(&tok)
+                .arg("--data")
+                .arg(data)
+                .arg("--output")
+                .arg(out)
+                .args(["--steps", "3", "--batch-size", "2", "--max-len", "12"])
+                .output()
+                .expect("run retrom3");
+            assert!(
+                o.status.success(),
+                "{model} {}: {}",
+                data.display(),
+                String::from_utf8_lossy(&o.stderr)
+            );
+            losses(out)
+        };
+        let r3tok = d.join(format!("{model}.r3tok"));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_retrom3"))
+            .args(["tokenize", "--max-len", "12", "--tokenizer"])
+            .arg(&tok)
+            .arg("--input")
+            .arg(&corpus)
+            .arg("--output")
+            .arg(&r3tok)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let from_text = run(&corpus, &d.join(format!("{model}-text")));
+        let from_tokens = run(&r3tok, &d.join(format!("{model}-tokens")));
+        assert_eq!(from_text.len(), 3);
+        assert_eq!(from_text, from_tokens, "{model}");
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -112,12 +112,10 @@ fn load_text_docs(a: &PretrainArgs, tok: &TextTokenizer) -> Result<Vec<Vec<u32>>
         .filter(|t| !t.trim().is_empty())
         .map(String::as_str)
         .collect();
-    let ids = tok.encode_batch(&refs, a.max_len)?;
-    Ok(ids
-        .into_iter()
-        .map(|s| s[1..s.len().saturating_sub(1)].to_vec())
-        .filter(|d: &Vec<u32>| !d.is_empty())
-        .collect())
+    // The content ids only, as `retrom3 tokenize` stores them (the trainer adds the specials):
+    // whatever the tokenizer's post-processor adds, or fails to add, around a text.
+    let ids = tok.content_prefix_batch(&refs, a.max_len.saturating_sub(2))?;
+    Ok(ids.into_iter().filter(|d| !d.is_empty()).collect())
 }
 
 /// The run's settings from the flags (`seed`: the resumed run's).

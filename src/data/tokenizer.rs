@@ -459,6 +459,35 @@ impl TextTokenizer {
             .collect()
     }
 
+    /// The first `n` content ids (no specials) of every text, in order: what
+    /// [`TextTokenizer::content_ids`] gives, cut to `n`, as an unpacked `retrom3 tokenize`
+    /// stores it. A text of over [`PREFIX_BYTES`] is tokenized from a prefix
+    /// (`encode_content`), the rest as one batch on the crate's thread pool.
+    pub fn content_prefix_batch(&self, texts: &[&str], n: usize) -> Result<Vec<Vec<u32>>> {
+        let long = |t: &str| t.len() > PREFIX_BYTES;
+        let prepped: Vec<std::borrow::Cow<str>> = texts.iter().map(|t| self.prep(t)).collect();
+        self.guard(|| {
+            let short: Vec<&str> = prepped.iter().map(|t| &**t).filter(|t| !long(t)).collect();
+            let mut encodings = self
+                .tokenizer
+                .encode_batch_fast(short, false)
+                .map_err(|e| self.tok_err(e))?
+                .into_iter();
+            prepped
+                .iter()
+                .map(|t| {
+                    let enc = if long(t) {
+                        self.encode_content(t, n)?
+                    } else {
+                        encodings.next().expect("one encoding per short text")
+                    };
+                    let ids = enc.get_ids();
+                    Ok(ids[..ids.len().min(n)].to_vec())
+                })
+                .collect()
+        })
+    }
+
     /// [`TextTokenizer::encode`] of every text, in order (tokenized on the crate's thread pool).
     pub fn encode_batch(&self, texts: &[&str], max_length: usize) -> Result<Vec<Vec<u32>>> {
         let min = self.n_added(false).max(2);
