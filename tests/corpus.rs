@@ -1149,3 +1149,60 @@ fn a_lowercasing_tokenizer_tokenizes_lowercased_texts() {
         plain.content_ids("hello").unwrap()
     );
 }
+
+/// An interrupted run's `<output>.partial` given to `pretrain` is named as such (it used to be
+/// read as a text corpus and fail on "invalid UTF-8"); an output in a missing directory is named
+/// by the path given, not by a working file.
+#[test]
+fn an_unfinished_output_and_a_missing_directory_are_named() {
+    let tok = tokenizer();
+    let d = tmpdir("unfinished");
+    let input = d.join("in.jsonl");
+    write_jsonl(&input, &texts(100, 2));
+    let o = TokenizeOptions {
+        max_len: 24,
+        pack: true,
+        batch: 8,
+        checkpoint_every: 1,
+    };
+    let out = d.join("c.r3tok");
+    assert!(interrupted_run(&tok, &input, &out, &o, 4));
+    let part = partial(&out, ".partial");
+    assert!(part.is_file() && partial(&out, ".partial.state").is_file());
+    assert!(TokenCorpus::is_token_file(&part));
+    let e = TokenCorpus::open(&part).err().unwrap().to_string();
+    assert!(
+        e.contains("c.r3tok.partial")
+            && e.contains("interrupted `retrom3 tokenize`")
+            && e.contains("then use")
+            && e.ends_with("c.r3tok"),
+        "{e}"
+    );
+    let config = fixture("tiny-xlmr").join("config.json");
+    let tokdir = fixture("tiny-xlmr");
+    let r = bin(&[
+        "pretrain",
+        "--config",
+        config.to_str().unwrap(),
+        "--tokenizer",
+        tokdir.to_str().unwrap(),
+        "--data",
+        part.to_str().unwrap(),
+        "--output",
+        d.join("run").to_str().unwrap(),
+        "--steps",
+        "1",
+        "--max-len",
+        "16",
+    ]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{err}");
+    assert!(err.contains("interrupted `retrom3 tokenize`"), "{err}");
+
+    let missing = d.join("nodir").join("x.r3tok");
+    let e = run(&tok, &input, &missing, &o).unwrap_err().to_string();
+    assert!(
+        e.contains("x.r3tok: the output's directory") && !e.contains(".partial"),
+        "{e}"
+    );
+}

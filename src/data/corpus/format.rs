@@ -169,6 +169,15 @@ impl std::fmt::Debug for TokenCorpus {
     }
 }
 
+/// For `X.partial` with `X.partial.state` beside it (a `tokenize` run's working files, see
+/// `writer.rs`): `X`, the file that run will write.
+fn unfinished_output(path: &Path) -> Option<std::path::PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let done = name.strip_suffix(".partial")?;
+    let state = path.with_file_name(format!("{name}.state"));
+    (!done.is_empty() && state.is_file()).then(|| path.with_file_name(done))
+}
+
 impl TokenCorpus {
     /// Whether `path` is a token file by its name (`.r3tok`, any case) or its first bytes (the
     /// magic): what `retrom3 pretrain --data` opens with [`TokenCorpus::open`] rather than read as
@@ -177,6 +186,7 @@ impl TokenCorpus {
         if path
             .extension()
             .is_some_and(|e| e.eq_ignore_ascii_case("r3tok"))
+            || unfinished_output(path).is_some()
         {
             return true;
         }
@@ -196,6 +206,13 @@ impl TokenCorpus {
                 ".r3tok files are little-endian and memory-mapped; big-endian hosts are not supported"
                     .into(),
             ));
+        }
+        if let Some(done) = unfinished_output(&path) {
+            return Err(bad(format!(
+                "the unfinished output of an interrupted `retrom3 tokenize` (its state file is \
+                 beside it): re-run the same tokenize command to finish it, then use {}",
+                done.display()
+            )));
         }
         let file = File::open(&path).map_err(|e| Error::io(&path, e))?;
         let len = file.metadata().map_err(|e| Error::io(&path, e))?.len();

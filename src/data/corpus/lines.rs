@@ -82,7 +82,18 @@ fn text_field(path: &Path, line: u64, s: &str) -> Result<String> {
     jsonl::text_field(path, line as usize, s)
 }
 
+/// A line buffer grown past this (bytes) is dropped after its line rather than kept.
+const KEEP_BUFFER: usize = 1 << 20;
+
 impl TextSource {
+    /// The line in `self.buf` as the text (the buffer moves into it: a huge plain-text line is
+    /// held once, not copied).
+    fn take_line(&mut self, line: u64) -> Result<String> {
+        utf8(&self.path, line, &self.buf)?;
+        String::from_utf8(std::mem::take(&mut self.buf))
+            .map_err(|_| Error::invalid(format!("{}:{line}: invalid UTF-8", self.path.display())))
+    }
+
     /// Opens `path` and continues from `state` (a fresh [`ReaderState::start`] or a saved one).
     pub fn open(path: &Path, state: ReaderState) -> Result<TextSource> {
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
@@ -162,7 +173,7 @@ impl TextSource {
                         self.state.mode = Mode::Plain;
                         self.state.first_blank = None;
                         stats.skipped_empty += std::mem::take(&mut self.state.undecided_blanks);
-                        utf8(&self.path, line, bytes)?.to_string()
+                        self.take_line(line)?
                     }
                 }
                 Mode::Jsonl => {
@@ -171,8 +182,12 @@ impl TextSource {
                     }
                     text_field(&self.path, line, utf8(&self.path, line, bytes)?)?
                 }
-                Mode::Plain => utf8(&self.path, line, bytes)?.to_string(),
+                Mode::Plain => self.take_line(line)?,
             };
+            if self.buf.capacity() > KEEP_BUFFER {
+                // A huge JSONL line: its buffer is not kept for the rest of the run.
+                self.buf = Vec::new();
+            }
             if text.trim().is_empty() {
                 stats.skipped_empty += 1;
                 continue;

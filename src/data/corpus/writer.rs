@@ -420,7 +420,9 @@ fn resume(work: &WorkFiles, job: &Job, cap: u64) -> Result<(Sink, ReaderState, T
 /// order and cut into blocks of `max_len - 2` (the last one may be shorter).
 ///
 /// Memory stays constant whatever the input size: one batch of texts and fixed buffers; tokens and
-/// offsets go to disk as they are produced. `progress` receives the input bytes consumed after
+/// offsets go to disk as they are produced. Only a huge line adds its own size: it is held whole
+/// (plus its ids, 4 bytes each) while tokenized in pieces (`TextTokenizer::content_ids`), about
+/// 5 bytes per byte of the longest line. `progress` receives the input bytes consumed after
 /// every batch (and once at the start, where a resumed run starts past 0).
 ///
 /// Resumable: see the module docs. A bad input line is an [`Error::Input`] with its line number;
@@ -474,6 +476,17 @@ pub fn tokenize_corpus(
             "{}: the output is a directory; give a file path (e.g. corpus.r3tok)",
             output.display()
         )));
+    }
+    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            return Err(Error::io(
+                output,
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("the output's directory {} does not exist", parent.display()),
+                ),
+            ));
+        }
     }
     let cap = opts.max_len as u64 - 2;
     let (mut sink, reader, mut stats) = if work.state.exists() {
