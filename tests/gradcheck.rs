@@ -293,3 +293,111 @@ fn lexical_scores_backward_goes_to_argmax_positions() {
     });
     assert!(e < TOL, "lexical_scores {e}");
 }
+
+#[test]
+fn attention_backward_rectangular_dense_and_fully_masked() {
+    let mut rng = Rng::new(11);
+    let (b, lq, lk, h, d) = (2, 3, 5, 2, 3);
+    let ins = [
+        rng.tensor(&[b, lq, h * d], 1.0),
+        rng.tensor(&[b, lk, h * d], 1.0),
+        rng.tensor(&[b, lk, h * d], 1.0),
+    ];
+    let scale = 1.0 / (d as f32).sqrt();
+    // Lq != Lk with key padding, the second example's last key padded.
+    let pad = AttentionMask::KeyPadding(Arc::from(vec![1, 1, 1, 1, 1, 1, 1, 1, 1, 0]));
+    let e = grad_check("attention_rect", &ins, 1e-2, |t, v| {
+        ops::attention(t, &v[0], &v[1], &v[2], &pad, h, scale, None)
+    });
+    assert!(e < TOL, "attention Lq != Lk {e}");
+    // An explicit [B, Lq, Lk] visibility matrix with one row that sees no key (uniform over
+    // all keys, as HF's finfo.min mask gives), with and without dropout.
+    let mut vis = vec![1u8; b * lq * lk];
+    for (i, v) in vis.iter_mut().enumerate() {
+        *v = u8::from((i * 7) % 3 != 0);
+    }
+    vis[lk..2 * lk].fill(0);
+    let dense = AttentionMask::Dense(Arc::from(vis));
+    for drop in [
+        None,
+        Some(ops::AttnDropout {
+            p: 0.25,
+            seed: 3,
+            stream: 1,
+        }),
+    ] {
+        let e = grad_check("attention_dense", &ins, 1e-2, |t, v| {
+            ops::attention(t, &v[0], &v[1], &v[2], &dense, h, scale, drop)
+        });
+        assert!(
+            e < TOL,
+            "attention with a dense mask (dropout {drop:?}) {e}"
+        );
+    }
+}
+
+#[test]
+fn replace_rows_backward_and_a_row_given_twice() {
+    let mut rng = Rng::new(12);
+    let ins = [rng.tensor(&[4, 3], 1.0), rng.tensor(&[2, 3], 1.0)];
+    let e = grad_check("replace_rows", &ins, 1e-2, |t, v| {
+        let y = ops::replace_rows(t, &v[0], &[2, 0], &v[1])?;
+        ops::gelu(t, &y)
+    });
+    assert!(e < TOL, "replace_rows {e}");
+    // The forward would keep the last value and the backward credit the first: refused.
+    let mut tape = retrom3::autograd::Tape::new();
+    let x = tape.leaf(ins[0].clone());
+    let v = tape.leaf(ins[1].clone());
+    let err = ops::replace_rows(&mut tape, &x, &[1, 1], &v).unwrap_err();
+    assert!(err.to_string().contains("row 1 is given twice"), "{err}");
+}
+
+/// Empty dimensions give an empty result or an error, never a panic.
+#[test]
+fn degenerate_shapes_are_errors_or_empty_results() {
+    use retrom3::Tensor;
+    let mut tape = retrom3::autograd::Tape::new();
+    // Queries without a token score 0 against every passage.
+    let q = tape.leaf(Tensor::from_vec(vec![], &[2, 0, 4]).unwrap());
+    let p = tape.leaf(Tensor::from_vec(vec![0.5; 3 * 2 * 4], &[3, 2, 4]).unwrap());
+    let s = ops::maxsim(
+        &mut tape,
+        &q,
+        Arc::from(vec![]),
+        &p,
+        Arc::from(vec![1u8; 6]),
+    )
+    .unwrap();
+    assert_eq!(s.value().to_f32().f32s().unwrap(), &[0.0; 6]);
+    // Rows of width 0.
+    let x = tape.leaf(Tensor::from_vec(vec![], &[3, 0]).unwrap());
+    let y = ops::l2_normalize(&mut tape, &x, 1e-12).unwrap();
+    assert_eq!(y.dims(), &[3, 0]);
+    let xin = tape.leaf(Tensor::from_vec(vec![1.0; 6], &[3, 2]).unwrap());
+    let w = tape.leaf(Tensor::from_vec(vec![], &[0, 2]).unwrap());
+    let b = tape.leaf(Tensor::from_vec(vec![], &[0]).unwrap());
+    let y = ops::linear(&mut tape, &xin, &w, Some(&b)).unwrap();
+    assert_eq!(y.dims(), &[3, 0]);
+    // Logits without a class; attention without a key.
+    let logits = tape.leaf(Tensor::from_vec(vec![], &[2, 0]).unwrap());
+    assert!(ops::cross_entropy(&mut tape, &logits, &[0, 0]).is_err());
+    let t = Tensor::from_vec(vec![], &[2, 0]).unwrap();
+    assert!(ops::soft_cross_entropy(&mut tape, &logits, &t).is_err());
+    let q = tape.leaf(Tensor::from_vec(vec![1.0; 4], &[1, 2, 2]).unwrap());
+    let k = tape.leaf(Tensor::from_vec(vec![], &[1, 0, 2]).unwrap());
+    let mask = AttentionMask::KeyPadding(Arc::from(vec![]));
+    let err = ops::attention(&mut tape, &q, &k, &k, &mask, 1, 1.0, None).unwrap_err();
+    assert!(err.to_string().contains("no key"), "{err}");
+}
+
+/// `max_abs_diff` is NaN where an element is NaN (tests compare weights with it).
+#[test]
+fn max_abs_diff_sees_nan() {
+    use retrom3::Tensor;
+    let a = Tensor::from_vec(vec![1.0, f32::NAN, 2.0], &[3]).unwrap();
+    let b = Tensor::from_vec(vec![1.0, 1.0, 2.5], &[3]).unwrap();
+    assert!(a.max_abs_diff(&b).unwrap().is_nan());
+    assert!(b.max_abs_diff(&a).unwrap().is_nan());
+    assert_eq!(b.max_abs_diff(&b).unwrap(), 0.0);
+}

@@ -97,6 +97,9 @@ pub fn attention(
         ));
     }
     v.value().expect_dims("attention v", k.dims())?;
+    if k_len == 0 && batch * q_len > 0 {
+        return Err(Error::invalid("attention: no key to attend to"));
+    }
     if heads == 0 || width % heads != 0 {
         return Err(Error::invalid(format!(
             "attention: width {width} not divisible by {heads} heads"

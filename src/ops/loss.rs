@@ -10,6 +10,9 @@ use crate::tensor::Tensor;
 /// are skipped). Returns a scalar \[1\].
 pub fn cross_entropy(tape: &mut Tape, logits: &Var, targets: &[i64]) -> Result<Var> {
     let (n, c) = logits.value().shape().rows_cols();
+    if c == 0 {
+        return Err(Error::invalid("cross_entropy: logits without a class"));
+    }
     if targets.len() != n {
         return Err(Error::shape(
             "cross_entropy targets",
@@ -43,7 +46,10 @@ pub fn cross_entropy(tape: &mut Tape, logits: &Var, targets: &[i64]) -> Result<V
 /// `targets` [N, C] (a constant: no gradient reaches the teacher). Returns a scalar \[1\].
 pub fn soft_cross_entropy(tape: &mut Tape, logits: &Var, targets: &Tensor) -> Result<Var> {
     let (n, c) = logits.value().shape().rows_cols();
-    if targets.numel() != n * c {
+    if c == 0 {
+        return Err(Error::invalid("soft_cross_entropy: logits without a class"));
+    }
+    if targets.dims() != logits.dims() {
         return Err(Error::shape(
             "soft_cross_entropy targets",
             logits.dims(),
@@ -71,7 +77,7 @@ pub fn soft_cross_entropy(tape: &mut Tape, logits: &Var, targets: &Tensor) -> Re
 /// `teacher` [B, G] probabilities (a constant).
 pub fn m3_kd_loss(tape: &mut Tape, s: &Var, teacher: &Tensor, group: usize) -> Result<Var> {
     let (b, n) = s.value().shape().dims2("m3_kd_loss scores")?;
-    if group == 0 || n < b * group || teacher.numel() != b * group {
+    if group == 0 || n < b * group || teacher.dims() != [b, group] {
         return Err(Error::shape(
             "m3_kd_loss teacher [B, G]",
             &[b, group],

@@ -148,6 +148,17 @@ pub fn replace_rows(tape: &mut Tape, x: &Var, rows: &[usize], values: &Var) -> R
     if let Some(&bad) = rows.iter().find(|&&i| i >= r) {
         return Err(Error::invalid(format!("replace_rows: row {bad} of {r}")));
     }
+    // A row given twice would take the last value, and the backward would hand the row's
+    // gradient to the first: refused.
+    let mut seen = vec![false; r];
+    if let Some(&twice) = rows
+        .iter()
+        .find(|&&i| std::mem::replace(&mut seen[i], true))
+    {
+        return Err(Error::invalid(format!(
+            "replace_rows: row {twice} is given twice"
+        )));
+    }
     let mut y = x.value().f32s()?.to_vec();
     let vs = values.value().f32s()?;
     for (k, &i) in rows.iter().enumerate() {

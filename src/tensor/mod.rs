@@ -294,7 +294,8 @@ impl Tensor {
         }
     }
 
-    /// Largest absolute difference to `other` (same shape required), in f32.
+    /// Largest absolute difference to `other` (same shape required), in f32; NaN if an element
+    /// of either is NaN.
     pub fn max_abs_diff(&self, other: &Tensor) -> Result<f32> {
         if self.dims() != other.dims() {
             return Err(Error::shape("max_abs_diff", self.dims(), other.dims()));
@@ -305,6 +306,13 @@ impl Tensor {
             .iter()
             .zip(b.f32s()?)
             .map(|(x, y)| (x - y).abs())
-            .fold(0.0, f32::max))
+            // NaN wins (f32::max would drop it): a NaN element is no agreement.
+            .fold(0.0, |m: f32, d| {
+                if m.is_nan() || d.is_nan() {
+                    f32::NAN
+                } else {
+                    m.max(d)
+                }
+            }))
     }
 }

@@ -100,7 +100,9 @@ pub fn sgemm(
         return;
     }
     if k == 0 {
-        c.iter_mut().for_each(|x| *x *= beta);
+        // beta = 0 ignores C (NaN included), as below.
+        c.iter_mut()
+            .for_each(|x| *x = if beta == 0.0 { 0.0 } else { *x * beta });
         return;
     }
     // Row-major strides (in elements) of op(A) and op(B).
@@ -224,6 +226,9 @@ pub fn linear_fwd(
     din: usize,
     dout: usize,
 ) {
+    if dout == 0 {
+        return;
+    }
     match b {
         Some(b) => {
             for row in y.chunks_exact_mut(dout) {
@@ -253,7 +258,7 @@ pub fn linear_bwd(
     if let Some(dw) = dw {
         sgemm(Trans::T, Trans::N, dout, n, din, 1.0, dy, x, 1.0, dw);
     }
-    if let Some(db) = db {
+    if let Some(db) = db.filter(|_| dout > 0) {
         let mut acc = vec![0.0f64; dout];
         for row in dy.chunks_exact(dout) {
             for (a, &g) in acc.iter_mut().zip(row) {

@@ -31,6 +31,11 @@ pub fn maxsim_fwd(
     if d.queries == 0 || d.passages == 0 {
         return;
     }
+    if d.q_len == 0 {
+        // Queries without a token score 0 (as an all-padding query does).
+        scores[..d.queries * d.passages].fill(0.0);
+        return;
+    }
     // One task per query: its scores row and argmax block are contiguous and disjoint.
     let per_q = d.passages * d.q_len.max(1);
     scores[..d.queries * d.passages]

@@ -2,6 +2,9 @@
 
 /// Forward over rows of `dim`; zero rows stay zero.
 pub fn l2_normalize_fwd(x: &[f32], dim: usize, eps: f32, y: &mut [f32]) {
+    if dim == 0 {
+        return;
+    }
     for (xr, yr) in x.chunks_exact(dim).zip(y.chunks_exact_mut(dim)) {
         let n = xr.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
         let denom = n.max(eps as f64);
@@ -13,6 +16,9 @@ pub fn l2_normalize_fwd(x: &[f32], dim: usize, eps: f32, y: &mut [f32]) {
 
 /// Backward: for ‖x‖ > eps, dx = (dy - y (y·dy)) / ‖x‖; below eps the map is x / eps.
 pub fn l2_normalize_bwd(x: &[f32], dy: &[f32], dim: usize, eps: f32, dx: &mut [f32]) {
+    if dim == 0 {
+        return;
+    }
     for ((xr, dyr), dxr) in x
         .chunks_exact(dim)
         .zip(dy.chunks_exact(dim))
