@@ -340,6 +340,54 @@ fn beir_reader_refuses_whitespace_ids_and_empty_queries() {
         .extend([("a".to_string(), 1), ("zz".to_string(), 0)]);
     let (missing, judged) = beir::judged_docs_missing(&qrels, &corpus);
     assert_eq!((missing, judged), (vec!["zz"], 2));
+
+    // An index holds ids the reader would take: a corpus given to `build` directly with an id
+    // twice, an empty one or one with a space is refused (the index would not load).
+    for (ids, why) in [
+        (["a", "b", "a"], "document 2: id \"a\" repeats"),
+        (["a", "", "c"], "document 1: id \"\" is empty"),
+        (["a", "b", "c d"], "document 2: id \"c d\" holds whitespace"),
+    ] {
+        let docs: Vec<beir::Doc> = ids
+            .iter()
+            .map(|id| beir::Doc {
+                id: id.to_string(),
+                text: "text".into(),
+            })
+            .collect();
+        let e = Index::build(&model, &docs, IndexParts::all(), &mut |_| {})
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains(why), "{e}");
+    }
+
+    // Queries: an empty text matters only for the kept (judged) queries; a null text is named;
+    // a file without a query is an error.
+    std::fs::write(
+        &p,
+        "{\"_id\": \"q1\", \"text\": \"capital\"}\n{\"_id\": \"q2\", \"text\": \"\"}\n",
+    )
+    .unwrap();
+    let kept = beir::read_queries_kept(&p, |id| id == "q1").unwrap();
+    assert_eq!(kept.len(), 1);
+    let e = beir::read_queries_kept(&p, |_| true)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":2") && e.contains("empty text"), "{e}");
+    std::fs::write(&p, "{\"_id\": \"q1\", \"text\": null}\n").unwrap();
+    let e = beir::read_queries(&p).unwrap_err().to_string();
+    assert!(e.contains(":1") && e.contains("missing or null"), "{e}");
+    std::fs::write(&p, "").unwrap();
+    let e = beir::read_queries(&p).unwrap_err().to_string();
+    assert!(e.contains("no query"), "{e}");
+
+    // qrels: a trailing tab is not a fourth column.
+    let q = p.with_file_name("qrels.tsv");
+    std::fs::write(&q, "query-id\tcorpus-id\tscore\nq1\ta\t1\t\nq1\tb\t2\n").unwrap();
+    let qrels = beir::read_qrels(&q).unwrap();
+    assert_eq!(qrels["q1"]["a"], 1);
+    assert_eq!(qrels["q1"]["b"], 2);
 }
 
 /// Document numbers past a part, a query of another dimension, and an id listed twice in one
@@ -366,4 +414,26 @@ fn out_of_range_documents_and_repeated_ids_are_errors() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("outside f16's range"), "{e}");
+}
+
+/// A weights file that differs from another only in the middle (a fine-tune with the embeddings
+/// frozen, an unused pooler at the end) is another model to an index: every byte is hashed.
+#[test]
+fn the_fingerprint_covers_every_weight_byte() {
+    let d = tmpdir("fpmid");
+    let tok = tiny().join("tokenizer.json");
+    let mut weights: Vec<u8> = (0..5u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let fp = |weights: &[u8]| {
+        std::fs::write(d.join("config.json"), "{}").unwrap();
+        std::fs::write(d.join("model.safetensors"), weights).unwrap();
+        ModelFingerprint::of_files(&d, &tok).unwrap().hash
+    };
+    let base = fp(&weights);
+    assert_eq!(fp(&weights), base, "the same bytes, the same fingerprint");
+    for at in [0, (5 << 20) / 2, (5 << 20) - 1] {
+        weights[at] ^= 1;
+        assert_ne!(fp(&weights), base, "a byte at {at} changed");
+        weights[at] ^= 1;
+    }
+    let _ = std::fs::remove_dir_all(&d);
 }

@@ -205,7 +205,36 @@ pub fn write_atomic(
     if let Ok(d) = File::open(&dir) {
         let _ = d.sync_all();
     }
+    remove_dead_temps(&dir, &name.to_string_lossy());
     Ok(())
+}
+
+/// Removes the temporary files of `name` in `dir` that a killed run left (`.NAME.tmp-PID-N`
+/// whose process no longer exists: it could not clean up). Linux only (`/proc`); best effort.
+fn remove_dead_temps(dir: &Path, name: &str) {
+    if !cfg!(target_os = "linux") || !Path::new("/proc/self").exists() {
+        return;
+    }
+    let prefix = format!(".{name}.tmp-");
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.to_str().and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        let Some((pid, n)) = rest.split_once('-') else {
+            continue;
+        };
+        let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !digits(pid) || !digits(n) || pid == std::process::id().to_string() {
+            continue;
+        }
+        if !Path::new("/proc").join(pid).exists() && entry.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// `path` with its symbolic links followed (a link to a missing file gives that file's path);
@@ -239,6 +268,33 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// The temporary file a killed run left beside the output goes at the next write; a live
+    /// process's (pid 1, ours) and other names stay.
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn write_atomic_removes_dead_runs_temporaries() {
+        let d = dir("temps");
+        let me = std::process::id();
+        // Linux pids stay below 2^22.
+        let dead = format!(".index.r3i.tmp-{}-0", 1u64 << 40);
+        let kept = [
+            format!(".index.r3i.tmp-{me}-77"),
+            ".index.r3i.tmp-1-0".to_string(),
+            ".other.r3i.tmp-1099511627776-0".to_string(),
+            ".index.r3i.tmp-x-0".to_string(),
+        ];
+        for f in kept.iter().chain([&dead]) {
+            std::fs::write(d.join(f), "partial").unwrap();
+        }
+        write_atomic(&d.join("index.r3i"), |w| w.write_all(b"I")).unwrap();
+        assert!(!d.join(&dead).exists());
+        for f in &kept {
+            assert!(d.join(f).exists(), "{f}");
+        }
+        assert_eq!(std::fs::read(d.join("index.r3i")).unwrap(), b"I");
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

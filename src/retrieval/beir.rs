@@ -105,7 +105,7 @@ pub fn read_corpus(path: &Path) -> Result<Vec<Doc>> {
             let line = i + 1;
             let id = id_field(path, line, o)?.unwrap_or_else(|| line.to_string());
             let text = str_field(path, line, o, "text")?
-                .ok_or_else(|| input(path, line, "field \"text\": missing"))?;
+                .ok_or_else(|| input(path, line, "field \"text\": missing or null"))?;
             let title = str_field(path, line, o, "title")?.unwrap_or_default();
             let text = if title.is_empty() {
                 text
@@ -129,15 +129,21 @@ pub fn read_corpus(path: &Path) -> Result<Vec<Doc>> {
 /// Read queries (`{"_id", "text"}`; without `_id` the line number is the id). An empty or
 /// whitespace-only query text is an error (there is nothing to search with), as in `encode`.
 pub fn read_queries(path: &Path) -> Result<Vec<Doc>> {
+    read_queries_kept(path, |_| true)
+}
+
+/// [`read_queries`], keeping only the queries whose id `keep` accepts (BEIR's judged ones): an
+/// empty text is an error only there. The ids must still be unique in the whole file.
+pub fn read_queries_kept(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<Doc>> {
     let rows = objects(path)?;
-    let qs = rows
-        .iter()
-        .enumerate()
-        .map(|(i, o)| {
-            let line = i + 1;
-            let id = id_field(path, line, o)?.unwrap_or_else(|| line.to_string());
-            let text = str_field(path, line, o, "text")?
-                .ok_or_else(|| input(path, line, "field \"text\": missing"))?;
+    let mut ids = Vec::with_capacity(rows.len());
+    let mut qs = Vec::new();
+    for (i, o) in rows.iter().enumerate() {
+        let line = i + 1;
+        let id = id_field(path, line, o)?.unwrap_or_else(|| line.to_string());
+        let text = str_field(path, line, o, "text")?
+            .ok_or_else(|| input(path, line, "field \"text\": missing or null"))?;
+        if keep(&id) {
             if text.trim().is_empty() {
                 return Err(input(
                     path,
@@ -145,10 +151,17 @@ pub fn read_queries(path: &Path) -> Result<Vec<Doc>> {
                     format!("query {id:?}: empty text (nothing to search with)"),
                 ));
             }
-            Ok(Doc { id, text })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    check_unique(path, qs.iter().map(|d| d.id.as_str()))?;
+            qs.push(Doc {
+                id: id.clone(),
+                text,
+            });
+        }
+        ids.push(id);
+    }
+    check_unique(path, ids.iter().map(String::as_str))?;
+    if qs.is_empty() && rows.is_empty() {
+        return Err(Error::format(path, "no query in the file"));
+    }
     Ok(qs)
 }
 
@@ -173,7 +186,12 @@ pub fn read_qrels(path: &Path) -> Result<Qrels> {
             continue;
         }
         let f: Vec<&str> = if line.contains('\t') {
-            line.split('\t').map(str::trim).collect()
+            // Empty fields after the last value (a trailing tab) are not columns.
+            let mut f: Vec<&str> = line.split('\t').map(str::trim).collect();
+            while f.len() > 3 && f.last() == Some(&"") {
+                f.pop();
+            }
+            f
         } else {
             line.split_whitespace().collect()
         };
@@ -280,10 +298,7 @@ pub fn load(dir: &Path, split: &str) -> Result<BeirData> {
     let qrels = read_qrels(&qrels_path)?;
     let corpus = read_corpus(&dir.join("corpus.jsonl"))?;
     let queries_path = dir.join("queries.jsonl");
-    let queries: Vec<Doc> = read_queries(&queries_path)?
-        .into_iter()
-        .filter(|q| qrels.contains_key(&q.id))
-        .collect();
+    let queries: Vec<Doc> = read_queries_kept(&queries_path, |id| qrels.contains_key(id))?;
     // Every judged query must have its text (BEIR's loader fails with a KeyError): one left out
     // would be scored 0 in every metric, or dropped, without a word.
     if queries.len() < qrels.len() {

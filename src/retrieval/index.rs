@@ -126,6 +126,25 @@ pub fn bm25_tokens(model: &M3Model, text: &str) -> Result<Vec<u32>> {
         .collect())
 }
 
+/// The document ids an index holds, as the corpus reader allows them (`beir::read_corpus`):
+/// non-empty, without whitespace (a TREC run line could not carry them), unique.
+fn check_doc_ids<'a>(ids: impl Iterator<Item = &'a str>) -> std::result::Result<(), String> {
+    let mut seen = std::collections::HashSet::new();
+    for (i, id) in ids.enumerate() {
+        let why = if id.is_empty() {
+            "is empty"
+        } else if id.chars().any(char::is_whitespace) {
+            "holds whitespace"
+        } else if !seen.insert(id) {
+            "repeats"
+        } else {
+            continue;
+        };
+        return Err(format!("document {i}: id {id:?} {why}"));
+    }
+    Ok(())
+}
+
 impl Index {
     /// Encode `corpus` with `model` and build the requested parts. `progress(n)` is called after
     /// every n documents.
@@ -138,6 +157,7 @@ impl Index {
         if corpus.is_empty() {
             return Err(Error::invalid("empty corpus: no documents to index"));
         }
+        check_doc_ids(corpus.iter().map(|d| d.id.as_str())).map_err(Error::invalid)?;
         if parts == IndexParts::default() {
             return Err(Error::invalid("no index part requested"));
         }
@@ -314,6 +334,7 @@ impl Index {
                     .map_err(|_| c.err("doc_ids.bytes", "invalid UTF-8"))
             })
             .collect::<Result<Vec<_>>>()?;
+        check_doc_ids(doc_ids.iter().map(String::as_str)).map_err(|m| c.err("doc_ids.bytes", m))?;
         let p = meta.parts;
         if p.dense != (meta.dense_dim > 0) || p.colbert != (meta.colbert_dim > 0) {
             return Err(c.err("meta", "parts and dimensions disagree"));

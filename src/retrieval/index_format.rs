@@ -29,7 +29,9 @@ use std::sync::Arc;
 /// The 8 bytes every index file starts with.
 pub const MAGIC: [u8; 8] = *b"R3INDEX\0";
 /// The format version this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: the model fingerprint covers every byte of the weights (version 1 sampled them),
+/// so a version-1 index is refused as such rather than as another model's.
+pub const FORMAT_VERSION: u32 = 2;
 /// A sanity cap on the section count (a corrupt count must not make us read a huge table).
 pub const MAX_SECTIONS: usize = 64;
 const HEADER_LEN: usize = 64;

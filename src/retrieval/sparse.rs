@@ -627,7 +627,11 @@ impl ImpactIndex {
         if docs.len() != impacts.len() || offsets[0] != 0 || offsets[vocab] != docs.len() as u64 {
             return Err(c.err(p.0, "posting extents do not match the posting arrays"));
         }
-        if !(scale.is_finite() && scale > 0.0) || n_docs > u32::MAX as usize {
+        // A writer's scale is a finite weight / 65535: a larger one would overflow the scores.
+        let max_scale = f32::MAX as f64 / DOC_LEVELS * (1.0 + 1e-6);
+        if !(scale.is_finite() && scale > 0.0 && scale as f64 <= max_scale)
+            || n_docs > u32::MAX as usize
+        {
             return Err(c.err("meta", "bad impact scale or document count"));
         }
         for t in 0..vocab {
