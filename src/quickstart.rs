@@ -195,7 +195,7 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
 /// EM steps on its thread pool (float sums in a varying order) and gives the characters it adds
 /// at the end their ids and scores in hash order. Here the words are counted in sorted order,
 /// the trainer runs on one thread, and the vocabulary is put in a canonical order afterwards
-/// ([`canonical_unigram`]).
+/// (`canonical_unigram`).
 pub fn train_tokenizer(texts: &[String], vocab_size: usize, dir: &Path) -> Result<()> {
     use tokenizers::decoders::DecoderWrapper;
     use tokenizers::models::unigram::{Unigram, UnigramTrainer};
