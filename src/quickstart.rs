@@ -194,8 +194,8 @@ fn write_text(path: &Path, text: &str) -> Result<()> {
 /// `Tokenizer::train` is not (SPEC 11.9): it counts words in a randomly seeded hash map, runs the
 /// EM steps on its thread pool (float sums in a varying order) and gives the characters it adds
 /// at the end their ids and scores in hash order. Here the words are counted in sorted order,
-/// the trainer runs on one thread, and the vocabulary is put in a canonical order afterwards
-/// (`canonical_unigram`).
+/// the trainer runs in a pool of one thread (the same sums on any machine), and the vocabulary
+/// is put in a canonical order afterwards (`canonical_unigram`).
 pub fn train_tokenizer(texts: &[String], vocab_size: usize, dir: &Path) -> Result<()> {
     use tokenizers::decoders::DecoderWrapper;
     use tokenizers::models::unigram::{Unigram, UnigramTrainer};
@@ -205,7 +205,6 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize, dir: &Path) -> Resul
     use tokenizers::pre_tokenizers::PreTokenizerWrapper;
     use tokenizers::processors::template::TemplateProcessing;
     use tokenizers::processors::PostProcessorWrapper;
-    use tokenizers::utils::parallelism::{get_parallelism, set_parallelism};
     use tokenizers::{
         AddedToken, NormalizedString, Normalizer, OffsetReferential, OffsetType,
         PreTokenizedString, PreTokenizer, TokenizerImpl,
@@ -246,12 +245,16 @@ pub fn train_tokenizer(texts: &[String], vocab_size: usize, dir: &Path) -> Resul
     }
     let sentences: Vec<(String, u32)> = counts.into_iter().collect();
     let mut model = Unigram::default();
-    // One thread: the E step's sums in one order. The setting is the process's; put it back.
-    let parallel = get_parallelism();
-    set_parallelism(false);
-    let trained = trainer.do_train(sentences, &mut model);
-    set_parallelism(parallel);
-    trained.map_err(terr)?;
+    // In a pool of one thread: the trainer cuts the words into `current_num_threads()` chunks
+    // and sums their EM statistics chunk by chunk, so the sums' grouping (the last bits of the
+    // scores) would follow the machine's core count, and on a pool of several threads, work
+    // stealing. One chunk, summed in one order, on every machine.
+    let one = rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .build()
+        .map_err(|e| Error::invalid(format!("tokenizer training: a thread pool: {e}")))?;
+    one.install(|| trainer.do_train(sentences, &mut model))
+        .map_err(terr)?;
     let model = canonical_unigram(&model, specials.len())?;
 
     let mut tok: TokenizerImpl<
@@ -291,14 +294,14 @@ fn canonical_unigram(
     // The trainer's series: its penalty is summed in f64 steps of 1e-4 from 0.
     let single = |p: &(String, f64)| p.0.chars().count() == 1;
     let n_single = pieces.iter().filter(|p| single(p)).count();
-    let mut series = Vec::with_capacity(n_single);
+    let mut series = std::collections::HashSet::with_capacity(n_single);
     let mut penalty = 0.0f64;
     for _ in 0..n_single {
-        series.push(min + penalty);
+        series.insert((min + penalty).to_bits());
         penalty += 0.0001;
     }
     let added: Vec<usize> = (0..pieces.len())
-        .filter(|&i| single(&pieces[i]) && series.contains(&pieces[i].1))
+        .filter(|&i| single(&pieces[i]) && series.contains(&pieces[i].1.to_bits()))
         .collect();
     let mut scores: Vec<f64> = added.iter().map(|&i| pieces[i].1).collect();
     scores.sort_by(f64::total_cmp);

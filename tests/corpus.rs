@@ -1199,6 +1199,19 @@ fn an_unfinished_output_and_a_missing_directory_are_named() {
     assert_eq!(r.status.code(), Some(1), "{err}");
     assert!(err.contains("interrupted `retrom3 tokenize`"), "{err}");
 
+    // Interrupted before its first checkpoint: no state file yet, the offsets are there.
+    let early = d.join("early.r3tok");
+    let o1 = TokenizeOptions {
+        checkpoint_every: 1000,
+        ..o.clone()
+    };
+    assert!(interrupted_run(&tok, &input, &early, &o1, 1));
+    let part = partial(&early, ".partial");
+    assert!(part.is_file() && !partial(&early, ".partial.state").exists());
+    assert!(TokenCorpus::is_token_file(&part));
+    let e = TokenCorpus::open(&part).err().unwrap().to_string();
+    assert!(e.contains("interrupted `retrom3 tokenize`"), "{e}");
+
     let missing = d.join("nodir").join("x.r3tok");
     let e = run(&tok, &input, &missing, &o).unwrap_err().to_string();
     assert!(

@@ -366,15 +366,19 @@ fn beir_reader_refuses_whitespace_ids_and_empty_queries() {
     // a file without a query is an error.
     std::fs::write(
         &p,
-        "{\"_id\": \"q1\", \"text\": \"capital\"}\n{\"_id\": \"q2\", \"text\": \"\"}\n",
+        "{\"_id\": \"q1\", \"text\": \"capital\"}\n{\"_id\": \"q2\", \"text\": \"\"}\n{\"_id\": \"q3\"}\n",
     )
     .unwrap();
     let kept = beir::read_queries_kept(&p, |id| id == "q1").unwrap();
     assert_eq!(kept.len(), 1);
-    let e = beir::read_queries_kept(&p, |_| true)
+    let e = beir::read_queries_kept(&p, |id| id != "q3")
         .unwrap_err()
         .to_string();
     assert!(e.contains(":2") && e.contains("empty text"), "{e}");
+    let e = beir::read_queries_kept(&p, |id| id == "q3")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains(":3") && e.contains("missing or null"), "{e}");
     std::fs::write(&p, "{\"_id\": \"q1\", \"text\": null}\n").unwrap();
     let e = beir::read_queries(&p).unwrap_err().to_string();
     assert!(e.contains(":1") && e.contains("missing or null"), "{e}");

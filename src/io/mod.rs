@@ -209,8 +209,12 @@ pub fn write_atomic(
     Ok(())
 }
 
+/// A temporary file untouched this long may be a killed run's.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// Removes the temporary files of `name` in `dir` that a killed run left (`.NAME.tmp-PID-N`
-/// whose process no longer exists: it could not clean up). Linux only (`/proc`); best effort.
+/// whose process no longer exists, untouched for [`STALE_TEMP`]: it could not clean up).
+/// Linux only (`/proc`); best effort.
 fn remove_dead_temps(dir: &Path, name: &str) {
     if !cfg!(target_os = "linux") || !Path::new("/proc/self").exists() {
         return;
@@ -231,7 +235,16 @@ fn remove_dead_temps(dir: &Path, name: &str) {
         if !digits(pid) || !digits(n) || pid == std::process::id().to_string() {
             continue;
         }
-        if !Path::new("/proc").join(pid).exists() && entry.file_type().is_ok_and(|t| t.is_file()) {
+        // Also untouched for an hour: a writer in another pid namespace (a container sharing
+        // the directory) is not in our /proc, but its file is being written.
+        let stale = entry.metadata().is_ok_and(|m| {
+            m.is_file()
+                && m.modified()
+                    .ok()
+                    .and_then(|t| t.elapsed().ok())
+                    .is_some_and(|age| age >= STALE_TEMP)
+        });
+        if stale && !Path::new("/proc").join(pid).exists() {
             let _ = std::fs::remove_file(entry.path());
         }
     }
@@ -270,8 +283,9 @@ mod tests {
         d
     }
 
-    /// The temporary file a killed run left beside the output goes at the next write; a live
-    /// process's (pid 1, ours) and other names stay.
+    /// The temporary file a killed run left beside the output (no such process, untouched for
+    /// an hour) goes at the next write; a live process's (pid 1, ours), a fresh one and other
+    /// names stay.
     #[test]
     #[cfg(target_os = "linux")]
     fn write_atomic_removes_dead_runs_temporaries() {
@@ -284,9 +298,19 @@ mod tests {
             ".index.r3i.tmp-1-0".to_string(),
             ".other.r3i.tmp-1099511627776-0".to_string(),
             ".index.r3i.tmp-x-0".to_string(),
+            // No such process here, but written a minute ago (another pid namespace?).
+            format!(".index.r3i.tmp-{}-1", 1u64 << 40),
         ];
+        let now = std::time::SystemTime::now();
         for f in kept.iter().chain([&dead]) {
             std::fs::write(d.join(f), "partial").unwrap();
+            let age = if f.ends_with("-1") { 60 } else { 7200 };
+            std::fs::File::options()
+                .write(true)
+                .open(d.join(f))
+                .unwrap()
+                .set_modified(now - std::time::Duration::from_secs(age))
+                .unwrap();
         }
         write_atomic(&d.join("index.r3i"), |w| w.write_all(b"I")).unwrap();
         assert!(!d.join(&dead).exists());

@@ -141,9 +141,9 @@ pub fn read_queries_kept(path: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec
     for (i, o) in rows.iter().enumerate() {
         let line = i + 1;
         let id = id_field(path, line, o)?.unwrap_or_else(|| line.to_string());
-        let text = str_field(path, line, o, "text")?
-            .ok_or_else(|| input(path, line, "field \"text\": missing or null"))?;
         if keep(&id) {
+            let text = str_field(path, line, o, "text")?
+                .ok_or_else(|| input(path, line, "field \"text\": missing or null"))?;
             if text.trim().is_empty() {
                 return Err(input(
                     path,

@@ -5,8 +5,8 @@
 //! file's name and size, the xxh64 of each MiB of it, and the bytes of the two head files when
 //! present. Every weight byte counts: a checkpoint fine-tuned with some tensors frozen (the
 //! embeddings, say; an unused pooler at the end of the file) has the same config, tokenizer,
-//! size, first and last MiB as its base. Reading the file costs about what loading the model
-//! does (the pages are then cached) and xxh64 runs at several GB/s.
+//! size, first and last MiB as its base. The file is read once more after the model loaded it
+//! (its pages are then usually cached).
 
 use super::index_format::xxh64;
 use crate::error::{Error, Result};

@@ -305,7 +305,8 @@ impl Tensor {
         Ok(a.f32s()?
             .iter()
             .zip(b.f32s()?)
-            .map(|(x, y)| (x - y).abs())
+            // Equal values (infinities too) differ by 0.
+            .map(|(x, y)| if x == y { 0.0 } else { (x - y).abs() })
             // NaN wins (f32::max would drop it): a NaN element is no agreement.
             .fold(0.0, |m: f32, d| {
                 if m.is_nan() || d.is_nan() {

@@ -169,13 +169,15 @@ impl std::fmt::Debug for TokenCorpus {
     }
 }
 
-/// For `X.partial` with `X.partial.state` beside it (a `tokenize` run's working files, see
-/// `writer.rs`): `X`, the file that run will write.
+/// For `X.partial` with `X.partial.offsets` or `X.partial.state` beside it (a `tokenize` run's
+/// working files, see `writer.rs`; the state comes only at the first checkpoint): `X`, the
+/// file that run will write.
 fn unfinished_output(path: &Path) -> Option<std::path::PathBuf> {
     let name = path.file_name()?.to_str()?;
     let done = name.strip_suffix(".partial")?;
-    let state = path.with_file_name(format!("{name}.state"));
-    (!done.is_empty() && state.is_file()).then(|| path.with_file_name(done))
+    let beside = |suffix: &str| path.with_file_name(format!("{name}{suffix}")).is_file();
+    (!done.is_empty() && (beside(".offsets") || beside(".state")))
+        .then(|| path.with_file_name(done))
 }
 
 impl TokenCorpus {
@@ -209,8 +211,8 @@ impl TokenCorpus {
         }
         if let Some(done) = unfinished_output(&path) {
             return Err(bad(format!(
-                "the unfinished output of an interrupted `retrom3 tokenize` (its state file is \
-                 beside it): re-run the same tokenize command to finish it, then use {}",
+                "the unfinished output of an interrupted `retrom3 tokenize` (its working files \
+                 are beside it): re-run the same tokenize command to finish it, then use {}",
                 done.display()
             )));
         }
