@@ -894,6 +894,29 @@ fn doc_panics_past_the_end_and_get_does_not() {
 
 // ---- the CLI ----
 
+/// `retrom3 pretrain` for one step of 2 texts of 16 tokens on `data` with tiny-xlmr.
+fn pretrain_one_step(data: &Path, out: &Path) -> std::process::Output {
+    let config = fixture("tiny-xlmr").join("config.json");
+    let tokdir = fixture("tiny-xlmr");
+    bin(&[
+        "pretrain",
+        "--config",
+        config.to_str().unwrap(),
+        "--tokenizer",
+        tokdir.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--output",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--max-len",
+        "16",
+    ])
+}
+
 fn bin(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_retrom3"))
         .args(args)
@@ -1085,25 +1108,7 @@ fn token_files_are_known_by_name_or_magic() {
     assert!(!TokenCorpus::is_token_file(&input));
     assert!(!TokenCorpus::is_token_file(&d.join("absent")));
     // The CLI trains on the renamed file.
-    let config = fixture("tiny-xlmr").join("config.json");
-    let tokdir = fixture("tiny-xlmr");
-    let r = bin(&[
-        "pretrain",
-        "--config",
-        config.to_str().unwrap(),
-        "--tokenizer",
-        tokdir.to_str().unwrap(),
-        "--data",
-        renamed.to_str().unwrap(),
-        "--output",
-        d.join("run").to_str().unwrap(),
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--max-len",
-        "16",
-    ]);
+    let r = pretrain_one_step(&renamed, &d.join("run"));
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
 }
 
@@ -1178,23 +1183,7 @@ fn an_unfinished_output_and_a_missing_directory_are_named() {
             && e.ends_with("c.r3tok"),
         "{e}"
     );
-    let config = fixture("tiny-xlmr").join("config.json");
-    let tokdir = fixture("tiny-xlmr");
-    let r = bin(&[
-        "pretrain",
-        "--config",
-        config.to_str().unwrap(),
-        "--tokenizer",
-        tokdir.to_str().unwrap(),
-        "--data",
-        part.to_str().unwrap(),
-        "--output",
-        d.join("run").to_str().unwrap(),
-        "--steps",
-        "1",
-        "--max-len",
-        "16",
-    ]);
+    let r = pretrain_one_step(&part, &d.join("run"));
     let err = String::from_utf8_lossy(&r.stderr);
     assert_eq!(r.status.code(), Some(1), "{err}");
     assert!(err.contains("interrupted `retrom3 tokenize`"), "{err}");
