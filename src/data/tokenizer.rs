@@ -459,32 +459,41 @@ impl TextTokenizer {
             .collect()
     }
 
+    /// The content encodings (no specials) of prepared texts, each with at least the first `n`
+    /// tokens: long texts one by one from a prefix (`encode_content`), the rest as one batch on
+    /// the crate's thread pool. Run inside [`TextTokenizer::guard`].
+    fn content_encodings(&self, texts: &[&str], n: usize) -> Result<Vec<Encoding>> {
+        let long = |t: &str| t.len() > PREFIX_BYTES;
+        let short: Vec<&str> = texts.iter().copied().filter(|t| !long(t)).collect();
+        let mut encodings = self
+            .tokenizer
+            .encode_batch_fast(short, false)
+            .map_err(|e| self.tok_err(e))?
+            .into_iter();
+        texts
+            .iter()
+            .map(|t| {
+                if long(t) {
+                    self.encode_content(t, n)
+                } else {
+                    Ok(encodings.next().expect("one encoding per short text"))
+                }
+            })
+            .collect()
+    }
+
     /// The first `n` content ids (no specials) of every text, in order: what
     /// [`TextTokenizer::content_ids`] gives, cut to `n`, as an unpacked `retrom3 tokenize`
-    /// stores it. A text of over [`PREFIX_BYTES`] is tokenized from a prefix
-    /// (`encode_content`), the rest as one batch on the crate's thread pool.
+    /// stores it. A text of over [`PREFIX_BYTES`] is tokenized from a prefix.
     pub fn content_prefix_batch(&self, texts: &[&str], n: usize) -> Result<Vec<Vec<u32>>> {
-        let long = |t: &str| t.len() > PREFIX_BYTES;
         let prepped: Vec<std::borrow::Cow<str>> = texts.iter().map(|t| self.prep(t)).collect();
+        let texts: Vec<&str> = prepped.iter().map(|t| &**t).collect();
         self.guard(|| {
-            let short: Vec<&str> = prepped.iter().map(|t| &**t).filter(|t| !long(t)).collect();
-            let mut encodings = self
-                .tokenizer
-                .encode_batch_fast(short, false)
-                .map_err(|e| self.tok_err(e))?
-                .into_iter();
-            prepped
+            Ok(self
+                .content_encodings(&texts, n)?
                 .iter()
-                .map(|t| {
-                    let enc = if long(t) {
-                        self.encode_content(t, n)?
-                    } else {
-                        encodings.next().expect("one encoding per short text")
-                    };
-                    let ids = enc.get_ids();
-                    Ok(ids[..ids.len().min(n)].to_vec())
-                })
-                .collect()
+                .map(|e| e.get_ids()[..e.len().min(n)].to_vec())
+                .collect())
         })
     }
 
@@ -500,27 +509,9 @@ impl TextTokenizer {
         let prepped: Vec<std::borrow::Cow<str>> = texts.iter().map(|t| self.prep(t)).collect();
         let texts: Vec<&str> = prepped.iter().map(|t| &**t).collect();
         self.guard(|| {
-            // Long texts one by one from a prefix (`encode_content`), the rest as one batch.
-            let short: Vec<&str> = texts
-                .iter()
-                .copied()
-                .filter(|t| t.len() <= PREFIX_BYTES)
-                .collect();
-            let mut contents = self
-                .tokenizer
-                .encode_batch_fast(short, false)
-                .map_err(|e| self.tok_err(e))?
-                .into_iter();
-            texts
-                .iter()
-                .map(|t| {
-                    let c = if t.len() <= PREFIX_BYTES {
-                        contents.next().expect("one encoding per short text")
-                    } else {
-                        self.encode_content(t, max_length)?
-                    };
-                    Ok(self.finish(c, None, max_length)?.get_ids().to_vec())
-                })
+            self.content_encodings(&texts, max_length)?
+                .into_iter()
+                .map(|c| Ok(self.finish(c, None, max_length)?.get_ids().to_vec()))
                 .collect()
         })
     }
