@@ -11,7 +11,9 @@
 //!   is built once outside the timed loop and both pruned searches are checked against brute
 //!   force before timing;
 //! - MaxSim re-rank of 1,000 candidates per query (32 × 128-d query vectors, 128 × 128-d f16
-//!   vectors per candidate).
+//!   vectors per candidate);
+//! - the model fingerprint every `index` / `search` / `eval` computes (xxh64 of each MiB of the
+//!   weights file): a 512 MiB file, read from the page cache (throughput in bytes).
 
 use criterion::{criterion_group, criterion_main, Criterion, SamplingMode, Throughput};
 use half::f16;
@@ -293,5 +295,34 @@ fn bench_maxsim(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_dense, bench_sparse, bench_maxsim);
+fn bench_fingerprint(c: &mut Criterion) {
+    use retrom3::retrieval::ModelFingerprint;
+    let dir = std::env::temp_dir().join(format!("retrom3-bench-fp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let size = 512usize << 20;
+    let mut rng = Rng(4);
+    let bytes: Vec<u8> = (0..size / 8)
+        .flat_map(|_| rng.next_u64().to_le_bytes())
+        .collect();
+    std::fs::write(dir.join("model.safetensors"), &bytes).expect("weights");
+    std::fs::write(dir.join("config.json"), "{}").expect("config");
+    std::fs::write(dir.join("tokenizer.json"), "{}").expect("tokenizer");
+    let tok = dir.join("tokenizer.json");
+    let mut g = c.benchmark_group("cpu_fingerprint");
+    g.sample_size(10);
+    g.throughput(Throughput::Bytes(size as u64));
+    g.bench_function("cpu_fingerprint_xxh64_512MiB", |b| {
+        b.iter(|| black_box(ModelFingerprint::of_files(&dir, &tok).expect("fingerprint")))
+    });
+    g.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(
+    benches,
+    bench_dense,
+    bench_sparse,
+    bench_maxsim,
+    bench_fingerprint
+);
 criterion_main!(benches);
