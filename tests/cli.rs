@@ -396,3 +396,44 @@ fn malformed_tokenizer_is_a_one_line_error() {
     let out = encode(&model, &input, &d.join("o.jsonl"), &[]);
     expect_error(&out, &["tokenizer.json"]);
 }
+
+/// The environment's switches are checked by every command before any work (a bad
+/// RETROM3_ATTN_BWD used to be read only on the bf16 tensor-core backward path, so a CPU run
+/// ignored it), and a selftest of the CPU against itself is refused rather than "all 0 rows
+/// passed".
+#[test]
+fn bad_switches_and_a_cpu_selftest_are_errors() {
+    let d = tmpdir("switches");
+    let out = d.join("o.jsonl");
+    let o = bin()
+        .env("RETROM3_ATTN_BWD", "foo")
+        .arg("encode")
+        .arg("--model")
+        .arg(fixture("tiny-xlmr"))
+        .arg("--input")
+        .arg(fixture("texts.jsonl"))
+        .arg("--output")
+        .arg(&out)
+        .output()
+        .expect("run retrom3");
+    expect_error(&o, &["RETROM3_ATTN_BWD=\"foo\"", "expected tc"]);
+    assert!(!out.exists());
+    for good in ["tc", "cc"] {
+        let o = bin()
+            .env("RETROM3_ATTN_BWD", good)
+            .arg("encode")
+            .arg("--model")
+            .arg(fixture("tiny-xlmr"))
+            .arg("--input")
+            .arg(fixture("texts.jsonl"))
+            .arg("--output")
+            .arg(&out)
+            .output()
+            .expect("run retrom3");
+        expect_success(&o);
+    }
+    expect_error(
+        &run(&["selftest", "--device", "cpu"]),
+        &["--device cpu", "CPU reference"],
+    );
+}

@@ -49,7 +49,7 @@ pub struct EncodeArgs {
     /// Content tokens per MCLS chunk.
     #[arg(long, default_value_t = 256, requires = "mcls")]
     pub mcls_chunk: usize,
-    /// cpu or cuda[:N].
+    /// cpu, cuda[:N], or emu (the CUDA kernels run on CPU threads: an `emu` build, for checks).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }
@@ -77,7 +77,7 @@ pub struct ScoreArgs {
     /// Texts per forward pass.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// cpu or cuda[:N].
+    /// cpu, cuda[:N], or emu (the CUDA kernels run on CPU threads: an `emu` build, for checks).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }

@@ -42,7 +42,7 @@ pub struct EvalArgs {
     /// Also write one TREC run file per mode into this directory.
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
-    /// cpu or cuda[:N].
+    /// cpu, cuda[:N], or emu (the CUDA kernels run on CPU threads: an `emu` build, for checks).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }

@@ -25,6 +25,7 @@ pub struct FinetuneArgs {
     /// Output directory: the fine-tuned model (loads in FlagEmbedding), metrics, checkpoints.
     #[arg(long)]
     pub output: PathBuf,
+    /// cpu, cuda[:N], or emu (the CUDA kernels run on CPU threads: an `emu` build, for checks).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
     /// Passages per query: 1 positive + G-1 negatives.

@@ -26,7 +26,7 @@ pub struct IndexArgs {
     /// Store ColBERT vectors (f16) for re-ranking.
     #[arg(long)]
     pub colbert: bool,
-    /// cpu or cuda[:N].
+    /// cpu, cuda[:N], or emu (the CUDA kernels run on CPU threads: an `emu` build, for checks).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }

@@ -38,6 +38,7 @@ pub struct MineArgs {
     pub batch_size: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// cpu, cuda[:N], or emu (the CUDA kernels run on CPU threads: an `emu` build, for checks).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }

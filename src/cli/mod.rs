@@ -53,7 +53,7 @@ pub enum Command {
     Mine(mine::MineArgs),
     /// Every kernel against the CPU reference on random inputs (cuda or emu).
     Selftest(selftest::SelftestArgs),
-    /// Benchmarks (throughput printed as JSON lines).
+    /// Benchmarks (tables, and JSON lines to the --json file; `bench encode` prints JSON lines).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
     /// Encode a corpus (BEIR corpus.jsonl) into a retrieval index: dense, sparse, ColBERT, BM25.
@@ -80,6 +80,9 @@ fn long_version() -> &'static str {
 
 /// Run a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
+    // The environment's switches are checked before any work, whatever the command and device
+    // (the attention backward reads this one only where it has a choice to make).
+    retrom3::device::kernels::tc_backward()?;
     match cli.command {
         Command::Encode(a) => encode::encode(a),
         Command::Score(a) => encode::score(a),

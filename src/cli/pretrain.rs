@@ -30,6 +30,7 @@ pub struct PretrainArgs {
     /// Output directory: metrics.jsonl/.svg, checkpoint-<step>/, and the final model files.
     #[arg(long)]
     pub output: PathBuf,
+    /// cpu, cuda[:N], or emu (the CUDA kernels run on CPU threads: an `emu` build, for checks).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
     #[arg(long, conflicts_with = "epochs")]

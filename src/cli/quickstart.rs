@@ -13,7 +13,7 @@ pub struct QuickstartArgs {
     /// Output directory: results.json, summary.md, loss curves (SVG), the models.
     #[arg(long, default_value = "quickstart-out")]
     pub output: PathBuf,
-    /// cpu, or cuda[:N] (larger settings).
+    /// cpu, cuda[:N] (larger settings), or emu (an `emu` build, for checks: with --small).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
     /// The CI size: a tiny model and a few steps (also RETROM3_QUICKSTART_SMALL=1).

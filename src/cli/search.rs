@@ -39,7 +39,7 @@ pub struct SearchArgs {
     /// paper protocol, dense top-200 for colbert, top-1000 of each for dense+sparse and all).
     #[arg(long, value_parser = at_least_one)]
     pub candidates: Option<usize>,
-    /// cpu or cuda[:N].
+    /// cpu, cuda[:N], or emu (the CUDA kernels run on CPU threads: an `emu` build, for checks).
     #[arg(long, default_value = "cpu")]
     pub device: Device,
 }

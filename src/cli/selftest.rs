@@ -7,7 +7,8 @@ use retrom3::{Device, Error, Result};
 
 #[derive(Args, Debug)]
 pub struct SelftestArgs {
-    /// cuda[:N] (a GPU), emu (the kernels compiled for the CPU; `emu` feature) or cpu.
+    /// cuda[:N] (a GPU) or emu (the kernels compiled for the CPU; `emu` feature). Not cpu: the
+    /// CPU is the reference the kernels are compared with.
     #[arg(long, default_value = "cuda")]
     pub device: Device,
     /// Fewer and smaller shapes (the CI setting).
@@ -45,6 +46,13 @@ fn describe_cuda(_ordinal: usize) -> Result<String> {
 }
 
 pub fn run(a: SelftestArgs) -> Result<()> {
+    if a.device == Device::Cpu {
+        // Nothing to compare: the CPU is the reference (it used to pass "all 0 rows").
+        return Err(Error::invalid(
+            "--device cpu: the selftest compares a device's kernels with the CPU reference; \
+             use --device cuda[:N] or emu",
+        ));
+    }
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
