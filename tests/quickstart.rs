@@ -187,6 +187,8 @@ fn quickstart_cli_refuses_zero_steps_and_a_file_output() {
         let e = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{e}");
         assert!(e.contains(want), "{e}");
+        // The error is the only line (no header for a run that does not start).
+        assert_eq!(e.trim_end().lines().count(), 1, "{e}");
     }
     assert!(!d.join("o").exists());
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");

@@ -558,9 +558,11 @@ fn k_and_candidates_must_be_at_least_one() {
         assert_eq!(o.status.code(), Some(2), "usage error expected for {flag}");
         err(&o, &[flag, "must be >= 1"]);
     }
-    let o = eval(&model, &data, &["--candidates", "0"]);
-    assert_eq!(o.status.code(), Some(2));
-    err(&o, &["--candidates", "must be >= 1"]);
+    for flag in ["--candidates", "--depth"] {
+        let o = eval(&model, &data, &[flag, "0"]);
+        assert_eq!(o.status.code(), Some(2), "usage error expected for {flag}");
+        err(&o, &[flag, "must be >= 1"]);
+    }
     // --run with a single --query: refused, not ignored (no file was written).
     let trec = d.join("one.trec");
     let o = search(

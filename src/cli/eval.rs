@@ -30,7 +30,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub output: Option<PathBuf>,
     /// Retrieved documents per query (the depth of MAP and Recall).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = at_least_one)]
     pub depth: usize,
     /// Candidates from each of dense and sparse for the fused / re-rank modes (K, >= 1; default:
     /// the paper protocol, dense top-200 for colbert, top-1000 of each for dense+sparse and all).
@@ -112,9 +112,6 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let modes = parse_modes(&a.modes)?;
     let weights = parse_weights(&a.weights, &modes)?;
-    if a.depth == 0 {
-        return Err(Error::invalid("--depth must be >= 1"));
-    }
     let data = beir::load(&a.data, &a.split)?;
     check_judgments(&a, &data)?;
     warn_empty_docs(&data.corpus);

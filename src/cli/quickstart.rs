@@ -40,13 +40,6 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
         QuickstartSize::Large
     };
     let data = a.data.unwrap_or_else(default_data_dir);
-    eprintln!(
-        "quickstart ({size:?}) on {}: data {}, output {}",
-        a.device,
-        data.display(),
-        a.output.display()
-    );
-    super::output::check_output_dir("--output", &a.output)?;
     let mut settings = QuickstartSettings::of(size);
     for (flag, n, to) in [
         (
@@ -68,6 +61,14 @@ pub fn run(a: QuickstartArgs) -> Result<()> {
             None => {}
         }
     }
+    // The header once the flags are known good (an error is then the only line).
+    super::output::check_output_dir("--output", &a.output)?;
+    eprintln!(
+        "quickstart ({size:?}) on {}: data {}, output {}",
+        a.device,
+        data.display(),
+        a.output.display()
+    );
     let report = run_with_settings(settings, size, a.device, &data, &a.output, &mut |l| {
         eprintln!("  {l}")
     })?;
