@@ -652,3 +652,58 @@ fn cli_resume_from_a_non_checkpoint_and_zero_sizes_are_clear() {
     assert!(err.contains("must be >= -1"), "{err}");
     assert!(!out.join("model.safetensors").exists());
 }
+
+/// A checkpoint records its files' digests: a byte flipped anywhere in the model or optimizer
+/// file (one a safetensors reader cannot see: inside a tensor) or a missing file is refused by
+/// name when the checkpoint is loaded, and a damaged copy of the metrics log is reported.
+#[test]
+fn a_damaged_checkpoint_file_is_refused_by_name() {
+    let out = tmp("digests");
+    run_ft(&ft_config(3), &out, None).unwrap();
+    let ck = out.join("checkpoint-2");
+    let state = TrainState::load(&ck).unwrap();
+    for f in ["model.safetensors", "optimizer.safetensors", "config.json"] {
+        assert!(
+            state.files.contains_key(f),
+            "{f} not recorded: {:?}",
+            state.files
+        );
+    }
+    assert!(!state.files.contains_key("trainer_state.json"));
+    assert!(!state.log_copy_damaged());
+    // The final directory (resumable too) records its files as well.
+    assert!(TrainState::load(&out)
+        .unwrap()
+        .files
+        .contains_key("model.safetensors"));
+    for f in ["model.safetensors", "optimizer.safetensors"] {
+        let d = tmp(&format!("digests-{f}"));
+        for e in std::fs::read_dir(&ck).unwrap() {
+            let e = e.unwrap();
+            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+        }
+        let p = d.join(f);
+        let mut b = std::fs::read(&p).unwrap();
+        let at = b.len() - 5;
+        b[at] ^= 0x01;
+        std::fs::write(&p, &b).unwrap();
+        let e = TrainState::load(&d).unwrap_err().to_string();
+        assert!(e.contains(f) && e.contains("damaged"), "{e}");
+        std::fs::remove_file(&p).unwrap();
+        let e = TrainState::load(&d).unwrap_err().to_string();
+        assert!(e.contains(f) && e.contains("missing"), "{e}");
+    }
+    // The log copy: one row edited.
+    let d = tmp("digests-log");
+    for e in std::fs::read_dir(&ck).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
+    }
+    let log = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
+    std::fs::write(
+        d.join("metrics.jsonl"),
+        log.replacen("\"step\":1,", "\"step\":11,", 1),
+    )
+    .unwrap();
+    assert!(TrainState::load(&d).unwrap().log_copy_damaged());
+}

@@ -283,6 +283,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     let (mut model, resume) = match &a.resume {
         Some(dir) => {
             let state = TrainState::load(dir)?;
+            super::warn_damaged_log_copy(dir, &state);
             if let Some(s) = a.seed.filter(|&s| s != state.seed) {
                 return Err(Error::invalid(format!(
                     "--seed {s} differs from the resumed run's {} (a resumed run keeps its \

@@ -79,6 +79,20 @@ fn long_version() -> &'static str {
 }
 
 /// Run a parsed command line.
+/// A resumed checkpoint whose copy of the metrics log is damaged: the rows up to its step are
+/// restored from `--output`'s own log only if that is the run's, else the log restarts after
+/// the checkpoint. Said, not silent.
+fn warn_damaged_log_copy(dir: &std::path::Path, state: &retrom3::train::TrainState) {
+    if state.log_copy_damaged() {
+        eprintln!(
+            "warning: {}: not the log trainer_state.json recorded (damaged?): rows 1-{} come \
+             from --output's metrics.jsonl if it is this run's, else the log starts after them",
+            dir.join("metrics.jsonl").display(),
+            state.step
+        );
+    }
+}
+
 pub fn run(cli: Cli) -> Result<()> {
     // The environment's switches are checked before any work, whatever the command and device
     // (the attention backward reads this one only where it has a choice to make).

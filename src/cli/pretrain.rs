@@ -180,6 +180,7 @@ pub fn run(a: PretrainArgs) -> Result<()> {
             let mut model = RetroMae::new(enc, &heads, a.dec_mask as f32, seed)?;
             model.extra_tensors = retrom3::io::model_dir::passthrough_tensors(&map);
             let state = TrainState::load(dir)?;
+            super::warn_damaged_log_copy(dir, &state);
             let mut opt = AdamW::new(
                 model.params.specs(),
                 adamw_hyper(a.lr, a.weight_decay),

@@ -250,6 +250,36 @@ fn remove_dead_temps(dir: &Path, name: &str) {
     }
 }
 
+/// A digest of the file at `path`: xxh64 over the xxh64 of each MiB, in order (constant memory,
+/// whatever the size). What a model fingerprint and a checkpoint's file list record.
+pub fn file_digest(path: &Path) -> Result<u64> {
+    use crate::retrieval::index_format::xxh64;
+    use std::io::Read;
+    const CHUNK: usize = 1 << 20;
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut chunk = vec![0u8; CHUNK];
+    let mut hashes = Vec::new();
+    loop {
+        let mut n = 0;
+        while n < CHUNK {
+            match f.read(&mut chunk[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(path, e)),
+            }
+        }
+        if n == 0 {
+            break;
+        }
+        hashes.extend_from_slice(&xxh64(&chunk[..n], 0).to_le_bytes());
+        if n < CHUNK {
+            break;
+        }
+    }
+    Ok(xxh64(&hashes, 0))
+}
+
 /// `path` with its symbolic links followed (a link to a missing file gives that file's path);
 /// other paths as they are. At most 40 links, as Linux's own limit.
 fn resolve_links(path: &Path) -> Result<PathBuf> {

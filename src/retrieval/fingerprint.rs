@@ -2,8 +2,8 @@
 //! vectors it holds.
 //!
 //! fingerprint = xxh64 over: config.json bytes, the tokenizer file bytes, the backbone weights
-//! file's name and size, the xxh64 of each MiB of it, and the bytes of the two head files when
-//! present. Every weight byte counts: a checkpoint fine-tuned with some tensors frozen (the
+//! file's name and size, its digest (`io::file_digest`: the xxh64 of each MiB of it), and the
+//! bytes of the two head files when present. Every weight byte counts: a checkpoint fine-tuned with some tensors frozen (the
 //! embeddings, say; an unused pooler at the end of the file) has the same config, tokenizer,
 //! size, first and last MiB as its base. The file is read once more after the model loaded it
 //! (its pages are then usually cached).
@@ -12,11 +12,7 @@ use super::index_format::xxh64;
 use crate::error::{Error, Result};
 use crate::io::model_dir::{BACKBONE_FILES, COLBERT_FILE, SPARSE_FILE};
 use crate::model::m3::M3Model;
-use std::io::Read;
 use std::path::Path;
-
-/// The weights file is hashed in pieces of this many bytes.
-const CHUNK: usize = 1 << 20;
 
 /// A model identity: the hash and a human-readable name (the model directory).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,35 +69,15 @@ impl ModelFingerprint {
             .map(|f| dir.join(f))
             .find(|p| p.is_file())
             .ok_or_else(|| Error::format(dir, "no backbone weights to fingerprint"))?;
-        let mut f = std::fs::File::open(&weights).map_err(|e| Error::io(&weights, e))?;
-        let size = f.metadata().map_err(|e| Error::io(&weights, e))?.len();
-        let io = |e| Error::io(&weights, e);
-        // One xxh64 per MiB, in order: constant memory, whatever the file's size.
-        let mut chunk = vec![0u8; CHUNK];
-        let mut chunk_hashes = Vec::new();
-        loop {
-            let mut n = 0;
-            while n < CHUNK {
-                match f.read(&mut chunk[n..]) {
-                    Ok(0) => break,
-                    Ok(k) => n += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(io(e)),
-                }
-            }
-            if n == 0 {
-                break;
-            }
-            chunk_hashes.extend_from_slice(&xxh64(&chunk[..n], 0).to_le_bytes());
-            if n < CHUNK {
-                break;
-            }
-        }
+        let size = std::fs::metadata(&weights)
+            .map_err(|e| Error::io(&weights, e))?
+            .len();
+        let digest = crate::io::file_digest(&weights)?;
         let name = weights
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        part(&format!("weights:{name}:{size}"), &chunk_hashes);
+        part(&format!("weights:{name}:{size}"), &digest.to_le_bytes());
         for h in [COLBERT_FILE, SPARSE_FILE] {
             let p = dir.join(h);
             if p.is_file() {

@@ -25,6 +25,19 @@ pub struct TrainState {
     /// by [`TrainState::load`]): a resume restores the log from it.
     #[serde(skip)]
     pub log: Option<String>,
+    /// Digests (`io::file_digest`, hex) of the other files in the checkpoint by name, recorded
+    /// by [`TrainState::save`] (the state is written last) and checked by [`TrainState::load`]:
+    /// a damaged model or optimizer file is refused by name, not trained on. Empty in older
+    /// checkpoints (nothing checked).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub files: std::collections::BTreeMap<String, String>,
+}
+
+/// Whether `name` in a checkpoint directory is a file [`TrainState::save`] records: not the
+/// state itself, not the metrics log and plot (the log has its own checksum), not a hidden
+/// temporary file.
+fn recorded(name: &str) -> bool {
+    name != "trainer_state.json" && !name.starts_with("metrics.") && !name.starts_with('.')
 }
 
 impl TrainState {
@@ -34,14 +47,63 @@ impl TrainState {
         let s = std::fs::read_to_string(&p).map_err(|e| Error::io(&p, e))?;
         let mut state: TrainState = serde_json::from_str(&s)
             .map_err(|e| Error::format(&p, format!("invalid trainer state: {e}")))?;
+        for (name, want) in &state.files {
+            let f = dir.join(name);
+            if !recorded(name) || name.contains(['/', '\\']) {
+                return Err(Error::format(
+                    &p,
+                    format!("lists a file {name:?} it cannot hold"),
+                ));
+            }
+            let got = match crate::io::file_digest(&f) {
+                Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(Error::format(
+                        &f,
+                        "missing: the checkpoint's trainer_state.json lists it",
+                    ))
+                }
+                r => format!("{:016x}", r?),
+            };
+            if &got != want {
+                return Err(Error::format(
+                    &f,
+                    "damaged: its digest differs from the one trainer_state.json recorded when \
+                     the checkpoint was written",
+                ));
+            }
+        }
         // An unreadable copy is no copy (the log then comes from the output directory).
         state.log = std::fs::read_to_string(dir.join("metrics.jsonl")).ok();
         Ok(state)
     }
 
-    /// Write `dir/trainer_state.json` (atomically).
+    /// Whether the checkpoint's copy of the metrics log is there but is not the log its state
+    /// recorded (damaged): a resume then cannot restore the rows up to the checkpoint from it.
+    pub fn log_copy_damaged(&self) -> bool {
+        match (&self.log, &self.metrics_checksum) {
+            (Some(text), Some(sum)) => !super::metrics::log_matches(text, self.step, sum),
+            _ => false,
+        }
+    }
+
+    /// Write `dir/trainer_state.json` (atomically), with the digests of the files already in
+    /// `dir` ([`TrainState::files`]): call it once the checkpoint's other files are written.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let s = serde_json::to_string_pretty(self).map_err(|e| Error::invalid(e.to_string()))?;
+        let mut state = self.clone();
+        state.files.clear();
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| Error::io(dir, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| recorded(n))
+            .collect();
+        names.sort();
+        for n in names {
+            let d = crate::io::file_digest(&dir.join(&n))?;
+            state.files.insert(n, format!("{d:016x}"));
+        }
+        let s = serde_json::to_string_pretty(&state).map_err(|e| Error::invalid(e.to_string()))?;
         crate::io::write_atomic(&dir.join("trainer_state.json"), |w| {
             std::io::Write::write_all(w, s.as_bytes())
         })
@@ -243,6 +305,7 @@ mod tests {
             args: serde_json::Value::Null,
             metrics_checksum: None,
             log: None,
+            files: Default::default(),
         };
         state(300).save(&d).unwrap();
         // Resumed from the directory itself (same step): kept.

@@ -24,6 +24,11 @@ struct Kept {
     text: String,
 }
 
+/// Whether `text`'s rows up to `step` are the log whose [`MetricsLog::checksum`] is `checksum`.
+pub fn log_matches(text: &str, step: u64, checksum: &str) -> bool {
+    MetricsLog::keep_rows(text, step).checksum() == checksum
+}
+
 /// FNV-1a of a log's text, in hex ([`MetricsLog::checksum`]).
 fn checksum_of(text: &str) -> String {
     format!("{:016x}", crate::data::corpus::fnv1a64(text.as_bytes()))

@@ -241,6 +241,7 @@ pub fn start_or_resume(
                 args: serde_json::Value::Null,
                 metrics_checksum: None,
                 log: None,
+                files: Default::default(),
             },
             AdamW::new(specs, hyper, max_grad_norm),
         )
