@@ -26,16 +26,21 @@ fn tmp(tag: &str) -> PathBuf {
     d
 }
 
-/// A copy of the tiny XLM-R model directory.
-fn model_copy(tag: &str) -> PathBuf {
+/// A fresh temporary directory holding a copy of `src`'s files (not its subdirectories).
+fn copy_of(src: &Path, tag: &str) -> PathBuf {
     let d = tmp(tag);
-    for e in std::fs::read_dir(fixture("tiny-xlmr")).unwrap() {
+    for e in std::fs::read_dir(src).unwrap() {
         let e = e.unwrap();
         if e.file_type().unwrap().is_file() {
             std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
         }
     }
     d
+}
+
+/// A copy of the tiny XLM-R model directory.
+fn model_copy(tag: &str) -> PathBuf {
+    copy_of(&fixture("tiny-xlmr"), tag)
 }
 
 fn set_backbone(dir: &Path, name: &str, f: impl Fn(&mut [f32])) {
@@ -509,11 +514,7 @@ fn resuming_into_the_same_directory_keeps_one_metrics_row_per_step() {
     let out = tmp("metrics");
     run_ft(&ft_config(4), &out, None).unwrap();
     // An earlier attempt got to step 4; resuming at 2 into the same directory redoes 3 and 4.
-    let ck = tmp("metrics-ck");
-    for e in std::fs::read_dir(out.join("checkpoint-2")).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), ck.join(e.file_name())).unwrap();
-    }
+    let ck = copy_of(&out.join("checkpoint-2"), "metrics-ck");
     run_ft(&ft_config(4), &out, Some(&ck)).unwrap();
     let steps: Vec<u64> = std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
@@ -677,11 +678,7 @@ fn a_damaged_checkpoint_file_is_refused_by_name() {
         .files
         .contains_key("model.safetensors"));
     for f in ["model.safetensors", "optimizer.safetensors"] {
-        let d = tmp(&format!("digests-{f}"));
-        for e in std::fs::read_dir(&ck).unwrap() {
-            let e = e.unwrap();
-            std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
-        }
+        let d = copy_of(&ck, &format!("digests-{f}"));
         let p = d.join(f);
         let mut b = std::fs::read(&p).unwrap();
         let at = b.len() - 5;
@@ -694,11 +691,7 @@ fn a_damaged_checkpoint_file_is_refused_by_name() {
         assert!(e.contains(f) && e.contains("missing"), "{e}");
     }
     // The log copy: one row edited.
-    let d = tmp("digests-log");
-    for e in std::fs::read_dir(&ck).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
-    }
+    let d = copy_of(&ck, "digests-log");
     let log = std::fs::read_to_string(d.join("metrics.jsonl")).unwrap();
     std::fs::write(
         d.join("metrics.jsonl"),
